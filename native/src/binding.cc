@@ -1,0 +1,438 @@
+// Node-API surface of the transfer core. It validates and converts
+// arguments on the JS thread, hands plain C++ structs to the core, and
+// settles promises from one thread-safe completion channel. It never moves
+// payload bytes itself and worker threads never touch JS values.
+#include <napi.h>
+
+#include <algorithm>
+#include <atomic>
+#include <functional>
+#include <cmath>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "crc32c.h"
+#include "region.h"
+#include "transfer.h"
+
+namespace ucm {
+namespace {
+
+constexpr double kMaxSafeInt = 9007199254740991.0;  // 2^53 - 1
+
+// Something that finished off-thread and settles its promise on the JS thread.
+struct Pending {
+  explicit Pending(Napi::Env env) : deferred(Napi::Promise::Deferred::New(env)) {}
+  virtual ~Pending() = default;
+  virtual Napi::Value Result(Napi::Env env) = 0;
+  Napi::Promise::Deferred deferred;
+};
+
+struct PendingTransfer final : Pending {
+  using Pending::Pending;
+  std::shared_ptr<TransferTask> task;
+  Napi::Value Result(Napi::Env env) override {
+    const size_t n = task->results.size();
+    auto status = Napi::Int32Array::New(env, n);
+    auto err = Napi::Int32Array::New(env, n);
+    auto what = Napi::Array::New(env, n);
+    for (size_t i = 0; i < n; ++i) {
+      status[i] = static_cast<int32_t>(task->results[i].status);
+      err[i] = task->results[i].err;
+      what.Set(static_cast<uint32_t>(i), Napi::String::New(env, task->results[i].what));
+    }
+    auto out = Napi::Object::New(env);
+    out.Set("status", status);
+    out.Set("errno", err);
+    out.Set("what", what);
+    out.Set("bytes", Napi::Number::New(env, static_cast<double>(task->bytes_ok.load())));
+    out.Set("elapsedNs", Napi::Number::New(env, static_cast<double>(task->finish_ns - task->submit_ns)));
+    return out;
+  }
+};
+
+// A metadata batch split over the metadata pool; each chunk fills its slice.
+struct PendingMeta final : Pending {
+  PendingMeta(Napi::Env env, std::vector<std::string> a, std::vector<std::string> b)
+      : Pending(env), first(std::move(a)), second(std::move(b)), codes(first.size(), 0) {}
+  std::vector<std::string> first;
+  std::vector<std::string> second;
+  std::vector<int32_t> codes;
+  std::atomic<uint32_t> chunks_left{0};
+  bool bytes_result = false;  // lookup answers a Uint8Array, others an Int32Array
+  Napi::Value Result(Napi::Env env) override {
+    if (bytes_result) {
+      auto out = Napi::Uint8Array::New(env, codes.size());
+      for (size_t i = 0; i < codes.size(); ++i) out[i] = static_cast<uint8_t>(codes[i]);
+      return out;
+    }
+    auto out = Napi::Int32Array::New(env, codes.size());
+    for (size_t i = 0; i < codes.size(); ++i) out[i] = codes[i];
+    return out;
+  }
+};
+
+std::vector<std::string> StringArray(const Napi::Value& v, const char* field) {
+  if (!v.IsArray()) throw Napi::TypeError::New(v.Env(), std::string(field) + " must be an array of strings");
+  auto arr = v.As<Napi::Array>();
+  std::vector<std::string> out;
+  out.reserve(arr.Length());
+  for (uint32_t i = 0; i < arr.Length(); ++i) {
+    Napi::Value e = arr.Get(i);
+    if (!e.IsString())
+      throw Napi::TypeError::New(v.Env(), std::string(field) + "[" + std::to_string(i) + "] must be a string");
+    std::string s = e.As<Napi::String>().Utf8Value();
+    if (s.empty() || s.find('\0') != std::string::npos)
+      throw Napi::TypeError::New(v.Env(), std::string(field) + "[" + std::to_string(i) + "] must be a non-empty path");
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+template <typename T>
+T TypedArrayOf(const Napi::Object& spec, const char* field, napi_typedarray_type type, const char* type_name) {
+  Napi::Value v = spec.Get(field);
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != type)
+    throw Napi::TypeError::New(spec.Env(), std::string(field) + " must be a " + type_name);
+  return v.As<T>();
+}
+
+uint64_t SafeUint(Napi::Env env, double d, const std::string& what) {
+  if (!(d >= 0) || d > kMaxSafeInt || std::floor(d) != d)
+    throw Napi::RangeError::New(env, what + " must be a non-negative integer, got " + std::to_string(d));
+  return static_cast<uint64_t>(d);
+}
+
+class Engine : public Napi::ObjectWrap<Engine> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "Engine",
+                       {InstanceMethod<&Engine::OpenHostRegion>("openHostRegion"),
+                        InstanceMethod<&Engine::CloseRegion>("closeRegion"),
+                        InstanceMethod<&Engine::Dump>("dump"),
+                        InstanceMethod<&Engine::Load>("load"),
+                        InstanceMethod<&Engine::Lookup>("lookup"),
+                        InstanceMethod<&Engine::Commit>("commit"),
+                        InstanceMethod<&Engine::Remove>("remove"),
+                        InstanceMethod<&Engine::Stats>("stats"),
+                        InstanceMethod<&Engine::Close>("close")});
+  }
+
+  explicit Engine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Engine>(info) {
+    Napi::Env env = info.Env();
+    EngineOptions opts;
+    if (info.Length() > 0 && !info[0].IsUndefined()) {
+      if (!info[0].IsObject()) throw Napi::TypeError::New(env, "options must be an object");
+      auto o = info[0].As<Napi::Object>();
+      auto num = [&](const char* key, uint64_t lo, uint64_t hi, uint64_t dflt) -> uint64_t {
+        Napi::Value v = o.Get(key);
+        if (v.IsUndefined()) return dflt;
+        if (!v.IsNumber()) throw Napi::TypeError::New(env, std::string("options.") + key + " must be a number");
+        uint64_t x = SafeUint(env, v.As<Napi::Number>().DoubleValue(), std::string("options.") + key);
+        if (x < lo || x > hi)
+          throw Napi::RangeError::New(env, std::string("options.") + key + " must be in [" + std::to_string(lo) +
+                                               ", " + std::to_string(hi) + "], got " + std::to_string(x));
+        return x;
+      };
+      auto flag = [&](const char* key, bool dflt) -> bool {
+        Napi::Value v = o.Get(key);
+        if (v.IsUndefined()) return dflt;
+        if (!v.IsBoolean()) throw Napi::TypeError::New(env, std::string("options.") + key + " must be a boolean");
+        return v.As<Napi::Boolean>().Value();
+      };
+      opts.threads = static_cast<uint32_t>(num("threads", 1, 1024, 32));
+      opts.meta_threads = static_cast<uint32_t>(num("metaThreads", 1, 64, 4));
+      opts.max_block_bytes = num("maxBlockBytes", 1, 1ull << 40, 1ull << 30);
+      opts.io.odirect = flag("odirect", true);
+      opts.io.fsync = flag("fsync", false);
+    }
+    core_ = std::make_unique<TransferEngine>(opts);
+    tsfn_ = Napi::ThreadSafeFunction::New(env, Napi::Function::New(env, [](const Napi::CallbackInfo&) {}),
+                                          "ucm-transfer-done", 0, 1);
+    tsfn_.Unref(env);
+    cleanup_ = env.AddCleanupHook(std::function<void()>([this] {
+      hook_ran_ = true;
+      Teardown();
+    }));
+  }
+
+  ~Engine() override {
+    // Collected before environment teardown: the hook must not fire on a dead object.
+    if (!hook_ran_) cleanup_.Remove(Env());
+    Teardown();
+  }
+
+ private:
+  // ---- regions -------------------------------------------------------------
+  Napi::Value OpenHostRegion(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    CheckOpen(env);
+    if (info.Length() < 2 || !info[0].IsString() || !info[1].IsNumber())
+      throw Napi::TypeError::New(env, "openHostRegion(source: string, size: number)");
+    std::string source = info[0].As<Napi::String>().Utf8Value();
+    uint64_t size = SafeUint(env, info[1].As<Napi::Number>().DoubleValue(), "region size");
+    std::string error;
+    auto region = HostRegion::Open(source, size, &error);
+    if (!region) throw Napi::Error::New(env, error);
+    uint32_t id = next_region_++;
+    regions_[id] = std::move(region);
+    return Napi::Number::New(env, id);
+  }
+
+  Napi::Value CloseRegion(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 1 || !info[0].IsNumber()) throw Napi::TypeError::New(env, "closeRegion(id: number)");
+    uint32_t id = info[0].As<Napi::Number>().Uint32Value();
+    // Tasks in flight hold their own reference; the mapping goes with the last one.
+    return Napi::Boolean::New(env, regions_.erase(id) > 0);
+  }
+
+  // ---- transfers -----------------------------------------------------------
+  Napi::Value Dump(const Napi::CallbackInfo& info) { return Transfer(info, Op::kDump); }
+  Napi::Value Load(const Napi::CallbackInfo& info) { return Transfer(info, Op::kLoad); }
+
+  // spec: { paths: string[], layoutDigest: bigint, blockShards: Uint32Array,
+  //         shardRegion: Uint32Array, shardOffset: Float64Array, shardLength: Float64Array }
+  Napi::Value Transfer(const Napi::CallbackInfo& info, Op op) {
+    Napi::Env env = info.Env();
+    CheckOpen(env);
+    if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(env, "transfer spec must be an object");
+    auto spec = info[0].As<Napi::Object>();
+    auto task = std::make_shared<TransferTask>();
+    task->op = op;
+    auto paths = StringArray(spec.Get("paths"), "paths");
+    Napi::Value digest = spec.Get("layoutDigest");
+    if (!digest.IsBigInt()) throw Napi::TypeError::New(env, "layoutDigest must be a bigint");
+    bool lossless = false;
+    task->layout_digest = digest.As<Napi::BigInt>().Uint64Value(&lossless);
+    if (!lossless) throw Napi::RangeError::New(env, "layoutDigest must fit in 64 unsigned bits");
+    auto block_shards = TypedArrayOf<Napi::Uint32Array>(spec, "blockShards", napi_uint32_array, "Uint32Array");
+    auto shard_region = TypedArrayOf<Napi::Uint32Array>(spec, "shardRegion", napi_uint32_array, "Uint32Array");
+    auto shard_offset = TypedArrayOf<Napi::Float64Array>(spec, "shardOffset", napi_float64_array, "Float64Array");
+    auto shard_length = TypedArrayOf<Napi::Float64Array>(spec, "shardLength", napi_float64_array, "Float64Array");
+    const size_t nblocks = paths.size();
+    const size_t nshards = shard_region.ElementLength();
+    if (block_shards.ElementLength() != nblocks)
+      throw Napi::RangeError::New(env, "blockShards has " + std::to_string(block_shards.ElementLength()) +
+                                           " entries for " + std::to_string(nblocks) + " paths");
+    if (shard_offset.ElementLength() != nshards || shard_length.ElementLength() != nshards)
+      throw Napi::RangeError::New(env, "shardRegion, shardOffset and shardLength must have the same length");
+
+    task->shards.resize(nshards);
+    for (size_t s = 0; s < nshards; ++s) {
+      const std::string at = "shard " + std::to_string(s);
+      auto it = regions_.find(shard_region[s]);
+      if (it == regions_.end())
+        throw Napi::RangeError::New(env, at + ": unknown region " + std::to_string(shard_region[s]));
+      Shard& sh = task->shards[s];
+      sh.region = it->second;
+      sh.offset = SafeUint(env, shard_offset[s], at + " offset");
+      sh.length = SafeUint(env, shard_length[s], at + " length");
+      if (sh.length == 0) throw Napi::RangeError::New(env, at + ": length must be positive");
+      if (!sh.region->Contains(sh.offset, sh.length))
+        throw Napi::RangeError::New(env, at + ": [" + std::to_string(sh.offset) + ", +" + std::to_string(sh.length) +
+                                             ") lies outside region " + std::to_string(shard_region[s]) + " of " +
+                                             std::to_string(sh.region->size()) + " bytes");
+    }
+    task->blocks.resize(nblocks);
+    uint64_t next = 0;
+    for (size_t b = 0; b < nblocks; ++b) {
+      BlockJob& job = task->blocks[b];
+      const uint32_t count = block_shards[b];
+      if (count == 0) throw Napi::RangeError::New(env, "block " + std::to_string(b) + " has no shards");
+      if (next + count > nshards)
+        throw Napi::RangeError::New(env, "blockShards counts more shards than shardRegion holds");
+      job.path = std::move(paths[b]);
+      job.shard_begin = static_cast<uint32_t>(next);
+      job.shard_end = static_cast<uint32_t>(next + count);
+      for (uint32_t s = job.shard_begin; s < job.shard_end; ++s) job.bytes += task->shards[s].length;
+      if (job.bytes > core_->options().max_block_bytes)
+        throw Napi::RangeError::New(env, "block " + std::to_string(b) + " is " + std::to_string(job.bytes) +
+                                             " bytes, above maxBlockBytes " +
+                                             std::to_string(core_->options().max_block_bytes));
+      next += count;
+    }
+    if (next != nshards) throw Napi::RangeError::New(env, "blockShards counts fewer shards than shardRegion holds");
+
+    auto pending = std::make_unique<PendingTransfer>(env);
+    pending->task = task;
+    Napi::Promise promise = pending->deferred.Promise();
+    Pending* raw = Track(env, std::move(pending));
+    core_->Submit(task, [this, raw](std::shared_ptr<TransferTask>) { Complete(raw); });
+    return promise;
+  }
+
+  // ---- metadata --------------------------------------------------------------
+  Napi::Value Lookup(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    CheckOpen(env);
+    auto p = std::make_unique<PendingMeta>(env, StringArray(info[0], "paths"), std::vector<std::string>{});
+    p->bytes_result = true;
+    return RunMeta(env, std::move(p), [](PendingMeta& m, size_t i) { m.codes[i] = BlockExists(m.first[i]); });
+  }
+
+  Napi::Value Commit(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    CheckOpen(env);
+    auto from = StringArray(info[0], "from");
+    auto to = StringArray(info[1], "to");
+    if (from.size() != to.size()) throw Napi::RangeError::New(env, "from and to must have the same length");
+    auto p = std::make_unique<PendingMeta>(env, std::move(from), std::move(to));
+    return RunMeta(env, std::move(p), [](PendingMeta& m, size_t i) { m.codes[i] = CommitFile(m.first[i], m.second[i]); });
+  }
+
+  Napi::Value Remove(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    CheckOpen(env);
+    auto p = std::make_unique<PendingMeta>(env, StringArray(info[0], "paths"), std::vector<std::string>{});
+    return RunMeta(env, std::move(p), [](PendingMeta& m, size_t i) { m.codes[i] = RemoveFile(m.first[i]); });
+  }
+
+  template <typename Fn>
+  Napi::Value RunMeta(Napi::Env env, std::unique_ptr<PendingMeta> p, Fn fn) {
+    Napi::Promise promise = p->deferred.Promise();
+    PendingMeta* m = p.get();
+    Pending* raw = Track(env, std::move(p));
+    const size_t n = m->first.size();
+    if (n == 0) {
+      Complete(raw);
+      return promise;
+    }
+    // Split over the metadata threads; small batches stay in one piece.
+    const size_t chunk = std::max<size_t>(32, (n + core_->options().meta_threads - 1) / core_->options().meta_threads);
+    const uint32_t chunks = static_cast<uint32_t>((n + chunk - 1) / chunk);
+    m->chunks_left.store(chunks);
+    for (uint32_t c = 0; c < chunks; ++c) {
+      const size_t begin = c * chunk, end = std::min(n, begin + chunk);
+      core_->PostMeta([this, m, raw, begin, end, fn] {
+        for (size_t i = begin; i < end; ++i) fn(*m, i);
+        if (m->chunks_left.fetch_sub(1) == 1) Complete(raw);
+      });
+    }
+    return promise;
+  }
+
+  // ---- misc ------------------------------------------------------------------
+  Napi::Value Stats(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    auto out = Napi::Object::New(env);
+    out.Set("threads", core_ ? core_->options().threads : 0);
+    out.Set("queuedBlocks", core_ ? core_->queued_blocks() : 0);
+    out.Set("stagingBytes", Napi::Number::New(env, core_ ? static_cast<double>(core_->staging_bytes()) : 0));
+    out.Set("inflight", inflight_);
+    out.Set("regions", static_cast<double>(regions_.size()));
+    out.Set("crc32cHardware", Crc32cHardware());
+    return out;
+  }
+
+  // Finishes running blocks, cancels queued ones, settles every promise.
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (core_) {
+      core_->Shutdown();
+      Drain(env);
+      core_.reset();
+      regions_.clear();
+      tsfn_.Release();
+    }
+    return env.Undefined();
+  }
+
+  // ---- completion channel ------------------------------------------------------
+  Pending* Track(Napi::Env env, std::unique_ptr<Pending> p) {
+    Pending* raw = p.get();
+    owned_.emplace(raw, std::move(p));
+    if (inflight_++ == 0) {
+      tsfn_.Ref(env);
+      Ref();  // keep this object alive while native work refers to it
+    }
+    return raw;
+  }
+
+  // Any thread. Queues `p` and wakes the JS thread once per batch.
+  void Complete(Pending* p) {
+    bool wake;
+    {
+      std::lock_guard<std::mutex> lock(done_mu_);
+      wake = done_.empty();
+      done_.push_back(p);
+    }
+    if (wake) tsfn_.NonBlockingCall([this](Napi::Env env, Napi::Function) { Drain(env); });
+  }
+
+  // JS thread.
+  void Drain(Napi::Env env) {
+    std::vector<Pending*> batch;
+    {
+      std::lock_guard<std::mutex> lock(done_mu_);
+      batch.swap(done_);
+    }
+    for (Pending* p : batch) {
+      auto it = owned_.find(p);
+      if (it == owned_.end()) continue;
+      std::unique_ptr<Pending> own = std::move(it->second);
+      owned_.erase(it);
+      Napi::HandleScope scope(env);
+      own->deferred.Resolve(own->Result(env));
+      if (--inflight_ == 0) {
+        if (core_) tsfn_.Unref(env);
+        Unref();
+      }
+    }
+  }
+
+  void CheckOpen(Napi::Env env) {
+    if (!core_) throw Napi::Error::New(env, "engine is closed");
+  }
+
+  // Environment teardown: stop the threads; promises are abandoned with it.
+  void Teardown() {
+    if (core_) {
+      core_->Shutdown();
+      core_.reset();
+      tsfn_.Abort();
+    }
+  }
+
+  // Declaration order matters: core_ (threads) is destroyed first, before the
+  // maps its callbacks refer to.
+  std::unordered_map<uint32_t, std::shared_ptr<Region>> regions_;
+  uint32_t next_region_ = 1;
+  std::unordered_map<Pending*, std::unique_ptr<Pending>> owned_;
+  std::mutex done_mu_;
+  std::vector<Pending*> done_;
+  uint32_t inflight_ = 0;
+  Napi::ThreadSafeFunction tsfn_;
+  Napi::Env::CleanupHook<std::function<void()>> cleanup_;
+  bool hook_ran_ = false;
+  std::unique_ptr<TransferEngine> core_;
+};
+
+Napi::Value Crc32cJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsTypedArray()) throw Napi::TypeError::New(env, "crc32c(data: Uint8Array)");
+  auto arr = info[0].As<Napi::TypedArray>();
+  const uint8_t* p = static_cast<const uint8_t*>(arr.ArrayBuffer().Data()) + arr.ByteOffset();
+  return Napi::Number::New(env, Crc32c(0, p, arr.ByteLength()));
+}
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  exports.Set("Engine", Engine::Define(env));
+  exports.Set("crc32c", Napi::Function::New(env, Crc32cJs, "crc32c"));
+  auto consts = Napi::Object::New(env);
+  consts.Set("headerSize", static_cast<double>(kHeaderSize));
+  consts.Set("blockAlign", static_cast<double>(kBlockAlign));
+  consts.Set("formatVersion", kFormatVersion);
+  consts.Set("cuda", false);
+  exports.Set("constants", consts);
+  return exports;
+}
+
+}  // namespace
+}  // namespace ucm
+
+static Napi::Object InitModule(Napi::Env env, Napi::Object exports) { return ucm::Init(env, exports); }
+NODE_API_MODULE(ucm_native, InitModule)

@@ -1,0 +1,162 @@
+#include "block_file.h"
+
+#include <cerrno>
+#include <cstring>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "crc32c.h"
+
+namespace ucm {
+namespace {
+
+// Opens with O_DIRECT when asked and the filesystem allows it. tmpfs,
+// overlayfs and some NFS setups answer EINVAL; then plain buffered I/O is used.
+int OpenMaybeDirect(const std::string& path, int flags, mode_t mode, bool odirect) {
+  if (odirect) {
+    int fd = open(path.c_str(), flags | O_DIRECT | O_CLOEXEC, mode);
+    if (fd >= 0 || errno != EINVAL) return fd;
+  }
+  return open(path.c_str(), flags | O_CLOEXEC, mode);
+}
+
+bool ClearDirect(int fd) {
+  int fl = fcntl(fd, F_GETFL);
+  return fl >= 0 && fcntl(fd, F_SETFL, fl & ~O_DIRECT) == 0;
+}
+
+// pwrite/pread loops: a short transfer is continued, an error returns -errno.
+// EINVAL on an O_DIRECT descriptor (alignment refused late, as some network
+// filesystems do) drops O_DIRECT once and retries.
+ssize_t WriteAll(int fd, const uint8_t* buf, size_t len) {
+  size_t done = 0;
+  bool retried = false;
+  while (done < len) {
+    ssize_t n = pwrite(fd, buf + done, len - done, static_cast<off_t>(done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EINVAL && !retried && ClearDirect(fd)) {
+        retried = true;
+        continue;
+      }
+      return -errno;
+    }
+    if (n == 0) return -EIO;
+    done += static_cast<size_t>(n);
+  }
+  return static_cast<ssize_t>(done);
+}
+
+ssize_t ReadAll(int fd, uint8_t* buf, size_t len) {
+  size_t done = 0;
+  bool retried = false;
+  while (done < len) {
+    ssize_t n = pread(fd, buf + done, len - done, static_cast<off_t>(done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EINVAL && !retried && ClearDirect(fd)) {
+        retried = true;
+        continue;
+      }
+      return -errno;
+    }
+    if (n == 0) break;  // end of file: caller compares the count
+    done += static_cast<size_t>(n);
+  }
+  return static_cast<ssize_t>(done);
+}
+
+IoResult Io(int err, const char* what) { return IoResult{BlockStatus::kIoError, err, what}; }
+IoResult Corrupt(const char* what) { return IoResult{BlockStatus::kCorrupt, 0, what}; }
+
+}  // namespace
+
+IoResult WriteBlockFile(const std::string& path, uint8_t* staging, uint64_t payload_length,
+                        uint64_t layout_digest, uint32_t shard_count, const IoOptions& opts) {
+  const size_t file_size = FileSizeFor(payload_length);
+  std::memset(staging, 0, kHeaderSize);
+  std::memset(staging + kHeaderSize + payload_length, 0,
+              file_size - kHeaderSize - payload_length);
+  BlockHeader h;
+  std::memset(&h, 0, sizeof h);
+  std::memcpy(h.magic, kBlockMagic, sizeof h.magic);
+  h.version = kFormatVersion;
+  h.header_size = kHeaderSize;
+  h.payload_length = payload_length;
+  h.layout_digest = layout_digest;
+  h.checksum_kind = 1;
+  h.payload_crc = Crc32c(0, staging + kHeaderSize, payload_length);
+  h.shard_count = shard_count;
+  h.header_crc = Crc32c(0, &h, offsetof(BlockHeader, header_crc));
+  std::memcpy(staging, &h, sizeof h);
+
+  int fd = OpenMaybeDirect(path, O_WRONLY | O_CREAT | O_EXCL, 0644, opts.odirect);
+  if (fd < 0) return Io(errno, "open");
+  // Reserve the extent up front: one contiguous allocation instead of growing
+  // the file write by write, and ENOSPC before any byte moves. Filesystems
+  // without fallocate (EOPNOTSUPP) simply skip it.
+  int fa = posix_fallocate(fd, 0, static_cast<off_t>(file_size));
+  if (fa != 0 && fa != EOPNOTSUPP && fa != EINVAL) {
+    close(fd);
+    unlink(path.c_str());
+    return Io(fa, "fallocate");
+  }
+  ssize_t n = WriteAll(fd, staging, file_size);
+  if (n < 0) {
+    close(fd);
+    unlink(path.c_str());
+    return Io(static_cast<int>(-n), "write");
+  }
+  if (opts.fsync && fdatasync(fd) != 0) {
+    int e = errno;
+    close(fd);
+    unlink(path.c_str());
+    return Io(e, "fdatasync");
+  }
+  if (close(fd) != 0) {
+    int e = errno;
+    unlink(path.c_str());
+    return Io(e, "close");
+  }
+  return IoResult{};
+}
+
+IoResult ReadBlockFile(const std::string& path, uint8_t* staging, uint64_t expected_payload,
+                       uint64_t layout_digest, uint32_t shard_count, const IoOptions& opts) {
+  const size_t file_size = FileSizeFor(expected_payload);
+  int fd = OpenMaybeDirect(path, O_RDONLY, 0, opts.odirect);
+  if (fd < 0) {
+    if (errno == ENOENT) return IoResult{BlockStatus::kNotFound, ENOENT, "open"};
+    return Io(errno, "open");
+  }
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    int e = errno;
+    close(fd);
+    return Io(e, "fstat");
+  }
+  if (static_cast<uint64_t>(st.st_size) != file_size) {
+    close(fd);
+    return Corrupt("file size");
+  }
+  ssize_t n = ReadAll(fd, staging, file_size);
+  close(fd);
+  if (n < 0) return Io(static_cast<int>(-n), "read");
+  if (static_cast<size_t>(n) != file_size) return Corrupt("short read");
+
+  BlockHeader h;
+  std::memcpy(&h, staging, sizeof h);
+  if (std::memcmp(h.magic, kBlockMagic, sizeof h.magic) != 0) return Corrupt("magic");
+  if (h.header_crc != Crc32c(0, &h, offsetof(BlockHeader, header_crc))) return Corrupt("header checksum");
+  if (h.version != kFormatVersion) return Corrupt("format version");
+  if (h.header_size != kHeaderSize) return Corrupt("header size");
+  if (h.payload_length != expected_payload) return Corrupt("payload length");
+  if (h.layout_digest != layout_digest) return Corrupt("layout digest");
+  if (h.shard_count != shard_count) return Corrupt("shard count");
+  if (h.checksum_kind != 1) return Corrupt("checksum kind");
+  if (h.payload_crc != Crc32c(0, staging + kHeaderSize, expected_payload)) return Corrupt("payload checksum");
+  return IoResult{};
+}
+
+}  // namespace ucm

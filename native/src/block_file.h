@@ -1,0 +1,74 @@
+// On-disk format of one KV block and the I/O that writes and reads it.
+//
+//   [0, 4096)            header (BlockHeader, zero padded)
+//   [4096, 4096 + N)     payload: the block's shards, concatenated in order
+//   up to a 4096 multiple zero padding, so O_DIRECT can write the file whole
+//
+// A file is written under a temporary name and renamed into place on commit,
+// so a reader never sees a partial block. Reading verifies everything the
+// header claims (magic, version, header checksum, payload length, layout
+// digest, file size, payload CRC32C) before the bytes count as a block.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace ucm {
+
+constexpr size_t kBlockAlign = 4096;
+constexpr size_t kHeaderSize = 4096;
+constexpr uint32_t kFormatVersion = 1;
+constexpr char kBlockMagic[8] = {'U', 'C', 'M', 'K', 'V', 'B', 'L', 'K'};
+
+#pragma pack(push, 1)
+struct BlockHeader {
+  char magic[8];
+  uint32_t version;
+  uint32_t header_size;
+  uint64_t payload_length;
+  uint64_t layout_digest;
+  uint32_t checksum_kind;  // 1 = CRC32C
+  uint32_t payload_crc;
+  uint32_t shard_count;
+  uint32_t reserved;
+  uint32_t header_crc;     // CRC32C of every byte above
+};
+#pragma pack(pop)
+
+inline size_t AlignUp(size_t n) { return (n + kBlockAlign - 1) / kBlockAlign * kBlockAlign; }
+inline size_t FileSizeFor(size_t payload) { return kHeaderSize + AlignUp(payload); }
+
+enum class BlockStatus : int32_t {
+  kOk = 0,
+  kNotFound = 1,
+  kCorrupt = 2,
+  kIoError = 3,
+  kCancelled = 4,
+  kSkipped = 5,  // dump: already stored, nothing written
+};
+
+struct IoOptions {
+  bool odirect = true;  // try O_DIRECT, fall back when the filesystem refuses it
+  bool fsync = false;   // fdatasync every block before it counts as written
+};
+
+struct IoResult {
+  BlockStatus status = BlockStatus::kOk;
+  int err = 0;              // errno for kIoError
+  const char* what = "";    // which check failed (corrupt) or which call (io)
+};
+
+// Writes a block whose payload already sits at staging + kHeaderSize. Fills the
+// header in staging[0, kHeaderSize) and zeroes the tail padding, so `staging`
+// must hold FileSizeFor(payload_length) bytes and be kBlockAlign aligned.
+// Creates `path` exclusively (O_EXCL): the temporary name is ours alone.
+IoResult WriteBlockFile(const std::string& path, uint8_t* staging, uint64_t payload_length,
+                        uint64_t layout_digest, uint32_t shard_count, const IoOptions& opts);
+
+// Reads `path` into staging and verifies it against what the caller expects.
+// On kOk the payload is at staging + kHeaderSize. `staging` must hold
+// FileSizeFor(expected_payload) bytes and be kBlockAlign aligned.
+IoResult ReadBlockFile(const std::string& path, uint8_t* staging, uint64_t expected_payload,
+                       uint64_t layout_digest, uint32_t shard_count, const IoOptions& opts);
+
+}  // namespace ucm

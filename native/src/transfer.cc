@@ -1,0 +1,205 @@
+#include "transfer.h"
+
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace ucm {
+
+uint64_t NowNs() {
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                   std::chrono::steady_clock::now().time_since_epoch())
+                                   .count());
+}
+
+AlignedBuffer::~AlignedBuffer() { std::free(data_); }
+
+bool AlignedBuffer::Reserve(size_t size) {
+  if (size <= capacity_) return true;
+  void* p = nullptr;
+  if (posix_memalign(&p, kBlockAlign, AlignUp(size)) != 0) return false;
+  std::free(data_);
+  data_ = static_cast<uint8_t*>(p);
+  capacity_ = AlignUp(size);
+  return true;
+}
+
+TransferEngine::TransferEngine(const EngineOptions& opts) : opts_(opts) {
+  workers_.reserve(opts_.threads);
+  for (uint32_t i = 0; i < opts_.threads; ++i) workers_.emplace_back([this, i] { WorkerLoop(i); });
+  for (uint32_t i = 0; i < opts_.meta_threads; ++i) meta_workers_.emplace_back([this] { MetaLoop(); });
+}
+
+TransferEngine::~TransferEngine() { Shutdown(); }
+
+void TransferEngine::Shutdown() {
+  std::deque<Item> cancelled;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) return;
+    stopping_ = true;
+    for (auto& it : loads_) cancelled.push_back(std::move(it));
+    for (auto& it : dumps_) cancelled.push_back(std::move(it));
+    loads_.clear();
+    dumps_.clear();
+  }
+  cv_.notify_all();
+  meta_cv_.notify_all();
+  for (auto& it : cancelled) Finish(it, IoResult{BlockStatus::kCancelled, ECANCELED, "shutdown"});
+  for (auto& t : workers_) t.join();
+  for (auto& t : meta_workers_) t.join();
+}
+
+void TransferEngine::Submit(std::shared_ptr<TransferTask> task, TaskDone done) {
+  auto shared_done = std::make_shared<TaskDone>(std::move(done));
+  const uint32_t n = static_cast<uint32_t>(task->blocks.size());
+  task->results.assign(n, IoResult{});
+  task->remaining.store(n == 0 ? 1 : n);
+  task->submit_ns = NowNs();
+  if (n == 0) {
+    task->finish_ns = task->submit_ns;
+    (*shared_done)(task);
+    return;
+  }
+  bool rejected = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_) {
+      rejected = true;
+    } else {
+      auto& q = task->op == Op::kLoad ? loads_ : dumps_;
+      for (uint32_t b = 0; b < n; ++b) q.push_back(Item{task, shared_done, b});
+    }
+  }
+  if (rejected) {
+    for (uint32_t b = 0; b < n; ++b)
+      Finish(Item{task, shared_done, b}, IoResult{BlockStatus::kCancelled, ECANCELED, "shutdown"});
+    return;
+  }
+  if (n == 1) cv_.notify_one(); else cv_.notify_all();
+}
+
+void TransferEngine::PostMeta(std::function<void()> fn) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!stopping_) {
+      meta_.push_back(std::move(fn));
+      meta_cv_.notify_one();
+      return;
+    }
+  }
+  fn();  // after shutdown: run inline so the caller's promise still settles
+}
+
+uint32_t TransferEngine::queued_blocks() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return static_cast<uint32_t>(loads_.size() + dumps_.size());
+}
+
+void TransferEngine::WorkerLoop(uint32_t /*index*/) {
+  AlignedBuffer staging;  // this worker's only staging buffer, reused for every block
+  for (;;) {
+    Item item;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [this] { return stopping_ || !loads_.empty() || !dumps_.empty(); });
+      if (stopping_ && loads_.empty() && dumps_.empty()) break;
+      auto& q = !loads_.empty() ? loads_ : dumps_;
+      item = std::move(q.front());
+      q.pop_front();
+    }
+    RunBlock(item, staging);
+  }
+  staging_bytes_.fetch_sub(staging.capacity());
+}
+
+void TransferEngine::MetaLoop() {
+  for (;;) {
+    std::function<void()> fn;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      meta_cv_.wait(lock, [this] { return stopping_ || !meta_.empty(); });
+      if (meta_.empty()) break;  // stopping and drained
+      fn = std::move(meta_.front());
+      meta_.pop_front();
+    }
+    fn();
+  }
+}
+
+void TransferEngine::RunBlock(const Item& item, AlignedBuffer& staging) {
+  TransferTask& task = *item.task;
+  const BlockJob& job = task.blocks[item.block];
+  const size_t need = FileSizeFor(job.bytes);
+  const size_t before = staging.capacity();
+  if (!staging.Reserve(need)) {
+    Finish(item, IoResult{BlockStatus::kIoError, ENOMEM, "staging allocation"});
+    return;
+  }
+  staging_bytes_.fetch_add(staging.capacity() - before);
+  const uint32_t shard_count = job.shard_end - job.shard_begin;
+  uint8_t* payload = staging.data() + kHeaderSize;
+
+  for (uint32_t s = job.shard_begin; s < job.shard_end; ++s) {
+    if (task.shards[s].region->medium() != Medium::kHost) {
+      Finish(item, IoResult{BlockStatus::kIoError, EOPNOTSUPP, "device regions are not built in"});
+      return;
+    }
+  }
+
+  IoResult r;
+  if (task.op == Op::kDump) {
+    uint64_t pos = 0;
+    for (uint32_t s = job.shard_begin; s < job.shard_end; ++s) {
+      const Shard& sh = task.shards[s];
+      std::memcpy(payload + pos, sh.region->host_base() + sh.offset, sh.length);
+      pos += sh.length;
+    }
+    r = WriteBlockFile(job.path, staging.data(), job.bytes, task.layout_digest, shard_count,
+                       opts_.io);
+  } else {
+    r = ReadBlockFile(job.path, staging.data(), job.bytes, task.layout_digest, shard_count,
+                      opts_.io);
+    if (r.status == BlockStatus::kOk) {
+      // Only verified bytes ever reach the destination memory.
+      uint64_t pos = 0;
+      for (uint32_t s = job.shard_begin; s < job.shard_end; ++s) {
+        const Shard& sh = task.shards[s];
+        std::memcpy(sh.region->host_base() + sh.offset, payload + pos, sh.length);
+        pos += sh.length;
+      }
+    }
+  }
+  Finish(item, r);
+}
+
+void TransferEngine::Finish(const Item& item, IoResult r) {
+  TransferTask& task = *item.task;
+  task.results[item.block] = r;
+  if (r.status == BlockStatus::kOk) task.bytes_ok.fetch_add(task.blocks[item.block].bytes);
+  if (task.remaining.fetch_sub(1) == 1) {
+    task.finish_ns = NowNs();
+    (*item.done)(item.task);
+  }
+}
+
+uint8_t BlockExists(const std::string& path) {
+  struct stat st;
+  if (stat(path.c_str(), &st) != 0) return 0;
+  return S_ISREG(st.st_mode) && static_cast<uint64_t>(st.st_size) >= kHeaderSize ? 1 : 0;
+}
+
+int CommitFile(const std::string& from, const std::string& to) {
+  return rename(from.c_str(), to.c_str()) == 0 ? 0 : errno;
+}
+
+int RemoveFile(const std::string& path) {
+  if (unlink(path.c_str()) == 0 || errno == ENOENT) return 0;
+  return errno;
+}
+
+}  // namespace ucm

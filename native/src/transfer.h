@@ -1,0 +1,133 @@
+// The transfer core: a pool of `threads` native workers moving KV blocks
+// between memory regions and block files, plus a small pool for metadata
+// calls (stat, rename, unlink) so lookups never queue behind bulk I/O.
+//
+// A task is a batch of blocks; each block is a list of shards (region,
+// offset, length) concatenated into one payload. Blocks of a task run in
+// parallel on the workers; the completion callback fires once, on a worker
+// thread, after the last block finished. Loads are served before dumps.
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "block_file.h"
+#include "region.h"
+
+namespace ucm {
+
+struct Shard {
+  std::shared_ptr<Region> region;  // keeps the mapping alive while in flight
+  uint64_t offset = 0;
+  uint64_t length = 0;
+};
+
+struct BlockJob {
+  std::string path;         // dump: temporary file to create; load: file to read
+  uint32_t shard_begin = 0; // [shard_begin, shard_end) in TransferTask::shards
+  uint32_t shard_end = 0;
+  uint64_t bytes = 0;       // sum of the shard lengths
+};
+
+enum class Op { kDump = 0, kLoad = 1 };
+
+struct TransferTask {
+  Op op = Op::kDump;
+  uint64_t layout_digest = 0;
+  std::vector<BlockJob> blocks;
+  std::vector<Shard> shards;
+  std::vector<IoResult> results;   // one per block, written by the worker that ran it
+  std::atomic<uint32_t> remaining{0};
+  std::atomic<uint64_t> bytes_ok{0};
+  uint64_t submit_ns = 0;
+  uint64_t finish_ns = 0;
+};
+
+// Owns page-aligned memory; move-only.
+class AlignedBuffer {
+ public:
+  AlignedBuffer() = default;
+  ~AlignedBuffer();
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  // Makes room for `size` bytes; keeps the buffer if it is large enough.
+  bool Reserve(size_t size);
+  uint8_t* data() const { return data_; }
+  size_t capacity() const { return capacity_; }
+
+ private:
+  uint8_t* data_ = nullptr;
+  size_t capacity_ = 0;
+};
+
+struct EngineOptions {
+  uint32_t threads = 32;          // transferStreamNumber
+  uint32_t meta_threads = 4;
+  uint64_t max_block_bytes = 1ull << 30;
+  IoOptions io;
+};
+
+uint64_t NowNs();
+
+class TransferEngine {
+ public:
+  using TaskDone = std::function<void(std::shared_ptr<TransferTask>)>;
+
+  explicit TransferEngine(const EngineOptions& opts);
+  ~TransferEngine();  // cancels queued work, joins every thread
+  TransferEngine(const TransferEngine&) = delete;
+  TransferEngine& operator=(const TransferEngine&) = delete;
+
+  const EngineOptions& options() const { return opts_; }
+
+  // Queues every block of `task`. `done` runs on a worker thread once.
+  void Submit(std::shared_ptr<TransferTask> task, TaskDone done);
+  // Runs `fn` on the metadata pool.
+  void PostMeta(std::function<void()> fn);
+  // Stops accepting work: queued blocks complete as kCancelled, running ones
+  // finish. Joins all threads. Idempotent.
+  void Shutdown();
+
+  uint32_t queued_blocks() const;
+  uint64_t staging_bytes() const { return staging_bytes_.load(); }
+
+ private:
+  struct Item {
+    std::shared_ptr<TransferTask> task;
+    std::shared_ptr<TaskDone> done;
+    uint32_t block;
+  };
+  void WorkerLoop(uint32_t index);
+  void MetaLoop();
+  void RunBlock(const Item& item, AlignedBuffer& staging);
+  void Finish(const Item& item, IoResult r);
+
+  EngineOptions opts_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Item> loads_;   // served first: a load is on the critical path
+  std::deque<Item> dumps_;
+  std::deque<std::function<void()>> meta_;
+  std::condition_variable meta_cv_;
+  bool stopping_ = false;
+  std::atomic<uint64_t> staging_bytes_{0};
+  std::vector<std::thread> workers_;  // declared last: joined before the queues die
+  std::vector<std::thread> meta_workers_;
+};
+
+// Metadata helpers, run on the metadata pool by the binding.
+// 1 when `path` is a regular file of at least the header size, else 0.
+uint8_t BlockExists(const std::string& path);
+// rename(from, to); returns 0 or errno.
+int CommitFile(const std::string& from, const std::string& to);
+// unlink(path); returns 0, or errno (ENOENT counts as done: 0).
+int RemoveFile(const std::string& path);
+
+}  // namespace ucm

@@ -1,0 +1,54 @@
+// Real shared memory and real temporary directories for tests.
+import * as crypto from "crypto";
+import * as fs from "fs";
+import * as os from "os";
+import * as path from "path";
+
+/** A POSIX shared memory object, created as the shim would: /dev/shm/<name>. */
+export class ShmRegion {
+  readonly name: string;
+  readonly file: string;
+  constructor(readonly size: number, fill?: "random" | "zero") {
+    this.name = `/ucm-test-${process.pid}-${crypto.randomBytes(6).toString("hex")}`;
+    this.file = path.join("/dev/shm", this.name.slice(1));
+    const fd = fs.openSync(this.file, "w+", 0o600);
+    fs.ftruncateSync(fd, size);
+    if (fill === "random") {
+      const chunk = 1 << 20;
+      for (let off = 0; off < size; off += chunk) {
+        fs.writeSync(fd, crypto.randomBytes(Math.min(chunk, size - off)), 0, Math.min(chunk, size - off), off);
+      }
+    }
+    fs.closeSync(fd);
+  }
+  read(offset = 0, length = this.size): Buffer {
+    const fd = fs.openSync(this.file, "r");
+    const buf = Buffer.alloc(length);
+    fs.readSync(fd, buf, 0, length, offset);
+    fs.closeSync(fd);
+    return buf;
+  }
+  write(offset: number, data: Buffer): void {
+    const fd = fs.openSync(this.file, "r+");
+    fs.writeSync(fd, data, 0, data.length, offset);
+    fs.closeSync(fd);
+  }
+  zero(): void {
+    fs.truncateSync(this.file, 0);
+    fs.truncateSync(this.file, this.size);
+  }
+  unlink(): void {
+    fs.rmSync(this.file, { force: true });
+  }
+}
+
+export function tempDir(prefix = "ucm-test-"): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+}
+
+/** A directory on a real disk (not tmpfs), for O_DIRECT tests. */
+export function diskTempDir(prefix = "ucm-disk-"): string {
+  const base = path.resolve(__dirname, "../../.test-tmp");
+  fs.mkdirSync(base, { recursive: true });
+  return fs.mkdtempSync(path.join(base, prefix));
+}

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Sets up everything the tests need on a fresh machine (idempotent) and runs
+# every test: jest (native core, engine) and, once set up, pytest (Python shim,
+# vLLM end to end). Ends with one line "N passed, N failed".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+out="$root/.test-tmp/results"
+mkdir -p "$out"
+rm -f "$out"/*.json "$out"/*.xml
+
+echo "== setup: Node packages, native addon, TypeScript build"
+# npm install runs this package's own install script (cmake-js builds native/)
+# and prepare (tsc). Nothing is downloaded beyond the npm registry.
+if ! npm install --no-audit --no-fund --loglevel=error; then
+  echo "setup failed: npm install"
+  echo "0 passed, 1 failed"
+  exit 1
+fi
+
+passed=0
+failed=0
+
+echo "== jest"
+npx jest --runInBand --json --outputFile="$out/jest.json" "$@"
+jest_rc=$?
+if [ -s "$out/jest.json" ]; then
+  read -r jp jf < <(node -e 'const r=require(process.argv[1]);
+    const broken=r.testResults.filter(t=>t.status==="failed"&&t.assertionResults.length===0).length;
+    console.log(r.numPassedTests, r.numFailedTests+broken)' "$out/jest.json")
+  passed=$((passed + jp)); failed=$((failed + jf))
+  [ "$jest_rc" -ne 0 ] && [ "$jf" -eq 0 ] && failed=$((failed + 1))
+else
+  failed=$((failed + 1))
+fi
+
+echo "${passed} passed, ${failed} failed"
+[ "$failed" -eq 0 ]
