@@ -1,0 +1,217 @@
+// The engine's configuration: the seed's YAML (single connector or list
+// form), validated in one place with one table of defaults. Every error
+// names the key path and the value it got.
+import * as crypto from "crypto";
+import * as fs from "fs";
+import * as os from "os";
+import * as path from "path";
+import { parse as parseYaml } from "yaml";
+import { LOG_LEVELS, LogLevel } from "./log";
+
+export const CONNECTOR_NAME = "UcmNfsStore";
+
+export interface EngineConfig {
+  /** Directories blocks are spread over, by key. */
+  storageBackends: string[];
+  /** The raw storage_backends string (the default endpoint derives from it). */
+  storageBackendsRaw: string;
+  /** Native transfer threads. */
+  transferStreamNumber: number;
+  /** ZeroMQ endpoint, ipc:// or tcp://127.0.0.1. */
+  endpoint: string;
+  odirect: boolean;
+  fsync: boolean;
+  maxBlockBytes: number;
+  logLevel: LogLevel;
+  maxKeysPerRequest: number;
+  /** Seconds a dumped block may wait for its commit before it is discarded. */
+  uncommittedTimeoutS: number;
+  /** Seconds a lookup hit is remembered without asking the filesystem again. */
+  lookupCacheTtlS: number;
+  /** Seconds SIGTERM waits for running tasks before cancelling them. */
+  shutdownTimeoutS: number;
+  /** Milliseconds between checks that client processes are still alive. */
+  clientCheckMs: number;
+}
+
+interface OptionSpec {
+  key: keyof EngineConfig;
+  kind: "int" | "bool" | "string" | "level";
+  min?: number;
+  max?: number;
+  dflt: number | boolean | string;
+  doc: string;
+}
+
+/** Every optional key of ucm_connector_config, with its default. The README table mirrors this. */
+export const OPTIONS: Record<string, OptionSpec> = {
+  transferStreamNumber: { key: "transferStreamNumber", kind: "int", min: 1, max: 1024, dflt: 32, doc: "native transfer threads" },
+  endpoint: { key: "endpoint", kind: "string", dflt: "", doc: "ZeroMQ endpoint; default ipc:///tmp/ucm-<uid>/<digest of storage_backends>/engine.sock" },
+  odirect: { key: "odirect", kind: "bool", dflt: true, doc: "O_DIRECT block I/O, dropped where the filesystem refuses it" },
+  fsync: { key: "fsync", kind: "bool", dflt: false, doc: "fdatasync each block before it counts as written" },
+  maxBlockBytes: { key: "maxBlockBytes", kind: "int", min: 4096, max: 2 ** 40, dflt: 2 ** 30, doc: "largest block accepted, bytes" },
+  logLevel: { key: "logLevel", kind: "level", dflt: "info", doc: "debug, info, warn or error" },
+  maxKeysPerRequest: { key: "maxKeysPerRequest", kind: "int", min: 1, max: 1 << 20, dflt: 65536, doc: "keys one request may name" },
+  uncommittedTimeoutS: { key: "uncommittedTimeoutS", kind: "int", min: 1, max: 86400, dflt: 600, doc: "seconds a dumped block waits for commit before it is discarded" },
+  lookupCacheTtlS: { key: "lookupCacheTtlS", kind: "int", min: 0, max: 86400, dflt: 60, doc: "seconds a found block is remembered without a stat" },
+  shutdownTimeoutS: { key: "shutdownTimeoutS", kind: "int", min: 0, max: 3600, dflt: 30, doc: "seconds SIGTERM waits for running tasks" },
+  clientCheckMs: { key: "clientCheckMs", kind: "int", min: 50, max: 600000, dflt: 2000, doc: "milliseconds between checks that clients are alive" },
+};
+
+export class ConfigError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "ConfigError";
+  }
+}
+
+function show(v: unknown): string {
+  if (typeof v === "string") return JSON.stringify(v);
+  try {
+    return JSON.stringify(v) ?? String(v);
+  } catch {
+    return String(v);
+  }
+}
+
+/** The runtime directory for a storage_backends string: only this user may enter it. */
+export function defaultRuntimeDir(storageBackendsRaw: string): string {
+  const uid = typeof process.getuid === "function" ? process.getuid() : 0;
+  const digest = crypto.createHash("sha256").update(storageBackendsRaw).digest("hex").slice(0, 12);
+  return path.join(os.tmpdir(), `ucm-${uid}`, digest);
+}
+
+export function defaultEndpoint(storageBackendsRaw: string): string {
+  return `ipc://${path.join(defaultRuntimeDir(storageBackendsRaw), "engine.sock")}`;
+}
+
+export interface LoadedConfig {
+  config: EngineConfig;
+  warnings: string[];
+}
+
+export function loadConfigFile(file: string): LoadedConfig {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, "utf8");
+  } catch (e) {
+    throw new ConfigError(`cannot read config file ${show(file)}: ${(e as Error).message}`);
+  }
+  let doc: unknown;
+  try {
+    doc = parseYaml(text);
+  } catch (e) {
+    throw new ConfigError(`config file ${show(file)} is not valid YAML: ${(e as Error).message}`);
+  }
+  return parseConfig(doc);
+}
+
+/** Validates a parsed config document (the seed's format or the list form). */
+export function parseConfig(doc: unknown): LoadedConfig {
+  const warnings: string[] = [];
+  if (doc === null || typeof doc !== "object" || Array.isArray(doc)) {
+    throw new ConfigError(`config must be a mapping with ucm_connector_name and ucm_connector_config, got ${show(doc)}`);
+  }
+  const top = doc as Record<string, unknown>;
+  let connector: Record<string, unknown>;
+  let where: string;
+  if ("ucm_connectors" in top) {
+    const list = top.ucm_connectors;
+    if (!Array.isArray(list) || list.length === 0) throw new ConfigError(`ucm_connectors must be a non-empty list, got ${show(list)}`);
+    const idx = list.findIndex((c) => c && typeof c === "object" && (c as Record<string, unknown>).ucm_connector_name === CONNECTOR_NAME);
+    if (idx < 0) {
+      const names = list.map((c) => (c && typeof c === "object" ? (c as Record<string, unknown>).ucm_connector_name : c));
+      throw new ConfigError(`ucm_connectors has no entry with ucm_connector_name ${show(CONNECTOR_NAME)}; names found: ${show(names)}`);
+    }
+    connector = list[idx] as Record<string, unknown>;
+    where = `ucm_connectors[${idx}]`;
+    for (const k of Object.keys(top)) if (k !== "ucm_connectors") warnings.push(`unknown key ${k} ignored`);
+  } else {
+    connector = top;
+    where = "";
+  }
+  const at = (k: string) => (where ? `${where}.${k}` : k);
+  for (const k of Object.keys(connector)) {
+    if (k !== "ucm_connector_name" && k !== "ucm_connector_config" && !(where === "" && k === "ucm_connectors")) warnings.push(`unknown key ${at(k)} ignored`);
+  }
+  const name = connector.ucm_connector_name;
+  if (name !== CONNECTOR_NAME) throw new ConfigError(`${at("ucm_connector_name")} must be ${show(CONNECTOR_NAME)}, got ${show(name)}`);
+  const cc = connector.ucm_connector_config;
+  if (cc === null || typeof cc !== "object" || Array.isArray(cc)) {
+    throw new ConfigError(`${at("ucm_connector_config")} must be a mapping, got ${show(cc)}`);
+  }
+  const raw = cc as Record<string, unknown>;
+  const key = (k: string) => `${at("ucm_connector_config")}.${k}`;
+
+  const sb = raw.storage_backends;
+  if (typeof sb !== "string" || sb.trim() === "") {
+    throw new ConfigError(`${key("storage_backends")} is required: a directory, or several separated by ':', got ${show(sb)}`);
+  }
+  const dirs = sb.split(":").map((d) => d.trim());
+  dirs.forEach((d, i) => {
+    if (d === "") throw new ConfigError(`${key("storage_backends")} has an empty directory at position ${i} in ${show(sb)}`);
+    let st: fs.Stats;
+    try {
+      st = fs.statSync(d);
+    } catch {
+      throw new ConfigError(`${key("storage_backends")}: directory ${show(d)} does not exist`);
+    }
+    if (!st.isDirectory()) throw new ConfigError(`${key("storage_backends")}: ${show(d)} is not a directory`);
+    // Create and remove a probe: the permission bits alone do not tell (root,
+    // read-only mounts, NFS root squash).
+    try {
+      fs.rmdirSync(fs.mkdtempSync(path.join(d, ".ucm-probe-")));
+    } catch (e) {
+      throw new ConfigError(`${key("storage_backends")}: directory ${show(d)} is not writable (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`);
+    }
+  });
+  const resolved = dirs.map((d) => path.resolve(d));
+  if (new Set(resolved).size !== resolved.length) throw new ConfigError(`${key("storage_backends")} names a directory twice: ${show(sb)}`);
+
+  const out: Record<string, unknown> = {};
+  for (const [k, spec] of Object.entries(OPTIONS)) {
+    const v = raw[k];
+    if (v === undefined || v === null) {
+      out[spec.key] = spec.dflt;
+      continue;
+    }
+    switch (spec.kind) {
+      case "int":
+        if (typeof v !== "number" || !Number.isInteger(v)) throw new ConfigError(`${key(k)} must be an integer, got ${show(v)}`);
+        if (v < (spec.min ?? -Infinity) || v > (spec.max ?? Infinity)) {
+          throw new ConfigError(`${key(k)} must be between ${spec.min} and ${spec.max}, got ${show(v)}`);
+        }
+        break;
+      case "bool":
+        if (typeof v !== "boolean") throw new ConfigError(`${key(k)} must be true or false, got ${show(v)}`);
+        break;
+      case "string":
+        if (typeof v !== "string") throw new ConfigError(`${key(k)} must be a string, got ${show(v)}`);
+        break;
+      case "level":
+        if (typeof v !== "string" || !LOG_LEVELS.includes(v as LogLevel)) {
+          throw new ConfigError(`${key(k)} must be one of ${LOG_LEVELS.join(", ")}, got ${show(v)}`);
+        }
+        break;
+    }
+    out[spec.key] = v;
+  }
+  for (const k of Object.keys(raw)) {
+    if (k !== "storage_backends" && !(k in OPTIONS)) warnings.push(`unknown key ${key(k)} ignored`);
+  }
+  const config = { ...out, storageBackends: resolved, storageBackendsRaw: sb } as EngineConfig;
+  if (config.endpoint === "") config.endpoint = defaultEndpoint(sb);
+  validateEndpoint(config.endpoint, key("endpoint"));
+  return { config, warnings };
+}
+
+export function validateEndpoint(endpoint: string, what: string): void {
+  if (endpoint.startsWith("ipc://")) {
+    const p = endpoint.slice("ipc://".length);
+    if (!path.isAbsolute(p)) throw new ConfigError(`${what} must be ipc://<absolute path>, got ${show(endpoint)}`);
+    if (Buffer.byteLength(p) > 107) throw new ConfigError(`${what}: socket path longer than 107 bytes: ${show(endpoint)}`);
+    return;
+  }
+  if (/^tcp:\/\/(127\.0\.0\.1|localhost|\[::1\]):\d+$/.test(endpoint)) return;
+  throw new ConfigError(`${what} must be ipc://<absolute path> or tcp://127.0.0.1:<port>, got ${show(endpoint)}`);
+}

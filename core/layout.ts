@@ -1,0 +1,69 @@
+// Where blocks live on disk. Paths are built only from validated namespaces
+// (a strict character set) and the hex of key bytes, so no request can name
+// a path outside the storage directories.
+//
+//   <backend>/<ns>/<first 2 hex of key>/<key hex>      committed block
+//   <backend>/<ns>/.tmp/<key hex>.<engine tag>.<seq>   uncommitted dump
+//   <backend>/<ns>/NAMESPACE                           what the namespace is
+import * as crypto from "crypto";
+import * as fs from "fs";
+import * as path from "path";
+
+export class StorageLayout {
+  private readonly ready = new Map<string, Promise<void>>();
+  private seq = 0;
+
+  /** `tag` names this engine in temporary files (host, pid, start time). */
+  constructor(readonly backends: readonly string[], readonly tag: string) {}
+
+  /** Which backend holds a key: FNV-1a over its bytes, so shards stay stable across engines. */
+  backendFor(key: Buffer): string {
+    if (this.backends.length === 1) return this.backends[0];
+    let h = 0x811c9dc5;
+    for (const b of key) h = Math.imul(h ^ b, 0x01000193) >>> 0;
+    return this.backends[h % this.backends.length];
+  }
+
+  blockPath(ns: string, key: Buffer): string {
+    const hex = key.toString("hex");
+    return path.join(this.backendFor(key), ns, hex.slice(0, 2), hex);
+  }
+
+  tempPath(ns: string, key: Buffer): string {
+    return path.join(this.backendFor(key), ns, ".tmp", `${key.toString("hex")}.${this.tag}.${++this.seq}`);
+  }
+
+  /** 64-bit digest written into every block header of the namespace. */
+  static layoutDigest(ns: string): bigint {
+    return crypto.createHash("sha256").update(`ucm-layout:${ns}`).digest().readBigUInt64LE(0);
+  }
+
+  /** Creates the namespace's directories in every backend (once, off the event loop). */
+  ensureNamespace(ns: string, description?: unknown): Promise<void> {
+    let p = this.ready.get(ns);
+    if (!p) {
+      p = this.create(ns, description);
+      this.ready.set(ns, p);
+      p.catch(() => this.ready.delete(ns));
+    }
+    return p;
+  }
+
+  private async create(ns: string, description?: unknown): Promise<void> {
+    await Promise.all(
+      this.backends.map(async (b) => {
+        const root = path.join(b, ns);
+        await fs.promises.mkdir(path.join(root, ".tmp"), { recursive: true });
+        const subdirs: Promise<unknown>[] = [];
+        for (let i = 0; i < 256; i++) subdirs.push(fs.promises.mkdir(path.join(root, i.toString(16).padStart(2, "0")), { recursive: true }));
+        await Promise.all(subdirs);
+        if (description !== undefined) {
+          const text = JSON.stringify({ namespace: ns, description }, null, 2) + "\n";
+          await fs.promises.writeFile(path.join(root, "NAMESPACE"), text, { flag: "wx" }).catch((e: NodeJS.ErrnoException) => {
+            if (e.code !== "EEXIST") throw e;
+          });
+        }
+      }),
+    );
+  }
+}

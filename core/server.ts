@@ -1,0 +1,246 @@
+// The engine process's ZeroMQ front: one ROUTER socket, one session per
+// client, every request validated and answered (never crashing the engine),
+// replies sent through one queue (zeromq.js allows one send at a time).
+import * as fs from "fs";
+import * as path from "path";
+import * as zmq from "zeromq";
+import { EngineConfig } from "./config";
+import { EngineClient } from "./client";
+import { Logger } from "./log";
+import { MAX_MESSAGE_BYTES, PROTOCOL_VERSIONS, ProtocolError, decodeRequest, describe, encode, optString, reqNs, reqOp, reqUint } from "./protocol";
+import { Session, Store } from "./store";
+
+type Msg = Record<string, unknown>;
+
+export class EngineServer {
+  readonly store: Store;
+  private readonly sock = new zmq.Router({
+    linger: 0,
+    maxMessageSize: MAX_MESSAGE_BYTES,
+    sendHighWaterMark: 100_000,
+    receiveHighWaterMark: 100_000,
+  });
+  private readonly sessions = new Map<string, Session>();
+  private readonly outbox: Buffer[][] = [];
+  private pumping = false;
+  private stopping = false;
+  private timers: NodeJS.Timeout[] = [];
+  private readonly started = Date.now();
+  private readonly errors: Record<string, number> = {};
+  private loop?: Promise<void>;
+
+  constructor(readonly config: EngineConfig, readonly log: Logger) {
+    this.store = new Store(config, log);
+  }
+
+  get endpoint(): string {
+    return this.config.endpoint;
+  }
+
+  /** Prepares the socket directory, refuses to steal a live engine's socket, binds. */
+  async start(): Promise<void> {
+    const ep = this.config.endpoint;
+    if (ep.startsWith("ipc://")) {
+      const file = ep.slice("ipc://".length);
+      secureDir(path.dirname(file));
+      if (fs.existsSync(file)) {
+        const probe = new EngineClient(ep, 1000);
+        try {
+          const h = await probe.call("health", {}, 1000);
+          throw new Error(`another engine (pid ${String(h.pid)}) already serves ${ep}`);
+        } catch (e) {
+          if (!(e instanceof Error) || !/timeout|no reply/.test(e.message)) throw e;
+          fs.rmSync(file, { force: true }); // stale socket of a dead engine
+        } finally {
+          probe.close();
+        }
+      }
+    }
+    await this.sock.bind(ep);
+    if (ep.startsWith("ipc://")) fs.chmodSync(ep.slice("ipc://".length), 0o600);
+    this.loop = this.receive();
+    this.timers.push(setInterval(() => this.checkClients(), this.config.clientCheckMs));
+    this.timers.push(setInterval(() => this.store.sweep(this.sessions.values()), 10_000));
+    this.log.info(
+      `listening on ${ep} (backends ${this.config.storageBackends.join(":")}, transferStreamNumber ${this.config.transferStreamNumber}, pid ${process.pid})`,
+    );
+  }
+
+  private async receive(): Promise<void> {
+    try {
+      for await (const [peer, ...frames] of this.sock) void this.handle(peer, frames);
+    } catch (e) {
+      if (!this.stopping) this.log.error(`receive loop ended: ${(e as Error).message}`);
+    }
+  }
+
+  private async handle(peer: Buffer, frames: Buffer[]): Promise<void> {
+    let id: unknown = null;
+    try {
+      if (frames.length !== 1) throw new ProtocolError("bad_message", `a request is one frame, got ${frames.length}`);
+      const req = decodeRequest(frames[0]);
+      id = typeof req.id === "number" || typeof req.id === "string" ? req.id : null;
+      const result = await this.dispatch(peer, req.msg);
+      this.send(peer, { ...result, id, ok: true });
+    } catch (e) {
+      const pe = e instanceof ProtocolError ? e : new ProtocolError("internal", (e as Error)?.message ?? String(e));
+      if (pe.code === "internal") this.log.error(`internal error: ${(e as Error)?.stack ?? String(e)}`);
+      else this.log.debug(`request refused (${pe.code}): ${pe.message}`);
+      this.errors[pe.code] = (this.errors[pe.code] ?? 0) + 1;
+      this.send(peer, { id, ok: false, error: { code: pe.code, message: pe.message } });
+    }
+  }
+
+  private async dispatch(peer: Buffer, msg: Msg): Promise<object> {
+    const op = reqOp(msg);
+    const key = peer.toString("hex");
+    // Answered without a session: operators' probes.
+    if (op === "health") return this.health();
+    if (op === "stats") return this.stats();
+    if (this.stopping) throw new ProtocolError("shutting_down", `engine is shutting down; ${op} refused`);
+    if (op === "hello") return this.hello(key, msg);
+    const s = this.sessions.get(key);
+    if (!s) throw new ProtocolError("no_session", `send hello (protocol version ${PROTOCOL_VERSIONS.join("/")}) before ${JSON.stringify(op)}`);
+    switch (op) {
+      case "goodbye":
+        this.drop(key, "said goodbye");
+        return {};
+      case "register":
+        return this.store.register(s, msg);
+      case "release":
+        return this.store.release(s, msg);
+      case "namespace":
+        return this.namespace(msg);
+      case "lookup":
+        return this.store.lookup(msg);
+      case "dump":
+        return this.store.dump(s, msg);
+      case "load":
+        return this.store.load(s, msg);
+      case "wait":
+        return this.store.wait(s, msg);
+      case "check":
+        return this.store.check(s, msg);
+      case "commit":
+        return this.store.commit(s, msg);
+      default:
+        throw new ProtocolError("unknown_op", `unknown op ${describe(op)}; known: hello, goodbye, register, release, namespace, lookup, dump, load, wait, check, commit, stats, health`);
+    }
+  }
+
+  private hello(key: string, msg: Msg): Msg {
+    const version = msg.version;
+    if (typeof version !== "number" || !PROTOCOL_VERSIONS.includes(version)) {
+      throw new ProtocolError("unsupported_version", `protocol version ${describe(version)} is not supported; this engine speaks ${PROTOCOL_VERSIONS.join(", ")}`);
+    }
+    const pid = reqUint(msg, "pid", 2 ** 31);
+    const name = optString(msg, "name", 256) ?? "";
+    if (this.sessions.has(key)) this.drop(key, "said hello again");
+    this.sessions.set(key, new Session(key, pid, name));
+    this.log.debug(`client ${name || "?"} (pid ${pid}) connected`);
+    return {
+      version,
+      engine: { pid: process.pid, id: this.store.engineId, endpoint: this.config.endpoint, backends: this.config.storageBackends },
+    };
+  }
+
+  private async namespace(msg: Msg): Promise<Msg> {
+    const ns = reqNs(msg);
+    await this.store.layout.ensureNamespace(ns, msg.description ?? null);
+    return {};
+  }
+
+  private health(): Msg {
+    return {
+      status: this.stopping ? "stopping" : "serving",
+      pid: process.pid,
+      uptime_s: (Date.now() - this.started) / 1000,
+      clients: this.sessions.size,
+    };
+  }
+
+  stats(): Msg {
+    const n = this.store.native.stats();
+    return {
+      ...this.store.counters,
+      tasksInFlight: this.store.tasksInFlight,
+      clients: this.sessions.size,
+      queuedBlocks: n.queuedBlocks,
+      stagingBytes: n.stagingBytes,
+      transferThreads: n.threads,
+      errors: { ...this.errors },
+      uptime_s: (Date.now() - this.started) / 1000,
+    };
+  }
+
+  private drop(key: string, why: string): void {
+    const s = this.sessions.get(key);
+    if (!s) return;
+    this.sessions.delete(key);
+    this.store.closeSession(s);
+    this.log.debug(`client ${s.name || "?"} (pid ${s.pid}) released: ${why}`);
+  }
+
+  /** A client whose process is gone loses its session, regions and tasks. */
+  private checkClients(): void {
+    for (const [key, s] of this.sessions) {
+      if (!processAlive(s.pid)) this.drop(key, "process is gone");
+    }
+  }
+
+  private send(peer: Buffer, msg: Msg): void {
+    this.outbox.push([peer, encode(msg)]);
+    if (!this.pumping) void this.pump();
+  }
+
+  private async pump(): Promise<void> {
+    this.pumping = true;
+    while (this.outbox.length > 0) {
+      const m = this.outbox.shift()!;
+      try {
+        await this.sock.send(m);
+      } catch (e) {
+        if (this.sock.closed) break;
+        this.log.warn(`reply dropped: ${(e as Error).message}`);
+      }
+    }
+    this.pumping = false;
+  }
+
+  /** Finishes or cancels running tasks, deletes uncommitted blocks, removes the socket. */
+  async stop(): Promise<void> {
+    if (this.stopping) return;
+    this.stopping = true;
+    this.log.info(`shutting down: ${this.store.tasksInFlight} task(s) in flight`);
+    for (const t of this.timers) clearInterval(t);
+    await this.store.close(this.config.shutdownTimeoutS * 1000, [...this.sessions.values()]);
+    // Let queued replies go out before the socket closes.
+    const deadline = Date.now() + 1000;
+    while ((this.pumping || this.outbox.length) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+    this.sock.close();
+    await this.loop;
+    if (this.config.endpoint.startsWith("ipc://")) fs.rmSync(this.config.endpoint.slice("ipc://".length), { force: true });
+    this.log.info("stopped");
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+/** Creates `dir` (and its parent) 0700 and checks that this user owns it and it is no symlink. */
+function secureDir(dir: string): void {
+  const uid = typeof process.getuid === "function" ? process.getuid() : 0;
+  for (const d of [path.dirname(dir), dir]) {
+    fs.mkdirSync(d, { recursive: true, mode: 0o700 });
+    const st = fs.lstatSync(d);
+    if (!st.isDirectory() || st.isSymbolicLink()) throw new Error(`socket directory ${d} is not a plain directory`);
+    if (st.uid !== uid) throw new Error(`socket directory ${d} belongs to uid ${st.uid}, not to this user (${uid})`);
+    if ((st.mode & 0o077) !== 0) fs.chmodSync(d, 0o700);
+  }
+}

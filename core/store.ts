@@ -1,0 +1,566 @@
+// The store: sessions, regions, tasks and the block lifecycle
+// (dump -> temporary file -> commit -> visible -> load). It decides; the
+// native engine moves the bytes. Every method validates its request fully
+// before anything changes.
+import * as fs from "fs";
+import * as os from "os";
+import { BlockStatus, Engine, NativeEngine, TransferResult, TransferSpec } from "./native";
+import { EngineConfig } from "./config";
+import { StorageLayout } from "./layout";
+import { Logger, taskLine } from "./log";
+import {
+  ProtocolError,
+  WireStatus,
+  describe,
+  optBool,
+  optUint,
+  reqKeys,
+  reqNs,
+  reqNsList,
+  reqShards,
+  reqUint,
+  toUint,
+} from "./protocol";
+
+type Msg = Record<string, unknown>;
+type Direction = "D2S" | "S2D";
+
+const WIRE: Record<BlockStatus, WireStatus> = {
+  [BlockStatus.Ok]: "ok",
+  [BlockStatus.NotFound]: "not_found",
+  [BlockStatus.Corrupt]: "corrupt",
+  [BlockStatus.IoError]: "io_error",
+  [BlockStatus.Cancelled]: "cancelled",
+  [BlockStatus.Skipped]: "skipped",
+};
+
+/** Finished tasks a client may leave unread before the oldest are forgotten. */
+const MAX_FINISHED_TASKS = 4096;
+/** How long a result stays readable after the client has seen it done. */
+const SEEN_RESULT_TTL_MS = 60_000;
+
+export interface TaskResult {
+  done: true;
+  direction: Direction;
+  status: WireStatus[];
+  errno: number[];
+  failed: number[];
+  bytes: number;
+  elapsed_s: number;
+}
+
+interface Task {
+  id: number;
+  direction: Direction;
+  done: Promise<TaskResult>;
+  result?: TaskResult;
+  seenAt?: number;
+}
+
+interface PendingCommit {
+  temp?: string; // absent when the block was already stored (skipped)
+  final: string;
+  at: number;
+}
+
+export class Session {
+  readonly regions = new Map<number, { nid: number; size: number }>(); // client region id -> native region
+  readonly tasks = new Map<number, Task>();
+  readonly pending = new Map<string, PendingCommit>(); // "<ns>/<key hex>" -> dumped block
+  nextRegion = 1;
+  closed = false;
+  constructor(readonly peer: string, readonly pid: number, readonly name: string) {}
+}
+
+export interface StoreStats {
+  [k: string]: number;
+}
+
+export class Store {
+  readonly native: NativeEngine;
+  readonly layout: StorageLayout;
+  readonly engineId: string;
+  private nextTask = 1;
+  private readonly inflight = new Set<Promise<unknown>>();
+  /** "<ns>/<key hex>" -> time it was last seen committed (ms). */
+  private readonly known = new Map<string, number>();
+  private readonly maxKnown = 1 << 20;
+  readonly counters: StoreStats = {
+    lookups: 0,
+    lookupKeys: 0,
+    hits: 0,
+    misses: 0,
+    dumpTasks: 0,
+    loadTasks: 0,
+    blocksDumped: 0,
+    blocksSkipped: 0,
+    blocksLoaded: 0,
+    bytesDumped: 0,
+    bytesLoaded: 0,
+    blocksFailed: 0,
+    blocksCorrupt: 0,
+    commits: 0,
+    discards: 0,
+  };
+
+  constructor(readonly config: EngineConfig, readonly log: Logger) {
+    this.engineId = `${os.hostname().replace(/[^A-Za-z0-9-]/g, "_")}-${process.pid}-${Date.now().toString(36)}`;
+    this.layout = new StorageLayout(config.storageBackends, this.engineId);
+    this.native = new Engine({
+      threads: config.transferStreamNumber,
+      odirect: config.odirect,
+      fsync: config.fsync,
+      maxBlockBytes: config.maxBlockBytes,
+    });
+  }
+
+  get tasksInFlight(): number {
+    return this.inflight.size;
+  }
+
+  // ---- regions ---------------------------------------------------------------
+
+  register(s: Session, msg: Msg): { regions: number[] } {
+    const list = msg.regions;
+    if (!Array.isArray(list) || list.length === 0 || list.length > 65536) {
+      throw new ProtocolError("bad_message", `regions must be a non-empty array (at most 65536), got ${describe(list)}`);
+    }
+    const specs = list.map((r, i) => {
+      if (r === null || typeof r !== "object" || Array.isArray(r)) throw new ProtocolError("bad_message", `regions[${i}] must be a map, got ${describe(r)}`);
+      const m = r as Msg;
+      const medium = m.medium;
+      if (medium === "cuda") {
+        throw new ProtocolError("bad_message", `regions[${i}]: medium "cuda" needs the CUDA backend, which this engine was built without`);
+      }
+      if (medium !== "host") throw new ProtocolError("bad_message", `regions[${i}].medium must be "host" or "cuda", got ${describe(medium)}`);
+      const src = m.source;
+      if (typeof src !== "string" || src.length > 4096) {
+        throw new ProtocolError("bad_message", `regions[${i}].source must be a string of at most 4096 characters, got ${describe(src)}`);
+      }
+      const size = toUint(m.size, `regions[${i}].size`);
+      if (size < 1) throw new ProtocolError("bad_message", `regions[${i}].size must be positive, got ${size}`);
+      return { source: src, size };
+    });
+    const opened: number[] = [];
+    try {
+      for (const [i, sp] of specs.entries()) {
+        try {
+          opened.push(this.native.openHostRegion(sp.source, sp.size));
+        } catch (e) {
+          throw new ProtocolError("bad_message", `regions[${i}]: ${(e as Error).message}`);
+        }
+      }
+    } catch (e) {
+      for (const id of opened) this.native.closeRegion(id);
+      throw e;
+    }
+    const ids = opened.map((nid, i) => {
+      const id = s.nextRegion++;
+      s.regions.set(id, { nid, size: specs[i].size });
+      return id;
+    });
+    return { regions: ids };
+  }
+
+  release(s: Session, msg: Msg): Record<string, never> {
+    const list = msg.regions;
+    if (!Array.isArray(list)) throw new ProtocolError("bad_message", `regions must be an array of region ids, got ${describe(list)}`);
+    list.forEach((id, i) => {
+      if (typeof id !== "number" || !s.regions.has(id)) throw new ProtocolError("unknown_region", `regions[${i}]: no region ${describe(id)} registered by this client`);
+    });
+    for (const id of list as number[]) {
+      this.native.closeRegion(s.regions.get(id)!.nid);
+      s.regions.delete(id);
+    }
+    return {};
+  }
+
+  // ---- lookup ------------------------------------------------------------------
+
+  async lookup(msg: Msg): Promise<{ found: boolean[] }> {
+    const nsList = reqNsList(msg);
+    const keys = reqKeys(msg, this.config.maxKeysPerRequest);
+    this.counters.lookups++;
+    this.counters.lookupKeys += keys.length;
+    const found = new Array<boolean>(keys.length).fill(true);
+    const now = Date.now();
+    const ttl = this.config.lookupCacheTtlS * 1000;
+    const ask: string[] = [];
+    const askAt: Array<[number, string]> = [];
+    for (const ns of nsList) {
+      keys.forEach((k, i) => {
+        if (!found[i]) return;
+        const id = `${ns}/${k.toString("hex")}`;
+        const seen = this.known.get(id);
+        if (seen !== undefined && now - seen <= ttl) return;
+        ask.push(this.layout.blockPath(ns, k));
+        askAt.push([i, id]);
+      });
+    }
+    if (ask.length > 0) {
+      const exists = await this.native.lookup(ask);
+      askAt.forEach(([i, id], j) => {
+        if (exists[j]) this.remember(id, now);
+        else {
+          found[i] = false;
+          this.known.delete(id);
+        }
+      });
+    }
+    const hits = found.filter(Boolean).length;
+    this.counters.hits += hits;
+    this.counters.misses += keys.length - hits;
+    return { found };
+  }
+
+  private remember(id: string, now: number): void {
+    this.known.delete(id);
+    this.known.set(id, now);
+    if (this.known.size > this.maxKnown) this.known.delete(this.known.keys().next().value as string);
+  }
+
+  // ---- dump / load -----------------------------------------------------------
+
+  /** Translates the client's shards into native ones; any bad shard fails the request. */
+  private spec(s: Session, msg: Msg, paths: (i: number) => string, keep: number[]): TransferSpec {
+    const shards = reqShards(msg, (msg.keys as unknown[]).length);
+    const n = keep.length * shards.count;
+    const region = new Uint32Array(n);
+    const offset = new Float64Array(n);
+    const length = new Float64Array(n);
+    let j = 0;
+    for (const b of keep) {
+      for (let c = 0; c < shards.count; c++) {
+        const i = b * shards.count + c;
+        const r = s.regions.get(shards.region[i]);
+        if (r === undefined) {
+          throw new ProtocolError("unknown_region", `shards.region[${i}]: no region ${shards.region[i]} registered by this client`);
+        }
+        const off = shards.offset[i];
+        const len = shards.length[i];
+        if (len < 1 || off > r.size || len > r.size - off) {
+          throw new ProtocolError(
+            "out_of_bounds",
+            `shard ${i} (block ${b}): [${off}, +${len}) is not inside region ${shards.region[i]} of ${r.size} bytes`,
+          );
+        }
+        region[j] = r.nid;
+        offset[j] = shards.offset[i];
+        length[j] = shards.length[i];
+        j++;
+      }
+    }
+    return {
+      paths: keep.map(paths),
+      layoutDigest: StorageLayout.layoutDigest(reqNs(msg)),
+      blockShards: new Uint32Array(keep.length).fill(shards.count),
+      shardRegion: region,
+      shardOffset: offset,
+      shardLength: length,
+    };
+  }
+
+  private submit(s: Session, direction: Direction, spec: TransferSpec): TransferResult | Promise<TransferResult> {
+    try {
+      return direction === "D2S" ? this.native.dump(spec) : this.native.load(spec);
+    } catch (e) {
+      const m = (e as Error).message;
+      if (e instanceof RangeError && /outside region|above maxBlockBytes/.test(m)) {
+        throw new ProtocolError(/maxBlockBytes/.test(m) ? "too_large" : "out_of_bounds", m);
+      }
+      throw new ProtocolError("bad_message", m);
+    }
+  }
+
+  async dump(s: Session, msg: Msg): Promise<{ task: number }> {
+    const ns = reqNs(msg);
+    const keys = reqKeys(msg, this.config.maxKeysPerRequest);
+    const all = keys.map((_, i) => i);
+    // Validate regions and bounds with every block before deciding which to skip.
+    this.spec(s, msg, () => "/", all);
+    await this.layout.ensureNamespace(ns);
+    const existing = await this.lookup({ ns, keys });
+    const write = all.filter((i) => !existing.found[i]);
+    const temps = new Map<number, string>();
+    const spec = this.spec(s, msg, (i) => {
+      const t = this.layout.tempPath(ns, keys[i]);
+      temps.set(i, t);
+      return t;
+    }, write);
+    const started = this.submit(s, "D2S", spec);
+    this.counters.dumpTasks++;
+    return this.track(s, "D2S", keys.length, Promise.resolve(started), (r, id) => {
+      const status = new Array<BlockStatus>(keys.length).fill(BlockStatus.Skipped);
+      const errno = new Array<number>(keys.length).fill(0);
+      write.forEach((b, j) => {
+        status[b] = r.status[j];
+        errno[b] = r.errno[j];
+      });
+      const now = Date.now();
+      const failedTemps: string[] = [];
+      keys.forEach((k, b) => {
+        const key = `${ns}/${k.toString("hex")}`;
+        if (status[b] === BlockStatus.Skipped) {
+          this.counters.blocksSkipped++;
+          this.replacePending(s, key, { final: this.layout.blockPath(ns, k), at: now });
+        } else if (status[b] === BlockStatus.Ok) {
+          this.counters.blocksDumped++;
+          this.replacePending(s, key, { temp: temps.get(b), final: this.layout.blockPath(ns, k), at: now });
+        } else {
+          this.counters.blocksFailed++;
+          failedTemps.push(temps.get(b)!);
+        }
+      });
+      if (failedTemps.length) this.removeFiles(failedTemps);
+      this.counters.bytesDumped += r.bytes;
+      if (s.closed) this.discardAll(s);
+      this.log.info(taskLine(id, "D2S", write.length, r.bytes, r.elapsedNs / 1e9));
+      return { status, errno, bytes: r.bytes, elapsed: r.elapsedNs / 1e9 };
+    });
+  }
+
+  private replacePending(s: Session, key: string, p: PendingCommit): void {
+    const old = s.pending.get(key);
+    if (old?.temp) this.removeFiles([old.temp]);
+    s.pending.set(key, p);
+  }
+
+  async load(s: Session, msg: Msg): Promise<{ task: number }> {
+    const ns = reqNs(msg);
+    const keys = reqKeys(msg, this.config.maxKeysPerRequest);
+    const all = keys.map((_, i) => i);
+    const spec = this.spec(s, msg, (i) => this.layout.blockPath(ns, keys[i]), all);
+    const started = this.submit(s, "S2D", spec);
+    this.counters.loadTasks++;
+    return this.track(s, "S2D", keys.length, Promise.resolve(started), (r, id) => {
+      const status = Array.from(r.status) as BlockStatus[];
+      const bad: string[] = [];
+      keys.forEach((k, b) => {
+        const key = `${ns}/${k.toString("hex")}`;
+        if (status[b] === BlockStatus.Ok) {
+          this.counters.blocksLoaded++;
+          this.remember(key, Date.now());
+          return;
+        }
+        this.counters.blocksFailed++;
+        this.known.delete(key);
+        if (status[b] === BlockStatus.Corrupt) {
+          // A block that fails verification is removed so lookup stops offering it.
+          this.counters.blocksCorrupt++;
+          bad.push(spec.paths[b]);
+          this.log.warn(`block ${key} failed verification (${r.what[b]}); removed, it will be recomputed`);
+        }
+      });
+      if (bad.length) this.removeFiles(bad);
+      this.counters.bytesLoaded += r.bytes;
+      this.log.info(taskLine(id, "S2D", keys.length, r.bytes, r.elapsedNs / 1e9));
+      return { status, errno: Array.from(r.errno), bytes: r.bytes, elapsed: r.elapsedNs / 1e9 };
+    });
+  }
+
+  private track(
+    s: Session,
+    direction: Direction,
+    _blocks: number,
+    started: Promise<TransferResult>,
+    finish: (r: TransferResult, id: number) => { status: BlockStatus[]; errno: number[]; bytes: number; elapsed: number },
+  ): { task: number } {
+    const id = this.nextTask++;
+    const done = started.then(
+      (r) => {
+        const f = finish(r, id);
+        const status = f.status.map((x) => WIRE[x]);
+        const failed: number[] = [];
+        status.forEach((x, i) => {
+          if (x !== "ok" && x !== "skipped") failed.push(i);
+        });
+        return { done: true as const, direction, status, errno: f.errno, failed, bytes: f.bytes, elapsed_s: f.elapsed };
+      },
+    );
+    const task: Task = { id, direction, done };
+    const settle = done.then(
+      (r) => {
+        task.result = r;
+        this.trimFinished(s);
+      },
+      (e: Error) => {
+        this.log.error(`task ${id} failed: ${e.message}`);
+        task.result = { done: true, direction, status: [], errno: [], failed: [], bytes: 0, elapsed_s: 0 };
+      },
+    );
+    this.inflight.add(settle);
+    void settle.finally(() => this.inflight.delete(settle));
+    s.tasks.set(id, task);
+    return { task: id };
+  }
+
+  private trimFinished(s: Session): void {
+    let finished = 0;
+    for (const t of s.tasks.values()) if (t.result) finished++;
+    if (finished <= MAX_FINISHED_TASKS) return;
+    for (const [id, t] of s.tasks) {
+      if (finished <= MAX_FINISHED_TASKS) break;
+      if (t.result) {
+        s.tasks.delete(id);
+        finished--;
+      }
+    }
+  }
+
+  private task(s: Session, msg: Msg): Task {
+    const id = reqUint(msg, "task");
+    const t = s.tasks.get(id);
+    if (!t) throw new ProtocolError("unknown_task", `task ${id} is not a task of this client (or its result was already collected)`);
+    return t;
+  }
+
+  check(s: Session, msg: Msg): TaskResult | { done: false } {
+    const t = this.task(s, msg);
+    if (!t.result) return { done: false };
+    t.seenAt ??= Date.now();
+    return t.result;
+  }
+
+  async wait(s: Session, msg: Msg): Promise<TaskResult | { done: false }> {
+    const t = this.task(s, msg);
+    const timeout = optUint(msg, "timeout_ms", 10_000, 3_600_000);
+    if (!t.result) {
+      let timer: NodeJS.Timeout | undefined;
+      const expired = new Promise<void>((resolve) => {
+        timer = setTimeout(resolve, timeout);
+      });
+      await Promise.race([t.done.catch(() => undefined), expired]);
+      clearTimeout(timer);
+      await Promise.resolve(); // let the settle handler store the result
+    }
+    if (!t.result) return { done: false };
+    t.seenAt ??= Date.now();
+    return t.result;
+  }
+
+  // ---- commit ------------------------------------------------------------------
+
+  async commit(s: Session, msg: Msg): Promise<{ committed: boolean[] }> {
+    const ns = reqNs(msg);
+    const keys = reqKeys(msg, this.config.maxKeysPerRequest);
+    const success = optBool(msg, "success", true);
+    const committed = new Array<boolean>(keys.length).fill(false);
+    const from: string[] = [];
+    const to: string[] = [];
+    const at: number[] = [];
+    const drop: string[] = [];
+    keys.forEach((k, i) => {
+      const id = `${ns}/${k.toString("hex")}`;
+      const p = s.pending.get(id);
+      if (!p) return;
+      s.pending.delete(id);
+      if (!success) {
+        if (p.temp) drop.push(p.temp);
+        return;
+      }
+      if (!p.temp) {
+        committed[i] = true;
+        return;
+      }
+      from.push(p.temp);
+      to.push(p.final);
+      at.push(i);
+    });
+    if (drop.length) {
+      await this.native.remove(drop);
+      this.counters.discards += drop.length;
+    }
+    if (from.length) {
+      const errs = await this.native.commit(from, to);
+      const now = Date.now();
+      errs.forEach((e, j) => {
+        const i = at[j];
+        if (e === 0) {
+          committed[i] = true;
+          this.counters.commits++;
+          this.remember(`${ns}/${keys[i].toString("hex")}`, now);
+        } else {
+          this.log.warn(`commit of block ${ns}/${keys[i].toString("hex")} failed: errno ${e}`);
+        }
+      });
+      const failed = from.filter((_, j) => errs[j] !== 0);
+      if (failed.length) this.removeFiles(failed);
+    }
+    return { committed };
+  }
+
+  // ---- lifecycle ---------------------------------------------------------------
+
+  private nativeClosed = false;
+
+  /** Best-effort delete off the event loop; after close, through libuv. */
+  private removeFiles(paths: string[]): void {
+    if (paths.length === 0) return;
+    if (!this.nativeClosed) {
+      this.native.remove(paths).catch((e: Error) => this.log.warn(`remove failed: ${e.message}`));
+    } else {
+      for (const p of paths) void fs.promises.rm(p, { force: true }).catch(() => undefined);
+    }
+  }
+
+  /** Drops every uncommitted block of a session (temporary files deleted). */
+  discardAll(s: Session): void {
+    const temps = [...s.pending.values()].flatMap((p) => (p.temp ? [p.temp] : []));
+    s.pending.clear();
+    if (temps.length) {
+      this.counters.discards += temps.length;
+      this.removeFiles(temps);
+    }
+  }
+
+  /** Releases a session: regions closed (running transfers keep their mapping), tasks forgotten. */
+  closeSession(s: Session): void {
+    if (s.closed) return;
+    s.closed = true;
+    for (const r of s.regions.values()) this.native.closeRegion(r.nid);
+    s.regions.clear();
+    this.discardAll(s);
+    s.tasks.clear();
+  }
+
+  /** Periodic upkeep: forget seen results, discard blocks nobody committed in time. */
+  sweep(sessions: Iterable<Session>, now = Date.now()): void {
+    const limit = this.config.uncommittedTimeoutS * 1000;
+    for (const s of sessions) {
+      for (const [id, t] of s.tasks) if (t.seenAt !== undefined && now - t.seenAt > SEEN_RESULT_TTL_MS) s.tasks.delete(id);
+      const stale: string[] = [];
+      for (const [key, p] of s.pending) {
+        if (now - p.at > limit) {
+          s.pending.delete(key);
+          if (p.temp) stale.push(p.temp);
+        }
+      }
+      if (stale.length) {
+        this.counters.discards += stale.length;
+        this.log.warn(`discarded ${stale.length} dumped block(s) of client ${s.name || s.pid} never committed within ${this.config.uncommittedTimeoutS}s`);
+        this.removeFiles(stale);
+      }
+    }
+  }
+
+  /** Waits for running tasks (bounded), deletes uncommitted blocks, stops the native engine. */
+  async close(timeoutMs: number, sessions: Session[]): Promise<void> {
+    if (this.inflight.size > 0) {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([
+        Promise.allSettled([...this.inflight]),
+        new Promise<void>((r) => {
+          timer = setTimeout(r, timeoutMs);
+        }),
+      ]);
+      clearTimeout(timer);
+    }
+    this.nativeClosed = true;
+    this.native.close(); // cancels what is still queued; running blocks finish first
+    await Promise.allSettled([...this.inflight]);
+    // No partial or uncommitted block survives the engine.
+    const temps = sessions.flatMap((s) => [...s.pending.values()].flatMap((p) => (p.temp ? [p.temp] : [])));
+    for (const s of sessions) s.pending.clear();
+    await Promise.all(temps.map((t) => fs.promises.rm(t, { force: true })));
+  }
+}

@@ -1,0 +1,393 @@
+// The real engine process over real ZeroMQ sockets with real files.
+import { spawnSync } from "child_process";
+import * as crypto from "crypto";
+import * as fs from "fs";
+import * as path from "path";
+import { Packr } from "msgpackr";
+import { EngineClient, EngineError } from "../core/client";
+import { ShmRegion } from "./helpers/fixtures";
+import { RunningEngine, hello, runCli, shortTmp, startEngine, writeConfig } from "./helpers/engine";
+
+const packr = new Packr({ useRecords: false, mapsAsObjects: true });
+const NS = "jest-model_bf16_b16-tp1r0";
+const SHARD = 4096 + 512;
+const SHARDS_PER_BLOCK = 3;
+
+const key = (i: number, salt = "k") => crypto.createHash("sha256").update(`${salt}${i}`).digest();
+
+/** One region per "layer"; block b of layer l is at b * SHARD. */
+async function regions(c: EngineClient, n: number, blocks: number, fill: "random" | "zero", track: ShmRegion[]) {
+  const regs = Array.from({ length: n }, () => new ShmRegion(blocks * SHARD, fill));
+  track.push(...regs);
+  const r = await c.call("register", { regions: regs.map((x) => ({ medium: "host", source: x.name, size: x.size })) });
+  return { regs, ids: r.regions as number[] };
+}
+
+function shards(ids: number[], blocks: number[]) {
+  const region: number[] = [];
+  const offset: number[] = [];
+  const length: number[] = [];
+  for (const b of blocks) {
+    for (const id of ids) {
+      region.push(id);
+      offset.push(b * SHARD);
+      length.push(SHARD);
+    }
+  }
+  return { count: ids.length, region, offset, length };
+}
+
+async function waitDone(c: EngineClient, task: number) {
+  const r = await c.call("wait", { task, timeout_ms: 20000 });
+  expect(r.done).toBe(true);
+  return r as unknown as { status: string[]; failed: number[]; bytes: number; direction: string; errno: number[] };
+}
+
+describe("engine process", () => {
+  let dir: string;
+  let store: string;
+  let engine: RunningEngine;
+  const shm: ShmRegion[] = [];
+
+  beforeEach(async () => {
+    dir = shortTmp();
+    store = path.join(dir, "store");
+    fs.mkdirSync(store);
+    engine = await startEngine(writeConfig(dir, { storage_backends: store, transferStreamNumber: 4, endpoint: `ipc://${dir}/e.sock`, clientCheckMs: 100 }));
+  });
+  afterEach(async () => {
+    await engine.stop("SIGKILL");
+    shm.splice(0).forEach((r) => r.unlink());
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  test("prints its endpoint, answers health, socket is owner-only", async () => {
+    expect(engine.endpoint).toBe(`ipc://${dir}/e.sock`);
+    const h = await engine.client().call("health");
+    expect(h.status).toBe("serving");
+    expect(fs.statSync(`${dir}/e.sock`).mode & 0o777).toBe(0o600);
+  });
+
+  test("dump, commit, lookup, load: the five operations end to end", async () => {
+    const c = engine.client();
+    await hello(c);
+    const src = await regions(c, SHARDS_PER_BLOCK, 8, "random", shm);
+    const keys = Array.from({ length: 8 }, (_, i) => key(i));
+    const d = await c.call("dump", { ns: NS, keys, shards: shards(src.ids, [0, 1, 2, 3, 4, 5, 6, 7]) });
+    const dr = await waitDone(c, d.task as number);
+    expect(dr.direction).toBe("D2S");
+    expect(dr.status).toEqual(new Array(8).fill("ok"));
+    expect(dr.bytes).toBe(8 * SHARDS_PER_BLOCK * SHARD);
+    // Not visible before commit.
+    expect((await c.call("lookup", { ns: NS, keys })).found).toEqual(new Array(8).fill(false));
+    const cm = await c.call("commit", { ns: NS, keys: keys.slice(0, 6), success: true });
+    expect(cm.committed).toEqual(new Array(6).fill(true));
+    const dc = await c.call("commit", { ns: NS, keys: keys.slice(6), success: false });
+    expect(dc.committed).toEqual([false, false]);
+    expect((await c.call("lookup", { ns: NS, keys })).found).toEqual([true, true, true, true, true, true, false, false]);
+    // Nothing left in the temporary area.
+    expect(fs.readdirSync(path.join(store, NS, ".tmp"))).toEqual([]);
+
+    // Load into fresh memory, in another order.
+    const dst = await regions(c, SHARDS_PER_BLOCK, 8, "zero", shm);
+    const order = [5, 0, 3];
+    const l = await c.call("load", { ns: NS, keys: order.map((i) => keys[i]), shards: shards(dst.ids, [0, 1, 2]) });
+    const lr = await waitDone(c, l.task as number);
+    expect(lr.status).toEqual(["ok", "ok", "ok"]);
+    order.forEach((srcBlock, j) => {
+      for (let r = 0; r < SHARDS_PER_BLOCK; r++) {
+        expect(dst.regs[r].read(j * SHARD, SHARD).equals(src.regs[r].read(srcBlock * SHARD, SHARD))).toBe(true);
+      }
+    });
+    // A discarded block is a miss on load, and the memory is untouched.
+    const miss = await c.call("load", { ns: NS, keys: [keys[7]], shards: shards(dst.ids, [7]) });
+    const mr = await waitDone(c, miss.task as number);
+    expect(mr.status).toEqual(["not_found"]);
+    expect(mr.failed).toEqual([0]);
+    expect(dst.regs[0].read(7 * SHARD, SHARD).equals(Buffer.alloc(SHARD))).toBe(true);
+
+    // The seed's log line, with real counts and bytes.
+    await new Promise((r) => setTimeout(r, 100));
+    const lines = engine.output().split("\n");
+    expect(lines).toContainEqual(expect.stringMatching(new RegExp(`^\\[UCMNFSSTORE\\] \\[I\\] Task\\(${d.task},D2S,8,${8 * 3 * SHARD}\\) finished, elapsed \\d+\\.\\d+s$`)));
+    expect(lines).toContainEqual(expect.stringMatching(new RegExp(`^\\[UCMNFSSTORE\\] \\[I\\] Task\\(${l.task},S2D,3,${3 * 3 * SHARD}\\) finished, elapsed \\d+\\.\\d+s$`)));
+  });
+
+  test("a committed key is not written again; check is non-blocking; shards as little-endian bin", async () => {
+    const c = engine.client();
+    await hello(c);
+    const src = await regions(c, 2, 4, "random", shm);
+    const keys = [key(1, "s"), key(2, "s")];
+    const sh = shards(src.ids, [0, 1]);
+    const bin = {
+      count: 2,
+      region: Buffer.from(new Uint32Array(sh.region).buffer),
+      offset: Buffer.from(new BigUint64Array(sh.offset.map(BigInt)).buffer),
+      length: Buffer.from(new BigUint64Array(sh.length.map(BigInt)).buffer),
+    };
+    const d1 = await c.call("dump", { ns: NS, keys, shards: bin });
+    let chk = await c.call("check", { task: d1.task });
+    while (!chk.done) {
+      await new Promise((r) => setTimeout(r, 5));
+      chk = await c.call("check", { task: d1.task });
+    }
+    expect(chk.status).toEqual(["ok", "ok"]);
+    await c.call("commit", { ns: NS, keys });
+    const mtime = fs.statSync(path.join(store, NS, keys[0].toString("hex").slice(0, 2), keys[0].toString("hex"))).mtimeMs;
+    const d2 = await c.call("dump", { ns: NS, keys: [keys[0], key(3, "s")], shards: shards(src.ids, [0, 2]) });
+    const r2 = await waitDone(c, d2.task as number);
+    expect(r2.status).toEqual(["skipped", "ok"]);
+    expect(r2.failed).toEqual([]);
+    expect((await c.call("commit", { ns: NS, keys: [keys[0], key(3, "s")] })).committed).toEqual([true, true]);
+    expect(fs.statSync(path.join(store, NS, keys[0].toString("hex").slice(0, 2), keys[0].toString("hex"))).mtimeMs).toBe(mtime);
+  });
+
+  test("lookup across namespaces requires every one (all TP ranks)", async () => {
+    const c = engine.client();
+    await hello(c);
+    const src = await regions(c, 1, 2, "random", shm);
+    const k = [key(10), key(11)];
+    for (const ns of ["m-r0", "m-r1"]) {
+      const d = await c.call("dump", { ns, keys: ns === "m-r0" ? k : [k[0]], shards: shards(src.ids, ns === "m-r0" ? [0, 1] : [0]) });
+      await waitDone(c, d.task as number);
+      await c.call("commit", { ns, keys: k });
+    }
+    expect((await c.call("lookup", { ns: ["m-r0", "m-r1"], keys: k })).found).toEqual([true, false]);
+    expect((await c.call("lookup", { ns: "m-r0", keys: k })).found).toEqual([true, true]);
+  });
+
+  test("wait with a timeout answers done: false while the task runs", async () => {
+    const c = engine.client();
+    await hello(c);
+    const big = 512;
+    const src = await regions(c, 1, big, "random", shm);
+    const keys = Array.from({ length: big }, (_, i) => key(i, "w"));
+    const d = await c.call("dump", { ns: NS, keys, shards: shards(src.ids, keys.map((_, i) => i)) });
+    const quick = await c.call("wait", { task: d.task, timeout_ms: 0 });
+    expect(typeof quick.done).toBe("boolean");
+    await waitDone(c, d.task as number);
+  });
+
+  test("namespace op writes a description", async () => {
+    const c = engine.client();
+    await hello(c);
+    await c.call("namespace", { ns: "desc-ns", description: { model: "tiny", dtype: "bf16" } });
+    const text = JSON.parse(fs.readFileSync(path.join(store, "desc-ns", "NAMESPACE"), "utf8"));
+    expect(text.description.model).toBe("tiny");
+  });
+
+  describe("malformed messages get an error naming the problem, and the engine keeps serving", () => {
+    let c: EngineClient;
+    let ids: number[];
+    beforeEach(async () => {
+      c = engine.client();
+      await hello(c);
+      ids = (await regions(c, 1, 2, "random", shm)).ids;
+    });
+    const expectError = async (req: Record<string, unknown>, code: string, message: RegExp) => {
+      const r = await c.raw(req);
+      expect(r.ok).toBe(false);
+      expect((r.error as { code: string }).code).toBe(code);
+      expect((r.error as { message: string }).message).toMatch(message);
+    };
+    test.each([
+      [{ op: 42 }, "bad_message", /op must be a string, got number 42/],
+      [{ op: "fly" }, "unknown_op", /unknown op string "fly"/],
+      [{ op: "lookup", ns: NS, keys: "abc" }, "bad_message", /keys must be an array of bin, got string/],
+      [{ op: "lookup", ns: NS, keys: [Buffer.alloc(0)] }, "bad_message", /keys\[0\] must be 1 to 64 bytes, got 0/],
+      [{ op: "lookup", ns: NS, keys: [Buffer.alloc(65)] }, "bad_message", /keys\[0\] must be 1 to 64 bytes, got 65/],
+      [{ op: "lookup", ns: NS, keys: [1] }, "bad_message", /keys\[0\] must be bin, got number 1/],
+      [{ op: "lookup", ns: "../etc", keys: [Buffer.alloc(32)] }, "bad_message", /ns must be 1 to 128 characters/],
+      [{ op: "lookup", ns: ".tmp", keys: [Buffer.alloc(32)] }, "bad_message", /ns must be/],
+      [{ op: "wait", task: 987654 }, "unknown_task", /task 987654 is not a task of this client/],
+      [{ op: "wait", task: -1 }, "bad_message", /task must be a non-negative integer, got number -1/],
+      [{ op: "dump", ns: NS, keys: [Buffer.alloc(32, 1)], shards: { count: 1, region: [1], offset: [9000], length: [10000] } }, "out_of_bounds", /\[9000, \+10000\) is not inside region 1 of 9216 bytes/],
+      [{ op: "dump", ns: NS, keys: [Buffer.alloc(32, 1)], shards: { count: 1, region: [77], offset: [0], length: [10] } }, "unknown_region", /no region 77 registered by this client/],
+      [{ op: "dump", ns: NS, keys: [Buffer.alloc(32, 1)], shards: { count: 2, region: [1], offset: [0], length: [10] } }, "bad_message", /shards.region must hold 2 entries/],
+      [{ op: "dump", ns: NS, keys: [Buffer.alloc(32, 1)], shards: { count: 1, region: [1], offset: Buffer.alloc(4), length: [10] } }, "bad_message", /shards.offset as bin must be 8 bytes/],
+      [{ op: "dump", ns: NS, keys: [Buffer.alloc(32, 1)], shards: "x" }, "bad_message", /shards must be a map/],
+      [{ op: "register", regions: [{ medium: "host", source: "/ucm-does-not-exist", size: 10 }] }, "bad_message", /cannot open region/],
+      [{ op: "register", regions: [{ medium: "cuda", device: 0, handle: Buffer.alloc(64), offset: 0, size: 10 }] }, "bad_message", /CUDA backend/],
+      [{ op: "register", regions: [{ medium: "disk" }] }, "bad_message", /medium must be "host" or "cuda"/],
+      [{ op: "hello", version: 2, pid: 1 }, "unsupported_version", /protocol version number 2 is not supported; this engine speaks 1/],
+    ])("%j", async (req, code, message) => {
+      await expectError(req, code, message);
+      // Still serving, and this client's session still works.
+      expect((await c.call("lookup", { ns: NS, keys: [Buffer.alloc(32)] })).found).toEqual([false]);
+    });
+    test("giant arrays are refused without being walked", async () => {
+      const keys = Array.from({ length: 70000 }, () => Buffer.alloc(8));
+      await expectError({ op: "lookup", ns: NS, keys }, "too_large", /70000 keys, more than the 65536 allowed/);
+      await expectError({ op: "dump", ns: NS, keys: [Buffer.alloc(8)], shards: { count: 5_000_000, region: [], offset: [], length: [] } }, "too_large", /5000000 shards/);
+    });
+    test("bytes that are not msgpack, a non-map, several frames", async () => {
+      for (const frames of [[Buffer.from([0xc1, 0xff, 0x00])], [packr.pack([1, 2, 3])], [packr.pack({ op: "health" }), Buffer.from("x")]]) {
+        await c.sendRaw(frames);
+      }
+      await new Promise((r) => setTimeout(r, 100));
+      expect((await c.call("health")).status).toBe("serving");
+      const stats = await c.call("stats");
+      expect((stats.errors as Record<string, number>).bad_message).toBeGreaterThanOrEqual(3);
+    });
+    test("requests before hello are refused", async () => {
+      const other = engine.client();
+      const r = await other.raw({ op: "lookup", ns: NS, keys: [] });
+      expect((r.error as { code: string }).code).toBe("no_session");
+    });
+  });
+
+  test("two clients at once: separate regions and tasks, one's disconnect leaves the other", async () => {
+    const a = engine.client();
+    const b = engine.client();
+    await hello(a);
+    await hello(b);
+    const ra = await regions(a, 1, 4, "random", shm);
+    const rb = await regions(b, 1, 4, "random", shm);
+    const ta = await a.call("dump", { ns: NS, keys: [key(1, "a")], shards: shards(ra.ids, [0]) });
+    // b cannot see a's task or use a region id it did not register.
+    await expect(b.call("wait", { task: ta.task })).rejects.toThrow(EngineError);
+    const bRegion = rb.ids[0] + 100;
+    await expect(b.call("dump", { ns: NS, keys: [key(1, "b")], shards: shards([bRegion], [0]) })).rejects.toThrow(/no region/);
+    await waitDone(a, ta.task as number);
+    // a leaves; b keeps working.
+    await a.call("goodbye");
+    await expect(a.call("wait", { task: ta.task })).rejects.toThrow(/send hello/);
+    const tb = await b.call("dump", { ns: NS, keys: [key(1, "b")], shards: shards(rb.ids, [0]) });
+    expect((await waitDone(b, tb.task as number)).status).toEqual(["ok"]);
+    // a's uncommitted dump was discarded on goodbye.
+    await new Promise((r) => setTimeout(r, 100));
+    expect((await b.call("lookup", { ns: NS, keys: [key(1, "a")] })).found).toEqual([false]);
+    expect(fs.readdirSync(path.join(store, NS, ".tmp")).length).toBe(1); // b's only
+  });
+
+  test("a client whose process is gone is released", async () => {
+    const c = engine.client();
+    const dead = spawnSync("true").pid!;
+    await hello(c, dead);
+    await regions(c, 1, 1, "random", shm);
+    for (let i = 0; i < 50; i++) {
+      await new Promise((r) => setTimeout(r, 50));
+      const r = await c.raw({ op: "lookup", ns: NS, keys: [] });
+      if (r.ok === false) {
+        expect((r.error as { code: string }).code).toBe("no_session");
+        return;
+      }
+    }
+    throw new Error("session of a dead pid was not released");
+  });
+
+  test("restart: committed blocks are still found and load byte-exact", async () => {
+    const c = engine.client();
+    await hello(c);
+    const src = await regions(c, 2, 3, "random", shm);
+    const keys = [key(1, "r"), key(2, "r"), key(3, "r")];
+    const d = await c.call("dump", { ns: NS, keys, shards: shards(src.ids, [0, 1, 2]) });
+    await waitDone(c, d.task as number);
+    await c.call("commit", { ns: NS, keys });
+    expect(await engine.stop("SIGTERM")).toBe(0);
+    expect(fs.existsSync(`${dir}/e.sock`)).toBe(false);
+
+    engine = await startEngine(path.join(dir, "config.yaml"));
+    const c2 = engine.client();
+    await hello(c2);
+    expect((await c2.call("lookup", { ns: NS, keys })).found).toEqual([true, true, true]);
+    const dst = await regions(c2, 2, 3, "zero", shm);
+    const l = await c2.call("load", { ns: NS, keys, shards: shards(dst.ids, [0, 1, 2]) });
+    expect((await waitDone(c2, l.task as number)).status).toEqual(["ok", "ok", "ok"]);
+    for (let r = 0; r < 2; r++) expect(dst.regs[r].read().equals(src.regs[r].read())).toBe(true);
+  });
+
+  test("SIGTERM during dumps: exits 0, no partial or uncommitted block left, socket removed", async () => {
+    const c = engine.client();
+    await hello(c);
+    const n = 256;
+    const src = await regions(c, 4, n, "random", shm);
+    const keys = Array.from({ length: n }, (_, i) => key(i, "t"));
+    const d = await c.call("dump", { ns: NS, keys, shards: shards(src.ids, keys.map((_, i) => i)) });
+    expect(d.task).toBeDefined();
+    expect(await engine.stop("SIGTERM")).toBe(0);
+    expect(fs.readdirSync(path.join(store, NS, ".tmp"))).toEqual([]);
+    const visible = fs.readdirSync(path.join(store, NS)).filter((x) => x.length === 2).flatMap((x) => fs.readdirSync(path.join(store, NS, x)));
+    expect(visible).toEqual([]);
+    expect(fs.existsSync(`${dir}/e.sock`)).toBe(false);
+    expect(engine.output()).toMatch(/shutting down/);
+  });
+
+  test("a second engine refuses to take over a live engine's endpoint", async () => {
+    const r = await runCli(["serve", "--config", path.join(dir, "config.yaml")]);
+    expect(r.code).not.toBe(0);
+    expect(r.out).toMatch(/already serves ipc:\/\//);
+    expect((await engine.client().call("health")).status).toBe("serving");
+  });
+});
+
+describe("config errors stop startup with the key path and the value", () => {
+  let dir: string;
+  beforeAll(() => {
+    dir = shortTmp();
+    fs.mkdirSync(path.join(dir, "s1"));
+    fs.mkdirSync(path.join(dir, "s2"));
+    fs.writeFileSync(path.join(dir, "afile"), "");
+  });
+  afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  const cases: Array<[string, () => unknown, RegExp]> = [
+    ["missing storage_backends", () => ({ transferStreamNumber: 4 }), /ucm_connector_config.storage_backends is required/],
+    ["missing directory", () => ({ storage_backends: `${dir}/nope` }), /storage_backends: directory ".*\/nope" does not exist/],
+    ["a file, not a directory", () => ({ storage_backends: `${dir}/afile` }), /is not a directory/],
+    ["unwritable directory", () => ({ storage_backends: "/proc/1" }), /directory "\/proc\/1" is not writable/],
+    ["transferStreamNumber 0", () => ({ storage_backends: `${dir}/s1`, transferStreamNumber: 0 }), /transferStreamNumber must be between 1 and 1024, got 0/],
+    ["transferStreamNumber 100000", () => ({ storage_backends: `${dir}/s1`, transferStreamNumber: 100000 }), /transferStreamNumber must be between 1 and 1024, got 100000/],
+    ["transferStreamNumber as a string", () => ({ storage_backends: `${dir}/s1`, transferStreamNumber: "32" }), /transferStreamNumber must be an integer, got "32"/],
+    ["odirect as a number", () => ({ storage_backends: `${dir}/s1`, odirect: 1 }), /odirect must be true or false, got 1/],
+    ["bad endpoint", () => ({ storage_backends: `${dir}/s1`, endpoint: "tcp://0.0.0.0:5555" }), /endpoint must be ipc:\/\/<absolute path> or tcp:\/\/127.0.0.1:<port>, got "tcp:\/\/0.0.0.0:5555"/],
+    ["an empty backend in a colon list", () => ({ storage_backends: `${dir}/s1::${dir}/s2` }), /empty directory at position 1/],
+    ["a missing backend in a colon list", () => ({ storage_backends: `${dir}/s1:${dir}/zz` }), /directory ".*\/zz" does not exist/],
+  ];
+  test.each(cases)("%s", async (_name, cc, expected) => {
+    const file = writeConfig(dir, cc() as Record<string, unknown>, `c-${crypto.randomBytes(4).toString("hex")}.yaml`);
+    const r = await runCli(["serve", "--config", file]);
+    expect(r.code).toBe(2);
+    expect(r.out).toMatch(expected);
+  });
+
+  test("wrong connector name and the list form", async () => {
+    const f1 = path.join(dir, "n1.yaml");
+    fs.writeFileSync(f1, 'ucm_connector_name: "Other"\nucm_connector_config:\n  storage_backends: /tmp\n');
+    expect((await runCli(["serve", "--config", f1])).out).toMatch(/ucm_connector_name must be "UcmNfsStore", got "Other"/);
+    const f2 = path.join(dir, "n2.yaml");
+    fs.writeFileSync(f2, 'ucm_connectors:\n  - ucm_connector_name: "UcmNfsStore"\n    ucm_connector_config:\n      transferStreamNumber: 0\n      storage_backends: /tmp\n');
+    expect((await runCli(["serve", "--config", f2])).out).toMatch(/ucm_connectors\[0\].ucm_connector_config.transferStreamNumber must be between 1 and 1024, got 0/);
+  });
+
+  test("the seed's YAML works as written (colon list, list form, unknown keys warned)", async () => {
+    const f = path.join(dir, "seed.yaml");
+    fs.writeFileSync(
+      f,
+      `# UCM Configuration File Example\nucm_connectors:\n  - ucm_connector_name: "UcmNfsStore"\n    ucm_connector_config:\n      storage_backends: "${dir}/s1:${dir}/s2"\n      transferStreamNumber: 32\n      mystery: 1\n      endpoint: "ipc://${dir}/seed.sock"\n`,
+    );
+    const e = await startEngine(f);
+    try {
+      expect(e.output()).toMatch(/\[W\] config: unknown key ucm_connectors\[0\].ucm_connector_config.mystery ignored/);
+      const c = e.client();
+      await hello(c);
+      // Keys spread over both backends.
+      const region = new ShmRegion(64 * 4096, "random");
+      try {
+        const ids = (await c.call("register", { regions: [{ medium: "host", source: region.name, size: region.size }] })).regions as number[];
+        const keys = Array.from({ length: 64 }, (_, i) => key(i, "sb"));
+        const d = await c.call("dump", { ns: "seed", keys, shards: { count: 1, region: keys.map(() => ids[0]), offset: keys.map((_, i) => i * 4096), length: keys.map(() => 4096) } });
+        await c.call("wait", { task: d.task, timeout_ms: 20000 });
+        await c.call("commit", { ns: "seed", keys });
+        const count = (b: string) => fs.readdirSync(path.join(dir, b, "seed")).filter((x) => x.length === 2).reduce((n, x) => n + fs.readdirSync(path.join(dir, b, "seed", x)).length, 0);
+        expect(count("s1") + count("s2")).toBe(64);
+        expect(count("s1")).toBeGreaterThan(10);
+        expect(count("s2")).toBeGreaterThan(10);
+      } finally {
+        region.unlink();
+      }
+    } finally {
+      await e.stop();
+    }
+  });
+});
