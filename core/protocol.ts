@@ -137,7 +137,7 @@ export function reqKeys(msg: Record<string, unknown>, maxKeys: number): Buffer[]
     if (k.length < 1 || k.length > MAX_KEY_BYTES) {
       throw new ProtocolError("bad_message", `keys[${i}] must be 1 to ${MAX_KEY_BYTES} bytes, got ${k.length}`);
     }
-    return Buffer.from(k.buffer, k.byteOffset, k.length);
+    return Buffer.isBuffer(k) ? k : Buffer.from(k.buffer, k.byteOffset, k.length);
   });
 }
 

@@ -6,6 +6,7 @@ import * as fs from "fs";
 import * as os from "os";
 import { BlockStatus, Engine, NativeEngine, TransferResult, TransferSpec } from "./native";
 import { EngineConfig } from "./config";
+import { KnownBlocks } from "./known_blocks";
 import { StorageLayout } from "./layout";
 import { Logger, taskLine } from "./log";
 import {
@@ -82,9 +83,8 @@ export class Store {
   readonly engineId: string;
   private nextTask = 1;
   private readonly inflight = new Set<Promise<unknown>>();
-  /** "<ns>/<key hex>" -> time it was last seen committed (ms). */
-  private readonly known = new Map<string, number>();
-  private readonly maxKnown = 1 << 20;
+  /** Blocks recently seen committed (saves a stat per lookup). */
+  private readonly known = new KnownBlocks(1 << 20);
   readonly counters: StoreStats = {
     lookups: 0,
     lookupKeys: 0,
@@ -188,22 +188,20 @@ export class Store {
     const ask: string[] = [];
     const askAt: Array<[number, string]> = [];
     for (const ns of nsList) {
-      keys.forEach((k, i) => {
-        if (!found[i]) return;
-        const id = `${ns}/${k.toString("hex")}`;
-        const seen = this.known.get(id);
-        if (seen !== undefined && now - seen <= ttl) return;
-        ask.push(this.layout.blockPath(ns, k));
-        askAt.push([i, id]);
-      });
+      for (let i = 0; i < keys.length; i++) {
+        const seen = this.known.seenAt(ns, keys[i]);
+        if (seen !== undefined && now - seen <= ttl) continue;
+        ask.push(this.layout.blockPath(ns, keys[i]));
+        askAt.push([i, ns]);
+      }
     }
     if (ask.length > 0) {
       const exists = await this.native.lookup(ask);
-      askAt.forEach(([i, id], j) => {
-        if (exists[j]) this.remember(id, now);
+      askAt.forEach(([i, ns], j) => {
+        if (exists[j]) this.known.remember(ns, keys[i], now);
         else {
           found[i] = false;
-          this.known.delete(id);
+          this.known.forget(ns, keys[i]);
         }
       });
     }
@@ -211,12 +209,6 @@ export class Store {
     this.counters.hits += hits;
     this.counters.misses += keys.length - hits;
     return { found };
-  }
-
-  private remember(id: string, now: number): void {
-    this.known.delete(id);
-    this.known.set(id, now);
-    if (this.known.size > this.maxKnown) this.known.delete(this.known.keys().next().value as string);
   }
 
   // ---- dump / load -----------------------------------------------------------
@@ -339,11 +331,11 @@ export class Store {
         const key = `${ns}/${k.toString("hex")}`;
         if (status[b] === BlockStatus.Ok) {
           this.counters.blocksLoaded++;
-          this.remember(key, Date.now());
+          this.known.remember(ns, k, Date.now());
           return;
         }
         this.counters.blocksFailed++;
-        this.known.delete(key);
+        this.known.forget(ns, k);
         if (status[b] === BlockStatus.Corrupt) {
           // A block that fails verification is removed so lookup stops offering it.
           this.counters.blocksCorrupt++;
@@ -478,7 +470,7 @@ export class Store {
         if (e === 0) {
           committed[i] = true;
           this.counters.commits++;
-          this.remember(`${ns}/${keys[i].toString("hex")}`, now);
+          this.known.remember(ns, keys[i], now);
         } else {
           this.log.warn(`commit of block ${ns}/${keys[i].toString("hex")} failed: errno ${e}`);
         }
