@@ -10,6 +10,7 @@ export enum BlockStatus {
   IoError = 3,
   Cancelled = 4,
   Skipped = 5,
+  Mismatch = 6,
 }
 
 export const BLOCK_STATUS_NAMES: Record<BlockStatus, string> = {
@@ -19,6 +20,7 @@ export const BLOCK_STATUS_NAMES: Record<BlockStatus, string> = {
   [BlockStatus.IoError]: "io_error",
   [BlockStatus.Cancelled]: "cancelled",
   [BlockStatus.Skipped]: "skipped",
+  [BlockStatus.Mismatch]: "mismatch",
 };
 
 export interface NativeEngineOptions {

@@ -202,4 +202,4 @@ function uintColumn(v: unknown, name: string, n: number, width: 4 | 8): Uint32Ar
 }
 
 /** Per-block result names on the wire. */
-export type WireStatus = "ok" | "skipped" | "not_found" | "corrupt" | "io_error" | "cancelled" | "dropped";
+export type WireStatus = "ok" | "skipped" | "not_found" | "corrupt" | "mismatch" | "io_error" | "cancelled" | "dropped";

@@ -61,6 +61,8 @@ export class EngineServer {
     this.loop = this.receive();
     this.timers.push(setInterval(() => this.checkClients(), this.config.clientCheckMs));
     this.timers.push(setInterval(() => this.store.sweep(this.sessions.values()), 10_000));
+    void this.store.sweepOrphans();
+    this.timers.push(setInterval(() => void this.store.sweepOrphans(), 300_000));
     this.log.info(
       `listening on ${ep} (backends ${this.config.storageBackends.join(":")}, transferStreamNumber ${this.config.transferStreamNumber}, pid ${process.pid})`,
     );

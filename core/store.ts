@@ -3,10 +3,10 @@
 // native engine moves the bytes. Every method validates its request fully
 // before anything changes.
 import * as fs from "fs";
-import * as os from "os";
 import { BlockStatus, Engine, NativeEngine, TransferResult, TransferSpec } from "./native";
 import { EngineConfig } from "./config";
 import { KnownBlocks } from "./known_blocks";
+import { hostTag, sweepOrphans } from "./orphans";
 import { StorageLayout } from "./layout";
 import { Logger, taskLine } from "./log";
 import {
@@ -33,6 +33,7 @@ const WIRE: Record<BlockStatus, WireStatus> = {
   [BlockStatus.IoError]: "io_error",
   [BlockStatus.Cancelled]: "cancelled",
   [BlockStatus.Skipped]: "skipped",
+  [BlockStatus.Mismatch]: "mismatch",
 };
 
 /** Finished tasks a client may leave unread before the oldest are forgotten. */
@@ -104,7 +105,7 @@ export class Store {
   };
 
   constructor(readonly config: EngineConfig, readonly log: Logger) {
-    this.engineId = `${os.hostname().replace(/[^A-Za-z0-9-]/g, "_")}-${process.pid}-${Date.now().toString(36)}`;
+    this.engineId = `${hostTag()}-${process.pid}-${Date.now().toString(36)}`;
     this.layout = new StorageLayout(config.storageBackends, this.engineId);
     this.native = new Engine({
       threads: config.transferStreamNumber,
@@ -513,6 +514,16 @@ export class Store {
     s.regions.clear();
     this.discardAll(s);
     s.tasks.clear();
+  }
+
+  /** Deletes temporary files of dead engines (this host) or abandoned ones (any host). */
+  async sweepOrphans(): Promise<void> {
+    try {
+      const r = await sweepOrphans(this.config.storageBackends, this.engineId, 2 * this.config.uncommittedTimeoutS * 1000);
+      if (r.removed) this.log.info(`removed ${r.removed} temporary block file(s) left by engines that are gone`);
+    } catch (e) {
+      this.log.warn(`orphan sweep failed: ${(e as Error).message}`);
+    }
   }
 
   /** Periodic upkeep: forget seen results, discard blocks nobody committed in time. */

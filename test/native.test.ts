@@ -148,14 +148,20 @@ describe("native core", () => {
     });
     test("a block read with another layout digest", async () => {
       const r = await engine.load(spec(dir, dst, ["b0"], DIGEST + 1n));
-      expect(r.status[0]).toBe(BlockStatus.Corrupt);
+      expect(r.status[0]).toBe(BlockStatus.Mismatch);
       expect(r.what[0]).toBe("layout digest");
     });
     test("a block read with a different shard split of the same size", async () => {
       const reg = dst.regions[0];
       const r = await engine.load(new ShardListBuilder().addBlock(file, [[dst.ids[0], 0, SHARD], [dst.ids[0], 0, SHARD / 2], [dst.ids[0], 0, SHARD / 2]]).build(DIGEST));
-      expect(r.status[0]).toBe(BlockStatus.Corrupt);
+      expect(r.status[0]).toBe(BlockStatus.Mismatch);
+      expect(r.what[0]).toBe("shard count");
       expect(reg.read().equals(Buffer.alloc(reg.size))).toBe(true);
+    });
+    test("a request of another size than the file: mismatch, not corruption", async () => {
+      const r = await engine.load(new ShardListBuilder().addBlock(file, [[dst.ids[0], 0, SHARD]]).build(DIGEST));
+      expect(r.status[0]).toBe(BlockStatus.Mismatch);
+      expect(r.what[0]).toBe("payload length");
     });
   });
 

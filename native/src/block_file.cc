@@ -122,9 +122,19 @@ IoResult WriteBlockFile(const std::string& path, uint8_t* staging, uint64_t payl
   return IoResult{};
 }
 
+// Checks the header's own consistency: damage here means the file is bad.
+const char* HeaderDamage(const BlockHeader& h) {
+  if (std::memcmp(h.magic, kBlockMagic, sizeof h.magic) != 0) return "magic";
+  if (h.header_crc != Crc32c(0, &h, offsetof(BlockHeader, header_crc))) return "header checksum";
+  if (h.version != kFormatVersion) return "format version";
+  if (h.header_size != kHeaderSize) return "header size";
+  if (h.checksum_kind != 1) return "checksum kind";
+  return nullptr;
+}
+
 IoResult ReadBlockFile(const std::string& path, uint8_t* staging, uint64_t expected_payload,
                        uint64_t layout_digest, uint32_t shard_count, const IoOptions& opts) {
-  const size_t file_size = FileSizeFor(expected_payload);
+  const size_t want = FileSizeFor(expected_payload);
   int fd = OpenMaybeDirect(path, O_RDONLY, 0, opts.odirect);
   if (fd < 0) {
     if (errno == ENOENT) return IoResult{BlockStatus::kNotFound, ENOENT, "open"};
@@ -136,25 +146,23 @@ IoResult ReadBlockFile(const std::string& path, uint8_t* staging, uint64_t expec
     close(fd);
     return Io(e, "fstat");
   }
-  if (static_cast<uint64_t>(st.st_size) != file_size) {
-    close(fd);
-    return Corrupt("file size");
-  }
-  ssize_t n = ReadAll(fd, staging, file_size);
+  const uint64_t have = static_cast<uint64_t>(st.st_size);
+  // Read the whole file when its size is the one expected, else only the
+  // header, to tell a damaged file from a request that does not match it.
+  const size_t len = have == want ? want : (have >= kHeaderSize ? kHeaderSize : 0);
+  ssize_t n = len ? ReadAll(fd, staging, len) : 0;
   close(fd);
   if (n < 0) return Io(static_cast<int>(-n), "read");
-  if (static_cast<size_t>(n) != file_size) return Corrupt("short read");
+  if (static_cast<size_t>(n) != len || len == 0) return Corrupt(len == 0 ? "file size" : "short read");
 
   BlockHeader h;
   std::memcpy(&h, staging, sizeof h);
-  if (std::memcmp(h.magic, kBlockMagic, sizeof h.magic) != 0) return Corrupt("magic");
-  if (h.header_crc != Crc32c(0, &h, offsetof(BlockHeader, header_crc))) return Corrupt("header checksum");
-  if (h.version != kFormatVersion) return Corrupt("format version");
-  if (h.header_size != kHeaderSize) return Corrupt("header size");
-  if (h.payload_length != expected_payload) return Corrupt("payload length");
-  if (h.layout_digest != layout_digest) return Corrupt("layout digest");
-  if (h.shard_count != shard_count) return Corrupt("shard count");
-  if (h.checksum_kind != 1) return Corrupt("checksum kind");
+  if (const char* what = HeaderDamage(h)) return Corrupt(what);
+  if (have != FileSizeFor(h.payload_length)) return Corrupt("file size");
+  // The file is intact as far as its header goes; now compare with the request.
+  if (h.payload_length != expected_payload) return IoResult{BlockStatus::kMismatch, 0, "payload length"};
+  if (h.layout_digest != layout_digest) return IoResult{BlockStatus::kMismatch, 0, "layout digest"};
+  if (h.shard_count != shard_count) return IoResult{BlockStatus::kMismatch, 0, "shard count"};
   if (h.payload_crc != Crc32c(0, staging + kHeaderSize, expected_payload)) return Corrupt("payload checksum");
   return IoResult{};
 }

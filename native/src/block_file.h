@@ -44,7 +44,8 @@ enum class BlockStatus : int32_t {
   kCorrupt = 2,
   kIoError = 3,
   kCancelled = 4,
-  kSkipped = 5,  // dump: already stored, nothing written
+  kSkipped = 5,   // dump: already stored, nothing written
+  kMismatch = 6,  // load: an intact file that does not match the request (size, layout, shards)
 };
 
 struct IoOptions {
@@ -66,6 +67,8 @@ IoResult WriteBlockFile(const std::string& path, uint8_t* staging, uint64_t payl
                         uint64_t layout_digest, uint32_t shard_count, const IoOptions& opts);
 
 // Reads `path` into staging and verifies it against what the caller expects.
+// kCorrupt means the file itself is damaged; kMismatch that it is intact but
+// not what this request describes (so it must not be deleted on its account).
 // On kOk the payload is at staging + kHeaderSize. `staging` must hold
 // FileSizeFor(expected_payload) bytes and be kBlockAlign aligned.
 IoResult ReadBlockFile(const std::string& path, uint8_t* staging, uint64_t expected_payload,

@@ -1,0 +1,94 @@
+// Temporary block files whose writer is gone. A dump writes
+// <backend>/<ns>/.tmp/<key hex>.<host>-<pid>-<start>.<seq>; if the engine
+// dies before commit, the file stays. It is removed when the writer is known
+// dead (same host, pid gone) or, for writers on other nodes sharing the
+// directory, when it is older than any live engine would keep it.
+import * as fs from "fs";
+import * as os from "os";
+import * as path from "path";
+
+export function hostTag(): string {
+  return os.hostname().replace(/[^A-Za-z0-9-]/g, "_");
+}
+
+interface Writer {
+  host: string;
+  pid: number;
+}
+
+export function parseTempName(name: string): Writer | undefined {
+  const parts = name.split(".");
+  if (parts.length !== 3) return undefined;
+  const tag = parts[1].split("-");
+  if (tag.length < 3) return undefined;
+  const pid = Number(tag[tag.length - 2]);
+  if (!Number.isInteger(pid) || pid <= 0) return undefined;
+  return { host: tag.slice(0, -2).join("-"), pid };
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+export interface SweepResult {
+  removed: number;
+  kept: number;
+}
+
+/**
+ * Removes orphaned temporary files under every namespace of `backends`.
+ * `ownTag` is this engine's own tag (never swept); `maxAgeMs` is the age after
+ * which a file of a writer on another host counts as abandoned.
+ */
+export async function sweepOrphans(backends: readonly string[], ownTag: string, maxAgeMs: number, now = Date.now()): Promise<SweepResult> {
+  const me = hostTag();
+  const res: SweepResult = { removed: 0, kept: 0 };
+  for (const b of backends) {
+    let spaces: string[];
+    try {
+      spaces = await fs.promises.readdir(b);
+    } catch {
+      continue;
+    }
+    for (const ns of spaces) {
+      if (ns.startsWith(".")) continue;
+      const tmp = path.join(b, ns, ".tmp");
+      let names: string[];
+      try {
+        names = await fs.promises.readdir(tmp);
+      } catch {
+        continue;
+      }
+      for (const name of names) {
+        if (name.includes(`.${ownTag}.`)) {
+          res.kept++;
+          continue;
+        }
+        const file = path.join(tmp, name);
+        const w = parseTempName(name);
+        let orphan = false;
+        if (w && w.host === me) {
+          orphan = !alive(w.pid);
+        } else {
+          try {
+            orphan = now - (await fs.promises.stat(file)).mtimeMs > maxAgeMs;
+          } catch {
+            continue; // already gone
+          }
+        }
+        if (orphan) {
+          await fs.promises.rm(file, { force: true });
+          res.removed++;
+        } else {
+          res.kept++;
+        }
+      }
+    }
+  }
+  return res;
+}
