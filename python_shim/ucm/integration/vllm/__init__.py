@@ -1,0 +1,1 @@
+"""vLLM integration: UnifiedCacheConnectorV1."""

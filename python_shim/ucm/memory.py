@@ -1,0 +1,96 @@
+"""Making tensors reachable by the engine, and describing where block bytes live.
+
+A CPU tensor's storage is moved into shared memory once, in place (torch
+swaps the storage's data pointer, so every tensor viewing it keeps seeing the
+same data), and registered as a host region: `/proc/<pid>/fd/<fd>` of the
+shared memory file. A CUDA tensor's storage is exported with its CUDA IPC
+handle. Nothing is copied through Python.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .client import EngineClient
+
+
+@dataclass
+class _Region:
+    epoch: int
+    region_id: int
+    size: int
+
+
+class RegionRegistry:
+    """One engine region per tensor storage, registered on first use."""
+
+    def __init__(self, client: EngineClient):
+        self.client = client
+        self._regions: dict[tuple[str, int], _Region] = {}
+        self._specs: dict[tuple[str, int], dict[str, Any]] = {}
+
+    @staticmethod
+    def _export(storage: torch.UntypedStorage, device: torch.device) -> dict[str, Any]:
+        if device.type == "cuda":
+            # (device, handle, storage size, offset, ref counter handle, ...)
+            info = storage._share_cuda_()
+            return {"medium": "cuda", "device": int(info[0]), "handle": bytes(info[1]), "offset": int(info[3]), "size": int(info[2])}
+        if device.type != "cpu":
+            raise ValueError(f"tensor on device {device} cannot be registered: only cpu and cuda are supported")
+        try:
+            fd, size = storage._share_fd_cpu_()
+            source = f"/proc/{os.getpid()}/fd/{fd}"
+        except RuntimeError:
+            # Already shared through the file_system strategy: use its name.
+            _, name, size = storage._share_filename_cpu_()
+            source = name.decode() if isinstance(name, bytes) else name
+        return {"medium": "host", "source": source, "size": int(size)}
+
+    def locate(self, tensor: torch.Tensor) -> tuple[int, int]:
+        """(region id, byte offset of the tensor's first element in the region)."""
+        storage = tensor.untyped_storage()
+        dev = tensor.device
+        key = (str(dev), storage.data_ptr())
+        spec = self._specs.get(key)
+        if spec is None:
+            spec = self._export(storage, dev)
+            key = (str(dev), storage.data_ptr())  # the CPU storage may have moved
+            self._specs[key] = spec
+        reg = self._regions.get(key)
+        if reg is None or reg.epoch != self.client.epoch or self.client.epoch == 0:
+            rid = self.client.call("register", regions=[spec])["regions"][0]
+            reg = _Region(self.client.epoch, rid, spec["size"])
+            self._regions[key] = reg
+        offset = tensor.data_ptr() - storage.data_ptr()
+        return reg.region_id, offset
+
+    def forget(self) -> None:
+        self._regions.clear()
+
+
+class ShardList:
+    """Columns of a dump/load request, sent as little-endian bin."""
+
+    def __init__(self, per_block: int):
+        self.per_block = per_block
+        self.region: list[int] = []
+        self.offset: list[int] = []
+        self.length: list[int] = []
+
+    def add(self, region: int, offset: int, length: int) -> None:
+        self.region.append(region)
+        self.offset.append(offset)
+        self.length.append(length)
+
+    def wire(self) -> dict[str, Any]:
+        n = len(self.region)
+        return {
+            "count": self.per_block,
+            "region": struct.pack(f"<{n}I", *self.region),
+            "offset": struct.pack(f"<{n}Q", *self.offset),
+            "length": struct.pack(f"<{n}Q", *self.length),
+        }

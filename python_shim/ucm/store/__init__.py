@@ -1,0 +1,4 @@
+"""The store API, usable without vLLM."""
+from .nfs_store import NfsStore, Task
+
+__all__ = ["NfsStore", "Task"]

@@ -1,0 +1,155 @@
+"""ucm.store.NfsStore against the real engine, with CPU tensors in shared memory."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import torch
+
+from ucm.store import NfsStore
+from conftest import stop_engine
+
+
+def keys(n, salt="k"):
+    return [hashlib.sha256(f"{salt}{i}".encode()).digest() for i in range(n)]
+
+
+def kv_like(layers=3, blocks=8, block_bytes=4096, fill=True):
+    """Per-layer caches shaped [blocks, ...] like vLLM's, as bf16."""
+    out = []
+    for _ in range(layers):
+        t = torch.empty((blocks, block_bytes // 2), dtype=torch.bfloat16)
+        if fill:
+            t.copy_(torch.randn_like(t, dtype=torch.float32).to(torch.bfloat16))
+        else:
+            t.zero_()
+        out.append(t)
+    return out
+
+
+def entries(ks, caches, block_ids):
+    """UCM-style entries: per block, one shard per layer at consecutive offsets."""
+    K, O, T = [], [], []
+    for k, b in zip(ks, block_ids):
+        off = 0
+        for c in caches:
+            K.append(k)
+            O.append(off)
+            T.append(c[b])
+            off += c[b].numel() * c[b].element_size()
+    return K, O, T
+
+
+def test_round_trip(config_file):
+    with NfsStore(config_file) as store:
+        src = kv_like()
+        view = src[1][2]  # a view created before registration
+        ks = keys(8)
+        task = store.dump(*entries(ks, src, range(8)))
+        assert store.wait(task) == 0
+        assert task.status == ["ok"] * 8
+        assert store.lookup(ks) == [False] * 8  # not visible before commit
+        assert store.commit(ks) == [True] * 8
+        assert store.lookup(ks + keys(1, "other")) == [True] * 8 + [False]
+        # Registration moved the storage into shared memory in place: old views still agree.
+        assert view.data_ptr() == src[1][2].data_ptr()
+        dst = kv_like(fill=False)
+        order = [3, 0, 7]
+        task = store.load(*entries([ks[i] for i in order], dst, [0, 1, 2]))
+        assert store.wait(task) == 0
+        for j, i in enumerate(order):
+            for layer in range(3):
+                assert torch.equal(dst[layer][j], src[layer][i])
+
+
+def test_dump_of_stored_block_is_skipped_and_commit_false_discards(config_file):
+    with NfsStore(config_file) as store:
+        src = kv_like(blocks=4)
+        ks = keys(4, "s")
+        assert store.wait(store.dump(*entries(ks[:2], src, [0, 1]))) == 0
+        store.commit(ks[:2])
+        t = store.dump(*entries(ks, src, [0, 1, 2, 3]))
+        assert store.wait(t) == 0
+        assert t.status == ["skipped", "skipped", "ok", "ok"]
+        assert store.commit(ks[2:], success=False) == [False, False]
+        assert store.lookup(ks) == [True, True, False, False]
+
+
+def test_engine_restart_keeps_blocks(config_file, storage):
+    src = kv_like(blocks=2)
+    ks = keys(2, "restart")
+    with NfsStore(config_file) as store:
+        assert store.wait(store.dump(*entries(ks, src, [0, 1]))) == 0
+        store.commit(ks)
+        endpoint = store.config.endpoint
+    stop_engine(endpoint)
+    with NfsStore(config_file) as store:  # starts a new engine
+        assert store.lookup(ks) == [True, True]
+        dst = kv_like(blocks=2, fill=False)
+        assert store.wait(store.load(*entries(ks, dst, [0, 1]))) == 0
+        for a, b in zip(src, dst):
+            assert torch.equal(a, b)
+
+
+def test_store_survives_engine_restart_mid_session(config_file):
+    """The same store object reconnects to a new engine and re-registers its memory."""
+    with NfsStore(config_file) as store:
+        src = kv_like(blocks=2)
+        ks = keys(2, "mid")
+        assert store.wait(store.dump(*entries(ks, src, [0, 1]))) == 0
+        store.commit(ks)
+        stop_engine(store.config.endpoint)
+        from ucm.launcher import ensure_engine
+
+        ensure_engine(store.config)
+        dst = kv_like(blocks=2, fill=False)
+        assert store.wait(store.load(*entries(ks, dst, [0, 1]))) == 0
+        assert all(torch.equal(a, b) for a, b in zip(src, dst))
+
+
+def test_corrupted_block_fails_without_wrong_bytes(config_file, storage):
+    with NfsStore(config_file) as store:
+        src = kv_like(blocks=2)
+        ks = keys(2, "bad")
+        assert store.wait(store.dump(*entries(ks, src, [0, 1]))) == 0
+        store.commit(ks)
+        hexkey = ks[1].hex()
+        path = os.path.join(storage, store.namespace, hexkey[:2], hexkey)
+        with open(path, "r+b") as f:
+            f.seek(4096 + 100)
+            b = f.read(1)
+            f.seek(4096 + 100)
+            f.write(bytes([b[0] ^ 0xFF]))
+        dst = kv_like(blocks=2, fill=False)
+        t = store.load(*entries(ks, dst, [0, 1]))
+        assert store.wait(t) == 1
+        assert t.failed_keys == [ks[1]]
+        assert t.status == ["ok", "corrupt"]
+        for a, b in zip(src, dst):
+            assert torch.equal(a[0], b[0])
+            assert torch.count_nonzero(b[1]) == 0  # untouched
+        assert store.lookup(ks) == [True, False]
+
+
+def test_bad_arguments_name_the_problem(config_file):
+    with NfsStore(config_file) as store:
+        src = kv_like(blocks=2)
+        with pytest.raises(ValueError, match=r"keys\[0\] must be 1 to 64 bytes, got 65"):
+            store.lookup([b"x" * 65])
+        with pytest.raises(TypeError, match=r"keys\[0\] must be bytes, got str"):
+            store.lookup(["abc"])
+        with pytest.raises(ValueError, match="must be contiguous"):
+            store.dump([b"k"], [0], [src[0].t()])
+        with pytest.raises(ValueError, match="gap or overlap"):
+            store.dump([b"k", b"k"], [0, 10], [src[0][0], src[1][0]])
+
+
+def test_unreachable_engine_is_a_miss_not_a_hang(tmp_path, storage):
+    from conftest import write_config
+
+    cfg = write_config(tmp_path / "dead.yaml", storage, endpoint=f"ipc:///tmp/ucm-none-{os.getpid()}.sock", clientTimeoutMs=300)
+    store = NfsStore(cfg, start_engine=False)
+    t = store.dump([b"k"], [0], [kv_like(blocks=1)[0][0]])
+    assert t.done and t.failed_keys == [b"k"]
+    store.close()
