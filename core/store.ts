@@ -51,10 +51,17 @@ export interface TaskResult {
   elapsed_s: number;
 }
 
+interface Finished {
+  status: BlockStatus[];
+  errno: number[];
+  bytes: number;
+  elapsed: number;
+}
+
 interface Task {
   id: number;
   direction: Direction;
-  done: Promise<TaskResult>;
+  done: Promise<unknown>;
   result?: TaskResult;
   seenAt?: number;
 }
@@ -280,9 +287,10 @@ export class Store {
       temps.set(i, t);
       return t;
     }, write);
+    const autoCommit = optBool(msg, "commit", false);
     const started = this.submit(s, "D2S", spec);
     this.counters.dumpTasks++;
-    return this.track(s, "D2S", keys.length, Promise.resolve(started), (r, id) => {
+    return this.track(s, "D2S", keys.length, Promise.resolve(started), async (r, id) => {
       const status = new Array<BlockStatus>(keys.length).fill(BlockStatus.Skipped);
       const errno = new Array<number>(keys.length).fill(0);
       write.forEach((b, j) => {
@@ -307,6 +315,17 @@ export class Store {
       if (failedTemps.length) this.removeFiles(failedTemps);
       this.counters.bytesDumped += r.bytes;
       if (s.closed) this.discardAll(s);
+      else if (autoCommit) {
+        // commit: true asks for each written block to become visible at once.
+        const done = await this.commitKeys(s, ns, keys.filter((_, b) => status[b] === BlockStatus.Ok || status[b] === BlockStatus.Skipped), true);
+        let j = 0;
+        keys.forEach((_, b) => {
+          if (status[b] === BlockStatus.Ok || status[b] === BlockStatus.Skipped) {
+            if (!done[j] && status[b] === BlockStatus.Ok) status[b] = BlockStatus.IoError;
+            j++;
+          }
+        });
+      }
       this.log.info(taskLine(id, "D2S", write.length, r.bytes, r.elapsedNs / 1e9));
       return { status, errno, bytes: r.bytes, elapsed: r.elapsedNs / 1e9 };
     });
@@ -356,12 +375,12 @@ export class Store {
     direction: Direction,
     _blocks: number,
     started: Promise<TransferResult>,
-    finish: (r: TransferResult, id: number) => { status: BlockStatus[]; errno: number[]; bytes: number; elapsed: number },
+    finish: (r: TransferResult, id: number) => Finished | Promise<Finished>,
   ): { task: number } {
     const id = this.nextTask++;
     const done = started.then(
-      (r) => {
-        const f = finish(r, id);
+      async (r) => {
+        const f = await finish(r, id);
         const status = f.status.map((x) => WIRE[x]);
         const failed: number[] = [];
         status.forEach((x, i) => {
@@ -370,7 +389,7 @@ export class Store {
         return { done: true as const, direction, status, errno: f.errno, failed, bytes: f.bytes, elapsed_s: f.elapsed };
       },
     );
-    const task: Task = { id, direction, done };
+    const task: Task = { id, direction, done: undefined as unknown as Promise<unknown> };
     const settle = done.then(
       (r) => {
         task.result = r;
@@ -381,6 +400,7 @@ export class Store {
         task.result = { done: true, direction, status: [], errno: [], failed: [], bytes: 0, elapsed_s: 0 };
       },
     );
+    task.done = settle; // settles once task.result is set
     this.inflight.add(settle);
     void settle.finally(() => this.inflight.delete(settle));
     s.tasks.set(id, task);
@@ -422,9 +442,8 @@ export class Store {
       const expired = new Promise<void>((resolve) => {
         timer = setTimeout(resolve, timeout);
       });
-      await Promise.race([t.done.catch(() => undefined), expired]);
+      await Promise.race([t.done, expired]);
       clearTimeout(timer);
-      await Promise.resolve(); // let the settle handler store the result
     }
     if (!t.result) return { done: false };
     t.seenAt ??= Date.now();
@@ -437,6 +456,10 @@ export class Store {
     const ns = reqNs(msg);
     const keys = reqKeys(msg, this.config.maxKeysPerRequest);
     const success = optBool(msg, "success", true);
+    return { committed: await this.commitKeys(s, ns, keys, success) };
+  }
+
+  private async commitKeys(s: Session, ns: string, keys: Buffer[], success: boolean): Promise<boolean[]> {
     const committed = new Array<boolean>(keys.length).fill(false);
     const from: string[] = [];
     const to: string[] = [];
@@ -479,7 +502,7 @@ export class Store {
       const failed = from.filter((_, j) => errs[j] !== 0);
       if (failed.length) this.removeFiles(failed);
     }
-    return { committed };
+    return committed;
   }
 
   // ---- lifecycle ---------------------------------------------------------------

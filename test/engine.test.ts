@@ -142,6 +142,17 @@ describe("engine process", () => {
     expect(fs.statSync(path.join(store, NS, keys[0].toString("hex").slice(0, 2), keys[0].toString("hex"))).mtimeMs).toBe(mtime);
   });
 
+  test("dump with commit: true makes blocks visible when the task is done", async () => {
+    const c = engine.client();
+    await hello(c);
+    const src = await regions(c, 1, 3, "random", shm);
+    const keys = [key(1, "ac"), key(2, "ac"), key(3, "ac")];
+    const d = await c.call("dump", { ns: NS, keys, shards: shards(src.ids, [0, 1, 2]), commit: true });
+    expect((await waitDone(c, d.task as number)).status).toEqual(["ok", "ok", "ok"]);
+    expect((await c.call("lookup", { ns: NS, keys })).found).toEqual([true, true, true]);
+    expect(fs.readdirSync(path.join(store, NS, ".tmp"))).toEqual([]);
+  });
+
   test("lookup across namespaces requires every one (all TP ranks)", async () => {
     const c = engine.client();
     await hello(c);
