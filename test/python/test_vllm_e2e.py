@@ -1,0 +1,166 @@
+"""End to end on the real vLLM package (CPU backend): offline runs in fresh
+processes, a corrupted store, a dead engine, and `vllm serve` with the seed's
+--kv-transfer-config. Small model, small prompts, so it fits in CI."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import stop_engine, write_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+PY = sys.executable
+BLOCK = 32
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model") / "tiny"
+    subprocess.run([PY, os.path.join(ROOT, "examples", "make_tiny_model.py"), str(d), "--layers", "2", "--hidden", "128",
+                    "--heads", "4", "--kv-heads", "2", "--intermediate", "256"], check=True, capture_output=True)
+    return str(d)
+
+
+def env(engine_log=None):
+    e = dict(os.environ)
+    e.update(PYTHONHASHSEED="123456", VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=HERE)
+    if engine_log:
+        # The engine outlives the driver; it must not hold the driver's output pipes.
+        e["UCM_ENGINE_LOG"] = str(engine_log)
+    return e
+
+
+def drive(model, config, prompts, engine_log, timeout=400):
+    """One vLLM process; returns its result and what it and the engine logged."""
+    start = os.path.getsize(engine_log) if os.path.exists(engine_log) else 0
+    p = subprocess.run([PY, os.path.join(HERE, "vllm_driver.py"), model, config, str(BLOCK), json.dumps(prompts)],
+                       capture_output=True, text=True, env=env(engine_log), timeout=timeout)
+    line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert p.returncode == 0 and line, f"driver failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    with open(engine_log) as f:
+        f.seek(start)
+        engine_out = f.read()
+    return json.loads(line[7:]), p.stdout + p.stderr + engine_out
+
+
+def prompts(n=2, length=7 * BLOCK + 5, seed=7):
+    rng = random.Random(seed)
+    prefix = [rng.randrange(16, 2500) for _ in range(length - 8)]
+    return [prefix + [rng.randrange(16, 2500) for _ in range(8)] for _ in range(n)]
+
+
+def test_offline_runs_hit_the_store_and_match(model, tmp_path, storage):
+    sock = f"/tmp/ucm-e2e-{os.getpid()}.sock"
+    cfg = write_config(tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}")
+    elog = tmp_path / "engine.log"
+    try:
+        ps = prompts()
+        first, log1 = drive(model, cfg, ps, elog)
+        assert first["stats"]["blocksDumped"] >= 7
+        assert "PYTHONHASHSEED" not in log1 or "is not set" not in log1
+        # A new vLLM process (a restart): same tokens, blocks come from the store.
+        second, log2 = drive(model, cfg, ps, elog)
+        assert second["tokens"] == first["tokens"]
+        assert second["stats"]["blocksLoaded"] - first["stats"]["blocksLoaded"] >= 2 * 7
+        assert "S2D" in log2
+        # Damage every stored block: loads fail, vLLM recomputes, same tokens.
+        ns_dirs = [d for d in os.listdir(storage) if not d.startswith(".")]
+        files = [os.path.join(root, f) for d in ns_dirs for root, _, fs in os.walk(os.path.join(storage, d))
+                 if os.path.basename(root) != ".tmp" for f in fs if len(f) == 64]
+        assert files
+        for f in files:
+            with open(f, "r+b") as fh:
+                fh.seek(4096 + 7)
+                b = fh.read(1)
+                fh.seek(4096 + 7)
+                fh.write(bytes([b[0] ^ 0x5A]))
+        third, log3 = drive(model, cfg, ps, elog)
+        assert third["tokens"] == first["tokens"]
+        assert third["stats"]["blocksCorrupt"] >= 1
+        assert "failed verification" in log3
+    finally:
+        stop_engine(f"ipc://{sock}")
+
+
+def test_dead_engine_means_misses_not_stalls(model, tmp_path, storage):
+    """An endpoint nobody serves and an engine that cannot start: vLLM still answers, within the timeouts."""
+    sock = f"/tmp/ucm-dead-{os.getpid()}.sock"
+    cfg = write_config(tmp_path / "dead.yaml", storage, endpoint=f"ipc://{sock}", clientTimeoutMs=500)
+    e = env(tmp_path / "engine.log")
+    e["UCM_ENGINE_CMD"] = "false"  # the engine cannot start
+    ps = prompts(1)
+    t0 = time.monotonic()
+    p = subprocess.run([PY, os.path.join(HERE, "vllm_driver.py"), model, cfg, str(BLOCK), json.dumps(ps)],
+                       capture_output=True, text=True, env=e, timeout=400)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "engine unavailable" in p.stdout + p.stderr
+    out = json.loads(next(l for l in p.stdout.splitlines() if l.startswith("RESULT "))[7:])
+    assert len(out["tokens"][0]) == 12
+    assert time.monotonic() - t0 < 300
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_vllm_serve_with_the_seed_kv_transfer_config(model, tmp_path, storage):
+    sock = f"/tmp/ucm-serve-{os.getpid()}.sock"
+    cfg = write_config(tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}")
+    port = free_port()
+    ktc = json.dumps({
+        "kv_connector": "UnifiedCacheConnectorV1",
+        "kv_connector_module_path": "ucm.integration.vllm.uc_connector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"UCM_CONFIG_FILE": cfg},
+    })
+    log = open(tmp_path / "serve.log", "w+")
+    vllm_bin = os.path.join(os.path.dirname(PY), "vllm")
+    proc = subprocess.Popen([vllm_bin, "serve", model, "--block-size", "128", "--no-enable-prefix-caching", "--enforce-eager",
+                             "--max-model-len", "4096", "--host", "127.0.0.1", "--port", str(port), "--kv-transfer-config", ktc],
+                            stdout=log, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, open(tmp_path / "serve.log").read()[-4000:]
+                time.sleep(1)
+        rng = random.Random(3)
+        prompt = " ".join(rng.choice(["the", "kalo", "mishi", "and", "taru", "of", "shi", "po"]) for _ in range(400))
+        body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 7, "temperature": 0}).encode()
+
+        def complete():
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"})
+            return json.loads(urllib.request.urlopen(req, timeout=120).read())["choices"][0]["text"]
+
+        a = complete()
+        time.sleep(1)
+        b = complete()
+        assert a == b
+        time.sleep(0.5)
+        text = open(tmp_path / "serve.log").read()
+        assert "Application startup complete" in text
+        assert "D2S" in text and "S2D" in text, text[-3000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        stop_engine(f"ipc://{sock}")

@@ -1,0 +1,46 @@
+"""Runs vLLM (CPU) with the UCM connector on given prompts and prints one JSON
+line: the generated tokens and the engine's counters. Used by the end-to-end
+tests, each run in a fresh process like a real restart."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main() -> None:
+    model, config, block_size, prompts_json = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    from ucm.client import EngineClient
+    from ucm.config import load_config
+
+    llm = LLM(
+        model=model, block_size=block_size, max_model_len=4096, enable_prefix_caching=False, enforce_eager=True,
+        kv_transfer_config=KVTransferConfig(
+            kv_connector="UnifiedCacheConnectorV1", kv_connector_module_path="ucm.integration.vllm.uc_connector",
+            kv_role="kv_both", kv_connector_extra_config={"UCM_CONFIG_FILE": config}),
+    )
+    prompts = [{"prompt_token_ids": p} for p in json.loads(prompts_json)]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    import time
+
+    stats = {}
+    c = EngineClient(load_config(config).endpoint, 2000)
+    for _ in range(100):  # let the saves of this run land
+        try:
+            stats = c.raw("stats")
+        except Exception:  # noqa: BLE001 - engine down is a valid scenario here
+            stats = {}
+            break
+        if stats.get("tasksInFlight", 0) == 0:
+            break
+        time.sleep(0.05)
+    c.close()
+    print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs], "stats": stats}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
