@@ -36,6 +36,8 @@ export interface EngineConfig {
   clientTimeoutMs: number;
   /** Read by the Python shim: how long a load may take before its blocks count as failed. */
   loadTimeoutMs: number;
+  /** Read by the Python shim: load asynchronously (the request waits outside the batch). */
+  loadAsync: boolean;
 }
 
 interface OptionSpec {
@@ -62,6 +64,7 @@ export const OPTIONS: Record<string, OptionSpec> = {
   clientCheckMs: { key: "clientCheckMs", kind: "int", min: 50, max: 600000, dflt: 2000, doc: "milliseconds between checks that clients are alive" },
   clientTimeoutMs: { key: "clientTimeoutMs", kind: "int", min: 1, max: 600000, dflt: 5000, doc: "(shim) deadline of one request to the engine" },
   loadTimeoutMs: { key: "loadTimeoutMs", kind: "int", min: 1, max: 3600000, dflt: 30000, doc: "(shim) how long a load may take before its blocks are recomputed" },
+  loadAsync: { key: "loadAsync", kind: "bool", dflt: false, doc: "(shim) load KV asynchronously, outside the forward pass" },
 };
 
 export class ConfigError extends Error {

@@ -171,6 +171,7 @@ export class EngineServer {
       stagingBytes: n.stagingBytes,
       transferThreads: n.threads,
       errors: { ...this.errors },
+      pid: process.pid,
       uptime_s: (Date.now() - this.started) / 1000,
     };
   }

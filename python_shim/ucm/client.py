@@ -101,6 +101,13 @@ class EngineClient:
             self._session = True
             self.epoch += 1
 
+    def ensure_session(self) -> int:
+        """Says hello if this client has no session; returns the session epoch."""
+        with self._lock:
+            if not self._session:
+                self.hello()
+            return self.epoch
+
     def call(self, op: str, deadline_ms: int | None = None, **args: Any) -> dict[str, Any]:
         """A session request; says hello first when needed. Errors raise EngineError.
         `deadline_ms` bounds the round trip (default: the client's timeout)."""

@@ -31,6 +31,8 @@ class StoreConfig:
     timeout_ms: int = 5000
     #: milliseconds a load may take before its blocks count as failed
     load_timeout_ms: int = 30000
+    #: load KV asynchronously (the request waits outside the batch)
+    load_async: bool = False
 
 
 def runtime_dir(storage_backends: str) -> str:
@@ -77,6 +79,13 @@ def _int(cc: dict[str, Any], key: str, default: int, where: str) -> int:
     return v
 
 
+def _bool(cc: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    v = cc.get(key, default)
+    if not isinstance(v, bool):
+        raise ConfigError(f"{where}.{key} must be true or false, got {v!r}")
+    return v
+
+
 def load_config(source: str | os.PathLike[str] | dict[str, Any]) -> StoreConfig:
     """Reads a config file path or an already parsed config dict (seed format)."""
     if isinstance(source, dict):
@@ -103,4 +112,5 @@ def load_config(source: str | os.PathLike[str] | dict[str, Any]) -> StoreConfig:
         raw=doc,
         timeout_ms=_int(cc, "clientTimeoutMs", 5000, where),
         load_timeout_ms=_int(cc, "loadTimeoutMs", 30000, where),
+        load_async=_bool(cc, "loadAsync", False, where),
     )

@@ -60,8 +60,9 @@ class RegionRegistry:
             spec = self._export(storage, dev)
             key = (str(dev), storage.data_ptr())  # the CPU storage may have moved
             self._specs[key] = spec
+        epoch = self.client.ensure_session()  # a new session knows none of our regions
         reg = self._regions.get(key)
-        if reg is None or reg.epoch != self.client.epoch or self.client.epoch == 0:
+        if reg is None or reg.epoch != epoch:
             rid = self.client.call("register", regions=[spec])["regions"][0]
             reg = _Region(self.client.epoch, rid, spec["size"])
             self._regions[key] = reg

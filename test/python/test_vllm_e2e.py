@@ -164,3 +164,35 @@ def test_vllm_serve_with_the_seed_kv_transfer_config(model, tmp_path, storage):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         stop_engine(f"ipc://{sock}")
+
+
+def test_engine_killed_while_serving(model, tmp_path, storage):
+    """Kill -9 the engine between requests: requests still complete (misses),
+    within the timeouts; the engine is restarted and hits resume."""
+    sock = f"/tmp/ucm-kill-{os.getpid()}.sock"
+    cfg = write_config(tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}", clientTimeoutMs=1000)
+    try:
+        p = subprocess.run([PY, os.path.join(HERE, "vllm_kill_driver.py"), model, cfg, str(BLOCK), json.dumps(prompts(1))],
+                           capture_output=True, text=True, env=env(tmp_path / "engine.log"), timeout=400)
+        rounds = {r["round"]: r for r in (json.loads(l[6:]) for l in p.stdout.splitlines() if l.startswith("ROUND "))}
+        assert p.returncode == 0 and len(rounds) == 3, p.stderr[-4000:]
+        assert rounds["killed"]["tokens"] == rounds["before"]["tokens"] == rounds["back"]["tokens"]
+        assert rounds["killed"]["seconds"] < 30  # bounded by clientTimeoutMs per operation, not stuck
+        assert rounds["back"]["loaded"] and rounds["back"]["loaded"] >= 7  # hits resume after the restart
+    finally:
+        stop_engine(f"ipc://{sock}")
+
+
+def test_async_loading(model, tmp_path, storage):
+    """loadAsync: the request waits outside the batch while its blocks load; same tokens, blocks loaded."""
+    sock = f"/tmp/ucm-async-{os.getpid()}.sock"
+    cfg = write_config(tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}", loadAsync=True)
+    elog = tmp_path / "engine.log"
+    try:
+        ps = prompts(2, seed=11)
+        first, _ = drive(model, cfg, ps, elog)
+        second, log2 = drive(model, cfg, ps, elog)
+        assert second["tokens"] == first["tokens"]
+        assert second["stats"]["blocksLoaded"] - first["stats"]["blocksLoaded"] >= 14
+    finally:
+        stop_engine(f"ipc://{sock}")

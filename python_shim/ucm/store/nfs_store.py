@@ -152,10 +152,18 @@ class NfsStore:
             task.done = True
             return task
         try:
-            for n, t in layout:
-                rid, base = self.regions.locate(t)
-                shards.add(rid, base, n)
-            r = self.client.call(op, ns=self.namespace, keys=order, shards=shards.wire())
+            for attempt in (0, 1):
+                shards = ShardList(shards.per_block)
+                for n, t in layout:
+                    rid, base = self.regions.locate(t)
+                    shards.add(rid, base, n)
+                try:
+                    r = self.client.call(op, ns=self.namespace, keys=order, shards=shards.wire())
+                    break
+                except EngineError as e:
+                    if e.code != "unknown_region" or attempt == 1:
+                        raise
+                    self.regions.forget()  # a new session (engine restart): register again
             task.task_id = int(r["task"])
         except EngineError as e:
             # Engine down or request refused: every block of the task failed

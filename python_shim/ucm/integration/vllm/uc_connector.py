@@ -94,6 +94,7 @@ class _ReqState:
     load_start: int = 0  # first block index loaded from the store
     load_count: int = 0
     saved_upto: int = 0  # block indices below this were handed to the worker for saving
+    load_planned: bool = False
 
 
 class UnifiedCacheConnectorV1(KVConnectorBase_V1):
@@ -112,6 +113,9 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         # A store miss is never an error: failed loads are recomputed, unless the operator chose otherwise.
         if extra.get("ucm_load_failure_policy", "recompute") == "recompute":
             ktc.kv_load_failure_policy = "recompute"
+        # Asynchronous loading: the request waits outside the batch while its
+        # blocks load, instead of the forward pass waiting for them.
+        self.load_async = bool(extra.get("ucm_load_async", self.config.load_async))
         self.block_size = vllm_config.cache_config.block_size
         self.num_blocks = kv_cache_config.num_blocks
         pc = vllm_config.parallel_config
@@ -138,6 +142,7 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
             self._dumps: dict[str, list[tuple[int, list[bytes]]]] = {}  # req -> [(task, keys)]
             self._saving_w: set[str] = set()
             self._finishing: set[str] = set()
+            self._async_loads: dict[str, tuple[int | None, _Transfer]] = {}
         self._connect()
 
     # ---- engine connection ---------------------------------------------------
@@ -148,10 +153,18 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         base = re.sub(r"[^A-Za-z0-9_-]", "_", os.path.basename(str(self._vllm_config.model_config.model).rstrip("/")))[:40] or "model"
         return f"{base}-{who}-{digest}"
 
-    def _connect(self) -> bool:
-        """Makes sure an engine answers; on failure stays in miss mode for a while."""
-        if time.monotonic() < self._retry_at:
+    def _connect(self, force: bool = False) -> bool:
+        """Makes sure an engine answers (starting one if needed); on failure stays in miss mode for a while."""
+        if not force and time.monotonic() < self._retry_at:
             return False
+        if not self._lock.acquire(blocking=False):
+            return False  # another thread is already at it
+        try:
+            return self._connect_locked()
+        finally:
+            self._lock.release()
+
+    def _connect_locked(self) -> bool:
         try:
             ensure_engine(self.config, start_timeout_s=max(5.0, self.config.timeout_ms / 1000))
             return True
@@ -167,13 +180,16 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         try:
             return self.client.call(op, **args)
         except EngineError as e:
-            if e.code == "unavailable":
-                self._retry_at = time.monotonic() + 2.0
-                logger.warning("UCM: %s failed (%s); treating as a miss", op, e)
-                threading.Thread(target=self._connect, daemon=True).start()
-            else:
-                logger.warning("UCM: engine refused %s: %s", op, e)
+            self._failed(op, e)
             return None
+
+    def _failed(self, op: str, e: EngineError) -> None:
+        if e.code == "unavailable":
+            self._retry_at = time.monotonic() + 2.0
+            logger.warning("UCM: %s failed (%s); treating as a miss", op, e)
+            threading.Thread(target=self._connect, kwargs={"force": True}, daemon=True).start()
+        else:
+            logger.warning("UCM: engine refused %s: %s", op, e)
 
     # ==== scheduler side =========================================================
 
@@ -198,12 +214,13 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         if hits == 0:
             return 0, False
         state.load_start, state.load_count = start, hits
-        return (start + hits) * self.block_size - num_computed_tokens, False
+        return (start + hits) * self.block_size - num_computed_tokens, self.load_async
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
         state = self._reqs.get(request.request_id)
-        if state is None or num_external_tokens == 0 or state.load_count == 0:
+        if state is None or num_external_tokens == 0 or state.load_count == 0 or state.load_planned:
             return
+        state.load_planned = True
         block_ids = blocks.get_block_ids()[0]
         s, n = state.load_start, state.load_count
         keys = [bytes(h) for h in request.block_hashes[s:s + n]]
@@ -276,19 +293,31 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         return shards
 
     def _submit(self, op: str, t: _Transfer) -> int | None:
-        try:
-            shards = self._shards(t.block_ids)
-        except EngineError as e:
-            logger.warning("UCM: cannot register KV memory: %s", e)
+        if time.monotonic() < self._retry_at:
             return None
-        r = self._call(op, ns=self.namespace, keys=t.keys, shards=shards.wire(), **({"commit": True} if op == "dump" else {}))
-        return int(r["task"]) if r else None
+        extra = {"commit": True} if op == "dump" else {}
+        for attempt in (0, 1):
+            try:
+                shards = self._shards(t.block_ids)
+                return int(self.client.call(op, ns=self.namespace, keys=t.keys, shards=shards.wire(), **extra)["task"])
+            except EngineError as e:
+                if e.code == "unknown_region" and attempt == 0:
+                    self.regions.forget()  # the session changed under us: register again
+                    continue
+                self._failed(op, e)
+                return None
+        return None
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         if not isinstance(meta, UCMConnectorMetadata) or not meta.loads:
             return
         tasks = [(t, self._submit("load", t)) for t in meta.loads]
+        if self.load_async:
+            # Finished (or failed) loads are reported by get_finished.
+            for t, task in tasks:
+                self._async_loads[t.req_id] = (task, t)
+            return
         deadline = time.monotonic() + self.config.load_timeout_ms / 1000
         for t, task in tasks:
             failed: list[int] = list(range(len(t.keys)))
@@ -297,12 +326,15 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
                 r = self._call("wait", task=task, timeout_ms=left, deadline_ms=left + self.config.timeout_ms)
                 if r and r.get("done"):
                     failed = list(r.get("failed", []))
-            # Blocks are used in order: everything after the first failure is recomputed too.
-            if failed:
-                first = min(failed)
-                self._load_errors.update(t.block_ids[first:])
-                logger.warning("UCM: request %s: %d of %d block(s) could not be loaded; vLLM recomputes them",
-                               t.req_id, len(t.keys) - first, len(t.keys))
+            self._report_failed(t, failed)
+
+    def _report_failed(self, t: _Transfer, failed: list[int]) -> None:
+        # Blocks are used in order: everything after the first failure is recomputed too.
+        if failed:
+            first = min(failed)
+            self._load_errors.update(t.block_ids[first:])
+            logger.warning("UCM: request %s: %d of %d block(s) could not be loaded; vLLM recomputes them",
+                           t.req_id, len(t.keys) - first, len(t.keys))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # start_load_kv returns only after every planned block is in place
@@ -338,7 +370,15 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
             self._finishing.discard(req_id)
             self._saving_w.discard(req_id)
             done.add(req_id)
-        return (done or None), None
+        recved: set[str] = set()
+        for req_id, (task, t) in list(self._async_loads.items()):
+            r = self._call("check", task=task) if task is not None else None
+            if r is not None and not r.get("done"):
+                continue
+            self._report_failed(t, list(r.get("failed", [])) if r else list(range(len(t.keys))))
+            del self._async_loads[req_id]
+            recved.add(req_id)
+        return (done or None), (recved or None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
