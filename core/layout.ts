@@ -49,6 +49,11 @@ export class StorageLayout {
     return p;
   }
 
+  /** Forgets that a namespace's directories exist (someone removed them): the next dump recreates them. */
+  forgetNamespace(ns: string): void {
+    this.ready.delete(ns);
+  }
+
   private async create(ns: string, description?: unknown): Promise<void> {
     await Promise.all(
       this.backends.map(async (b) => {

@@ -313,6 +313,7 @@ export class Store {
         }
       });
       if (failedTemps.length) this.removeFiles(failedTemps);
+      if (r.errno.includes(2)) this.layout.forgetNamespace(ns); // directories removed underneath: recreate next time
       this.counters.bytesDumped += r.bytes;
       if (s.closed) this.discardAll(s);
       else if (autoCommit) {

@@ -312,6 +312,7 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if not isinstance(meta, UCMConnectorMetadata) or not meta.loads:
             return
+        t_start = time.perf_counter()
         tasks = [(t, self._submit("load", t)) for t in meta.loads]
         if self.load_async:
             # Finished (or failed) loads are reported by get_finished.
@@ -327,6 +328,8 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
                 if r and r.get("done"):
                     failed = list(r.get("failed", []))
             self._report_failed(t, failed)
+        logger.debug("UCM: loaded %d block(s) for %d request(s) in %.4f s",
+                     sum(len(t.keys) for t in meta.loads), len(meta.loads), time.perf_counter() - t_start)
 
     def _report_failed(self, t: _Transfer, failed: list[int]) -> None:
         # Blocks are used in order: everything after the first failure is recomputed too.
