@@ -40,11 +40,14 @@ def env(engine_log=None):
     return e
 
 
-def drive(model, config, prompts, engine_log, timeout=400):
+def drive(model, config, prompts, engine_log, timeout=400, tp=1):
     """One vLLM process; returns its result and what it and the engine logged."""
     start = os.path.getsize(engine_log) if os.path.exists(engine_log) else 0
-    p = subprocess.run([PY, os.path.join(HERE, "vllm_driver.py"), model, config, str(BLOCK), json.dumps(prompts)],
-                       capture_output=True, text=True, env=env(engine_log), timeout=timeout)
+    e = env(engine_log)
+    if tp > 1:
+        e["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % (os.cpu_count() or 1)) for i in range(tp))  # one core per rank
+    p = subprocess.run([PY, os.path.join(HERE, "vllm_driver.py"), model, config, str(BLOCK), json.dumps(prompts), str(tp)],
+                       capture_output=True, text=True, env=e, timeout=timeout)
     line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
     assert p.returncode == 0 and line, f"driver failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     with open(engine_log) as f:
@@ -194,5 +197,22 @@ def test_async_loading(model, tmp_path, storage):
         second, log2 = drive(model, cfg, ps, elog)
         assert second["tokens"] == first["tokens"]
         assert second["stats"]["blocksLoaded"] - first["stats"]["blocksLoaded"] >= 14
+    finally:
+        stop_engine(f"ipc://{sock}")
+
+
+def test_tensor_parallel_two_ranks(model, tmp_path, storage):
+    """TP=2 on the CPU backend: one engine, one namespace per rank, identical outputs, hits in both ranks."""
+    sock = f"/tmp/ucm-tp2-{os.getpid()}.sock"
+    cfg = write_config(tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}")
+    elog = tmp_path / "engine.log"
+    try:
+        ps = prompts(1, seed=21)
+        first, _ = drive(model, cfg, ps, elog, tp=2)
+        second, _ = drive(model, cfg, ps, elog, tp=2)
+        assert second["tokens"] == first["tokens"]
+        namespaces = sorted(d for d in os.listdir(storage) if not d.startswith("."))
+        assert [n.split("-")[1] for n in namespaces] == ["tp2r0", "tp2r1"]
+        assert second["stats"]["blocksLoaded"] - first["stats"]["blocksLoaded"] == 2 * 7  # 7 blocks in each rank
     finally:
         stop_engine(f"ipc://{sock}")

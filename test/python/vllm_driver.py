@@ -10,6 +10,7 @@ import sys
 
 def main() -> None:
     model, config, block_size, prompts_json = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    tp = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
@@ -19,6 +20,7 @@ def main() -> None:
 
     llm = LLM(
         model=model, block_size=block_size, max_model_len=4096, enable_prefix_caching=False, enforce_eager=True,
+        tensor_parallel_size=tp,
         kv_transfer_config=KVTransferConfig(
             kv_connector="UnifiedCacheConnectorV1", kv_connector_module_path="ucm.integration.vllm.uc_connector",
             kv_role="kv_both", kv_connector_extra_config={"UCM_CONFIG_FILE": config}),
