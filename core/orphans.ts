@@ -26,7 +26,8 @@ export function parseTempName(name: string): Writer | undefined {
   return { host: tag.slice(0, -2).join("-"), pid };
 }
 
-function alive(pid: number): boolean {
+/** True while a process with this pid exists (EPERM: exists, another user's). */
+export function processAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
     return true;
@@ -73,7 +74,7 @@ export async function sweepOrphans(backends: readonly string[], ownTag: string, 
         const w = parseTempName(name);
         let orphan = false;
         if (w && w.host === me) {
-          orphan = !alive(w.pid);
+          orphan = !processAlive(w.pid);
         } else {
           try {
             orphan = now - (await fs.promises.stat(file)).mtimeMs > maxAgeMs;

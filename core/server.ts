@@ -7,6 +7,7 @@ import * as zmq from "zeromq";
 import { EngineConfig } from "./config";
 import { EngineClient } from "./client";
 import { Logger } from "./log";
+import { processAlive } from "./orphans";
 import { MAX_MESSAGE_BYTES, PROTOCOL_VERSIONS, ProtocolError, decodeRequest, describe, encode, optString, reqNs, reqOp, reqUint } from "./protocol";
 import { Session, Store } from "./store";
 
@@ -227,14 +228,6 @@ export class EngineServer {
   }
 }
 
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === "EPERM";
-  }
-}
 
 /** Creates `dir` (and its parent) 0700 and checks that this user owns it and it is no symlink. */
 function secureDir(dir: string): void {

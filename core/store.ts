@@ -3,7 +3,7 @@
 // native engine moves the bytes. Every method validates its request fully
 // before anything changes.
 import * as fs from "fs";
-import { BlockStatus, Engine, NativeEngine, TransferResult, TransferSpec } from "./native";
+import { BLOCK_STATUS_NAMES, BlockStatus, Engine, NativeEngine, TransferResult, TransferSpec } from "./native";
 import { EngineConfig } from "./config";
 import { KnownBlocks } from "./known_blocks";
 import { hostTag, sweepOrphans } from "./orphans";
@@ -26,15 +26,8 @@ import {
 type Msg = Record<string, unknown>;
 type Direction = "D2S" | "S2D";
 
-const WIRE: Record<BlockStatus, WireStatus> = {
-  [BlockStatus.Ok]: "ok",
-  [BlockStatus.NotFound]: "not_found",
-  [BlockStatus.Corrupt]: "corrupt",
-  [BlockStatus.IoError]: "io_error",
-  [BlockStatus.Cancelled]: "cancelled",
-  [BlockStatus.Skipped]: "skipped",
-  [BlockStatus.Mismatch]: "mismatch",
-};
+/** Per-block result names on the wire are the native status names. */
+const WIRE = BLOCK_STATUS_NAMES as Record<BlockStatus, WireStatus>;
 
 /** Finished tasks a client may leave unread before the oldest are forgotten. */
 const MAX_FINISHED_TASKS = 4096;
