@@ -132,7 +132,7 @@ def test_vllm_serve_with_the_seed_kv_transfer_config(model, tmp_path, storage):
     })
     log = open(tmp_path / "serve.log", "w+")
     vllm_bin = os.path.join(os.path.dirname(PY), "vllm")
-    proc = subprocess.Popen([vllm_bin, "serve", model, "--block-size", "128", "--no-enable-prefix-caching", "--enforce-eager",
+    proc = subprocess.Popen([vllm_bin, "serve", model, "--block-size", "128", "--no-enable-prefix-caching", "--enforce-eager", "--dtype", "float32",
                              "--max-model-len", "4096", "--host", "127.0.0.1", "--port", str(port), "--kv-transfer-config", ktc],
                             stdout=log, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
     try:

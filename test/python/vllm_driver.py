@@ -19,7 +19,7 @@ def main() -> None:
     from ucm.config import load_config
 
     llm = LLM(
-        model=model, block_size=block_size, max_model_len=4096, enable_prefix_caching=False, enforce_eager=True,
+        model=model, dtype="float32", block_size=block_size, max_model_len=4096, enable_prefix_caching=False, enforce_eager=True,
         tensor_parallel_size=tp,
         kv_transfer_config=KVTransferConfig(
             kv_connector="UnifiedCacheConnectorV1", kv_connector_module_path="ucm.integration.vllm.uc_connector",

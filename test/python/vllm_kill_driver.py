@@ -30,7 +30,7 @@ def main() -> None:
             c.close()
 
     llm = LLM(
-        model=model, block_size=block_size, max_model_len=4096, enable_prefix_caching=False, enforce_eager=True,
+        model=model, dtype="float32", block_size=block_size, max_model_len=4096, enable_prefix_caching=False, enforce_eager=True,
         kv_transfer_config=KVTransferConfig(
             kv_connector="UnifiedCacheConnectorV1", kv_connector_module_path="ucm.integration.vllm.uc_connector",
             kv_role="kv_both", kv_connector_extra_config={"UCM_CONFIG_FILE": config}),
