@@ -3,8 +3,11 @@
 //
 //   ucm-engine serve  --config <yaml> [--endpoint <ep>] [--log-level <level>]
 //   ucm-engine health --config <yaml> | --endpoint <ep>
-//   ucm-engine stats  --config <yaml> | --endpoint <ep>
+//   ucm-engine stats  --config <yaml> | --endpoint <ep> [--json]
+//   ucm-engine bench  --dir <path> [--config <yaml>] [--block-mib 16] [--shards 128] [--gib 2] [--threads N]
 import { EngineClient } from "./client";
+import { OPTIONS, parseSize } from "./config";
+import { formatMountBench, runMountBench, table } from "./mount_bench";
 import { ConfigError, EngineConfig, LoadedConfig, defaultEndpoint, loadConfigFile, validateEndpoint } from "./config";
 import { LOG_LEVELS, LogLevel, Logger } from "./log";
 import { EngineServer } from "./server";
@@ -12,7 +15,8 @@ import { EngineServer } from "./server";
 const USAGE = `usage:
   ucm-engine serve  --config <yaml> [--endpoint <ipc://path | tcp://127.0.0.1:port>] [--log-level debug|info|warn|error]
   ucm-engine health --config <yaml> | --endpoint <ep>
-  ucm-engine stats  --config <yaml> | --endpoint <ep>`;
+  ucm-engine stats  --config <yaml> | --endpoint <ep> [--json]
+  ucm-engine bench  --dir <path> [--config <yaml>] [--block-mib 16] [--shards 128] [--gib 2] [--threads <n>] [--odirect true|false]`;
 
 interface Args {
   command: string;
@@ -26,6 +30,10 @@ function parseArgs(argv: string[]): Args {
     const a = rest[i];
     const m = /^--([a-z-]+)(?:=(.*))?$/.exec(a);
     if (!m) throw new ConfigError(`unexpected argument ${JSON.stringify(a)}\n${USAGE}`);
+    if (m[1] === "json") {
+      flags.set("json", "true");
+      continue;
+    }
     const value = m[2] ?? rest[++i];
     if (value === undefined) throw new ConfigError(`--${m[1]} needs a value\n${USAGE}`);
     flags.set(m[1], value);
@@ -91,11 +99,71 @@ async function ask(op: "health" | "stats", flags: Map<string, string>): Promise<
     const r = await client.call(op);
     delete r.id;
     delete r.ok;
-    console.log(JSON.stringify(r, null, 2));
+    console.log(op === "stats" && !flags.has("json") ? formatStats(r) : JSON.stringify(r, null, 2));
     return 0;
   } finally {
     client.close();
   }
+}
+
+const gib = (x: unknown) => `${(Number(x) / 2 ** 30).toFixed(2)} GiB`;
+
+/** The stats reply as a table: the figures the metrics endpoint exports. */
+export function formatStats(r: Record<string, unknown>): string {
+  const n = (k: string) => Number(r[k] ?? 0);
+  const rows: Array<[string, string]> = [];
+  const add = (a: string, b: string) => rows.push([a, b]);
+  add("engine", `pid ${n("pid")}, up ${n("uptime_s").toFixed(0)} s, ${n("clients")} client(s), ${n("transferThreads")} transfer threads`);
+  const lk = n("lookupKeys");
+  add("lookups", `${n("lookups")} requests, ${lk} keys: ${n("hits")} hits, ${n("misses")} misses${lk ? ` (hit rate ${((100 * n("hits")) / lk).toFixed(1)}%)` : ""}`);
+  add("dumped", `${n("blocksDumped")} blocks, ${gib(n("bytesDumped"))} in ${n("dumpTasks")} tasks; ${n("blocksSkipped")} already stored`);
+  add("loaded", `${n("blocksLoaded")} blocks, ${gib(n("bytesLoaded"))} in ${n("loadTasks")} tasks`);
+  const lat = (r.latency ?? {}) as Record<string, { count: number; meanS: number; p50S: number; p99S: number }>;
+  for (const d of ["dump", "load"]) {
+    const l = lat[d];
+    if (l && l.count) add(`${d} task latency`, `mean ${(l.meanS * 1e3).toFixed(2)} ms, p50 <= ${(l.p50S * 1e3).toFixed(1)} ms, p99 <= ${(l.p99S * 1e3).toFixed(1)} ms (${l.count} tasks)`);
+  }
+  add("dropped writes", `${n("droppedInflight")} in-flight bytes, ${n("droppedCapacity")} capacity, ${n("droppedQueueAge")} queue age, ${n("deferredFirstSight")} first sight`);
+  add("in flight", `${n("tasksInFlight")} tasks, ${n("queuedBlocks")} blocks queued, ${gib(n("inflightDumpBytes"))} of ${gib(n("maxInflightBytes"))} dump bytes`);
+  for (const c of (r.capacity ?? []) as Array<Record<string, number | string>>) {
+    const cap = Number(c.capacity);
+    const used = Number(c.usedBytes);
+    add(`capacity ${c.dir}`, `${gib(used)} in ${c.usedFiles} blocks of ${cap ? `${gib(cap)} (${((100 * used) / cap).toFixed(1)}%)` : "unlimited"}; evicted ${c.evictedFiles} blocks (${gib(c.evictedBytes)}) in ${c.evictionPasses} passes`);
+  }
+  const errs = (r.errors ?? {}) as Record<string, number>;
+  const reqErrs = Object.entries(errs).map(([k, v]) => `${k} ${v}`).join(", ");
+  add("errors", `blocks: ${n("blocksNotFound")} not found, ${n("blocksCorrupt")} corrupt, ${n("blocksMismatch")} mismatch, ${n("blocksIoError")} I/O, ${n("blocksCancelled")} cancelled; requests: ${reqErrs || "none"}`);
+  return table(["", ""], rows).split("\n").slice(2).join("\n");
+}
+
+async function bench(flags: Map<string, string>): Promise<number> {
+  const dir = flags.get("dir");
+  if (!dir) throw new ConfigError(`--dir <path> is required\n${USAGE}`);
+  const cfg = flags.has("config") ? configFrom(flags).config : undefined;
+  const num = (k: string, dflt: number, min: number, max: number) => {
+    const v = flags.get(k);
+    if (v === undefined) return dflt;
+    const x = Number(v);
+    if (!Number.isFinite(x) || x < min || x > max) throw new ConfigError(`--${k} must be a number in [${min}, ${max}], got ${JSON.stringify(v)}`);
+    return x;
+  };
+  const threads = Math.round(num("threads", cfg?.transferStreamNumber ?? (OPTIONS.transferStreamNumber.dflt as number), 1, 1024));
+  const od = flags.get("odirect");
+  if (od !== undefined && od !== "true" && od !== "false") throw new ConfigError(`--odirect must be true or false, got ${JSON.stringify(od)}`);
+  const odirect = od !== undefined ? od === "true" : (cfg?.odirect ?? true);
+  const blockBytes = Math.round(num("block-mib", 16, 1 / 256, 1024) * 2 ** 20);
+  const total = parseSize(`${num("gib", 2, 0.001, 1024)}GiB`) ?? 2 ** 31;
+  const r = await runMountBench({
+    dir,
+    blockBytes,
+    shards: Math.round(num("shards", 128, 1, 4096)),
+    totalBytes: total,
+    threads,
+    odirect,
+    progress: process.stderr,
+  });
+  console.log(formatMountBench(r, odirect));
+  return r.failed ? 1 : 0;
 }
 
 async function main(argv: string[]): Promise<number> {
@@ -106,6 +174,8 @@ async function main(argv: string[]): Promise<number> {
     case "health":
     case "stats":
       return ask(command, flags);
+    case "bench":
+      return bench(flags);
     case "-h":
     case "--help":
     case "help":

@@ -38,11 +38,29 @@ export interface EngineConfig {
   loadTimeoutMs: number;
   /** Read by the Python shim: load asynchronously (the request waits outside the batch). */
   loadAsync: boolean;
+  /** Bytes each backend directory may hold, one per backend (0: unlimited). */
+  capacity: number[];
+  /** Block files used within this many seconds are never evicted. */
+  evictionGraceS: number;
+  /** Milliseconds between updates of the shared usage ledger. */
+  capacitySyncMs: number;
+  /** Seconds between full rescans that repair the ledger (0: only when evicting). */
+  capacityRescanS: number;
+  /** Dump bytes submitted and not yet written, above which new dumps are dropped. */
+  maxInflightBytes: number;
+  /** Milliseconds a dumped block may wait in the queue before it is dropped (0: no limit). */
+  maxQueueMs: number;
+  /** Store a block only the second time a dump asks for it. */
+  admitOnSecondSight: boolean;
+  /** Prometheus endpoint port (0: off). */
+  metricsPort: number;
+  /** Address the metrics endpoint listens on. */
+  metricsHost: string;
 }
 
 interface OptionSpec {
   key: keyof EngineConfig;
-  kind: "int" | "bool" | "string" | "level";
+  kind: "int" | "bool" | "string" | "level" | "size" | "sizes";
   min?: number;
   max?: number;
   dflt: number | boolean | string;
@@ -65,7 +83,34 @@ export const OPTIONS: Record<string, OptionSpec> = {
   clientTimeoutMs: { key: "clientTimeoutMs", kind: "int", min: 1, max: 600000, dflt: 5000, doc: "(shim) deadline of one request to the engine" },
   loadTimeoutMs: { key: "loadTimeoutMs", kind: "int", min: 1, max: 3600000, dflt: 30000, doc: "(shim) how long a load may take before its blocks are recomputed" },
   loadAsync: { key: "loadAsync", kind: "bool", dflt: false, doc: "(shim) load KV asynchronously, outside the forward pass" },
+  capacity: { key: "capacity", kind: "sizes", dflt: 0, doc: "bytes each backend directory may hold, e.g. 500GiB (one value, or a list with one per backend); 0 = unlimited. Shared by every engine writing there" },
+  evictionGraceS: { key: "evictionGraceS", kind: "int", min: 0, max: 86400, dflt: 10, doc: "blocks used within this many seconds are never evicted" },
+  capacitySyncMs: { key: "capacitySyncMs", kind: "int", min: 10, max: 60000, dflt: 500, doc: "milliseconds between updates of the shared usage ledger" },
+  capacityRescanS: { key: "capacityRescanS", kind: "int", min: 0, max: 604800, dflt: 3600, doc: "seconds between rescans that repair the usage ledger (0 = only when evicting)" },
+  maxInflightBytes: { key: "maxInflightBytes", kind: "size", min: 1 << 20, max: 2 ** 50, dflt: 4 * 2 ** 30, doc: "dump bytes accepted and not yet written; dumps beyond it are dropped" },
+  maxQueueMs: { key: "maxQueueMs", kind: "int", min: 0, max: 3600000, dflt: 5000, doc: "a dumped block still queued after this many ms is dropped (0 = no limit)" },
+  admitOnSecondSight: { key: "admitOnSecondSight", kind: "bool", dflt: false, doc: "store a block only the second time it is dumped (spares SSD wear)" },
+  metricsPort: { key: "metricsPort", kind: "int", min: 0, max: 65535, dflt: 0, doc: "Prometheus /metrics port; 0 = off" },
+  metricsHost: { key: "metricsHost", kind: "string", dflt: "127.0.0.1", doc: "address the metrics endpoint listens on" },
 };
+
+const SIZE_UNITS: Record<string, number> = {
+  "": 1, b: 1,
+  k: 2 ** 10, kib: 2 ** 10, m: 2 ** 20, mib: 2 ** 20, g: 2 ** 30, gib: 2 ** 30, t: 2 ** 40, tib: 2 ** 40,
+  kb: 1e3, mb: 1e6, gb: 1e9, tb: 1e12,
+};
+
+/** Bytes from an integer or a string such as "500GiB", "1.5TB", "64M"; undefined when not a size. */
+export function parseSize(v: unknown): number | undefined {
+  if (typeof v === "number") return Number.isSafeInteger(v) && v >= 0 ? v : undefined;
+  if (typeof v !== "string") return undefined;
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$/.exec(v);
+  if (!m) return undefined;
+  const unit = SIZE_UNITS[m[2].toLowerCase()];
+  if (unit === undefined) return undefined;
+  const n = Math.floor(parseFloat(m[1]) * unit);
+  return Number.isSafeInteger(n) ? n : undefined;
+}
 
 export class ConfigError extends Error {
   constructor(message: string) {
@@ -197,6 +242,26 @@ export function parseConfig(doc: unknown): LoadedConfig {
       case "string":
         if (typeof v !== "string") throw new ConfigError(`${key(k)} must be a string, got ${show(v)}`);
         break;
+      case "size": {
+        const n = parseSize(v);
+        if (n === undefined) throw new ConfigError(`${key(k)} must be a size in bytes such as 4GiB or 500MB, got ${show(v)}`);
+        if (n < (spec.min ?? 0) || n > (spec.max ?? Infinity)) {
+          throw new ConfigError(`${key(k)} must be between ${spec.min} and ${spec.max} bytes, got ${show(v)} (${n})`);
+        }
+        out[spec.key] = n;
+        continue;
+      }
+      case "sizes": {
+        const list = Array.isArray(v) ? v : [v];
+        const sizes = list.map((x, i) => {
+          const n = parseSize(x);
+          const at = Array.isArray(v) ? `${key(k)}[${i}]` : key(k);
+          if (n === undefined) throw new ConfigError(`${at} must be a size in bytes such as 500GiB, or 0 for unlimited, got ${show(x)}`);
+          return n;
+        });
+        out[spec.key] = sizes;
+        continue;
+      }
       case "level":
         if (typeof v !== "string" || !LOG_LEVELS.includes(v as LogLevel)) {
           throw new ConfigError(`${key(k)} must be one of ${LOG_LEVELS.join(", ")}, got ${show(v)}`);
@@ -207,6 +272,15 @@ export function parseConfig(doc: unknown): LoadedConfig {
   }
   for (const k of Object.keys(raw)) {
     if (k !== "storage_backends" && !(k in OPTIONS)) warnings.push(`unknown key ${key(k)} ignored`);
+  }
+  if (!Array.isArray(out.capacity)) out.capacity = [out.capacity as number];
+  const caps = out.capacity as number[];
+  if (caps.length === 1) out.capacity = resolved.map(() => caps[0]);
+  else if (caps.length !== resolved.length) {
+    throw new ConfigError(`${key("capacity")} lists ${caps.length} sizes for ${resolved.length} storage backends; give one value for all or one per backend`);
+  }
+  for (const [i, c] of (out.capacity as number[]).entries()) {
+    if (c !== 0 && c < 16 * 2 ** 20) throw new ConfigError(`${key("capacity")}: ${c} bytes for ${show(resolved[i])} is below the 16 MiB minimum (0 = unlimited)`);
   }
   const config = { ...out, storageBackends: resolved, storageBackendsRaw: sb } as EngineConfig;
   if (config.endpoint === "") config.endpoint = defaultEndpoint(sb);

@@ -64,6 +64,11 @@ export class KnownBlocks {
     this.count++;
   }
 
+  /** Forgets everything (blocks were evicted: any of them may be gone). */
+  clear(): void {
+    this.spaces.clear();
+  }
+
   forget(ns: string, key: Buffer): void {
     const space = this.spaces.get(ns);
     if (!space) return;

@@ -18,10 +18,14 @@ export class StorageLayout {
 
   /** Which backend holds a key: FNV-1a over its bytes, so shards stay stable across engines. */
   backendFor(key: Buffer): string {
-    if (this.backends.length === 1) return this.backends[0];
+    return this.backends[this.backendIndex(key)];
+  }
+
+  backendIndex(key: Buffer): number {
+    if (this.backends.length === 1) return 0;
     let h = 0x811c9dc5;
     for (const b of key) h = Math.imul(h ^ b, 0x01000193) >>> 0;
-    return this.backends[h % this.backends.length];
+    return h % this.backends.length;
   }
 
   blockPath(ns: string, key: Buffer): string {

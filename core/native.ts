@@ -11,6 +11,7 @@ export enum BlockStatus {
   Cancelled = 4,
   Skipped = 5,
   Mismatch = 6,
+  Dropped = 7,
 }
 
 export const BLOCK_STATUS_NAMES: Record<BlockStatus, string> = {
@@ -21,6 +22,7 @@ export const BLOCK_STATUS_NAMES: Record<BlockStatus, string> = {
   [BlockStatus.Cancelled]: "cancelled",
   [BlockStatus.Skipped]: "skipped",
   [BlockStatus.Mismatch]: "mismatch",
+  [BlockStatus.Dropped]: "dropped",
 };
 
 export interface NativeEngineOptions {
@@ -44,6 +46,8 @@ export interface TransferSpec {
   shardRegion: Uint32Array;
   shardOffset: Float64Array;
   shardLength: Float64Array;
+  /** Dumps: blocks still queued this long after submit are dropped (status Dropped). */
+  maxQueueMs?: number;
 }
 
 export interface TransferResult {
@@ -80,9 +84,46 @@ export interface NativeEngine {
   close(): void;
 }
 
+/** A backend directory's usage ledger (see native/src/capacity.h). */
+export interface LedgerUsage {
+  bytes: number;
+  files: number;
+  /** false when this call created the ledger (a directory never accounted). */
+  existed: boolean;
+}
+
+export interface EvictRequest {
+  dir: string;
+  /** Bytes to free; 0 scans and repairs the ledger only. */
+  freeBytes: number;
+  /** Block files used more recently than this are kept. */
+  graceMs: number;
+  /** Block file names (key hex) being read by this engine: kept. */
+  pinned?: string[];
+  timeoutMs?: number;
+}
+
+export interface EvictResult {
+  /** Another engine was evicting; nothing done. */
+  busy: boolean;
+  error: string | null;
+  scannedBytes: number;
+  scannedFiles: number;
+  freedBytes: number;
+  freedFiles: number;
+  keptRecent: number;
+  keptPinned: number;
+  vanished: number;
+  /** The ledger after the pass. */
+  usedBytes: number;
+  usedFiles: number;
+}
+
 interface Addon {
   Engine: new (opts?: NativeEngineOptions) => NativeEngine;
   crc32c(data: Uint8Array): number;
+  usageAdd(dir: string, deltaBytes: number, deltaFiles: number, timeoutMs: number): Promise<LedgerUsage>;
+  evict(req: EvictRequest): Promise<EvictResult>;
   constants: { headerSize: number; blockAlign: number; formatVersion: number; cuda: boolean };
 }
 
@@ -100,6 +141,8 @@ const addon: Addon = require(findAddon());
 
 export const Engine = addon.Engine;
 export const crc32c = addon.crc32c;
+export const usageAdd = addon.usageAdd;
+export const evict = addon.evict;
 export const constants = addon.constants;
 
 /** On-disk size of a block file holding `payload` bytes. */

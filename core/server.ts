@@ -7,6 +7,7 @@ import * as zmq from "zeromq";
 import { EngineConfig } from "./config";
 import { EngineClient } from "./client";
 import { Logger } from "./log";
+import { Metrics } from "./metrics";
 import { processAlive } from "./orphans";
 import { MAX_MESSAGE_BYTES, PROTOCOL_VERSIONS, ProtocolError, decodeRequest, describe, encode, optString, reqNs, reqOp, reqUint } from "./protocol";
 import { Session, Store } from "./store";
@@ -30,8 +31,11 @@ export class EngineServer {
   private readonly errors: Record<string, number> = {};
   private loop?: Promise<void>;
 
+  readonly metrics: Metrics;
+
   constructor(readonly config: EngineConfig, readonly log: Logger) {
     this.store = new Store(config, log);
+    this.metrics = new Metrics(this.store, () => ({ clients: this.sessions.size, protocolErrors: this.errors }));
   }
 
   get endpoint(): string {
@@ -57,6 +61,8 @@ export class EngineServer {
         }
       }
     }
+    await this.store.capacity.start();
+    if (this.config.metricsPort > 0) await this.metrics.listen(this.config.metricsHost, this.config.metricsPort, this.log);
     await this.sock.bind(ep);
     if (ep.startsWith("ipc://")) fs.chmodSync(ep.slice("ipc://".length), 0o600);
     this.loop = this.receive();
@@ -162,11 +168,15 @@ export class EngineServer {
     };
   }
 
-  stats(): Msg {
+  async stats(): Promise<Msg> {
     const n = this.store.native.stats();
     return {
       ...this.store.counters,
       tasksInFlight: this.store.tasksInFlight,
+      inflightDumpBytes: this.store.inflightDumpBytes,
+      maxInflightBytes: this.config.maxInflightBytes,
+      capacity: this.store.capacity.usage(),
+      latency: await this.metrics.latencySummary(),
       clients: this.sessions.size,
       queuedBlocks: n.queuedBlocks,
       stagingBytes: n.stagingBytes,
@@ -217,6 +227,7 @@ export class EngineServer {
     this.stopping = true;
     this.log.info(`shutting down: ${this.store.tasksInFlight} task(s) in flight`);
     for (const t of this.timers) clearInterval(t);
+    await this.metrics.close();
     await this.store.close(this.config.shutdownTimeoutS * 1000, [...this.sessions.values()]);
     // Let queued replies go out before the socket closes.
     const deadline = Date.now() + 1000;

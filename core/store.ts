@@ -3,7 +3,8 @@
 // native engine moves the bytes. Every method validates its request fully
 // before anything changes.
 import * as fs from "fs";
-import { BLOCK_STATUS_NAMES, BlockStatus, Engine, NativeEngine, TransferResult, TransferSpec } from "./native";
+import { BLOCK_STATUS_NAMES, BlockStatus, Engine, NativeEngine, TransferResult, TransferSpec, blockFileSize } from "./native";
+import { CapacityManager } from "./capacity";
 import { EngineConfig } from "./config";
 import { KnownBlocks } from "./known_blocks";
 import { hostTag, sweepOrphans } from "./orphans";
@@ -63,7 +64,15 @@ interface PendingCommit {
   temp?: string; // absent when the block was already stored (skipped)
   final: string;
   at: number;
+  backend: number;
+  fileBytes: number;
 }
+
+/** Keys remembered for admitOnSecondSight. */
+const SECOND_SIGHT_ENTRIES = 1 << 20;
+
+/** Called once per finished task (metrics). */
+export type TaskObserver = (direction: Direction, seconds: number, blocksOk: number, bytes: number) => void;
 
 export class Session {
   readonly regions = new Map<number, { nid: number; size: number }>(); // client region id -> native region
@@ -102,7 +111,25 @@ export class Store {
     blocksCorrupt: 0,
     commits: 0,
     discards: 0,
+    // write admission: dumps dropped instead of queued
+    droppedInflight: 0,
+    droppedCapacity: 0,
+    droppedQueueAge: 0,
+    deferredFirstSight: 0,
+    // failed blocks by kind
+    blocksNotFound: 0,
+    blocksMismatch: 0,
+    blocksIoError: 0,
+    blocksCancelled: 0,
   };
+  readonly capacity: CapacityManager;
+  /** Dump bytes admitted and not yet written. */
+  inflightDumpBytes = 0;
+  /** Block file names being loaded here (never evicted under the reader). */
+  private readonly loading = new Map<string, number>();
+  /** Keys dumped once (admitOnSecondSight), oldest first. */
+  private readonly seenOnce = new Map<string, true>();
+  onTask?: TaskObserver;
 
   constructor(readonly config: EngineConfig, readonly log: Logger) {
     this.engineId = `${hostTag()}-${process.pid}-${Date.now().toString(36)}`;
@@ -113,6 +140,7 @@ export class Store {
       fsync: config.fsync,
       maxBlockBytes: config.maxBlockBytes,
     });
+    this.capacity = new CapacityManager(config, log, () => [...this.loading.keys()], () => this.known.clear());
   }
 
   get tasksInFlight(): number {
@@ -270,38 +298,58 @@ export class Store {
     const keys = reqKeys(msg, this.config.maxKeysPerRequest);
     const all = keys.map((_, i) => i);
     // Validate regions and bounds with every block before deciding which to skip.
-    this.spec(s, msg, () => "/", all);
+    const full = this.spec(s, msg, () => "/", all);
     await this.layout.ensureNamespace(ns);
     const existing = await this.lookup({ ns, keys });
-    const write = all.filter((i) => !existing.found[i]);
+    const status = new Array<BlockStatus>(keys.length).fill(BlockStatus.Skipped);
+    const write = this.admit(ns, keys, full.shardLength, all.filter((i) => !existing.found[i]), status);
+    const payload = write.map((b) => blockBytes(full.shardLength, b, keys.length));
+    const files = payload.map(blockFileSize);
+    const backends = write.map((b) => this.layout.backendIndex(keys[b]));
+    const admitted = payload.reduce((a, x) => a + x, 0);
+    this.inflightDumpBytes += admitted;
     const temps = new Map<number, string>();
     const spec = this.spec(s, msg, (i) => {
       const t = this.layout.tempPath(ns, keys[i]);
       temps.set(i, t);
       return t;
     }, write);
+    if (this.config.maxQueueMs > 0) spec.maxQueueMs = this.config.maxQueueMs;
     const autoCommit = optBool(msg, "commit", false);
-    const started = this.submit(s, "D2S", spec);
+    let started: TransferResult | Promise<TransferResult>;
+    try {
+      started = this.submit(s, "D2S", spec);
+    } catch (e) {
+      this.inflightDumpBytes -= admitted;
+      write.forEach((_, j) => this.capacity.release(backends[j], files[j]));
+      throw e;
+    }
     this.counters.dumpTasks++;
     return this.track(s, "D2S", keys.length, Promise.resolve(started), async (r, id) => {
-      const status = new Array<BlockStatus>(keys.length).fill(BlockStatus.Skipped);
+      this.inflightDumpBytes -= admitted;
       const errno = new Array<number>(keys.length).fill(0);
+      const where = new Map<number, number>();
       write.forEach((b, j) => {
         status[b] = r.status[j];
         errno[b] = r.errno[j];
+        where.set(b, j);
+        this.capacity.release(backends[j], files[j]); // counted as used once committed
       });
       const now = Date.now();
       const failedTemps: string[] = [];
       keys.forEach((k, b) => {
         const key = `${ns}/${k.toString("hex")}`;
+        const j = where.get(b);
         if (status[b] === BlockStatus.Skipped) {
           this.counters.blocksSkipped++;
-          this.replacePending(s, key, { final: this.layout.blockPath(ns, k), at: now });
+          this.replacePending(s, key, { final: this.layout.blockPath(ns, k), at: now, backend: 0, fileBytes: 0 });
         } else if (status[b] === BlockStatus.Ok) {
           this.counters.blocksDumped++;
-          this.replacePending(s, key, { temp: temps.get(b), final: this.layout.blockPath(ns, k), at: now });
+          this.replacePending(s, key, { temp: temps.get(b), final: this.layout.blockPath(ns, k), at: now, backend: backends[j!], fileBytes: files[j!] });
+        } else if (status[b] === BlockStatus.Dropped) {
+          if (j !== undefined) this.counters.droppedQueueAge++; // the others were counted at admission
         } else {
-          this.counters.blocksFailed++;
+          this.countFailure(status[b]);
           failedTemps.push(temps.get(b)!);
         }
       });
@@ -325,6 +373,54 @@ export class Store {
     });
   }
 
+  /**
+   * Write admission: which of the `candidates` (blocks not stored yet) are
+   * written. The rest are marked Dropped, never queued: first sight (when
+   * admitOnSecondSight), in-flight bytes above maxInflightBytes, or a full
+   * backend directory. Admitted blocks hold a capacity reservation.
+   */
+  private admit(ns: string, keys: Buffer[], shardLength: Float64Array, candidates: number[], status: BlockStatus[]): number[] {
+    const write: number[] = [];
+    let inflight = this.inflightDumpBytes;
+    for (const b of candidates) {
+      status[b] = BlockStatus.Dropped;
+      if (this.config.admitOnSecondSight && !this.secondSight(`${ns}/${keys[b].toString("hex")}`)) {
+        this.counters.deferredFirstSight++;
+        continue;
+      }
+      const bytes = blockBytes(shardLength, b, keys.length);
+      if (inflight + bytes > this.config.maxInflightBytes) {
+        this.counters.droppedInflight++;
+        continue;
+      }
+      if (!this.capacity.reserve(this.layout.backendIndex(keys[b]), blockFileSize(bytes))) {
+        this.counters.droppedCapacity++;
+        continue;
+      }
+      inflight += bytes;
+      status[b] = BlockStatus.Ok; // decided by the write
+      write.push(b);
+    }
+    return write;
+  }
+
+  /** True the second time a key is asked for (then forgotten); remembers the first. */
+  private secondSight(id: string): boolean {
+    if (this.seenOnce.delete(id)) return true;
+    this.seenOnce.set(id, true);
+    if (this.seenOnce.size > SECOND_SIGHT_ENTRIES) this.seenOnce.delete(this.seenOnce.keys().next().value!);
+    return false;
+  }
+
+  private countFailure(st: BlockStatus): void {
+    this.counters.blocksFailed++;
+    if (st === BlockStatus.NotFound) this.counters.blocksNotFound++;
+    else if (st === BlockStatus.Corrupt) this.counters.blocksCorrupt++;
+    else if (st === BlockStatus.Mismatch) this.counters.blocksMismatch++;
+    else if (st === BlockStatus.Cancelled) this.counters.blocksCancelled++;
+    else this.counters.blocksIoError++;
+  }
+
   private replacePending(s: Session, key: string, p: PendingCommit): void {
     const old = s.pending.get(key);
     if (old?.temp) this.removeFiles([old.temp]);
@@ -336,9 +432,18 @@ export class Store {
     const keys = reqKeys(msg, this.config.maxKeysPerRequest);
     const all = keys.map((_, i) => i);
     const spec = this.spec(s, msg, (i) => this.layout.blockPath(ns, keys[i]), all);
-    const started = this.submit(s, "S2D", spec);
+    const names = keys.map((k) => k.toString("hex"));
+    this.pin(names, 1);
+    let started: TransferResult | Promise<TransferResult>;
+    try {
+      started = this.submit(s, "S2D", spec);
+    } catch (e) {
+      this.pin(names, -1);
+      throw e;
+    }
     this.counters.loadTasks++;
     return this.track(s, "S2D", keys.length, Promise.resolve(started), (r, id) => {
+      this.pin(names, -1);
       const status = Array.from(r.status) as BlockStatus[];
       const bad: string[] = [];
       keys.forEach((k, b) => {
@@ -348,12 +453,12 @@ export class Store {
           this.known.remember(ns, k, Date.now());
           return;
         }
-        this.counters.blocksFailed++;
+        this.countFailure(status[b]);
         this.known.forget(ns, k);
         if (status[b] === BlockStatus.Corrupt) {
           // A block that fails verification is removed so lookup stops offering it.
-          this.counters.blocksCorrupt++;
           bad.push(spec.paths[b]);
+          this.capacity.removed(this.layout.backendIndex(k), blockFileSize(blockBytes(spec.shardLength, b, keys.length)));
           this.log.warn(`block ${key} failed verification (${r.what[b]}); removed, it will be recomputed`);
         }
       });
@@ -362,6 +467,14 @@ export class Store {
       this.log.info(taskLine(id, "S2D", keys.length, r.bytes, r.elapsedNs / 1e9));
       return { status, errno: Array.from(r.errno), bytes: r.bytes, elapsed: r.elapsedNs / 1e9 };
     });
+  }
+
+  private pin(names: string[], by: 1 | -1): void {
+    for (const n of names) {
+      const c = (this.loading.get(n) ?? 0) + by;
+      if (c > 0) this.loading.set(n, c);
+      else this.loading.delete(n);
+    }
   }
 
   private track(
@@ -376,6 +489,7 @@ export class Store {
       async (r) => {
         const f = await finish(r, id);
         const status = f.status.map((x) => WIRE[x]);
+        this.onTask?.(direction, f.elapsed, f.status.filter((x) => x === BlockStatus.Ok).length, f.bytes);
         const failed: number[] = [];
         status.forEach((x, i) => {
           if (x !== "ok" && x !== "skipped") failed.push(i);
@@ -458,6 +572,7 @@ export class Store {
     const from: string[] = [];
     const to: string[] = [];
     const at: number[] = [];
+    const sizes: Array<[number, number]> = [];
     const drop: string[] = [];
     keys.forEach((k, i) => {
       const id = `${ns}/${k.toString("hex")}`;
@@ -475,6 +590,7 @@ export class Store {
       from.push(p.temp);
       to.push(p.final);
       at.push(i);
+      sizes.push([p.backend, p.fileBytes]);
     });
     if (drop.length) {
       await this.native.remove(drop);
@@ -488,6 +604,7 @@ export class Store {
         if (e === 0) {
           committed[i] = true;
           this.counters.commits++;
+          this.capacity.committed(sizes[j][0], sizes[j][1]);
           this.known.remember(ns, keys[i], now);
         } else {
           this.log.warn(`commit of block ${ns}/${keys[i].toString("hex")} failed: errno ${e}`);
@@ -577,10 +694,19 @@ export class Store {
     }
     this.nativeClosed = true;
     this.native.close(); // cancels what is still queued; running blocks finish first
+    await this.capacity.close();
     await Promise.allSettled([...this.inflight]);
     // No partial or uncommitted block survives the engine.
     const temps = sessions.flatMap((s) => [...s.pending.values()].flatMap((p) => (p.temp ? [p.temp] : [])));
     for (const s of sessions) s.pending.clear();
     await Promise.all(temps.map((t) => fs.promises.rm(t, { force: true })));
   }
+}
+
+/** Payload bytes of block `b` of a request of `blocks` blocks with equal shard counts. */
+function blockBytes(shardLength: Float64Array, b: number, blocks: number): number {
+  const per = shardLength.length / blocks;
+  let n = 0;
+  for (let i = b * per; i < (b + 1) * per; i++) n += shardLength[i];
+  return n;
 }

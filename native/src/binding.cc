@@ -8,12 +8,14 @@
 #include <atomic>
 #include <functional>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
+#include "capacity.h"
 #include "crc32c.h"
 #include "region.h"
 #include "transfer.h"
@@ -257,6 +259,12 @@ class Engine : public Napi::ObjectWrap<Engine> {
     }
     if (next != nshards) throw Napi::RangeError::New(env, "blockShards counts fewer shards than shardRegion holds");
 
+    Napi::Value max_queue = spec.Get("maxQueueMs");
+    if (!max_queue.IsUndefined()) {
+      if (!max_queue.IsNumber()) throw Napi::TypeError::New(env, "maxQueueMs must be a number");
+      task->max_queue_ns = SafeUint(env, max_queue.As<Napi::Number>().DoubleValue(), "maxQueueMs") * 1000000ull;
+    }
+
     auto pending = std::make_unique<PendingTransfer>(env);
     pending->task = task;
     Napi::Promise promise = pending->deferred.Promise();
@@ -419,9 +427,113 @@ Napi::Value Crc32cJs(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, Crc32c(0, p, arr.ByteLength()));
 }
 
+// ---- capacity: ledger and eviction, on the libuv pool (rare, may be slow on NFS) --
+
+class UsageWorker final : public Napi::AsyncWorker {
+ public:
+  UsageWorker(Napi::Env env, std::string dir, int64_t db, int64_t df, int timeout_ms)
+      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), dir_(std::move(dir)), db_(db), df_(df),
+        timeout_ms_(timeout_ms) {}
+  Napi::Promise Promise() { return deferred_.Promise(); }
+  void Execute() override { rc_ = LedgerAdd(dir_, db_, df_, timeout_ms_, &usage_); }
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (rc_ != 0) {
+      deferred_.Reject(Napi::Error::New(env, "usage ledger of " + dir_ + ": " + std::strerror(rc_)).Value());
+      return;
+    }
+    auto out = Napi::Object::New(env);
+    out.Set("bytes", Napi::Number::New(env, static_cast<double>(usage_.bytes)));
+    out.Set("files", Napi::Number::New(env, static_cast<double>(usage_.files)));
+    out.Set("existed", Napi::Boolean::New(env, usage_.existed));
+    deferred_.Resolve(out);
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::string dir_;
+  int64_t db_, df_;
+  int timeout_ms_;
+  int rc_ = 0;
+  Usage usage_;
+};
+
+int64_t SafeInt(Napi::Env env, const Napi::Value& v, const std::string& what) {
+  if (!v.IsNumber()) throw Napi::TypeError::New(env, what + " must be a number");
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (!(std::fabs(d) <= kMaxSafeInt) || std::floor(d) != d)
+    throw Napi::RangeError::New(env, what + " must be an integer, got " + std::to_string(d));
+  return static_cast<int64_t>(d);
+}
+
+// usageAdd(dir, deltaBytes, deltaFiles, timeoutMs) -> Promise<{bytes, files, existed}>
+Napi::Value UsageAddJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 4 || !info[0].IsString())
+    throw Napi::TypeError::New(env, "usageAdd(dir: string, deltaBytes: number, deltaFiles: number, timeoutMs: number)");
+  auto* w = new UsageWorker(env, info[0].As<Napi::String>().Utf8Value(), SafeInt(env, info[1], "deltaBytes"),
+                            SafeInt(env, info[2], "deltaFiles"),
+                            static_cast<int>(SafeUint(env, info[3].ToNumber().DoubleValue(), "timeoutMs")));
+  Napi::Promise p = w->Promise();
+  w->Queue();
+  return p;
+}
+
+class EvictWorker final : public Napi::AsyncWorker {
+ public:
+  EvictWorker(Napi::Env env, EvictRequest req)
+      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), req_(std::move(req)) {}
+  Napi::Promise Promise() { return deferred_.Promise(); }
+  void Execute() override { Evict(req_, &res_); }
+  void OnOK() override {
+    Napi::Env env = Env();
+    auto out = Napi::Object::New(env);
+    auto num = [&](const char* k, double v) { out.Set(k, Napi::Number::New(env, v)); };
+    out.Set("busy", Napi::Boolean::New(env, res_.busy));
+    out.Set("error", res_.err ? Napi::Value(Napi::String::New(env, std::strerror(res_.err))) : env.Null());
+    num("scannedBytes", static_cast<double>(res_.scanned_bytes));
+    num("scannedFiles", static_cast<double>(res_.scanned_files));
+    num("freedBytes", static_cast<double>(res_.freed_bytes));
+    num("freedFiles", static_cast<double>(res_.freed_files));
+    num("keptRecent", static_cast<double>(res_.kept_recent));
+    num("keptPinned", static_cast<double>(res_.kept_pinned));
+    num("vanished", static_cast<double>(res_.vanished));
+    num("usedBytes", static_cast<double>(res_.usage.bytes));
+    num("usedFiles", static_cast<double>(res_.usage.files));
+    deferred_.Resolve(out);
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  EvictRequest req_;
+  EvictResult res_;
+};
+
+// evict({dir, freeBytes, graceMs, pinned: string[], timeoutMs}) -> Promise<result>
+Napi::Value EvictJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(env, "evict(request: object)");
+  auto o = info[0].As<Napi::Object>();
+  if (!o.Get("dir").IsString()) throw Napi::TypeError::New(env, "evict: dir must be a string");
+  EvictRequest req;
+  req.dir = o.Get("dir").As<Napi::String>().Utf8Value();
+  req.free_bytes = SafeUint(env, o.Get("freeBytes").ToNumber().DoubleValue(), "freeBytes");
+  req.grace_ns = SafeUint(env, o.Get("graceMs").ToNumber().DoubleValue(), "graceMs") * 1000000ull;
+  if (!o.Get("timeoutMs").IsUndefined())
+    req.timeout_ms = static_cast<int>(SafeUint(env, o.Get("timeoutMs").ToNumber().DoubleValue(), "timeoutMs"));
+  if (!o.Get("pinned").IsUndefined())
+    for (auto& name : StringArray(o.Get("pinned"), "pinned")) req.pinned.insert(std::move(name));
+  auto* w = new EvictWorker(env, std::move(req));
+  Napi::Promise p = w->Promise();
+  w->Queue();
+  return p;
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("Engine", Engine::Define(env));
   exports.Set("crc32c", Napi::Function::New(env, Crc32cJs, "crc32c"));
+  exports.Set("usageAdd", Napi::Function::New(env, UsageAddJs, "usageAdd"));
+  exports.Set("evict", Napi::Function::New(env, EvictJs, "evict"));
   auto consts = Napi::Object::New(env);
   consts.Set("headerSize", static_cast<double>(kHeaderSize));
   consts.Set("blockAlign", static_cast<double>(kBlockAlign));

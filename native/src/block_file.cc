@@ -164,6 +164,9 @@ IoResult ReadBlockFile(const std::string& path, uint8_t* staging, uint64_t expec
   if (h.layout_digest != layout_digest) return IoResult{BlockStatus::kMismatch, 0, "layout digest"};
   if (h.shard_count != shard_count) return IoResult{BlockStatus::kMismatch, 0, "shard count"};
   if (h.payload_crc != Crc32c(0, staging + kHeaderSize, expected_payload)) return Corrupt("payload checksum");
+  // A served block is a used block: capacity eviction goes by mtime. Best
+  // effort; a file we may not touch is still a good block.
+  if (opts.touch) utimensat(AT_FDCWD, path.c_str(), nullptr, 0);
   return IoResult{};
 }
 

@@ -46,11 +46,13 @@ enum class BlockStatus : int32_t {
   kCancelled = 4,
   kSkipped = 5,   // dump: already stored, nothing written
   kMismatch = 6,  // load: an intact file that does not match the request (size, layout, shards)
+  kDropped = 7,   // dump: shed by write admission (queued too long), nothing written
 };
 
 struct IoOptions {
   bool odirect = true;  // try O_DIRECT, fall back when the filesystem refuses it
   bool fsync = false;   // fdatasync every block before it counts as written
+  bool touch = true;    // a verified read refreshes the file's mtime (its LRU age)
 };
 
 struct IoResult {

@@ -134,6 +134,10 @@ void TransferEngine::MetaLoop() {
 void TransferEngine::RunBlock(const Item& item, AlignedBuffer& staging) {
   TransferTask& task = *item.task;
   const BlockJob& job = task.blocks[item.block];
+  if (task.op == Op::kDump && task.max_queue_ns > 0 && NowNs() - task.submit_ns > task.max_queue_ns) {
+    Finish(item, IoResult{BlockStatus::kDropped, 0, "queued too long"});
+    return;
+  }
   const size_t need = FileSizeFor(job.bytes);
   const size_t before = staging.capacity();
   if (!staging.Reserve(need)) {

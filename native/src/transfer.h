@@ -48,6 +48,9 @@ struct TransferTask {
   std::atomic<uint64_t> bytes_ok{0};
   uint64_t submit_ns = 0;
   uint64_t finish_ns = 0;
+  // Dumps only: a block still queued this long after submit is dropped
+  // (kDropped) instead of written; 0 = never. A cache must not fall behind.
+  uint64_t max_queue_ns = 0;
 };
 
 // Owns page-aligned memory; move-only.

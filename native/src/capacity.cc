@@ -1,0 +1,205 @@
+#include "capacity.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cinttypes>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <vector>
+
+namespace ucm {
+namespace {
+
+constexpr const char* kMetaDir = ".ucm";
+constexpr const char* kLedgerMagic = "ucm-usage 1";
+
+int64_t WallNs() {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
+}
+
+int64_t MtimeNs(const struct stat& st) {
+  return static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000LL + st.st_mtim.tv_nsec;
+}
+
+// Opens <dir>/.ucm/<name>, creating both when missing; -errno on failure.
+int OpenMeta(const std::string& dir, const char* name) {
+  const std::string meta = dir + "/" + kMetaDir;
+  if (mkdir(meta.c_str(), 0755) != 0 && errno != EEXIST) return -errno;
+  int fd = open((meta + "/" + name).c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  return fd < 0 ? -errno : fd;
+}
+
+// Takes a whole-file write lock on `fd` (an open-file-description lock, so
+// two threads of this process exclude each other too). timeout_ms 0: one try.
+int LockFd(int fd, int timeout_ms) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    struct flock fl;
+    std::memset(&fl, 0, sizeof fl);
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    if (fcntl(fd, F_OFD_SETLK, &fl) == 0) return 0;
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN && errno != EACCES) return errno;
+    if (std::chrono::steady_clock::now() >= deadline) return timeout_ms == 0 ? EAGAIN : ETIMEDOUT;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+}
+
+bool ParseLedger(const char* text, Usage* u) {
+  int64_t bytes = 0, files = 0;
+  char magic[16] = {0};
+  int ver = 0;
+  if (std::sscanf(text, "%9s %d %" SCNd64 " %" SCNd64, magic, &ver, &bytes, &files) != 4) return false;
+  if (std::strcmp(magic, "ucm-usage") != 0 || ver != 1 || bytes < 0 || files < 0) return false;
+  u->bytes = bytes;
+  u->files = files;
+  return true;
+}
+
+// Read-modify-write of the ledger under its lock. `change` sees the current
+// totals (zero and existed = false for a new or unreadable ledger).
+int WithLedger(const std::string& dir, int timeout_ms, const std::function<void(Usage&)>& change, Usage* out) {
+  int fd = OpenMeta(dir, "usage");
+  if (fd < 0) return -fd;
+  int rc = LockFd(fd, timeout_ms);
+  if (rc != 0) {
+    close(fd);
+    return rc;
+  }
+  char buf[128] = {0};
+  ssize_t n = pread(fd, buf, sizeof buf - 1, 0);
+  Usage u;
+  u.existed = n > 0 && ParseLedger(buf, &u);
+  if (!u.existed) u.bytes = u.files = 0;
+  const bool existed = u.existed;
+  change(u);
+  u.bytes = std::max<int64_t>(0, u.bytes);
+  u.files = std::max<int64_t>(0, u.files);
+  u.existed = existed;
+  char line[128];
+  int len = std::snprintf(line, sizeof line, "%s %" PRId64 " %" PRId64 "\n", kLedgerMagic, u.bytes, u.files);
+  rc = 0;
+  if (pwrite(fd, line, static_cast<size_t>(len), 0) != len || ftruncate(fd, len) != 0) rc = errno ? errno : EIO;
+  if (close(fd) != 0 && rc == 0) rc = errno;  // releases the lock; NFS flushes here
+  if (rc == 0 && out) *out = u;
+  return rc;
+}
+
+struct Entry {
+  int64_t mtime;
+  uint64_t size;
+  std::string path;   // absolute
+  size_t name_at;     // where the key hex starts in path
+};
+
+// Lists the block files: <dir>/<namespace>/<2 hex>/<key hex>. Names starting
+// with '.' (temp areas, .ucm, probes) are not blocks.
+void Scan(const std::string& dir, std::vector<Entry>* out) {
+  auto subdirs = [](const std::string& d, const std::function<void(const std::string&, const char*)>& fn) {
+    DIR* dp = opendir(d.c_str());
+    if (!dp) return;
+    while (struct dirent* e = readdir(dp)) {
+      if (e->d_name[0] == '.') continue;
+      fn(d + "/" + e->d_name, e->d_name);
+    }
+    closedir(dp);
+  };
+  subdirs(dir, [&](const std::string& ns, const char*) {
+    subdirs(ns, [&](const std::string& fan, const char*) {
+      subdirs(fan, [&](const std::string& file, const char* name) {
+        struct stat st;
+        if (lstat(file.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return;
+        out->push_back(Entry{MtimeNs(st), static_cast<uint64_t>(st.st_size), file, file.size() - std::strlen(name)});
+      });
+    });
+  });
+}
+
+}  // namespace
+
+int LedgerAdd(const std::string& dir, int64_t dbytes, int64_t dfiles, int timeout_ms, Usage* out) {
+  return WithLedger(dir, timeout_ms, [&](Usage& u) {
+    u.bytes += dbytes;
+    u.files += dfiles;
+  }, out);
+}
+
+void Evict(const EvictRequest& req, EvictResult* out) {
+  int lock = OpenMeta(req.dir, "evict.lock");
+  if (lock < 0) {
+    out->err = -lock;
+    return;
+  }
+  int rc = LockFd(lock, 0);
+  if (rc != 0) {
+    close(lock);
+    if (rc == EAGAIN) out->busy = true;
+    else out->err = rc;
+    return;
+  }
+  Usage before;
+  rc = LedgerAdd(req.dir, 0, 0, req.timeout_ms, &before);
+  if (rc != 0) {
+    out->err = rc;
+    close(lock);
+    return;
+  }
+  std::vector<Entry> files;
+  Scan(req.dir, &files);
+  for (const Entry& e : files) out->scanned_bytes += e.size;
+  out->scanned_files = files.size();
+
+  if (req.free_bytes > 0) {
+    std::sort(files.begin(), files.end(), [](const Entry& a, const Entry& b) { return a.mtime < b.mtime; });
+    const int64_t now = WallNs();
+    for (const Entry& e : files) {
+      if (out->freed_bytes >= req.free_bytes) break;
+      if (now - e.mtime < static_cast<int64_t>(req.grace_ns)) {
+        out->kept_recent++;
+        continue;
+      }
+      if (req.pinned.count(e.path.substr(e.name_at))) {
+        out->kept_pinned++;
+        continue;
+      }
+      // Used since the scan (a load refreshes mtime)? Then it is not the
+      // least recently used any more.
+      struct stat st;
+      if (lstat(e.path.c_str(), &st) != 0) {
+        out->vanished++;
+        continue;
+      }
+      if (MtimeNs(st) != e.mtime) continue;
+      if (unlink(e.path.c_str()) == 0) {
+        out->freed_bytes += e.size;
+        out->freed_files++;
+      } else if (errno == ENOENT) {
+        out->vanished++;
+      }
+    }
+  }
+  // The scan is the truth; what other engines added or removed while it ran
+  // arrives as the ledger's change since `before`.
+  const int64_t scanned_bytes = static_cast<int64_t>(out->scanned_bytes);
+  const int64_t scanned_files = static_cast<int64_t>(out->scanned_files);
+  rc = WithLedger(req.dir, req.timeout_ms, [&](Usage& u) {
+    const int64_t db = u.bytes - before.bytes, df = u.files - before.files;
+    u.bytes = scanned_bytes - static_cast<int64_t>(out->freed_bytes) + db;
+    u.files = scanned_files - static_cast<int64_t>(out->freed_files) + df;
+  }, &out->usage);
+  if (rc != 0) out->err = rc;
+  close(lock);
+}
+
+}  // namespace ucm
