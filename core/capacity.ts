@@ -94,7 +94,7 @@ export class CapacityManager {
         try {
           const u = await usageAdd(b.dir, 0, 0, LEDGER_TIMEOUT_MS);
           this.apply(b, u.bytes, u.files);
-          if (!u.existed) await this.pass(b, 0, "first accounting of this directory");
+          if (!u.existed) await this.pass(b, false, "first accounting of this directory");
         } catch (e) {
           b.ledgerErrors++;
           this.log.warn(`capacity: cannot read the usage ledger of ${b.dir}: ${(e as Error).message}`);
@@ -172,7 +172,7 @@ export class CapacityManager {
       const rescan = this.config.capacityRescanS * 1000;
       if (rescan > 0 && now - b.lastRescan >= rescan && !b.evicting) {
         b.lastRescan = now;
-        this.track(this.pass(b, 0, "periodic rescan"));
+        this.track(this.pass(b, false, "periodic rescan"));
       }
     }
   }
@@ -204,12 +204,11 @@ export class CapacityManager {
   private maybeEvict(b: Backend): void {
     if (b.capacity === 0 || b.evicting || this.closed) return;
     if (b.usedBytes + b.reservedBytes < HIGH_WATERMARK * b.capacity) return;
-    const target = b.usedBytes + b.reservedBytes - LOW_WATERMARK * b.capacity;
-    this.track(this.pass(b, Math.ceil(target), "above the high watermark"));
+    this.track(this.pass(b, true, "above the high watermark"));
   }
 
-  /** One eviction pass (freeBytes 0: rescan only). Never throws. */
-  private async pass(b: Backend, freeBytes: number, why: string): Promise<EvictResult | undefined> {
+  /** One pass: evict down to the low watermark (evict) or only rescan. Never throws. */
+  private async pass(b: Backend, evictToLow: boolean, why: string): Promise<EvictResult | undefined> {
     if (b.evicting) return undefined;
     b.evicting = true;
     const t0 = Date.now();
@@ -217,12 +216,19 @@ export class CapacityManager {
       // Unsent changes first, so the pass starts from everybody's figure.
       await this.sync(b);
       if (b.pendingBytes !== 0 || b.pendingFiles !== 0) await this.sync(b);
-      const r = await evict({ dir: b.dir, freeBytes, graceMs: this.config.evictionGraceS * 1000, pinned: this.pinned(), timeoutMs: LEDGER_TIMEOUT_MS });
+      const r = await evict({
+        dir: b.dir,
+        targetBytes: evictToLow && b.capacity > 0 ? Math.floor(LOW_WATERMARK * b.capacity) : undefined,
+        extraBytes: b.reservedBytes,
+        graceMs: this.config.evictionGraceS * 1000,
+        pinned: this.pinned(),
+        timeoutMs: LEDGER_TIMEOUT_MS,
+      });
       if (r.busy) return r; // another engine is on it; its result reaches us through the ledger
       if (r.error) throw new Error(r.error);
       b.lastRescan = Date.now();
       this.apply(b, r.usedBytes, r.usedFiles);
-      if (freeBytes > 0) b.evictionPasses++;
+      if (r.wantedBytes > 0) b.evictionPasses++;
       b.evictedBytes += r.freedBytes;
       b.evictedFiles += r.freedFiles;
       if (r.freedFiles > 0) this.onEvicted();
@@ -231,7 +237,7 @@ export class CapacityManager {
         `capacity: ${b.dir}: ${why}: scanned ${r.scannedFiles} block file(s), ${mib(r.scannedBytes)} MiB, ` +
         `evicted ${r.freedFiles} (${mib(r.freedBytes)} MiB), kept ${r.keptRecent} recently used and ${r.keptPinned} being read, ` +
         `now ${mib(r.usedBytes)} MiB of ${b.capacity ? mib(b.capacity) + " MiB" : "unlimited"} (${Date.now() - t0} ms)`;
-      if (freeBytes > 0 && r.freedBytes < freeBytes) this.log.warn(`${msg}; could not free the ${mib(freeBytes)} MiB asked for: writes are refused until room appears`);
+      if (r.freedBytes < r.wantedBytes) this.log.warn(`${msg}; could not free the ${mib(r.wantedBytes)} MiB needed: writes are refused until room appears`);
       else this.log.info(msg);
       return r;
     } catch (e) {

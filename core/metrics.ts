@@ -28,7 +28,7 @@ export class Metrics {
     private readonly extra: () => { clients: number; protocolErrors: Record<string, number> },
   ) {
     const r = this.registry;
-    client.collectDefaultMetrics({ register: r, prefix: "ucm_process_" });
+    client.collectDefaultMetrics({ register: r, prefix: "ucm_" });
     const c = store.counters;
     // A counter whose value lives in the store: set at scrape time.
     const mirror = <L extends string>(name: string, help: string, labelNames: L[], read: () => Array<[Partial<Record<L, string>>, number]>) =>

@@ -94,8 +94,10 @@ export interface LedgerUsage {
 
 export interface EvictRequest {
   dir: string;
-  /** Bytes to free; 0 scans and repairs the ledger only. */
-  freeBytes: number;
+  /** Evict until scanned bytes + extraBytes <= targetBytes; absent: scan and repair the ledger only. */
+  targetBytes?: number;
+  /** Space this engine reserved for writes in flight. */
+  extraBytes?: number;
   /** Block files used more recently than this are kept. */
   graceMs: number;
   /** Block file names (key hex) being read by this engine: kept. */
@@ -109,6 +111,8 @@ export interface EvictResult {
   error: string | null;
   scannedBytes: number;
   scannedFiles: number;
+  /** What the scan said had to go. */
+  wantedBytes: number;
   freedBytes: number;
   freedFiles: number;
   keptRecent: number;

@@ -493,6 +493,7 @@ class EvictWorker final : public Napi::AsyncWorker {
     out.Set("error", res_.err ? Napi::Value(Napi::String::New(env, std::strerror(res_.err))) : env.Null());
     num("scannedBytes", static_cast<double>(res_.scanned_bytes));
     num("scannedFiles", static_cast<double>(res_.scanned_files));
+    num("wantedBytes", static_cast<double>(res_.wanted_bytes));
     num("freedBytes", static_cast<double>(res_.freed_bytes));
     num("freedFiles", static_cast<double>(res_.freed_files));
     num("keptRecent", static_cast<double>(res_.kept_recent));
@@ -509,7 +510,7 @@ class EvictWorker final : public Napi::AsyncWorker {
   EvictResult res_;
 };
 
-// evict({dir, freeBytes, graceMs, pinned: string[], timeoutMs}) -> Promise<result>
+// evict({dir, targetBytes?, extraBytes?, graceMs, pinned: string[], timeoutMs}) -> Promise<result>
 Napi::Value EvictJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(env, "evict(request: object)");
@@ -517,7 +518,12 @@ Napi::Value EvictJs(const Napi::CallbackInfo& info) {
   if (!o.Get("dir").IsString()) throw Napi::TypeError::New(env, "evict: dir must be a string");
   EvictRequest req;
   req.dir = o.Get("dir").As<Napi::String>().Utf8Value();
-  req.free_bytes = SafeUint(env, o.Get("freeBytes").ToNumber().DoubleValue(), "freeBytes");
+  if (!o.Get("targetBytes").IsUndefined()) {
+    req.has_target = true;
+    req.target_bytes = SafeUint(env, o.Get("targetBytes").ToNumber().DoubleValue(), "targetBytes");
+  }
+  if (!o.Get("extraBytes").IsUndefined())
+    req.extra_bytes = SafeUint(env, o.Get("extraBytes").ToNumber().DoubleValue(), "extraBytes");
   req.grace_ns = SafeUint(env, o.Get("graceMs").ToNumber().DoubleValue(), "graceMs") * 1000000ull;
   if (!o.Get("timeoutMs").IsUndefined())
     req.timeout_ms = static_cast<int>(SafeUint(env, o.Get("timeoutMs").ToNumber().DoubleValue(), "timeoutMs"));

@@ -160,11 +160,13 @@ void Evict(const EvictRequest& req, EvictResult* out) {
   for (const Entry& e : files) out->scanned_bytes += e.size;
   out->scanned_files = files.size();
 
-  if (req.free_bytes > 0) {
+  const uint64_t have = out->scanned_bytes + req.extra_bytes;
+  if (req.has_target && have > req.target_bytes) out->wanted_bytes = have - req.target_bytes;
+  if (out->wanted_bytes > 0) {
     std::sort(files.begin(), files.end(), [](const Entry& a, const Entry& b) { return a.mtime < b.mtime; });
     const int64_t now = WallNs();
     for (const Entry& e : files) {
-      if (out->freed_bytes >= req.free_bytes) break;
+      if (out->freed_bytes >= out->wanted_bytes) break;
       if (now - e.mtime < static_cast<int64_t>(req.grace_ns)) {
         out->kept_recent++;
         continue;

@@ -32,7 +32,13 @@ int LedgerAdd(const std::string& dir, int64_t dbytes, int64_t dfiles, int timeou
 
 struct EvictRequest {
   std::string dir;
-  uint64_t free_bytes = 0;       // 0: scan and repair the ledger only
+  // Evict until the scanned bytes plus `extra_bytes` (space this engine has
+  // promised to writes in flight) are at most `target_bytes`. Decided on the
+  // scan, not on a figure from before the lock: two engines that both saw the
+  // directory full evict once, not twice. has_target false: scan and repair only.
+  bool has_target = false;
+  uint64_t target_bytes = 0;
+  uint64_t extra_bytes = 0;
   uint64_t grace_ns = 0;         // files used within this window are kept
   std::unordered_set<std::string> pinned;  // block file names (key hex) being read here
   int timeout_ms = 10000;        // for the ledger lock
@@ -43,6 +49,7 @@ struct EvictResult {
   int err = 0;                   // errno of a failure that stopped the pass
   uint64_t scanned_bytes = 0;
   uint64_t scanned_files = 0;
+  uint64_t wanted_bytes = 0;     // what the scan said had to go
   uint64_t freed_bytes = 0;
   uint64_t freed_files = 0;
   uint64_t kept_recent = 0;      // candidates spared by the grace window

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -76,6 +77,12 @@ def test_offline_runs_hit_the_store_and_match(model, tmp_path, storage):
         assert second["tokens"] == first["tokens"]
         assert second["stats"]["blocksLoaded"] - first["stats"]["blocksLoaded"] >= 2 * 7
         assert "S2D" in log2
+        # The connector's own figures, through vLLM's connector stats.
+        m = re.search(r"KV Transfer metrics: (.*)", log2)
+        assert m, log2[-3000:]
+        kv = dict(kv.split("=") for kv in m.group(1).split(", "))
+        assert int(kv["hit_blocks"]) >= 2 * 7 and int(kv["loaded_blocks"]) >= 2 * 7, kv
+        assert float(kv["hit_rate"]) > 0.5 and int(kv["load_failed_blocks"]) == 0, kv
         # Damage every stored block: loads fail, vLLM recomputes, same tokens.
         ns_dirs = [d for d in os.listdir(storage) if not d.startswith(".")]
         files = [os.path.join(root, f) for d in ns_dirs for root, _, fs in os.walk(os.path.join(storage, d))

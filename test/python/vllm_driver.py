@@ -20,13 +20,14 @@ def main() -> None:
 
     llm = LLM(
         model=model, dtype="float32", block_size=block_size, max_model_len=4096, enable_prefix_caching=False, enforce_eager=True,
-        tensor_parallel_size=tp,
+        tensor_parallel_size=tp, disable_log_stats=False,
         kv_transfer_config=KVTransferConfig(
             kv_connector="UnifiedCacheConnectorV1", kv_connector_module_path="ucm.integration.vllm.uc_connector",
             kv_role="kv_both", kv_connector_extra_config={"UCM_CONFIG_FILE": config}),
     )
     prompts = [{"prompt_token_ids": p} for p in json.loads(prompts_json)]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    llm.llm_engine.do_log_stats()  # logs the connector's "KV Transfer metrics"
     import time
 
     stats = {}

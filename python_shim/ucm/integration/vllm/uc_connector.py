@@ -41,6 +41,7 @@ from ...client import EngineClient, EngineError
 from ...config import load_config
 from ...launcher import ensure_engine
 from ...memory import RegionRegistry, ShardList
+from . import stats as ucm_stats
 from .layout import TensorRuns, block_runs, layout_signature
 
 try:  # vLLM >= 0.30 labels external hits by tier
@@ -126,6 +127,7 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         self.client = EngineClient(self.config.endpoint, self.config.timeout_ms, name=f"vllm-{role.name.lower()}-{os.getpid()}")
         self._retry_at = 0.0
         self._lock = threading.Lock()
+        self._stats = ucm_stats.empty()  # since the last get_kv_connector_stats
         if role == KVConnectorRole.SCHEDULER:
             self.namespaces = sorted({self._namespace(r) for r in range(self.tp_size)})
             self._reqs: dict[str, _ReqState] = {}
@@ -204,13 +206,16 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         if start >= len(hashes):
             return 0, False
         r = self._call("lookup", ns=self.namespaces, keys=[bytes(h) for h in hashes[start:]])
+        self._stats["lookup_blocks"] += len(hashes) - start
         if r is None:
+            self._stats["lookup_errors"] += 1
             return 0, False
         hits = 0
         for f in r["found"]:
             if not f:
                 break
             hits += 1
+        self._stats["hit_blocks"] += hits
         if hits == 0:
             return 0, False
         state.load_start, state.load_count = start, hits
@@ -333,8 +338,10 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
 
     def _report_failed(self, t: _Transfer, failed: list[int]) -> None:
         # Blocks are used in order: everything after the first failure is recomputed too.
+        first = min(failed) if failed else len(t.keys)
+        self._stats["loaded_blocks"] += first
+        self._stats["load_failed_blocks"] += len(t.keys) - first
         if failed:
-            first = min(failed)
             self._load_errors.update(t.block_ids[first:])
             logger.warning("UCM: request %s: %d of %d block(s) could not be loaded; vLLM recomputes them",
                            t.req_id, len(t.keys) - first, len(t.keys))
@@ -366,6 +373,8 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
                 r = self._call("check", task=task)
                 if r is not None and not r.get("done"):
                     still.append((task, keys))
+                    continue
+                self._count_saves(keys, r)
             if still:
                 self._dumps[req_id] = still
                 continue
@@ -382,6 +391,31 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
             del self._async_loads[req_id]
             recved.add(req_id)
         return (done or None), (recved or None)
+
+    def _count_saves(self, keys: list[bytes], r: dict[str, Any] | None) -> None:
+        status = list(r.get("status", [])) if r else []
+        if len(status) != len(keys):
+            self._stats["save_failed_blocks"] += len(keys)
+            return
+        for s in status:
+            if s in ("ok", "skipped"):
+                self._stats["saved_blocks"] += 1
+            elif s == "dropped":
+                self._stats["save_dropped_blocks"] += 1
+            else:
+                self._stats["save_failed_blocks"] += 1
+
+    # ---- stats (vLLM logs them as "KV Transfer metrics: ...") -----------------
+
+    def get_kv_connector_stats(self) -> Any:
+        if not any(self._stats.values()):
+            return None
+        out, self._stats = ucm_stats.build(self._stats), ucm_stats.empty()
+        return out
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> Any:
+        return ucm_stats.build(data)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
