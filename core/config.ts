@@ -56,6 +56,10 @@ export interface EngineConfig {
   metricsPort: number;
   /** Address the metrics endpoint listens on. */
   metricsHost: string;
+  /** Pinned host staging for GPU blocks, all transfer threads together. */
+  pinnedStagingBytes: number;
+  /** How GPU shards are gathered and scattered. */
+  cudaCopy: string;
 }
 
 interface OptionSpec {
@@ -92,6 +96,8 @@ export const OPTIONS: Record<string, OptionSpec> = {
   admitOnSecondSight: { key: "admitOnSecondSight", kind: "bool", dflt: false, doc: "store a block only the second time it is dumped (spares SSD wear)" },
   metricsPort: { key: "metricsPort", kind: "int", min: 0, max: 65535, dflt: 0, doc: "Prometheus /metrics port; 0 = off" },
   metricsHost: { key: "metricsHost", kind: "string", dflt: "127.0.0.1", doc: "address the metrics endpoint listens on" },
+  pinnedStagingBytes: { key: "pinnedStagingBytes", kind: "size", min: 1 << 20, max: 2 ** 44, dflt: 2 * 2 ** 30, doc: "pinned host staging for GPU blocks, all transfer threads together (each gets an equal share, allocated once)" },
+  cudaCopy: { key: "cudaCopy", kind: "string", dflt: "kernel", doc: "how GPU shards move: kernel (one gather/scatter kernel per block) or batch (cudaMemcpyBatchAsync)" },
 };
 
 const SIZE_UNITS: Record<string, number> = {
@@ -273,6 +279,7 @@ export function parseConfig(doc: unknown): LoadedConfig {
   for (const k of Object.keys(raw)) {
     if (k !== "storage_backends" && !(k in OPTIONS)) warnings.push(`unknown key ${key(k)} ignored`);
   }
+  if (out.cudaCopy !== "kernel" && out.cudaCopy !== "batch") throw new ConfigError(`${key("cudaCopy")} must be "kernel" or "batch", got ${show(out.cudaCopy)}`);
   if (!Array.isArray(out.capacity)) out.capacity = [out.capacity as number];
   const caps = out.capacity as number[];
   if (caps.length === 1) out.capacity = resolved.map(() => caps[0]);

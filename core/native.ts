@@ -36,6 +36,10 @@ export interface NativeEngineOptions {
   odirect?: boolean;
   /** fdatasync each block file before it counts as written. */
   fsync?: boolean;
+  /** Pinned host staging for device blocks, all transfer threads together. */
+  pinnedStagingBytes?: number;
+  /** How device shards move: one gather/scatter kernel, or cudaMemcpyBatchAsync. */
+  cudaCopy?: "kernel" | "batch";
 }
 
 /** A batch of blocks; block i owns the next blockShards[i] shards. */
@@ -48,6 +52,8 @@ export interface TransferSpec {
   shardLength: Float64Array;
   /** Dumps: blocks still queued this long after submit are dropped (status Dropped). */
   maxQueueMs?: number;
+  /** Dumps of device memory: event (openCudaEvent) the workers wait on before reading. */
+  waitEvent?: number;
 }
 
 export interface TransferResult {
@@ -64,6 +70,7 @@ export interface NativeStats {
   threads: number;
   queuedBlocks: number;
   stagingBytes: number;
+  pinnedBytes: number;
   inflight: number;
   regions: number;
   crc32cHardware: boolean;
@@ -71,6 +78,11 @@ export interface NativeStats {
 
 export interface NativeEngine {
   openHostRegion(source: string, size: number): number;
+  /** GPU memory of another process: its CUDA IPC handle (64 bytes), the storage's offset in the allocation and its size. */
+  openCudaRegion(device: number, handle: Uint8Array, offset: number, size: number): number;
+  /** An interprocess CUDA event another process records (64-byte handle). */
+  openCudaEvent(device: number, handle: Uint8Array): number;
+  closeEvent(id: number): boolean;
   closeRegion(id: number): boolean;
   dump(spec: TransferSpec): Promise<TransferResult>;
   load(spec: TransferSpec): Promise<TransferResult>;
@@ -123,11 +135,24 @@ export interface EvictResult {
   usedFiles: number;
 }
 
+export interface CudaStatus {
+  /** Compiled with the CUDA toolkit. */
+  built: boolean;
+  /** A driver and at least one GPU are there. */
+  usable: boolean;
+  devices: number;
+  runtimeVersion: number;
+  driverVersion: number;
+  /** Why not usable. */
+  why: string;
+}
+
 interface Addon {
   Engine: new (opts?: NativeEngineOptions) => NativeEngine;
   crc32c(data: Uint8Array): number;
   usageAdd(dir: string, deltaBytes: number, deltaFiles: number, timeoutMs: number): Promise<LedgerUsage>;
   evict(req: EvictRequest): Promise<EvictResult>;
+  cudaStatus(): CudaStatus;
   constants: { headerSize: number; blockAlign: number; formatVersion: number; cuda: boolean };
 }
 
@@ -147,6 +172,7 @@ export const Engine = addon.Engine;
 export const crc32c = addon.crc32c;
 export const usageAdd = addon.usageAdd;
 export const evict = addon.evict;
+export const cudaStatus = addon.cudaStatus;
 export const constants = addon.constants;
 
 /** On-disk size of a block file holding `payload` bytes. */

@@ -19,6 +19,7 @@ export type ErrorCode =
   | "too_large"
   | "busy"
   | "shutting_down"
+  | "unsupported"
   | "internal";
 
 /** An error that becomes an `ok: false` reply with this code. */

@@ -8,6 +8,7 @@ import { EngineConfig } from "./config";
 import { EngineClient } from "./client";
 import { Logger } from "./log";
 import { Metrics } from "./metrics";
+import { cudaStatus } from "./native";
 import { processAlive } from "./orphans";
 import { MAX_MESSAGE_BYTES, PROTOCOL_VERSIONS, ProtocolError, decodeRequest, describe, encode, optString, reqNs, reqOp, reqUint } from "./protocol";
 import { Session, Store } from "./store";
@@ -70,6 +71,12 @@ export class EngineServer {
     this.timers.push(setInterval(() => this.store.sweep(this.sessions.values()), 10_000));
     void this.store.sweepOrphans();
     this.timers.push(setInterval(() => void this.store.sweepOrphans(), 300_000));
+    const cuda = cudaStatus();
+    this.log.info(
+      cuda.usable
+        ? `CUDA backend: ${cuda.devices} GPU(s), runtime ${cuda.runtimeVersion}, driver ${cuda.driverVersion}, ${this.config.cudaCopy} copies, ${(this.config.pinnedStagingBytes / 2 ** 20).toFixed(0)} MiB pinned staging at most`
+        : `CUDA backend: ${cuda.built ? "built, not usable here" : "not built"} (${cuda.why}); host memory only`,
+    );
     this.log.info(
       `listening on ${ep} (backends ${this.config.storageBackends.join(":")}, transferStreamNumber ${this.config.transferStreamNumber}, pid ${process.pid})`,
     );
@@ -180,6 +187,8 @@ export class EngineServer {
       clients: this.sessions.size,
       queuedBlocks: n.queuedBlocks,
       stagingBytes: n.stagingBytes,
+      pinnedBytes: n.pinnedBytes,
+      cuda: cudaStatus(),
       transferThreads: n.threads,
       errors: { ...this.errors },
       pid: process.pid,

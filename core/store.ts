@@ -76,6 +76,7 @@ export type TaskObserver = (direction: Direction, seconds: number, blocksOk: num
 
 export class Session {
   readonly regions = new Map<number, { nid: number; size: number }>(); // client region id -> native region
+  readonly events = new Map<number, number>(); // client event id -> native event
   readonly tasks = new Map<number, Task>();
   readonly pending = new Map<string, PendingCommit>(); // "<ns>/<key hex>" -> dumped block
   nextRegion = 1;
@@ -139,6 +140,8 @@ export class Store {
       odirect: config.odirect,
       fsync: config.fsync,
       maxBlockBytes: config.maxBlockBytes,
+      pinnedStagingBytes: config.pinnedStagingBytes,
+      cudaCopy: config.cudaCopy as "kernel" | "batch",
     });
     this.capacity = new CapacityManager(config, log, () => [...this.loading.keys()], () => this.known.clear());
   }
@@ -149,38 +152,60 @@ export class Store {
 
   // ---- regions ---------------------------------------------------------------
 
-  register(s: Session, msg: Msg): { regions: number[] } {
-    const list = msg.regions;
-    if (!Array.isArray(list) || list.length === 0 || list.length > 65536) {
-      throw new ProtocolError("bad_message", `regions must be a non-empty array (at most 65536), got ${describe(list)}`);
+  register(s: Session, msg: Msg): { regions: number[]; events?: number[] } {
+    const list = msg.regions ?? [];
+    const evList = msg.events ?? [];
+    if (!Array.isArray(list) || list.length > 65536) {
+      throw new ProtocolError("bad_message", `regions must be an array (at most 65536), got ${describe(list)}`);
     }
-    const specs = list.map((r, i) => {
+    if (!Array.isArray(evList) || evList.length > 1024) throw new ProtocolError("bad_message", `events must be an array (at most 1024), got ${describe(evList)}`);
+    if (list.length === 0 && evList.length === 0) throw new ProtocolError("bad_message", `regions must be a non-empty array, got ${describe(msg.regions)}`);
+    type Spec = { medium: "host"; source: string; size: number } | { medium: "cuda"; device: number; handle: Uint8Array; offset: number; size: number };
+    const cudaHandle = (v: unknown, what: string): Uint8Array => {
+      if (!(v instanceof Uint8Array) || v.length !== 64) throw new ProtocolError("bad_message", `${what} must be the 64-byte CUDA IPC handle (bin), got ${describe(v)}`);
+      return v;
+    };
+    const specs: Spec[] = list.map((r, i) => {
       if (r === null || typeof r !== "object" || Array.isArray(r)) throw new ProtocolError("bad_message", `regions[${i}] must be a map, got ${describe(r)}`);
       const m = r as Msg;
       const medium = m.medium;
+      if (medium !== "host" && medium !== "cuda") throw new ProtocolError("bad_message", `regions[${i}].medium must be "host" or "cuda", got ${describe(medium)}`);
+      const size = toUint(m.size, `regions[${i}].size`);
+      if (size < 1) throw new ProtocolError("bad_message", `regions[${i}].size must be positive, got ${size}`);
       if (medium === "cuda") {
-        throw new ProtocolError("bad_message", `regions[${i}]: medium "cuda" needs the CUDA backend, which this engine was built without`);
+        return { medium, device: toUint(m.device, `regions[${i}].device`), handle: cudaHandle(m.handle, `regions[${i}].handle`), offset: toUint(m.offset ?? 0, `regions[${i}].offset`), size };
       }
-      if (medium !== "host") throw new ProtocolError("bad_message", `regions[${i}].medium must be "host" or "cuda", got ${describe(medium)}`);
       const src = m.source;
       if (typeof src !== "string" || src.length > 4096) {
         throw new ProtocolError("bad_message", `regions[${i}].source must be a string of at most 4096 characters, got ${describe(src)}`);
       }
-      const size = toUint(m.size, `regions[${i}].size`);
-      if (size < 1) throw new ProtocolError("bad_message", `regions[${i}].size must be positive, got ${size}`);
-      return { source: src, size };
+      return { medium, source: src, size };
+    });
+    const evSpecs = evList.map((e, i) => {
+      if (e === null || typeof e !== "object" || Array.isArray(e)) throw new ProtocolError("bad_message", `events[${i}] must be a map, got ${describe(e)}`);
+      const m = e as Msg;
+      return { device: toUint(m.device, `events[${i}].device`), handle: cudaHandle(m.handle, `events[${i}].handle`) };
     });
     const opened: number[] = [];
+    const openedEv: number[] = [];
     try {
       for (const [i, sp] of specs.entries()) {
         try {
-          opened.push(this.native.openHostRegion(sp.source, sp.size));
+          opened.push(sp.medium === "host" ? this.native.openHostRegion(sp.source, sp.size) : this.native.openCudaRegion(sp.device, sp.handle, sp.offset, sp.size));
         } catch (e) {
-          throw new ProtocolError("bad_message", `regions[${i}]: ${(e as Error).message}`);
+          throw new ProtocolError(sp.medium === "cuda" ? "unsupported" : "bad_message", `regions[${i}]: ${(e as Error).message}`);
+        }
+      }
+      for (const [i, ev] of evSpecs.entries()) {
+        try {
+          openedEv.push(this.native.openCudaEvent(ev.device, ev.handle));
+        } catch (e) {
+          throw new ProtocolError("unsupported", `events[${i}]: ${(e as Error).message}`);
         }
       }
     } catch (e) {
       for (const id of opened) this.native.closeRegion(id);
+      for (const id of openedEv) this.native.closeEvent(id);
       throw e;
     }
     const ids = opened.map((nid, i) => {
@@ -188,7 +213,13 @@ export class Store {
       s.regions.set(id, { nid, size: specs[i].size });
       return id;
     });
-    return { regions: ids };
+    if (evSpecs.length === 0) return { regions: ids };
+    const evIds = openedEv.map((nid) => {
+      const id = s.nextRegion++;
+      s.events.set(id, nid);
+      return id;
+    });
+    return { regions: ids, events: evIds };
   }
 
   release(s: Session, msg: Msg): Record<string, never> {
@@ -299,6 +330,12 @@ export class Store {
     const all = keys.map((_, i) => i);
     // Validate regions and bounds with every block before deciding which to skip.
     const full = this.spec(s, msg, () => "/", all);
+    let waitEvent: number | undefined;
+    if (msg.event !== undefined) {
+      // GPU memory: the workers wait on the event the client recorded after the forward pass.
+      waitEvent = s.events.get(toUint(msg.event, "event"));
+      if (waitEvent === undefined) throw new ProtocolError("unknown_region", `event ${describe(msg.event)} is not an event registered by this client`);
+    }
     await this.layout.ensureNamespace(ns);
     const existing = await this.lookup({ ns, keys });
     const status = new Array<BlockStatus>(keys.length).fill(BlockStatus.Skipped);
@@ -315,6 +352,7 @@ export class Store {
       return t;
     }, write);
     if (this.config.maxQueueMs > 0) spec.maxQueueMs = this.config.maxQueueMs;
+    if (waitEvent !== undefined) spec.waitEvent = waitEvent;
     const autoCommit = optBool(msg, "commit", false);
     let started: TransferResult | Promise<TransferResult>;
     try {
@@ -646,6 +684,8 @@ export class Store {
     s.closed = true;
     for (const r of s.regions.values()) this.native.closeRegion(r.nid);
     s.regions.clear();
+    for (const nid of s.events.values()) this.native.closeEvent(nid);
+    s.events.clear();
     this.discardAll(s);
     s.tasks.clear();
   }

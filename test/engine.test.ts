@@ -218,7 +218,9 @@ describe("engine process", () => {
       [{ op: "dump", ns: NS, keys: [Buffer.alloc(32, 1)], shards: { count: 1, region: [1], offset: Buffer.alloc(4), length: [10] } }, "bad_message", /shards.offset as bin must be 8 bytes/],
       [{ op: "dump", ns: NS, keys: [Buffer.alloc(32, 1)], shards: "x" }, "bad_message", /shards must be a map/],
       [{ op: "register", regions: [{ medium: "host", source: "/ucm-does-not-exist", size: 10 }] }, "bad_message", /cannot open region/],
-      [{ op: "register", regions: [{ medium: "cuda", device: 0, handle: Buffer.alloc(64), offset: 0, size: 10 }] }, "bad_message", /CUDA backend/],
+      [{ op: "register", regions: [{ medium: "cuda", device: 0, handle: Buffer.alloc(64), offset: 0, size: 10 }] }, "unsupported", /regions\[0\]: (no usable GPU in the engine process|this engine was built without the CUDA toolkit)/],
+      [{ op: "register", regions: [{ medium: "cuda", device: 0, handle: Buffer.alloc(12), offset: 0, size: 10 }] }, "bad_message", /regions\[0\]\.handle must be the 64-byte CUDA IPC handle/],
+      [{ op: "register", events: [{ device: 0, handle: Buffer.alloc(64) }] }, "unsupported", /events\[0\]: /],
       [{ op: "register", regions: [{ medium: "disk" }] }, "bad_message", /medium must be "host" or "cuda"/],
       [{ op: "hello", version: 2, pid: 1 }, "unsupported_version", /protocol version number 2 is not supported; this engine speaks 1/],
     ])("%j", async (req, code, message) => {

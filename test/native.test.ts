@@ -3,7 +3,8 @@
 import * as crypto from "crypto";
 import * as fs from "fs";
 import * as path from "path";
-import { BlockStatus, Engine, NativeEngine, ShardListBuilder, blockFileSize, constants, crc32c } from "../core/native";
+import { spawnSync } from "child_process";
+import { BlockStatus, Engine, NativeEngine, ShardListBuilder, blockFileSize, constants, crc32c, cudaStatus } from "../core/native";
 import { ShmRegion, diskTempDir, tempDir } from "./helpers/fixtures";
 
 const DIGEST = 0x1234_5678_9abc_def0n;
@@ -319,4 +320,60 @@ describe("native core", () => {
     expect(s.threads).toBe(8);
     expect(typeof s.crc32cHardware).toBe("boolean");
   });
+});
+
+describe("CUDA backend", () => {
+  const nvcc = ["/usr/local/cuda/bin/nvcc", ...(process.env.PATH ?? "").split(":").map((p) => path.join(p, "nvcc"))].some((p) => fs.existsSync(p));
+
+  test("this build: CUDA compiled in when nvcc was there; without a GPU, device regions are refused with the reason", () => {
+    const st = cudaStatus();
+    expect(constants.cuda).toBe(st.built);
+    if (nvcc) expect(st.built).toBe(true);
+    if (!st.usable) {
+      expect(st.why.length).toBeGreaterThan(0);
+      const e = new Engine({ threads: 1 });
+      try {
+        expect(() => e.openCudaRegion(0, new Uint8Array(64), 0, 4096)).toThrow(st.built ? /no usable GPU in the engine process/ : /built without the CUDA toolkit/);
+        expect(() => e.openCudaEvent(0, new Uint8Array(64))).toThrow(/GPU|CUDA/);
+      } finally {
+        e.close();
+      }
+    }
+  });
+
+  test("a build without the toolkit (UCM_WITH_CUDA=0) compiles, loads and serves host memory", async () => {
+    const out = tempDir("ucm-nocuda-");
+    try {
+      const cmakeJs = require.resolve("cmake-js/bin/cmake-js");
+      const r = spawnSync(process.execPath, [cmakeJs, "compile", "--directory", path.resolve(__dirname, "../native"), "--out", out], {
+        env: { ...process.env, UCM_WITH_CUDA: "0" },
+        encoding: "utf8",
+      });
+      expect(r.status).toBe(0);
+      expect(r.stdout + r.stderr).toContain("ucm: CUDA backend OFF");
+      // eslint-disable-next-line @typescript-eslint/no-require-imports
+      const addon = require(path.join(out, "Release", "ucm_native.node"));
+      expect(addon.constants.cuda).toBe(false);
+      expect(addon.cudaStatus()).toMatchObject({ built: false, usable: false });
+      const e: NativeEngine = new addon.Engine({ threads: 2 });
+      try {
+        expect(() => e.openCudaRegion(0, new Uint8Array(64), 0, 4096)).toThrow(/built without the CUDA toolkit/);
+        const d = tempDir();
+        const src = layout(e, 2, 2, 8192, "random");
+        const dst = layout(e, 2, 2, 8192, "zero");
+        try {
+          expect(Array.from((await e.dump(spec(d, src, ["a", "b"]))).status)).toEqual([0, 0]);
+          expect(Array.from((await e.load(spec(d, dst, ["a", "b"]))).status)).toEqual([0, 0]);
+          src.regions.forEach((reg, i) => expect(dst.regions[i].read().equals(reg.read())).toBe(true));
+        } finally {
+          [...src.regions, ...dst.regions].forEach((x) => x.unlink());
+          fs.rmSync(d, { recursive: true, force: true });
+        }
+      } finally {
+        e.close();
+      }
+    } finally {
+      fs.rmSync(out, { recursive: true, force: true });
+    }
+  }, 180000);
 });

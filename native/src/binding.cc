@@ -17,6 +17,7 @@
 
 #include "capacity.h"
 #include "crc32c.h"
+#include "cuda_backend.h"
 #include "region.h"
 #include "transfer.h"
 
@@ -44,7 +45,8 @@ struct PendingTransfer final : Pending {
     for (size_t i = 0; i < n; ++i) {
       status[i] = static_cast<int32_t>(task->results[i].status);
       err[i] = task->results[i].err;
-      what.Set(static_cast<uint32_t>(i), Napi::String::New(env, task->results[i].what));
+      const IoResult& r = task->results[i];
+      what.Set(static_cast<uint32_t>(i), Napi::String::New(env, r.detail.empty() ? std::string(r.what) : r.what + std::string(": ") + r.detail));
     }
     auto out = Napi::Object::New(env);
     out.Set("status", status);
@@ -113,6 +115,9 @@ class Engine : public Napi::ObjectWrap<Engine> {
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "Engine",
                        {InstanceMethod<&Engine::OpenHostRegion>("openHostRegion"),
+                        InstanceMethod<&Engine::OpenCudaRegion>("openCudaRegion"),
+                        InstanceMethod<&Engine::OpenCudaEvent>("openCudaEvent"),
+                        InstanceMethod<&Engine::CloseEvent>("closeEvent"),
                         InstanceMethod<&Engine::CloseRegion>("closeRegion"),
                         InstanceMethod<&Engine::Dump>("dump"),
                         InstanceMethod<&Engine::Load>("load"),
@@ -148,6 +153,13 @@ class Engine : public Napi::ObjectWrap<Engine> {
       opts.threads = static_cast<uint32_t>(num("threads", 1, 1024, 32));
       opts.meta_threads = static_cast<uint32_t>(num("metaThreads", 1, 64, 4));
       opts.max_block_bytes = num("maxBlockBytes", 1, 1ull << 40, 1ull << 30);
+      opts.pinned_staging_bytes = num("pinnedStagingBytes", 4096, 1ull << 44, 2ull << 30);
+      Napi::Value copy = o.Get("cudaCopy");
+      if (!copy.IsUndefined()) {
+        std::string m = copy.IsString() ? copy.As<Napi::String>().Utf8Value() : "";
+        if (m != "kernel" && m != "batch") throw Napi::TypeError::New(env, "options.cudaCopy must be \"kernel\" or \"batch\"");
+        opts.cuda_copy = m == "batch" ? CudaCopy::kBatch : CudaCopy::kKernel;
+      }
       opts.io.odirect = flag("odirect", true);
       opts.io.fsync = flag("fsync", false);
     }
@@ -182,6 +194,49 @@ class Engine : public Napi::ObjectWrap<Engine> {
     uint32_t id = next_region_++;
     regions_[id] = std::move(region);
     return Napi::Number::New(env, id);
+  }
+
+  static std::string Bytes(const Napi::Value& v, const char* what) {
+    if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array)
+      throw Napi::TypeError::New(v.Env(), std::string(what) + " must be a Uint8Array");
+    auto a = v.As<Napi::Uint8Array>();
+    return std::string(reinterpret_cast<const char*>(a.Data()), a.ByteLength());
+  }
+
+  // openCudaRegion(device, handle: Uint8Array(64), offset, size) -> id
+  Napi::Value OpenCudaRegion(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    CheckOpen(env);
+    if (info.Length() < 4 || !info[0].IsNumber() || !info[2].IsNumber() || !info[3].IsNumber())
+      throw Napi::TypeError::New(env, "openCudaRegion(device: number, handle: Uint8Array, offset: number, size: number)");
+    const int device = static_cast<int>(SafeUint(env, info[0].As<Napi::Number>().DoubleValue(), "device"));
+    std::string error;
+    auto region = CudaRegion::Open(device, Bytes(info[1], "handle"), SafeUint(env, info[2].As<Napi::Number>().DoubleValue(), "offset"),
+                                   SafeUint(env, info[3].As<Napi::Number>().DoubleValue(), "region size"), &error);
+    if (!region) throw Napi::Error::New(env, error);
+    uint32_t id = next_region_++;
+    regions_[id] = std::move(region);
+    return Napi::Number::New(env, id);
+  }
+
+  // openCudaEvent(device, handle: Uint8Array(64)) -> id
+  Napi::Value OpenCudaEvent(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    CheckOpen(env);
+    if (info.Length() < 2 || !info[0].IsNumber()) throw Napi::TypeError::New(env, "openCudaEvent(device: number, handle: Uint8Array)");
+    const int device = static_cast<int>(SafeUint(env, info[0].As<Napi::Number>().DoubleValue(), "device"));
+    std::string error;
+    auto ev = CudaEvent::Open(device, Bytes(info[1], "handle"), &error);
+    if (!ev) throw Napi::Error::New(env, error);
+    uint32_t id = next_region_++;
+    events_[id] = std::move(ev);
+    return Napi::Number::New(env, id);
+  }
+
+  Napi::Value CloseEvent(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 1 || !info[0].IsNumber()) throw Napi::TypeError::New(env, "closeEvent(id: number)");
+    return Napi::Boolean::New(env, events_.erase(info[0].As<Napi::Number>().Uint32Value()) > 0);
   }
 
   Napi::Value CloseRegion(const Napi::CallbackInfo& info) {
@@ -259,6 +314,13 @@ class Engine : public Napi::ObjectWrap<Engine> {
     }
     if (next != nshards) throw Napi::RangeError::New(env, "blockShards counts fewer shards than shardRegion holds");
 
+    Napi::Value wait_event = spec.Get("waitEvent");
+    if (!wait_event.IsUndefined()) {
+      if (!wait_event.IsNumber()) throw Napi::TypeError::New(env, "waitEvent must be an event id");
+      auto it = events_.find(wait_event.As<Napi::Number>().Uint32Value());
+      if (it == events_.end()) throw Napi::RangeError::New(env, "waitEvent: unknown event " + wait_event.ToString().Utf8Value());
+      task->wait_event = it->second;
+    }
     Napi::Value max_queue = spec.Get("maxQueueMs");
     if (!max_queue.IsUndefined()) {
       if (!max_queue.IsNumber()) throw Napi::TypeError::New(env, "maxQueueMs must be a number");
@@ -330,6 +392,7 @@ class Engine : public Napi::ObjectWrap<Engine> {
     out.Set("threads", core_ ? core_->options().threads : 0);
     out.Set("queuedBlocks", core_ ? core_->queued_blocks() : 0);
     out.Set("stagingBytes", Napi::Number::New(env, core_ ? static_cast<double>(core_->staging_bytes()) : 0));
+    out.Set("pinnedBytes", Napi::Number::New(env, core_ ? static_cast<double>(core_->pinned_bytes()) : 0));
     out.Set("inflight", inflight_);
     out.Set("regions", static_cast<double>(regions_.size()));
     out.Set("crc32cHardware", Crc32cHardware());
@@ -344,6 +407,7 @@ class Engine : public Napi::ObjectWrap<Engine> {
       Drain(env);
       core_.reset();
       regions_.clear();
+      events_.clear();
       tsfn_.Release();
     }
     return env.Undefined();
@@ -408,6 +472,7 @@ class Engine : public Napi::ObjectWrap<Engine> {
   // Declaration order matters: core_ (threads) is destroyed first, before the
   // maps its callbacks refer to.
   std::unordered_map<uint32_t, std::shared_ptr<Region>> regions_;
+  std::unordered_map<uint32_t, std::shared_ptr<CudaEvent>> events_;
   uint32_t next_region_ = 1;
   std::unordered_map<Pending*, std::unique_ptr<Pending>> owned_;
   std::mutex done_mu_;
@@ -535,16 +600,31 @@ Napi::Value EvictJs(const Napi::CallbackInfo& info) {
   return p;
 }
 
+// cudaStatus() -> {built, usable, devices, runtimeVersion, driverVersion, why}
+Napi::Value CudaStatusJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const CudaStatus& st = CudaProbe();
+  auto out = Napi::Object::New(env);
+  out.Set("built", st.built);
+  out.Set("usable", st.usable);
+  out.Set("devices", st.devices);
+  out.Set("runtimeVersion", st.runtime_version);
+  out.Set("driverVersion", st.driver_version);
+  out.Set("why", st.why);
+  return out;
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("Engine", Engine::Define(env));
   exports.Set("crc32c", Napi::Function::New(env, Crc32cJs, "crc32c"));
   exports.Set("usageAdd", Napi::Function::New(env, UsageAddJs, "usageAdd"));
   exports.Set("evict", Napi::Function::New(env, EvictJs, "evict"));
+  exports.Set("cudaStatus", Napi::Function::New(env, CudaStatusJs, "cudaStatus"));
   auto consts = Napi::Object::New(env);
   consts.Set("headerSize", static_cast<double>(kHeaderSize));
   consts.Set("blockAlign", static_cast<double>(kBlockAlign));
   consts.Set("formatVersion", kFormatVersion);
-  consts.Set("cuda", false);
+  consts.Set("cuda", CudaProbe().built);
   exports.Set("constants", consts);
   return exports;
 }

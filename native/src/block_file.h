@@ -56,9 +56,12 @@ struct IoOptions {
 };
 
 struct IoResult {
+  IoResult() = default;
+  IoResult(BlockStatus s, int e, const char* w) : status(s), err(e), what(w) {}
   BlockStatus status = BlockStatus::kOk;
   int err = 0;              // errno for kIoError
   const char* what = "";    // which check failed (corrupt) or which call (io)
+  std::string detail;       // a message built at run time (device errors); preferred over `what`
 };
 
 // Writes a block whose payload already sits at staging + kHeaderSize. Fills the

@@ -24,6 +24,9 @@ class Region {
   uint64_t size() const { return size_; }
   // Host-addressable base; null for device regions.
   uint8_t* host_base() const { return host_base_; }
+  // Device regions: the CUDA device ordinal and the base as a device pointer.
+  int device() const { return device_; }
+  uint8_t* device_base() const { return device_base_; }
 
   // True when [offset, offset + length) lies inside the region without overflow.
   bool Contains(uint64_t offset, uint64_t length) const {
@@ -33,6 +36,8 @@ class Region {
  protected:
   Region() = default;
   uint8_t* host_base_ = nullptr;
+  uint8_t* device_base_ = nullptr;
+  int device_ = -1;
   uint64_t size_ = 0;
 };
 

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -101,7 +102,7 @@ uint32_t TransferEngine::queued_blocks() const {
 }
 
 void TransferEngine::WorkerLoop(uint32_t /*index*/) {
-  AlignedBuffer staging;  // this worker's only staging buffer, reused for every block
+  Worker w;  // this worker's only staging buffers, reused for every block
   for (;;) {
     Item item;
     {
@@ -112,9 +113,10 @@ void TransferEngine::WorkerLoop(uint32_t /*index*/) {
       item = std::move(q.front());
       q.pop_front();
     }
-    RunBlock(item, staging);
+    RunBlock(item, w);
   }
-  staging_bytes_.fetch_sub(staging.capacity());
+  staging_bytes_.fetch_sub(w.staging.capacity());
+  if (w.cuda) pinned_bytes_.fetch_sub(w.cuda->capacity());
 }
 
 void TransferEngine::MetaLoop() {
@@ -131,13 +133,27 @@ void TransferEngine::MetaLoop() {
   }
 }
 
-void TransferEngine::RunBlock(const Item& item, AlignedBuffer& staging) {
+void TransferEngine::RunBlock(const Item& item, Worker& w) {
   TransferTask& task = *item.task;
   const BlockJob& job = task.blocks[item.block];
   if (task.op == Op::kDump && task.max_queue_ns > 0 && NowNs() - task.submit_ns > task.max_queue_ns) {
     Finish(item, IoResult{BlockStatus::kDropped, 0, "queued too long"});
     return;
   }
+  // A block lives in one kind of memory: all host, or all on one GPU.
+  const Region& first = *task.shards[job.shard_begin].region;
+  for (uint32_t s = job.shard_begin + 1; s < job.shard_end; ++s) {
+    const Region& r = *task.shards[s].region;
+    if (r.medium() != first.medium() || r.device() != first.device()) {
+      Finish(item, IoResult{BlockStatus::kIoError, EINVAL, "a block's shards must be all host memory or all on one GPU"});
+      return;
+    }
+  }
+  if (first.medium() == Medium::kCuda) {
+    Finish(item, RunDeviceBlock(item, w));
+    return;
+  }
+  AlignedBuffer& staging = w.staging;
   const size_t need = FileSizeFor(job.bytes);
   const size_t before = staging.capacity();
   if (!staging.Reserve(need)) {
@@ -148,12 +164,6 @@ void TransferEngine::RunBlock(const Item& item, AlignedBuffer& staging) {
   const uint32_t shard_count = job.shard_end - job.shard_begin;
   uint8_t* payload = staging.data() + kHeaderSize;
 
-  for (uint32_t s = job.shard_begin; s < job.shard_end; ++s) {
-    if (task.shards[s].region->medium() != Medium::kHost) {
-      Finish(item, IoResult{BlockStatus::kIoError, EOPNOTSUPP, "device regions are not built in"});
-      return;
-    }
-  }
 
   IoResult r;
   if (task.op == Op::kDump) {
@@ -179,6 +189,49 @@ void TransferEngine::RunBlock(const Item& item, AlignedBuffer& staging) {
     }
   }
   Finish(item, r);
+}
+
+// Device blocks: gather from GPU memory into pinned staging and write; or
+// read and verify in pinned staging and scatter to the GPU. Bytes reach the
+// KV cache only after the file verified, as on the host path.
+IoResult TransferEngine::RunDeviceBlock(const Item& item, Worker& w) {
+  TransferTask& task = *item.task;
+  const BlockJob& job = task.blocks[item.block];
+  const int device = task.shards[job.shard_begin].region->device();
+  std::string error;
+  auto fail = [&](int err, const char* what) {
+    IoResult r{BlockStatus::kIoError, err, what};
+    r.detail = error;
+    return r;
+  };
+  if (!w.cuda) {
+    const uint64_t share = AlignUp(std::max<uint64_t>(opts_.pinned_staging_bytes / opts_.threads, kBlockAlign));
+    w.cuda = CudaStager::Create(share, opts_.cuda_copy, &error);
+    if (!w.cuda) return fail(ENODEV, "pinned staging");
+    pinned_bytes_.fetch_add(w.cuda->capacity());
+  }
+  if (FileSizeFor(job.bytes) > w.cuda->capacity()) {
+    error = "block of " + std::to_string(job.bytes) + " bytes does not fit the pinned staging of one transfer thread (" +
+            std::to_string(w.cuda->capacity()) + " bytes = pinnedStagingBytes / transferStreamNumber)";
+    return fail(EFBIG, "pinned staging");
+  }
+  std::vector<DeviceCopy> copies;
+  copies.reserve(job.shard_end - job.shard_begin);
+  uint64_t pos = kHeaderSize;
+  for (uint32_t s = job.shard_begin; s < job.shard_end; ++s) {
+    const Shard& sh = task.shards[s];
+    copies.push_back(DeviceCopy{sh.region->device_base() + sh.offset, pos, sh.length});
+    pos += sh.length;
+  }
+  const uint32_t shard_count = job.shard_end - job.shard_begin;
+  if (task.op == Op::kDump) {
+    if (!w.cuda->Gather(device, copies, task.wait_event.get(), &error)) return fail(EIO, "gather");
+    return WriteBlockFile(job.path, w.cuda->data(), job.bytes, task.layout_digest, shard_count, opts_.io);
+  }
+  IoResult r = ReadBlockFile(job.path, w.cuda->data(), job.bytes, task.layout_digest, shard_count, opts_.io);
+  if (r.status != BlockStatus::kOk) return r;
+  if (!w.cuda->Scatter(device, copies, &error)) return fail(EIO, "scatter");
+  return r;
 }
 
 void TransferEngine::Finish(const Item& item, IoResult r) {

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "block_file.h"
+#include "cuda_backend.h"
 #include "region.h"
 
 namespace ucm {
@@ -51,6 +52,9 @@ struct TransferTask {
   // Dumps only: a block still queued this long after submit is dropped
   // (kDropped) instead of written; 0 = never. A cache must not fall behind.
   uint64_t max_queue_ns = 0;
+  // Dumps of device memory: the interprocess event recorded after the
+  // forward pass that wrote the blocks; workers wait on it before reading.
+  std::shared_ptr<CudaEvent> wait_event;
 };
 
 // Owns page-aligned memory; move-only.
@@ -74,6 +78,11 @@ struct EngineOptions {
   uint32_t threads = 32;          // transferStreamNumber
   uint32_t meta_threads = 4;
   uint64_t max_block_bytes = 1ull << 30;
+  // Pinned host staging for device blocks, all workers together; each
+  // worker allocates its share (pinned_staging_bytes / threads) once, at its
+  // first device block. A device block must fit in one share.
+  uint64_t pinned_staging_bytes = 2ull << 30;
+  CudaCopy cuda_copy = CudaCopy::kKernel;
   IoOptions io;
 };
 
@@ -100,6 +109,7 @@ class TransferEngine {
 
   uint32_t queued_blocks() const;
   uint64_t staging_bytes() const { return staging_bytes_.load(); }
+  uint64_t pinned_bytes() const { return pinned_bytes_.load(); }
 
  private:
   struct Item {
@@ -107,9 +117,16 @@ class TransferEngine {
     std::shared_ptr<TaskDone> done;
     uint32_t block;
   };
+  // What a worker owns: its host staging and, once it moved a device block,
+  // its pinned staging and streams.
+  struct Worker {
+    AlignedBuffer staging;
+    std::unique_ptr<CudaStager> cuda;
+  };
   void WorkerLoop(uint32_t index);
   void MetaLoop();
-  void RunBlock(const Item& item, AlignedBuffer& staging);
+  void RunBlock(const Item& item, Worker& w);
+  IoResult RunDeviceBlock(const Item& item, Worker& w);
   void Finish(const Item& item, IoResult r);
 
   EngineOptions opts_;
@@ -121,6 +138,7 @@ class TransferEngine {
   std::condition_variable meta_cv_;
   bool stopping_ = false;
   std::atomic<uint64_t> staging_bytes_{0};
+  std::atomic<uint64_t> pinned_bytes_{0};
   std::vector<std::thread> workers_;  // declared last: joined before the queues die
   std::vector<std::thread> meta_workers_;
 };

@@ -1,0 +1,51 @@
+// The CUDA backend's stand-in for builds without the CUDA toolkit: every
+// device request fails with the reason, host regions are unaffected.
+#include "cuda_backend.h"
+
+namespace ucm {
+
+namespace {
+constexpr const char* kNotBuilt = "this engine was built without the CUDA toolkit (nvcc not found when native/ was compiled)";
+}
+
+const CudaStatus& CudaProbe() {
+  static const CudaStatus status = [] {
+    CudaStatus s;
+    s.why = kNotBuilt;
+    return s;
+  }();
+  return status;
+}
+
+std::shared_ptr<CudaRegion> CudaRegion::Open(int, const std::string&, uint64_t, uint64_t, std::string* error) {
+  *error = kNotBuilt;
+  return nullptr;
+}
+
+CudaRegion::~CudaRegion() = default;
+
+std::shared_ptr<CudaEvent> CudaEvent::Open(int, const std::string&, std::string* error) {
+  *error = kNotBuilt;
+  return nullptr;
+}
+
+CudaEvent::~CudaEvent() = default;
+
+std::unique_ptr<CudaStager> CudaStager::Create(size_t, CudaCopy, std::string* error) {
+  *error = kNotBuilt;
+  return nullptr;
+}
+
+CudaStager::~CudaStager() = default;
+
+bool CudaStager::Gather(int, const std::vector<DeviceCopy>&, const CudaEvent*, std::string* error) {
+  *error = kNotBuilt;
+  return false;
+}
+
+bool CudaStager::Scatter(int, const std::vector<DeviceCopy>&, std::string* error) {
+  *error = kNotBuilt;
+  return false;
+}
+
+}  // namespace ucm
