@@ -4,7 +4,8 @@ A CPU tensor's storage is moved into shared memory once, in place (torch
 swaps the storage's data pointer, so every tensor viewing it keeps seeing the
 same data), and registered as a host region: `/proc/<pid>/fd/<fd>` of the
 shared memory file. A CUDA tensor's storage is exported with its CUDA IPC
-handle. Nothing is copied through Python.
+handle, and dumps of GPU memory carry an interprocess CUDA event recorded on
+the producing stream. Nothing is copied through Python.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ class RegionRegistry:
         self.client = client
         self._regions: dict[tuple[str, int], _Region] = {}
         self._specs: dict[tuple[str, int], dict[str, Any]] = {}
+        self._events: dict[int, Any] = {}  # device index -> torch.cuda.Event(interprocess=True)
+        self._event_ids: dict[int, tuple[int, int]] = {}  # device index -> (session epoch, engine event id)
 
     @staticmethod
     def _export(storage: torch.UntypedStorage, device: torch.device) -> dict[str, Any]:
@@ -69,8 +72,30 @@ class RegionRegistry:
         offset = tensor.data_ptr() - storage.data_ptr()
         return reg.region_id, offset
 
+    def record_event(self, device: torch.device) -> int:
+        """Records an interprocess CUDA event on `device`'s current stream and
+        returns its engine id: a dump that names it makes the engine's copy
+        wait until everything queued on that stream so far (the forward pass
+        that wrote the blocks) has run. One event per device, registered once
+        per engine session."""
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        ev = self._events.get(index)
+        if ev is None:
+            ev = torch.cuda.Event(enable_timing=False, interprocess=True)
+            ev.record(torch.cuda.current_stream(index))  # creates it on this device
+            self._events[index] = ev
+        epoch = self.client.ensure_session()
+        reg = self._event_ids.get(index)
+        if reg is None or reg[0] != epoch:
+            eid = self.client.call("register", events=[{"device": index, "handle": bytes(ev.ipc_handle())}])["events"][0]
+            reg = (self.client.epoch, int(eid))
+            self._event_ids[index] = reg
+        ev.record(torch.cuda.current_stream(index))
+        return reg[1]
+
     def forget(self) -> None:
         self._regions.clear()
+        self._event_ids.clear()
 
 
 class ShardList:

@@ -157,8 +157,13 @@ class NfsStore:
                 for n, t in layout:
                     rid, base = self.regions.locate(t)
                     shards.add(rid, base, n)
+                extra: dict[str, Any] = {}
+                dev = layout[0][1].device
+                if op == "dump" and dev.type == "cuda":
+                    # The engine reads only after the work queued so far on this stream.
+                    extra["event"] = self.regions.record_event(dev)
                 try:
-                    r = self.client.call(op, ns=self.namespace, keys=order, shards=shards.wire())
+                    r = self.client.call(op, ns=self.namespace, keys=order, shards=shards.wire(), **extra)
                     break
                 except EngineError as e:
                     if e.code != "unknown_region" or attempt == 1:

@@ -300,9 +300,13 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
     def _submit(self, op: str, t: _Transfer) -> int | None:
         if time.monotonic() < self._retry_at:
             return None
-        extra = {"commit": True} if op == "dump" else {}
         for attempt in (0, 1):
             try:
+                extra: dict[str, Any] = {"commit": True} if op == "dump" else {}
+                if op == "dump" and self._layers and self._layers[0].tensor.is_cuda:
+                    # Recorded after the forward pass on vLLM's stream: the engine
+                    # copies the blocks only once that pass has written them.
+                    extra["event"] = self.regions.record_event(self._layers[0].tensor.device)
                 shards = self._shards(t.block_ids)
                 return int(self.client.call(op, ns=self.namespace, keys=t.keys, shards=shards.wire(), **extra)["task"])
             except EngineError as e:
@@ -356,7 +360,8 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if not isinstance(meta, UCMConnectorMetadata):
             return
-        # The forward pass that wrote these blocks has finished (CPU: synchronous).
+        # CPU: the forward pass has finished. GPU: each dump carries an event
+        # recorded on the current stream, which the engine waits on.
         for t in meta.saves:
             self._saving_w.add(t.req_id)
             task = self._submit("dump", t)
