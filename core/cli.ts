@@ -106,7 +106,12 @@ async function ask(op: "health" | "stats", flags: Map<string, string>): Promise<
   }
 }
 
-const gib = (x: unknown) => `${(Number(x) / 2 ** 30).toFixed(2)} GiB`;
+/** Bytes in the largest binary unit that keeps the figure at 1 or more. */
+const gib = (x: unknown) => {
+  const n = Number(x);
+  for (const [u, f] of [["TiB", 2 ** 40], ["GiB", 2 ** 30], ["MiB", 2 ** 20], ["KiB", 2 ** 10]] as const) if (n >= f) return `${(n / f).toFixed(2)} ${u}`;
+  return `${n} B`;
+};
 
 /** The stats reply as a table: the figures the metrics endpoint exports. */
 export function formatStats(r: Record<string, unknown>): string {
