@@ -30,29 +30,28 @@ export class Metrics {
     const r = this.registry;
     client.collectDefaultMetrics({ register: r, prefix: "ucm_" });
     const c = store.counters;
-    // A counter whose value lives in the store: set at scrape time.
-    const mirror = <L extends string>(name: string, help: string, labelNames: L[], read: () => Array<[Partial<Record<L, string>>, number]>) =>
-      new client.Counter<L>({
+    // A metric whose value lives in the store, read at scrape time: counters
+    // (monotonic figures) are re-added from zero, gauges set.
+    type Read<L extends string> = () => Array<[Partial<Record<L, string>>, number]>;
+    const fromStore = <L extends string>(kind: "counter" | "gauge", name: string, help: string, labelNames: L[], read: Read<L>) => {
+      const config = {
         name,
         help,
         labelNames,
         registers: [r],
-        collect() {
+        collect(this: client.Counter<L> | client.Gauge<L>) {
           this.reset();
-          for (const [labels, v] of read()) if (v > 0) this.inc(labels as client.LabelValues<L>, v);
+          for (const [labels, v] of read()) {
+            const l = labels as client.LabelValues<L>;
+            if (this instanceof client.Gauge) this.set(l, v);
+            else if (v > 0) this.inc(l, v);
+          }
         },
-      });
-    const gauge = <L extends string>(name: string, help: string, labelNames: L[], read: () => Array<[Partial<Record<L, string>>, number]>) =>
-      new client.Gauge<L>({
-        name,
-        help,
-        labelNames,
-        registers: [r],
-        collect() {
-          this.reset();
-          for (const [labels, v] of read()) this.set(labels as client.LabelValues<L>, v);
-        },
-      });
+      };
+      return kind === "counter" ? new client.Counter<L>(config) : new client.Gauge<L>(config);
+    };
+    const mirror = <L extends string>(name: string, help: string, labelNames: L[], read: Read<L>) => fromStore("counter", name, help, labelNames, read);
+    const gauge = <L extends string>(name: string, help: string, labelNames: L[], read: Read<L>) => fromStore("gauge", name, help, labelNames, read);
 
     mirror("ucm_bytes_total", "Payload bytes moved, by direction", ["direction"], () => [
       [{ direction: "dump" }, c.bytesDumped],
