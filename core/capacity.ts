@@ -16,6 +16,8 @@ import { Logger } from "./log";
 export const HIGH_WATERMARK = 0.95;
 /** ...and frees down to this one. */
 export const LOW_WATERMARK = 0.85;
+/** How often an engine without a capacity limit reads the ledger when it changed nothing. */
+const UNLIMITED_READ_MS = 30_000;
 /** Ledger lock deadline: a hung NFS server must not hang the engine. */
 const LEDGER_TIMEOUT_MS = 10_000;
 
@@ -45,6 +47,7 @@ interface Backend extends BackendUsage {
   syncing?: Promise<void>;
   evicting: boolean;
   lastRescan: number;
+  lastRead: number;
 }
 
 export class CapacityManager {
@@ -80,6 +83,7 @@ export class CapacityManager {
       pendingFiles: 0,
       evicting: false,
       lastRescan: Date.now(),
+      lastRead: 0,
     }));
   }
 
@@ -159,6 +163,7 @@ export class CapacityManager {
   }
 
   private apply(b: Backend, bytes: number, files: number): void {
+    b.lastRead = Date.now();
     b.ledgerBytes = bytes;
     b.ledgerFiles = files;
     b.usedBytes = Math.max(0, bytes + b.pendingBytes);
@@ -168,9 +173,12 @@ export class CapacityManager {
   private tick(): void {
     const now = Date.now();
     for (const b of this.backends) {
-      this.sync(b);
+      // Unlimited directories are accounted too (for the figures), but need
+      // no fresh view of the others: send changes, read the total now and then.
+      const changed = b.pendingBytes !== 0 || b.pendingFiles !== 0;
+      if (b.capacity > 0 || changed || now - b.lastRead >= UNLIMITED_READ_MS) this.sync(b);
       const rescan = this.config.capacityRescanS * 1000;
-      if (rescan > 0 && now - b.lastRescan >= rescan && !b.evicting) {
+      if (b.capacity > 0 && rescan > 0 && now - b.lastRescan >= rescan && !b.evicting) {
         b.lastRescan = now;
         this.track(this.pass(b, false, "periodic rescan"));
       }

@@ -90,7 +90,7 @@ export const OPTIONS: Record<string, OptionSpec> = {
   capacity: { key: "capacity", kind: "sizes", dflt: 0, doc: "bytes each backend directory may hold, e.g. 500GiB (one value, or a list with one per backend); 0 = unlimited. Shared by every engine writing there" },
   evictionGraceS: { key: "evictionGraceS", kind: "int", min: 0, max: 86400, dflt: 10, doc: "blocks used within this many seconds are never evicted" },
   capacitySyncMs: { key: "capacitySyncMs", kind: "int", min: 10, max: 60000, dflt: 500, doc: "milliseconds between updates of the shared usage ledger" },
-  capacityRescanS: { key: "capacityRescanS", kind: "int", min: 0, max: 604800, dflt: 3600, doc: "seconds between rescans that repair the usage ledger (0 = only when evicting)" },
+  capacityRescanS: { key: "capacityRescanS", kind: "int", min: 0, max: 604800, dflt: 3600, doc: "seconds between rescans that repair the usage ledger of a directory with a capacity (0 = only when evicting)" },
   maxInflightBytes: { key: "maxInflightBytes", kind: "size", min: 1 << 20, max: 2 ** 50, dflt: 4 * 2 ** 30, doc: "dump bytes accepted and not yet written; dumps beyond it are dropped" },
   maxQueueMs: { key: "maxQueueMs", kind: "int", min: 0, max: 3600000, dflt: 5000, doc: "a dumped block still queued after this many ms is dropped (0 = no limit)" },
   admitOnSecondSight: { key: "admitOnSecondSight", kind: "bool", dflt: false, doc: "store a block only the second time it is dumped (spares SSD wear)" },

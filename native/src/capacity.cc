@@ -83,14 +83,18 @@ int WithLedger(const std::string& dir, int timeout_ms, const std::function<void(
   u.existed = n > 0 && ParseLedger(buf, &u);
   if (!u.existed) u.bytes = u.files = 0;
   const bool existed = u.existed;
+  const Usage before = u;
   change(u);
   u.bytes = std::max<int64_t>(0, u.bytes);
   u.files = std::max<int64_t>(0, u.files);
   u.existed = existed;
-  char line[128];
-  int len = std::snprintf(line, sizeof line, "%s %" PRId64 " %" PRId64 "\n", kLedgerMagic, u.bytes, u.files);
   rc = 0;
-  if (pwrite(fd, line, static_cast<size_t>(len), 0) != len || ftruncate(fd, len) != 0) rc = errno ? errno : EIO;
+  // A read (nothing changed) writes nothing: engines poll the ledger often.
+  if (!existed || u.bytes != before.bytes || u.files != before.files) {
+    char line[128];
+    int len = std::snprintf(line, sizeof line, "%s %" PRId64 " %" PRId64 "\n", kLedgerMagic, u.bytes, u.files);
+    if (pwrite(fd, line, static_cast<size_t>(len), 0) != len || ftruncate(fd, len) != 0) rc = errno ? errno : EIO;
+  }
   if (close(fd) != 0 && rc == 0) rc = errno;  // releases the lock; NFS flushes here
   if (rc == 0 && out) *out = u;
   return rc;
