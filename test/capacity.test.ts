@@ -11,7 +11,7 @@ import * as net from "net";
 import * as path from "path";
 import { EngineClient } from "../core/client";
 import { parseConfig, parseSize } from "../core/config";
-import { ShmRegion, diskTempDir } from "./helpers/fixtures";
+import { ShmRegion, diskTempDir, shardColumns } from "./helpers/fixtures";
 import { RunningEngine, hello, runCli, shortTmp, startEngine, writeConfig } from "./helpers/engine";
 
 const NS = "cap-ns";
@@ -39,19 +39,9 @@ async function register(c: EngineClient, regions: number, slots: number, shard: 
   return { regs, ids: r.regions as number[], shard };
 }
 
-/** Block i uses slot slotOf(i) of every region. */
+/** Block i is slot slots[i] of every region of `m`. */
 function shards(m: Mem, slots: number[]) {
-  const region: number[] = [];
-  const offset: number[] = [];
-  const length: number[] = [];
-  for (const s of slots) {
-    for (const id of m.ids) {
-      region.push(id);
-      offset.push(s * m.shard);
-      length.push(m.shard);
-    }
-  }
-  return { count: m.ids.length, region, offset, length };
+  return shardColumns(m.ids, m.shard, slots);
 }
 
 async function finish(c: EngineClient, task: unknown, timeoutMs = 60000) {

@@ -7,7 +7,7 @@ import * as path from "path";
 import { Packr } from "msgpackr";
 import { EngineClient } from "../core/client";
 import { constants } from "../core/native";
-import { ShmRegion } from "./helpers/fixtures";
+import { ShmRegion, shardColumns } from "./helpers/fixtures";
 import { RunningEngine, hello, shortTmp, startEngine, writeConfig } from "./helpers/engine";
 
 const packr = new Packr({ useRecords: false, mapsAsObjects: true });
@@ -29,17 +29,7 @@ async function register(c: EngineClient, n: number, blocks: number, fill: "rando
 }
 
 function shards(m: Mem, blocks: number[]) {
-  const region: number[] = [];
-  const offset: number[] = [];
-  const length: number[] = [];
-  for (const b of blocks) {
-    for (const id of m.ids) {
-      region.push(id);
-      offset.push(b * SHARD);
-      length.push(SHARD);
-    }
-  }
-  return { count: m.ids.length, region, offset, length };
+  return shardColumns(m.ids, SHARD, blocks);
 }
 
 async function finish(c: EngineClient, task: unknown) {

@@ -52,3 +52,22 @@ export function diskTempDir(prefix = "ucm-disk-"): string {
   fs.mkdirSync(base, { recursive: true });
   return fs.mkdtempSync(path.join(base, prefix));
 }
+
+/**
+ * The shard columns of a dump/load request: block i is slot `slots[i]` of
+ * every region in `ids` (one shard of `shard` bytes per region, like one per
+ * layer), in region order.
+ */
+export function shardColumns(ids: number[], shard: number, slots: number[]) {
+  const region: number[] = [];
+  const offset: number[] = [];
+  const length: number[] = [];
+  for (const s of slots) {
+    for (const id of ids) {
+      region.push(id);
+      offset.push(s * shard);
+      length.push(shard);
+    }
+  }
+  return { count: ids.length, region, offset, length };
+}
