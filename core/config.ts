@@ -97,7 +97,7 @@ export const OPTIONS: Record<string, OptionSpec> = {
   metricsPort: { key: "metricsPort", kind: "int", min: 0, max: 65535, dflt: 0, doc: "Prometheus /metrics port; 0 = off" },
   metricsHost: { key: "metricsHost", kind: "string", dflt: "127.0.0.1", doc: "address the metrics endpoint listens on" },
   pinnedStagingBytes: { key: "pinnedStagingBytes", kind: "size", min: 1 << 20, max: 2 ** 44, dflt: 2 * 2 ** 30, doc: "pinned host staging for GPU blocks, all transfer threads together (each gets an equal share, allocated once)" },
-  cudaCopy: { key: "cudaCopy", kind: "string", dflt: "kernel", doc: "how GPU shards move: kernel (one gather/scatter kernel per block) or batch (cudaMemcpyBatchAsync)" },
+  cudaCopy: { key: "cudaCopy", kind: "string", dflt: "batch", doc: "how GPU shards move: batch (cudaMemcpyBatchAsync on the copy engines, leaving the SMs to vLLM; kernel where the driver lacks it) or kernel (one gather/scatter kernel launch per block)" },
 };
 
 const SIZE_UNITS: Record<string, number> = {

@@ -82,7 +82,7 @@ struct EngineOptions {
   // worker allocates its share (pinned_staging_bytes / threads) once, at its
   // first device block. A device block must fit in one share.
   uint64_t pinned_staging_bytes = 2ull << 30;
-  CudaCopy cuda_copy = CudaCopy::kKernel;
+  CudaCopy cuda_copy = CudaCopy::kBatch;
   IoOptions io;
 };
 
