@@ -54,6 +54,8 @@ export interface TransferSpec {
   maxQueueMs?: number;
   /** Dumps of device memory: event (openCudaEvent) the workers wait on before reading. */
   waitEvent?: number;
+  /** Makes the task cancellable under this id while it runs (see NativeEngine.cancel). */
+  cancelId?: number;
 }
 
 export interface TransferResult {
@@ -83,6 +85,12 @@ export interface NativeEngine {
   /** An interprocess CUDA event another process records (64-byte handle). */
   openCudaEvent(device: number, handle: Uint8Array): number;
   closeEvent(id: number): boolean;
+  /**
+   * Cancels the running task given `cancelId`: blocks not yet copied into memory end Cancelled.
+   * "stopped": no block of it can write memory any more; "finished": it was not running;
+   * "timeout": a block copy outlived `timeoutMs`.
+   */
+  cancel(cancelId: number, timeoutMs: number): Promise<"stopped" | "finished" | "timeout">;
   closeRegion(id: number): boolean;
   dump(spec: TransferSpec): Promise<TransferResult>;
   load(spec: TransferSpec): Promise<TransferResult>;

@@ -139,8 +139,10 @@ export class EngineServer {
         return this.store.check(s, msg);
       case "commit":
         return this.store.commit(s, msg);
+      case "cancel":
+        return this.store.cancel(s, msg);
       default:
-        throw new ProtocolError("unknown_op", `unknown op ${describe(op)}; known: hello, goodbye, register, release, namespace, lookup, dump, load, wait, check, commit, stats, health`);
+        throw new ProtocolError("unknown_op", `unknown op ${describe(op)}; known: hello, goodbye, register, release, namespace, lookup, dump, load, wait, check, cancel, commit, stats, health`);
     }
   }
 

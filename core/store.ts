@@ -68,6 +68,8 @@ interface PendingCommit {
   fileBytes: number;
 }
 
+/** How long cancel may wait for a block copy in progress to end. */
+const CANCEL_TIMEOUT_MS = 5000;
 /** Keys remembered for admitOnSecondSight. */
 const SECOND_SIGHT_ENTRIES = 1 << 20;
 
@@ -353,6 +355,7 @@ export class Store {
     }, write);
     if (this.config.maxQueueMs > 0) spec.maxQueueMs = this.config.maxQueueMs;
     if (waitEvent !== undefined) spec.waitEvent = waitEvent;
+    spec.cancelId = this.nextTask++;
     const autoCommit = optBool(msg, "commit", false);
     let started: TransferResult | Promise<TransferResult>;
     try {
@@ -363,7 +366,7 @@ export class Store {
       throw e;
     }
     this.counters.dumpTasks++;
-    return this.track(s, "D2S", keys.length, Promise.resolve(started), async (r, id) => {
+    return this.track(s, "D2S", spec.cancelId!, Promise.resolve(started), async (r, id) => {
       this.inflightDumpBytes -= admitted;
       const errno = new Array<number>(keys.length).fill(0);
       const where = new Map<number, number>();
@@ -470,6 +473,7 @@ export class Store {
     const keys = reqKeys(msg, this.config.maxKeysPerRequest);
     const all = keys.map((_, i) => i);
     const spec = this.spec(s, msg, (i) => this.layout.blockPath(ns, keys[i]), all);
+    spec.cancelId = this.nextTask++;
     const names = keys.map((k) => k.toString("hex"));
     this.pin(names, 1);
     let started: TransferResult | Promise<TransferResult>;
@@ -480,7 +484,7 @@ export class Store {
       throw e;
     }
     this.counters.loadTasks++;
-    return this.track(s, "S2D", keys.length, Promise.resolve(started), (r, id) => {
+    return this.track(s, "S2D", spec.cancelId!, Promise.resolve(started), (r, id) => {
       this.pin(names, -1);
       const status = Array.from(r.status) as BlockStatus[];
       const bad: string[] = [];
@@ -518,11 +522,10 @@ export class Store {
   private track(
     s: Session,
     direction: Direction,
-    _blocks: number,
+    id: number,
     started: Promise<TransferResult>,
     finish: (r: TransferResult, id: number) => Finished | Promise<Finished>,
   ): { task: number } {
-    const id = this.nextTask++;
     const done = started.then(
       async (r) => {
         const f = await finish(r, id);
@@ -594,6 +597,22 @@ export class Store {
     if (!t.result) return { done: false };
     t.seenAt ??= Date.now();
     return t.result;
+  }
+
+  /**
+   * Stops a running task: queued blocks and loads not yet copied end as
+   * `cancelled`. The reply comes once no block of the task can write the
+   * client's memory any more (a client that gave up on a load must know its
+   * KV blocks are left alone before it reuses them). A finished task is left
+   * as it is: `{cancelled: false, done: true}`.
+   */
+  async cancel(s: Session, msg: Msg): Promise<{ cancelled: boolean; done: boolean }> {
+    const t = this.task(s, msg);
+    if (t.result) return { cancelled: false, done: true };
+    const outcome = await this.native.cancel(t.id, CANCEL_TIMEOUT_MS);
+    if (outcome === "timeout") throw new ProtocolError("busy", `task ${t.id}: a block copy did not end within ${CANCEL_TIMEOUT_MS} ms`);
+    // "finished": every block is past its copy (its result is on the way).
+    return { cancelled: outcome === "stopped", done: t.result !== undefined };
   }
 
   // ---- commit ------------------------------------------------------------------

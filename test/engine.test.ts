@@ -179,6 +179,30 @@ describe("engine process", () => {
     await waitDone(c, d.task as number);
   });
 
+  test("cancel: once answered, the load writes no more memory; queued blocks end cancelled; a finished task stays as it was", async () => {
+    const c = engine.client();
+    await hello(c);
+    const n = 512;
+    const src = await regions(c, 1, n, "random", shm);
+    const dst = await regions(c, 1, n, "zero", shm);
+    const keys = Array.from({ length: n }, (_, i) => key(i, "cancel"));
+    const all = keys.map((_, i) => i);
+    await waitDone(c, (await c.call("dump", { ns: NS, keys, shards: shards(src.ids, all), commit: true })).task as number);
+    const l = await c.call("load", { ns: NS, keys, shards: shards(dst.ids, all) });
+    const r = await c.call("cancel", { task: l.task });
+    const snapshot = dst.regs[0].read();
+    const w = await waitDone(c, l.task as number);
+    expect(dst.regs[0].read().equals(snapshot)).toBe(true);
+    expect(w.status.every((s) => s === "ok" || s === "cancelled")).toBe(true);
+    if (r.cancelled) expect(w.status).toContain("cancelled");
+    w.status.forEach((s, b) => {
+      const want = s === "ok" ? src.regs[0].read(b * SHARD, SHARD) : Buffer.alloc(SHARD);
+      expect(dst.regs[0].read(b * SHARD, SHARD).equals(want)).toBe(true);
+    });
+    expect(await c.call("cancel", { task: l.task })).toMatchObject({ cancelled: false, done: true });
+    await expect(c.call("cancel", { task: 999999 })).rejects.toThrow(/unknown_task|not a task of this client/);
+  });
+
   test("namespace op writes a description", async () => {
     const c = engine.client();
     await hello(c);

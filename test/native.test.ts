@@ -377,3 +377,41 @@ describe("CUDA backend", () => {
     }
   }, 180000);
 });
+
+describe("cancel", () => {
+  test("after cancel resolves, no block of the load writes memory any more; queued blocks end cancelled", async () => {
+    const d = tempDir();
+    const e = new Engine({ threads: 1 });
+    const n = 64;
+    const src = layout(e, 2, n, 256 * 1024, "random");
+    const dst = layout(e, 2, n, 256 * 1024, "zero");
+    try {
+      const names = Array.from({ length: n }, (_, i) => `c${i}`);
+      expect(Array.from((await e.dump(spec(d, src, names))).status).every((s) => s === BlockStatus.Ok)).toBe(true);
+      const ls = { ...spec(d, dst, names), cancelId: 77 };
+      const done = e.load(ls);
+      await new Promise((r) => setTimeout(r, 2));
+      expect(await e.cancel(77, 5000)).toBe("stopped");
+      const after = dst.regions.map((r) => r.read());
+      const r = await done;
+      // Nothing changed once cancel said so.
+      dst.regions.forEach((reg, i) => expect(reg.read().equals(after[i])).toBe(true));
+      const st = Array.from(r.status);
+      expect(st.every((s) => s === BlockStatus.Ok || s === BlockStatus.Cancelled)).toBe(true);
+      expect(st.filter((s) => s === BlockStatus.Cancelled).length).toBeGreaterThan(0);
+      const shard = 256 * 1024;
+      st.forEach((s, b) => {
+        for (let q = 0; q < 2; q++) {
+          const got = dst.regions[q].read(b * shard, shard);
+          expect(got.equals(s === BlockStatus.Ok ? src.regions[q].read(b * shard, shard) : Buffer.alloc(shard))).toBe(true);
+        }
+      });
+      expect(await e.cancel(77, 5000)).toBe("finished"); // done: the id is free again
+      await expect(e.cancel(78, 5000)).resolves.toBe("finished");
+    } finally {
+      e.close();
+      [...src.regions, ...dst.regions].forEach((x) => x.unlink());
+      fs.rmSync(d, { recursive: true, force: true });
+    }
+  });
+});

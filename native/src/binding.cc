@@ -37,6 +37,7 @@ struct Pending {
 struct PendingTransfer final : Pending {
   using Pending::Pending;
   std::shared_ptr<TransferTask> task;
+  int64_t cancel_id = -1;  // key in Engine::cancellable_, when the spec gave one
   Napi::Value Result(Napi::Env env) override {
     const size_t n = task->results.size();
     auto status = Napi::Int32Array::New(env, n);
@@ -56,6 +57,15 @@ struct PendingTransfer final : Pending {
     out.Set("elapsedNs", Napi::Number::New(env, static_cast<double>(task->finish_ns - task->submit_ns)));
     return out;
   }
+};
+
+// cancel(): "stopped" once no block of the task can write memory any more,
+// "finished" when it was not running, "timeout" when a copy outlived the wait.
+struct PendingCancel final : Pending {
+  using Pending::Pending;
+  std::shared_ptr<TransferTask> task;
+  const char* outcome = "finished";
+  Napi::Value Result(Napi::Env env) override { return Napi::String::New(env, outcome); }
 };
 
 // A metadata batch split over the metadata pool; each chunk fills its slice.
@@ -118,6 +128,7 @@ class Engine : public Napi::ObjectWrap<Engine> {
                         InstanceMethod<&Engine::OpenCudaRegion>("openCudaRegion"),
                         InstanceMethod<&Engine::OpenCudaEvent>("openCudaEvent"),
                         InstanceMethod<&Engine::CloseEvent>("closeEvent"),
+                        InstanceMethod<&Engine::Cancel>("cancel"),
                         InstanceMethod<&Engine::CloseRegion>("closeRegion"),
                         InstanceMethod<&Engine::Dump>("dump"),
                         InstanceMethod<&Engine::Load>("load"),
@@ -329,9 +340,41 @@ class Engine : public Napi::ObjectWrap<Engine> {
 
     auto pending = std::make_unique<PendingTransfer>(env);
     pending->task = task;
+    Napi::Value cancel_id = spec.Get("cancelId");
+    if (!cancel_id.IsUndefined()) {
+      if (!cancel_id.IsNumber()) throw Napi::TypeError::New(env, "cancelId must be a number");
+      const uint32_t id = cancel_id.As<Napi::Number>().Uint32Value();
+      if (cancellable_.count(id)) throw Napi::RangeError::New(env, "cancelId " + std::to_string(id) + " is in use");
+      cancellable_[id] = task;
+      pending->cancel_id = id;
+    }
     Napi::Promise promise = pending->deferred.Promise();
     Pending* raw = Track(env, std::move(pending));
     core_->Submit(task, [this, raw](std::shared_ptr<TransferTask>) { Complete(raw); });
+    return promise;
+  }
+
+  // cancel(cancelId, timeoutMs) -> Promise<"stopped" | "finished" | "timeout">
+  Napi::Value Cancel(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    CheckOpen(env);
+    if (info.Length() < 2 || !info[0].IsNumber() || !info[1].IsNumber())
+      throw Napi::TypeError::New(env, "cancel(cancelId: number, timeoutMs: number)");
+    auto p = std::make_unique<PendingCancel>(env);
+    Napi::Promise promise = p->deferred.Promise();
+    auto it = cancellable_.find(info[0].As<Napi::Number>().Uint32Value());
+    PendingCancel* c = p.get();
+    Pending* raw = Track(env, std::move(p));
+    if (it == cancellable_.end()) {
+      Complete(raw);
+      return promise;
+    }
+    c->task = it->second;
+    const uint32_t timeout = static_cast<uint32_t>(SafeUint(env, info[1].As<Napi::Number>().DoubleValue(), "timeoutMs"));
+    core_->PostMeta([this, c, raw, timeout] {
+      c->outcome = TransferEngine::Cancel(*c->task, timeout) ? "stopped" : "timeout";
+      Complete(raw);
+    });
     return promise;
   }
 
@@ -408,6 +451,7 @@ class Engine : public Napi::ObjectWrap<Engine> {
       core_.reset();
       regions_.clear();
       events_.clear();
+      cancellable_.clear();
       tsfn_.Release();
     }
     return env.Undefined();
@@ -448,6 +492,8 @@ class Engine : public Napi::ObjectWrap<Engine> {
       std::unique_ptr<Pending> own = std::move(it->second);
       owned_.erase(it);
       Napi::HandleScope scope(env);
+      if (auto* t = dynamic_cast<PendingTransfer*>(own.get()); t && t->cancel_id >= 0)
+        cancellable_.erase(static_cast<uint32_t>(t->cancel_id));
       own->deferred.Resolve(own->Result(env));
       if (--inflight_ == 0) {
         if (core_) tsfn_.Unref(env);
@@ -473,6 +519,7 @@ class Engine : public Napi::ObjectWrap<Engine> {
   // maps its callbacks refer to.
   std::unordered_map<uint32_t, std::shared_ptr<Region>> regions_;
   std::unordered_map<uint32_t, std::shared_ptr<CudaEvent>> events_;
+  std::unordered_map<uint32_t, std::shared_ptr<TransferTask>> cancellable_;  // running tasks by cancelId
   uint32_t next_region_ = 1;
   std::unordered_map<Pending*, std::unique_ptr<Pending>> owned_;
   std::mutex done_mu_;

@@ -11,6 +11,31 @@
 
 namespace ucm {
 
+namespace {
+// Brackets a copy into the client's memory: counted first, then the cancel
+// flag read (both sequentially consistent), so Cancel either stops the copy
+// or sees it and waits for it.
+struct CopyGuard {
+  explicit CopyGuard(TransferTask& t) : task(t) {
+    task.copying.fetch_add(1);
+    go = !task.cancelled.load();
+  }
+  ~CopyGuard() { task.copying.fetch_sub(1); }
+  TransferTask& task;
+  bool go = false;
+};
+}  // namespace
+
+bool TransferEngine::Cancel(TransferTask& task, uint32_t timeout_ms) {
+  task.cancelled.store(true);
+  const uint64_t deadline = NowNs() + static_cast<uint64_t>(timeout_ms) * 1000000ull;
+  while (task.copying.load() != 0) {
+    if (NowNs() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+  return true;
+}
+
 uint64_t NowNs() {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
                                    std::chrono::steady_clock::now().time_since_epoch())
@@ -136,6 +161,10 @@ void TransferEngine::MetaLoop() {
 void TransferEngine::RunBlock(const Item& item, Worker& w) {
   TransferTask& task = *item.task;
   const BlockJob& job = task.blocks[item.block];
+  if (task.cancelled.load()) {
+    Finish(item, IoResult{BlockStatus::kCancelled, ECANCELED, "cancelled"});
+    return;
+  }
   if (task.op == Op::kDump && task.max_queue_ns > 0 && NowNs() - task.submit_ns > task.max_queue_ns) {
     Finish(item, IoResult{BlockStatus::kDropped, 0, "queued too long"});
     return;
@@ -179,12 +208,17 @@ void TransferEngine::RunBlock(const Item& item, Worker& w) {
     r = ReadBlockFile(job.path, staging.data(), job.bytes, task.layout_digest, shard_count,
                       opts_.io);
     if (r.status == BlockStatus::kOk) {
-      // Only verified bytes ever reach the destination memory.
-      uint64_t pos = 0;
-      for (uint32_t s = job.shard_begin; s < job.shard_end; ++s) {
-        const Shard& sh = task.shards[s];
-        std::memcpy(sh.region->host_base() + sh.offset, payload + pos, sh.length);
-        pos += sh.length;
+      CopyGuard guard(task);
+      if (!guard.go) {
+        r = IoResult{BlockStatus::kCancelled, ECANCELED, "cancelled"};
+      } else {
+        // Only verified bytes ever reach the destination memory.
+        uint64_t pos = 0;
+        for (uint32_t s = job.shard_begin; s < job.shard_end; ++s) {
+          const Shard& sh = task.shards[s];
+          std::memcpy(sh.region->host_base() + sh.offset, payload + pos, sh.length);
+          pos += sh.length;
+        }
       }
     }
   }
@@ -230,6 +264,8 @@ IoResult TransferEngine::RunDeviceBlock(const Item& item, Worker& w) {
   }
   IoResult r = ReadBlockFile(job.path, w.cuda->data(), job.bytes, task.layout_digest, shard_count, opts_.io);
   if (r.status != BlockStatus::kOk) return r;
+  CopyGuard guard(task);
+  if (!guard.go) return IoResult{BlockStatus::kCancelled, ECANCELED, "cancelled"};
   if (!w.cuda->Scatter(device, copies, &error)) return fail(EIO, "scatter");
   return r;
 }

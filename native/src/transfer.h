@@ -55,6 +55,13 @@ struct TransferTask {
   // Dumps of device memory: the interprocess event recorded after the
   // forward pass that wrote the blocks; workers wait on it before reading.
   std::shared_ptr<CudaEvent> wait_event;
+  // Cancel (TransferEngine::Cancel): blocks not yet copied into their
+  // destination memory finish as kCancelled. `copying` counts blocks between
+  // their check of `cancelled` and the end of their copy into the client's
+  // memory, so Cancel can wait for them: after it returns, no byte of this
+  // task reaches that memory any more.
+  std::atomic<bool> cancelled{false};
+  std::atomic<uint32_t> copying{0};
 };
 
 // Owns page-aligned memory; move-only.
@@ -101,6 +108,11 @@ class TransferEngine {
 
   // Queues every block of `task`. `done` runs on a worker thread once.
   void Submit(std::shared_ptr<TransferTask> task, TaskDone done);
+  // Cancels `task`: queued blocks and loads not yet copied into memory end
+  // as kCancelled. Returns once no block of it can write the destination
+  // memory any more (true), or false if a copy still ran after timeout_ms.
+  // Blocks the caller for at most the copy of one block: run it off the JS thread.
+  static bool Cancel(TransferTask& task, uint32_t timeout_ms);
   // Runs `fn` on the metadata pool.
   void PostMeta(std::function<void()> fn);
   // Stops accepting work: queued blocks complete as kCancelled, running ones

@@ -78,7 +78,9 @@ class NfsStore:
                 try:
                     r = self.client.call("wait", deadline_ms=timeout + self.config.timeout_ms, task=task.task_id, timeout_ms=timeout)
                     if not r.get("done"):
-                        raise EngineUnavailable(f"task {task.task_id} not done within {timeout} ms")
+                        # Given up: the engine must stop writing these tensors before we say so.
+                        self.client.call("cancel", task=task.task_id)
+                        raise EngineUnavailable(f"task {task.task_id} not done within {timeout} ms; cancelled")
                     self._finish(task, r)
                 except EngineError as e:
                     task.done = True
@@ -95,6 +97,19 @@ class NfsStore:
         if r.get("done"):
             self._finish(task, r)
         return task.done
+
+    def cancel(self, task: Task) -> bool:
+        """Stops a running task: blocks not yet copied end as failed. Returns
+        True once the engine guarantees that no block of it writes the tensors
+        any more (also when the task had already finished), False when the
+        engine could not be asked."""
+        if task.done or task.task_id is None:
+            return True
+        try:
+            self.client.call("cancel", task=task.task_id)
+            return True
+        except EngineError:
+            return False
 
     def commit(self, keys: Sequence[bytes], success: bool = True) -> list[bool]:
         keys = _check_keys(keys)

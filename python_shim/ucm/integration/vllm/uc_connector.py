@@ -144,7 +144,7 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
             self._dumps: dict[str, list[tuple[int, list[bytes]]]] = {}  # req -> [(task, keys)]
             self._saving_w: set[str] = set()
             self._finishing: set[str] = set()
-            self._async_loads: dict[str, tuple[int | None, _Transfer]] = {}
+            self._async_loads: dict[str, tuple[int | None, _Transfer, float]] = {}  # req -> (task, transfer, deadline)
         self._connect()
 
     # ---- engine connection ---------------------------------------------------
@@ -326,7 +326,7 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         if self.load_async:
             # Finished (or failed) loads are reported by get_finished.
             for t, task in tasks:
-                self._async_loads[t.req_id] = (task, t)
+                self._async_loads[t.req_id] = (task, t, time.monotonic() + self.config.load_timeout_ms / 1000)
             return
         deadline = time.monotonic() + self.config.load_timeout_ms / 1000
         for t, task in tasks:
@@ -336,9 +336,23 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
                 r = self._call("wait", task=task, timeout_ms=left, deadline_ms=left + self.config.timeout_ms)
                 if r and r.get("done"):
                     failed = list(r.get("failed", []))
+                else:
+                    self._cancel_load(task, t)
             self._report_failed(t, failed)
         logger.debug("UCM: loaded %d block(s) for %d request(s) in %.4f s",
                      sum(len(t.keys) for t in meta.loads), len(meta.loads), time.perf_counter() - t_start)
+
+    def _cancel_load(self, task: int, t: _Transfer) -> None:
+        """A load that outlived loadTimeoutMs: its blocks are recomputed by vLLM
+        and may be reused, so the engine must stop writing them. The engine
+        answers `cancel` only once no block of the task can reach memory."""
+        r = self._call("cancel", task=task, deadline_ms=self.config.timeout_ms)
+        if r is None:
+            logger.error("UCM: request %s: load task %s timed out and could not be cancelled; "
+                         "the engine is unreachable", t.req_id, task)
+        else:
+            logger.warning("UCM: request %s: load timed out after %d ms; cancelled, vLLM recomputes it",
+                           t.req_id, self.config.load_timeout_ms)
 
     def _report_failed(self, t: _Transfer, failed: list[int]) -> None:
         # Blocks are used in order: everything after the first failure is recomputed too.
@@ -388,10 +402,13 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
             self._saving_w.discard(req_id)
             done.add(req_id)
         recved: set[str] = set()
-        for req_id, (task, t) in list(self._async_loads.items()):
+        for req_id, (task, t, deadline) in list(self._async_loads.items()):
             r = self._call("check", task=task) if task is not None else None
             if r is not None and not r.get("done"):
-                continue
+                if time.monotonic() < deadline:
+                    continue
+                self._cancel_load(task, t)
+                r = None
             self._report_failed(t, list(r.get("failed", [])) if r else list(range(len(t.keys))))
             del self._async_loads[req_id]
             recved.add(req_id)
