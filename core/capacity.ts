@@ -14,8 +14,10 @@ import { Logger } from "./log";
 
 /** Eviction starts above this fraction of the capacity... */
 export const HIGH_WATERMARK = 0.95;
-/** ...and frees down to this one. */
+/** ...and frees down to this one... */
 export const LOW_WATERMARK = 0.85;
+/** ...or to this one when writes were refused for room since the last pass (fast turnover). */
+export const DEEP_WATERMARK = 0.7;
 /** How often an engine without a capacity limit reads the ledger when it changed nothing. */
 const UNLIMITED_READ_MS = 30_000;
 /** Ledger lock deadline: a hung NFS server must not hang the engine. */
@@ -48,6 +50,8 @@ interface Backend extends BackendUsage {
   evicting: boolean;
   lastRescan: number;
   lastRead: number;
+  /** `refused` when the last eviction pass started. */
+  refusedAtPass: number;
 }
 
 export class CapacityManager {
@@ -84,6 +88,7 @@ export class CapacityManager {
       evicting: false,
       lastRescan: Date.now(),
       lastRead: 0,
+      refusedAtPass: 0,
     }));
   }
 
@@ -224,9 +229,13 @@ export class CapacityManager {
       // Unsent changes first, so the pass starts from everybody's figure.
       await this.sync(b);
       if (b.pendingBytes !== 0 || b.pendingFiles !== 0) await this.sync(b);
+      // Writes were turned away since the last pass: the directory turns over
+      // faster than one pass keeps up with, so free more this time.
+      const level = b.refused > b.refusedAtPass ? DEEP_WATERMARK : LOW_WATERMARK;
+      b.refusedAtPass = b.refused;
       const r = await evict({
         dir: b.dir,
-        targetBytes: evictToLow && b.capacity > 0 ? Math.floor(LOW_WATERMARK * b.capacity) : undefined,
+        targetBytes: evictToLow && b.capacity > 0 ? Math.floor(level * b.capacity) : undefined,
         extraBytes: b.reservedBytes,
         graceMs: this.config.evictionGraceS * 1000,
         pinned: this.pinned(),
