@@ -341,11 +341,7 @@ export class Store {
     await this.layout.ensureNamespace(ns);
     const existing = await this.lookup({ ns, keys });
     const status = new Array<BlockStatus>(keys.length).fill(BlockStatus.Skipped);
-    const write = this.admit(ns, keys, full.shardLength, all.filter((i) => !existing.found[i]), status);
-    const payload = write.map((b) => blockBytes(full.shardLength, b, keys.length));
-    const files = payload.map(blockFileSize);
-    const backends = write.map((b) => this.layout.backendIndex(keys[b]));
-    const admitted = payload.reduce((a, x) => a + x, 0);
+    const { write, files, backends, admitted } = this.admit(ns, keys, full.shardLength, all.filter((i) => !existing.found[i]), status);
     this.inflightDumpBytes += admitted;
     const temps = new Map<number, string>();
     const spec = this.spec(s, msg, (i) => {
@@ -418,11 +414,20 @@ export class Store {
    * Write admission: which of the `candidates` (blocks not stored yet) are
    * written. The rest are marked Dropped, never queued: first sight (when
    * admitOnSecondSight), in-flight bytes above maxInflightBytes, or a full
-   * backend directory. Admitted blocks hold a capacity reservation.
+   * backend directory. Admitted blocks hold a capacity reservation: per
+   * written block its file size and backend, and the payload bytes in all.
    */
-  private admit(ns: string, keys: Buffer[], shardLength: Float64Array, candidates: number[], status: BlockStatus[]): number[] {
+  private admit(
+    ns: string,
+    keys: Buffer[],
+    shardLength: Float64Array,
+    candidates: number[],
+    status: BlockStatus[],
+  ): { write: number[]; files: number[]; backends: number[]; admitted: number } {
     const write: number[] = [];
-    let inflight = this.inflightDumpBytes;
+    const files: number[] = [];
+    const backends: number[] = [];
+    let admitted = 0;
     for (const b of candidates) {
       status[b] = BlockStatus.Dropped;
       if (this.config.admitOnSecondSight && !this.secondSight(`${ns}/${keys[b].toString("hex")}`)) {
@@ -430,19 +435,23 @@ export class Store {
         continue;
       }
       const bytes = blockBytes(shardLength, b, keys.length);
-      if (inflight + bytes > this.config.maxInflightBytes) {
+      if (this.inflightDumpBytes + admitted + bytes > this.config.maxInflightBytes) {
         this.counters.droppedInflight++;
         continue;
       }
-      if (!this.capacity.reserve(this.layout.backendIndex(keys[b]), blockFileSize(bytes))) {
+      const backend = this.layout.backendIndex(keys[b]);
+      const file = blockFileSize(bytes);
+      if (!this.capacity.reserve(backend, file)) {
         this.counters.droppedCapacity++;
         continue;
       }
-      inflight += bytes;
+      admitted += bytes;
       status[b] = BlockStatus.Ok; // decided by the write
       write.push(b);
+      files.push(file);
+      backends.push(backend);
     }
-    return write;
+    return { write, files, backends, admitted };
   }
 
   /** True the second time a key is asked for (then forgotten); remembers the first. */

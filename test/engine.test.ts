@@ -5,7 +5,7 @@ import * as fs from "fs";
 import * as path from "path";
 import { Packr } from "msgpackr";
 import { EngineClient, EngineError } from "../core/client";
-import { ShmRegion } from "./helpers/fixtures";
+import { ShmRegion, shardColumns } from "./helpers/fixtures";
 import { RunningEngine, hello, runCli, shortTmp, startEngine, writeConfig } from "./helpers/engine";
 
 const packr = new Packr({ useRecords: false, mapsAsObjects: true });
@@ -24,17 +24,7 @@ async function regions(c: EngineClient, n: number, blocks: number, fill: "random
 }
 
 function shards(ids: number[], blocks: number[]) {
-  const region: number[] = [];
-  const offset: number[] = [];
-  const length: number[] = [];
-  for (const b of blocks) {
-    for (const id of ids) {
-      region.push(id);
-      offset.push(b * SHARD);
-      length.push(SHARD);
-    }
-  }
-  return { count: ids.length, region, offset, length };
+  return shardColumns(ids, SHARD, blocks);
 }
 
 async function waitDone(c: EngineClient, task: number) {
