@@ -60,6 +60,8 @@ export interface EngineConfig {
   pinnedStagingBytes: number;
   /** How GPU shards are gathered and scattered. */
   cudaCopy: string;
+  /** Milliseconds a GPU dump waits for the client's CUDA event before the block fails. */
+  cudaEventTimeoutMs: number;
 }
 
 interface OptionSpec {
@@ -98,6 +100,7 @@ export const OPTIONS: Record<string, OptionSpec> = {
   metricsHost: { key: "metricsHost", kind: "string", dflt: "127.0.0.1", doc: "address the metrics endpoint listens on" },
   pinnedStagingBytes: { key: "pinnedStagingBytes", kind: "size", min: 1 << 20, max: 2 ** 44, dflt: 2 * 2 ** 30, doc: "pinned host staging for GPU blocks, all transfer threads together (each gets an equal share, allocated once)" },
   cudaCopy: { key: "cudaCopy", kind: "string", dflt: "batch", doc: "how GPU shards move: batch (cudaMemcpyBatchAsync on the copy engines, leaving the SMs to vLLM; kernel where the driver lacks it) or kernel (one gather/scatter kernel launch per block)" },
+  cudaEventTimeoutMs: { key: "cudaEventTimeoutMs", kind: "int", min: 1, max: 3600000, dflt: 30000, doc: "a GPU dump waits this long for the CUDA event of the forward pass that wrote its blocks, then fails the block (the writer died, say)" },
 };
 
 const SIZE_UNITS: Record<string, number> = {

@@ -40,6 +40,8 @@ export interface NativeEngineOptions {
   pinnedStagingBytes?: number;
   /** How device shards move: one gather/scatter kernel, or cudaMemcpyBatchAsync. */
   cudaCopy?: "kernel" | "batch";
+  /** How long a device dump waits for the client's CUDA event before the block fails. */
+  cudaEventTimeoutMs?: number;
 }
 
 /** A batch of blocks; block i owns the next blockShards[i] shards. */
@@ -66,6 +68,8 @@ export interface TransferResult {
   /** Bytes of the blocks that succeeded. */
   bytes: number;
   elapsedNs: number;
+  /** Once-only messages from the device backend for the log (e.g. a copy method the driver lacks). */
+  notices?: string[];
 }
 
 export interface NativeStats {
@@ -80,10 +84,13 @@ export interface NativeStats {
 
 export interface NativeEngine {
   openHostRegion(source: string, size: number): number;
-  /** GPU memory of another process: its CUDA IPC handle (64 bytes), the storage's offset in the allocation and its size. */
-  openCudaRegion(device: number, handle: Uint8Array, offset: number, size: number): number;
-  /** An interprocess CUDA event another process records (64-byte handle). */
-  openCudaEvent(device: number, handle: Uint8Array): number;
+  /**
+   * GPU memory of another process: its CUDA IPC handle (64 bytes), the storage's offset in the allocation and its
+   * size. The GPU is the one with `pciBusId` when given (clients number devices their own way), else `device`.
+   */
+  openCudaRegion(device: number, handle: Uint8Array, offset: number, size: number, pciBusId?: string): number;
+  /** An interprocess CUDA event another process records (64-byte handle); the GPU as for openCudaRegion. */
+  openCudaEvent(device: number, handle: Uint8Array, pciBusId?: string): number;
   closeEvent(id: number): boolean;
   /**
    * Cancels the running task given `cancelId`: blocks not yet copied into memory end Cancelled.
@@ -144,8 +151,12 @@ export interface EvictResult {
 }
 
 export interface CudaStatus {
-  /** Compiled with the CUDA toolkit. */
+  /** Compiled with the CUDA toolkit (or the emulated runtime). */
   built: boolean;
+  /** The test build: CUDA runtime emulated over host shared memory (native/cuda_emu). */
+  emulated: boolean;
+  /** This build's CUDA runtime has cudaMemcpyBatchAsync (12.8 or newer). */
+  batchCopies: boolean;
   /** A driver and at least one GPU are there. */
   usable: boolean;
   devices: number;
@@ -165,6 +176,13 @@ interface Addon {
 }
 
 function findAddon(): string {
+  // Another build of the addon, e.g. the one over the emulated CUDA runtime
+  // that the GPU tests use (native/build-emu).
+  const override = process.env.UCM_NATIVE_ADDON;
+  if (override) {
+    if (!fs.existsSync(override)) throw new Error(`UCM_NATIVE_ADDON=${override}: no such file`);
+    return path.resolve(override);
+  }
   // core/ when run from source (ts-jest), dist/core/ when compiled.
   for (const up of ["..", "../.."]) {
     const p = path.resolve(__dirname, up, "native/build/Release/ucm_native.node");

@@ -74,7 +74,9 @@ export class EngineServer {
     const cuda = cudaStatus();
     this.log.info(
       cuda.usable
-        ? `CUDA backend: ${cuda.devices} GPU(s), runtime ${cuda.runtimeVersion}, driver ${cuda.driverVersion}, ${this.config.cudaCopy} copies, ${(this.config.pinnedStagingBytes / 2 ** 20).toFixed(0)} MiB pinned staging at most`
+        ? `CUDA backend: ${cuda.devices} GPU(s), runtime ${cuda.runtimeVersion}, driver ${cuda.driverVersion}, ${this.config.cudaCopy} copies` +
+          `${cuda.batchCopies ? "" : " (this runtime has no batched copies: kernel)"}, ` +
+          `${(this.config.pinnedStagingBytes / 2 ** 20).toFixed(0)} MiB pinned staging at most${cuda.emulated ? " [emulated CUDA runtime, for tests]" : ""}`
         : `CUDA backend: ${cuda.built ? "built, not usable here" : "not built"} (${cuda.why}); host memory only`,
     );
     this.log.info(

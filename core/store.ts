@@ -144,6 +144,7 @@ export class Store {
       maxBlockBytes: config.maxBlockBytes,
       pinnedStagingBytes: config.pinnedStagingBytes,
       cudaCopy: config.cudaCopy as "kernel" | "batch",
+      cudaEventTimeoutMs: config.cudaEventTimeoutMs,
     });
     this.capacity = new CapacityManager(config, log, () => [...this.loading.keys()], () => this.known.clear());
   }
@@ -162,9 +163,17 @@ export class Store {
     }
     if (!Array.isArray(evList) || evList.length > 1024) throw new ProtocolError("bad_message", `events must be an array (at most 1024), got ${describe(evList)}`);
     if (list.length === 0 && evList.length === 0) throw new ProtocolError("bad_message", `regions must be a non-empty array, got ${describe(msg.regions)}`);
-    type Spec = { medium: "host"; source: string; size: number } | { medium: "cuda"; device: number; handle: Uint8Array; offset: number; size: number };
+    type Spec = { medium: "host"; source: string; size: number } | { medium: "cuda"; device: number; pciBusId?: string; handle: Uint8Array; offset: number; size: number };
     const cudaHandle = (v: unknown, what: string): Uint8Array => {
       if (!(v instanceof Uint8Array) || v.length !== 64) throw new ProtocolError("bad_message", `${what} must be the 64-byte CUDA IPC handle (bin), got ${describe(v)}`);
+      return v;
+    };
+    // The GPU as every process names it (CUDA_VISIBLE_DEVICES renumbers ordinals per process).
+    const busId = (v: unknown, what: string): string | undefined => {
+      if (v === undefined || v === null) return undefined;
+      if (typeof v !== "string" || !/^[0-9a-fA-F]{1,8}:[0-9a-fA-F]{1,2}:[0-9a-fA-F]{1,2}\.[0-7]$/.test(v)) {
+        throw new ProtocolError("bad_message", `${what} must be a PCI bus id such as "0000:06:00.0", got ${describe(v)}`);
+      }
       return v;
     };
     const specs: Spec[] = list.map((r, i) => {
@@ -175,7 +184,10 @@ export class Store {
       const size = toUint(m.size, `regions[${i}].size`);
       if (size < 1) throw new ProtocolError("bad_message", `regions[${i}].size must be positive, got ${size}`);
       if (medium === "cuda") {
-        return { medium, device: toUint(m.device, `regions[${i}].device`), handle: cudaHandle(m.handle, `regions[${i}].handle`), offset: toUint(m.offset ?? 0, `regions[${i}].offset`), size };
+        return {
+          medium, device: toUint(m.device, `regions[${i}].device`), pciBusId: busId(m.pci_bus_id, `regions[${i}].pci_bus_id`),
+          handle: cudaHandle(m.handle, `regions[${i}].handle`), offset: toUint(m.offset ?? 0, `regions[${i}].offset`), size,
+        };
       }
       const src = m.source;
       if (typeof src !== "string" || src.length > 4096) {
@@ -186,21 +198,21 @@ export class Store {
     const evSpecs = evList.map((e, i) => {
       if (e === null || typeof e !== "object" || Array.isArray(e)) throw new ProtocolError("bad_message", `events[${i}] must be a map, got ${describe(e)}`);
       const m = e as Msg;
-      return { device: toUint(m.device, `events[${i}].device`), handle: cudaHandle(m.handle, `events[${i}].handle`) };
+      return { device: toUint(m.device, `events[${i}].device`), pciBusId: busId(m.pci_bus_id, `events[${i}].pci_bus_id`), handle: cudaHandle(m.handle, `events[${i}].handle`) };
     });
     const opened: number[] = [];
     const openedEv: number[] = [];
     try {
       for (const [i, sp] of specs.entries()) {
         try {
-          opened.push(sp.medium === "host" ? this.native.openHostRegion(sp.source, sp.size) : this.native.openCudaRegion(sp.device, sp.handle, sp.offset, sp.size));
+          opened.push(sp.medium === "host" ? this.native.openHostRegion(sp.source, sp.size) : this.native.openCudaRegion(sp.device, sp.handle, sp.offset, sp.size, sp.pciBusId));
         } catch (e) {
           throw new ProtocolError(sp.medium === "cuda" ? "unsupported" : "bad_message", `regions[${i}]: ${(e as Error).message}`);
         }
       }
       for (const [i, ev] of evSpecs.entries()) {
         try {
-          openedEv.push(this.native.openCudaEvent(ev.device, ev.handle));
+          openedEv.push(this.native.openCudaEvent(ev.device, ev.handle, ev.pciBusId));
         } catch (e) {
           throw new ProtocolError("unsupported", `events[${i}]: ${(e as Error).message}`);
         }
@@ -316,7 +328,12 @@ export class Store {
 
   private submit(s: Session, direction: Direction, spec: TransferSpec): TransferResult | Promise<TransferResult> {
     try {
-      return direction === "D2S" ? this.native.dump(spec) : this.native.load(spec);
+      const p = direction === "D2S" ? this.native.dump(spec) : this.native.load(spec);
+      // The device backend's once-only notices (a copy method the driver lacks) go to the log.
+      return p.then((r) => {
+        for (const n of r.notices ?? []) this.log.warn(`CUDA: ${n}`);
+        return r;
+      });
     } catch (e) {
       const m = (e as Error).message;
       if (e instanceof RangeError && /outside region|above maxBlockBytes/.test(m)) {
@@ -391,6 +408,7 @@ export class Store {
         }
       });
       if (failedTemps.length) this.removeFiles(failedTemps);
+      this.logFailures(id, "D2S", r);
       if (r.errno.includes(2)) this.layout.forgetNamespace(ns); // directories removed underneath: recreate next time
       this.counters.bytesDumped += r.bytes;
       if (s.closed) this.discardAll(s);
@@ -514,10 +532,20 @@ export class Store {
         }
       });
       if (bad.length) this.removeFiles(bad);
+      this.logFailures(id, "S2D", r);
       this.counters.bytesLoaded += r.bytes;
       this.log.info(taskLine(id, "S2D", keys.length, r.bytes, r.elapsedNs / 1e9));
       return { status, errno: Array.from(r.errno), bytes: r.bytes, elapsed: r.elapsedNs / 1e9 };
     });
+  }
+
+  /** One line per task whose blocks failed for a reason other than a miss, a check or shedding (I/O, GPU). */
+  private logFailures(id: number, direction: Direction, r: TransferResult): void {
+    const failed = Array.from(r.status).flatMap((st, i) => (st === BlockStatus.IoError ? [i] : []));
+    if (failed.length === 0) return;
+    const first = failed[0];
+    this.log.warn(`task ${id} (${direction}): ${failed.length} of ${r.status.length} block(s) failed: ${r.what[first]}` +
+      (r.errno[first] ? ` (errno ${r.errno[first]})` : ""));
   }
 
   private pin(names: string[], by: 1 | -1): void {

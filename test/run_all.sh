@@ -18,6 +18,14 @@ if ! npm install --no-audit --no-fund --loglevel=error; then
   exit 1
 fi
 
+echo "== setup: engine addon over the emulated CUDA runtime (native/build-emu, for the GPU-path tests)"
+if ! UCM_CUDA_EMU=1 npx cmake-js compile --directory native --out native/build-emu >"$out/build-emu.log" 2>&1; then
+  tail -30 "$out/build-emu.log"
+  echo "setup failed: emulated-CUDA addon"
+  echo "0 passed, 1 failed"
+  exit 1
+fi
+
 passed=0
 failed=0
 

@@ -55,6 +55,14 @@ struct PendingTransfer final : Pending {
     out.Set("what", what);
     out.Set("bytes", Napi::Number::New(env, static_cast<double>(task->bytes_ok.load())));
     out.Set("elapsedNs", Napi::Number::New(env, static_cast<double>(task->finish_ns - task->submit_ns)));
+    // Once-only messages from the device backend (a copy method the driver
+    // lacks, say), for the engine's log.
+    auto notices = TakeCudaNotices();
+    if (!notices.empty()) {
+      auto arr = Napi::Array::New(env, notices.size());
+      for (size_t i = 0; i < notices.size(); ++i) arr.Set(static_cast<uint32_t>(i), notices[i]);
+      out.Set("notices", arr);
+    }
     return out;
   }
 };
@@ -165,6 +173,7 @@ class Engine : public Napi::ObjectWrap<Engine> {
       opts.meta_threads = static_cast<uint32_t>(num("metaThreads", 1, 64, 4));
       opts.max_block_bytes = num("maxBlockBytes", 1, 1ull << 40, 1ull << 30);
       opts.pinned_staging_bytes = num("pinnedStagingBytes", 4096, 1ull << 44, 2ull << 30);
+      opts.cuda_event_timeout_ms = static_cast<uint32_t>(num("cudaEventTimeoutMs", 1, 3600000, 30000));
       Napi::Value copy = o.Get("cudaCopy");
       if (!copy.IsUndefined()) {
         std::string m = copy.IsString() ? copy.As<Napi::String>().Utf8Value() : "";
@@ -214,15 +223,23 @@ class Engine : public Napi::ObjectWrap<Engine> {
     return std::string(reinterpret_cast<const char*>(a.Data()), a.ByteLength());
   }
 
-  // openCudaRegion(device, handle: Uint8Array(64), offset, size) -> id
+  // Optional PCI bus id argument: "" or undefined means "use the ordinal".
+  static std::string BusId(const Napi::CallbackInfo& info, size_t i) {
+    if (info.Length() <= i || info[i].IsUndefined() || info[i].IsNull()) return "";
+    if (!info[i].IsString()) throw Napi::TypeError::New(info.Env(), "pciBusId must be a string");
+    return info[i].As<Napi::String>().Utf8Value();
+  }
+
+  // openCudaRegion(device, handle: Uint8Array(64), offset, size, pciBusId?) -> id
   Napi::Value OpenCudaRegion(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     CheckOpen(env);
     if (info.Length() < 4 || !info[0].IsNumber() || !info[2].IsNumber() || !info[3].IsNumber())
-      throw Napi::TypeError::New(env, "openCudaRegion(device: number, handle: Uint8Array, offset: number, size: number)");
+      throw Napi::TypeError::New(env, "openCudaRegion(device: number, handle: Uint8Array, offset: number, size: number, pciBusId?: string)");
     const int device = static_cast<int>(SafeUint(env, info[0].As<Napi::Number>().DoubleValue(), "device"));
     std::string error;
-    auto region = CudaRegion::Open(device, Bytes(info[1], "handle"), SafeUint(env, info[2].As<Napi::Number>().DoubleValue(), "offset"),
+    auto region = CudaRegion::Open(device, BusId(info, 4), Bytes(info[1], "handle"),
+                                   SafeUint(env, info[2].As<Napi::Number>().DoubleValue(), "offset"),
                                    SafeUint(env, info[3].As<Napi::Number>().DoubleValue(), "region size"), &error);
     if (!region) throw Napi::Error::New(env, error);
     uint32_t id = next_region_++;
@@ -230,14 +247,14 @@ class Engine : public Napi::ObjectWrap<Engine> {
     return Napi::Number::New(env, id);
   }
 
-  // openCudaEvent(device, handle: Uint8Array(64)) -> id
+  // openCudaEvent(device, handle: Uint8Array(64), pciBusId?) -> id
   Napi::Value OpenCudaEvent(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     CheckOpen(env);
-    if (info.Length() < 2 || !info[0].IsNumber()) throw Napi::TypeError::New(env, "openCudaEvent(device: number, handle: Uint8Array)");
+    if (info.Length() < 2 || !info[0].IsNumber()) throw Napi::TypeError::New(env, "openCudaEvent(device: number, handle: Uint8Array, pciBusId?: string)");
     const int device = static_cast<int>(SafeUint(env, info[0].As<Napi::Number>().DoubleValue(), "device"));
     std::string error;
-    auto ev = CudaEvent::Open(device, Bytes(info[1], "handle"), &error);
+    auto ev = CudaEvent::Open(device, BusId(info, 2), Bytes(info[1], "handle"), &error);
     if (!ev) throw Napi::Error::New(env, error);
     uint32_t id = next_region_++;
     events_[id] = std::move(ev);
@@ -647,13 +664,15 @@ Napi::Value EvictJs(const Napi::CallbackInfo& info) {
   return p;
 }
 
-// cudaStatus() -> {built, usable, devices, runtimeVersion, driverVersion, why}
+// cudaStatus() -> {built, emulated, usable, batchCopies, devices, runtimeVersion, driverVersion, why}
 Napi::Value CudaStatusJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const CudaStatus& st = CudaProbe();
   auto out = Napi::Object::New(env);
   out.Set("built", st.built);
+  out.Set("emulated", st.emulated);
   out.Set("usable", st.usable);
+  out.Set("batchCopies", st.batch_copies);
   out.Set("devices", st.devices);
   out.Set("runtimeVersion", st.runtime_version);
   out.Set("driverVersion", st.driver_version);

@@ -2,16 +2,30 @@
 // handles the shim sends, copied through pinned host staging.
 //
 // This header has no CUDA types, so the rest of the core compiles without the
-// toolkit. With the toolkit, cuda_backend.cu implements it (built when CMake
-// finds nvcc); without it, cuda_stub.cc answers "not built". At run time
-// without a driver or a GPU, CudaProbe() says why and every Open fails with
-// that reason: the engine still serves host regions.
+// toolkit. cuda_backend.cc implements it with the CUDA runtime API (plus the
+// kernel in cuda_copy_kernel.cu), built when CMake finds nvcc; the same file
+// is built a second way for tests, against the emulated runtime in
+// native/cuda_emu/. Without the toolkit, cuda_stub.cc answers "not built". At
+// run time without a driver or a GPU, CudaProbe() says why and every Open
+// fails with that reason: the engine still serves host regions.
 //
 // Ordering. Dump: the shim records an interprocess event after the forward
-// pass that wrote the blocks; each worker makes its stream wait on that event
-// before it gathers. Load: a worker reports a block done only after its
-// scatter finished on the device (stream synchronized), so the shim, which
-// waits for the task, never lets vLLM read a block before its bytes are in.
+// pass that wrote the blocks; a worker gathers only once that event has
+// completed (polled from the host with a deadline, sleeping between polls, so
+// a client's event that never completes costs neither a core nor a thread
+// for good). Load: a worker reports a block done only after its scatter
+// finished on the device, so the shim, which waits for the task, never lets
+// vLLM read a block before its bytes are in.
+//
+// Waiting. Every wait on the device sleeps (events created with
+// cudaEventBlockingSync): 32 transfer threads must not spin 32 cores that
+// vLLM's scheduler and tokenizer need.
+//
+// Device identity. Each vLLM worker numbers GPUs through its own
+// CUDA_VISIBLE_DEVICES; the engine (one per node) sees them all, numbered
+// its own way. Regions and events name their GPU by PCI bus id, which is the
+// same in every process; the ordinal a client sends is used only when it
+// sends no bus id.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -24,26 +38,37 @@
 namespace ucm {
 
 struct CudaStatus {
-  bool built = false;    // compiled with the CUDA toolkit
-  bool usable = false;   // driver present and at least one device
+  bool built = false;     // compiled with the CUDA toolkit (or the emulated runtime)
+  bool emulated = false;  // the test build: CUDA runtime emulated over host shared memory
+  bool usable = false;    // driver present and at least one device
+  bool batch_copies = false;  // this build's runtime has cudaMemcpyBatchAsync (CUDA >= 12.8)
   int devices = 0;
   int runtime_version = 0;
   int driver_version = 0;
-  std::string why;       // when !usable
+  std::string why;        // when !usable
 };
 
-// Probed once per process.
+// Probed once per process. Creates no CUDA context.
 const CudaStatus& CudaProbe();
+
+// The engine's ordinal for a client's GPU: by PCI bus id when one is given
+// ("0000:06:00.0"), else `client_device` as is. False with a message when
+// no such GPU is visible to the engine.
+bool ResolveDevice(int client_device, const std::string& pci_bus_id, int* device, std::string* error);
+
+// Things the operator should hear about once (a copy method that the
+// driver lacks, say). Each notice is returned by one call only.
+std::vector<std::string> TakeCudaNotices();
 
 // Device memory of another process: `handle` is its cudaIpcMemHandle_t (64
 // bytes) for the allocation, `offset` where the tensor's storage starts in
 // it, `size` the storage's bytes. One allocation exported several times is
 // opened once (CUDA allows one mapping per handle per process) and closed
-// with its last region.
+// with its last region. The GPU is found as ResolveDevice says.
 class CudaRegion final : public Region {
  public:
-  static std::shared_ptr<CudaRegion> Open(int device, const std::string& handle, uint64_t offset, uint64_t size,
-                                          std::string* error);
+  static std::shared_ptr<CudaRegion> Open(int device, const std::string& pci_bus_id, const std::string& handle,
+                                          uint64_t offset, uint64_t size, std::string* error);
   ~CudaRegion() override;
   Medium medium() const override { return Medium::kCuda; }
   const char* describe() const override { return "cuda ipc"; }
@@ -57,7 +82,8 @@ class CudaRegion final : public Region {
 // 64 bytes).
 class CudaEvent {
  public:
-  static std::shared_ptr<CudaEvent> Open(int device, const std::string& handle, std::string* error);
+  static std::shared_ptr<CudaEvent> Open(int device, const std::string& pci_bus_id, const std::string& handle,
+                                         std::string* error);
   ~CudaEvent();
   CudaEvent(const CudaEvent&) = delete;
   CudaEvent& operator=(const CudaEvent&) = delete;
@@ -81,19 +107,26 @@ struct DeviceCopy {
 };
 
 // A transfer thread's device side: one pinned staging buffer (allocated
-// once, page aligned, mapped for the GPU), one non-blocking stream per
-// device, a pinned copy table. Not thread safe: one per worker.
+// once, page aligned, mapped for the GPU), and per device it used: a
+// non-blocking stream and a blocking-sync event marking the end of a copy;
+// a pinned copy table. Not thread safe: one per worker.
 class CudaStager {
  public:
-  static std::unique_ptr<CudaStager> Create(size_t bytes, CudaCopy method, std::string* error);
+  // Allocates the staging buffer with `device` current, so the only CUDA
+  // context this creates is that of a GPU the worker is about to use.
+  static std::unique_ptr<CudaStager> Create(int device, size_t bytes, CudaCopy method, uint32_t event_timeout_ms,
+                                            std::string* error);
   ~CudaStager();
   CudaStager(const CudaStager&) = delete;
   CudaStager& operator=(const CudaStager&) = delete;
   uint8_t* data() const { return data_; }
   size_t capacity() const { return capacity_; }
+  // A copy that never finished may still write the staging buffer: a broken
+  // stager must not be used again (its memory is abandoned, not freed).
+  bool broken() const { return broken_; }
 
-  // Device -> staging, all copies in one batched operation, after `after`
-  // (may be null) completes. Returns when the bytes are in staging.
+  // Device -> staging, all copies in one batched operation, once `after`
+  // (may be null) has completed. Returns when the bytes are in staging.
   bool Gather(int device, const std::vector<DeviceCopy>& copies, const CudaEvent* after, std::string* error);
   // Staging -> device; returns when the bytes are on the device.
   bool Scatter(int device, const std::vector<DeviceCopy>& copies, std::string* error);
@@ -101,15 +134,20 @@ class CudaStager {
  private:
   CudaStager() = default;
   bool Run(int device, const std::vector<DeviceCopy>& copies, bool to_host, const CudaEvent* after, std::string* error);
-  void* Stream(int device, std::string* error);
+  bool Streams(int device, std::string* error);
+  bool EnqueueBatch(int device, const std::vector<DeviceCopy>& copies, bool to_host, void* stream, std::string* error);
+  bool EnqueueKernel(const std::vector<DeviceCopy>& copies, bool to_host, void* stream, std::string* error);
 
   CudaCopy method_ = CudaCopy::kKernel;
+  uint32_t event_timeout_ms_ = 30000;
+  bool broken_ = false;
   uint8_t* alloc_ = nullptr;   // what cudaHostAlloc returned
   uint8_t* data_ = nullptr;    // 4096-aligned inside alloc_
   size_t capacity_ = 0;
   void* table_ = nullptr;      // pinned copy descriptors (kernel method)
   size_t table_entries_ = 0;
   std::vector<void*> streams_; // by device ordinal
+  std::vector<void*> done_;    // by device ordinal: end-of-copy events (blocking sync)
   std::vector<void*> srcs_, dsts_;
   std::vector<size_t> sizes_;
 };

@@ -17,21 +17,29 @@ const CudaStatus& CudaProbe() {
   return status;
 }
 
-std::shared_ptr<CudaRegion> CudaRegion::Open(int, const std::string&, uint64_t, uint64_t, std::string* error) {
+bool ResolveDevice(int, const std::string&, int*, std::string* error) {
+  *error = kNotBuilt;
+  return false;
+}
+
+std::vector<std::string> TakeCudaNotices() { return {}; }
+
+std::shared_ptr<CudaRegion> CudaRegion::Open(int, const std::string&, const std::string&, uint64_t, uint64_t,
+                                             std::string* error) {
   *error = kNotBuilt;
   return nullptr;
 }
 
 CudaRegion::~CudaRegion() = default;
 
-std::shared_ptr<CudaEvent> CudaEvent::Open(int, const std::string&, std::string* error) {
+std::shared_ptr<CudaEvent> CudaEvent::Open(int, const std::string&, const std::string&, std::string* error) {
   *error = kNotBuilt;
   return nullptr;
 }
 
 CudaEvent::~CudaEvent() = default;
 
-std::unique_ptr<CudaStager> CudaStager::Create(size_t, CudaCopy, std::string* error) {
+std::unique_ptr<CudaStager> CudaStager::Create(int, size_t, CudaCopy, uint32_t, std::string* error) {
   *error = kNotBuilt;
   return nullptr;
 }

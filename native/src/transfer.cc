@@ -238,9 +238,15 @@ IoResult TransferEngine::RunDeviceBlock(const Item& item, Worker& w) {
     r.detail = error;
     return r;
   };
+  if (w.cuda && w.cuda->broken()) {
+    // A copy of its last block never finished: leave that staging behind
+    // (released, never freed) and start over with a fresh one.
+    pinned_bytes_.fetch_sub(w.cuda->capacity());
+    w.cuda.reset();
+  }
   if (!w.cuda) {
     const uint64_t share = AlignUp(std::max<uint64_t>(opts_.pinned_staging_bytes / opts_.threads, kBlockAlign));
-    w.cuda = CudaStager::Create(share, opts_.cuda_copy, &error);
+    w.cuda = CudaStager::Create(device, share, opts_.cuda_copy, opts_.cuda_event_timeout_ms, &error);
     if (!w.cuda) return fail(ENODEV, "pinned staging");
     pinned_bytes_.fetch_add(w.cuda->capacity());
   }

@@ -90,6 +90,9 @@ struct EngineOptions {
   // first device block. A device block must fit in one share.
   uint64_t pinned_staging_bytes = 2ull << 30;
   CudaCopy cuda_copy = CudaCopy::kBatch;
+  // How long a device dump waits for the client's CUDA event before the
+  // block fails (a client that recorded it and died, say).
+  uint32_t cuda_event_timeout_ms = 30000;
   IoOptions io;
 };
 

@@ -45,8 +45,8 @@ export function runCli(args: string[], timeoutMs = 15000): Promise<{ code: numbe
   });
 }
 
-export async function startEngine(configFile: string, extraArgs: string[] = []): Promise<RunningEngine> {
-  const proc = spawn(process.execPath, [CLI, "serve", "--config", configFile, ...extraArgs], { stdio: ["ignore", "pipe", "pipe"] });
+export async function startEngine(configFile: string, extraArgs: string[] = [], env?: NodeJS.ProcessEnv): Promise<RunningEngine> {
+  const proc = spawn(process.execPath, [CLI, "serve", "--config", configFile, ...extraArgs], { stdio: ["ignore", "pipe", "pipe"], env: env ?? process.env });
   let out = "";
   const clients: EngineClient[] = [];
   proc.stdout!.on("data", (d) => (out += d));

@@ -1,0 +1,341 @@
+// The engine's GPU code path on a machine without a GPU: the real engine
+// process and the production CUDA backend (native/src/cuda_backend.cc),
+// built against the emulated CUDA runtime (native/cuda_emu), over real
+// ZeroMQ sockets and real files. The emulation stands in for the GPU and its
+// driver; it never replaces a run on real hardware (bench/gpu_validate.py).
+import { spawnSync } from "child_process";
+import * as crypto from "crypto";
+import * as fs from "fs";
+import * as path from "path";
+import { EngineClient, EngineError } from "../core/client";
+import { EMU_ADDON, EmuDeviceMemory, EmuEvent, buildEmuAddon, cpuSeconds, emuEnv } from "./helpers/cuda_emu";
+import { RunningEngine, hello, shortTmp, startEngine, writeConfig } from "./helpers/engine";
+import { shardColumns } from "./helpers/fixtures";
+
+const GPU_A = "0000:01:00.0";
+const GPU_B = "0000:41:00.0";
+const NS = "emu-model-tp1r0";
+const SHARD = 16 * 1024 + 144; // not a multiple of 16: the kernel's byte path too
+const LAYERS = 2;
+const BLOCKS = 8;
+
+const key = (i: number, salt = "g") => crypto.createHash("sha256").update(`${salt}${i}`).digest();
+
+interface Node {
+  dir: string;
+  store: string;
+  engine: RunningEngine;
+  trace: string;
+}
+
+async function startNode(busIds: string[], opts: Record<string, unknown> = {}, extraEnv: Record<string, string> = {}): Promise<Node> {
+  const dir = shortTmp("ucmg-");
+  const store = path.join(dir, "store");
+  fs.mkdirSync(store);
+  const trace = path.join(dir, "cuda-trace.txt");
+  const cfg = writeConfig(dir, {
+    storage_backends: store, transferStreamNumber: 4, endpoint: `ipc://${dir}/e.sock`, clientCheckMs: 100,
+    pinnedStagingBytes: 8 << 20, maxQueueMs: 0, ...opts,
+  });
+  const engine = await startEngine(cfg, [], emuEnv(busIds, { UCM_CUDA_EMU_TRACE: trace, ...extraEnv }));
+  return { dir, store, engine, trace };
+}
+
+async function stopNode(n: Node | undefined): Promise<void> {
+  if (!n) return;
+  await n.engine.stop("SIGKILL");
+  fs.rmSync(n.dir, { recursive: true, force: true });
+}
+
+/** One "layer" allocation per layer on the GPU `busId`; block b of a layer at b * SHARD. */
+function gpuCache(busId: string, fill?: "random"): EmuDeviceMemory[] {
+  return Array.from({ length: LAYERS }, () => new EmuDeviceMemory(busId, BLOCKS * SHARD, fill));
+}
+
+async function registerCache(c: EngineClient, cache: EmuDeviceMemory[], device: number, busId?: string): Promise<number[]> {
+  const r = await c.call("register", {
+    regions: cache.map((m) => ({ medium: "cuda", device, ...(busId ? { pci_bus_id: busId } : {}), handle: m.handle(), offset: 0, size: m.size })),
+  });
+  return r.regions as number[];
+}
+
+async function waitDone(c: EngineClient, task: number, timeoutMs = 20000) {
+  const r = await c.call("wait", { task, timeout_ms: timeoutMs });
+  expect(r.done).toBe(true);
+  return r as unknown as { status: string[]; failed: number[]; what?: string[] };
+}
+
+function sameBlocks(dst: EmuDeviceMemory[], src: EmuDeviceMemory[], blocks: number[]): boolean {
+  return blocks.every((b) => dst.every((d, l) => d.read(b * SHARD, SHARD).equals(src[l].read(b * SHARD, SHARD))));
+}
+
+const all = Array.from({ length: BLOCKS }, (_, i) => i);
+const keys = (salt: string) => all.map((i) => key(i, salt));
+
+beforeAll(() => {
+  buildEmuAddon();
+}, 300000);
+
+describe("GPU path over the emulated CUDA runtime", () => {
+  let node: Node | undefined;
+  const mem: Array<EmuDeviceMemory | EmuEvent> = [];
+  afterEach(async () => {
+    await stopNode(node);
+    node = undefined;
+    mem.splice(0).forEach((m) => m.free());
+  });
+
+  for (const method of ["batch", "kernel"]) {
+    test(`register, dump, commit, load byte-exact through the engine (${method} copies)`, async () => {
+      node = await startNode([GPU_A], { cudaCopy: method });
+      expect(node.engine.output()).toMatch(/CUDA backend: 1 GPU\(s\).*emulated/);
+      const c = node.engine.client();
+      await hello(c);
+      const src = gpuCache(GPU_A, "random");
+      const dst = gpuCache(GPU_A);
+      mem.push(...src, ...dst);
+      const sids = await registerCache(c, src, 0, GPU_A);
+      const dids = await registerCache(c, dst, 0, GPU_A);
+      const ks = keys(method);
+      const d = await c.call("dump", { ns: NS, keys: ks, shards: shardColumns(sids, SHARD, all), commit: true });
+      expect((await waitDone(c, d.task as number)).status).toEqual(new Array(BLOCKS).fill("ok"));
+      expect((await c.call("lookup", { ns: NS, keys: ks })).found).toEqual(new Array(BLOCKS).fill(true));
+      const order = [6, 1, 3];
+      const l = await c.call("load", { ns: NS, keys: order.map((i) => ks[i]), shards: shardColumns(dids, SHARD, order) });
+      expect((await waitDone(c, l.task as number)).status).toEqual(["ok", "ok", "ok"]);
+      expect(sameBlocks(dst, src, order)).toBe(true);
+      // Blocks not loaded stay untouched.
+      expect(dst[0].read(0, SHARD).equals(Buffer.alloc(SHARD))).toBe(true);
+    });
+  }
+
+  test("a dump waits for the client's event: bytes written before it completes are the ones stored", async () => {
+    node = await startNode([GPU_A]);
+    const c = node.engine.client();
+    await hello(c);
+    const src = gpuCache(GPU_A, "random");
+    const dst = gpuCache(GPU_A);
+    const ev = new EmuEvent(GPU_A);
+    mem.push(...src, ...dst, ev);
+    const sids = await registerCache(c, src, 0, GPU_A);
+    const dids = await registerCache(c, dst, 0, GPU_A);
+    const evId = ((await c.call("register", { events: [{ device: 0, pci_bus_id: GPU_A, handle: ev.handle() }] })).events as number[])[0];
+    // The "forward pass" is queued, not done: the event is recorded, not completed.
+    ev.record();
+    const ks = keys("ev");
+    const d = await c.call("dump", { ns: NS, keys: ks, shards: shardColumns(sids, SHARD, all), commit: true, event: evId });
+    const cpu0 = cpuSeconds(node.engine.proc.pid!);
+    await new Promise((r) => setTimeout(r, 1500));
+    const cpu = cpuSeconds(node.engine.proc.pid!) - cpu0;
+    expect((await c.call("check", { task: d.task })).done).toBe(false);
+    // Four transfer threads waited 1.5 s on the event: they must sleep, not spin.
+    expect(cpu).toBeLessThan(0.5);
+    // The forward pass writes the blocks, then the GPU reaches the event.
+    for (const m of src) m.write(0, crypto.randomBytes(m.size));
+    ev.complete();
+    expect((await waitDone(c, d.task as number)).status).toEqual(new Array(BLOCKS).fill("ok"));
+    const l = await c.call("load", { ns: NS, keys: ks, shards: shardColumns(dids, SHARD, all) });
+    expect((await waitDone(c, l.task as number)).status).toEqual(new Array(BLOCKS).fill("ok"));
+    expect(sameBlocks(dst, src, all)).toBe(true);
+  });
+
+  test("an event that never completes fails its blocks after cudaEventTimeoutMs; the engine keeps serving", async () => {
+    node = await startNode([GPU_A], { cudaEventTimeoutMs: 300 });
+    const c = node.engine.client();
+    await hello(c);
+    const src = gpuCache(GPU_A, "random");
+    const ev = new EmuEvent(GPU_A);
+    mem.push(...src, ev);
+    const sids = await registerCache(c, src, 0, GPU_A);
+    const evId = ((await c.call("register", { events: [{ device: 0, pci_bus_id: GPU_A, handle: ev.handle() }] })).events as number[])[0];
+    ev.record();
+    const d = await c.call("dump", { ns: NS, keys: keys("lost").slice(0, 2), shards: shardColumns(sids, SHARD, [0, 1]), commit: true, event: evId });
+    const r = await waitDone(c, d.task as number);
+    expect(r.status).toEqual(["io_error", "io_error"]);
+    expect(node.engine.output()).toMatch(/the client's CUDA event did not complete within 300 ms/);
+    expect((await c.call("lookup", { ns: NS, keys: keys("lost").slice(0, 2) })).found).toEqual([false, false]);
+    expect((await c.call("health")).status).toBe("serving");
+  });
+
+  test("a region lands on its GPU by PCI bus id, whatever ordinal the client numbers it with", async () => {
+    node = await startNode([GPU_A, GPU_B]);
+    const c = node.engine.client();
+    await hello(c);
+    // A vLLM worker started with CUDA_VISIBLE_DEVICES=1 calls GPU B "device 0".
+    const srcB = gpuCache(GPU_B, "random");
+    const dstB = gpuCache(GPU_B);
+    mem.push(...srcB, ...dstB);
+    const sids = await registerCache(c, srcB, 0, GPU_B);
+    const dids = await registerCache(c, dstB, 0, GPU_B);
+    const ks = keys("bus");
+    const d = await c.call("dump", { ns: NS, keys: ks, shards: shardColumns(sids, SHARD, all), commit: true });
+    expect((await waitDone(c, d.task as number)).status).toEqual(new Array(BLOCKS).fill("ok"));
+    const l = await c.call("load", { ns: NS, keys: ks, shards: shardColumns(dids, SHARD, all) });
+    expect((await waitDone(c, l.task as number)).status).toEqual(new Array(BLOCKS).fill("ok"));
+    expect(sameBlocks(dstB, srcB, all)).toBe(true);
+    // Only GPU B got a CUDA context in the engine: none on device 0 (staging, streams and events were all made
+    // with the block's own GPU current).
+    expect(fs.readFileSync(node.trace, "utf8").trim().split("\n")).toEqual([`context 1 ${GPU_B}`]);
+    // The ordinal alone names the engine's device 0 (GPU A): refused, with the reason.
+    const wrong = gpuCache(GPU_B);
+    mem.push(...wrong);
+    await expect(registerCache(c, wrong, 0)).rejects.toThrow(/cudaIpcOpenMemHandle: cudaErrorInvalidDevice/);
+    // A bus id the engine does not see is named in the error.
+    await expect(registerCache(c, wrong, 0, "0000:99:00.0")).rejects.toThrow(/no GPU with PCI bus id '0000:99:00.0'/);
+    await expect(registerCache(c, wrong, 0, "GPU-1")).rejects.toThrow(/regions\[0\]\.pci_bus_id must be a PCI bus id/);
+  });
+
+  test("two clients exporting the same allocation share one mapping, and it outlives the first client", async () => {
+    node = await startNode([GPU_A]);
+    const c1 = node.engine.client();
+    const c2 = node.engine.client();
+    await hello(c1);
+    await hello(c2);
+    const src = gpuCache(GPU_A, "random");
+    const dst = gpuCache(GPU_A);
+    mem.push(...src, ...dst);
+    const ids1 = await registerCache(c1, src, 0, GPU_A);
+    const ids2 = await registerCache(c2, src, 0, GPU_A); // CUDA maps a handle once per process: the engine reuses it
+    const ks = keys("two");
+    const d1 = await c1.call("dump", { ns: NS, keys: ks.slice(0, 4), shards: shardColumns(ids1, SHARD, [0, 1, 2, 3]), commit: true });
+    expect((await waitDone(c1, d1.task as number)).status).toEqual(["ok", "ok", "ok", "ok"]);
+    await c1.call("release", { regions: ids1 });
+    c1.close();
+    const d2 = await c2.call("dump", { ns: NS, keys: ks.slice(4), shards: shardColumns(ids2, SHARD, [4, 5, 6, 7]), commit: true });
+    expect((await waitDone(c2, d2.task as number)).status).toEqual(["ok", "ok", "ok", "ok"]);
+    const dids = await registerCache(c2, dst, 0, GPU_A);
+    const l = await c2.call("load", { ns: NS, keys: ks, shards: shardColumns(dids, SHARD, all) });
+    expect((await waitDone(c2, l.task as number)).status).toEqual(new Array(BLOCKS).fill("ok"));
+    expect(sameBlocks(dst, src, all)).toBe(true);
+  });
+});
+
+describe("CUDA failures are block statuses or refused requests, never a crash", () => {
+  let node: Node | undefined;
+  const mem: Array<EmuDeviceMemory | EmuEvent> = [];
+  afterEach(async () => {
+    await stopNode(node);
+    node = undefined;
+    mem.splice(0).forEach((m) => m.free());
+  });
+
+  async function roundTrip(n: Node) {
+    const c = n.engine.client();
+    await hello(c);
+    const src = gpuCache(GPU_A, "random");
+    const dst = gpuCache(GPU_A);
+    mem.push(...src, ...dst);
+    const sids = await registerCache(c, src, 0, GPU_A);
+    const dids = await registerCache(c, dst, 0, GPU_A);
+    const ks = keys("fault");
+    const d = await c.call("dump", { ns: NS, keys: ks.slice(0, 2), shards: shardColumns(sids, SHARD, [0, 1]), commit: true });
+    const dr = await waitDone(c, d.task as number);
+    const l = await c.call("load", { ns: NS, keys: ks.slice(0, 2), shards: shardColumns(dids, SHARD, [0, 1]) });
+    const lr = await waitDone(c, l.task as number);
+    return { c, src, dst, dump: dr.status, load: lr.status };
+  }
+
+  for (const call of ["cudaIpcOpenMemHandle", "cudaSetDevice"]) {
+    test(`${call} fails: registration is refused with CUDA's error`, async () => {
+      node = await startNode([GPU_A], {}, { UCM_CUDA_EMU_FAIL: `${call}=cudaErrorInvalidValue` });
+      const c = node.engine.client();
+      await hello(c);
+      const m = new EmuDeviceMemory(GPU_A, 4096);
+      mem.push(m);
+      await expect(registerCache(c, [m], 0, GPU_A)).rejects.toMatchObject({ code: "unsupported", message: expect.stringMatching(/cudaErrorInvalidValue/) });
+      expect((await c.call("health")).status).toBe("serving");
+    });
+  }
+
+  test("cudaIpcOpenEventHandle fails: the event registration is refused", async () => {
+    node = await startNode([GPU_A], {}, { UCM_CUDA_EMU_FAIL: "cudaIpcOpenEventHandle=cudaErrorInvalidResourceHandle" });
+    const c = node.engine.client();
+    await hello(c);
+    const ev = new EmuEvent(GPU_A);
+    mem.push(ev);
+    await expect(c.call("register", { events: [{ device: 0, pci_bus_id: GPU_A, handle: ev.handle() }] })).rejects.toThrow(/cudaErrorInvalidResourceHandle/);
+    expect((await c.call("health")).status).toBe("serving");
+  });
+
+  for (const [call, method] of [["cudaHostAlloc", "batch"], ["cudaStreamCreateWithFlags", "batch"], ["cudaEventSynchronize", "batch"], ["LaunchCopyPieces", "kernel"], ["cudaMemcpyBatchAsync", "batch"]]) {
+    test(`${call} fails (${method} copies): blocks end io_error, nothing is stored, the engine keeps serving`, async () => {
+      node = await startNode([GPU_A], { cudaCopy: method }, { UCM_CUDA_EMU_FAIL: `${call}=cudaErrorIllegalAddress` });
+      const r = await roundTrip(node);
+      expect(r.dump).toEqual(["io_error", "io_error"]);
+      // Nothing was stored, so the load fails too: as a miss, or at the same call.
+      for (const st of r.load) expect(["not_found", "io_error"]).toContain(st);
+      expect(r.dst[0].read(0, 2 * SHARD).equals(Buffer.alloc(2 * SHARD))).toBe(true);
+      expect(node.engine.output()).toMatch(/cudaErrorIllegalAddress/);
+      // Not a missing feature: the method is not switched behind the operator's back.
+      expect(node.engine.output()).not.toMatch(/copy kernel instead/);
+      expect((await r.c.call("health")).status).toBe("serving");
+    });
+  }
+
+  test("a driver without batched copies: one notice, then the copy kernel, byte-exact", async () => {
+    node = await startNode([GPU_A], { cudaCopy: "batch" }, { UCM_CUDA_EMU_FAIL: "cudaMemcpyBatchAsync=cudaErrorNotSupported" });
+    const r = await roundTrip(node);
+    expect(r.dump).toEqual(["ok", "ok"]);
+    expect(r.load).toEqual(["ok", "ok"]);
+    expect(sameBlocks(r.dst, r.src, [0, 1])).toBe(true);
+    await new Promise((res) => setTimeout(res, 100));
+    expect(node.engine.output().match(/cudaMemcpyBatchAsync is not available with this driver.*copy kernel instead/g)?.length).toBe(1);
+  });
+
+  test("a driver older than the runtime: the engine says which driver it needs and still serves host memory", async () => {
+    node = await startNode([GPU_A], {}, { UCM_CUDA_EMU_DRIVER: "12040" });
+    expect(node.engine.output()).toMatch(/the NVIDIA driver supports CUDA 12\.4, but this engine was built with CUDA 13\.0, which needs driver 580 or newer/);
+    const c = node.engine.client();
+    await hello(c);
+    const m = new EmuDeviceMemory(GPU_A, 4096);
+    mem.push(m);
+    await expect(registerCache(c, [m], 0, GPU_A)).rejects.toThrow(/needs driver 580 or newer/);
+    expect((await c.call("health")).status).toBe("serving");
+  });
+});
+
+describe("older CUDA runtimes", () => {
+  let node: Node | undefined;
+  const mem: EmuDeviceMemory[] = [];
+  afterEach(async () => {
+    await stopNode(node);
+    node = undefined;
+    mem.splice(0).forEach((m) => m.free());
+  });
+
+  test("the backend compiles for CUDA 12.8 (batched copies with failIdx) and before 12.8 (kernel only)", () => {
+    const root = path.resolve(__dirname, "..");
+    for (const v of [12080, 12040]) {
+      const r = spawnSync("g++", ["-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-DUCM_CUDA_EMU=1", `-DUCM_EMU_CUDART_VERSION=${v}`,
+        "-Inative/cuda_emu", "-Inative/src", "native/src/cuda_backend.cc"], { cwd: root, encoding: "utf8" });
+      expect({ v, status: r.status, err: r.stderr }).toEqual({ v, status: 0, err: "" });
+    }
+  });
+
+  test("a CUDA 12.8 build on a 12.4 driver moves blocks with the kernel after one notice", async () => {
+    const out = path.resolve(__dirname, "../native/build-emu-12080");
+    const addon = buildEmuAddon(out, 12080);
+    node = await startNode([GPU_A], { cudaCopy: "batch" }, { UCM_NATIVE_ADDON: addon, UCM_CUDA_EMU_DRIVER: "12040" });
+    expect(node.engine.output()).toMatch(/runtime 12080, driver 12040/);
+    const c = node.engine.client();
+    await hello(c);
+    const src = gpuCache(GPU_A, "random");
+    const dst = gpuCache(GPU_A);
+    mem.push(...src, ...dst);
+    const sids = await registerCache(c, src, 0, GPU_A);
+    const dids = await registerCache(c, dst, 0, GPU_A);
+    const ks = keys("old");
+    const d = await c.call("dump", { ns: NS, keys: ks, shards: shardColumns(sids, SHARD, all), commit: true });
+    expect((await waitDone(c, d.task as number)).status).toEqual(new Array(BLOCKS).fill("ok"));
+    const l = await c.call("load", { ns: NS, keys: ks, shards: shardColumns(dids, SHARD, all) });
+    expect((await waitDone(c, l.task as number)).status).toEqual(new Array(BLOCKS).fill("ok"));
+    expect(sameBlocks(dst, src, all)).toBe(true);
+    await new Promise((res) => setTimeout(res, 100));
+    expect(node.engine.output()).toMatch(/cudaMemcpyBatchAsync is not available with this driver \(CUDA 12\.4; cudaMemcpyBatchAsync: cudaErrorCallRequiresNewerDriver/);
+  }, 300000);
+});
+
+test("the emulated addon is the one under test", () => {
+  expect(fs.existsSync(EMU_ADDON)).toBe(true);
+  expect(EngineError).toBeDefined();
+});
