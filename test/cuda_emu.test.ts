@@ -72,18 +72,39 @@ function sameBlocks(dst: EmuDeviceMemory[], src: EmuDeviceMemory[], blocks: numb
 const all = Array.from({ length: BLOCKS }, (_, i) => i);
 const keys = (salt: string) => all.map((i) => key(i, salt));
 
+/**
+ * Registers a random source cache and a zeroed destination cache on the GPU `busId` (named as "device 0", as a
+ * vLLM worker sees its GPU), dumps `blocks` with commit, loads them back into the same slots.
+ */
+async function roundTrip(c: EngineClient, mem: Array<EmuDeviceMemory | EmuEvent>, busId: string, salt: string, blocks = all) {
+  const src = gpuCache(busId, "random");
+  const dst = gpuCache(busId);
+  mem.push(...src, ...dst);
+  const sids = await registerCache(c, src, 0, busId);
+  const dids = await registerCache(c, dst, 0, busId);
+  const ks = blocks.map((b) => key(b, salt));
+  const d = await c.call("dump", { ns: NS, keys: ks, shards: shardColumns(sids, SHARD, blocks), commit: true });
+  const dump = (await waitDone(c, d.task as number)).status;
+  const l = await c.call("load", { ns: NS, keys: ks, shards: shardColumns(dids, SHARD, blocks) });
+  const load = (await waitDone(c, l.task as number)).status;
+  return { src, dst, dump, load, ok: new Array(blocks.length).fill("ok") };
+}
+
+// Each test's engine and emulated GPU memory, cleaned up after it.
+let node: Node | undefined;
+const mem: Array<EmuDeviceMemory | EmuEvent> = [];
+
 beforeAll(() => {
   buildEmuAddon();
 }, 300000);
 
+afterEach(async () => {
+  await stopNode(node);
+  node = undefined;
+  mem.splice(0).forEach((m) => m.free());
+});
+
 describe("GPU path over the emulated CUDA runtime", () => {
-  let node: Node | undefined;
-  const mem: Array<EmuDeviceMemory | EmuEvent> = [];
-  afterEach(async () => {
-    await stopNode(node);
-    node = undefined;
-    mem.splice(0).forEach((m) => m.free());
-  });
 
   for (const method of ["batch", "kernel"]) {
     test(`register, dump, commit, load byte-exact through the engine (${method} copies)`, async () => {
@@ -162,17 +183,9 @@ describe("GPU path over the emulated CUDA runtime", () => {
     const c = node.engine.client();
     await hello(c);
     // A vLLM worker started with CUDA_VISIBLE_DEVICES=1 calls GPU B "device 0".
-    const srcB = gpuCache(GPU_B, "random");
-    const dstB = gpuCache(GPU_B);
-    mem.push(...srcB, ...dstB);
-    const sids = await registerCache(c, srcB, 0, GPU_B);
-    const dids = await registerCache(c, dstB, 0, GPU_B);
-    const ks = keys("bus");
-    const d = await c.call("dump", { ns: NS, keys: ks, shards: shardColumns(sids, SHARD, all), commit: true });
-    expect((await waitDone(c, d.task as number)).status).toEqual(new Array(BLOCKS).fill("ok"));
-    const l = await c.call("load", { ns: NS, keys: ks, shards: shardColumns(dids, SHARD, all) });
-    expect((await waitDone(c, l.task as number)).status).toEqual(new Array(BLOCKS).fill("ok"));
-    expect(sameBlocks(dstB, srcB, all)).toBe(true);
+    const r = await roundTrip(c, mem, GPU_B, "bus");
+    expect([r.dump, r.load]).toEqual([r.ok, r.ok]);
+    expect(sameBlocks(r.dst, r.src, all)).toBe(true);
     // Only GPU B got a CUDA context in the engine: none on device 0 (staging, streams and events were all made
     // with the block's own GPU current).
     expect(fs.readFileSync(node.trace, "utf8").trim().split("\n")).toEqual([`context 1 ${GPU_B}`]);
@@ -211,28 +224,11 @@ describe("GPU path over the emulated CUDA runtime", () => {
 });
 
 describe("CUDA failures are block statuses or refused requests, never a crash", () => {
-  let node: Node | undefined;
-  const mem: Array<EmuDeviceMemory | EmuEvent> = [];
-  afterEach(async () => {
-    await stopNode(node);
-    node = undefined;
-    mem.splice(0).forEach((m) => m.free());
-  });
 
-  async function roundTrip(n: Node) {
+  async function twoBlocks(n: Node) {
     const c = n.engine.client();
     await hello(c);
-    const src = gpuCache(GPU_A, "random");
-    const dst = gpuCache(GPU_A);
-    mem.push(...src, ...dst);
-    const sids = await registerCache(c, src, 0, GPU_A);
-    const dids = await registerCache(c, dst, 0, GPU_A);
-    const ks = keys("fault");
-    const d = await c.call("dump", { ns: NS, keys: ks.slice(0, 2), shards: shardColumns(sids, SHARD, [0, 1]), commit: true });
-    const dr = await waitDone(c, d.task as number);
-    const l = await c.call("load", { ns: NS, keys: ks.slice(0, 2), shards: shardColumns(dids, SHARD, [0, 1]) });
-    const lr = await waitDone(c, l.task as number);
-    return { c, src, dst, dump: dr.status, load: lr.status };
+    return { c, ...(await roundTrip(c, mem, GPU_A, "fault", [0, 1])) };
   }
 
   for (const call of ["cudaIpcOpenMemHandle", "cudaSetDevice"]) {
@@ -260,7 +256,7 @@ describe("CUDA failures are block statuses or refused requests, never a crash", 
   for (const [call, method] of [["cudaHostAlloc", "batch"], ["cudaStreamCreateWithFlags", "batch"], ["cudaEventSynchronize", "batch"], ["LaunchCopyPieces", "kernel"], ["cudaMemcpyBatchAsync", "batch"]]) {
     test(`${call} fails (${method} copies): blocks end io_error, nothing is stored, the engine keeps serving`, async () => {
       node = await startNode([GPU_A], { cudaCopy: method }, { UCM_CUDA_EMU_FAIL: `${call}=cudaErrorIllegalAddress` });
-      const r = await roundTrip(node);
+      const r = await twoBlocks(node);
       expect(r.dump).toEqual(["io_error", "io_error"]);
       // Nothing was stored, so the load fails too: as a miss, or at the same call.
       for (const st of r.load) expect(["not_found", "io_error"]).toContain(st);
@@ -274,7 +270,7 @@ describe("CUDA failures are block statuses or refused requests, never a crash", 
 
   test("a driver without batched copies: one notice, then the copy kernel, byte-exact", async () => {
     node = await startNode([GPU_A], { cudaCopy: "batch" }, { UCM_CUDA_EMU_FAIL: "cudaMemcpyBatchAsync=cudaErrorNotSupported" });
-    const r = await roundTrip(node);
+    const r = await twoBlocks(node);
     expect(r.dump).toEqual(["ok", "ok"]);
     expect(r.load).toEqual(["ok", "ok"]);
     expect(sameBlocks(r.dst, r.src, [0, 1])).toBe(true);
@@ -295,13 +291,6 @@ describe("CUDA failures are block statuses or refused requests, never a crash", 
 });
 
 describe("older CUDA runtimes", () => {
-  let node: Node | undefined;
-  const mem: EmuDeviceMemory[] = [];
-  afterEach(async () => {
-    await stopNode(node);
-    node = undefined;
-    mem.splice(0).forEach((m) => m.free());
-  });
 
   test("the backend compiles for CUDA 12.8 (batched copies with failIdx) and before 12.8 (kernel only)", () => {
     const root = path.resolve(__dirname, "..");
@@ -319,17 +308,9 @@ describe("older CUDA runtimes", () => {
     expect(node.engine.output()).toMatch(/runtime 12080, driver 12040/);
     const c = node.engine.client();
     await hello(c);
-    const src = gpuCache(GPU_A, "random");
-    const dst = gpuCache(GPU_A);
-    mem.push(...src, ...dst);
-    const sids = await registerCache(c, src, 0, GPU_A);
-    const dids = await registerCache(c, dst, 0, GPU_A);
-    const ks = keys("old");
-    const d = await c.call("dump", { ns: NS, keys: ks, shards: shardColumns(sids, SHARD, all), commit: true });
-    expect((await waitDone(c, d.task as number)).status).toEqual(new Array(BLOCKS).fill("ok"));
-    const l = await c.call("load", { ns: NS, keys: ks, shards: shardColumns(dids, SHARD, all) });
-    expect((await waitDone(c, l.task as number)).status).toEqual(new Array(BLOCKS).fill("ok"));
-    expect(sameBlocks(dst, src, all)).toBe(true);
+    const r = await roundTrip(c, mem, GPU_A, "old");
+    expect([r.dump, r.load]).toEqual([r.ok, r.ok]);
+    expect(sameBlocks(r.dst, r.src, all)).toBe(true);
     await new Promise((res) => setTimeout(res, 100));
     expect(node.engine.output()).toMatch(/cudaMemcpyBatchAsync is not available with this driver \(CUDA 12\.4; cudaMemcpyBatchAsync: cudaErrorCallRequiresNewerDriver/);
   }, 300000);
