@@ -58,6 +58,8 @@ export interface TransferSpec {
   waitEvent?: number;
   /** Makes the task cancellable under this id while it runs (see NativeEngine.cancel). */
   cancelId?: number;
+  /** Milliseconds from now after which no copy out of or into the client's memory starts (blocks end Cancelled). */
+  deadlineMs?: number;
 }
 
 export interface TransferResult {

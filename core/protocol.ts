@@ -20,6 +20,7 @@ export type ErrorCode =
   | "busy"
   | "shutting_down"
   | "unsupported"
+  | "expired"
   | "internal";
 
 /** An error that becomes an `ok: false` reply with this code. */
@@ -204,3 +205,16 @@ function uintColumn(v: unknown, name: string, n: number, width: 4 | 8): Uint32Ar
 
 /** Per-block result names on the wire. */
 export type WireStatus = "ok" | "skipped" | "not_found" | "corrupt" | "mismatch" | "io_error" | "cancelled" | "dropped";
+
+/**
+ * A dump's or load's `deadline_unix_ms` (absolute, the node's clock): after it the client may reuse the memory
+ * the request names, so the engine must not start reading or writing it. Undefined when the request has none;
+ * `expired` when it has passed already.
+ */
+export function reqDeadline(msg: Record<string, unknown>): number | undefined {
+  if (msg.deadline_unix_ms === undefined || msg.deadline_unix_ms === null) return undefined;
+  const at = toUint(msg.deadline_unix_ms, "deadline_unix_ms");
+  const now = Date.now();
+  if (at <= now) throw new ProtocolError("expired", `deadline_unix_ms ${at} has passed (engine clock ${now}); nothing was done`);
+  return at;
+}

@@ -20,6 +20,7 @@ import {
   reqNs,
   reqNsList,
   reqShards,
+  reqDeadline,
   reqUint,
   toUint,
 } from "./protocol";
@@ -344,6 +345,7 @@ export class Store {
   }
 
   async dump(s: Session, msg: Msg): Promise<{ task: number }> {
+    const deadline = reqDeadline(msg);
     const ns = reqNs(msg);
     const keys = reqKeys(msg, this.config.maxKeysPerRequest);
     const all = keys.map((_, i) => i);
@@ -369,6 +371,7 @@ export class Store {
     if (this.config.maxQueueMs > 0) spec.maxQueueMs = this.config.maxQueueMs;
     if (waitEvent !== undefined) spec.waitEvent = waitEvent;
     spec.cancelId = this.nextTask++;
+    if (deadline !== undefined) spec.deadlineMs = Math.max(1, deadline - Date.now());
     const autoCommit = optBool(msg, "commit", false);
     let started: TransferResult | Promise<TransferResult>;
     try {
@@ -496,11 +499,13 @@ export class Store {
   }
 
   async load(s: Session, msg: Msg): Promise<{ task: number }> {
+    const deadline = reqDeadline(msg);
     const ns = reqNs(msg);
     const keys = reqKeys(msg, this.config.maxKeysPerRequest);
     const all = keys.map((_, i) => i);
     const spec = this.spec(s, msg, (i) => this.layout.blockPath(ns, keys[i]), all);
     spec.cancelId = this.nextTask++;
+    if (deadline !== undefined) spec.deadlineMs = Math.max(1, deadline - Date.now());
     const names = keys.map((k) => k.toString("hex"));
     this.pin(names, 1);
     let started: TransferResult | Promise<TransferResult>;

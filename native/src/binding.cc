@@ -355,6 +355,13 @@ class Engine : public Napi::ObjectWrap<Engine> {
       task->max_queue_ns = SafeUint(env, max_queue.As<Napi::Number>().DoubleValue(), "maxQueueMs") * 1000000ull;
     }
 
+    Napi::Value deadline = spec.Get("deadlineMs");
+    if (!deadline.IsUndefined()) {
+      if (!deadline.IsNumber()) throw Napi::TypeError::New(env, "deadlineMs must be a number");
+      // Milliseconds from now; no copy out of or into the client's memory starts later.
+      task->deadline_ns = NowNs() + SafeUint(env, deadline.As<Napi::Number>().DoubleValue(), "deadlineMs") * 1000000ull;
+    }
+
     auto pending = std::make_unique<PendingTransfer>(env);
     pending->task = task;
     Napi::Value cancel_id = spec.Get("cancelId");

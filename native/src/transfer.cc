@@ -1,5 +1,7 @@
 #include "transfer.h"
 
+#include "guarded_copy.h"
+
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -12,18 +14,29 @@
 namespace ucm {
 
 namespace {
-// Brackets a copy into the client's memory: counted first, then the cancel
-// flag read (both sequentially consistent), so Cancel either stops the copy
-// or sees it and waits for it.
+// Brackets a copy out of or into the client's memory: counted first, then
+// the cancel flag and the deadline read (sequentially consistent), so Cancel
+// either stops the copy or sees it and waits for it, and no copy starts
+// after the client's deadline.
 struct CopyGuard {
   explicit CopyGuard(TransferTask& t) : task(t) {
     task.copying.fetch_add(1);
-    go = !task.cancelled.load();
+    if (task.cancelled.load()) {
+      stop = IoResult{BlockStatus::kCancelled, ECANCELED, "cancelled"};
+    } else if (task.deadline_ns != 0 && NowNs() >= task.deadline_ns) {
+      stop = IoResult{BlockStatus::kCancelled, ETIMEDOUT, "past the client's deadline"};
+    } else {
+      go = true;
+    }
   }
   ~CopyGuard() { task.copying.fetch_sub(1); }
   TransferTask& task;
   bool go = false;
+  IoResult stop;  // why not, when !go
 };
+
+// The client shrank its shared memory under a copy (SIGBUS, see guarded_copy.h).
+IoResult RegionGone() { return IoResult{BlockStatus::kIoError, EFAULT, "the client's shared memory shrank under the copy"}; }
 }  // namespace
 
 bool TransferEngine::Cancel(TransferTask& task, uint32_t timeout_ms) {
@@ -165,6 +178,10 @@ void TransferEngine::RunBlock(const Item& item, Worker& w) {
     Finish(item, IoResult{BlockStatus::kCancelled, ECANCELED, "cancelled"});
     return;
   }
+  if (task.deadline_ns != 0 && NowNs() >= task.deadline_ns) {
+    Finish(item, IoResult{BlockStatus::kCancelled, ETIMEDOUT, "past the client's deadline"});
+    return;
+  }
   if (task.op == Op::kDump && task.max_queue_ns > 0 && NowNs() - task.submit_ns > task.max_queue_ns) {
     Finish(item, IoResult{BlockStatus::kDropped, 0, "queued too long"});
     return;
@@ -194,13 +211,30 @@ void TransferEngine::RunBlock(const Item& item, Worker& w) {
   uint8_t* payload = staging.data() + kHeaderSize;
 
 
+  // The block's shards, as copies between the client's memory and staging.
+  std::vector<CopyRange>& copies = w.copies;
+  copies.clear();
+  uint64_t pos = 0;
+  for (uint32_t s = job.shard_begin; s < job.shard_end; ++s) {
+    const Shard& sh = task.shards[s];
+    uint8_t* client = sh.region->host_base() + sh.offset;
+    copies.push_back(task.op == Op::kDump ? CopyRange{payload + pos, client, sh.length}
+                                          : CopyRange{client, payload + pos, sh.length});
+    pos += sh.length;
+  }
+
   IoResult r;
   if (task.op == Op::kDump) {
-    uint64_t pos = 0;
-    for (uint32_t s = job.shard_begin; s < job.shard_end; ++s) {
-      const Shard& sh = task.shards[s];
-      std::memcpy(payload + pos, sh.region->host_base() + sh.offset, sh.length);
-      pos += sh.length;
+    {
+      CopyGuard guard(task);
+      if (!guard.go) {
+        Finish(item, guard.stop);
+        return;
+      }
+      if (!GuardedCopies(copies.data(), copies.size())) {
+        Finish(item, RegionGone());
+        return;
+      }
     }
     r = WriteBlockFile(job.path, staging.data(), job.bytes, task.layout_digest, shard_count,
                        opts_.io);
@@ -208,18 +242,10 @@ void TransferEngine::RunBlock(const Item& item, Worker& w) {
     r = ReadBlockFile(job.path, staging.data(), job.bytes, task.layout_digest, shard_count,
                       opts_.io);
     if (r.status == BlockStatus::kOk) {
+      // Only verified bytes ever reach the destination memory.
       CopyGuard guard(task);
-      if (!guard.go) {
-        r = IoResult{BlockStatus::kCancelled, ECANCELED, "cancelled"};
-      } else {
-        // Only verified bytes ever reach the destination memory.
-        uint64_t pos = 0;
-        for (uint32_t s = job.shard_begin; s < job.shard_end; ++s) {
-          const Shard& sh = task.shards[s];
-          std::memcpy(sh.region->host_base() + sh.offset, payload + pos, sh.length);
-          pos += sh.length;
-        }
-      }
+      if (!guard.go) r = guard.stop;
+      else if (!GuardedCopies(copies.data(), copies.size())) r = RegionGone();
     }
   }
   Finish(item, r);
@@ -265,13 +291,17 @@ IoResult TransferEngine::RunDeviceBlock(const Item& item, Worker& w) {
   }
   const uint32_t shard_count = job.shard_end - job.shard_begin;
   if (task.op == Op::kDump) {
-    if (!w.cuda->Gather(device, copies, task.wait_event.get(), &error)) return fail(EIO, "gather");
+    {
+      CopyGuard guard(task);
+      if (!guard.go) return guard.stop;
+      if (!w.cuda->Gather(device, copies, task.wait_event.get(), &error)) return fail(EIO, "gather");
+    }
     return WriteBlockFile(job.path, w.cuda->data(), job.bytes, task.layout_digest, shard_count, opts_.io);
   }
   IoResult r = ReadBlockFile(job.path, w.cuda->data(), job.bytes, task.layout_digest, shard_count, opts_.io);
   if (r.status != BlockStatus::kOk) return r;
   CopyGuard guard(task);
-  if (!guard.go) return IoResult{BlockStatus::kCancelled, ECANCELED, "cancelled"};
+  if (!guard.go) return guard.stop;
   if (!w.cuda->Scatter(device, copies, &error)) return fail(EIO, "scatter");
   return r;
 }

@@ -20,6 +20,7 @@
 
 #include "block_file.h"
 #include "cuda_backend.h"
+#include "guarded_copy.h"
 #include "region.h"
 
 namespace ucm {
@@ -55,13 +56,18 @@ struct TransferTask {
   // Dumps of device memory: the interprocess event recorded after the
   // forward pass that wrote the blocks; workers wait on it before reading.
   std::shared_ptr<CudaEvent> wait_event;
-  // Cancel (TransferEngine::Cancel): blocks not yet copied into their
-  // destination memory finish as kCancelled. `copying` counts blocks between
-  // their check of `cancelled` and the end of their copy into the client's
-  // memory, so Cancel can wait for them: after it returns, no byte of this
-  // task reaches that memory any more.
+  // Cancel (TransferEngine::Cancel): blocks not yet copied out of (dump) or
+  // into (load) the client's memory finish as kCancelled. `copying` counts
+  // blocks between their check of `cancelled` and the end of their copy, so
+  // Cancel can wait for them: after it returns, no byte of this task is read
+  // from or written to that memory any more.
   std::atomic<bool> cancelled{false};
   std::atomic<uint32_t> copying{0};
+  // The client's deadline (steady clock ns; 0 = none): no copy out of or
+  // into its memory starts later. A client that gave up may already have
+  // reused that memory; a late read would store wrong bytes under a good
+  // key, a late write would overwrite what it recomputed.
+  uint64_t deadline_ns = 0;
 };
 
 // Owns page-aligned memory; move-only.
@@ -137,6 +143,7 @@ class TransferEngine {
   struct Worker {
     AlignedBuffer staging;
     std::unique_ptr<CudaStager> cuda;
+    std::vector<CopyRange> copies;  // a host block's shard copies, reused
   };
   void WorkerLoop(uint32_t index);
   void MetaLoop();
