@@ -2,6 +2,7 @@
 // the CLI (health, stats) and the tests. The Python shim has its own.
 import * as zmq from "zeromq";
 import { Packr } from "msgpackr";
+import { isTcp, readServerKey } from "./curve";
 
 const packr = new Packr({ useRecords: false, mapsAsObjects: true, int64AsType: "number" });
 
@@ -13,13 +14,20 @@ export class EngineError extends Error {
 }
 
 export class EngineClient {
-  private readonly sock = new zmq.Dealer({ linger: 0 });
+  private readonly sock: zmq.Dealer;
   private nextId = 1;
   private readonly waiting = new Map<number, { resolve: (v: Record<string, unknown>) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
   private sending: Promise<unknown> = Promise.resolve();
   private closed = false;
 
   constructor(readonly endpoint: string, private readonly timeoutMs = 10_000) {
+    const options: zmq.SocketOptions<zmq.Dealer> = { linger: 0 };
+    if (isTcp(endpoint)) {
+      // The engine on tcp:// serves only clients that know its public key (see curve.ts).
+      const mine = zmq.curveKeyPair();
+      Object.assign(options, { curveServerKey: readServerKey(endpoint), curvePublicKey: mine.publicKey, curveSecretKey: mine.secretKey });
+    }
+    this.sock = new zmq.Dealer(options);
     this.sock.connect(endpoint);
     void this.receive();
   }

@@ -85,7 +85,11 @@ export interface NativeStats {
 }
 
 export interface NativeEngine {
-  openHostRegion(source: string, size: number): number;
+  /**
+   * Shared memory of another process (see native/src/region.h: a shm name, a path under /dev/shm, or
+   * /proc/<pid>/fd/<n> of the client's own process `pid`), owned by the engine's user.
+   */
+  openHostRegion(source: string, size: number, pid?: number): number;
   /**
    * GPU memory of another process: its CUDA IPC handle (64 bytes), the storage's offset in the allocation and its
    * size. The GPU is the one with `pciBusId` when given (clients number devices their own way), else `device`.

@@ -6,6 +6,7 @@ import * as path from "path";
 import * as zmq from "zeromq";
 import { EngineConfig } from "./config";
 import { EngineClient } from "./client";
+import { isTcp, publishServerKey } from "./curve";
 import { Logger } from "./log";
 import { Metrics } from "./metrics";
 import { cudaStatus } from "./native";
@@ -17,12 +18,9 @@ type Msg = Record<string, unknown>;
 
 export class EngineServer {
   readonly store: Store;
-  private readonly sock = new zmq.Router({
-    linger: 0,
-    maxMessageSize: MAX_MESSAGE_BYTES,
-    sendHighWaterMark: 100_000,
-    receiveHighWaterMark: 100_000,
-  });
+  private readonly sock: zmq.Router;
+  /** tcp:// only: the CURVE key pair of this run (see curve.ts). */
+  private readonly curve?: { publicKey: string; secretKey: string };
   private readonly sessions = new Map<string, Session>();
   private readonly outbox: Buffer[][] = [];
   private pumping = false;
@@ -35,6 +33,17 @@ export class EngineServer {
   readonly metrics: Metrics;
 
   constructor(readonly config: EngineConfig, readonly log: Logger) {
+    const options: zmq.SocketOptions<zmq.Router> = {
+      linger: 0,
+      maxMessageSize: MAX_MESSAGE_BYTES,
+      sendHighWaterMark: 100_000,
+      receiveHighWaterMark: 100_000,
+    };
+    if (isTcp(config.endpoint)) {
+      this.curve = zmq.curveKeyPair();
+      Object.assign(options, { curveServer: true, curveSecretKey: this.curve.secretKey, curvePublicKey: this.curve.publicKey });
+    }
+    this.sock = new zmq.Router(options);
     this.store = new Store(config, log);
     this.metrics = new Metrics(this.store, () => ({ clients: this.sessions.size, protocolErrors: this.errors }));
   }
@@ -48,7 +57,7 @@ export class EngineServer {
     const ep = this.config.endpoint;
     if (ep.startsWith("ipc://")) {
       const file = ep.slice("ipc://".length);
-      secureDir(path.dirname(file));
+      socketDir(path.dirname(file));
       if (fs.existsSync(file)) {
         const probe = new EngineClient(ep, 1000);
         try {
@@ -66,6 +75,7 @@ export class EngineServer {
     if (this.config.metricsPort > 0) await this.metrics.listen(this.config.metricsHost, this.config.metricsPort, this.log);
     await this.sock.bind(ep);
     if (ep.startsWith("ipc://")) fs.chmodSync(ep.slice("ipc://".length), 0o600);
+    if (this.curve) this.log.info(`tcp endpoint: CURVE, public key in ${publishServerKey(ep, this.curve.publicKey)} (readable by this user only)`);
     this.loop = this.receive();
     this.timers.push(setInterval(() => this.checkClients(), this.config.clientCheckMs));
     this.timers.push(setInterval(() => this.store.sweep(this.sessions.values()), 10_000));
@@ -253,14 +263,25 @@ export class EngineServer {
 }
 
 
-/** Creates `dir` (and its parent) 0700 and checks that this user owns it and it is no symlink. */
-function secureDir(dir: string): void {
+/**
+ * The directory of an ipc:// socket. Created 0700 (with a missing parent) when missing; an existing one, and its
+ * parent, must be real directories of this user or of root that nobody else can rearrange (writable by others
+ * only with the sticky bit, like /tmp). The mode of a directory the engine did not create is never changed.
+ */
+function socketDir(dir: string): void {
   const uid = typeof process.getuid === "function" ? process.getuid() : 0;
-  for (const d of [path.dirname(dir), dir]) {
-    fs.mkdirSync(d, { recursive: true, mode: 0o700 });
+  fs.mkdirSync(path.dirname(dir), { recursive: true, mode: 0o700 });
+  try {
+    fs.mkdirSync(dir, { mode: 0o700 });
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
+  }
+  for (const d of [dir, path.dirname(dir)]) {
     const st = fs.lstatSync(d);
-    if (!st.isDirectory() || st.isSymbolicLink()) throw new Error(`socket directory ${d} is not a plain directory`);
-    if (st.uid !== uid) throw new Error(`socket directory ${d} belongs to uid ${st.uid}, not to this user (${uid})`);
-    if ((st.mode & 0o077) !== 0) fs.chmodSync(d, 0o700);
+    if (!st.isDirectory()) throw new Error(`socket directory ${d} is not a plain directory (a symbolic link?)`);
+    if (st.uid !== uid && st.uid !== 0) throw new Error(`socket directory ${d} belongs to uid ${st.uid}, not to this user (${uid}) or root`);
+    if ((st.mode & 0o022) !== 0 && (st.mode & 0o1000) === 0) {
+      throw new Error(`socket directory ${d} is writable by other users (mode ${(st.mode & 0o7777).toString(8)}) without the sticky bit`);
+    }
   }
 }

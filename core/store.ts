@@ -206,7 +206,7 @@ export class Store {
     try {
       for (const [i, sp] of specs.entries()) {
         try {
-          opened.push(sp.medium === "host" ? this.native.openHostRegion(sp.source, sp.size) : this.native.openCudaRegion(sp.device, sp.handle, sp.offset, sp.size, sp.pciBusId));
+          opened.push(sp.medium === "host" ? this.native.openHostRegion(sp.source, sp.size, s.pid) : this.native.openCudaRegion(sp.device, sp.handle, sp.offset, sp.size, sp.pciBusId));
         } catch (e) {
           throw new ProtocolError(sp.medium === "cuda" ? "unsupported" : "bad_message", `regions[${i}]: ${(e as Error).message}`);
         }

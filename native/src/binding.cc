@@ -204,12 +204,14 @@ class Engine : public Napi::ObjectWrap<Engine> {
   Napi::Value OpenHostRegion(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     CheckOpen(env);
-    if (info.Length() < 2 || !info[0].IsString() || !info[1].IsNumber())
-      throw Napi::TypeError::New(env, "openHostRegion(source: string, size: number)");
+    if (info.Length() < 2 || !info[0].IsString() || !info[1].IsNumber() || (info.Length() > 2 && !info[2].IsUndefined() && !info[2].IsNumber()))
+      throw Napi::TypeError::New(env, "openHostRegion(source: string, size: number, pid?: number)");
     std::string source = info[0].As<Napi::String>().Utf8Value();
     uint64_t size = SafeUint(env, info[1].As<Napi::Number>().DoubleValue(), "region size");
+    // The client's process: the only one whose /proc/<pid>/fd/<n> it may name.
+    const int pid = info.Length() > 2 && info[2].IsNumber() ? info[2].As<Napi::Number>().Int32Value() : 0;
     std::string error;
-    auto region = HostRegion::Open(source, size, &error);
+    auto region = HostRegion::Open(source, size, pid, &error);
     if (!region) throw Napi::Error::New(env, error);
     uint32_t id = next_region_++;
     regions_[id] = std::move(region);

@@ -5,19 +5,32 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
+#include <cstdio>
 #include <unistd.h>
 
 namespace ucm {
 
 namespace {
+constexpr long kTmpfsMagic = 0x01021994;
+constexpr long kHugetlbfsMagic = 0x958458f6;
+
 bool IsShmName(const std::string& s) {
   // POSIX shm names are "/name" with no further slash.
-  return s.size() > 1 && s[0] == '/' && s.find('/', 1) == std::string::npos &&
-         s.rfind("/dev/", 0) != 0;
+  return s.size() > 1 && s[0] == '/' && s.find('/', 1) == std::string::npos;
+}
+
+// "/proc/<pid>/fd/<n>" -> pid, or -1.
+int ProcFdPid(const std::string& s) {
+  int pid = -1, fd = -1, end = 0;
+  if (std::sscanf(s.c_str(), "/proc/%d/fd/%d%n", &pid, &fd, &end) == 2 && end == static_cast<int>(s.size()) &&
+      pid > 0 && fd >= 0)
+    return pid;
+  return -1;
 }
 }  // namespace
 
-std::shared_ptr<HostRegion> HostRegion::Open(const std::string& source, uint64_t size,
+std::shared_ptr<HostRegion> HostRegion::Open(const std::string& source, uint64_t size, int pid,
                                              std::string* error) {
   if (size == 0) {
     *error = "region size must be positive";
@@ -27,28 +40,47 @@ std::shared_ptr<HostRegion> HostRegion::Open(const std::string& source, uint64_t
     *error = "region source must be a shared memory name or absolute path, got '" + source + "'";
     return nullptr;
   }
-  int fd = IsShmName(source) ? shm_open(source.c_str(), O_RDWR, 0)
-                             : open(source.c_str(), O_RDWR | O_CLOEXEC);
+  const int proc_pid = ProcFdPid(source);
+  const bool under_shm = source.rfind("/dev/shm/", 0) == 0 && source.find("/..") == std::string::npos &&
+                         source.find("/./") == std::string::npos;
+  int fd = -1;
+  if (IsShmName(source)) {
+    fd = shm_open(source.c_str(), O_RDWR | O_NONBLOCK, 0);  // glibc adds O_NOFOLLOW
+  } else if (under_shm) {
+    fd = open(source.c_str(), O_RDWR | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC);
+  } else if (proc_pid > 0) {
+    if (proc_pid != pid) {
+      *error = "region '" + source + "' names another process's file descriptor (this client's pid is " +
+               std::to_string(pid) + ")";
+      return nullptr;
+    }
+    fd = open(source.c_str(), O_RDWR | O_NONBLOCK | O_CLOEXEC);  // /proc's fd link names the open file itself
+  } else {
+    *error = "region '" + source + "' is not shared memory: give a POSIX shared memory name (\"/name\"), a path "
+             "under /dev/shm, or /proc/<pid>/fd/<n> of the client's own process";
+    return nullptr;
+  }
   if (fd < 0) {
     *error = "cannot open region '" + source + "': " + std::strerror(errno);
     return nullptr;
   }
+  auto refuse = [&](const std::string& why) -> std::shared_ptr<HostRegion> {
+    *error = "region '" + source + "' " + why;
+    close(fd);
+    return nullptr;
+  };
   struct stat st;
-  if (fstat(fd, &st) != 0) {
-    *error = "cannot stat region '" + source + "': " + std::strerror(errno);
-    close(fd);
-    return nullptr;
-  }
-  if (!S_ISREG(st.st_mode)) {
-    *error = "region '" + source + "' is not a regular shared memory object or file";
-    close(fd);
-    return nullptr;
-  }
+  struct statfs sfs;
+  if (fstat(fd, &st) != 0 || fstatfs(fd, &sfs) != 0) return refuse(std::string("cannot be examined: ") + std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) return refuse("is not a regular shared memory object or file");
+  if (static_cast<long>(sfs.f_type) != kTmpfsMagic && static_cast<long>(sfs.f_type) != kHugetlbfsMagic)
+    return refuse("is not in shared memory (tmpfs or hugetlbfs): the engine maps only memory, never other files");
+  if (st.st_uid != geteuid())
+    return refuse("belongs to uid " + std::to_string(st.st_uid) + ", not to the engine's user (" +
+                  std::to_string(geteuid()) + ")");
   if (static_cast<uint64_t>(st.st_size) < size) {
-    *error = "region '" + source + "' holds " + std::to_string(st.st_size) +
-             " bytes, less than the " + std::to_string(size) + " requested";
-    close(fd);
-    return nullptr;
+    return refuse("holds " + std::to_string(st.st_size) + " bytes, less than the " + std::to_string(size) +
+                  " requested");
   }
   void* base = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   int map_errno = errno;

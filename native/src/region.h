@@ -41,13 +41,20 @@ class Region {
   uint64_t size_ = 0;
 };
 
-// Host memory shared by another process. `source` is either a POSIX shared
-// memory name (no slash after the first character, e.g. "/torch_123_4") or an
-// absolute filesystem path to a mappable file. The whole object must be at
-// least `size` bytes; only `size` bytes are mapped, read-write, MAP_SHARED.
+// Host memory shared by another process, and nothing else: a client may name
+// only shared memory (tmpfs or hugetlbfs) owned by the engine's own user,
+// either as a POSIX shared memory name ("/torch_123_4": /dev/shm/torch_123_4),
+// a path under /dev/shm, or /proc/<pid>/fd/<n> of its own process (`pid`: the
+// process the client's session belongs to; 0 refuses such paths). Symbolic
+// links are not followed (except /proc's fd links, which name an open file),
+// opening never blocks (a FIFO is refused, not waited on), and the whole
+// object must be at least `size` bytes; only `size` bytes are mapped,
+// read-write, MAP_SHARED. So a client can never make the engine read or
+// write a file it could not write itself, such as /etc/shadow for a root
+// engine.
 class HostRegion final : public Region {
  public:
-  static std::shared_ptr<HostRegion> Open(const std::string& source, uint64_t size,
+  static std::shared_ptr<HostRegion> Open(const std::string& source, uint64_t size, int pid,
                                           std::string* error);
   ~HostRegion() override;
   Medium medium() const override { return Medium::kHost; }

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
+import tempfile
 import threading
 import time
 from typing import Any
@@ -34,6 +36,13 @@ class EngineUnavailable(EngineError):
         super().__init__("unavailable", message)
 
 
+def curve_key_file(endpoint: str) -> str:
+    """Mirror of core/curve.ts curveKeyFile: where the engine serving a tcp://
+    endpoint publishes its CURVE public key for its own user."""
+    host_port = re.sub(r"[^A-Za-z0-9.-]", "-", endpoint[len("tcp://"):])
+    return os.path.join(tempfile.gettempdir(), f"ucm-{os.getuid()}", f"tcp-{host_port}.curve")
+
+
 class EngineClient:
     def __init__(self, endpoint: str, timeout_ms: int = 5000, name: str = "ucm"):
         self.endpoint = endpoint
@@ -55,6 +64,21 @@ class EngineClient:
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.SNDHWM, 10000)
             s.setsockopt(zmq.RCVHWM, 10000)
+            if self.endpoint.startswith("tcp://"):
+                # Every local user can reach a tcp port: the engine there serves
+                # only clients that present its public key, which only its own
+                # user can read (core/curve.ts).
+                try:
+                    with open(curve_key_file(self.endpoint), "rb") as f:
+                        server_key = f.read().strip()
+                except OSError as e:
+                    s.close(linger=0)
+                    raise EngineUnavailable(f"no CURVE key for {self.endpoint} ({e}): the engine there is not running, "
+                                            "or belongs to another user") from None
+                public, secret = zmq.curve_keypair()
+                s.curve_serverkey = server_key
+                s.curve_publickey = public
+                s.curve_secretkey = secret
             s.connect(self.endpoint)
             self._sock = s
         return self._sock
