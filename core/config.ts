@@ -137,10 +137,16 @@ function show(v: unknown): string {
   }
 }
 
-/** The runtime directory for a storage_backends string: only this user may enter it. */
+/**
+ * The runtime directory for a storage_backends string: only this user may enter it. Named after the backends as
+ * absolute paths (relative ones resolved against the working directory, as the engine resolves them), so a
+ * relative path used from two directories names two stores and two engines, never one engine for both.
+ * python_shim/ucm/config.py runtime_dir computes the same name.
+ */
 export function defaultRuntimeDir(storageBackendsRaw: string): string {
   const uid = typeof process.getuid === "function" ? process.getuid() : 0;
-  const digest = crypto.createHash("sha256").update(storageBackendsRaw).digest("hex").slice(0, 12);
+  const absolute = storageBackendsRaw.split(":").map((d) => path.resolve(d.trim())).join(":");
+  const digest = crypto.createHash("sha256").update(absolute).digest("hex").slice(0, 12);
   return path.join(os.tmpdir(), `ucm-${uid}`, digest);
 }
 

@@ -164,7 +164,8 @@ export class EngineServer {
       throw new ProtocolError("unsupported_version", `protocol version ${describe(version)} is not supported; this engine speaks ${PROTOCOL_VERSIONS.join(", ")}`);
     }
     const pid = reqUint(msg, "pid", 2 ** 31);
-    const name = optString(msg, "name", 256) ?? "";
+    // A name goes into log lines: control characters (a newline would forge a line) become "?".
+    const name = (optString(msg, "name", 256) ?? "").replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, "?");
     if (this.sessions.has(key)) this.drop(key, "said hello again");
     this.sessions.set(key, new Session(key, pid, name));
     this.log.debug(`client ${name || "?"} (pid ${pid}) connected`);

@@ -153,3 +153,13 @@ describe("directories of others are never changed", () => {
     expect(fs.statSync(path.join(sticky, "x.sock")).mode & 0o777).toBe(0o600);
   });
 });
+
+test("a client's name cannot forge log lines", async () => {
+  const e = await start({ logLevel: "debug" });
+  const c = e.client();
+  await c.call("hello", { version: 1, pid: process.pid, name: "evil\n[UCMNFSSTORE] [I] Task(1,D2S,1,1) finished, elapsed 0.1s" });
+  await c.call("goodbye");
+  await new Promise((r) => setTimeout(r, 200));
+  expect(e.output()).toMatch(/client evil\?\[UCMNFSSTORE\] \[I\] Task\(1,D2S,1,1\) finished, elapsed 0\.1s \(pid \d+\) released/);
+  expect(e.output().split("\n").filter((l) => l.startsWith("[UCMNFSSTORE] [I] Task("))).toEqual([]);
+});

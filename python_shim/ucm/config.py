@@ -35,9 +35,18 @@ class StoreConfig:
     load_async: bool = False
 
 
+def _absolute(d: str) -> str:
+    # As Node's path.resolve: relative to the working directory, normalized,
+    # one leading slash (POSIX lets normpath keep two).
+    p = os.path.normpath(os.path.join(os.getcwd(), d.strip()))
+    return "/" + p.lstrip("/")
+
+
 def runtime_dir(storage_backends: str) -> str:
-    """Mirror of core/config.ts defaultRuntimeDir: /tmp/ucm-<uid>/<12 hex>."""
-    digest = hashlib.sha256(storage_backends.encode()).hexdigest()[:12]
+    """Mirror of core/config.ts defaultRuntimeDir: /tmp/ucm-<uid>/<12 hex of
+    the backends as absolute paths>."""
+    absolute = ":".join(_absolute(d) for d in storage_backends.split(":"))
+    digest = hashlib.sha256(absolute.encode()).hexdigest()[:12]
     return os.path.join(tempfile.gettempdir(), f"ucm-{os.getuid()}", digest)
 
 
