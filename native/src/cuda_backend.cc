@@ -78,27 +78,6 @@ bool CheckUsable(int device, std::string* error) {
   return true;
 }
 
-// Sleeps between polls (50 us doubling to 1 ms): an event that completes at
-// once costs one query, one that never completes costs almost no CPU.
-bool WaitEvent(cudaEvent_t ev, uint32_t timeout_ms, const char* what, std::string* error) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
-  auto nap = std::chrono::microseconds(50);
-  for (;;) {
-    cudaError_t e = cudaEventQuery(ev);
-    if (e == cudaSuccess) return true;
-    if (e != cudaErrorNotReady) {
-      *error = Err(std::string("cudaEventQuery(") + what + ")", e);
-      return false;
-    }
-    if (std::chrono::steady_clock::now() >= deadline) {
-      *error = std::string(what) + " did not complete within " + std::to_string(timeout_ms) + " ms";
-      return false;
-    }
-    std::this_thread::sleep_for(nap);
-    nap = std::min(nap * 2, std::chrono::microseconds(1000));
-  }
-}
-
 }  // namespace
 
 const CudaStatus& CudaProbe() {
@@ -150,6 +129,33 @@ bool ResolveDevice(int client_device, const std::string& pci_bus_id, int* device
   }
   *device = d;
   return true;
+}
+
+// Sleeps between polls (50 us doubling to 1 ms): an event that completes at
+// once costs one query, one that never completes costs almost no CPU.
+bool AwaitCudaEvent(const CudaEvent& ev, uint32_t timeout_ms, const std::function<bool()>& abandon, std::string* error) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  auto nap = std::chrono::microseconds(50);
+  if (cudaSetDevice(ev.device()) != cudaSuccess) cudaGetLastError();  // queries run in the event's context
+  for (;;) {
+    cudaError_t e = cudaEventQuery(static_cast<cudaEvent_t>(ev.raw()));
+    if (e == cudaSuccess) return true;
+    if (e != cudaErrorNotReady) {
+      cudaGetLastError();
+      *error = Err("cudaEventQuery(the client's CUDA event)", e);
+      return false;
+    }
+    if (abandon && abandon()) {
+      error->clear();
+      return false;
+    }
+    if (std::chrono::steady_clock::now() >= deadline) {
+      *error = "the client's CUDA event did not complete within " + std::to_string(timeout_ms) + " ms";
+      return false;
+    }
+    std::this_thread::sleep_for(nap);
+    nap = std::min(nap * 2, std::chrono::microseconds(1000));
+  }
 }
 
 std::vector<std::string> TakeCudaNotices() {
@@ -240,12 +246,10 @@ CudaEvent::~CudaEvent() {
   if (event_ && cudaSetDevice(device_) == cudaSuccess) cudaEventDestroy(static_cast<cudaEvent_t>(event_));
 }
 
-std::unique_ptr<CudaStager> CudaStager::Create(int device, size_t bytes, CudaCopy method, uint32_t event_timeout_ms,
-                                               std::string* error) {
+std::unique_ptr<CudaStager> CudaStager::Create(int device, size_t bytes, CudaCopy method, std::string* error) {
   if (!CheckUsable(device, error) || !UseDevice(device, error)) return nullptr;
   std::unique_ptr<CudaStager> s(new CudaStager());
   s->method_ = method;
-  s->event_timeout_ms_ = event_timeout_ms;
   if (UCM_BATCH_COPY == 0 && method == CudaCopy::kBatch) s->method_ = CudaCopy::kKernel;
   void* p = nullptr;
   // Portable: usable from every device's context; mapped: the gather kernel
@@ -306,12 +310,12 @@ bool CudaStager::Streams(int device, std::string* error) {
   return true;
 }
 
-bool CudaStager::Gather(int device, const std::vector<DeviceCopy>& copies, const CudaEvent* after, std::string* error) {
-  return Run(device, copies, true, after, error);
+bool CudaStager::Gather(int device, const std::vector<DeviceCopy>& copies, std::string* error) {
+  return Run(device, copies, true, error);
 }
 
 bool CudaStager::Scatter(int device, const std::vector<DeviceCopy>& copies, std::string* error) {
-  return Run(device, copies, false, nullptr, error);
+  return Run(device, copies, false, error);
 }
 
 bool CudaStager::EnqueueBatch(int device, const std::vector<DeviceCopy>& copies, bool to_host, void* stream,
@@ -402,8 +406,7 @@ bool CudaStager::EnqueueKernel(const std::vector<DeviceCopy>& copies, bool to_ho
   return true;
 }
 
-bool CudaStager::Run(int device, const std::vector<DeviceCopy>& copies, bool to_host, const CudaEvent* after,
-                     std::string* error) {
+bool CudaStager::Run(int device, const std::vector<DeviceCopy>& copies, bool to_host, std::string* error) {
   if (broken_) {
     *error = "this transfer thread's staging was abandoned after a copy that did not finish";
     return false;
@@ -416,11 +419,6 @@ bool CudaStager::Run(int device, const std::vector<DeviceCopy>& copies, bool to_
     }
   }
   if (!Streams(device, error)) return false;
-  // The client's event first, from the host: nothing is queued until the
-  // forward pass that wrote these blocks is over, so a late event delays
-  // this block only, and a lost one ends as an error after the deadline.
-  if (after && !WaitEvent(static_cast<cudaEvent_t>(after->raw()), event_timeout_ms_, "the client's CUDA event", error))
-    return false;
   void* stream = streams_[device];
   const bool queued = method_ == CudaCopy::kBatch ? EnqueueBatch(device, copies, to_host, stream, error)
                                                   : EnqueueKernel(copies, to_host, stream, error);

@@ -13,7 +13,7 @@
 // pass that wrote the blocks; a worker gathers only once that event has
 // completed (polled from the host with a deadline, sleeping between polls, so
 // a client's event that never completes costs neither a core nor a thread
-// for good). Load: a worker reports a block done only after its scatter
+// for good, and a cancel or the task's deadline ends the wait at once). Load: a worker reports a block done only after its scatter
 // finished on the device, so the shim, which waits for the task, never lets
 // vLLM read a block before its bytes are in.
 //
@@ -29,6 +29,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -55,6 +56,13 @@ const CudaStatus& CudaProbe();
 // ("0000:06:00.0"), else `client_device` as is. False with a message when
 // no such GPU is visible to the engine.
 bool ResolveDevice(int client_device, const std::string& pci_bus_id, int* device, std::string* error);
+
+class CudaEvent;
+
+// Waits, sleeping between polls, until the client's event `ev` has completed
+// (true), `abandon()` says to stop waiting (false, `*error` empty: the task was
+// cancelled or its deadline passed), or `timeout_ms` passed (false, message).
+bool AwaitCudaEvent(const CudaEvent& ev, uint32_t timeout_ms, const std::function<bool()>& abandon, std::string* error);
 
 // Things the operator should hear about once (a copy method that the
 // driver lacks, say). Each notice is returned by one call only.
@@ -114,8 +122,7 @@ class CudaStager {
  public:
   // Allocates the staging buffer with `device` current, so the only CUDA
   // context this creates is that of a GPU the worker is about to use.
-  static std::unique_ptr<CudaStager> Create(int device, size_t bytes, CudaCopy method, uint32_t event_timeout_ms,
-                                            std::string* error);
+  static std::unique_ptr<CudaStager> Create(int device, size_t bytes, CudaCopy method, std::string* error);
   ~CudaStager();
   CudaStager(const CudaStager&) = delete;
   CudaStager& operator=(const CudaStager&) = delete;
@@ -125,21 +132,21 @@ class CudaStager {
   // stager must not be used again (its memory is abandoned, not freed).
   bool broken() const { return broken_; }
 
-  // Device -> staging, all copies in one batched operation, once `after`
-  // (may be null) has completed. Returns when the bytes are in staging.
-  bool Gather(int device, const std::vector<DeviceCopy>& copies, const CudaEvent* after, std::string* error);
+  // Device -> staging, all copies in one batched operation. The caller has
+  // waited for the client's event (AwaitCudaEvent). Returns when the bytes are
+  // in staging.
+  bool Gather(int device, const std::vector<DeviceCopy>& copies, std::string* error);
   // Staging -> device; returns when the bytes are on the device.
   bool Scatter(int device, const std::vector<DeviceCopy>& copies, std::string* error);
 
  private:
   CudaStager() = default;
-  bool Run(int device, const std::vector<DeviceCopy>& copies, bool to_host, const CudaEvent* after, std::string* error);
+  bool Run(int device, const std::vector<DeviceCopy>& copies, bool to_host, std::string* error);
   bool Streams(int device, std::string* error);
   bool EnqueueBatch(int device, const std::vector<DeviceCopy>& copies, bool to_host, void* stream, std::string* error);
   bool EnqueueKernel(const std::vector<DeviceCopy>& copies, bool to_host, void* stream, std::string* error);
 
   CudaCopy method_ = CudaCopy::kKernel;
-  uint32_t event_timeout_ms_ = 30000;
   bool broken_ = false;
   uint8_t* alloc_ = nullptr;   // what cudaHostAlloc returned
   uint8_t* data_ = nullptr;    // 4096-aligned inside alloc_

@@ -24,6 +24,11 @@ bool ResolveDevice(int, const std::string&, int*, std::string* error) {
 
 std::vector<std::string> TakeCudaNotices() { return {}; }
 
+bool AwaitCudaEvent(const CudaEvent&, uint32_t, const std::function<bool()>&, std::string* error) {
+  *error = kNotBuilt;
+  return false;
+}
+
 std::shared_ptr<CudaRegion> CudaRegion::Open(int, const std::string&, const std::string&, uint64_t, uint64_t,
                                              std::string* error) {
   *error = kNotBuilt;
@@ -39,14 +44,14 @@ std::shared_ptr<CudaEvent> CudaEvent::Open(int, const std::string&, const std::s
 
 CudaEvent::~CudaEvent() = default;
 
-std::unique_ptr<CudaStager> CudaStager::Create(int, size_t, CudaCopy, uint32_t, std::string* error) {
+std::unique_ptr<CudaStager> CudaStager::Create(int, size_t, CudaCopy, std::string* error) {
   *error = kNotBuilt;
   return nullptr;
 }
 
 CudaStager::~CudaStager() = default;
 
-bool CudaStager::Gather(int, const std::vector<DeviceCopy>&, const CudaEvent*, std::string* error) {
+bool CudaStager::Gather(int, const std::vector<DeviceCopy>&, std::string* error) {
   *error = kNotBuilt;
   return false;
 }

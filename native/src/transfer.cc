@@ -272,7 +272,7 @@ IoResult TransferEngine::RunDeviceBlock(const Item& item, Worker& w) {
   }
   if (!w.cuda) {
     const uint64_t share = AlignUp(std::max<uint64_t>(opts_.pinned_staging_bytes / opts_.threads, kBlockAlign));
-    w.cuda = CudaStager::Create(device, share, opts_.cuda_copy, opts_.cuda_event_timeout_ms, &error);
+    w.cuda = CudaStager::Create(device, share, opts_.cuda_copy, &error);
     if (!w.cuda) return fail(ENODEV, "pinned staging");
     pinned_bytes_.fetch_add(w.cuda->capacity());
   }
@@ -291,10 +291,22 @@ IoResult TransferEngine::RunDeviceBlock(const Item& item, Worker& w) {
   }
   const uint32_t shard_count = job.shard_end - job.shard_begin;
   if (task.op == Op::kDump) {
+    // The forward pass that wrote these blocks first; a cancel or the
+    // client's deadline ends the wait (nothing has been read yet).
+    if (task.wait_event) {
+      auto stop = [&task] { return task.cancelled.load() || (task.deadline_ns != 0 && NowNs() >= task.deadline_ns); };
+      if (!AwaitCudaEvent(*task.wait_event, opts_.cuda_event_timeout_ms, stop, &error)) {
+        if (error.empty()) {
+          CopyGuard guard(task);  // says which of the two
+          return guard.go ? IoResult{BlockStatus::kCancelled, ECANCELED, "cancelled"} : guard.stop;
+        }
+        return fail(ETIMEDOUT, "waiting for the client's CUDA event");
+      }
+    }
     {
       CopyGuard guard(task);
       if (!guard.go) return guard.stop;
-      if (!w.cuda->Gather(device, copies, task.wait_event.get(), &error)) return fail(EIO, "gather");
+      if (!w.cuda->Gather(device, copies, &error)) return fail(EIO, "gather");
     }
     return WriteBlockFile(job.path, w.cuda->data(), job.bytes, task.layout_digest, shard_count, opts_.io);
   }

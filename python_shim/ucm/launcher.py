@@ -41,6 +41,21 @@ def engine_command(config_file: str) -> list[str]:
     raise FileNotFoundError(f"engine not found: build it with `npm install` in {repo_root()} or set UCM_HOME / UCM_ENGINE_CMD")
 
 
+def engine_env() -> dict[str, str]:
+    """The environment the engine starts with: ours, minus the GPU view.
+
+    One engine serves every vLLM process of the node, and whichever process
+    starts it first passes on its environment. vLLM gives each worker its own
+    CUDA_VISIBLE_DEVICES (rank 3 sees only "3", as its device 0); an engine
+    inheriting that would see one GPU and could not open the others' memory.
+    So the engine sees every GPU and finds each region's GPU by PCI bus id.
+    CUDA_DEVICE_ORDER is kept: it changes only how devices are numbered,
+    not which exist, and the bus id makes numbering irrelevant."""
+    env = dict(os.environ)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
 def alive(endpoint: str, timeout_ms: int = 300) -> bool:
     c = EngineClient(endpoint, timeout_ms)
     try:
@@ -90,7 +105,7 @@ def ensure_engine(cfg: StoreConfig, start_timeout_s: float = 60.0) -> None:
             stderr=out or None,
             start_new_session=True,
             close_fds=True,
-            env={**os.environ, "UCM_PID_FILE": pid_file},
+            env={**engine_env(), "UCM_PID_FILE": pid_file},
         )
         starter.wait()
         try:

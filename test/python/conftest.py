@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -56,3 +58,30 @@ def config_file(tmp_path, storage):
     path = write_config(tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}", clientTimeoutMs=3000, loadTimeoutMs=20000)
     yield path
     stop_engine(f"ipc://{sock}")
+
+
+@pytest.fixture
+def cuda_emu(monkeypatch):
+    """torch.cuda replaced by the emulated runtime (test/python/cuda_emu.py)
+    for one test: returns the EmuRuntime. The node's emulated GPUs come from
+    UCM_CUDA_EMU_DEVICES (two by default), set in the environment so that an
+    engine started by the test sees the same node."""
+    import cuda_emu as ce
+
+    monkeypatch.setenv(ce.DEVICES_ENV, os.environ.get(ce.DEVICES_ENV, ce.DEFAULT_DEVICES))
+    rt = ce.EmuRuntime()
+    ce.install(rt, monkeypatch.setattr)
+    yield rt
+    rt.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A 2-layer Qwen2-architecture model with random weights, built locally
+    (examples/make_tiny_model.py): enough for a real VllmConfig."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    d = tmp_path_factory.mktemp("model") / "tiny"
+    subprocess.run([sys.executable, os.path.join(root, "examples", "make_tiny_model.py"), str(d), "--layers", "2",
+                    "--hidden", "128", "--heads", "4", "--kv-heads", "2", "--intermediate", "256"],
+                   check=True, capture_output=True)
+    return str(d)

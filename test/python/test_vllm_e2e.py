@@ -41,10 +41,13 @@ def env(engine_log=None):
     return e
 
 
-def drive(model, config, prompts, engine_log, timeout=400, tp=1):
-    """One vLLM process; returns its result and what it and the engine logged."""
+def drive(model, config, prompts, engine_log, timeout=400, tp=1, opts=None):
+    """One vLLM process; returns its result and what it and the engine logged.
+    `opts`: extra LLM arguments, plus max_tokens and ignore_eos for sampling."""
     start = os.path.getsize(engine_log) if os.path.exists(engine_log) else 0
     e = env(engine_log)
+    if opts:
+        e["UCM_DRIVER_OPTS"] = json.dumps(opts)
     if tp > 1:
         e["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % (os.cpu_count() or 1)) for i in range(tp))  # one core per rank
     p = subprocess.run([PY, os.path.join(HERE, "vllm_driver.py"), model, config, str(BLOCK), json.dumps(prompts), str(tp)],
@@ -223,3 +226,33 @@ def test_tensor_parallel_two_ranks(model, tmp_path, storage):
         assert second["stats"]["blocksLoaded"] - first["stats"]["blocksLoaded"] == 2 * 7  # 7 blocks in each rank
     finally:
         stop_engine(f"ipc://{sock}")
+
+
+def test_preempted_requests_resume_with_store_hits(model, tmp_path, storage):
+    """A KV cache of 16 blocks for 6 requests that each grow to 9: vLLM
+    preempts and recomputes them, and each one resumed finds its own prompt
+    blocks in the store. Before every step the workers settle the dumps of
+    requests preempted since the last (handle_preemptions), and a resumed
+    request gets a fresh load plan: the same tokens as with room for all."""
+    sock = f"/tmp/ucm-preempt-{os.getpid()}.sock"
+    cfg = write_config(tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}")
+    elog = tmp_path / "engine.log"
+    rng = random.Random(5)
+    ps = [[rng.randrange(16, 2500) for _ in range(4 * BLOCK + 5)] for _ in range(6)]
+    sampling = {"max_model_len": 320, "max_tokens": 150, "ignore_eos": True}
+    try:
+        tight, _ = drive(model, cfg, ps, elog, opts={"num_gpu_blocks_override": 16, **sampling})
+        assert tight["preemptions"] > 0
+        assert tight["stats"]["blocksLoaded"] > 0  # resumed requests loaded their prefix
+        assert tight["stats"]["blocksFailed"] == 0
+    finally:
+        stop_engine(f"ipc://{sock}")
+    roomy_storage = tmp_path / "roomy"
+    roomy_storage.mkdir()
+    cfg2 = write_config(tmp_path / "roomy.yaml", roomy_storage, endpoint=f"ipc://{sock}")
+    try:
+        roomy, _ = drive(model, cfg2, ps, elog, opts=sampling)
+        assert roomy["preemptions"] == 0
+    finally:
+        stop_engine(f"ipc://{sock}")
+    assert tight["tokens"] == roomy["tokens"]

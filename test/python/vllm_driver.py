@@ -18,15 +18,23 @@ def main() -> None:
     from ucm.client import EngineClient
     from ucm.config import load_config
 
+    # Extra LLM arguments and sampling length for one test (e.g. a KV cache
+    # small enough that vLLM must preempt requests).
+    opts = json.loads(os.environ.get("UCM_DRIVER_OPTS", "{}"))
+    max_tokens = opts.pop("max_tokens", 12)
+    ignore_eos = opts.pop("ignore_eos", False)
+    args = dict(model=model, dtype="float32", block_size=block_size, max_model_len=4096, enable_prefix_caching=False,
+                enforce_eager=True, tensor_parallel_size=tp, disable_log_stats=False)
+    args.update(opts)
     llm = LLM(
-        model=model, dtype="float32", block_size=block_size, max_model_len=4096, enable_prefix_caching=False, enforce_eager=True,
-        tensor_parallel_size=tp, disable_log_stats=False,
+        **args,
         kv_transfer_config=KVTransferConfig(
             kv_connector="UnifiedCacheConnectorV1", kv_connector_module_path="ucm.integration.vllm.uc_connector",
             kv_role="kv_both", kv_connector_extra_config={"UCM_CONFIG_FILE": config}),
     )
     prompts = [{"prompt_token_ids": p} for p in json.loads(prompts_json)]
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=ignore_eos), use_tqdm=False)
+    preemptions = sum(int(getattr(m, "value", 0)) for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
     llm.llm_engine.do_log_stats()  # logs the connector's "KV Transfer metrics"
     import time
 
@@ -42,7 +50,8 @@ def main() -> None:
             break
         time.sleep(0.05)
     c.close()
-    print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs], "stats": stats}), flush=True)
+    print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs], "stats": stats,
+                                  "preemptions": preemptions}), flush=True)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 from ..client import EngineClient, EngineError, EngineUnavailable
 from ..config import StoreConfig, load_config
 from ..launcher import ensure_engine
-from ..memory import RegionRegistry, ShardList
+from ..memory import RegionRegistry, ShardList, UnsupportedMemory
 
 DEFAULT_NS = "ucm-store"
 
@@ -139,7 +139,7 @@ class NfsStore:
         keys = _check_keys(keys)
         if not (len(keys) == len(offsets) == len(tensors)):
             raise ValueError(f"keys, offsets and tensors must have the same length, got {len(keys)}, {len(offsets)}, {len(tensors)}")
-        blocks: dict[bytes, list[tuple[int, torch.Tensor]]] = {}
+        blocks: dict[bytes, list[tuple[int, int, torch.Tensor]]] = {}
         for i, (k, off, t) in enumerate(zip(keys, offsets, tensors)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"tensors[{i}] must be a torch.Tensor, got {type(t).__name__}")
@@ -147,7 +147,7 @@ class NfsStore:
                 raise ValueError(f"tensors[{i}] must be contiguous (shape {tuple(t.shape)}, stride {t.stride()})")
             if not isinstance(off, int) or off < 0:
                 raise ValueError(f"offsets[{i}] must be a non-negative int, got {off!r}")
-            blocks.setdefault(k, []).append((off, t))
+            blocks.setdefault(k, []).append((off, i, t))
         order = list(blocks)
         per_block = {len(v) for v in blocks.values()}
         if len(per_block) > 1:
@@ -156,12 +156,18 @@ class NfsStore:
         layout: list[tuple[int, torch.Tensor]] = []
         for k in order:
             pos = 0
-            for off, t in sorted(blocks[k], key=lambda e: e[0]):
+            for off, i, t in sorted(blocks[k], key=lambda e: e[0]):
                 if off != pos:
                     raise ValueError(f"block {k.hex()}: shard at offset {off} leaves a gap or overlap (expected {pos})")
                 n = t.numel() * t.element_size()
                 layout.append((n, t))
                 pos += n
+                try:
+                    # Memory the engine can never open is the caller's error,
+                    # said before anything is sent (and again on every call).
+                    self.regions.export(t)
+                except UnsupportedMemory as e:
+                    raise UnsupportedMemory(f"tensors[{i}]: {e}") from None
         task = Task(None, direction, order)
         if not order:
             task.done = True

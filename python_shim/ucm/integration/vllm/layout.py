@@ -2,10 +2,16 @@
 
 Computed from each tensor's shape and strides, not from a hard-coded layout:
 the block axis is the one whose size is the number of blocks; the bytes of
-block b are every element with that index, which the strides split into a
-few contiguous runs (one per layer on vLLM's CPU backend, two for layouts
-with K and V on a leading axis). A block's payload in the store is all those
-runs, layer after layer, in a fixed order.
+block b are every element with that index. The strides split them into
+contiguous runs, and runs that touch are merged, so a block of one layer is
+one run whenever its bytes are contiguous in memory, whatever the order of
+heads and tokens inside it (vLLM 0.32's default LBNHC, LBHNC, the old NHD
+and HND shapes). A block's payload in the store is all those runs, layer
+after layer, each layer's in memory order.
+
+`block_pieces` then merges across layers: where the layers are views of one
+allocation with the block axis outermost (BLHNC, BLNHC: a block of all
+layers is one contiguous page), a whole block is one shard.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ class TensorRuns:
     name: str
     tensor: torch.Tensor
     block_stride: int  # bytes between consecutive blocks
-    runs: list[tuple[int, int]]  # (byte offset from the block's first byte, length)
+    runs: list[tuple[int, int]]  # (byte offset from the block's first byte, length), ascending, disjoint
 
 
 def block_runs(name: str, t: torch.Tensor, num_blocks: int) -> TensorRuns:
@@ -30,20 +36,65 @@ def block_runs(name: str, t: torch.Tensor, num_blocks: int) -> TensorRuns:
     if not dims:
         raise ValueError(f"KV cache {name}: no axis of size num_blocks={num_blocks} in shape {tuple(shape)}")
     d = dims[0]
-    rest = [(shape[i], stride[i]) for i in range(len(shape)) if i != d]
-    # Longest suffix of the remaining axes that is contiguous in memory.
+    # The other axes, outermost in memory first. Size-1 axes hold no bytes
+    # of their own (their stride is arbitrary), so they are left out.
+    rest = sorted(((shape[i], stride[i]) for i in range(len(shape)) if i != d and shape[i] != 1),
+                  key=lambda a: a[1], reverse=True)
+    # Longest suffix of those axes that is contiguous in memory: one run.
     k = len(rest)
     expect = 1
-    while k > 0 and (rest[k - 1][0] == 1 or rest[k - 1][1] == expect):
+    while k > 0 and rest[k - 1][1] == expect:
         expect *= rest[k - 1][0]
         k -= 1
     run_len = math.prod(n for n, _ in rest[k:]) * es
     outer = rest[:k]
-    runs = []
-    for idx in itertools.product(*(range(n) for n, _ in outer)):
-        runs.append((sum(i * s for i, (_, s) in zip(idx, outer)) * es, run_len))
-    runs.sort()
+    starts = sorted(sum(i * s for i, (_, s) in zip(idx, outer)) * es
+                    for idx in itertools.product(*(range(n) for n, _ in outer)))
+    runs = merge_runs([(off, run_len) for off in starts], name)
     return TensorRuns(name, t, stride[d] * es, runs)
+
+
+def merge_runs(runs: list[tuple[int, int]], name: str = "KV cache") -> list[tuple[int, int]]:
+    """Sorted runs with touching ones joined (offset + length == next offset).
+    Overlapping runs (an axis with stride 0) would store bytes twice: refused."""
+    out: list[tuple[int, int]] = []
+    for off, n in runs:
+        if out and out[-1][0] + out[-1][1] == off:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        elif out and out[-1][0] + out[-1][1] > off:
+            raise ValueError(f"{name}: elements of one block overlap in memory at byte {off}; cannot be stored")
+        else:
+            out.append((off, n))
+    return out
+
+
+@dataclass
+class Piece:
+    """One shard of every block: block b's bytes of it are at
+    `base + b * stride` in `region`, `length` bytes."""
+
+    region: int
+    base: int
+    stride: int
+    length: int
+
+
+def block_pieces(layers: list[TensorRuns], located: list[tuple[int, int]]) -> list[Piece]:
+    """The shards of one block, in payload order, given each layer's (region
+    id, byte offset of its first element in the region). A run joins the
+    previous one when both are in the same region, move by the same stride
+    from block to block, and touch: then they touch for every block, so
+    every block has the same number of shards."""
+    pieces: list[Piece] = []
+    for tr, (rid, base) in zip(layers, located):
+        for off, n in tr.runs:
+            last = pieces[-1] if pieces else None
+            if last is not None and last.region == rid and last.stride == tr.block_stride \
+                    and last.base + last.length == base + off:
+                last.length += n
+            else:
+                pieces.append(Piece(rid, base + off, tr.block_stride, n))
+    return pieces
 
 
 def layout_signature(tensors: list[TensorRuns]) -> str:

@@ -42,7 +42,7 @@ from ...config import load_config
 from ...launcher import ensure_engine
 from ...memory import RegionRegistry, ShardList
 from . import stats as ucm_stats
-from .layout import TensorRuns, block_runs, layout_signature
+from .layout import TensorRuns, block_pieces, block_runs, layout_signature
 
 try:  # vLLM >= 0.30 labels external hits by tier
     from vllm.v1.metrics.cache_hit_source import CacheHitSource
@@ -62,6 +62,10 @@ _warned_hashseed = False
 
 #: bumped when the meaning of stored bytes changes
 _FORMAT = "ucm-kv-1"
+
+#: how long handle_preemptions lets a preempted request's dumps run before
+#: it cancels them (kv_connector_extra_config "ucm_preempt_wait_ms")
+_PREEMPT_WAIT_MS = 1000
 
 
 def _warn_hashseed_once() -> None:
@@ -86,6 +90,9 @@ class _Transfer:
 class UCMConnectorMetadata(KVConnectorMetadata):
     loads: list[_Transfer] = field(default_factory=list)
     saves: list[_Transfer] = field(default_factory=list)
+    #: requests preempted since the last step: their blocks may be handed to
+    #: other requests in this very step, so their dumps must end first
+    preempted: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -117,6 +124,7 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         # Asynchronous loading: the request waits outside the batch while its
         # blocks load, instead of the forward pass waiting for them.
         self.load_async = bool(extra.get("ucm_load_async", self.config.load_async))
+        self.preempt_wait_ms = int(extra.get("ucm_preempt_wait_ms", _PREEMPT_WAIT_MS))
         self.block_size = vllm_config.cache_config.block_size
         self.num_blocks = kv_cache_config.num_blocks
         pc = vllm_config.parallel_config
@@ -128,6 +136,7 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         self._retry_at = 0.0
         self._lock = threading.Lock()
         self._stats = ucm_stats.empty()  # since the last get_kv_connector_stats
+        self._unexpected_at: dict[str, float] = {}  # op -> when an unexpected failure of it was last logged
         if role == KVConnectorRole.SCHEDULER:
             self.namespaces = sorted({self._namespace(r) for r in range(self.tp_size)})
             self._reqs: dict[str, _ReqState] = {}
@@ -140,6 +149,8 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
             self.namespace = self._namespace(self.rank)
             self.regions = RegionRegistry(self.client)
             self._layers: list[TensorRuns] = []
+            #: why this worker runs without the store (KV cache memory the engine cannot reach), or None
+            self._disabled: str | None = None
             self._load_errors: set[int] = set()
             self._dumps: dict[str, list[tuple[int, list[bytes]]]] = {}  # req -> [(task, keys)]
             self._saving_w: set[str] = set()
@@ -184,6 +195,9 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         except EngineError as e:
             self._failed(op, e)
             return None
+        except Exception as e:  # noqa: BLE001 - nothing from the store may reach vLLM's forward pass
+            self._unexpected(op, e)
+            return None
 
     def _failed(self, op: str, e: EngineError) -> None:
         if e.code == "unavailable":
@@ -193,12 +207,27 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         else:
             logger.warning("UCM: engine refused %s: %s", op, e)
 
+    def _unexpected(self, op: str, e: BaseException) -> None:
+        """A bug or an unforeseen failure (not an engine answer). It is
+        logged, with its traceback the first time, at most once a minute per
+        operation, and treated as a miss: vLLM must keep serving."""
+        now = time.monotonic()
+        last = self._unexpected_at.get(op)
+        if last is not None and now - last < 60:
+            return
+        self._unexpected_at[op] = now
+        logger.error("UCM: %s failed unexpectedly (%s: %s); treating it as a miss, vLLM recomputes",
+                     op, type(e).__name__, e, exc_info=last is None)
+
     # ==== scheduler side =========================================================
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         state = self._reqs.get(request.request_id) or _ReqState(request)
         self._reqs[request.request_id] = state
+        # Called for a request with nothing computed: a new one, or one that
+        # was preempted and starts over. Either way any earlier plan is void.
         state.load_start = state.load_count = 0
+        state.load_planned = False
         # Never claim the last prompt token: vLLM must compute at least one.
         max_blocks = (request.num_prompt_tokens - 1) // self.block_size
         start = num_computed_tokens // self.block_size
@@ -234,6 +263,15 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = UCMConnectorMetadata(loads=self._pending_loads)
         self._pending_loads = []
+        for req_id in scheduler_output.preempted_req_ids or ():
+            # vLLM freed its blocks (the workers settle its dumps first, in
+            # handle_preemptions) and computes it again from the start: plan
+            # its saves afresh (the engine skips blocks already stored).
+            state = self._reqs.get(req_id)
+            if state is not None:
+                state.block_ids = []
+                state.saved_upto = 0
+            meta.preempted.append(req_id)
         for new in scheduler_output.scheduled_new_reqs:
             state = self._reqs.get(new.req_id)
             if state is None:
@@ -279,7 +317,18 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
     # ==== worker side ================================================================
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        layers = [block_runs(name, t, self.num_blocks) for name, t in kv_caches.items()]
+        try:
+            if not kv_caches:
+                raise ValueError("vLLM registered no KV cache tensors")
+            layers = [block_runs(name, t, self.num_blocks) for name, t in kv_caches.items()]
+            # Export every tensor now, once: memory the engine cannot open
+            # (expandable segments, sleep mode's allocator) is found here, not
+            # as an exception in the middle of a forward pass.
+            for tr in layers:
+                self.regions.export(tr.tensor)
+        except Exception as e:  # noqa: BLE001 - any reason means "no store on this worker"
+            self._disable(str(e))
+            return
         self._layers = layers
         logger.info("UCM: %d KV cache tensors, %d shard(s) of %d bytes per block per layer; namespace %s",
                     len(layers), len(layers[0].runs), layers[0].runs[0][1], self.namespace)
@@ -287,23 +336,32 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
             "model": str(self._vllm_config.model_config.model), "block_size": self.block_size,
             "tp_size": self.tp_size, "rank": None if self.use_mla else self.rank, "layout": layout_signature(layers)})
 
+    def _disable(self, reason: str) -> None:
+        """All misses from now on, on this worker: nothing is loaded (planned
+        loads are reported failed, so vLLM computes those blocks), nothing is
+        saved. Said once, with what to change."""
+        if self._disabled is None:
+            logger.warning("UCM: the store is off on this worker, every block is computed by vLLM: %s", reason)
+        self._disabled = reason
+
     def _shards(self, block_ids: list[int]) -> ShardList:
-        per_block = sum(len(tr.runs) for tr in self._layers)
-        shards = ShardList(per_block)
-        located = [self.regions.locate(tr.tensor) for tr in self._layers]
+        located = [self.regions.locate(tr.tensor) for tr in self._layers]  # registers again after an engine restart
+        pieces = block_pieces(self._layers, located)
+        shards = ShardList(len(pieces))
         for b in block_ids:
-            for tr, (rid, base) in zip(self._layers, located):
-                for off, n in tr.runs:
-                    shards.add(rid, base + b * tr.block_stride + off, n)
+            for p in pieces:
+                shards.add(p.region, p.base + b * p.stride, p.length)
         return shards
 
     def _submit(self, op: str, t: _Transfer) -> int | None:
-        if time.monotonic() < self._retry_at:
+        """Hands a load or dump to the engine; None when it cannot (engine
+        down or refusing, store off, or anything unexpected): a miss."""
+        if self._disabled is not None or not self._layers or time.monotonic() < self._retry_at:
             return None
         for attempt in (0, 1):
             try:
                 extra: dict[str, Any] = {"commit": True} if op == "dump" else {}
-                if op == "dump" and self._layers and self._layers[0].tensor.is_cuda:
+                if op == "dump" and self._layers[0].tensor.is_cuda:
                     # Recorded after the forward pass on vLLM's stream: the engine
                     # copies the blocks only once that pass has written them.
                     extra["event"] = self.regions.record_event(self._layers[0].tensor.device)
@@ -315,18 +373,41 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
                     continue
                 self._failed(op, e)
                 return None
+            except Exception as e:  # noqa: BLE001 - nothing from the store may reach vLLM's forward pass
+                self._unexpected(op, e)
+                return None
         return None
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         if not isinstance(meta, UCMConnectorMetadata) or not meta.loads:
             return
+        unreported = list(meta.loads)
+        running: dict[str, int] = {}  # req -> engine task, submitted and not yet finished
+        try:
+            self._load(unreported, running)
+        except Exception as e:  # noqa: BLE001 - a planned load that fails is recomputed, never an error in vLLM
+            self._unexpected("load", e)
+            for t in unreported:
+                task = running.get(t.req_id)
+                if task is not None:
+                    self._cancel_load(task, t)  # vLLM recomputes these blocks: the engine must not write them later
+                self._report_failed(t, list(range(len(t.keys))))
+
+    def _load(self, unreported: list[_Transfer], running: dict[str, int]) -> None:
         t_start = time.perf_counter()
-        tasks = [(t, self._submit("load", t)) for t in meta.loads]
+        count = sum(len(t.keys) for t in unreported)
+        tasks = []
+        for t in list(unreported):
+            task = self._submit("load", t)
+            tasks.append((t, task))
+            if task is not None:
+                running[t.req_id] = task
         if self.load_async:
             # Finished (or failed) loads are reported by get_finished.
             for t, task in tasks:
                 self._async_loads[t.req_id] = (task, t, time.monotonic() + self.config.load_timeout_ms / 1000)
+                unreported.remove(t)
             return
         deadline = time.monotonic() + self.config.load_timeout_ms / 1000
         for t, task in tasks:
@@ -338,9 +419,10 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
                     failed = list(r.get("failed", []))
                 else:
                     self._cancel_load(task, t)
+                running.pop(t.req_id, None)
             self._report_failed(t, failed)
-        logger.debug("UCM: loaded %d block(s) for %d request(s) in %.4f s",
-                     sum(len(t.keys) for t in meta.loads), len(meta.loads), time.perf_counter() - t_start)
+            unreported.remove(t)
+        logger.debug("UCM: loaded %d block(s) for %d request(s) in %.4f s", count, len(tasks), time.perf_counter() - t_start)
 
     def _cancel_load(self, task: int, t: _Transfer) -> None:
         """A load that outlived loadTimeoutMs: its blocks are recomputed by vLLM
@@ -361,8 +443,9 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         self._stats["load_failed_blocks"] += len(t.keys) - first
         if failed:
             self._load_errors.update(t.block_ids[first:])
-            logger.warning("UCM: request %s: %d of %d block(s) could not be loaded; vLLM recomputes them",
-                           t.req_id, len(t.keys) - first, len(t.keys))
+            if self._disabled is None:  # the store being off was said once already
+                logger.warning("UCM: request %s: %d of %d block(s) could not be loaded; vLLM recomputes them",
+                               t.req_id, len(t.keys) - first, len(t.keys))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # start_load_kv returns only after every planned block is in place
@@ -377,42 +460,121 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         # CPU: the forward pass has finished. GPU: each dump carries an event
         # recorded on the current stream, which the engine waits on.
         for t in meta.saves:
-            self._saving_w.add(t.req_id)
-            task = self._submit("dump", t)
-            if task is not None:
-                self._dumps.setdefault(t.req_id, []).append((task, t.keys))
+            try:
+                self._saving_w.add(t.req_id)
+                task = self._submit("dump", t)  # None: the save is dropped, a future miss
+                if task is not None:
+                    self._dumps.setdefault(t.req_id, []).append((task, t.keys))
+            except Exception as e:  # noqa: BLE001 - a save that cannot be made is dropped
+                self._unexpected("dump", e)
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        """Called by vLLM's model runner before each step's forward pass, with
+        that step's metadata (before it is bound). A preempted request's blocks
+        were freed by the scheduler and may already belong to another request
+        of this step, which the forward pass is about to write: every dump
+        still reading them must end before we return. Each gets a bounded wait
+        (so its blocks are usually stored), then is cancelled; the engine
+        answers `cancel` only once nothing more of the task reads memory."""
+        if not isinstance(kv_connector_metadata, UCMConnectorMetadata) or not kv_connector_metadata.preempted:
+            return
+        deadline = time.monotonic() + self.preempt_wait_ms / 1000
+        for req_id in kv_connector_metadata.preempted:
+            try:
+                self._settle_dumps(req_id, deadline)
+            except Exception as e:  # noqa: BLE001
+                self._unexpected("preemption", e)
+
+    def _settle_dumps(self, req_id: str, deadline: float) -> None:
+        pending = self._dumps.pop(req_id, [])
+        finished = cancelled = 0
+        for task, keys in pending:
+            left = max(0, int((deadline - time.monotonic()) * 1000))
+            r = self._call("wait", task=task, timeout_ms=left, deadline_ms=left + self.config.timeout_ms)
+            if not (r and r.get("done")):
+                self._cancel_dump(req_id, task)
+                r = self._call("check", task=task)
+                cancelled += 1
+            else:
+                finished += 1
+            self._count_saves(keys, r if r and r.get("done") else None)
+        if pending:
+            logger.info("UCM: request %s was preempted: %d of its dump task(s) finished, %d cancelled",
+                        req_id, finished, cancelled)
+
+    def _cancel_dump(self, req_id: str, task: int) -> None:
+        """Cancels a preempted request's dump; the engine answers once nothing
+        of it reads memory any more. When that cannot be had, say so loudly:
+        the blocks may then be stored with another request's bytes."""
+        if time.monotonic() < self._retry_at:
+            # Known to be down or stuck: asking again would hold vLLM's
+            # forward pass for clientTimeoutMs per task.
+            why = "the engine did not answer moments ago"
+        else:
+            try:
+                self.client.call("cancel", task=task, deadline_ms=self.config.timeout_ms)
+                return
+            except EngineError as e:
+                if e.code == "unknown_task":
+                    return  # a restarted engine: nothing of the task runs any more
+                if e.code == "unavailable":
+                    self._failed("cancel", e)
+                why = str(e)
+            except Exception as e:  # noqa: BLE001
+                self._unexpected("cancel", e)
+                why = f"{type(e).__name__}: {e}"
+        logger.error("UCM: request %s was preempted and its dump task %s could not be cancelled (%s): blocks of it "
+                     "may be stored with the bytes of the request vLLM reuses them for", req_id, task, why)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        self._finishing.update(r for r in finished_req_ids if r in self._saving_w)
         done: set[str] = set()
+        recved: set[str] = set()
+        self._finishing.update(r for r in finished_req_ids if r in self._saving_w)
         for req_id in list(self._finishing):
-            pending = self._dumps.get(req_id, [])
-            still = []
-            for task, keys in pending:
-                r = self._call("check", task=task)
-                if r is not None and not r.get("done"):
-                    still.append((task, keys))
+            try:
+                if self._saves_pending(req_id):
                     continue
-                self._count_saves(keys, r)
-            if still:
-                self._dumps[req_id] = still
-                continue
+            except Exception as e:  # noqa: BLE001 - give up on its saves rather than hold its blocks forever
+                self._unexpected("check", e)
+                for task, keys in self._dumps.pop(req_id, []):
+                    self._call("cancel", task=task)
+                    self._stats["save_failed_blocks"] += len(keys)
             self._dumps.pop(req_id, None)
             self._finishing.discard(req_id)
             self._saving_w.discard(req_id)
             done.add(req_id)
-        recved: set[str] = set()
         for req_id, (task, t, deadline) in list(self._async_loads.items()):
-            r = self._call("check", task=task) if task is not None else None
-            if r is not None and not r.get("done"):
-                if time.monotonic() < deadline:
-                    continue
-                self._cancel_load(task, t)
-                r = None
-            self._report_failed(t, list(r.get("failed", [])) if r else list(range(len(t.keys))))
+            try:
+                r = self._call("check", task=task) if task is not None else None
+                if r is not None and not r.get("done"):
+                    if time.monotonic() < deadline:
+                        continue
+                    self._cancel_load(task, t)
+                    r = None
+                failed = list(r.get("failed", [])) if r else list(range(len(t.keys)))
+            except Exception as e:  # noqa: BLE001 - the load counts as failed: vLLM recomputes it
+                self._unexpected("check", e)
+                if task is not None:
+                    self._cancel_load(task, t)
+                failed = list(range(len(t.keys)))
+            self._report_failed(t, failed)
             del self._async_loads[req_id]
             recved.add(req_id)
         return (done or None), (recved or None)
+
+    def _saves_pending(self, req_id: str) -> bool:
+        """Checks a finishing request's dumps; True while any still runs."""
+        still = []
+        for task, keys in self._dumps.get(req_id, []):
+            r = self._call("check", task=task)
+            if r is not None and not r.get("done"):
+                still.append((task, keys))
+                continue
+            self._count_saves(keys, r)
+        if still:
+            self._dumps[req_id] = still
+            return True
+        return False
 
     def _count_saves(self, keys: list[bytes], r: dict[str, Any] | None) -> None:
         status = list(r.get("status", [])) if r else []
@@ -444,7 +606,10 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         return errors
 
     def shutdown(self) -> None:
-        self.client.close()
+        try:
+            self.client.close()
+        except Exception as e:  # noqa: BLE001
+            self._unexpected("shutdown", e)
 
 
 def _model_identity(vllm_config: "VllmConfig") -> str:

@@ -1,0 +1,418 @@
+"""The shim's GPU path, end to end, without a GPU.
+
+torch's CUDA runtime is emulated in this process (cuda_emu.py: tensors on
+`cuda:i` over shared memory, torch's exact `_share_cuda_` tuple and 66-byte
+handle, interprocess events); the engine is the real engine process with the
+production CUDA backend built against the emulated CUDA runtime
+(native/build-emu, selected with UCM_NATIVE_ADDON). Our code, shim and
+engine, is the code under test, unchanged. This stands in for a run on a
+real GPU; it does not replace one (bench/gpu_validate.py does that).
+
+Tests that need no engine GPU path (handle parsing, refusals, the engine's
+environment) run without the emulated addon; the others are skipped, with
+the reason, until it is built.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import pytest
+import torch
+
+import cuda_emu as ce
+from conftest import stop_engine, write_config
+from ucm.client import EngineClient
+from ucm.memory import RegionRegistry, UnsupportedMemory, cuda_ipc_handle
+from ucm.store import NfsStore
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+EMU_ADDON = os.path.join(ROOT, "native", "build-emu", "Release", "ucm_native.node")
+GPU_A, GPU_B = "0000:01:00.0", "0000:41:00.0"
+needs_emu_engine = pytest.mark.skipif(
+    not os.path.exists(EMU_ADDON),
+    reason=f"the engine addon over the emulated CUDA runtime is not built ({EMU_ADDON}; "
+           "`UCM_CUDA_EMU=1 npx cmake-js compile --directory native --out native/build-emu`, as test/run_all.sh does)")
+
+LAYERS, BLOCKS, ROW = 2, 8, 8 * 1024 + 72  # bf16 elements per block per layer: 16,528 bytes, not a multiple of 16
+
+
+def keys(n, salt):
+    return [hashlib.sha256(f"{salt}{i}".encode()).digest() for i in range(n)]
+
+
+def entries(ks, caches, block_ids):
+    """Per block, one shard per layer at consecutive offsets (UCM's store API)."""
+    K, O, T = [], [], []
+    for k, b in zip(ks, block_ids):
+        off = 0
+        for c in caches:
+            K.append(k)
+            O.append(off)
+            T.append(c[b])
+            off += c[b].numel() * c[b].element_size()
+    return K, O, T
+
+
+def gpu_cache(rt, device=0, fill=True, alloc=None, offset=0):
+    """Per-layer KV caches [blocks, row] on the emulated GPU `device`."""
+    out = []
+    for layer in range(LAYERS):
+        t = rt.tensor((BLOCKS, ROW), torch.bfloat16, device=device, alloc=alloc,
+                      offset=offset + layer * BLOCKS * ROW * 2 if alloc is not None else 0)
+        if fill:
+            t.copy_(torch.randn(BLOCKS, ROW).to(torch.bfloat16))
+        out.append(t)
+    return out
+
+
+def same(a, b, blocks_a=None, blocks_b=None):
+    blocks_a = list(range(BLOCKS)) if blocks_a is None else blocks_a
+    blocks_b = blocks_a if blocks_b is None else blocks_b
+    return all(torch.equal(x.host()[blocks_a], y.host()[blocks_b]) for x, y in zip(a, b))
+
+
+def health(endpoint):
+    c = EngineClient(endpoint, 2000)
+    try:
+        return c.raw("health")["status"]
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def emu_node(tmp_path, storage, monkeypatch, cuda_emu):
+    """Makes configs whose engine (started by the store, as in production)
+    runs on the emulated node; `fail` injects CUDA errors into it."""
+    made = []
+
+    def make(fail=None, **opts):
+        sock = f"/tmp/ucm-emu-{os.getpid()}-{tmp_path.name[-10:]}-{len(made)}.sock"
+        cfg = write_config(tmp_path / f"emu{len(made)}.yaml", storage, endpoint=f"ipc://{sock}", clientTimeoutMs=3000,
+                           loadTimeoutMs=20000, pinnedStagingBytes=8 << 20, maxQueueMs=0, clientCheckMs=100,
+                           cudaEventTimeoutMs=20000, **opts)
+        monkeypatch.setenv("UCM_NATIVE_ADDON", EMU_ADDON)
+        monkeypatch.setenv("UCM_CUDA_EMU_TRACE", str(tmp_path / "cuda-trace.txt"))
+        monkeypatch.setenv("UCM_ENGINE_LOG", str(tmp_path / "engine.log"))
+        if fail:
+            monkeypatch.setenv("UCM_CUDA_EMU_FAIL", fail)
+        else:
+            monkeypatch.delenv("UCM_CUDA_EMU_FAIL", raising=False)
+        made.append(f"ipc://{sock}")
+        return cfg
+
+    yield make
+    for endpoint in made:
+        stop_engine(endpoint)
+
+
+def engine_log(tmp_path):
+    time.sleep(0.1)
+    p = tmp_path / "engine.log"
+    return p.read_text() if p.exists() else ""
+
+
+# ---- the shim alone: torch's handle format and what cannot be exported --------------
+
+def test_region_spec_from_torchs_66_byte_handle(cuda_emu):
+    alloc = cuda_emu.alloc(1 << 20, device=1)
+    t = cuda_emu.tensor((16, 256), torch.bfloat16, alloc=alloc, offset=4096)  # a storage inside an allocation
+    raw = t.untyped_storage()._share_cuda_()[1]
+    assert len(raw) == 66 and raw[:2] == b"\x02c"
+    spec = RegionRegistry(None).export(t[3])  # a view: the whole storage is exported
+    assert spec == {"medium": "cuda", "device": 1, "pci_bus_id": GPU_B, "handle": alloc.handle,
+                    "offset": 4096, "size": 16 * 256 * 2}
+    assert len(spec["handle"]) == 64
+    assert cuda_ipc_handle(alloc.handle) == alloc.handle  # torch before the versioned format: passed through
+
+
+def test_unexportable_memory_is_refused_with_what_to_change(cuda_emu, tmp_path, storage):
+    cfg = write_config(tmp_path / "none.yaml", storage, endpoint=f"ipc:///tmp/ucm-none-{os.getpid()}.sock", clientTimeoutMs=300)
+    store = NfsStore(cfg, start_engine=False)
+    ok = cuda_emu.tensor((2, 64), torch.bfloat16)
+    exp = cuda_emu.tensor((2, 64), torch.bfloat16, kind="expandable")
+    raw = exp.untyped_storage()._share_cuda_()[1]
+    assert len(raw) == 78 and raw[:2] == b"\x02e"
+    with pytest.raises(UnsupportedMemory, match=r"tensors\[1\]: .*expandable segment.*unset PYTORCH_CUDA_ALLOC_CONF"):
+        store.dump([b"k", b"k"], [0, 128], [ok[0], exp[0]])
+    cumem = cuda_emu.tensor((2, 64), torch.bfloat16, kind="cumem")
+    with pytest.raises(UnsupportedMemory, match=r"tensors\[0\]: torch cannot export .*--enable-sleep-mode"):
+        store.load([b"k"], [0], [cumem[1]])
+    with pytest.raises(UnsupportedMemory, match="unknown CUDA handle format"):
+        cuda_ipc_handle(b"\x03c" + b"\0" * 64)
+    store.close()
+
+
+def test_engine_starts_with_every_gpu_of_the_node(config_file, monkeypatch):
+    """vLLM gives each worker its own CUDA_VISIBLE_DEVICES; the engine, started
+    by whichever process comes first, must not inherit it."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    with NfsStore(config_file) as store:
+        pid = store.client.raw("health")["pid"]
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(e.split(b"=", 1) for e in f.read().split(b"\0") if b"=" in e)
+    assert b"CUDA_VISIBLE_DEVICES" not in env
+    assert env.get(b"CUDA_DEVICE_ORDER") == b"PCI_BUS_ID"
+
+
+# ---- through the engine's GPU path ---------------------------------------------------
+
+@needs_emu_engine
+@pytest.mark.parametrize("method", ["batch", "kernel"])
+def test_dump_and_load_byte_exact(emu_node, cuda_emu, method):
+    cuda_emu.auto_complete = True  # the GPU is idle: events complete as they are recorded
+    with NfsStore(emu_node(cudaCopy=method)) as store:
+        src = gpu_cache(cuda_emu)
+        ks = keys(BLOCKS, f"rt-{method}")
+        task = store.dump(*entries(ks, src, range(BLOCKS)))
+        assert store.wait(task) == 0, (task.status, task.error)
+        assert store.commit(ks) == [True] * BLOCKS
+        dst = gpu_cache(cuda_emu, fill=False)
+        order = [5, 0, 7]
+        task = store.load(*entries([ks[i] for i in order], dst, [0, 1, 2]))
+        assert store.wait(task) == 0, (task.status, task.error)
+        assert same(dst, src, [0, 1, 2], order)
+        assert all(torch.count_nonzero(d.host()[3:]) == 0 for d in dst)  # nothing else written
+
+
+@needs_emu_engine
+def test_event_not_completed_holds_the_dump_back(emu_node, cuda_emu):
+    """The dump names an event recorded after the forward pass; until the GPU
+    completes it, the engine must not read. Bytes the "forward pass" writes
+    before completion are the ones stored."""
+    with NfsStore(emu_node()) as store:
+        src = gpu_cache(cuda_emu)
+        ks = keys(BLOCKS, "event")
+        task = store.dump(*entries(ks, src, range(BLOCKS)))
+        assert task.task_id is not None and cuda_emu.pending_events() == 1
+        time.sleep(0.3)
+        assert not store.check(task)
+        for t in src:  # the rest of the forward pass
+            t.copy_(torch.randn(BLOCKS, ROW).to(torch.bfloat16))
+        cuda_emu.complete_events()
+        assert store.wait(task) == 0, (task.status, task.error)
+        store.commit(ks)
+        dst = gpu_cache(cuda_emu, fill=False)
+        assert store.wait(store.load(*entries(ks, dst, range(BLOCKS)))) == 0
+        assert same(dst, src)
+
+
+@needs_emu_engine
+def test_two_clients_exporting_one_allocation(emu_node, cuda_emu):
+    """Two processes' worth of clients register storages of the same
+    cudaMalloc allocation (same handle): the engine maps it once, both
+    work, and the mapping outlives the first client."""
+    cuda_emu.auto_complete = True
+    cfg = emu_node()
+    per_cache = LAYERS * BLOCKS * ROW * 2
+    alloc = cuda_emu.alloc(2 * per_cache)
+    a = gpu_cache(cuda_emu, alloc=alloc, offset=0)
+    b = gpu_cache(cuda_emu, fill=False, alloc=alloc, offset=per_cache)
+    s1, s2 = NfsStore(cfg, name="client-1"), NfsStore(cfg, name="client-2")
+    try:
+        ks = keys(BLOCKS, "shared")
+        assert s1.wait(s1.dump(*entries(ks, a, range(BLOCKS)))) == 0
+        s1.commit(ks)
+        t = s2.load(*entries(ks, b, range(BLOCKS)))
+        assert s2.wait(t) == 0, (t.status, t.error)
+        assert same(b, a)
+        s1.close()  # releases its regions; the allocation stays mapped for client 2
+        for x in b:
+            x.zero_()
+        t = s2.load(*entries(ks, b, range(BLOCKS)))
+        assert s2.wait(t) == 0, (t.status, t.error)
+        assert same(b, a)
+    finally:
+        s1.close()
+        s2.close()
+
+
+@needs_emu_engine
+def test_region_lands_on_its_gpu_by_bus_id(emu_node, cuda_emu, monkeypatch, tmp_path):
+    """A client with CUDA_VISIBLE_DEVICES=1 calls GPU 0000:41:00.0 its device 0;
+    the engine (which sees both GPUs) numbers it 1. Different bytes on each
+    GPU: each load must bring back the bytes of the GPU they were dumped from."""
+    cuda_emu.auto_complete = True
+    cfg = emu_node()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    worker = ce.EmuRuntime(auto_complete=True)  # what that worker process sees
+    ce.install(worker, monkeypatch.setattr)
+    try:
+        assert worker.bus_id(0) == GPU_B and torch.cuda.device_count() == 1
+        s1 = NfsStore(cfg, name="worker-cvd-1")  # starts the engine, from a process that sees one GPU
+        on_b = gpu_cache(worker, device=0)
+        kb = keys(BLOCKS, "gpu-b")
+        assert s1.wait(s1.dump(*entries(kb, on_b, range(BLOCKS)))) == 0
+        s1.commit(kb)
+        # Only GPU B has been touched: one engine context, on the engine's ordinal 1 for it.
+        assert (tmp_path / "cuda-trace.txt").read_text().split("\n")[0] == f"context 1 {GPU_B}"
+
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+        ce.install(cuda_emu, monkeypatch.setattr)  # a process that sees both GPUs
+        s2 = NfsStore(cfg, name="worker-all")
+        on_a = gpu_cache(cuda_emu, device=0)
+        ka = keys(BLOCKS, "gpu-a")
+        assert s2.wait(s2.dump(*entries(ka, on_a, range(BLOCKS)))) == 0
+        s2.commit(ka)
+        to_a, to_b = gpu_cache(cuda_emu, device=0, fill=False), gpu_cache(cuda_emu, device=1, fill=False)
+        assert s2.wait(s2.load(*entries(kb, to_a, range(BLOCKS)))) == 0
+        assert s2.wait(s2.load(*entries(ka, to_b, range(BLOCKS)))) == 0
+        assert same(to_a, on_b) and same(to_b, on_a)
+
+        ce.install(worker, monkeypatch.setattr)  # back in the CVD=1 worker: load A's blocks onto its device 0 (GPU B)
+        back = gpu_cache(worker, device=0, fill=False)
+        assert s1.wait(s1.load(*entries(ka, back, range(BLOCKS)))) == 0
+        assert same(back, on_a)
+        contexts = set((tmp_path / "cuda-trace.txt").read_text().split())
+        assert {"0", GPU_A, "1", GPU_B} <= contexts
+        s1.close()
+        s2.close()
+    finally:
+        worker.close()
+
+
+@needs_emu_engine
+def test_connector_gpu_path(emu_node, cuda_emu, tiny_model):
+    """The vLLM connector's worker side on emulated GPU KV caches laid out as
+    vLLM 0.32 does (LBNHC): saves with an event, loads, byte-exact."""
+    from test_connector import connector, meta, step, transfer
+
+    cfg = emu_node()
+    nb = 12
+    conn = connector(tiny_model, cfg, num_blocks=nb)
+    alloc = cuda_emu.alloc(2 * nb * 16 * 2 * 64 * 2 * 2)
+    page = 2 * 16 * 2 * 64 * 2  # heads 2, tokens 16, K+V 2 * 64 bf16
+    # One allocation, layer after layer; within a block, tokens before heads (LBNHC).
+    caches = {}
+    for layer in range(2):
+        whole = cuda_emu.tensor((nb, 16, 2, 128), torch.bfloat16, alloc=alloc, offset=layer * nb * page)
+        whole.copy_(torch.randn(nb, 16, 2, 128).to(torch.bfloat16))
+        caches[f"model.layers.{layer}.self_attn.attn"] = whole.permute(0, 2, 1, 3)  # logical [B, H, N, C]
+    conn.register_kv_caches(caches)
+    assert len(conn._layers[0].runs) == 1  # a block of a layer is one shard
+    ks = keys(4, "connector-gpu")
+    step(conn, meta(saves=[transfer("r1", ks, [1, 2, 3, 4])]))
+    assert cuda_emu.pending_events() == 1
+    cuda_emu.complete_events()
+    deadline = time.monotonic() + 20
+    while True:
+        (sending, _), _ = step(conn, meta(), finished={"r1"})
+        if sending == {"r1"} or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert sending == {"r1"}
+    assert conn.get_kv_connector_stats().data["saved_blocks"] == 4
+    _, errors = step(conn, meta(loads=[transfer("r2", ks, [8, 9, 10, 11])]))
+    assert errors == set()
+    for v in caches.values():
+        assert torch.equal(v.host()[8:12], v.host()[1:5])
+    conn.shutdown()
+
+
+@needs_emu_engine
+def test_preempted_dump_waiting_for_its_event_never_reads_reused_blocks(emu_node, cuda_emu, tiny_model):
+    """A request is preempted while its dump still waits for the event of the
+    forward pass that wrote its blocks. handle_preemptions cancels it (no
+    wait); the next forward pass, queued after that, writes the freed blocks
+    and only then does the GPU complete the event. No block may be stored
+    with those new bytes: each ends cancelled, or stored with the old ones."""
+    from test_connector import connector, meta, step, transfer
+
+    cfg = emu_node()
+    nb = 8
+    conn = connector(tiny_model, cfg, num_blocks=nb, ucm_preempt_wait_ms=0)
+    caches = {f"model.layers.{i}.self_attn.attn": cuda_emu.tensor((nb, 2, 16, 128), torch.bfloat16) for i in range(2)}
+    for v in caches.values():
+        v.copy_(torch.randn(nb, 2, 16, 128).to(torch.bfloat16))
+    before = {k: v.host().clone() for k, v in caches.items()}
+    conn.register_kv_caches(caches)
+    ks = keys(nb, "preempt-gpu")
+    step(conn, meta(saves=[transfer("victim", ks, range(nb))]))
+    task = conn._dumps["victim"][0][0]
+    time.sleep(0.2)  # the engine's threads are waiting for the event now
+    conn.handle_preemptions(meta(preempted=["victim"]))
+    for v in caches.values():  # the next forward pass reuses the blocks...
+        v.fill_(7.0)
+    cuda_emu.complete_events()  # ...and then the GPU gets to the event
+    r = conn.client.call("wait", task=task, timeout_ms=20000, deadline_ms=30000)
+    assert r["done"] and set(r["status"]) <= {"ok", "cancelled"}
+    stored = [i for i, s in enumerate(r["status"]) if s == "ok"]
+    if stored:
+        dst = {k: cuda_emu.tensor((nb, 2, 16, 128), torch.bfloat16) for k in caches}
+        conn.register_kv_caches(dst)
+        _, errors = step(conn, meta(loads=[transfer("check", [ks[i] for i in stored], stored)]))
+        assert errors == set()
+        for k in caches:
+            assert torch.equal(dst[k].host()[stored], before[k][stored]), "a block was stored with bytes written after the preemption"
+    conn.shutdown()
+
+
+# ---- CUDA failures: a block status or a refused registration, never a crash ----------
+
+REGISTRATION_FAULTS = ["cudaIpcOpenMemHandle=cudaErrorInvalidValue", "cudaSetDevice=cudaErrorInvalidValue"]
+BLOCK_FAULTS = [("cudaHostAlloc", "batch"), ("cudaStreamCreateWithFlags", "batch"), ("cudaEventSynchronize", "batch"),
+                ("cudaMemcpyBatchAsync", "batch"), ("LaunchCopyPieces", "kernel")]
+
+
+@needs_emu_engine
+@pytest.mark.parametrize("fault", REGISTRATION_FAULTS)
+def test_registration_fault_is_a_failed_task(emu_node, cuda_emu, fault):
+    cuda_emu.auto_complete = True
+    with NfsStore(emu_node(fail=fault)) as store:
+        src = gpu_cache(cuda_emu)
+        ks = keys(2, "regfault")
+        task = store.dump(*entries(ks, src, [0, 1]))
+        assert task.done and task.failed_keys == ks
+        assert "unsupported" in task.error and fault.split("=")[1] in task.error
+        assert health(store.config.endpoint) == "serving"
+
+
+@needs_emu_engine
+def test_event_registration_fault_is_a_failed_task(emu_node, cuda_emu):
+    cuda_emu.auto_complete = True
+    with NfsStore(emu_node(fail="cudaIpcOpenEventHandle=cudaErrorInvalidResourceHandle")) as store:
+        src = gpu_cache(cuda_emu)
+        ks = keys(2, "evfault")
+        task = store.dump(*entries(ks, src, [0, 1]))
+        assert task.done and task.failed_keys == ks and "cudaErrorInvalidResourceHandle" in task.error
+        assert store.lookup(ks) == [False, False]
+        assert health(store.config.endpoint) == "serving"
+
+
+@needs_emu_engine
+@pytest.mark.parametrize("call,method", BLOCK_FAULTS)
+def test_copy_fault_is_a_block_status(emu_node, cuda_emu, tmp_path, call, method):
+    cuda_emu.auto_complete = True
+    with NfsStore(emu_node(fail=f"{call}=cudaErrorIllegalAddress", cudaCopy=method)) as store:
+        src = gpu_cache(cuda_emu)
+        ks = keys(2, f"copyfault-{call}")
+        task = store.dump(*entries(ks, src, [0, 1]))
+        assert store.wait(task) == 2
+        assert task.status == ["io_error", "io_error"]
+        store.commit(ks)
+        assert store.lookup(ks) == [False, False]
+        dst = gpu_cache(cuda_emu, fill=False)
+        task = store.load(*entries(ks, dst, [0, 1]))
+        assert store.wait(task) == 2
+        assert all(torch.count_nonzero(d.host()) == 0 for d in dst)
+        assert health(store.config.endpoint) == "serving"
+    log = engine_log(tmp_path)
+    assert "cudaErrorIllegalAddress" in log
+    assert "copy kernel instead" not in log  # a failure is not a missing feature: no silent switch
+
+
+@needs_emu_engine
+def test_driver_without_batched_copies_falls_back_to_the_kernel(emu_node, cuda_emu, tmp_path):
+    cuda_emu.auto_complete = True
+    with NfsStore(emu_node(fail="cudaMemcpyBatchAsync=cudaErrorNotSupported", cudaCopy="batch")) as store:
+        src = gpu_cache(cuda_emu)
+        ks = keys(BLOCKS, "fallback")
+        assert store.wait(store.dump(*entries(ks, src, range(BLOCKS)))) == 0
+        store.commit(ks)
+        dst = gpu_cache(cuda_emu, fill=False)
+        assert store.wait(store.load(*entries(ks, dst, range(BLOCKS)))) == 0
+        assert same(dst, src)
+    assert engine_log(tmp_path).count("copy kernel instead") == 1
