@@ -62,6 +62,20 @@ export interface EngineConfig {
   cudaCopy: string;
   /** Milliseconds a GPU dump waits for the client's CUDA event before the block fails. */
   cudaEventTimeoutMs: number;
+  /** Client connections at which the engine stops accepting new ones (0: from the open-file limit). */
+  maxConnections: number;
+  /** Seconds a connection whose process has no session may stay open (ipc). */
+  idleConnectionS: number;
+  /** Connections one process may hold (ipc). */
+  maxConnectionsPerProcess: number;
+  /** Sessions (hello) one process may hold at once. */
+  maxSessionsPerProcess: number;
+  /** Keys x namespaces one lookup may check. */
+  maxLookupKeys: number;
+  /** Memory regions one client may have registered. */
+  maxRegionsPerClient: number;
+  /** Bytes of memory one client may have registered. */
+  maxRegionBytesPerClient: number;
 }
 
 interface OptionSpec {
@@ -100,6 +114,13 @@ export const OPTIONS: Record<string, OptionSpec> = {
   metricsHost: { key: "metricsHost", kind: "string", dflt: "127.0.0.1", doc: "address the metrics endpoint listens on" },
   pinnedStagingBytes: { key: "pinnedStagingBytes", kind: "size", min: 1 << 20, max: 2 ** 44, dflt: 2 * 2 ** 30, doc: "pinned host staging for GPU blocks, all transfer threads together (each gets an equal share, allocated once)" },
   cudaCopy: { key: "cudaCopy", kind: "string", dflt: "batch", doc: "how GPU shards move: batch (cudaMemcpyBatchAsync on the copy engines, leaving the SMs to vLLM; kernel where the driver lacks it) or kernel (one gather/scatter kernel launch per block)" },
+  maxConnections: { key: "maxConnections", kind: "int", min: 0, max: 1 << 20, dflt: 0, doc: "client connections at which those of processes without a session are closed at once (0 = a quarter of the open-file limit, at most 4096)" },
+  maxConnectionsPerProcess: { key: "maxConnectionsPerProcess", kind: "int", min: 1, max: 1 << 16, dflt: 64, doc: "connections one client process may hold; the engine closes the extra ones (ipc endpoints)" },
+  maxSessionsPerProcess: { key: "maxSessionsPerProcess", kind: "int", min: 1, max: 1 << 16, dflt: 16, doc: "sessions (hello) one client process may hold at once; per-client quotas apply to each" },
+  idleConnectionS: { key: "idleConnectionS", kind: "int", min: 1, max: 86400, dflt: 60, doc: "a connection whose process has no session (never said hello) is closed after this many seconds (ipc endpoints)" },
+  maxLookupKeys: { key: "maxLookupKeys", kind: "int", min: 1, max: 1 << 24, dflt: 262144, doc: "keys times namespaces one lookup may check" },
+  maxRegionsPerClient: { key: "maxRegionsPerClient", kind: "int", min: 1, max: 1 << 20, dflt: 4096, doc: "memory regions one client may have registered at once (each is a mapping in the engine)" },
+  maxRegionBytesPerClient: { key: "maxRegionBytesPerClient", kind: "size", min: 1 << 20, max: 2 ** 50, dflt: 4 * 2 ** 40, doc: "bytes of memory one client may have registered at once" },
   cudaEventTimeoutMs: { key: "cudaEventTimeoutMs", kind: "int", min: 1, max: 3600000, dflt: 30000, doc: "a GPU dump waits this long for the CUDA event of the forward pass that wrote its blocks, then fails the block (the writer died, say)" },
 };
 

@@ -172,12 +172,24 @@ export interface CudaStatus {
   why: string;
 }
 
+/** An accepted connection to the engine's ipc socket, as the kernel reports it (SO_PEERCRED). */
+export interface ConnectedPeer {
+  fd: number;
+  inode: number;
+  pid: number;
+  uid: number;
+}
+
 interface Addon {
   Engine: new (opts?: NativeEngineOptions) => NativeEngine;
   crc32c(data: Uint8Array): number;
   usageAdd(dir: string, deltaBytes: number, deltaFiles: number, timeoutMs: number): Promise<LedgerUsage>;
   evict(req: EvictRequest): Promise<EvictResult>;
   cudaStatus(): CudaStatus;
+  connectedPeers(socketPath: string): ConnectedPeer[];
+  /** Shuts down descriptor `fd` if it still is the connection with socket `inode`. */
+  endConnection(socketPath: string, fd: number, inode: number): boolean;
+  raiseFdLimit(): { soft: number; hard: number };
   constants: { headerSize: number; blockAlign: number; formatVersion: number; cuda: boolean };
 }
 
@@ -205,6 +217,9 @@ export const crc32c = addon.crc32c;
 export const usageAdd = addon.usageAdd;
 export const evict = addon.evict;
 export const cudaStatus = addon.cudaStatus;
+export const connectedPeers = addon.connectedPeers;
+export const endConnection = addon.endConnection;
+export const raiseFdLimit = addon.raiseFdLimit;
 export const constants = addon.constants;
 
 /** On-disk size of a block file holding `payload` bytes. */

@@ -6,6 +6,7 @@ import * as path from "path";
 import * as zmq from "zeromq";
 import { EngineConfig } from "./config";
 import { EngineClient } from "./client";
+import { ConnectionGuard } from "./connections";
 import { isTcp, publishServerKey } from "./curve";
 import { Logger } from "./log";
 import { Metrics } from "./metrics";
@@ -21,6 +22,7 @@ export class EngineServer {
   private readonly sock: zmq.Router;
   /** tcp:// only: the CURVE key pair of this run (see curve.ts). */
   private readonly curve?: { publicKey: string; secretKey: string };
+  private guard?: ConnectionGuard;
   private readonly sessions = new Map<string, Session>();
   private readonly outbox: Buffer[][] = [];
   private pumping = false;
@@ -73,6 +75,7 @@ export class EngineServer {
     }
     await this.store.capacity.start();
     if (this.config.metricsPort > 0) await this.metrics.listen(this.config.metricsHost, this.config.metricsPort, this.log);
+    this.guard = new ConnectionGuard(this.sock, ep, this.config, this.log, () => new Set(Array.from(this.sessions.values(), (s) => s.pid)));
     await this.sock.bind(ep);
     if (ep.startsWith("ipc://")) fs.chmodSync(ep.slice("ipc://".length), 0o600);
     if (this.curve) this.log.info(`tcp endpoint: CURVE, public key in ${publishServerKey(ep, this.curve.publicKey)} (readable by this user only)`);
@@ -164,6 +167,16 @@ export class EngineServer {
       throw new ProtocolError("unsupported_version", `protocol version ${describe(version)} is not supported; this engine speaks ${PROTOCOL_VERSIONS.join(", ")}`);
     }
     const pid = reqUint(msg, "pid", 2 ** 31);
+    // The pid is what the engine watches for liveness and the only process whose /proc/<pid>/fd a client may
+    // name: it must be a process connected to us (the kernel says so), not any process.
+    if (this.guard && !this.guard.connectedFrom(pid)) {
+      throw new ProtocolError("bad_message", `pid ${pid} is not a process connected to the engine (a client in its own pid namespace must run in the engine's, e.g. --pid=host)`);
+    }
+    // Per-client quotas hold per session: a process may not multiply them without bound.
+    const held = Array.from(this.sessions.values()).filter((x) => x.pid === pid && x.peer !== key).length;
+    if (held >= this.config.maxSessionsPerProcess) {
+      throw new ProtocolError("busy", `process ${pid} already holds ${held} sessions, the most allowed (maxSessionsPerProcess ${this.config.maxSessionsPerProcess})`);
+    }
     // A name goes into log lines: control characters (a newline would forge a line) become "?".
     const name = (optString(msg, "name", 256) ?? "").replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, "?");
     if (this.sessions.has(key)) this.drop(key, "said hello again");
@@ -251,6 +264,7 @@ export class EngineServer {
     this.stopping = true;
     this.log.info(`shutting down: ${this.store.tasksInFlight} task(s) in flight`);
     for (const t of this.timers) clearInterval(t);
+    this.guard?.stop();
     await this.metrics.close();
     await this.store.close(this.config.shutdownTimeoutS * 1000, [...this.sessions.values()]);
     // Let queued replies go out before the socket closes.

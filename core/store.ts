@@ -26,6 +26,15 @@ import {
 } from "./protocol";
 
 type Msg = Record<string, unknown>;
+
+/** Regions (mappings) of all clients together: below the kernel's per-process map count, with room for our own. */
+const MAX_MAPPED_REGIONS = (() => {
+  try {
+    return Math.max(1024, Number(fs.readFileSync("/proc/sys/vm/max_map_count", "utf8").trim()) - 4096);
+  } catch {
+    return 60000;
+  }
+})();
 type Direction = "D2S" | "S2D";
 
 /** Per-block result names on the wire are the native status names. */
@@ -201,6 +210,20 @@ export class Store {
       const m = e as Msg;
       return { device: toUint(m.device, `events[${i}].device`), pciBusId: busId(m.pci_bus_id, `events[${i}].pci_bus_id`), handle: cudaHandle(m.handle, `events[${i}].handle`) };
     });
+    // Quotas, before anything is opened: each region is a mapping in the engine (the kernel allows a process
+    // some 65,000) and address space; one client must not use them up for the others.
+    const held = Array.from(s.regions.values()).reduce((a, r) => a + r.size, 0);
+    const asked = specs.reduce((a, r) => a + r.size, 0);
+    if (s.regions.size + specs.length > this.config.maxRegionsPerClient) {
+      throw new ProtocolError("too_large", `this client would hold ${s.regions.size + specs.length} regions, more than maxRegionsPerClient ${this.config.maxRegionsPerClient}; release some first`);
+    }
+    if (held + asked > this.config.maxRegionBytesPerClient) {
+      throw new ProtocolError("too_large", `this client would hold ${held + asked} bytes of regions, more than maxRegionBytesPerClient ${this.config.maxRegionBytesPerClient}; release some first`);
+    }
+    const mapped = this.native.stats().regions;
+    if (mapped + specs.length > MAX_MAPPED_REGIONS) {
+      throw new ProtocolError("busy", `the engine holds ${mapped} regions of all clients; ${specs.length} more would pass its limit of ${MAX_MAPPED_REGIONS}`);
+    }
     const opened: number[] = [];
     const openedEv: number[] = [];
     try {
@@ -255,6 +278,10 @@ export class Store {
   async lookup(msg: Msg): Promise<{ found: boolean[] }> {
     const nsList = reqNsList(msg);
     const keys = reqKeys(msg, this.config.maxKeysPerRequest);
+    // Bounded by its cost before any work: one path (and one stat) per key per namespace.
+    if (nsList.length * keys.length > this.config.maxLookupKeys) {
+      throw new ProtocolError("too_large", `lookup of ${keys.length} keys in ${nsList.length} namespaces checks ${nsList.length * keys.length} blocks, more than maxLookupKeys ${this.config.maxLookupKeys}`);
+    }
     this.counters.lookups++;
     this.counters.lookupKeys += keys.length;
     const found = new Array<boolean>(keys.length).fill(true);

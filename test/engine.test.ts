@@ -1,5 +1,5 @@
 // The real engine process over real ZeroMQ sockets with real files.
-import { spawnSync } from "child_process";
+import { spawn, spawnSync } from "child_process";
 import * as crypto from "crypto";
 import * as fs from "fs";
 import * as path from "path";
@@ -288,19 +288,21 @@ describe("engine process", () => {
   });
 
   test("a client whose process is gone is released", async () => {
+    // A real process says hello (the engine checks that its pid is connected) and is killed.
+    const zmqPath = require.resolve("zeromq");
+    const msgpackrPath = require.resolve("msgpackr");
+    const code = `const zmq = require(${JSON.stringify(zmqPath)}); const { pack } = require(${JSON.stringify(msgpackrPath)});
+      (async () => { const d = new zmq.Dealer({ linger: 0 }); d.connect(${JSON.stringify(engine.endpoint)});
+        await d.send(pack({ id: 1, op: "hello", version: 1, pid: process.pid, name: "doomed" }));
+        await d.receive(); process.stdout.write("hello done\\n"); setInterval(() => {}, 1000); })();`;
+    const child = spawn(process.execPath, ["-e", code], { stdio: ["ignore", "pipe", "inherit"] });
+    await new Promise<void>((resolve) => child.stdout!.on("data", (d) => String(d).includes("hello done") && resolve()));
     const c = engine.client();
-    const dead = spawnSync("true").pid!;
-    await hello(c, dead);
-    await regions(c, 1, 1, "random", shm);
-    for (let i = 0; i < 50; i++) {
-      await new Promise((r) => setTimeout(r, 50));
-      const r = await c.raw({ op: "lookup", ns: NS, keys: [] });
-      if (r.ok === false) {
-        expect((r.error as { code: string }).code).toBe("no_session");
-        return;
-      }
-    }
-    throw new Error("session of a dead pid was not released");
+    const clients = async () => (await c.call("health")).clients as number;
+    expect(await clients()).toBe(1);
+    child.kill("SIGKILL");
+    for (let i = 0; i < 100 && (await clients()) > 0; i++) await new Promise((r) => setTimeout(r, 50));
+    expect(await clients()).toBe(0);
   });
 
   test("restart: committed blocks are still found and load byte-exact", async () => {

@@ -176,7 +176,7 @@ describe("with a running engine", () => {
     // memory: point it at scratch memory, and compare against a snapshot.
     const scratch = await register(c, 2, 4, "zero", shm);
     const snapshot = src.regs.map((r) => r.read());
-    const valid = packr.pack({ op: "load", ns: NS, keys: [keys[0]], shards: shards(scratch, [0]), id: 1 });
+    const valid = packr.pack({ op: "load", ns: NS, keys: [keys[0]], shards: shards(scratch, [0]), id: 2_000_000 });
     const frames: Buffer[][] = [];
     for (let i = 0; i < 3000; i++) {
       const kind = i % 4;
@@ -186,7 +186,8 @@ describe("with a running engine", () => {
         for (let j = 0; j < 3; j++) m[Math.floor(Math.random() * m.length)] = Math.floor(Math.random() * 256);
         frames.push([m]);
       } else {
-        const msg: Record<string, unknown> = { id: i, op: pick(ops) };
+        // Ids far above the client's own, so a reply to a fuzz message is never taken for the answer to a real request.
+        const msg: Record<string, unknown> = { id: 1_000_000 + i, op: pick(ops) };
         for (const f of ["ns", "keys", "shards", "task", "timeout_ms", "regions", "version", "pid", "success", "description"]) {
           if (Math.random() < 0.5) msg[f] = pick(pool);
         }
@@ -197,7 +198,8 @@ describe("with a running engine", () => {
     }
     for (const f of frames) await c.sendRaw(f);
     // Another client's task is never reachable.
-    expect((await c.raw({ op: "wait", task: foreignTask, timeout_ms: 0 })).error).toMatchObject({ code: "unknown_task" });
+    const foreign = await c.raw({ op: "wait", task: foreignTask, timeout_ms: 0 });
+    expect(foreign.error).toMatchObject({ code: "unknown_task" });
     await new Promise((r) => setTimeout(r, 500));
     expect((await c.call("health")).status).toBe("serving");
     // Still correct: a fresh load of stored blocks is byte-exact.

@@ -18,6 +18,7 @@
 #include "capacity.h"
 #include "crc32c.h"
 #include "cuda_backend.h"
+#include "peers.h"
 #include "region.h"
 #include "transfer.h"
 
@@ -673,6 +674,42 @@ Napi::Value EvictJs(const Napi::CallbackInfo& info) {
   return p;
 }
 
+// connectedPeers(socketPath) -> [{fd, inode, pid, uid}]: accepted connections to our ipc socket, from the kernel.
+Napi::Value ConnectedPeersJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsString()) throw Napi::TypeError::New(env, "connectedPeers(socketPath: string)");
+  const auto peers = ConnectedPeers(info[0].As<Napi::String>().Utf8Value());
+  auto out = Napi::Array::New(env, peers.size());
+  for (size_t i = 0; i < peers.size(); ++i) {
+    auto o = Napi::Object::New(env);
+    o.Set("fd", peers[i].fd);
+    o.Set("inode", static_cast<double>(peers[i].inode));
+    o.Set("pid", static_cast<double>(peers[i].pid));
+    o.Set("uid", static_cast<double>(peers[i].uid));
+    out.Set(static_cast<uint32_t>(i), o);
+  }
+  return out;
+}
+
+// endConnection(socketPath, fd, inode) -> boolean
+Napi::Value EndConnectionJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 3 || !info[0].IsString() || !info[1].IsNumber() || !info[2].IsNumber())
+    throw Napi::TypeError::New(env, "endConnection(socketPath: string, fd: number, inode: number)");
+  return Napi::Boolean::New(env, EndConnection(info[0].As<Napi::String>().Utf8Value(), info[1].As<Napi::Number>().Int32Value(),
+                                               static_cast<uint64_t>(info[2].As<Napi::Number>().DoubleValue())));
+}
+
+// raiseFdLimit() -> {soft, hard}
+Napi::Value RaiseFdLimitJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const auto lim = RaiseFdLimit();
+  auto out = Napi::Object::New(env);
+  out.Set("soft", static_cast<double>(lim.first));
+  out.Set("hard", static_cast<double>(lim.second));
+  return out;
+}
+
 // cudaStatus() -> {built, emulated, usable, batchCopies, devices, runtimeVersion, driverVersion, why}
 Napi::Value CudaStatusJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -695,6 +732,9 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("usageAdd", Napi::Function::New(env, UsageAddJs, "usageAdd"));
   exports.Set("evict", Napi::Function::New(env, EvictJs, "evict"));
   exports.Set("cudaStatus", Napi::Function::New(env, CudaStatusJs, "cudaStatus"));
+  exports.Set("connectedPeers", Napi::Function::New(env, ConnectedPeersJs, "connectedPeers"));
+  exports.Set("endConnection", Napi::Function::New(env, EndConnectionJs, "endConnection"));
+  exports.Set("raiseFdLimit", Napi::Function::New(env, RaiseFdLimitJs, "raiseFdLimit"));
   auto consts = Napi::Object::New(env);
   consts.Set("headerSize", static_cast<double>(kHeaderSize));
   consts.Set("blockAlign", static_cast<double>(kBlockAlign));

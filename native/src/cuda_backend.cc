@@ -91,8 +91,7 @@ const CudaStatus& CudaProbe() {
     cudaRuntimeGetVersion(&s.runtime_version);
     cudaDriverGetVersion(&s.driver_version);
     cudaError_t e = cudaGetDeviceCount(&s.devices);
-    if (e == cudaErrorInsufficientDriver || (e != cudaSuccess && s.driver_version > 0 &&
-                                            s.driver_version / 1000 < s.runtime_version / 1000)) {
+    if (e != cudaSuccess && s.driver_version > 0 && s.driver_version / 1000 < s.runtime_version / 1000) {
       s.devices = 0;
       s.why = "the NVIDIA driver supports CUDA " + Version(s.driver_version) + ", but this engine was built with CUDA " +
               Version(s.runtime_version) + ", which needs driver " + std::to_string(MinDriver(s.runtime_version)) +

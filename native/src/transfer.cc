@@ -151,7 +151,15 @@ void TransferEngine::WorkerLoop(uint32_t /*index*/) {
       item = std::move(q.front());
       q.pop_front();
     }
-    RunBlock(item, w);
+    // An allocation failing here (a huge task under memory pressure) fails
+    // this block, never the process.
+    try {
+      RunBlock(item, w);
+    } catch (const std::exception& e) {
+      IoResult r{BlockStatus::kIoError, ENOMEM, "engine"};
+      r.detail = e.what();
+      Finish(item, r);
+    }
   }
   staging_bytes_.fetch_sub(w.staging.capacity());
   if (w.cuda) pinned_bytes_.fetch_sub(w.cuda->capacity());
@@ -167,7 +175,12 @@ void TransferEngine::MetaLoop() {
       fn = std::move(meta_.front());
       meta_.pop_front();
     }
-    fn();
+    try {
+      fn();
+    } catch (const std::exception&) {
+      // Metadata jobs write into memory allocated before they were posted and
+      // are not expected to throw; if one ever does, the thread lives on.
+    }
   }
 }
 

@@ -1,0 +1,153 @@
+// Keeps the engine within its file descriptors, whatever clients do. One
+// engine serves every vLLM process of a node: a client that opens thousands
+// of connections and leaves them idle must not exhaust the descriptors (libzmq
+// aborts the whole process when an ipc accept fails for lack of one), nor keep
+// others out.
+//
+// - At start the soft limit on open files is raised to the hard limit.
+// - On ipc the engine asks the kernel who is connected (SO_PEERCRED: the
+//   process at the other end of each accepted connection, not what a client
+//   says) and ends connections with shutdown(2) (libzmq then closes them as if
+//   the peer had left; a real client's socket reconnects by itself):
+//   - a process keeps at most `maxConnectionsPerProcess` connections;
+//   - a connection whose process has no session is closed after
+//     `idleConnectionS`, or at once while the engine is at `maxConnections`.
+//   The sweep runs every quarter of `idleConnectionS`, and right after an
+//   accept that reached `maxConnections`.
+// - Last resort, when connections near the open-file limit anyway: the engine
+//   stops listening for a moment (libzmq then also drops every connection
+//   accepted so far; clients reconnect) rather than let an accept fail.
+// Peer identity also checks a hello's pid (connectedFrom).
+import * as fs from "fs";
+import * as zmq from "zeromq";
+import { Logger } from "./log";
+import { ConnectedPeer, connectedPeers, endConnection, raiseFdLimit } from "./native";
+
+export interface ConnectionLimits {
+  /** Connections at which sessionless ones are closed at once; 0: a quarter of the open-file limit, at most 4096. */
+  maxConnections: number;
+  /** Connections one process may hold. */
+  maxConnectionsPerProcess: number;
+  /** Seconds a connection whose process has no session may stay open (ipc only). */
+  idleConnectionS: number;
+}
+
+export class ConnectionGuard {
+  readonly max: number;
+  private readonly emergency: number;
+  private open = 0;
+  private readonly socketPath?: string;
+  private readonly sessionless = new Map<number, number>(); // socket inode -> first seen without a session
+  private timer?: NodeJS.Timeout;
+  private lastSweep = 0;
+  private restarting = false;
+  /** Connections the engine ended, in all. */
+  ended = 0;
+
+  constructor(
+    private readonly sock: zmq.Router,
+    private readonly endpoint: string,
+    private readonly limits: ConnectionLimits,
+    private readonly log: Logger,
+    /** Pids of the processes that have a session now. */
+    private readonly sessionPids: () => Set<number>,
+  ) {
+    const lim = raiseFdLimit();
+    this.max = limits.maxConnections > 0 ? limits.maxConnections : Math.max(16, Math.min(4096, Math.floor(lim.soft / 4)));
+    this.emergency = Math.max(this.max + 16, Math.floor(lim.soft * 0.8));
+    if (endpoint.startsWith("ipc://")) this.socketPath = endpoint.slice("ipc://".length);
+    log.info(`open files: limit ${lim.soft} (hard ${lim.hard}); client connections: ${this.max} before idle ones are closed at once` +
+      (this.socketPath ? `, ${limits.maxConnectionsPerProcess} per process, without a session closed after ${limits.idleConnectionS} s` : ""));
+    sock.events.on("accept", () => {
+      this.open++;
+      if (this.open >= this.emergency) this.restart();
+      else if (this.open >= this.max && Date.now() - this.lastSweep > 100) this.sweep();
+    });
+    sock.events.on("disconnect", () => {
+      this.open = Math.max(0, this.open - 1);
+    });
+    if (this.socketPath) {
+      const every = Math.max(250, Math.min(10_000, (limits.idleConnectionS * 1000) / 4));
+      this.timer = setInterval(() => this.sweep(), every);
+      this.timer.unref();
+    }
+  }
+
+  get connections(): number {
+    return this.open;
+  }
+
+  /** The kernel's list of processes connected to our ipc socket (empty on tcp). */
+  peers(): ConnectedPeer[] {
+    return this.socketPath ? connectedPeers(this.socketPath) : [];
+  }
+
+  /** Whether process `pid` has a connection to the engine (always true on tcp, where the kernel cannot say). */
+  connectedFrom(pid: number): boolean {
+    return !this.socketPath || this.peers().some((p) => p.pid === pid);
+  }
+
+  stop(): void {
+    if (this.timer) clearInterval(this.timer);
+  }
+
+  /** Applies the per-process and idle rules to the kernel's list of connections; recounts from it. */
+  sweep(): void {
+    if (!this.socketPath) return;
+    this.lastSweep = Date.now();
+    const now = Date.now();
+    const idleMs = this.limits.idleConnectionS * 1000;
+    const pids = this.sessionPids();
+    const peers = this.peers();
+    const full = peers.length >= this.max;
+    const perPid = new Map<number, number>();
+    const seen = new Set<number>();
+    let tooMany = 0;
+    let idle = 0;
+    const end = (p: ConnectedPeer): boolean => endConnection(this.socketPath!, p.fd, p.inode);
+    for (const p of peers) {
+      seen.add(p.inode);
+      const n = (perPid.get(p.pid) ?? 0) + 1;
+      perPid.set(p.pid, n);
+      if (n > this.limits.maxConnectionsPerProcess) {
+        if (end(p)) tooMany++;
+        continue;
+      }
+      if (pids.has(p.pid)) {
+        this.sessionless.delete(p.inode);
+        continue;
+      }
+      const since = this.sessionless.get(p.inode) ?? now;
+      this.sessionless.set(p.inode, since);
+      if ((full || now - since >= idleMs) && end(p)) {
+        this.sessionless.delete(p.inode);
+        idle++;
+      }
+    }
+    for (const inode of this.sessionless.keys()) if (!seen.has(inode)) this.sessionless.delete(inode);
+    this.open = peers.length - tooMany - idle;
+    if (tooMany + idle > 0) {
+      this.ended += tooMany + idle;
+      this.log.warn(`closed ${idle} connection(s) whose process had no session${full ? " (at maxConnections)" : ` for ${idleMs / 1000} s`}` +
+        ` and ${tooMany} beyond maxConnectionsPerProcess ${this.limits.maxConnectionsPerProcess}; ${this.open} open`);
+    }
+  }
+
+  /** Near the open-file limit: stop listening (which drops every connection) and listen again. */
+  private restart(): void {
+    if (this.restarting) return;
+    this.restarting = true;
+    this.log.warn(`${this.open} client connections, near the open-file limit: dropping every connection and listening again`);
+    this.sock
+      .unbind(this.endpoint)
+      .then(() => this.sock.bind(this.endpoint))
+      .then(() => {
+        if (this.socketPath) fs.chmodSync(this.socketPath, 0o600);
+      })
+      .catch((e: Error) => this.log.error(`listening again failed: ${e.message}`))
+      .finally(() => {
+        this.open = this.socketPath ? this.peers().length : 0;
+        this.restarting = false;
+      });
+  }
+}
