@@ -76,6 +76,8 @@ export interface EngineConfig {
   maxRegionsPerClient: number;
   /** Bytes of memory one client may have registered. */
   maxRegionBytesPerClient: number;
+  /** Files 0660 and directories 02770 (a group's engines share the store) instead of 0600 and 0700. */
+  shareWithGroup: boolean;
 }
 
 interface OptionSpec {
@@ -114,6 +116,7 @@ export const OPTIONS: Record<string, OptionSpec> = {
   metricsHost: { key: "metricsHost", kind: "string", dflt: "127.0.0.1", doc: "address the metrics endpoint listens on" },
   pinnedStagingBytes: { key: "pinnedStagingBytes", kind: "size", min: 1 << 20, max: 2 ** 44, dflt: 2 * 2 ** 30, doc: "pinned host staging for GPU blocks, all transfer threads together (each gets an equal share, allocated once)" },
   cudaCopy: { key: "cudaCopy", kind: "string", dflt: "batch", doc: "how GPU shards move: batch (cudaMemcpyBatchAsync on the copy engines, leaving the SMs to vLLM; kernel where the driver lacks it) or kernel (one gather/scatter kernel launch per block)" },
+  shareWithGroup: { key: "shareWithGroup", kind: "bool", dflt: false, doc: "engines of several users in one group share the store: block files 0660, directories 02770, and the store directories may be group-writable (never world-writable); default: 0600 and 0700, only the engine's user" },
   maxConnections: { key: "maxConnections", kind: "int", min: 0, max: 1 << 20, dflt: 0, doc: "client connections at which those of processes without a session are closed at once (0 = a quarter of the open-file limit, at most 4096)" },
   maxConnectionsPerProcess: { key: "maxConnectionsPerProcess", kind: "int", min: 1, max: 1 << 16, dflt: 64, doc: "connections one client process may hold; the engine closes the extra ones (ipc endpoints)" },
   maxSessionsPerProcess: { key: "maxSessionsPerProcess", kind: "int", min: 1, max: 1 << 16, dflt: 16, doc: "sessions (hello) one client process may hold at once; per-client quotas apply to each" },
@@ -318,6 +321,21 @@ export function parseConfig(doc: unknown): LoadedConfig {
   }
   for (const [i, c] of (out.capacity as number[]).entries()) {
     if (c !== 0 && c < 16 * 2 ** 20) throw new ConfigError(`${key("capacity")}: ${c} bytes for ${show(resolved[i])} is below the 16 MiB minimum (0 = unlimited)`);
+  }
+  // A store another user can write to lets that user plant symbolic links where the engine writes, reads
+  // and deletes (and read every block): it must be this user's, and writable by no one else (by the group
+  // only when shareWithGroup says the group's engines share it).
+  const euid = typeof process.geteuid === "function" ? process.geteuid() : 0;
+  for (const d of resolved) {
+    const st = fs.statSync(d);
+    if (st.uid !== euid) {
+      throw new ConfigError(`${key("storage_backends")}: directory ${show(d)} belongs to uid ${st.uid}, not to the engine's user (${euid}); use a directory of this user (chown it, or create another)`);
+    }
+    const mode = (st.mode & 0o7777).toString(8);
+    if ((st.mode & 0o002) !== 0) throw new ConfigError(`${key("storage_backends")}: directory ${show(d)} is writable by every user (mode ${mode}); chmod o-w it`);
+    if ((st.mode & 0o020) !== 0 && out.shareWithGroup !== true) {
+      throw new ConfigError(`${key("storage_backends")}: directory ${show(d)} is writable by its group (mode ${mode}); chmod g-w it, or set shareWithGroup: true if the group's engines share this store`);
+    }
   }
   const config = { ...out, storageBackends: resolved, storageBackendsRaw: sb } as EngineConfig;
   if (config.endpoint === "") config.endpoint = defaultEndpoint(sb);

@@ -14,7 +14,12 @@ export class StorageLayout {
   private seq = 0;
 
   /** `tag` names this engine in temporary files (host, pid, start time). */
-  constructor(readonly backends: readonly string[], readonly tag: string) {}
+  /** Modes of what the engine makes: private by default, or shared with the group (config shareWithGroup). */
+  readonly modes: { file: number; dir: number };
+
+  constructor(readonly backends: readonly string[], readonly tag: string, shareWithGroup = false) {
+    this.modes = shareWithGroup ? { file: 0o660, dir: 0o2770 } : { file: 0o600, dir: 0o700 };
+  }
 
   /** Which backend holds a key: FNV-1a over its bytes, so shards stay stable across engines. */
   backendFor(key: Buffer): string {
@@ -62,17 +67,40 @@ export class StorageLayout {
     await Promise.all(
       this.backends.map(async (b) => {
         const root = path.join(b, ns);
-        await fs.promises.mkdir(path.join(root, ".tmp"), { recursive: true });
-        const subdirs: Promise<unknown>[] = [];
-        for (let i = 0; i < 256; i++) subdirs.push(fs.promises.mkdir(path.join(root, i.toString(16).padStart(2, "0")), { recursive: true }));
+        await this.ownDir(root);
+        const subdirs: Promise<unknown>[] = [this.ownDir(path.join(root, ".tmp"))];
+        for (let i = 0; i < 256; i++) subdirs.push(this.ownDir(path.join(root, i.toString(16).padStart(2, "0"))));
         await Promise.all(subdirs);
         if (description !== undefined) {
           const text = JSON.stringify({ namespace: ns, description }, null, 2) + "\n";
-          await fs.promises.writeFile(path.join(root, "NAMESPACE"), text, { flag: "wx" }).catch((e: NodeJS.ErrnoException) => {
-            if (e.code !== "EEXIST") throw e;
-          });
+          // wx: exclusive create, which never follows a symbolic link.
+          const file = path.join(root, "NAMESPACE");
+          await fs.promises.writeFile(file, text, { flag: "wx", mode: this.modes.file }).then(
+            () => fs.promises.chmod(file, this.modes.file), // ours: the exact mode, whatever the umask
+            (e: NodeJS.ErrnoException) => {
+              if (e.code !== "EEXIST") throw e;
+            },
+          );
         }
       }),
     );
+  }
+
+  /**
+   * A directory the engine writes in: created with the store's mode, or, when it exists, a real directory (no
+   * symbolic link: one planted there would send writes, reads and deletions elsewhere) of the engine's user.
+   */
+  private async ownDir(dir: string): Promise<void> {
+    try {
+      await fs.promises.mkdir(dir, { mode: this.modes.dir });
+      await fs.promises.chmod(dir, this.modes.dir); // ours: the exact mode, whatever the umask
+      return;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
+    }
+    const st = await fs.promises.lstat(dir);
+    if (!st.isDirectory()) throw new Error(`${dir} is not a directory (a symbolic link?): refusing to use it`);
+    const euid = typeof process.geteuid === "function" ? process.geteuid() : 0;
+    if (st.uid !== euid) throw new Error(`${dir} belongs to uid ${st.uid}, not to the engine's user (${euid}): refusing to use it`);
   }
 }

@@ -190,6 +190,8 @@ interface Addon {
   /** Shuts down descriptor `fd` if it still is the connection with socket `inode`. */
   endConnection(socketPath: string, fd: number, inode: number): boolean;
   raiseFdLimit(): { soft: number; hard: number };
+  /** Files 0660 and directories 02770 instead of 0600 and 0700, for every file the engine makes from now on. */
+  setShareWithGroup(share: boolean): void;
   constants: { headerSize: number; blockAlign: number; formatVersion: number; cuda: boolean };
 }
 
@@ -220,6 +222,7 @@ export const cudaStatus = addon.cudaStatus;
 export const connectedPeers = addon.connectedPeers;
 export const endConnection = addon.endConnection;
 export const raiseFdLimit = addon.raiseFdLimit;
+export const setShareWithGroup = addon.setShareWithGroup;
 export const constants = addon.constants;
 
 /** On-disk size of a block file holding `payload` bytes. */

@@ -61,6 +61,9 @@ export async function sweepOrphans(backends: readonly string[], ownTag: string, 
       const tmp = path.join(b, ns, ".tmp");
       let names: string[];
       try {
+        // Real directories only: a symbolic link planted as a namespace or its .tmp must never lead the
+        // sweep to delete files elsewhere.
+        if (!(await realDir(path.join(b, ns))) || !(await realDir(tmp))) continue;
         names = await fs.promises.readdir(tmp);
       } catch {
         continue;
@@ -83,7 +86,7 @@ export async function sweepOrphans(backends: readonly string[], ownTag: string, 
           }
         }
         if (orphan) {
-          await fs.promises.rm(file, { force: true });
+          await fs.promises.rm(file, { force: true }); // rm unlinks a symbolic link itself, never its target
           res.removed++;
         } else {
           res.kept++;
@@ -92,4 +95,12 @@ export async function sweepOrphans(backends: readonly string[], ownTag: string, 
     }
   }
   return res;
+}
+
+async function realDir(p: string): Promise<boolean> {
+  try {
+    return (await fs.promises.lstat(p)).isDirectory();
+  } catch {
+    return false;
+  }
 }

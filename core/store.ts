@@ -3,7 +3,7 @@
 // native engine moves the bytes. Every method validates its request fully
 // before anything changes.
 import * as fs from "fs";
-import { BLOCK_STATUS_NAMES, BlockStatus, Engine, NativeEngine, TransferResult, TransferSpec, blockFileSize } from "./native";
+import { BLOCK_STATUS_NAMES, BlockStatus, Engine, NativeEngine, TransferResult, TransferSpec, blockFileSize, setShareWithGroup } from "./native";
 import { CapacityManager } from "./capacity";
 import { EngineConfig } from "./config";
 import { KnownBlocks } from "./known_blocks";
@@ -146,7 +146,8 @@ export class Store {
 
   constructor(readonly config: EngineConfig, readonly log: Logger) {
     this.engineId = `${hostTag()}-${process.pid}-${Date.now().toString(36)}`;
-    this.layout = new StorageLayout(config.storageBackends, this.engineId);
+    this.layout = new StorageLayout(config.storageBackends, this.engineId, config.shareWithGroup);
+    setShareWithGroup(config.shareWithGroup);
     this.native = new Engine({
       threads: config.transferStreamNumber,
       odirect: config.odirect,

@@ -222,7 +222,7 @@ describe("disk full", () => {
     const store = path.join(dir, "small");
     fs.mkdirSync(store);
     try {
-      execFileSync("mount", ["-t", "tmpfs", "-o", "size=1m", "tmpfs", store]);
+      execFileSync("mount", ["-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", store]);
     } catch (e) {
       console.warn(`disk-full test skipped: cannot mount tmpfs (${(e as Error).message})`);
       return;

@@ -163,3 +163,92 @@ test("a client's name cannot forge log lines", async () => {
   expect(e.output()).toMatch(/client evil\?\[UCMNFSSTORE\] \[I\] Task\(1,D2S,1,1\) finished, elapsed 0\.1s \(pid \d+\) released/);
   expect(e.output().split("\n").filter((l) => l.startsWith("[UCMNFSSTORE] [I] Task("))).toEqual([]);
 });
+
+describe("the store: only the engine's own directories, no symbolic links, private files", () => {
+  const NS = "sec-model";
+  async function dumpOne(e: RunningEngine, ns = NS) {
+    const c = e.client();
+    await hello(c);
+    const r = new ShmRegion(8192, "random");
+    cleanup.push(r.file);
+    const id = ((await register(c, r.name, 8192)).regions as number[])[0];
+    const k = Buffer.alloc(32, 7);
+    const d = await c.call("dump", { ns, keys: [k], shards: { count: 1, region: [id], offset: [0], length: [8192] }, commit: true });
+    return { c, d: await c.call("wait", { task: d.task, timeout_ms: 10000 }), k };
+  }
+
+  test("block files 0600 and directories 0700 by default; 0660 and 02770 with shareWithGroup", async () => {
+    const e = await start();
+    const { d } = await dumpOne(e);
+    expect(d.status).toEqual(["ok"]);
+    const nsDir = path.join(dir, "store", NS);
+    const fan = fs.readdirSync(nsDir).find((f) => /^[0-9a-f]{2}$/.test(f) && fs.readdirSync(path.join(nsDir, f)).length > 0)!;
+    const file = path.join(nsDir, fan, fs.readdirSync(path.join(nsDir, fan))[0]);
+    expect(fs.statSync(file).mode & 0o7777).toBe(0o600);
+    expect(fs.statSync(nsDir).mode & 0o7777).toBe(0o700);
+    expect(fs.statSync(path.join(nsDir, ".tmp")).mode & 0o7777).toBe(0o700);
+    expect(fs.statSync(path.join(dir, "store", ".ucm", "usage")).mode & 0o777).toBe(0o600);
+    await e.stop("SIGTERM");
+    engine = undefined;
+
+    const shared = path.join(dir, "shared");
+    fs.mkdirSync(shared);
+    fs.chmodSync(shared, 0o2770);
+    const g = await startEngine(writeConfig(dir, { storage_backends: shared, endpoint: `ipc://${dir}/g.sock`, shareWithGroup: true }));
+    engine = g;
+    expect((await dumpOne(g)).d.status).toEqual(["ok"]);
+    const gns = path.join(shared, NS);
+    expect(fs.statSync(gns).mode & 0o7777).toBe(0o2770);
+    const gfan = fs.readdirSync(gns).find((f) => /^[0-9a-f]{2}$/.test(f) && fs.readdirSync(path.join(gns, f)).length > 0)!;
+    expect(fs.statSync(path.join(gns, gfan, fs.readdirSync(path.join(gns, gfan))[0])).mode & 0o777).toBe(0o660);
+  });
+
+  test("a store writable by others is refused, naming the directory and the fix", async () => {
+    const open_ = path.join(dir, "open");
+    fs.mkdirSync(open_);
+    fs.chmodSync(open_, 0o777);
+    await expect(startEngine(writeConfig(dir, { storage_backends: open_, endpoint: `ipc://${dir}/o.sock` }))).rejects.toThrow(/open.* is writable by every user \(mode 777\); chmod o-w it/);
+    fs.chmodSync(open_, 0o775);
+    await expect(startEngine(writeConfig(dir, { storage_backends: open_, endpoint: `ipc://${dir}/o.sock` }))).rejects.toThrow(/is writable by its group \(mode 775\); chmod g-w it, or set shareWithGroup: true/);
+  });
+
+  asRoot("a store that belongs to another user is refused", async () => {
+    const theirs = path.join(dir, "theirs");
+    fs.mkdirSync(theirs, { mode: 0o755 });
+    fs.chownSync(theirs, NOBODY, NOBODY);
+    await expect(startEngine(writeConfig(dir, { storage_backends: theirs, endpoint: `ipc://${dir}/t.sock` }))).rejects.toThrow(
+      new RegExp(`theirs.* belongs to uid ${NOBODY}, not to the engine's user \\(0\\)`),
+    );
+  });
+
+  test("symbolic links planted in the store are never followed: namespace, .tmp, fan-out directory, ledger", async () => {
+    const victim = path.join(dir, "victim");
+    fs.mkdirSync(victim);
+    fs.writeFileSync(path.join(victim, "precious"), "keep me");
+    fs.mkdirSync(path.join(victim, "00"));
+    fs.writeFileSync(path.join(victim, "00", "a".repeat(64)), "keep me too");
+    const store = path.join(dir, "store");
+    // A namespace that is a link elsewhere: refused, nothing written there.
+    fs.symlinkSync(victim, path.join(store, "linked-ns"));
+    // A namespace whose .tmp is a link: refused too.
+    fs.mkdirSync(path.join(store, "tmp-ns"));
+    fs.symlinkSync(victim, path.join(store, "tmp-ns", ".tmp"));
+    // The ledger file a link to a file of someone else.
+    fs.mkdirSync(path.join(store, ".ucm"));
+    const ledgerTarget = path.join(dir, "not-a-ledger");
+    fs.writeFileSync(ledgerTarget, "untouched");
+    fs.symlinkSync(ledgerTarget, path.join(store, ".ucm", "usage"));
+    const e = await start({ capacity: "64MiB", capacitySyncMs: 50 });
+    for (const ns of ["linked-ns", "tmp-ns"]) {
+      const { d } = await dumpOne(e, ns).catch((err: Error) => ({ d: { error: err.message } as Record<string, unknown> }));
+      expect(JSON.stringify(d)).toMatch(/not a directory \(a symbolic link\?\)|failed|io_error|error/);
+    }
+    // A good namespace still works; eviction and the orphan sweep run; the victim is untouched.
+    expect((await dumpOne(e, "good-ns")).d.status).toEqual(["ok"]);
+    await new Promise((r) => setTimeout(r, 500));
+    expect(fs.readFileSync(path.join(victim, "precious"), "utf8")).toBe("keep me");
+    expect(fs.readFileSync(path.join(victim, "00", "a".repeat(64)), "utf8")).toBe("keep me too");
+    expect(fs.readdirSync(victim).sort()).toEqual(["00", "precious"]);
+    expect(fs.readFileSync(ledgerTarget, "utf8")).toBe("untouched");
+  });
+});

@@ -18,6 +18,7 @@
 #include "capacity.h"
 #include "crc32c.h"
 #include "cuda_backend.h"
+#include "file_modes.h"
 #include "peers.h"
 #include "region.h"
 #include "transfer.h"
@@ -700,6 +701,14 @@ Napi::Value EndConnectionJs(const Napi::CallbackInfo& info) {
                                                static_cast<uint64_t>(info[2].As<Napi::Number>().DoubleValue())));
 }
 
+// setShareWithGroup(share): modes of files and directories the engine makes (see file_modes.h).
+Napi::Value SetShareWithGroupJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsBoolean()) throw Napi::TypeError::New(env, "setShareWithGroup(share: boolean)");
+  SetShareWithGroup(info[0].As<Napi::Boolean>().Value());
+  return env.Undefined();
+}
+
 // raiseFdLimit() -> {soft, hard}
 Napi::Value RaiseFdLimitJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -735,6 +744,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("connectedPeers", Napi::Function::New(env, ConnectedPeersJs, "connectedPeers"));
   exports.Set("endConnection", Napi::Function::New(env, EndConnectionJs, "endConnection"));
   exports.Set("raiseFdLimit", Napi::Function::New(env, RaiseFdLimitJs, "raiseFdLimit"));
+  exports.Set("setShareWithGroup", Napi::Function::New(env, SetShareWithGroupJs, "setShareWithGroup"));
   auto consts = Napi::Object::New(env);
   consts.Set("headerSize", static_cast<double>(kHeaderSize));
   consts.Set("blockAlign", static_cast<double>(kBlockAlign));

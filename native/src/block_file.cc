@@ -1,5 +1,7 @@
 #include "block_file.h"
 
+#include "file_modes.h"
+
 #include <cerrno>
 #include <cstring>
 #include <fcntl.h>
@@ -68,6 +70,12 @@ ssize_t ReadAll(int fd, uint8_t* buf, size_t len) {
 }
 
 IoResult Io(int err, const char* what) { return IoResult{BlockStatus::kIoError, err, what}; }
+
+// The file is gone: deleted (ENOENT), or, over NFS, deleted or replaced by
+// another client since this one looked the name up or opened it (ESTALE:
+// the server no longer knows the file handle). Either way a miss, not an
+// error: another node evicted the block, or committed a fresh copy of it.
+bool Gone(int err) { return err == ENOENT || err == ESTALE; }
 IoResult Corrupt(const char* what) { return IoResult{BlockStatus::kCorrupt, 0, what}; }
 
 }  // namespace
@@ -91,16 +99,22 @@ IoResult WriteBlockFile(const std::string& path, uint8_t* staging, uint64_t payl
   h.header_crc = Crc32c(0, &h, offsetof(BlockHeader, header_crc));
   std::memcpy(staging, &h, sizeof h);
 
-  int fd = OpenMaybeDirect(path, O_WRONLY | O_CREAT | O_EXCL, 0644, opts.odirect);
+  int fd = OpenMaybeDirect(path, O_WRONLY | O_CREAT | O_EXCL, Modes().file, opts.odirect);
   if (fd < 0) return Io(errno, "open");
+  if (Modes().file != 0600) fchmod(fd, Modes().file);  // group bits the umask took away
   // Reserve the extent up front: one contiguous allocation instead of growing
-  // the file write by write, and ENOSPC before any byte moves. Filesystems
-  // without fallocate (EOPNOTSUPP) simply skip it.
-  int fa = posix_fallocate(fd, 0, static_cast<off_t>(file_size));
-  if (fa != 0 && fa != EOPNOTSUPP && fa != EINVAL) {
-    close(fd);
-    unlink(path.c_str());
-    return Io(fa, "fallocate");
+  // the file write by write, and ENOSPC before any byte moves. fallocate(2)
+  // itself, not posix_fallocate(3): where the filesystem has no fallocate
+  // (NFS 3, NFS 4.0/4.1, some FUSE) glibc emulates it by writing a byte into
+  // every block, a second write of the whole file (over NFS, one RPC per
+  // block). There preallocation is simply skipped.
+  if (fallocate(fd, 0, 0, static_cast<off_t>(file_size)) != 0) {
+    const int fa = errno;
+    if (fa != EOPNOTSUPP && fa != ENOSYS && fa != EINVAL && fa != EINTR) {
+      close(fd);
+      unlink(path.c_str());
+      return Io(fa, "fallocate");
+    }
   }
   ssize_t n = WriteAll(fd, staging, file_size);
   if (n < 0) {
@@ -135,15 +149,16 @@ const char* HeaderDamage(const BlockHeader& h) {
 IoResult ReadBlockFile(const std::string& path, uint8_t* staging, uint64_t expected_payload,
                        uint64_t layout_digest, uint32_t shard_count, const IoOptions& opts) {
   const size_t want = FileSizeFor(expected_payload);
-  int fd = OpenMaybeDirect(path, O_RDONLY, 0, opts.odirect);
+  int fd = OpenMaybeDirect(path, O_RDONLY | O_NOFOLLOW, 0, opts.odirect);  // a block is never a symbolic link
   if (fd < 0) {
-    if (errno == ENOENT) return IoResult{BlockStatus::kNotFound, ENOENT, "open"};
+    if (Gone(errno)) return IoResult{BlockStatus::kNotFound, errno, "open"};
     return Io(errno, "open");
   }
   struct stat st;
   if (fstat(fd, &st) != 0) {
     int e = errno;
     close(fd);
+    if (Gone(e)) return IoResult{BlockStatus::kNotFound, e, "fstat"};
     return Io(e, "fstat");
   }
   const uint64_t have = static_cast<uint64_t>(st.st_size);
@@ -152,6 +167,7 @@ IoResult ReadBlockFile(const std::string& path, uint8_t* staging, uint64_t expec
   const size_t len = have == want ? want : (have >= kHeaderSize ? kHeaderSize : 0);
   ssize_t n = len ? ReadAll(fd, staging, len) : 0;
   close(fd);
+  if (n < 0 && Gone(static_cast<int>(-n))) return IoResult{BlockStatus::kNotFound, static_cast<int>(-n), "read"};
   if (n < 0) return Io(static_cast<int>(-n), "read");
   if (static_cast<size_t>(n) != len || len == 0) return Corrupt(len == 0 ? "file size" : "short read");
 

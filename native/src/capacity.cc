@@ -1,5 +1,7 @@
 #include "capacity.h"
 
+#include "file_modes.h"
+
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -32,11 +34,19 @@ int64_t MtimeNs(const struct stat& st) {
 }
 
 // Opens <dir>/.ucm/<name>, creating both when missing; -errno on failure.
+// Never through a symbolic link: .ucm must be a real directory, the file a
+// real file (the store's root is checked to be the engine's own).
 int OpenMeta(const std::string& dir, const char* name) {
   const std::string meta = dir + "/" + kMetaDir;
-  if (mkdir(meta.c_str(), 0755) != 0 && errno != EEXIST) return -errno;
-  int fd = open((meta + "/" + name).c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  return fd < 0 ? -errno : fd;
+  int rc = MakeDir(meta.c_str());
+  if (rc != 0 && rc != EEXIST) return -rc;
+  struct stat st;
+  if (lstat(meta.c_str(), &st) != 0) return -errno;
+  if (!S_ISDIR(st.st_mode)) return -ENOTDIR;
+  int fd = open((meta + "/" + name).c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, Modes().file);
+  if (fd < 0) return -errno;
+  if (Modes().file != 0600) fchmod(fd, Modes().file);  // group bits the umask took away
+  return fd;
 }
 
 // Takes a whole-file write lock on `fd` (an open-file-description lock, so
@@ -119,8 +129,16 @@ void Scan(const std::string& dir, std::vector<Entry>* out) {
     }
     closedir(dp);
   };
+  // Descends only into real directories: a symbolic link planted as a
+  // namespace or fan-out directory must never lead eviction elsewhere.
+  auto real_dir = [](const std::string& p) {
+    struct stat st;
+    return lstat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+  };
   subdirs(dir, [&](const std::string& ns, const char*) {
+    if (!real_dir(ns)) return;
     subdirs(ns, [&](const std::string& fan, const char*) {
+      if (!real_dir(fan)) return;
       subdirs(fan, [&](const std::string& file, const char* name) {
         struct stat st;
         if (lstat(file.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return;
