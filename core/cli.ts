@@ -5,6 +5,7 @@
 //   ucm-engine health --config <yaml> | --endpoint <ep>
 //   ucm-engine stats  --config <yaml> | --endpoint <ep> [--json]
 //   ucm-engine bench  --dir <path> [--config <yaml>] [--block-mib 16] [--shards 128] [--gib 2] [--threads N]
+import { ParseArgsConfig, parseArgs } from "util";
 import { EngineClient } from "./client";
 import { OPTIONS, parseSize } from "./config";
 import { formatMountBench, runMountBench, table } from "./mount_bench";
@@ -12,38 +13,61 @@ import { ConfigError, EngineConfig, LoadedConfig, defaultEndpoint, loadConfigFil
 import { LOG_LEVELS, LogLevel, Logger } from "./log";
 import { EngineServer } from "./server";
 
-const USAGE = `usage:
-  ucm-engine serve  --config <yaml> [--endpoint <ipc://path | tcp://127.0.0.1:port>] [--log-level debug|info|warn|error]
-  ucm-engine health --config <yaml> | --endpoint <ep>
-  ucm-engine stats  --config <yaml> | --endpoint <ep> [--json]
-  ucm-engine bench  --dir <path> [--config <yaml>] [--block-mib 16] [--shards 128] [--gib 2] [--threads <n>] [--odirect true|false]`;
+/** Each command's options (node:util parseArgs) and its usage line. */
+const COMMANDS = {
+  serve: {
+    usage: "ucm-engine serve --config <yaml> [--endpoint <ipc://path | tcp://127.0.0.1:port>] [--log-level debug|info|warn|error]",
+    about: "Runs the engine in this process until SIGINT or SIGTERM (exit code 0 after a clean shutdown).",
+    options: { config: { type: "string" }, endpoint: { type: "string" }, "log-level": { type: "string" } },
+  },
+  health: {
+    usage: "ucm-engine health --config <yaml> | --endpoint <ep>",
+    about: "Asks a running engine whether it serves.",
+    options: { config: { type: "string" }, endpoint: { type: "string" } },
+  },
+  stats: {
+    usage: "ucm-engine stats --config <yaml> | --endpoint <ep> [--json]",
+    about: "Prints a running engine's figures as a table (or the raw reply with --json).",
+    options: { config: { type: "string" }, endpoint: { type: "string" }, json: { type: "boolean" } },
+  },
+  bench: {
+    usage: "ucm-engine bench --dir <path> [--config <yaml>] [--block-mib 16] [--shards 128] [--gib 2] [--threads <n>] [--odirect true|false]",
+    about: "Measures a directory with the engine's own I/O path (dump, then cold loads) and removes what it wrote.",
+    options: {
+      dir: { type: "string" }, config: { type: "string" }, "block-mib": { type: "string" }, shards: { type: "string" },
+      gib: { type: "string" }, threads: { type: "string" }, odirect: { type: "string" },
+    },
+  },
+} as const;
+type Command = keyof typeof COMMANDS;
+
+const USAGE = `usage:\n${Object.values(COMMANDS).map((c) => `  ${c.usage}`).join("\n")}\n\nEvery command answers --help.`;
 
 interface Args {
   command: string;
   flags: Map<string, string>;
+  help: boolean;
 }
 
-function parseArgs(argv: string[]): Args {
+function parseCli(argv: string[]): Args {
   const [command = "", ...rest] = argv;
-  const flags = new Map<string, string>();
-  for (let i = 0; i < rest.length; i++) {
-    const a = rest[i];
-    const m = /^--([a-z-]+)(?:=(.*))?$/.exec(a);
-    if (!m) throw new ConfigError(`unexpected argument ${JSON.stringify(a)}\n${USAGE}`);
-    if (m[1] === "json") {
-      flags.set("json", "true");
-      continue;
-    }
-    const value = m[2] ?? rest[++i];
-    if (value === undefined) throw new ConfigError(`--${m[1]} needs a value\n${USAGE}`);
-    flags.set(m[1], value);
+  if (!(command in COMMANDS)) return { command, flags: new Map(), help: ["-h", "--help", "help", ""].includes(command) };
+  const spec = COMMANDS[command as Command];
+  let values: Record<string, unknown>;
+  try {
+    const options: ParseArgsConfig["options"] = { ...spec.options, help: { type: "boolean", short: "h" } };
+    values = parseArgs({ args: rest, options, strict: true, allowPositionals: false }).values;
+  } catch (e) {
+    throw new ConfigError(`${(e as Error).message}\nusage: ${spec.usage}`);
   }
-  return { command, flags };
+  const flags = new Map<string, string>();
+  for (const [k, v] of Object.entries(values)) if (k !== "help" && v !== undefined) flags.set(k, String(v));
+  return { command, flags, help: values.help === true };
 }
 
 function configFrom(flags: Map<string, string>): LoadedConfig {
   const file = flags.get("config");
-  if (!file) throw new ConfigError(`--config <yaml> is required\n${USAGE}`);
+  if (!file) throw new ConfigError(`--config <yaml> is required (or --endpoint for health and stats); see --help`);
   const loaded = loadConfigFile(file);
   const ep = flags.get("endpoint");
   if (ep !== undefined) {
@@ -143,7 +167,7 @@ export function formatStats(r: Record<string, unknown>): string {
 
 async function bench(flags: Map<string, string>): Promise<number> {
   const dir = flags.get("dir");
-  if (!dir) throw new ConfigError(`--dir <path> is required\n${USAGE}`);
+  if (!dir) throw new ConfigError(`--dir <path> is required\nusage: ${COMMANDS.bench.usage}`);
   const cfg = flags.has("config") ? configFrom(flags).config : undefined;
   const num = (k: string, dflt: number, min: number, max: number) => {
     const v = flags.get(k);
@@ -172,7 +196,12 @@ async function bench(flags: Map<string, string>): Promise<number> {
 }
 
 async function main(argv: string[]): Promise<number> {
-  const { command, flags } = parseArgs(argv);
+  const { command, flags, help } = parseCli(argv);
+  if (help) {
+    const c = COMMANDS[command as Command];
+    console.log(c ? `usage: ${c.usage}\n\n${c.about}` : USAGE);
+    return 0;
+  }
   switch (command) {
     case "serve":
       return serve(flags);
@@ -181,11 +210,6 @@ async function main(argv: string[]): Promise<number> {
       return ask(command, flags);
     case "bench":
       return bench(flags);
-    case "-h":
-    case "--help":
-    case "help":
-      console.log(USAGE);
-      return 0;
     default:
       throw new ConfigError(`unknown command ${JSON.stringify(command)}\n${USAGE}`);
   }
