@@ -380,6 +380,15 @@ describe("config errors stop startup with the key path and the value", () => {
     expect(r.out).toMatch(expected);
   });
 
+  test.each(["serve", "health", "stats", "bench"])("ucm-engine %s --help prints its usage and exits 0", async (cmd) => {
+    const r = await runCli([cmd, "--help"]);
+    expect(r.code).toBe(0);
+    expect(r.out).toMatch(new RegExp(`^usage: ucm-engine ${cmd} `));
+    const bad = await runCli([cmd, "--no-such-option"]);
+    expect(bad.code).toBe(2);
+    expect(bad.out).toMatch(/Unknown option '--no-such-option'[\s\S]*usage: ucm-engine/);
+  });
+
   test("wrong connector name and the list form", async () => {
     const f1 = path.join(dir, "n1.yaml");
     fs.writeFileSync(f1, 'ucm_connector_name: "Other"\nucm_connector_config:\n  storage_backends: /tmp\n');
