@@ -16,9 +16,10 @@ import { EngineServer } from "./server";
 /** Each command's options (node:util parseArgs) and its usage line. */
 const COMMANDS = {
   serve: {
-    usage: "ucm-engine serve --config <yaml> [--endpoint <ipc://path | tcp://127.0.0.1:port>] [--log-level debug|info|warn|error]",
-    about: "Runs the engine in this process until SIGINT or SIGTERM (exit code 0 after a clean shutdown).",
-    options: { config: { type: "string" }, endpoint: { type: "string" }, "log-level": { type: "string" } },
+    usage: "ucm-engine serve --config <yaml> [--endpoint <ipc://path | tcp://127.0.0.1:port>] [--log-level debug|info|warn|error] [--exit-when-idle <seconds>]",
+    about: "Runs the engine in this process until SIGINT or SIGTERM (exit code 0 after a clean shutdown), or, with " +
+      "--exit-when-idle, until no client has had a session for that long (what the shim asks of an engine it starts).",
+    options: { config: { type: "string" }, endpoint: { type: "string" }, "log-level": { type: "string" }, "exit-when-idle": { type: "string" } },
   },
   health: {
     usage: "ucm-engine health --config <yaml> | --endpoint <ep>",
@@ -83,6 +84,11 @@ function configFrom(flags: Map<string, string>): LoadedConfig {
 }
 
 async function serve(flags: Map<string, string>): Promise<number> {
+  const idle = flags.get("exit-when-idle");
+  const idleS = idle === undefined ? undefined : Number(idle);
+  if (idleS !== undefined && (!Number.isInteger(idleS) || idleS < 1)) {
+    throw new ConfigError(`--exit-when-idle must be a whole number of seconds >= 1, got ${JSON.stringify(idle)}`);
+  }
   const { config, warnings } = configFrom(flags);
   const log = new Logger(config.logLevel);
   for (const w of warnings) log.warn(`config: ${w}`);
@@ -104,6 +110,7 @@ async function serve(flags: Map<string, string>): Promise<number> {
     };
     process.on("SIGINT", () => stop("SIGINT"));
     process.on("SIGTERM", () => stop("SIGTERM"));
+    if (idleS !== undefined) server.exitWhenIdle(idleS, () => stop("idle"));
   });
 }
 

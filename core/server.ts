@@ -6,6 +6,7 @@ import * as path from "path";
 import * as zmq from "zeromq";
 import { EngineConfig } from "./config";
 import { EngineClient } from "./client";
+import { buildId } from "./build";
 import { ConnectionGuard } from "./connections";
 import { isTcp, publishServerKey } from "./curve";
 import { Logger } from "./log";
@@ -184,7 +185,7 @@ export class EngineServer {
     this.log.debug(`client ${name || "?"} (pid ${pid}) connected`);
     return {
       version,
-      engine: { pid: process.pid, id: this.store.engineId, endpoint: this.config.endpoint, backends: this.config.storageBackends },
+      engine: { pid: process.pid, id: this.store.engineId, endpoint: this.config.endpoint, backends: this.config.storageBackends, build: buildId(), clients: this.sessions.size },
     };
   }
 
@@ -200,6 +201,7 @@ export class EngineServer {
       pid: process.pid,
       uptime_s: (Date.now() - this.started) / 1000,
       clients: this.sessions.size,
+      build: buildId(),
     };
   }
 
@@ -256,6 +258,23 @@ export class EngineServer {
       }
     }
     this.pumping = false;
+  }
+
+  /**
+   * For an engine a shim started on its own: calls `exit` once no client has had a session and no task has run
+   * for `seconds` (an engine an operator started runs until stopped).
+   */
+  exitWhenIdle(seconds: number, exit: () => void): void {
+    let idleSince = Date.now();
+    const t = setInterval(() => {
+      if (this.sessions.size > 0 || this.store.tasksInFlight > 0) idleSince = Date.now();
+      else if (Date.now() - idleSince >= seconds * 1000) {
+        clearInterval(t);
+        this.log.info(`no client for ${seconds} s: exiting (started with --exit-when-idle)`);
+        exit();
+      }
+    }, Math.min(1000, seconds * 250));
+    this.timers.push(t);
   }
 
   /** Finishes or cancels running tasks, deletes uncommitted blocks, removes the socket. */

@@ -53,6 +53,8 @@ export interface TaskResult {
   failed: number[];
   bytes: number;
   elapsed_s: number;
+  /** The seed's line for this task, as the engine logged it, for the client to log where its user looks. */
+  line: string;
 }
 
 interface Finished {
@@ -60,6 +62,7 @@ interface Finished {
   errno: number[];
   bytes: number;
   elapsed: number;
+  line: string;
 }
 
 interface Task {
@@ -454,8 +457,9 @@ export class Store {
           }
         });
       }
-      this.log.info(taskLine(id, "D2S", write.length, r.bytes, r.elapsedNs / 1e9));
-      return { status, errno, bytes: r.bytes, elapsed: r.elapsedNs / 1e9 };
+      const line = taskLine(id, "D2S", write.length, r.bytes, r.elapsedNs / 1e9);
+      this.log.info(line);
+      return { status, errno, bytes: r.bytes, elapsed: r.elapsedNs / 1e9, line };
     });
   }
 
@@ -567,8 +571,9 @@ export class Store {
       if (bad.length) this.removeFiles(bad);
       this.logFailures(id, "S2D", r);
       this.counters.bytesLoaded += r.bytes;
-      this.log.info(taskLine(id, "S2D", keys.length, r.bytes, r.elapsedNs / 1e9));
-      return { status, errno: Array.from(r.errno), bytes: r.bytes, elapsed: r.elapsedNs / 1e9 };
+      const line = taskLine(id, "S2D", keys.length, r.bytes, r.elapsedNs / 1e9);
+      this.log.info(line);
+      return { status, errno: Array.from(r.errno), bytes: r.bytes, elapsed: r.elapsedNs / 1e9, line };
     });
   }
 
@@ -605,7 +610,7 @@ export class Store {
         status.forEach((x, i) => {
           if (x !== "ok" && x !== "skipped") failed.push(i);
         });
-        return { done: true as const, direction, status, errno: f.errno, failed, bytes: f.bytes, elapsed_s: f.elapsed };
+        return { done: true as const, direction, status, errno: f.errno, failed, bytes: f.bytes, elapsed_s: f.elapsed, line: f.line };
       },
     );
     const task: Task = { id, direction, done: undefined as unknown as Promise<unknown> };
@@ -616,7 +621,7 @@ export class Store {
       },
       (e: Error) => {
         this.log.error(`task ${id} failed: ${e.message}`);
-        task.result = { done: true, direction, status: [], errno: [], failed: [], bytes: 0, elapsed_s: 0 };
+        task.result = { done: true, direction, status: [], errno: [], failed: [], bytes: 0, elapsed_s: 0, line: "" };
       },
     );
     task.done = settle; // settles once task.result is set
