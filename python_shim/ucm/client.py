@@ -30,10 +30,52 @@ class EngineError(RuntimeError):
 
 
 class EngineUnavailable(EngineError):
-    """No answer within the deadline (engine down, busy or unreachable)."""
+    """No answer within the deadline (engine down, busy or unreachable).
+    `sent` names the request when it did go out: the engine may still act
+    on it later (a dump or load then runs until its deadline)."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, sent: str | None = None):
         super().__init__("unavailable", message)
+        self.sent = sent
+
+
+def process_identity(pid: int) -> tuple[int, int] | None:
+    """(pid, start time in clock ticks since boot) of a live process of this
+    pid namespace, or None when there is none. The start time tells a process
+    from a later one that got the same pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] == b"Z":
+        return None
+    return (pid, int(fields[19]))
+
+
+def process_gone(identity: tuple[int, int] | None) -> bool:
+    """True only when the process is known to have ended (exited, a zombie,
+    or its pid now belongs to another process). A process that cannot be
+    identified is never called gone."""
+    if identity is None:
+        return False
+    return process_identity(identity[0]) != tuple(identity)
+
+
+def say_task_line(reply: dict[str, Any] | None) -> None:
+    """Prints the seed's `[UCMNFSSTORE] [I] Task(...) finished, elapsed ...s`
+    line of a finished task (the engine puts it in the result) on this
+    process's stderr, where UCM's in-process store printed it: the engine
+    itself logs to a file and never to a client's terminal or pipes.
+    UCM_TASK_LINES=0 turns it off. Never raises."""
+    line = reply.get("line") if isinstance(reply, dict) else None
+    if not isinstance(line, str) or not line or os.environ.get("UCM_TASK_LINES", "1") == "0":
+        return
+    line = "".join(c if c.isprintable() else "?" for c in line[:512])
+    try:
+        os.write(2, f"[UCMNFSSTORE] [I] {line}\n".encode())
+    except OSError:
+        pass
 
 
 def curve_key_file(endpoint: str) -> str:
@@ -50,6 +92,9 @@ class EngineClient:
         self.name = name
         self.epoch = 0  # increases with every new session (hello)
         self.engine_info: dict[str, Any] = {}
+        #: (pid, start time) of the engine of the current session, when it runs
+        #: in this pid namespace (as it must: it watches our pid too)
+        self.engine_identity: tuple[int, int] | None = None
         self._ids = itertools.count(1)
         self._lock = threading.RLock()
         self._ctx = zmq.Context.instance()
@@ -103,7 +148,8 @@ class EngineClient:
             left = deadline - time.monotonic()
             if left <= 0 or not sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
                 self._reset()  # a late reply must never be taken for a later request's
-                raise EngineUnavailable(f"no reply to {req.get('op')} from {self.endpoint} within {timeout_ms} ms")
+                raise EngineUnavailable(f"no reply to {req.get('op')} from {self.endpoint} within {timeout_ms} ms",
+                                        sent=req.get("op"))
             reply = msgpack.unpackb(sock.recv(), raw=False)
             if isinstance(reply, dict) and reply.get("id") == rid:
                 return reply
@@ -122,6 +168,8 @@ class EngineClient:
                 err = r.get("error") or {}
                 raise EngineError(err.get("code", "unknown"), err.get("message", str(r)))
             self.engine_info = r.get("engine") or {}
+            pid = self.engine_info.get("pid")
+            self.engine_identity = process_identity(pid) if isinstance(pid, int) and pid > 0 else None
             self._session = True
             self.epoch += 1
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -33,6 +33,13 @@ class StoreConfig:
     load_timeout_ms: int = 30000
     #: load KV asynchronously (the request waits outside the batch)
     load_async: bool = False
+    #: the ucm_connector_config section (the engine's settings)
+    connector_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def storage_backends_absolute(self) -> str:
+        """storage_backends with each directory absolute, as the engine resolves them."""
+        return ":".join(_absolute(d) for d in self.storage_backends.split(":"))
 
 
 def _absolute(d: str) -> str:
@@ -122,4 +129,26 @@ def load_config(source: str | os.PathLike[str] | dict[str, Any]) -> StoreConfig:
         timeout_ms=_int(cc, "clientTimeoutMs", 5000, where),
         load_timeout_ms=_int(cc, "loadTimeoutMs", 30000, where),
         load_async=_bool(cc, "loadAsync", False, where),
+        connector_config=dict(cc),
     )
+
+
+#: Keys of kv_connector_extra_config that form a UCM config given inline.
+INLINE_KEYS = ("ucm_connector_name", "ucm_connector_config", "ucm_connectors")
+
+
+def config_from_extra(extra: dict[str, Any]) -> StoreConfig:
+    """The connector's config from vLLM's kv_connector_extra_config: the file
+    named by UCM_CONFIG_FILE, or (as UCM accepts) the config itself inline:
+    {"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {...}} or
+    the ucm_connectors list form. The connector's own options (ucm_load_*,
+    ucm_preempt_wait_ms, ...) may sit beside either."""
+    cfg_file = extra.get("UCM_CONFIG_FILE")
+    if cfg_file:
+        return load_config(cfg_file)
+    inline = {k: extra[k] for k in INLINE_KEYS if k in extra}
+    if not inline:
+        raise ConfigError('kv_connector_extra_config must name the UCM config file, {"UCM_CONFIG_FILE": '
+                          '"/path/to/ucm_config.yaml"}, or hold the config inline: {"ucm_connector_name": "UcmNfsStore", '
+                          f'"ucm_connector_config": {{"storage_backends": "/mnt/kv"}}}}; got keys {sorted(extra)}')
+    return load_config(inline)

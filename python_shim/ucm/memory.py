@@ -1,22 +1,27 @@
 """Making tensors reachable by the engine, and describing where block bytes live.
 
-A CPU tensor's storage is moved into shared memory once, in place (torch
-swaps the storage's data pointer, so every tensor viewing it keeps seeing the
-same data), and registered as a host region: `/proc/<pid>/fd/<fd>` of the
-shared memory file. A CUDA tensor's storage is exported with its CUDA IPC
-handle, and dumps of GPU memory carry an interprocess CUDA event recorded on
-the producing stream. Nothing is copied through Python.
+The engine reads and writes only memory it can map itself: host shared
+memory (`/proc/<pid>/fd/<fd>` of a shared memory file, or its name) and GPU
+memory (a CUDA IPC handle). `RegionRegistry.export` makes a CPU tensor's
+storage shared in place (torch swaps the storage's data pointer, so every
+tensor viewing it keeps seeing the same data) or takes a CUDA storage's IPC
+handle; the vLLM connector does this once for the KV cache. Each storage is
+one engine region for as long as the storage lives, and no longer (see
+`_Entry`). `StagingPool` holds the shared buffers through which NfsStore
+copies CPU tensors that are not in shared memory. Dumps of GPU memory carry
+an interprocess CUDA event recorded on the producing stream.
 """
 from __future__ import annotations
 
+import collections
 import os
 import struct
-from dataclasses import dataclass
+import weakref
 from typing import Any
 
 import torch
 
-from .client import EngineClient
+from .client import EngineClient, EngineError
 
 
 # What torch's caching allocator puts in `_share_cuda_()[1]` (its
@@ -64,20 +69,45 @@ def pci_bus_id(index: int) -> str:
     return "%04x:%02x:%02x.0" % (p.pci_domain_id, p.pci_bus_id, p.pci_device_id)
 
 
-@dataclass
-class _Region:
-    epoch: int
-    region_id: int
-    size: int
+class _Entry:
+    """One tensor storage as an engine region. It lives exactly as long as the
+    storage: a weak reference says whether the storage is still the one
+    described, and a finalizer on the storage queues the region for release
+    when it dies. So a later storage at the same address (allocators reuse
+    addresses all the time) can never be handed the region of a dead one,
+    whose memory the engine would read or write instead of the new tensor's."""
+
+    __slots__ = ("ref", "key", "start", "size", "spec", "epoch", "rid", "dead", "__weakref__")
+
+    def __init__(self, storage: Any, key: tuple[str, int], spec: dict[str, Any]):
+        self.ref = weakref.ref(storage)
+        self.key = key
+        self.start = key[1]
+        self.size = int(spec["size"]) if spec["medium"] == "host" else int(storage.nbytes())
+        self.spec = spec
+        self.epoch = -1  # session in which rid is valid
+        self.rid: int | None = None
+        self.dead = False
+
+
+def _storage_died(registry_ref: "weakref.ref[RegionRegistry]", entry: _Entry) -> None:
+    # Runs wherever the last reference to the storage is dropped, possibly in
+    # the middle of another engine request on this thread: only note it; the
+    # registry releases the region at its next request (RegionRegistry.flush).
+    entry.dead = True
+    reg = registry_ref()
+    if reg is not None:
+        reg._dead.append(entry)
 
 
 class RegionRegistry:
-    """One engine region per tensor storage, registered on first use."""
+    """One engine region per tensor storage, registered on first use and
+    released when the storage dies (see _Entry)."""
 
-    def __init__(self, client: EngineClient):
+    def __init__(self, client: EngineClient | None):
         self.client = client
-        self._regions: dict[tuple[str, int], _Region] = {}
-        self._specs: dict[tuple[str, int], dict[str, Any]] = {}
+        self._entries: dict[tuple[str, int], _Entry] = {}
+        self._dead: collections.deque[_Entry] = collections.deque()
         self._events: dict[int, Any] = {}  # device index -> torch.cuda.Event(interprocess=True)
         self._event_ids: dict[int, tuple[int, int]] = {}  # device index -> (session epoch, engine event id)
 
@@ -108,34 +138,92 @@ class RegionRegistry:
             source = name.decode() if isinstance(name, bytes) else name
         return {"medium": "host", "source": source, "size": int(size)}
 
-    def export(self, tensor: torch.Tensor) -> dict[str, Any]:
-        """Makes the tensor's storage reachable by the engine (no engine call):
-        moves CPU memory into shared memory, or takes the CUDA IPC handle.
-        Raises UnsupportedMemory for GPU memory that cannot be shared, so a
-        caller can find out once, up front, instead of at every transfer."""
+    def _live(self, storage: Any, device: torch.device) -> _Entry | None:
+        key = (str(device), storage.data_ptr())
+        e = self._entries.get(key)
+        if e is None:
+            return None
+        if e.ref() is storage and not e.dead:
+            return e
+        # Another storage now at this address: the entry described a dead one.
+        if not e.dead:
+            e.dead = True
+            self._dead.append(e)
+        del self._entries[key]
+        return None
+
+    def _entry(self, tensor: torch.Tensor) -> _Entry:
         storage = tensor.untyped_storage()
         dev = tensor.device
-        key = (str(dev), storage.data_ptr())
-        spec = self._specs.get(key)
-        if spec is None:
+        e = self._live(storage, dev)
+        if e is None:
             spec = self._export(storage, dev)
-            key = (str(dev), storage.data_ptr())  # the CPU storage may have moved
-            self._specs[key] = spec
-        return spec
+            key = (str(dev), storage.data_ptr())  # the CPU storage may have moved into shared memory
+            stale = self._entries.get(key)
+            if stale is not None and not stale.dead:
+                stale.dead = True
+                self._dead.append(stale)
+            e = _Entry(storage, key, spec)
+            self._entries[key] = e
+            fin = weakref.finalize(storage, _storage_died, weakref.ref(self), e)
+            fin.atexit = False
+        return e
+
+    def export(self, tensor: torch.Tensor) -> dict[str, Any]:
+        """Makes the tensor's storage reachable by the engine (no engine call):
+        moves CPU memory into shared memory in place, or takes the CUDA IPC
+        handle. Raises UnsupportedMemory for GPU memory that cannot be shared,
+        so a caller can find out once, up front, instead of at every transfer."""
+        return self._entry(tensor).spec
+
+    def flush(self) -> None:
+        """Releases, with the engine, the regions of storages that died."""
+        rids = []
+        while self._dead:
+            e = self._dead.popleft()
+            if self._entries.get(e.key) is e:
+                del self._entries[e.key]
+            if e.rid is not None and self.client is not None and e.epoch == self.client.epoch:
+                rids.append(e.rid)
+            e.rid = None
+        if rids:
+            try:
+                self.client.call("release", regions=rids)  # type: ignore[union-attr]
+            except EngineError:
+                pass  # a new session (or none): the engine has already let them go
+
+    def locate_many(self, tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+        """(region id, byte offset of the tensor's first element in the region)
+        per tensor; storages not registered in this session are registered in
+        one request."""
+        assert self.client is not None
+        self.flush()
+        entries = [self._entry(t) for t in tensors]
+        epoch = self.client.ensure_session()  # a new session knows none of our regions
+        need: list[_Entry] = []
+        seen: set[int] = set()
+        for e in entries:
+            if (e.rid is None or e.epoch != epoch) and id(e) not in seen:
+                seen.add(id(e))
+                need.append(e)
+        if need:
+            rids = self.client.call("register", regions=[e.spec for e in need])["regions"]
+            for e, rid in zip(need, rids):
+                e.rid, e.epoch = int(rid), self.client.epoch
+        return [(e.rid, t.data_ptr() - e.start) for e, t in zip(entries, tensors)]  # type: ignore[misc]
 
     def locate(self, tensor: torch.Tensor) -> tuple[int, int]:
         """(region id, byte offset of the tensor's first element in the region)."""
-        spec = self.export(tensor)
-        storage = tensor.untyped_storage()
-        key = (str(tensor.device), storage.data_ptr())
-        epoch = self.client.ensure_session()  # a new session knows none of our regions
-        reg = self._regions.get(key)
-        if reg is None or reg.epoch != epoch:
-            rid = self.client.call("register", regions=[spec])["regions"][0]
-            reg = _Region(self.client.epoch, rid, spec["size"])
-            self._regions[key] = reg
-        offset = tensor.data_ptr() - storage.data_ptr()
-        return reg.region_id, offset
+        return self.locate_many([tensor])[0]
+
+    def find(self, addr: int, size: int) -> tuple[Any, int] | None:
+        """(live storage, offset) of a registered storage holding [addr, addr+size), or None."""
+        for e in self._entries.values():
+            if not e.dead and e.start <= addr and addr + size <= e.start + e.size:
+                s = e.ref()
+                if s is not None:
+                    return s, addr - e.start
+        return None
 
     def record_event(self, device: torch.device) -> int:
         """Records an interprocess CUDA event on `device`'s current stream and
@@ -160,7 +248,9 @@ class RegionRegistry:
         return reg[1]
 
     def forget(self) -> None:
-        self._regions.clear()
+        """The session changed: no region or event id is valid any more."""
+        for e in self._entries.values():
+            e.rid = None
         self._event_ids.clear()
 
 
@@ -186,3 +276,87 @@ class ShardList:
             "offset": struct.pack(f"<{n}Q", *self.offset),
             "length": struct.pack(f"<{n}Q", *self.length),
         }
+
+
+class StagingPool:
+    """Shared-memory buffers for CPU memory the engine cannot reach in place.
+
+    The engine reads and writes only shared memory. A CPU tensor in private
+    memory (what torch.empty, torch.rand, ... give) could be moved into shared
+    memory in place, but that costs a file, a descriptor, a mapping in the
+    engine and a copy for every tensor, which is ruinous for callers that
+    allocate fresh buffers for every batch (UCM's own store scripts do). So
+    NfsStore copies such tensors through these buffers instead: a dump copies
+    in before the request is sent, a load copies out once the engine says a
+    block arrived. A buffer is registered with the engine once (it is a
+    shared storage like any other) and reused; idle buffers beyond
+    `max_idle_bytes` are dropped, which releases their regions."""
+
+    GRANULE = 2 << 20
+
+    def __init__(self, max_idle_bytes: int = 1 << 30):
+        self.max_idle_bytes = max_idle_bytes
+        self._idle: list[torch.Tensor] = []
+
+    @staticmethod
+    def _new(nbytes: int) -> torch.Tensor:
+        try:
+            storage = torch.UntypedStorage._new_shared(nbytes)
+            return torch.empty(0, dtype=torch.uint8).set_(storage)
+        except (AttributeError, TypeError, RuntimeError):  # pragma: no cover - other torch versions
+            return torch.empty(nbytes, dtype=torch.uint8).share_memory_()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A shared uint8 buffer of at least nbytes (at most about twice that)."""
+        size = max(self.GRANULE, -(-nbytes // self.GRANULE) * self.GRANULE)
+        best = None
+        for i, b in enumerate(self._idle):
+            if size <= b.numel() <= 2 * size and (best is None or b.numel() < self._idle[best].numel()):
+                best = i
+        if best is not None:
+            return self._idle.pop(best)
+        return self._new(size)
+
+    def give(self, buf: torch.Tensor) -> None:
+        self._idle.append(buf)
+        self._idle.sort(key=lambda b: b.numel())
+        while sum(b.numel() for b in self._idle) > self.max_idle_bytes:
+            self._idle.pop()  # the largest; its region goes with it
+
+    def clear(self) -> None:
+        self._idle.clear()
+
+
+def host_range_ok(addr: int, size: int, write: bool) -> bool:
+    """True when [addr, addr+size) is mapped in this process, readable (and
+    writable when `write`): checked before a raw address is read or written,
+    so a device pointer or a stray number fails with an error instead of a
+    crash."""
+    if addr <= 0 or size <= 0:
+        return False
+    end, pos = addr + size, addr
+    try:
+        with open("/proc/self/maps") as f:
+            maps = []
+            for line in f:
+                parts = line.split(None, 5)
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                maps.append((lo, hi, parts[1]))
+    except OSError:
+        return False
+    for lo, hi, perms in sorted(maps):
+        if hi <= pos or lo > pos:
+            continue
+        if perms[0] != "r" or (write and perms[1] != "w"):
+            return False
+        pos = hi
+        if pos >= end:
+            return True
+    return False
+
+
+def raw_tensor(addr: int, size: int) -> torch.Tensor:
+    """A uint8 CPU tensor over size bytes of this process's memory at addr (no copy)."""
+    import ctypes
+
+    return torch.frombuffer((ctypes.c_uint8 * size).from_address(addr), dtype=torch.uint8)

@@ -103,7 +103,9 @@ def test_unexpected_errors_never_reach_vllm(tiny_model, config_file, caplog):
     dropped, requests released, no exception out of any hook."""
     caplog.set_level(logging.INFO, logger="ucm")
     nb = 8
-    conn = connector(tiny_model, config_file, num_blocks=nb)
+    # A client that raises cannot cancel "d"'s dump when it is preempted, so
+    # handle_preemptions waits for that dump's deadline: keep it short.
+    conn = connector(tiny_model, config_file, num_blocks=nb, ucm_save_timeout_ms=1500)
     caches = {f"l{i}": torch.randn(nb, 2, 32, 64) for i in range(2)}
     conn.register_kv_caches(caches)
     ks = keys(4, "unexpected")
@@ -146,7 +148,7 @@ def test_preempted_request_dumps_end_before_its_blocks_are_reused(tiny_model, co
     ks = keys(nb, f"preempt{wait_ms}")
     step(conn, meta(saves=[transfer("victim", ks, range(nb))]))
     assert conn._dumps.get("victim")  # submitted, running in the engine
-    task = conn._dumps["victim"][0][0]
+    task = conn._dumps["victim"][0].task
     conn.handle_preemptions(meta(preempted=["victim"]))
     for v in caches.values():  # another request's forward pass writes the freed blocks
         v.fill_(-1)

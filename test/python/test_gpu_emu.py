@@ -331,7 +331,7 @@ def test_preempted_dump_waiting_for_its_event_never_reads_reused_blocks(emu_node
     conn.register_kv_caches(caches)
     ks = keys(nb, "preempt-gpu")
     step(conn, meta(saves=[transfer("victim", ks, range(nb))]))
-    task = conn._dumps["victim"][0][0]
+    task = conn._dumps["victim"][0].task
     time.sleep(0.2)  # the engine's threads are waiting for the event now
     conn.handle_preemptions(meta(preempted=["victim"]))
     for v in caches.values():  # the next forward pass reuses the blocks...

@@ -169,7 +169,15 @@ def test_vllm_serve_with_the_seed_kv_transfer_config(model, tmp_path, storage):
         time.sleep(0.5)
         text = open(tmp_path / "serve.log").read()
         assert "Application startup complete" in text
-        assert "D2S" in text and "S2D" in text, text[-3000:]
+        # The seed's Task lines, printed by the vLLM processes for their own
+        # tasks; the engine logs to a file of its own (it holds none of
+        # vLLM's stdio), and the process that started it says where, once.
+        assert re.search(r"^\[UCMNFSSTORE\] \[I\] Task\(\d+,D2S,\d+,\d+\) finished, elapsed \d+\.\d+s$", text, re.M), text[-3000:]
+        assert re.search(r"^\[UCMNFSSTORE\] \[I\] Task\(\d+,S2D,\d+,\d+\) finished, elapsed \d+\.\d+s$", text, re.M), text[-3000:]
+        said = re.findall(r"\[ucm\] started the engine for \S+ \(pid \d+\); it logs to (\S+)", text)
+        assert len(said) == 1, text[-3000:]
+        engine_text = open(said[0]).read()
+        assert "D2S" in engine_text and "S2D" in engine_text, engine_text[-3000:]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

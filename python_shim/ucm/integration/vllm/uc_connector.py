@@ -37,9 +37,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from ...client import EngineClient, EngineError
-from ...config import load_config
-from ...launcher import ensure_engine
+from ...client import EngineClient, EngineError, EngineUnavailable, process_gone, say_task_line
+from ...config import config_from_extra
+from ...deadline import Deadline
+from ...launcher import SettingsMismatch, ensure_engine
 from ...memory import RegionRegistry, ShardList
 from . import stats as ucm_stats
 from .layout import TensorRuns, block_pieces, block_runs, layout_signature
@@ -66,6 +67,14 @@ _FORMAT = "ucm-kv-1"
 #: how long handle_preemptions lets a preempted request's dumps run before
 #: it cancels them (kv_connector_extra_config "ucm_preempt_wait_ms")
 _PREEMPT_WAIT_MS = 1000
+
+#: how long a dump may take before the connector gives up on it
+#: (kv_connector_extra_config "ucm_save_timeout_ms"). The engine sheds a dump
+#: queued longer than maxQueueMs (5 s by default), so a healthy engine has
+#: finished or dropped every dump well before; this bounds how long a
+#: finished or preempted request's blocks stay held when the engine stops
+#: answering (its deadline is then the only guarantee, see ucm.deadline).
+_SAVE_TIMEOUT_MS = 10000
 
 
 def _warn_hashseed_once() -> None:
@@ -96,6 +105,16 @@ class UCMConnectorMetadata(KVConnectorMetadata):
 
 
 @dataclass
+class _Pending:
+    """A dump or load the engine accepted."""
+
+    task: int | None  # None: sent, but the engine's reply (its id) never came
+    keys: list[bytes]
+    deadline: Deadline
+    engine: tuple[int, int] | None  # (pid, start time) of the engine that has it
+
+
+@dataclass
 class _ReqState:
     request: "Request"
     block_ids: list[int] = field(default_factory=list)
@@ -114,10 +133,8 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         _warn_hashseed_once()
         ktc = vllm_config.kv_transfer_config
         extra = dict(ktc.kv_connector_extra_config or {})
-        cfg_file = extra.get("UCM_CONFIG_FILE")
-        if not cfg_file:
-            raise ValueError('kv_connector_extra_config must name the UCM config file: {"UCM_CONFIG_FILE": "/path/to/ucm_config.yaml"}')
-        self.config = load_config(cfg_file)
+        # The config file named by UCM_CONFIG_FILE, or the config inline (as UCM accepts).
+        self.config = config_from_extra(extra)
         # A store miss is never an error: failed loads are recomputed, unless the operator chose otherwise.
         if extra.get("ucm_load_failure_policy", "recompute") == "recompute":
             ktc.kv_load_failure_policy = "recompute"
@@ -125,6 +142,7 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         # blocks load, instead of the forward pass waiting for them.
         self.load_async = bool(extra.get("ucm_load_async", self.config.load_async))
         self.preempt_wait_ms = int(extra.get("ucm_preempt_wait_ms", _PREEMPT_WAIT_MS))
+        self.save_timeout_ms = int(extra.get("ucm_save_timeout_ms", _SAVE_TIMEOUT_MS))
         self.block_size = vllm_config.cache_config.block_size
         self.num_blocks = kv_cache_config.num_blocks
         pc = vllm_config.parallel_config
@@ -134,6 +152,8 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         self._model_id = _model_identity(vllm_config)
         self.client = EngineClient(self.config.endpoint, self.config.timeout_ms, name=f"vllm-{role.name.lower()}-{os.getpid()}")
         self._retry_at = 0.0
+        #: why the engine is not used (its settings differ from this config's), or None
+        self._refused: str | None = None
         self._lock = threading.Lock()
         self._stats = ucm_stats.empty()  # since the last get_kv_connector_stats
         self._unexpected_at: dict[str, float] = {}  # op -> when an unexpected failure of it was last logged
@@ -152,10 +172,10 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
             #: why this worker runs without the store (KV cache memory the engine cannot reach), or None
             self._disabled: str | None = None
             self._load_errors: set[int] = set()
-            self._dumps: dict[str, list[tuple[int, list[bytes]]]] = {}  # req -> [(task, keys)]
+            self._dumps: dict[str, list[_Pending]] = {}  # req -> dump tasks
             self._saving_w: set[str] = set()
             self._finishing: set[str] = set()
-            self._async_loads: dict[str, tuple[int | None, _Transfer, float]] = {}  # req -> (task, transfer, deadline)
+            self._async_loads: dict[str, tuple[_Pending | None, _Transfer]] = {}  # req -> (task, transfer)
         self._connect()
 
     # ---- engine connection ---------------------------------------------------
@@ -180,15 +200,30 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
     def _connect_locked(self) -> bool:
         try:
             ensure_engine(self.config, start_timeout_s=max(5.0, self.config.timeout_ms / 1000))
+            self._refused = None
             return True
+        except SettingsMismatch as e:
+            # Another config's engine: using it would silently ignore ours.
+            # All misses until that changes (checked again every minute).
+            self._retry_at = time.monotonic() + 60.0
+            if self._refused != str(e):
+                logger.error("UCM: serving without the store: %s", e)
+            self._refused = str(e)
+            return False
         except Exception as e:  # noqa: BLE001 - any failure here means "no store for now"
             self._retry_at = time.monotonic() + 5.0
             logger.warning("UCM: engine unavailable (%s); serving without the store, retrying in 5 s", e)
             return False
 
+    def _usable(self) -> bool:
+        """False while the engine is known down, or refused for its settings."""
+        if time.monotonic() < self._retry_at:
+            return False
+        return self._refused is None or self._connect()
+
     def _call(self, op: str, **args: Any) -> dict[str, Any] | None:
         """A request that degrades to None (a miss) when the engine is down."""
-        if time.monotonic() < self._retry_at:
+        if not self._usable():
             return None
         try:
             return self.client.call(op, **args)
@@ -345,7 +380,7 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         self._disabled = reason
 
     def _shards(self, block_ids: list[int]) -> ShardList:
-        located = [self.regions.locate(tr.tensor) for tr in self._layers]  # registers again after an engine restart
+        located = self.regions.locate_many([tr.tensor for tr in self._layers])  # registers again after an engine restart
         pieces = block_pieces(self._layers, located)
         shards = ShardList(len(pieces))
         for b in block_ids:
@@ -353,10 +388,12 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
                 shards.add(p.region, p.base + b * p.stride, p.length)
         return shards
 
-    def _submit(self, op: str, t: _Transfer) -> int | None:
-        """Hands a load or dump to the engine; None when it cannot (engine
-        down or refusing, store off, or anything unexpected): a miss."""
-        if self._disabled is not None or not self._layers or time.monotonic() < self._retry_at:
+    def _submit(self, op: str, t: _Transfer, timeout_ms: int, start: float | None = None) -> _Pending | None:
+        """Hands a load or dump to the engine, with the deadline after which
+        the engine may not touch its blocks (ucm.deadline: `timeout_ms` from
+        `start`, less one block's copy); None when it cannot (engine down or
+        refusing, store off, or anything unexpected): a miss."""
+        if self._disabled is not None or not self._layers or not self._usable():
             return None
         for attempt in (0, 1):
             try:
@@ -366,7 +403,17 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
                     # copies the blocks only once that pass has written them.
                     extra["event"] = self.regions.record_event(self._layers[0].tensor.device)
                 shards = self._shards(t.block_ids)
-                return int(self.client.call(op, ns=self.namespace, keys=t.keys, shards=shards.wire(), **extra)["task"])
+                dl = Deadline(timeout_ms, sum(shards.length[:shards.per_block]), start)
+                r = self.client.call(op, ns=self.namespace, keys=t.keys, shards=shards.wire(),
+                                     deadline_unix_ms=dl.unix_ms, **extra)
+                return _Pending(int(r["task"]), t.keys, dl, self.client.engine_identity)
+            except EngineUnavailable as e:
+                self._failed(op, e)
+                if e.sent == op:
+                    # Sent and never answered: the engine may run it later, up to its
+                    # deadline. Its id is unknown; only the deadline settles it.
+                    return _Pending(None, t.keys, dl, self.client.engine_identity)
+                return None
             except EngineError as e:
                 if e.code == "unknown_region" and attempt == 0:
                     self.regions.forget()  # the session changed under us: register again
@@ -378,62 +425,99 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
                 return None
         return None
 
+    def _memory_free(self, p: _Pending, what: str) -> bool:
+        """Returns once no block of task `p` can touch vLLM's memory any more:
+        the engine acknowledged a cancel, its process is gone, or the task's
+        deadline has passed (waited for here: with the engine unreachable,
+        the deadline is the only guarantee). True when that took the
+        deadline."""
+        if self._cancel(p.task):
+            return False
+        if process_gone(p.engine):
+            return False
+        if not p.deadline.passed():
+            logger.error("UCM: %s task %s could not be cancelled (the engine does not answer); waiting %.1f s for "
+                         "its deadline, after which the engine touches none of its blocks", what, p.task,
+                         p.deadline.left_ms() / 1000)
+            p.deadline.sleep_until()
+        return True
+
+    def _ask(self, p: _Pending, op: str, **args: Any) -> dict[str, Any] | None:
+        """wait/check of an engine task; None when it cannot be asked (the
+        engine is down, or the task's id never came back)."""
+        return None if p.task is None else self._call(op, task=p.task, **args)
+
+    def _cancel(self, task: int | None) -> bool:
+        """True once the engine acknowledged that nothing of `task` runs any more."""
+        if task is None or time.monotonic() < self._retry_at:
+            return False  # known down or stuck: asking would hold vLLM for clientTimeoutMs per task
+        try:
+            self.client.call("cancel", task=task, deadline_ms=self.config.timeout_ms)
+            return True
+        except EngineError as e:
+            if e.code == "unavailable":
+                self._failed("cancel", e)
+            return False
+        except Exception as e:  # noqa: BLE001
+            self._unexpected("cancel", e)
+            return False
+
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         if not isinstance(meta, UCMConnectorMetadata) or not meta.loads:
             return
         unreported = list(meta.loads)
-        running: dict[str, int] = {}  # req -> engine task, submitted and not yet finished
+        running: dict[str, _Pending] = {}  # req -> engine task, submitted and not yet finished
         try:
             self._load(unreported, running)
         except Exception as e:  # noqa: BLE001 - a planned load that fails is recomputed, never an error in vLLM
             self._unexpected("load", e)
             for t in unreported:
-                task = running.get(t.req_id)
-                if task is not None:
-                    self._cancel_load(task, t)  # vLLM recomputes these blocks: the engine must not write them later
+                p = running.get(t.req_id)
+                if p is not None:
+                    self._memory_free(p, "load")  # vLLM recomputes these blocks: the engine must not write them later
                 self._report_failed(t, list(range(len(t.keys))))
 
-    def _load(self, unreported: list[_Transfer], running: dict[str, int]) -> None:
+    def _load(self, unreported: list[_Transfer], running: dict[str, _Pending]) -> None:
         t_start = time.perf_counter()
         count = sum(len(t.keys) for t in unreported)
+        start = time.monotonic()
         tasks = []
         for t in list(unreported):
-            task = self._submit("load", t)
-            tasks.append((t, task))
-            if task is not None:
-                running[t.req_id] = task
+            p = self._submit("load", t, self.config.load_timeout_ms, start)
+            tasks.append((t, p))
+            if p is not None:
+                running[t.req_id] = p
         if self.load_async:
             # Finished (or failed) loads are reported by get_finished.
-            for t, task in tasks:
-                self._async_loads[t.req_id] = (task, t, time.monotonic() + self.config.load_timeout_ms / 1000)
+            for t, p in tasks:
+                self._async_loads[t.req_id] = (p, t)
                 unreported.remove(t)
             return
-        deadline = time.monotonic() + self.config.load_timeout_ms / 1000
-        for t, task in tasks:
+        for t, p in tasks:
             failed: list[int] = list(range(len(t.keys)))
-            if task is not None:
-                left = max(0, int((deadline - time.monotonic()) * 1000))
-                r = self._call("wait", task=task, timeout_ms=left, deadline_ms=left + self.config.timeout_ms)
+            if p is not None:
+                left = p.deadline.left_ms()
+                r = self._ask(p, "wait", timeout_ms=left, deadline_ms=left + self.config.timeout_ms)
                 if r and r.get("done"):
+                    say_task_line(r)
                     failed = list(r.get("failed", []))
                 else:
-                    self._cancel_load(task, t)
+                    self._load_timed_out(p, t)
                 running.pop(t.req_id, None)
             self._report_failed(t, failed)
             unreported.remove(t)
         logger.debug("UCM: loaded %d block(s) for %d request(s) in %.4f s", count, len(tasks), time.perf_counter() - t_start)
 
-    def _cancel_load(self, task: int, t: _Transfer) -> None:
-        """A load that outlived loadTimeoutMs: its blocks are recomputed by vLLM
-        and may be reused, so the engine must stop writing them. The engine
-        answers `cancel` only once no block of the task can reach memory."""
-        r = self._call("cancel", task=task, deadline_ms=self.config.timeout_ms)
-        if r is None:
-            logger.error("UCM: request %s: load task %s timed out and could not be cancelled; "
-                         "the engine is unreachable", t.req_id, task)
+    def _load_timed_out(self, p: _Pending, t: _Transfer) -> None:
+        """A load not done by its deadline (or whose engine stopped answering):
+        its blocks are recomputed by vLLM and may be reused, so they are
+        reported failed only once the engine can no longer write them."""
+        if self._memory_free(p, "load"):
+            logger.error("UCM: request %s: load task %s timed out and the engine did not answer; its deadline has "
+                         "passed, vLLM recomputes it", t.req_id, p.task)
         else:
-            logger.warning("UCM: request %s: load timed out after %d ms; cancelled, vLLM recomputes it",
+            logger.warning("UCM: request %s: load did not finish within %d ms; cancelled, vLLM recomputes it",
                            t.req_id, self.config.load_timeout_ms)
 
     def _report_failed(self, t: _Transfer, failed: list[int]) -> None:
@@ -462,9 +546,9 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         for t in meta.saves:
             try:
                 self._saving_w.add(t.req_id)
-                task = self._submit("dump", t)  # None: the save is dropped, a future miss
-                if task is not None:
-                    self._dumps.setdefault(t.req_id, []).append((task, t.keys))
+                p = self._submit("dump", t, self.save_timeout_ms)  # None: the save is dropped, a future miss
+                if p is not None:
+                    self._dumps.setdefault(t.req_id, []).append(p)
             except Exception as e:  # noqa: BLE001 - a save that cannot be made is dropped
                 self._unexpected("dump", e)
 
@@ -475,7 +559,8 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         of this step, which the forward pass is about to write: every dump
         still reading them must end before we return. Each gets a bounded wait
         (so its blocks are usually stored), then is cancelled; the engine
-        answers `cancel` only once nothing more of the task reads memory."""
+        answers `cancel` only once nothing more of the task reads memory.
+        When it cannot answer, this waits for the dump's deadline."""
         if not isinstance(kv_connector_metadata, UCMConnectorMetadata) or not kv_connector_metadata.preempted:
             return
         deadline = time.monotonic() + self.preempt_wait_ms / 1000
@@ -488,43 +573,21 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
     def _settle_dumps(self, req_id: str, deadline: float) -> None:
         pending = self._dumps.pop(req_id, [])
         finished = cancelled = 0
-        for task, keys in pending:
+        for p in pending:
             left = max(0, int((deadline - time.monotonic()) * 1000))
-            r = self._call("wait", task=task, timeout_ms=left, deadline_ms=left + self.config.timeout_ms)
+            r = self._ask(p, "wait", timeout_ms=left, deadline_ms=left + self.config.timeout_ms)
             if not (r and r.get("done")):
-                self._cancel_dump(req_id, task)
-                r = self._call("check", task=task)
+                if self._memory_free(p, "dump"):
+                    logger.error("UCM: request %s was preempted and its dump task %s could not be cancelled; its "
+                                 "deadline has passed, so none of its blocks reads memory any more", req_id, p.task)
+                r = self._ask(p, "check")
                 cancelled += 1
             else:
                 finished += 1
-            self._count_saves(keys, r if r and r.get("done") else None)
+            self._count_saves(p.keys, r if r and r.get("done") else None)
         if pending:
             logger.info("UCM: request %s was preempted: %d of its dump task(s) finished, %d cancelled",
                         req_id, finished, cancelled)
-
-    def _cancel_dump(self, req_id: str, task: int) -> None:
-        """Cancels a preempted request's dump; the engine answers once nothing
-        of it reads memory any more. When that cannot be had, say so loudly:
-        the blocks may then be stored with another request's bytes."""
-        if time.monotonic() < self._retry_at:
-            # Known to be down or stuck: asking again would hold vLLM's
-            # forward pass for clientTimeoutMs per task.
-            why = "the engine did not answer moments ago"
-        else:
-            try:
-                self.client.call("cancel", task=task, deadline_ms=self.config.timeout_ms)
-                return
-            except EngineError as e:
-                if e.code == "unknown_task":
-                    return  # a restarted engine: nothing of the task runs any more
-                if e.code == "unavailable":
-                    self._failed("cancel", e)
-                why = str(e)
-            except Exception as e:  # noqa: BLE001
-                self._unexpected("cancel", e)
-                why = f"{type(e).__name__}: {e}"
-        logger.error("UCM: request %s was preempted and its dump task %s could not be cancelled (%s): blocks of it "
-                     "may be stored with the bytes of the request vLLM reuses them for", req_id, task, why)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         done: set[str] = set()
@@ -536,47 +599,68 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
                     continue
             except Exception as e:  # noqa: BLE001 - give up on its saves rather than hold its blocks forever
                 self._unexpected("check", e)
-                for task, keys in self._dumps.pop(req_id, []):
-                    self._call("cancel", task=task)
-                    self._stats["save_failed_blocks"] += len(keys)
+                for p in self._dumps.pop(req_id, []):
+                    self._memory_free(p, "dump")  # vLLM frees the blocks next: nothing may read them after
+                    self._stats["save_failed_blocks"] += len(p.keys)
             self._dumps.pop(req_id, None)
             self._finishing.discard(req_id)
             self._saving_w.discard(req_id)
             done.add(req_id)
-        for req_id, (task, t, deadline) in list(self._async_loads.items()):
+        for req_id, (p, t) in list(self._async_loads.items()):
             try:
-                r = self._call("check", task=task) if task is not None else None
-                if r is not None and not r.get("done"):
-                    if time.monotonic() < deadline:
-                        continue
-                    self._cancel_load(task, t)
-                    r = None
-                failed = list(r.get("failed", [])) if r else list(range(len(t.keys)))
+                failed = self._async_load_result(p, t)
+                if failed is None:
+                    continue
             except Exception as e:  # noqa: BLE001 - the load counts as failed: vLLM recomputes it
                 self._unexpected("check", e)
-                if task is not None:
-                    self._cancel_load(task, t)
+                if p is not None:
+                    self._memory_free(p, "load")
                 failed = list(range(len(t.keys)))
             self._report_failed(t, failed)
             del self._async_loads[req_id]
             recved.add(req_id)
         return (done or None), (recved or None)
 
+    def _async_load_result(self, p: _Pending | None, t: _Transfer) -> list[int] | None:
+        """The failed blocks of an asynchronous load once it is over, None while
+        it runs (or while the engine does not answer and its deadline has not
+        passed: vLLM may reuse the blocks as soon as they are reported)."""
+        if p is None:
+            return list(range(len(t.keys)))
+        r = self._ask(p, "check")
+        if r is not None and r.get("done"):
+            say_task_line(r)
+            return list(r.get("failed", []))
+        if r is None and not (p.deadline.passed() or process_gone(p.engine)):
+            return None
+        if r is not None and not p.deadline.passed():
+            return None
+        self._load_timed_out(p, t)
+        return list(range(len(t.keys)))
+
     def _saves_pending(self, req_id: str) -> bool:
-        """Checks a finishing request's dumps; True while any still runs."""
+        """Checks a finishing request's dumps; True while any still runs (or
+        may still read its blocks: an engine that does not answer is given
+        until the dump's deadline)."""
         still = []
-        for task, keys in self._dumps.get(req_id, []):
-            r = self._call("check", task=task)
-            if r is not None and not r.get("done"):
-                still.append((task, keys))
+        for p in self._dumps.get(req_id, []):
+            r = self._ask(p, "check")
+            if r is not None and r.get("done"):
+                self._count_saves(p.keys, r)
                 continue
-            self._count_saves(keys, r)
+            if not (p.deadline.passed() or (r is None and process_gone(p.engine))):
+                still.append(p)
+                continue
+            if r is not None:
+                self._cancel(p.task)  # past its deadline: the engine copies nothing more of it anyway
+            self._count_saves(p.keys, None)
         if still:
             self._dumps[req_id] = still
             return True
         return False
 
     def _count_saves(self, keys: list[bytes], r: dict[str, Any] | None) -> None:
+        say_task_line(r)
         status = list(r.get("status", [])) if r else []
         if len(status) != len(keys):
             self._stats["save_failed_blocks"] += len(keys)

@@ -1,0 +1,1 @@
+"""UCM's NFS store module path: ucm.store.nfsstore.nfsstore_connector.UcmNfsStore."""

@@ -1,0 +1,149 @@
+"""UcmNfsStore: UCM's NFS store class (ucm.store.nfsstore.nfsstore_connector),
+built from UCM's flat connector config, over this package's engine.
+
+    store = UcmNfsStore({"storage_backends": "/mnt/kv", "kv_block_size": 1 << 20,
+                         "transferStreamNumber": 32})
+    store.create(ids); task = store.dump(ids, offsets, tensors); store.wait(task); store.commit(ids, True)
+
+UCM's keys are mapped to the engine's (`use_direct` -> `odirect`,
+`stream_number` -> `transferStreamNumber`, `storage_capacity` -> `capacity`,
+...) or warned about once with the reason; keys of this package's own config
+pass through. docs/ucm_store.md has the table and every deliberate difference.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Tuple
+
+import torch
+
+from ..nfs_store import DEFAULT_NS, NfsStore, Task
+from ..ucmstore import UcmKVStoreBase
+
+logger = logging.getLogger("ucm")
+
+#: UCM's status for a block that already exists (its Status::DuplicateKey)
+EDUPLICATE = -50003
+#: UCM's generic error status
+ERROR = -1
+
+NfsTask = Task  # UCM's name for the task type of this store
+
+#: UCM key -> this package's key (several UCM spellings of one setting)
+_MAPPED = {
+    "stream_number": "transferStreamNumber",
+    "use_direct": "odirect",
+    "useDirect": "odirect",
+    "transferIoDirect": "odirect",
+    "storage_capacity": "capacity",
+    "storageCapacity": "capacity",
+    "transferTimeoutMs": "loadTimeoutMs",
+}
+#: UCM keys that describe the caller, not the store: accepted silently
+_ACCEPTED = {"role", "device", "transferDeviceId", "kv_block_size", "kvcacheBlockSize", "transferEnable"}
+#: UCM keys with no counterpart here, and why
+_IGNORED = {
+    "io_size": "the engine reads and writes each block file in one I/O of the whole block, whatever the shard size",
+    "transferIoSize": "the engine reads and writes each block file in one I/O of the whole block, whatever the shard size",
+    "buffer_number": "each engine transfer thread has its own staging buffer (pinnedStagingBytes bounds GPU staging)",
+    "transferBufferNumber": "each engine transfer thread has its own staging buffer (pinnedStagingBytes bounds GPU staging)",
+    "recycle_enable": "eviction is always on when `capacity` (storage_capacity) is set, and off without it",
+    "recycleEnable": "eviction is always on when `capacity` (storage_capacity) is set, and off without it",
+    "recycle_threshold_ratio": "eviction runs from 95 % of the capacity down to 85 % (70 % after writes were refused for room)",
+    "recycleThresholdRatio": "eviction runs from 95 % of the capacity down to 85 % (70 % after writes were refused for room)",
+    "hotnessEnable": "eviction always picks the least recently used blocks (file mtime, refreshed by every load)",
+    "hotnessInterval": "eviction always picks the least recently used blocks (file mtime, refreshed by every load)",
+    "tempDumpDirEnable": "blocks are always written to a temporary file and renamed into place on commit",
+}
+_warned: set[str] = set()
+
+
+def engine_config(flat: Dict[str, Any]) -> Dict[str, Any]:
+    """This package's config (the seed's YAML as a dict) from UCM's flat
+    connector config. Raises ValueError naming the keys when two spellings of
+    one setting disagree."""
+    if not isinstance(flat, dict):
+        raise TypeError(f"UcmNfsStore config must be a dict, got {type(flat).__name__}")
+    cc: Dict[str, Any] = {}
+    origin: Dict[str, str] = {}
+    for k, v in flat.items():
+        if k in _ACCEPTED:
+            continue
+        if k in _IGNORED:
+            if k not in _warned:
+                _warned.add(k)
+                logger.warning("UCM: UcmNfsStore config key %s=%r is ignored: %s", k, v, _IGNORED[k])
+            continue
+        ours = _MAPPED.get(k, k)
+        if k == "storage_backends" and isinstance(v, (list, tuple)):
+            v = ":".join(str(p) for p in v if p)
+        if ours == "odirect" and isinstance(v, int) and not isinstance(v, bool) and v in (0, 1):
+            v = bool(v)
+        if ours in cc and cc[ours] != v:
+            raise ValueError(f"UcmNfsStore config sets {ours} twice: {origin[ours]}={cc[ours]!r} and {k}={v!r}")
+        cc[ours] = v
+        origin[ours] = k
+    if "storage_backends" not in cc:
+        raise ValueError(f"UcmNfsStore config needs storage_backends (a directory, or several separated by ':'); got keys {sorted(flat)}")
+    if cc.get("capacity") == 0:
+        del cc["capacity"]  # UCM's 0: no limit, as ours
+    return {"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": cc}
+
+
+class UcmNfsStore(UcmKVStoreBase):
+    def __init__(self, config: Dict[str, Any]):
+        super().__init__(config)
+        block_size = config.get("kv_block_size", config.get("kvcacheBlockSize"))
+        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0):
+            raise ValueError(f"UcmNfsStore config kv_block_size must be a positive int, got {block_size!r}")
+        role = config.get("role", "worker")
+        self.store = NfsStore(engine_config(config), namespace=DEFAULT_NS, block_size=block_size,
+                              name=f"ucm.UcmNfsStore.{role}")
+
+    def cc_store(self) -> int:
+        raise NotImplementedError("UcmNfsStore has no in-process C++ store: the store runs in the engine process "
+                                  "(docs/ucm_store.md)")
+
+    def create(self, block_ids: List[str]) -> List[int]:
+        """0 per block to dump; EDUPLICATE (-50003, UCM's code) per block already
+        stored. Nothing is allocated: a dump writes the whole block file."""
+        return [EDUPLICATE if found else 0 for found in self.store.lookup(block_ids)]
+
+    def lookup(self, block_ids: List[str]) -> List[bool]:
+        return self.store.lookup(block_ids)
+
+    def prefetch(self, block_ids: List[str]) -> None:
+        return None
+
+    def load(self, block_ids: List[str], offset: List[int], dst_tensor: List[torch.Tensor]) -> Task:
+        return self.store.load(block_ids, offset, dst_tensor)
+
+    def dump(self, block_ids: List[str], offset: List[int], src_tensor: List[torch.Tensor]) -> Task:
+        return self.store.dump(block_ids, offset, src_tensor)
+
+    def fetch_data(self, block_ids: List[str], offset: List[int], dst_addr: List[int], size: List[int]) -> Task:
+        return self.store.fetch_data(block_ids, offset, dst_addr, size)
+
+    def dump_data(self, block_ids: List[str], offset: List[int], src_addr: List[int], size: List[int]) -> Task:
+        return self.store.dump_data(block_ids, offset, src_addr, size)
+
+    def wait(self, task: Task) -> int:
+        """0 when every block succeeded, else the number of failed blocks."""
+        return self.store.wait(task)
+
+    def commit(self, block_ids: List[str], is_success: bool = True) -> None:
+        self.store.commit(block_ids, is_success=is_success)
+
+    def check(self, task: Task) -> Tuple[int, bool]:
+        if not self.store.check(task):
+            return 0, False
+        return len(task.failed_keys), True
+
+    def register_memory(self, tensors: List[torch.Tensor]) -> None:
+        """Not in UCM: moves long-lived CPU buffers into shared memory once, so
+        transfers of them skip the staging copy (NfsStore.register_memory)."""
+        self.store.register_memory(tensors)
+
+    def close(self) -> None:
+        """Not in UCM (its store lives as long as the object): says goodbye to the engine now."""
+        self.store.close()
