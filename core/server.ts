@@ -185,7 +185,10 @@ export class EngineServer {
     this.log.debug(`client ${name || "?"} (pid ${pid}) connected`);
     return {
       version,
-      engine: { pid: process.pid, id: this.store.engineId, endpoint: this.config.endpoint, backends: this.config.storageBackends, build: buildId(), clients: this.sessions.size },
+      engine: {
+        pid: process.pid, id: this.store.engineId, endpoint: this.config.endpoint, backends: this.config.storageBackends,
+        build: buildId(), clients: this.sessions.size, settings: this.settings(),
+      },
     };
   }
 
@@ -195,6 +198,16 @@ export class EngineServer {
     return {};
   }
 
+  /**
+   * Every option's effective value, keyed as in the YAML (sizes in bytes, capacity one per backend): what a shim
+   * compares with the config it was given before it uses this engine. The backends and the endpoint are left
+   * out (they name the engine).
+   */
+  private settings(): Msg {
+    const { storageBackends: _b, storageBackendsRaw: _r, endpoint: _e, ...rest } = this.config;
+    return rest as unknown as Msg;
+  }
+
   private health(): Msg {
     return {
       status: this.stopping ? "stopping" : "serving",
@@ -202,6 +215,7 @@ export class EngineServer {
       uptime_s: (Date.now() - this.started) / 1000,
       clients: this.sessions.size,
       build: buildId(),
+      settings: this.settings(),
     };
   }
 

@@ -473,3 +473,21 @@ describe("lifecycle", () => {
     }
   });
 });
+
+test("health and hello report every effective setting, keyed as in the YAML", async () => {
+  const dir = shortTmp();
+  fs.mkdirSync(path.join(dir, "store"));
+  const e = await startEngine(writeConfig(dir, { storage_backends: path.join(dir, "store"), endpoint: `ipc://${dir}/e.sock`, transferStreamNumber: 7, maxInflightBytes: "1GiB" }));
+  try {
+    const c = e.client();
+    const h = await c.call("health");
+    const st = h.settings as Record<string, unknown>;
+    expect(st).toMatchObject({ transferStreamNumber: 7, maxInflightBytes: 2 ** 30, odirect: true, capacity: [0], cudaCopy: "batch" });
+    expect(st).not.toHaveProperty("storageBackends");
+    expect(st).not.toHaveProperty("endpoint");
+    expect(((await hello(c)).engine as Record<string, unknown>).settings).toEqual(st);
+  } finally {
+    await e.stop("SIGKILL");
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
