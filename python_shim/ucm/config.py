@@ -103,7 +103,15 @@ def _bool(cc: dict[str, Any], key: str, default: bool, where: str) -> bool:
 
 
 def load_config(source: str | os.PathLike[str] | dict[str, Any]) -> StoreConfig:
-    """Reads a config file path or an already parsed config dict (seed format)."""
+    """Reads a config file path or an already parsed config dict: the seed's
+    structure ({"ucm_connector_name": "UcmNfsStore", "ucm_connector_config":
+    {...}} or the ucm_connectors list), or UCM's flat connector-config dict
+    ({"storage_backends": ..., "transferStreamNumber": ...}, UCM's own keys
+    mapped as UcmNfsStore maps them)."""
+    if isinstance(source, dict) and "storage_backends" in source and not any(k in source for k in INLINE_KEYS):
+        from .store.nfsstore.nfsstore_connector import engine_config  # the one mapping of UCM's keys
+
+        source = engine_config(source)
     if isinstance(source, dict):
         doc, where, path = source, "config", None
     else:

@@ -185,3 +185,22 @@ def test_cancelled_load_leaves_the_tensors_alone(config_file):
             import time
             time.sleep(0.5)
             assert all(torch.equal(a, b) for a, b in zip(dst2, snapshot))
+
+
+def test_ucm_flat_connector_config_dict(storage, tmp_path):
+    """UCM builds its store from the flat connector-config dict; NfsStore takes it as it is
+    (UCM's own keys mapped: use_direct -> odirect, stream_number -> transferStreamNumber)."""
+    sock = f"/tmp/ucm-pytest-flat-{os.getpid()}.sock"
+    flat = {"storage_backends": str(storage), "transferStreamNumber": 2, "use_direct": False, "endpoint": f"ipc://{sock}"}
+    try:
+        with NfsStore(flat) as store:
+            assert store.config.connector_config["odirect"] is False
+            assert store.config.connector_config["transferStreamNumber"] == 2
+            src, dst = kv_like(blocks=2), kv_like(blocks=2, fill=False)
+            ks = keys(2, "flat")
+            assert store.wait(store.dump(*entries(ks, src, [0, 1]))) == 0
+            store.commit(ks)
+            assert store.wait(store.load(*entries(ks, dst, [0, 1]))) == 0
+            assert all(torch.equal(a, b) for a, b in zip(src, dst))
+    finally:
+        stop_engine(f"ipc://{sock}")
