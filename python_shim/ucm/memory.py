@@ -293,10 +293,34 @@ class StagingPool:
     `max_idle_bytes` are dropped, which releases their regions."""
 
     GRANULE = 2 << 20
+    #: Buffers are handed out in chunks of this size (an entry larger than it
+    #: gets a chunk of its own): a large call is many pooled chunks, which
+    #: stay registered and mapped (in this process and in the engine) from one
+    #: call to the next, instead of one fresh buffer of the call's size.
+    CHUNK = 64 << 20
 
-    def __init__(self, max_idle_bytes: int = 1 << 30):
+    def __init__(self, max_idle_bytes: int = 2 << 30):
         self.max_idle_bytes = max_idle_bytes
         self._idle: list[torch.Tensor] = []
+
+    def place(self, sizes: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+        """Room for entries of these byte sizes: (the chunks taken, one uint8
+        view per entry, and the index of the chunk each view is in), in
+        order; each view inside one chunk."""
+        chunks: list[torch.Tensor] = []
+        views: list[torch.Tensor] = []
+        where: list[int] = []
+        free = 0
+        for n in sizes:
+            padded = -(-n // 4096) * 4096
+            if not chunks or padded > free:
+                chunks.append(self.take(max(self.CHUNK, padded)))
+                free = chunks[-1].numel()
+            start = chunks[-1].numel() - free
+            views.append(chunks[-1][start:start + n])
+            where.append(len(chunks) - 1)
+            free -= padded
+        return chunks, views, where
 
     @staticmethod
     def _new(nbytes: int) -> torch.Tensor:

@@ -67,7 +67,6 @@ BlockId = Union[bytes, bytearray, memoryview, str]
 _MAX_LAYOUTS = 64
 #: dumped and not yet committed keys remembered for commit()
 _MAX_UNCOMMITTED = 1 << 20
-_STAGE_ALIGN = 64
 
 
 @dataclass
@@ -98,7 +97,7 @@ class Task(_UcmTask):
     _parts: list[_Part] = field(default_factory=list, repr=False)
     _deadline: Deadline | None = field(default=None, repr=False)
     _engine: tuple[int, int] | None = field(default=None, repr=False)
-    _staging: torch.Tensor | None = field(default=None, repr=False)
+    _staging: list[torch.Tensor] | None = field(default=None, repr=False)
     _copy_out: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
     _keep: list[Any] = field(default_factory=list, repr=False)
     _block_bytes: list[int] = field(default_factory=list, repr=False)
@@ -416,12 +415,10 @@ class NfsStore:
                 mems.append(self._raw_memory(src, op == "load", f"{what}[{i}]"))
             else:
                 mems.append(src)
-        staged: dict[int, int] = {}  # entry -> byte offset in the staging buffer
-        total = 0
+        staged: list[int] = []  # entries in private CPU memory: copied through staging
         for i, t in enumerate(mems):
             if t.device.type == "cpu" and not t.untyped_storage().is_shared():
-                staged[i] = total
-                total += -(-(t.numel() * t.element_size()) // _STAGE_ALIGN) * _STAGE_ALIGN
+                staged.append(i)
             elif t.device.type != "cpu":
                 try:
                     # Memory the engine can never open is the caller's error,
@@ -435,21 +432,24 @@ class NfsStore:
         if not order:
             task.done = True
             return task
-        staging = self.staging.take(total) if staged else None
+        # Private CPU memory goes through pooled staging chunks. Each chunk's
+        # blocks form their own engine task, so the copies overlap the I/O: a
+        # dump copies chunk k+1 in while the engine writes chunk k, a load
+        # copies a chunk out as soon as its task is done (see _record).
+        chunks, placed, chunk_of = (self.staging.place([mems[i].numel() * mems[i].element_size() for i in staged])
+                                    if staged else ([], [], []))
         block_of = {i: b for b, ents in enumerate(block_entries) for i in ents}
-        views: dict[int, torch.Tensor] = {}
-        for i, pos in staged.items():
-            t = mems[i]
-            views[i] = staging[pos:pos + t.numel() * t.element_size()]  # type: ignore[index]
-            if op == "dump":
-                views[i].copy_(t.reshape(-1).view(torch.uint8))  # taken now: the caller may reuse t at once
-            else:
-                task._copy_out.append((block_of[i], views[i], t))
-        task._staging = staging
-        # -- requests: one per shard count (the engine wants the same count per block) ---
-        groups: OrderedDict[int, list[int]] = OrderedDict()
+        views: dict[int, torch.Tensor] = dict(zip(staged, placed))
+        chunk_of_block: dict[int, int] = {}
+        for i, c in zip(staged, chunk_of):
+            chunk_of_block.setdefault(block_of[i], c)
+        if op == "load":
+            task._copy_out = [(block_of[i], views[i], mems[i]) for i in staged]
+        task._staging = chunks or None
+        # -- requests: one per shard count (the engine wants the same count per block) and staging chunk ---
+        groups: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
         for b, ents in enumerate(block_entries):
-            groups.setdefault(len(ents), []).append(b)
+            groups.setdefault((len(ents), chunk_of_block.get(b, -1)), []).append(b)
         task._deadline = Deadline(self.config.load_timeout_ms, max(task._block_bytes))
         task.status = ["failed"] * len(order)
         errors = []
@@ -459,7 +459,12 @@ class NfsStore:
             errors.append(str(e))
             groups.clear()
         task._engine = self.client.engine_identity
-        for count, bidx in groups.items():
+        for (count, _chunk), bidx in groups.items():
+            if op == "dump":
+                for b in bidx:  # taken now: the caller may reuse its tensors as soon as dump() returns
+                    for i in block_entries[b]:
+                        if i in views:
+                            views[i].copy_(mems[i].reshape(-1).view(torch.uint8))
             mem_list = [views.get(i, mems[i]) for b in bidx for i in block_entries[b]]
             try:
                 tid = self._submit(op, [ekeys[b] for b in bidx], count, mem_list, task._deadline)
@@ -549,6 +554,20 @@ class NfsStore:
             task.status[b] = status[j] if j < len(status) else "failed"
         task.bytes += int(r.get("bytes", 0))
         part.done = True
+        self._copy_out(task, set(part.blocks))
+
+    @staticmethod
+    def _copy_out(task: Task, blocks: set[int] | None = None) -> None:
+        """A staged load's bytes reach the caller's tensors: those of `blocks`
+        (all when None) that arrived whole; the rest stay untouched."""
+        ok = {"ok", "skipped"}
+        left = []
+        for b, view, t in task._copy_out:
+            if blocks is not None and b not in blocks:
+                left.append((b, view, t))
+            elif task.status[b] in ok:
+                t.reshape(-1).view(torch.uint8).copy_(view)
+        task._copy_out = left
 
     def _settle(self, task: Task, part: _Part) -> None:
         """A part not finished when the caller stops waiting: cancelled, and
@@ -571,11 +590,9 @@ class NfsStore:
 
     def _finish(self, task: Task) -> None:
         ok = {"ok", "skipped"}
-        for b, view, t in task._copy_out:
-            if task.status[b] in ok:
-                t.reshape(-1).view(torch.uint8).copy_(view)  # a staged load: the bytes reach the tensor now
-        if task._staging is not None:
-            self.staging.give(task._staging)
+        self._copy_out(task)
+        for chunk in task._staging or []:
+            self.staging.give(chunk)
         task._staging = None
         task._copy_out = []
         task._keep = []

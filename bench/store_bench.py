@@ -1,0 +1,145 @@
+"""The store's public API at disk speed: ucm.store.NfsStore beside fio on the
+same directory, in the same run.
+
+    python bench/store_bench.py --dir <dir on the disk to measure> [--gib 2]
+                                [--block-mib 4,16] [--threads 8,32] [--shapes big,small]
+
+For each block size and thread count: fio writes and then reads (page cache
+dropped, O_DIRECT, psync) files with one I/O per block file's size from that
+many jobs; then NfsStore, built from UCM's flat connector-config dict as a UCM
+user would, dumps the same bytes from CPU tensors in shared memory (one
+tensor per block; `register_memory` once, as a long-lived KV buffer would),
+commits, drops the page cache and loads them back, byte-exact. "big" is one
+task of every block; "small" is tasks of 8 blocks, all submitted, then waited
+for. Prints one table with the ratios to fio (goal: 90 %). Needs fio and root
+(to drop the page cache).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python_shim"))
+
+HEADER = 4096
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def fio(directory: str, rw: str, file_bytes: int, nblocks: int, threads: int) -> float:
+    per_job = -(-nblocks // threads) * file_bytes
+    out = subprocess.run(
+        ["fio", "--name=ucm", f"--directory={directory}", f"--rw={rw}", f"--bs={file_bytes}", f"--size={per_job}",
+         f"--numjobs={threads}", "--direct=1", "--ioengine=psync", "--group_reporting", "--output-format=json"],
+        capture_output=True, text=True, check=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    return (job["write"] if rw == "write" else job["read"])["bw_bytes"] / 1e9
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--gib", type=float, default=2.0)
+    ap.add_argument("--block-mib", default="4,16")
+    ap.add_argument("--threads", default="8,32")
+    ap.add_argument("--shapes", default="big,small")
+    ap.add_argument("--memory", default="shared", help="shared (register_memory: used in place) and/or private (staged by the shim)")
+    a = ap.parse_args()
+    os.environ.setdefault("UCM_TASK_LINES", "0")  # the per-task log lines would flood the table
+    import torch
+
+    from ucm.client import EngineClient
+    from ucm.store import NfsStore
+
+    if shutil.which("fio") is None:
+        print("store_bench: fio not found (apt-get install fio)", file=sys.stderr)
+        return 2
+    base = tempfile.mkdtemp(prefix="ucm-store-bench-", dir=os.path.abspath(a.dir))
+    os.chmod(base, 0o700)
+    rows = []
+    try:
+        for mib in [float(x) for x in a.block_mib.split(",")]:
+            block = int(mib * 2**20)
+            n = max(8, int(a.gib * 2**30) // block)
+            src = torch.randint(0, 256, (n, block), dtype=torch.uint8).share_memory_()
+            dst = torch.zeros((n, block), dtype=torch.uint8).share_memory_()
+            for threads in [int(x) for x in a.threads.split(",")]:
+                fdir = os.path.join(base, "fio")
+                os.makedirs(fdir)
+                fw = fio(fdir, "write", block + HEADER, n, threads)
+                drop_caches()
+                fr = fio(fdir, "read", block + HEADER, n, threads)
+                shutil.rmtree(fdir)
+                store_dir = os.path.join(base, "store")
+                os.makedirs(store_dir, mode=0o700)
+                sock = os.path.join(base, "e.sock")
+                flat = {"storage_backends": store_dir, "transferStreamNumber": threads, "endpoint": f"ipc://{sock}",
+                        "maxInflightBytes": "64GiB", "maxQueueMs": 0, "loadTimeoutMs": 600000, "clientTimeoutMs": 60000}
+                store = NfsStore(flat, namespace="bench")
+                try:
+                  for memory in a.memory.split(","):
+                    if memory == "shared":
+                        store.register_memory([src, dst])
+                        s_t, d_t = src, dst
+                    else:
+                        s_t, d_t = src.clone(), dst.clone()  # ordinary CPU tensors: the shim stages them
+                    for shape in a.shapes.split(","):
+                        ks = [f"{shape}-{memory}-{mib}-{threads}-{i}".encode()[:64] for i in range(n)]
+                        groups = [list(range(n))] if shape == "big" else [list(range(i, min(n, i + 8))) for i in range(0, n, 8)]
+                        t0 = time.perf_counter()
+                        tasks = [store.dump([ks[i] for i in g], [0] * len(g), [s_t[i] for i in g]) for g in groups]
+                        failed = sum(store.wait(t) for t in tasks)
+                        store.commit(ks)
+                        dump = n * block / (time.perf_counter() - t0) / 1e9
+                        cold = drop_caches()
+                        d_t.zero_()
+                        t0 = time.perf_counter()
+                        tasks = [store.load([ks[i] for i in g], [0] * len(g), [d_t[i] for i in g]) for g in groups]
+                        failed += sum(store.wait(t) for t in tasks)
+                        load = n * block / (time.perf_counter() - t0) / 1e9
+                        exact = failed == 0 and torch.equal(s_t, d_t)
+                        rows.append((mib, threads, f"{shape}/{memory}", dump, fw, load, fr, exact, cold))
+                        print(f"{mib:g} MiB x {n}, {threads} threads, {shape}, {memory}: dump {dump:.2f} GB/s (fio {fw:.2f}), "
+                              f"load {load:.2f} GB/s (fio {fr:.2f}){'' if exact else ' NOT BYTE-EXACT'}", flush=True)
+                finally:
+                    pid = EngineClient(f"ipc://{sock}", 3000).raw("health").get("pid")
+                    store.close()
+                    if pid:
+                        os.kill(pid, 15)
+                        for _ in range(100):
+                            try:
+                                os.kill(pid, 0)
+                                time.sleep(0.05)
+                            except ProcessLookupError:
+                                break
+                    shutil.rmtree(store_dir, ignore_errors=True)
+            del src, dst
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print()
+    print("| block | threads | tasks | memory | dump GB/s | fio write | dump / fio | load GB/s (cold) | fio read | load / fio | byte-exact |")
+    print("| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for mib, threads, shape_mem, dump, fw, load, fr, exact, cold in rows:
+        shape, memory = shape_mem.split("/")
+        print(f"| {mib:g} MiB | {threads} | {'one of all blocks' if shape == 'big' else '8 blocks each'} | {memory} | {dump:.2f} | {fw:.2f} | "
+              f"{100 * dump / fw:.0f} % | {load:.2f}{'' if cold else ' (warm!)'} | {fr:.2f} | {100 * load / fr:.0f} % | {'yes' if exact else 'NO'} |")
+    return 0 if all(r[7] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
