@@ -40,7 +40,7 @@ inline size_t FileSizeFor(size_t payload) { return kHeaderSize + AlignUp(payload
 
 enum class BlockStatus : int32_t {
   kOk = 0,
-  kNotFound = 1,
+  kNotFound = 1,   // no such file, or (NFS) deleted or replaced by another client: ESTALE
   kCorrupt = 2,
   kIoError = 3,
   kCancelled = 4,
