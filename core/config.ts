@@ -72,6 +72,8 @@ export interface EngineConfig {
   maxSessionsPerProcess: number;
   /** Keys x namespaces one lookup may check. */
   maxLookupKeys: number;
+  /** Milliseconds a lookup may wait for the filesystem before its unanswered keys count as misses. */
+  lookupTimeoutMs: number;
   /** Memory regions one client may have registered. */
   maxRegionsPerClient: number;
   /** Bytes of memory one client may have registered. */
@@ -121,6 +123,7 @@ export const OPTIONS: Record<string, OptionSpec> = {
   maxConnectionsPerProcess: { key: "maxConnectionsPerProcess", kind: "int", min: 1, max: 1 << 16, dflt: 64, doc: "connections one client process may hold; the engine closes the extra ones (ipc endpoints)" },
   maxSessionsPerProcess: { key: "maxSessionsPerProcess", kind: "int", min: 1, max: 1 << 16, dflt: 16, doc: "sessions (hello) one client process may hold at once; per-client quotas apply to each" },
   idleConnectionS: { key: "idleConnectionS", kind: "int", min: 1, max: 86400, dflt: 60, doc: "a connection whose process has no session (never said hello) is closed after this many seconds (ipc endpoints)" },
+  lookupTimeoutMs: { key: "lookupTimeoutMs", kind: "int", min: 1, max: 600000, dflt: 1000, doc: "a lookup the filesystem has not answered within this many ms (a hung NFS server) answers its keys as misses" },
   maxLookupKeys: { key: "maxLookupKeys", kind: "int", min: 1, max: 1 << 24, dflt: 262144, doc: "keys times namespaces one lookup may check" },
   maxRegionsPerClient: { key: "maxRegionsPerClient", kind: "int", min: 1, max: 1 << 20, dflt: 4096, doc: "memory regions one client may have registered at once (each is a mapping in the engine)" },
   maxRegionBytesPerClient: { key: "maxRegionBytesPerClient", kind: "size", min: 1 << 20, max: 2 ** 50, dflt: 4 * 2 ** 40, doc: "bytes of memory one client may have registered at once" },

@@ -77,6 +77,8 @@ export interface TransferResult {
 export interface NativeStats {
   threads: number;
   queuedBlocks: number;
+  /** Lookup jobs waiting for a lookup thread (grows while a filesystem does not answer). */
+  queuedLookups: number;
   stagingBytes: number;
   pinnedBytes: number;
   inflight: number;

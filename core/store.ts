@@ -27,6 +27,26 @@ import {
 
 type Msg = Record<string, unknown>;
 
+/** Lookup jobs allowed to wait for a lookup thread; beyond, lookups answer misses at once. */
+const MAX_QUEUED_LOOKUPS = 256;
+
+/** The promise's value, or undefined if it has not settled within `ms` (it still runs). */
+function withTimeout<T>(p: Promise<T>, ms: number): Promise<T | undefined> {
+  return new Promise<T | undefined>((resolve, reject) => {
+    const t = setTimeout(() => resolve(undefined), ms);
+    p.then(
+      (v) => {
+        clearTimeout(t);
+        resolve(v);
+      },
+      (e) => {
+        clearTimeout(t);
+        reject(e);
+      },
+    );
+  });
+}
+
 /** Regions (mappings) of all clients together: below the kernel's per-process map count, with room for our own. */
 const MAX_MAPPED_REGIONS = (() => {
   try {
@@ -108,6 +128,8 @@ export class Store {
   readonly layout: StorageLayout;
   readonly engineId: string;
   private nextTask = 1;
+  private lookupsTimedOut = 0;
+  private lookupTimeoutLogged = 0;
   private readonly inflight = new Set<Promise<unknown>>();
   /** Blocks recently seen committed (saves a stat per lookup). */
   private readonly known = new KnownBlocks(1 << 20);
@@ -302,14 +324,25 @@ export class Store {
       }
     }
     if (ask.length > 0) {
-      const exists = await this.native.lookup(ask);
-      askAt.forEach(([i, ns], j) => {
-        if (exists[j]) this.known.remember(ns, keys[i], now);
-        else {
-          found[i] = false;
-          this.known.forget(ns, keys[i]);
+      // Bounded in time: on a hung NFS server a stat never returns, and the scheduler must not wait on it.
+      // The lookup threads are the filesystem's to block; the answer is "miss" for what they did not say.
+      const exists = this.native.stats().queuedLookups > MAX_QUEUED_LOOKUPS ? undefined : await withTimeout(this.native.lookup(ask), this.config.lookupTimeoutMs);
+      if (exists === undefined) {
+        askAt.forEach(([i]) => (found[i] = false));
+        this.lookupsTimedOut++;
+        if (Date.now() - this.lookupTimeoutLogged > 10_000) {
+          this.lookupTimeoutLogged = Date.now();
+          this.log.warn(`lookups unanswered by the filesystem within ${this.config.lookupTimeoutMs} ms (a hung NFS server?): answered as misses (${this.lookupsTimedOut} so far)`);
         }
-      });
+      } else {
+        askAt.forEach(([i, ns], j) => {
+          if (exists[j]) this.known.remember(ns, keys[i], now);
+          else {
+            found[i] = false;
+            this.known.forget(ns, keys[i]);
+          }
+        });
+      }
     }
     const hits = found.filter(Boolean).length;
     this.counters.hits += hits;

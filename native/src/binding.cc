@@ -412,7 +412,7 @@ class Engine : public Napi::ObjectWrap<Engine> {
     CheckOpen(env);
     auto p = std::make_unique<PendingMeta>(env, StringArray(info[0], "paths"), std::vector<std::string>{});
     p->bytes_result = true;
-    return RunMeta(env, std::move(p), [](PendingMeta& m, size_t i) { m.codes[i] = BlockExists(m.first[i]); });
+    return RunMeta(env, std::move(p), [](PendingMeta& m, size_t i) { m.codes[i] = BlockExists(m.first[i]); }, true);
   }
 
   Napi::Value Commit(const Napi::CallbackInfo& info) {
@@ -433,7 +433,7 @@ class Engine : public Napi::ObjectWrap<Engine> {
   }
 
   template <typename Fn>
-  Napi::Value RunMeta(Napi::Env env, std::unique_ptr<PendingMeta> p, Fn fn) {
+  Napi::Value RunMeta(Napi::Env env, std::unique_ptr<PendingMeta> p, Fn fn, bool lookup = false) {
     Napi::Promise promise = p->deferred.Promise();
     PendingMeta* m = p.get();
     Pending* raw = Track(env, std::move(p));
@@ -448,10 +448,12 @@ class Engine : public Napi::ObjectWrap<Engine> {
     m->chunks_left.store(chunks);
     for (uint32_t c = 0; c < chunks; ++c) {
       const size_t begin = c * chunk, end = std::min(n, begin + chunk);
-      core_->PostMeta([this, m, raw, begin, end, fn] {
+      auto job = [this, m, raw, begin, end, fn] {
         for (size_t i = begin; i < end; ++i) fn(*m, i);
         if (m->chunks_left.fetch_sub(1) == 1) Complete(raw);
-      });
+      };
+      if (lookup) core_->PostLookup(std::move(job));
+      else core_->PostMeta(std::move(job));
     }
     return promise;
   }
@@ -462,6 +464,7 @@ class Engine : public Napi::ObjectWrap<Engine> {
     auto out = Napi::Object::New(env);
     out.Set("threads", core_ ? core_->options().threads : 0);
     out.Set("queuedBlocks", core_ ? core_->queued_blocks() : 0);
+    out.Set("queuedLookups", core_ ? core_->queued_lookups() : 0);
     out.Set("stagingBytes", Napi::Number::New(env, core_ ? static_cast<double>(core_->staging_bytes()) : 0));
     out.Set("pinnedBytes", Napi::Number::New(env, core_ ? static_cast<double>(core_->pinned_bytes()) : 0));
     out.Set("inflight", inflight_);

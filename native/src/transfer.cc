@@ -70,7 +70,8 @@ bool AlignedBuffer::Reserve(size_t size) {
 TransferEngine::TransferEngine(const EngineOptions& opts) : opts_(opts) {
   workers_.reserve(opts_.threads);
   for (uint32_t i = 0; i < opts_.threads; ++i) workers_.emplace_back([this, i] { WorkerLoop(i); });
-  for (uint32_t i = 0; i < opts_.meta_threads; ++i) meta_workers_.emplace_back([this] { MetaLoop(); });
+  for (uint32_t i = 0; i < opts_.meta_threads; ++i) meta_workers_.emplace_back([this] { MetaLoop(meta_); });
+  for (uint32_t i = 0; i < opts_.meta_threads; ++i) meta_workers_.emplace_back([this] { MetaLoop(lookups_); });
 }
 
 TransferEngine::~TransferEngine() { Shutdown(); }
@@ -87,7 +88,8 @@ void TransferEngine::Shutdown() {
     dumps_.clear();
   }
   cv_.notify_all();
-  meta_cv_.notify_all();
+  meta_.cv.notify_all();
+  lookups_.cv.notify_all();
   for (auto& it : cancelled) Finish(it, IoResult{BlockStatus::kCancelled, ECANCELED, "shutdown"});
   for (auto& t : workers_) t.join();
   for (auto& t : meta_workers_) t.join();
@@ -122,12 +124,21 @@ void TransferEngine::Submit(std::shared_ptr<TransferTask> task, TaskDone done) {
   if (n == 1) cv_.notify_one(); else cv_.notify_all();
 }
 
-void TransferEngine::PostMeta(std::function<void()> fn) {
+void TransferEngine::PostMeta(std::function<void()> fn) { Post(meta_, std::move(fn)); }
+
+void TransferEngine::PostLookup(std::function<void()> fn) { Post(lookups_, std::move(fn)); }
+
+uint32_t TransferEngine::queued_lookups() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return static_cast<uint32_t>(lookups_.jobs.size());
+}
+
+void TransferEngine::Post(JobQueue& q, std::function<void()> fn) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!stopping_) {
-      meta_.push_back(std::move(fn));
-      meta_cv_.notify_one();
+      q.jobs.push_back(std::move(fn));
+      q.cv.notify_one();
       return;
     }
   }
@@ -165,15 +176,15 @@ void TransferEngine::WorkerLoop(uint32_t /*index*/) {
   if (w.cuda) pinned_bytes_.fetch_sub(w.cuda->capacity());
 }
 
-void TransferEngine::MetaLoop() {
+void TransferEngine::MetaLoop(JobQueue& q) {
   for (;;) {
     std::function<void()> fn;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      meta_cv_.wait(lock, [this] { return stopping_ || !meta_.empty(); });
-      if (meta_.empty()) break;  // stopping and drained
-      fn = std::move(meta_.front());
-      meta_.pop_front();
+      q.cv.wait(lock, [this, &q] { return stopping_ || !q.jobs.empty(); });
+      if (q.jobs.empty()) break;  // stopping and drained
+      fn = std::move(q.jobs.front());
+      q.jobs.pop_front();
     }
     try {
       fn();

@@ -124,6 +124,11 @@ class TransferEngine {
   static bool Cancel(TransferTask& task, uint32_t timeout_ms);
   // Runs `fn` on the metadata pool.
   void PostMeta(std::function<void()> fn);
+  // Runs `fn` on the lookup pool: lookups stat files, which on a hung NFS
+  // server never return; kept apart so commits and removals still run.
+  void PostLookup(std::function<void()> fn);
+  // Lookup jobs waiting for a thread (a hung filesystem makes this grow).
+  uint32_t queued_lookups() const;
   // Stops accepting work: queued blocks complete as kCancelled, running ones
   // finish. Joins all threads. Idempotent.
   void Shutdown();
@@ -146,7 +151,12 @@ class TransferEngine {
     std::vector<CopyRange> copies;  // a host block's shard copies, reused
   };
   void WorkerLoop(uint32_t index);
-  void MetaLoop();
+  struct JobQueue {
+    std::deque<std::function<void()>> jobs;
+    std::condition_variable cv;
+  };
+  void MetaLoop(JobQueue& q);
+  void Post(JobQueue& q, std::function<void()> fn);
   void RunBlock(const Item& item, Worker& w);
   IoResult RunDeviceBlock(const Item& item, Worker& w);
   void Finish(const Item& item, IoResult r);
@@ -156,13 +166,13 @@ class TransferEngine {
   std::condition_variable cv_;
   std::deque<Item> loads_;   // served first: a load is on the critical path
   std::deque<Item> dumps_;
-  std::deque<std::function<void()>> meta_;
-  std::condition_variable meta_cv_;
+  JobQueue meta_;
+  JobQueue lookups_;
   bool stopping_ = false;
   std::atomic<uint64_t> staging_bytes_{0};
   std::atomic<uint64_t> pinned_bytes_{0};
   std::vector<std::thread> workers_;  // declared last: joined before the queues die
-  std::vector<std::thread> meta_workers_;
+  std::vector<std::thread> meta_workers_;  // the metadata and lookup pools' threads
 };
 
 // Metadata helpers, run on the metadata pool by the binding.
