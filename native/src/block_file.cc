@@ -1,12 +1,16 @@
 #include "block_file.h"
 
-#include "file_modes.h"
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
+#include <map>
+#include <mutex>
+
+#include "file_modes.h"
 
 #include "crc32c.h"
 
@@ -71,6 +75,26 @@ ssize_t ReadAll(int fd, uint8_t* buf, size_t len) {
 
 IoResult Io(int err, const char* what) { return IoResult{BlockStatus::kIoError, err, what}; }
 
+// Whether `fd` is on NFS; asked of the filesystem once per device (statfs is
+// itself a round trip over NFS), remembered after.
+bool OnNfs(int fd) {
+  constexpr long kNfsMagic = 0x6969;
+  static std::mutex mu;
+  static std::map<dev_t, bool> known;
+  struct stat st;
+  if (fstat(fd, &st) != 0) return false;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = known.find(st.st_dev);
+    if (it != known.end()) return it->second;
+  }
+  struct statfs sfs;
+  const bool nfs = fstatfs(fd, &sfs) == 0 && static_cast<long>(sfs.f_type) == kNfsMagic;
+  std::lock_guard<std::mutex> lock(mu);
+  known[st.st_dev] = nfs;
+  return nfs;
+}
+
 // The file is gone: deleted (ENOENT), or, over NFS, deleted or replaced by
 // another client since this one looked the name up or opened it (ESTALE:
 // the server no longer knows the file handle). Either way a miss, not an
@@ -107,8 +131,10 @@ IoResult WriteBlockFile(const std::string& path, uint8_t* staging, uint64_t payl
   // itself, not posix_fallocate(3): where the filesystem has no fallocate
   // (NFS 3, NFS 4.0/4.1, some FUSE) glibc emulates it by writing a byte into
   // every block, a second write of the whole file (over NFS, one RPC per
-  // block). There preallocation is simply skipped.
-  if (fallocate(fd, 0, 0, static_cast<off_t>(file_size)) != 0) {
+  // block). There preallocation is simply skipped. On NFS 4.2 it would be a
+  // synchronous ALLOCATE round trip per block for no gain (the server places
+  // the data itself): skipped too.
+  if (!OnNfs(fd) && fallocate(fd, 0, 0, static_cast<off_t>(file_size)) != 0) {
     const int fa = errno;
     if (fa != EOPNOTSUPP && fa != ENOSYS && fa != EINVAL && fa != EINTR) {
       close(fd);
