@@ -71,6 +71,11 @@ for d in /tmp /run /mnt /srv /var/lib/nfs /var/tmp; do
   mount -t tmpfs -o mode=0755 tmpfs "$R$d" || die "tmpfs on $d"
 done
 chmod 1777 $R/tmp $R/var/tmp
+# A checkout under one of the directories just replaced by a tmpfs (CI may
+# clone into /tmp) is brought back from the host root at the same path.
+if [ ! -e "$R$repo/test/nfs/guest.sh" ]; then
+  mkdir -p "$R$repo" && mount --bind "/host$repo" "$R$repo" || die "bind mount of the repository $repo"
+fi
 mkdir -p $R/mnt/out
 mount -t 9p -o trans=virtio,version=9p2000.L,rw,msize=524288 out $R/mnt/out || die "cannot mount the results share (tag out)"
 hostname nfsguest
