@@ -2,6 +2,8 @@
 # On the GPU machine (from the repository root, with .device/ carried there):
 # unpacks the bundle made by bench/device_pack.sh and runs the GPU validation.
 #   bash bench/device_run.sh [gpu_validate.py options]
+#   bash bench/device_run.sh store [store_bench.py options]   (the public API with CPU tensors vs fio;
+#                                  a static fio is carried in .device/fio when the machine has none)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 U=${UCM_DEVICE_DIR:-/tmp/ucm-device}
@@ -11,4 +13,10 @@ PY=${PYTHON:-python3}
 $PY -m pip install --quiet --no-index --find-links "$U/wheels" --target "$U/py" pyzmq msgpack pyyaml
 export PATH="$U/node/bin:$PATH" PYTHONPATH="$U/py${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+if [ "${1:-}" = store ]; then
+  shift
+  FIO=$(command -v fio || echo "$PWD/.device/fio")
+  export UCM_HOME="$U/app" UCM_NODE="$U/node/bin/node"
+  exec $PY bench/store_bench.py --fio "$FIO" "$@"
+fi
 exec $PY bench/gpu_validate.py --node "$U/node/bin/node" --engine "$U/app/dist/core/cli.js" "$@"

@@ -397,18 +397,26 @@ def main() -> int:
                         # Registered before the kernels are queued: exporting memory may synchronize.
                         wire_src, wire_dst = shards_for(regs, src[d0], few), shards_for(regs, dst[d0], few)
                         regs.record_event(d0)
-                        busy_a = torch.randn(8192, 8192, device=d0, dtype=torch.bfloat16)
+                        for layer in src[d0]:
+                            # The rewrite kernel loaded now: CUDA loads a kernel's module at its first launch
+                            # (lazy loading) and that waits for the GPU, which would hold this thread behind the
+                            # slow kernel below until it had run.
+                            layer.mul_(-1).mul_(-1)
                         torch.cuda.synchronize(d0)
+                        t_launch = time.perf_counter()
                         with torch.cuda.device(d0):
-                            for _ in range(1000):
-                                busy_b = busy_a @ busy_a  # about 1.4 ms each on an H100: over a second of GPU work
+                            # One long kernel (a few seconds at any clock): many short ones would not do, the launch
+                            # queue holds about a thousand, so the CPU would wait here until most had run.
+                            torch.cuda._sleep(int(4e9))
                             for layer in src[d0]:
                                 layer.mul_(-1)
                         # Nothing here may synchronize with the GPU (no list indexing, no .item()): the dump
                         # must be in the engine while the kernels still run.
+                        t_queued = time.perf_counter()
                         wk = keys("wait", d0)[:4]
                         r = c.call("dump", ns=ns[d0], keys=wk, shards=wire_src, commit=True, event=regs.record_event(d0))
                         w0 = time.perf_counter()
+                        print(f"  (no-spin: kernels queued in {t_queued - t_launch:.3f} s, dump submitted in {w0 - t_queued:.3f} s)", flush=True)
                         time.sleep(0.1)
                         cpu0 = cpu_seconds(eng.proc.pid)
                         time.sleep(0.5)  # the engine's threads wait for the event meanwhile

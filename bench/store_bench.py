@@ -41,10 +41,13 @@ def drop_caches() -> bool:
         return False
 
 
+FIO = "fio"
+
+
 def fio(directory: str, rw: str, file_bytes: int, nblocks: int, threads: int) -> float:
     per_job = -(-nblocks // threads) * file_bytes
     out = subprocess.run(
-        ["fio", "--name=ucm", f"--directory={directory}", f"--rw={rw}", f"--bs={file_bytes}", f"--size={per_job}",
+        [FIO, "--name=ucm", f"--directory={directory}", f"--rw={rw}", f"--bs={file_bytes}", f"--size={per_job}",
          f"--numjobs={threads}", "--direct=1", "--ioengine=psync", "--group_reporting", "--output-format=json"],
         capture_output=True, text=True, check=True).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]
@@ -59,15 +62,19 @@ def main() -> int:
     ap.add_argument("--threads", default="8,32")
     ap.add_argument("--shapes", default="big,small")
     ap.add_argument("--memory", default="shared", help="shared (register_memory: used in place) and/or private (staged by the shim)")
+    ap.add_argument("--fio", default="fio", help="the fio binary (default: fio on PATH)")
+    ap.add_argument("--json", help="also write the rows to this JSON file")
     a = ap.parse_args()
+    global FIO
+    FIO = a.fio
     os.environ.setdefault("UCM_TASK_LINES", "0")  # the per-task log lines would flood the table
     import torch
 
     from ucm.client import EngineClient
     from ucm.store import NfsStore
 
-    if shutil.which("fio") is None:
-        print("store_bench: fio not found (apt-get install fio)", file=sys.stderr)
+    if shutil.which(FIO) is None:
+        print(f"store_bench: {FIO} not found (apt-get install fio, or --fio PATH)", file=sys.stderr)
         return 2
     base = tempfile.mkdtemp(prefix="ucm-store-bench-", dir=os.path.abspath(a.dir))
     os.chmod(base, 0o700)
@@ -131,6 +138,10 @@ def main() -> int:
             del src, dst
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    if a.json:
+        keys = ("block_mib", "threads", "shape_memory", "dump_GBps", "fio_write_GBps", "load_GBps", "fio_read_GBps", "byte_exact", "cold")
+        with open(a.json, "w") as f:
+            json.dump({"dir": os.path.abspath(a.dir), "gib": a.gib, "rows": [dict(zip(keys, r)) for r in rows]}, f, indent=1)
     print()
     print("| block | threads | tasks | memory | dump GB/s | fio write | dump / fio | load GB/s (cold) | fio read | load / fio | byte-exact |")
     print("| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
