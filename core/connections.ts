@@ -14,14 +14,15 @@
 //     `idleConnectionS`, or at once while the engine is at `maxConnections`.
 //   The sweep runs every quarter of `idleConnectionS`, and right after an
 //   accept that reached `maxConnections`.
-// - Last resort, when connections near the open-file limit anyway: the engine
-//   stops listening for a moment (libzmq then also drops every connection
-//   accepted so far; clients reconnect) rather than let an accept fail.
+// - Last resort, when connections near the open-file limit anyway (ipc): a
+//   native thread hides the socket's name (renames it) before libzmq could
+//   meet EMFILE on an accept (libzmq 4.3 aborts the process then), and puts it
+//   back once idle connections are closed. Clients already connected go on;
+//   new ones retry until the name is back. (On tcp libzmq survives EMFILE.)
 // Peer identity also checks a hello's pid (connectedFrom).
-import * as fs from "fs";
 import * as zmq from "zeromq";
 import { Logger } from "./log";
-import { ConnectedPeer, connectedPeers, endConnection, raiseFdLimit } from "./native";
+import { ConnectedPeer, connectedPeers, endConnection, listenerPause, listenerPauseState, listenerPauseStop, raiseFdLimit } from "./native";
 
 export interface ConnectionLimits {
   /** Connections at which sessionless ones are closed at once; 0: a quarter of the open-file limit, at most 4096. */
@@ -34,19 +35,20 @@ export interface ConnectionLimits {
 
 export class ConnectionGuard {
   readonly max: number;
-  private readonly emergency: number;
+  private pauses = 0;
+  private pauseError = "";
   private open = 0;
   private readonly socketPath?: string;
   private readonly sessionless = new Map<number, number>(); // socket inode -> first seen without a session
   private timer?: NodeJS.Timeout;
+  private pauseTimer?: NodeJS.Timeout;
   private lastSweep = 0;
-  private restarting = false;
   /** Connections the engine ended, in all. */
   ended = 0;
 
   constructor(
-    private readonly sock: zmq.Router,
-    private readonly endpoint: string,
+    sock: zmq.Router,
+    endpoint: string,
     private readonly limits: ConnectionLimits,
     private readonly log: Logger,
     /** Pids of the processes that have a session now. */
@@ -54,14 +56,12 @@ export class ConnectionGuard {
   ) {
     const lim = raiseFdLimit();
     this.max = limits.maxConnections > 0 ? limits.maxConnections : Math.max(16, Math.min(4096, Math.floor(lim.soft / 4)));
-    this.emergency = Math.max(this.max + 16, Math.floor(lim.soft * 0.8));
     if (endpoint.startsWith("ipc://")) this.socketPath = endpoint.slice("ipc://".length);
     log.info(`open files: limit ${lim.soft} (hard ${lim.hard}); client connections: ${this.max} before idle ones are closed at once` +
       (this.socketPath ? `, ${limits.maxConnectionsPerProcess} per process, without a session closed after ${limits.idleConnectionS} s` : ""));
     sock.events.on("accept", () => {
       this.open++;
-      if (this.open >= this.emergency) this.restart();
-      else if (this.open >= this.max && Date.now() - this.lastSweep > 100) this.sweep();
+      if (this.open >= this.max && Date.now() - this.lastSweep > 100) this.sweep();
     });
     sock.events.on("disconnect", () => {
       this.open = Math.max(0, this.open - 1);
@@ -70,7 +70,25 @@ export class ConnectionGuard {
       const every = Math.max(250, Math.min(10_000, (limits.idleConnectionS * 1000) / 4));
       this.timer = setInterval(() => this.sweep(), every);
       this.timer.unref();
+      // Hidden at 60 % of the descriptors taken, back under 40 %: room for the listen backlog and a burst.
+      const pauseAt = Math.max(64, Math.floor(lim.soft * 0.6));
+      listenerPause(this.socketPath, pauseAt, Math.max(32, Math.floor(lim.soft * 0.4)));
+      this.pauseTimer = setInterval(() => this.checkPause(), 250);
+      this.pauseTimer.unref();
     }
+  }
+
+  /** While the socket is hidden, closes every connection without a session at once. */
+  private checkPause(): void {
+    const st = listenerPauseState();
+    if (st.error && st.error !== this.pauseError) this.log.error(`connection guard: ${st.error}`);
+    this.pauseError = st.error;
+    if (st.pauses > this.pauses) {
+      this.pauses = st.pauses;
+      this.log.warn(`descriptors near the open-file limit: ${this.socketPath} hidden (at ${st.hiddenPath}) until idle ` +
+        `connections are closed; connected clients go on, new ones wait`);
+    }
+    if (st.paused) this.sweep(true);
   }
 
   get connections(): number {
@@ -89,17 +107,19 @@ export class ConnectionGuard {
 
   stop(): void {
     if (this.timer) clearInterval(this.timer);
+    if (this.pauseTimer) clearInterval(this.pauseTimer);
+    if (this.socketPath) listenerPauseStop(); // the socket's name back, for libzmq to remove on close
   }
 
   /** Applies the per-process and idle rules to the kernel's list of connections; recounts from it. */
-  sweep(): void {
+  sweep(force = false): void {
     if (!this.socketPath) return;
     this.lastSweep = Date.now();
     const now = Date.now();
     const idleMs = this.limits.idleConnectionS * 1000;
     const pids = this.sessionPids();
     const peers = this.peers();
-    const full = peers.length >= this.max;
+    const full = force || peers.length >= this.max;
     const perPid = new Map<number, number>();
     const seen = new Set<number>();
     let tooMany = 0;
@@ -128,26 +148,8 @@ export class ConnectionGuard {
     this.open = peers.length - tooMany - idle;
     if (tooMany + idle > 0) {
       this.ended += tooMany + idle;
-      this.log.warn(`closed ${idle} connection(s) whose process had no session${full ? " (at maxConnections)" : ` for ${idleMs / 1000} s`}` +
+      this.log.warn(`closed ${idle} connection(s) whose process had no session${force ? " (socket hidden)" : full ? " (at maxConnections)" : ` for ${idleMs / 1000} s`}` +
         ` and ${tooMany} beyond maxConnectionsPerProcess ${this.limits.maxConnectionsPerProcess}; ${this.open} open`);
     }
-  }
-
-  /** Near the open-file limit: stop listening (which drops every connection) and listen again. */
-  private restart(): void {
-    if (this.restarting) return;
-    this.restarting = true;
-    this.log.warn(`${this.open} client connections, near the open-file limit: dropping every connection and listening again`);
-    this.sock
-      .unbind(this.endpoint)
-      .then(() => this.sock.bind(this.endpoint))
-      .then(() => {
-        if (this.socketPath) fs.chmodSync(this.socketPath, 0o600);
-      })
-      .catch((e: Error) => this.log.error(`listening again failed: ${e.message}`))
-      .finally(() => {
-        this.open = this.socketPath ? this.peers().length : 0;
-        this.restarting = false;
-      });
   }
 }

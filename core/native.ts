@@ -175,6 +175,16 @@ export interface CudaStatus {
 }
 
 /** An accepted connection to the engine's ipc socket, as the kernel reports it (SO_PEERCRED). */
+export interface ListenerPauseState {
+  running: boolean;
+  paused: boolean;
+  /** Times the socket was hidden. */
+  pauses: number;
+  hiddenPath: string;
+  /** The last rename that failed, if any. */
+  error: string;
+}
+
 export interface ConnectedPeer {
   fd: number;
   inode: number;
@@ -192,6 +202,10 @@ interface Addon {
   /** Shuts down descriptor `fd` if it still is the connection with socket `inode`. */
   endConnection(socketPath: string, fd: number, inode: number): boolean;
   raiseFdLimit(): { soft: number; hard: number };
+  /** Hides the ipc socket while `pauseAt` or more descriptors are taken, until fewer than `resumeAt` are open. */
+  listenerPause(socketPath: string, pauseAt: number, resumeAt: number): void;
+  listenerPauseStop(): void;
+  listenerPauseState(): ListenerPauseState;
   /** Files 0660 and directories 02770 instead of 0600 and 0700, for every file the engine makes from now on. */
   setShareWithGroup(share: boolean): void;
   constants: { headerSize: number; blockAlign: number; formatVersion: number; cuda: boolean };
@@ -224,6 +238,9 @@ export const cudaStatus = addon.cudaStatus;
 export const connectedPeers = addon.connectedPeers;
 export const endConnection = addon.endConnection;
 export const raiseFdLimit = addon.raiseFdLimit;
+export const listenerPause = addon.listenerPause;
+export const listenerPauseStop = addon.listenerPauseStop;
+export const listenerPauseState = addon.listenerPauseState;
 export const setShareWithGroup = addon.setShareWithGroup;
 export const constants = addon.constants;
 

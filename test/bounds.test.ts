@@ -239,13 +239,20 @@ test("processes opening more idle connections than the engine has file descripto
     expect(e.proc.signalCode).toBeNull();
     expect((await c.call("health")).status).toBe("serving");
     const fds = fs.readdirSync(`/proc/${e.proc.pid}/fd`).length;
-    console.log(`4,000 connections tried against 1,024 descriptors: ${fds} open now; ${(e.output().match(/closed \d+/g) ?? []).length} sweeps`);
+    const hidden = (e.output().match(/hidden \(at /g) ?? []).length;
+    console.log(`4,000 connections tried against 1,024 descriptors: ${fds} open now; ${(e.output().match(/closed \d+/g) ?? []).length} sweeps; ` +
+      `socket hidden ${hidden} time(s)`);
     expect(fds).toBeLessThan(1024);
     expect(e.output()).toMatch(/open files: limit 1024 \(hard 1024\); client connections: 256 before/);
   } finally {
     hogs.forEach((h) => h.kill("SIGKILL"));
   }
   expect((await c.call("health")).status).toBe("serving");
+  // The socket's name is back (it was hidden while descriptors ran short): a new client connects.
+  expect(fs.statSync(socketPath).isSocket()).toBe(true);
+  const fresh = e.client(5000);
+  expect((await fresh.call("health")).status).toBe("serving");
+  fresh.close();
 }, 60000);
 
 test("memory exhaustion while registering: each refusal is an error reply, never the end of the engine", async () => {

@@ -704,6 +704,35 @@ Napi::Value EndConnectionJs(const Napi::CallbackInfo& info) {
                                                static_cast<uint64_t>(info[2].As<Napi::Number>().DoubleValue())));
 }
 
+// listenerPause(socketPath, pauseAt, resumeAt): starts the guard of peers.h (StartListenerPause).
+Napi::Value ListenerPauseJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 3 || !info[0].IsString() || !info[1].IsNumber() || !info[2].IsNumber())
+    throw Napi::TypeError::New(env, "listenerPause(socketPath: string, pauseAt: number, resumeAt: number)");
+  StartListenerPause(info[0].As<Napi::String>().Utf8Value(), info[1].As<Napi::Number>().Int32Value(),
+                     info[2].As<Napi::Number>().Int32Value());
+  return env.Undefined();
+}
+
+// listenerPauseStop(): stops it, the socket's name put back.
+Napi::Value ListenerPauseStopJs(const Napi::CallbackInfo& info) {
+  StopListenerPause();
+  return info.Env().Undefined();
+}
+
+// listenerPauseState() -> {running, paused, pauses, hiddenPath, error}
+Napi::Value ListenerPauseStateJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const ListenerPauseState st = GetListenerPause();
+  auto out = Napi::Object::New(env);
+  out.Set("running", st.running);
+  out.Set("paused", st.paused);
+  out.Set("pauses", static_cast<double>(st.pauses));
+  out.Set("hiddenPath", st.hidden_path);
+  out.Set("error", st.error);
+  return out;
+}
+
 // setShareWithGroup(share): modes of files and directories the engine makes (see file_modes.h).
 Napi::Value SetShareWithGroupJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -747,6 +776,9 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("connectedPeers", Napi::Function::New(env, ConnectedPeersJs, "connectedPeers"));
   exports.Set("endConnection", Napi::Function::New(env, EndConnectionJs, "endConnection"));
   exports.Set("raiseFdLimit", Napi::Function::New(env, RaiseFdLimitJs, "raiseFdLimit"));
+  exports.Set("listenerPause", Napi::Function::New(env, ListenerPauseJs, "listenerPause"));
+  exports.Set("listenerPauseStop", Napi::Function::New(env, ListenerPauseStopJs, "listenerPauseStop"));
+  exports.Set("listenerPauseState", Napi::Function::New(env, ListenerPauseStateJs, "listenerPauseState"));
   exports.Set("setShareWithGroup", Napi::Function::New(env, SetShareWithGroupJs, "setShareWithGroup"));
   auto consts = Napi::Object::New(env);
   consts.Set("headerSize", static_cast<double>(kHeaderSize));

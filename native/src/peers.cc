@@ -1,6 +1,7 @@
 #include "peers.h"
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -10,6 +11,12 @@
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 
 namespace ucm {
 namespace {
@@ -36,7 +43,103 @@ bool Inspect(int fd, const std::string& path, Peer* out) {
   return true;
 }
 
+int OpenDescriptors() {
+  DIR* d = opendir("/proc/self/fd");
+  if (!d) return -1;
+  int n = -1;  // not counting the directory's own descriptor
+  while (dirent* e = readdir(d))
+    if (e->d_name[0] != '.') ++n;
+  closedir(d);
+  return n;
+}
+
+struct Pauser {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::thread thread;
+  bool stop = false;
+  ListenerPauseState state;
+  std::string path;
+  int pause_at = 0, resume_at = 0, probe_fd = -1;
+
+  // The lowest free descriptor number, or INT32_MAX when none is free.
+  int LowestFree() const {
+    const int fd = fcntl(probe_fd, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) return errno == EMFILE ? INT32_MAX : 0;
+    close(fd);
+    return fd;
+  }
+
+  void Rename(const std::string& from, const std::string& to, bool pausing) {
+    if (rename(from.c_str(), to.c_str()) == 0) {
+      state.paused = pausing;
+      if (pausing) ++state.pauses;
+    } else {
+      state.error = "rename " + from + " -> " + to + ": " + std::strerror(errno);
+    }
+  }
+
+  void Run() {
+    std::unique_lock<std::mutex> lk(mu);
+    while (!stop) {
+      if (!state.paused) {
+        const int low = LowestFree();
+        if (low >= pause_at) Rename(path, state.hidden_path, true);
+        // Near the mark: look every millisecond (libzmq accepts about a hundred connections in one); far: every 10.
+        cv.wait_for(lk, std::chrono::milliseconds(state.paused || low * 2 >= pause_at ? 1 : 10));
+      } else {
+        const int open = OpenDescriptors();
+        if (open >= 0 && open < resume_at) Rename(state.hidden_path, path, false);
+        cv.wait_for(lk, std::chrono::milliseconds(20));
+      }
+    }
+    if (state.paused) Rename(state.hidden_path, path, false);
+  }
+};
+
+Pauser& ThePauser() {
+  static Pauser* p = new Pauser();  // never destroyed: the thread may outlive static destruction at exit
+  return *p;
+}
+
 }  // namespace
+
+void StartListenerPause(const std::string& path, int pause_at, int resume_at) {
+  Pauser& p = ThePauser();
+  StopListenerPause();
+  std::lock_guard<std::mutex> lk(p.mu);
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : path.substr(0, slash);
+  const std::string base = slash == std::string::npos ? path : path.substr(slash + 1);
+  p.path = path;
+  p.pause_at = pause_at;
+  p.resume_at = resume_at;
+  p.state = ListenerPauseState{};
+  p.state.running = true;
+  p.state.hidden_path = dir + "/." + base + ".paused-" + std::to_string(getpid());
+  if (p.probe_fd < 0) p.probe_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  p.stop = false;
+  p.thread = std::thread([&p] { p.Run(); });
+}
+
+void StopListenerPause() {
+  Pauser& p = ThePauser();
+  {
+    std::lock_guard<std::mutex> lk(p.mu);
+    if (!p.thread.joinable()) return;
+    p.stop = true;
+  }
+  p.cv.notify_all();
+  p.thread.join();
+  std::lock_guard<std::mutex> lk(p.mu);
+  p.state.running = false;
+}
+
+ListenerPauseState GetListenerPause() {
+  Pauser& p = ThePauser();
+  std::lock_guard<std::mutex> lk(p.mu);
+  return p.state;
+}
 
 std::vector<Peer> ConnectedPeers(const std::string& path) {
   std::vector<Peer> peers;

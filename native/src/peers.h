@@ -28,6 +28,29 @@ std::vector<Peer> ConnectedPeers(const std::string& path);
 // was shut down.
 bool EndConnection(const std::string& path, int fd, uint64_t inode);
 
+// Keeps libzmq's ipc listener from ever meeting EMFILE: libzmq 4.3 aborts
+// the whole process when an ipc accept fails for want of a descriptor, and
+// its accepts run on its own thread, faster than the engine's event loop
+// hears of them. A thread here checks every millisecond how far up the
+// descriptor table is taken (one dup: the kernel hands out the lowest free
+// number, so a result at or above `pause_at` means every lower number is in
+// use) and then renames the socket to a hidden name in its directory: no new
+// connection can arrive (only the listen backlog is still accepted), while
+// connections already open are untouched. Once fewer than `resume_at`
+// descriptors are open (the engine closes idle ones meanwhile), the name is
+// put back. One per process.
+struct ListenerPauseState {
+  bool running = false;
+  bool paused = false;
+  uint64_t pauses = 0;       // times the socket was hidden
+  std::string hidden_path;   // where it is while paused
+  std::string error;         // the last rename that failed, if any
+};
+void StartListenerPause(const std::string& path, int pause_at, int resume_at);
+// Stops the thread and puts the socket's name back.
+void StopListenerPause();
+ListenerPauseState GetListenerPause();
+
 // Raises this process's soft limit on open files to the hard limit; returns
 // {soft, hard} after.
 std::pair<uint64_t, uint64_t> RaiseFdLimit();
