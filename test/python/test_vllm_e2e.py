@@ -105,6 +105,38 @@ def test_offline_runs_hit_the_store_and_match(model, tmp_path, storage):
         stop_engine(f"ipc://{sock}")
 
 
+def test_next_turn_finds_the_answer_in_the_store(model, tmp_path, storage):
+    """Multi-turn: the blocks of generated tokens are saved (in batches while
+    the request decodes, the rest when it finishes), so the next turn, which
+    sends the answer back as part of its prompt, loads them; its tokens are
+    those of a run without the store."""
+    sock = f"/tmp/ucm-turns-{os.getpid()}.sock"
+    cfg = write_config(tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}")
+    elog = tmp_path / "engine.log"
+    sock0 = f"/tmp/ucm-turns0-{os.getpid()}.sock"
+    (tmp_path / "empty-store").mkdir(mode=0o700)
+    cfg0 = write_config(tmp_path / "empty.yaml", str(tmp_path / "empty-store"), endpoint=f"ipc://{sock0}")
+    try:
+        ps = prompts()  # 7 full blocks and 5 tokens each
+        answer = 100
+        first, log1 = drive(model, cfg, ps, elog, opts={"max_tokens": answer, "ignore_eos": True,
+                                                        "extra": {"ucm_decode_save_blocks": 2}})
+        # The answer fills blocks 7, 8 and 9 (the last token sampled has no KV): 7 and 8 are saved together
+        # while decoding (two waiting), 9 when the request finishes.
+        assert re.search(r"Task\(\d+,D2S,2,", log1), log1[-3000:]
+        turn2 = [p + toks + [17 + i for i in range(8)] for p, toks in zip(ps, first["tokens"])]
+        full = (len(turn2[0]) - 1) // BLOCK
+        assert full == 10
+        second, log2 = drive(model, cfg, turn2, elog)
+        assert second["stats"]["blocksLoaded"] - first["stats"]["blocksLoaded"] >= 2 * full, log2[-3000:]
+        alone, _ = drive(model, cfg0, turn2, tmp_path / "engine0.log")
+        assert alone["stats"]["blocksLoaded"] == 0
+        assert second["tokens"] == alone["tokens"]
+    finally:
+        stop_engine(f"ipc://{sock}")
+        stop_engine(f"ipc://{sock0}")
+
+
 def test_dead_engine_means_misses_not_stalls(model, tmp_path, storage):
     """An endpoint nobody serves and an engine that cannot start: vLLM still answers, within the timeouts."""
     sock = f"/tmp/ucm-dead-{os.getpid()}.sock"

@@ -23,6 +23,7 @@ def main() -> None:
     opts = json.loads(os.environ.get("UCM_DRIVER_OPTS", "{}"))
     max_tokens = opts.pop("max_tokens", 12)
     ignore_eos = opts.pop("ignore_eos", False)
+    extra = {"UCM_CONFIG_FILE": config, **opts.pop("extra", {})}  # kv_connector_extra_config
     args = dict(model=model, dtype="float32", block_size=block_size, max_model_len=4096, enable_prefix_caching=False,
                 enforce_eager=True, tensor_parallel_size=tp, disable_log_stats=False)
     args.update(opts)
@@ -30,7 +31,7 @@ def main() -> None:
         **args,
         kv_transfer_config=KVTransferConfig(
             kv_connector="UnifiedCacheConnectorV1", kv_connector_module_path="ucm.integration.vllm.uc_connector",
-            kv_role="kv_both", kv_connector_extra_config={"UCM_CONFIG_FILE": config}),
+            kv_role="kv_both", kv_connector_extra_config=extra),
     )
     prompts = [{"prompt_token_ids": p} for p in json.loads(prompts_json)]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=ignore_eos), use_tqdm=False)

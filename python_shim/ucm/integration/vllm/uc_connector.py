@@ -9,7 +9,11 @@ Use it exactly as the seed says:
 
 Scheduler side: turns `request.block_hashes` into keys, asks the engine in
 one batched lookup which of the blocks beyond what vLLM already holds are
-stored (in every TP rank's namespace), plans loads and saves. Worker side:
+stored (in every TP rank's namespace), plans loads and saves (the prompt's
+blocks as the prefill completes them; the blocks of generated tokens in
+batches while the request decodes and the rest when it finishes, so that a
+chat's next turn, which sends the answer back as prompt, finds them too).
+Worker side:
 registers the KV cache memory with the engine, loads planned blocks before
 the forward pass that needs them and hands newly computed blocks to the
 engine after the pass that wrote them. The engine moves the bytes.
@@ -75,6 +79,12 @@ _PREEMPT_WAIT_MS = 1000
 #: finished or preempted request's blocks stay held when the engine stops
 #: answering (its deadline is then the only guarantee, see ucm.deadline).
 _SAVE_TIMEOUT_MS = 10000
+
+#: blocks of generated tokens are saved once this many are complete and not
+#: yet saved (and the rest when the request finishes): one dump call every
+#: few blocks of decoding rather than one per step
+#: (kv_connector_extra_config "ucm_decode_save_blocks"; 0: only prompt blocks)
+_DECODE_SAVE_BLOCKS = 8
 
 
 def _warn_hashseed_once() -> None:
@@ -143,6 +153,9 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         self.load_async = bool(extra.get("ucm_load_async", self.config.load_async))
         self.preempt_wait_ms = int(extra.get("ucm_preempt_wait_ms", _PREEMPT_WAIT_MS))
         self.save_timeout_ms = int(extra.get("ucm_save_timeout_ms", _SAVE_TIMEOUT_MS))
+        self.decode_save_blocks = int(extra.get("ucm_decode_save_blocks", _DECODE_SAVE_BLOCKS))
+        if self.decode_save_blocks < 0:
+            raise ValueError(f"kv_connector_extra_config.ucm_decode_save_blocks must be 0 or more, got {self.decode_save_blocks}")
         self.block_size = vllm_config.cache_config.block_size
         self.num_blocks = kv_cache_config.num_blocks
         pc = vllm_config.parallel_config
@@ -161,6 +174,7 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
             self.namespaces = sorted({self._namespace(r) for r in range(self.tp_size)})
             self._reqs: dict[str, _ReqState] = {}
             self._pending_loads: list[_Transfer] = []
+            self._final_saves: list[_Transfer] = []  # of requests that finished since the last step
             self._saving: set[str] = set()
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -296,8 +310,8 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         self._pending_loads.append(_Transfer(request.request_id, keys, list(block_ids[s:s + n])))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
-        meta = UCMConnectorMetadata(loads=self._pending_loads)
-        self._pending_loads = []
+        meta = UCMConnectorMetadata(loads=self._pending_loads, saves=self._final_saves)
+        self._pending_loads, self._final_saves = [], []
         for req_id in scheduler_output.preempted_req_ids or ():
             # vLLM freed its blocks (the workers settle its dumps first, in
             # handle_preemptions) and computes it again from the start: plan
@@ -327,11 +341,18 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
             self._plan_save(meta, state, cached.num_computed_tokens[i], scheduler_output.num_scheduled_tokens.get(req_id, 0))
         return meta
 
-    def _plan_save(self, meta: UCMConnectorMetadata, state: _ReqState, computed: int, scheduled: int) -> None:
-        """Blocks of the prompt that this step completes go to the store (minus those loaded from it)."""
+    def _plan_save(self, meta: UCMConnectorMetadata, state: _ReqState, computed: int, scheduled: int,
+                   finished: bool = False) -> None:
+        """Blocks whose KV is complete once this step has run go to the store
+        (minus those loaded from it): the prompt's at once, generated tokens'
+        once `decode_save_blocks` of them wait (all of them when `finished`)."""
         req = state.request
-        full = min((computed + scheduled) // self.block_size, req.num_prompt_tokens // self.block_size,
-                   len(req.block_hashes), len(state.block_ids))
+        full = min((computed + scheduled) // self.block_size, len(req.block_hashes), len(state.block_ids))
+        prompt_full = req.num_prompt_tokens // self.block_size
+        if full > prompt_full:
+            waiting = full - max(state.saved_upto, prompt_full)
+            if self.decode_save_blocks == 0 or (not finished and waiting < self.decode_save_blocks):
+                full = prompt_full
         idx = [i for i in range(state.saved_upto, full) if not (state.load_start <= i < state.load_start + state.load_count)]
         state.saved_upto = max(state.saved_upto, full)
         if idx:
@@ -339,7 +360,15 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
             self._saving.add(req.request_id)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._reqs.pop(request.request_id, None)
+        state = self._reqs.pop(request.request_id, None)
+        if state is not None and state.block_ids:
+            # The generated blocks not saved yet go with the next step's
+            # metadata; the blocks stay allocated until the workers say the
+            # dump is over. (The last token sampled has no KV yet: it never
+            # went through the model, so num_computed_tokens stops before it.)
+            final = UCMConnectorMetadata()
+            self._plan_save(final, state, request.num_computed_tokens, 0, finished=True)
+            self._final_saves.extend(final.saves)
         saving = request.request_id in self._saving
         self._saving.discard(request.request_id)
         # True keeps the blocks allocated until the workers report the saves done.
