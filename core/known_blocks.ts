@@ -67,6 +67,7 @@ export class KnownBlocks {
   /** Forgets everything (blocks were evicted: any of them may be gone). */
   clear(): void {
     this.spaces.clear();
+    this.count = 0;
   }
 
   forget(ns: string, key: Buffer): void {

@@ -29,6 +29,12 @@ type Msg = Record<string, unknown>;
 
 /** Lookup jobs allowed to wait for a lookup thread; beyond, lookups answer misses at once. */
 const MAX_QUEUED_LOOKUPS = 256;
+/**
+ * How long a block the filesystem said was missing is answered as a miss without asking again (when lookup
+ * caching is on). Safe both ways: a block this engine commits is known at once, and one another node stores
+ * is seen up to a second later (NFS clients cache directory entries longer than that anyway).
+ */
+const MISS_TTL_MS = 1000;
 
 /** The promise's value, or undefined if it has not settled within `ms` (it still runs). */
 function withTimeout<T>(p: Promise<T>, ms: number): Promise<T | undefined> {
@@ -133,6 +139,8 @@ export class Store {
   private readonly inflight = new Set<Promise<unknown>>();
   /** Blocks recently seen committed (saves a stat per lookup). */
   private readonly known = new KnownBlocks(1 << 20);
+  /** Blocks the filesystem said were missing, for MISS_TTL_MS: a scheduler asks about the same misses step after step. */
+  private readonly missing = new KnownBlocks(1 << 18);
   readonly counters: StoreStats = {
     lookups: 0,
     lookupKeys: 0,
@@ -308,8 +316,17 @@ export class Store {
     if (nsList.length * keys.length > this.config.maxLookupKeys) {
       throw new ProtocolError("too_large", `lookup of ${keys.length} keys in ${nsList.length} namespaces checks ${nsList.length * keys.length} blocks, more than maxLookupKeys ${this.config.maxLookupKeys}`);
     }
+    const found = await this.present(nsList, keys);
+    const hits = found.filter(Boolean).length;
     this.counters.lookups++;
     this.counters.lookupKeys += keys.length;
+    this.counters.hits += hits;
+    this.counters.misses += keys.length - hits;
+    return { found };
+  }
+
+  /** Which keys are stored in every namespace of `nsList` (the lookup's work, without its counters: dumps ask too). */
+  private async present(nsList: string[], keys: Buffer[]): Promise<boolean[]> {
     const found = new Array<boolean>(keys.length).fill(true);
     const now = Date.now();
     const ttl = this.config.lookupCacheTtlS * 1000;
@@ -319,6 +336,11 @@ export class Store {
       for (let i = 0; i < keys.length; i++) {
         const seen = this.known.seenAt(ns, keys[i]);
         if (seen !== undefined && now - seen <= ttl) continue;
+        const gone = ttl > 0 ? this.missing.seenAt(ns, keys[i]) : undefined;
+        if (gone !== undefined && now - gone <= MISS_TTL_MS) {
+          found[i] = false;
+          continue;
+        }
         ask.push(this.layout.blockPath(ns, keys[i]));
         askAt.push([i, ns]);
       }
@@ -336,18 +358,18 @@ export class Store {
         }
       } else {
         askAt.forEach(([i, ns], j) => {
-          if (exists[j]) this.known.remember(ns, keys[i], now);
-          else {
+          if (exists[j]) {
+            this.known.remember(ns, keys[i], now);
+            this.missing.forget(ns, keys[i]);
+          } else {
             found[i] = false;
             this.known.forget(ns, keys[i]);
+            this.missing.remember(ns, keys[i], now);
           }
         });
       }
     }
-    const hits = found.filter(Boolean).length;
-    this.counters.hits += hits;
-    this.counters.misses += keys.length - hits;
-    return { found };
+    return found;
   }
 
   // ---- dump / load -----------------------------------------------------------
@@ -422,7 +444,7 @@ export class Store {
       if (waitEvent === undefined) throw new ProtocolError("unknown_region", `event ${describe(msg.event)} is not an event registered by this client`);
     }
     await this.layout.ensureNamespace(ns);
-    const existing = await this.lookup({ ns, keys });
+    const existing = { found: await this.present([ns], keys) };
     const status = new Array<BlockStatus>(keys.length).fill(BlockStatus.Skipped);
     const { write, files, backends, admitted } = this.admit(ns, keys, full.shardLength, all.filter((i) => !existing.found[i]), status);
     this.inflightDumpBytes += admitted;
@@ -771,6 +793,7 @@ export class Store {
           this.counters.commits++;
           this.capacity.committed(sizes[j][0], sizes[j][1]);
           this.known.remember(ns, keys[i], now);
+          this.missing.forget(ns, keys[i]);
         } else {
           this.log.warn(`commit of block ${ns}/${keys[i].toString("hex")} failed: errno ${e}`);
         }

@@ -143,6 +143,24 @@ describe("engine process", () => {
     expect(fs.readdirSync(path.join(store, NS, ".tmp"))).toEqual([]);
   });
 
+  test("lookup counters count the clients' lookups only (a dump checking what is stored is not one)", async () => {
+    const c = engine.client();
+    await hello(c);
+    const src = await regions(c, 1, 2, "random", shm);
+    const keys = [key(1, "cnt"), key(2, "cnt")];
+    const before = await c.call("stats");
+    const d = await c.call("dump", { ns: NS, keys, shards: shards(src.ids, [0, 1]), commit: true });
+    await waitDone(c, d.task as number);
+    const again = await c.call("dump", { ns: NS, keys, shards: shards(src.ids, [0, 1]), commit: true }); // both skipped
+    await waitDone(c, again.task as number);
+    const mid = await c.call("stats");
+    expect([mid.lookups, mid.lookupKeys, mid.hits, mid.misses]).toEqual([before.lookups, before.lookupKeys, before.hits, before.misses]);
+    await c.call("lookup", { ns: NS, keys: [...keys, key(3, "cnt")] });
+    const after = await c.call("stats");
+    expect([(after.lookups as number) - (mid.lookups as number), (after.hits as number) - (mid.hits as number),
+      (after.misses as number) - (mid.misses as number)]).toEqual([1, 2, 1]);
+  });
+
   test("lookup across namespaces requires every one (all TP ranks)", async () => {
     const c = engine.client();
     await hello(c);
