@@ -3,6 +3,7 @@ same directory, in the same run.
 
     python bench/store_bench.py --dir <dir on the disk to measure> [--gib 2]
                                 [--block-mib 4,16] [--threads 8,32] [--shapes big,small]
+                                [--memory shared,private] [--repeat 3]
 
 For each block size and thread count: fio writes and then reads (page cache
 dropped, O_DIRECT, psync) files with one I/O per block file's size from that
@@ -11,13 +12,15 @@ user would, dumps the same bytes from CPU tensors in shared memory (one
 tensor per block; `register_memory` once, as a long-lived KV buffer would),
 commits, drops the page cache and loads them back, byte-exact. "big" is one
 task of every block; "small" is tasks of 8 blocks, all submitted, then waited
-for. Prints one table with the ratios to fio (goal: 90 %). Needs fio and root
-(to drop the page cache).
+for. With --repeat, fio and the store take turns that many times and the
+medians are reported. Prints one table with the ratios to fio (goal: 90 %).
+Needs fio and root (to drop the page cache).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import os
 import shutil
 import subprocess
@@ -44,6 +47,14 @@ def drop_caches() -> bool:
 FIO = "fio"
 
 
+def remove_blocks(store_dir: str) -> None:
+    """Deletes the stored block files (64 hex digits) under store_dir, nothing else."""
+    for root, _, files in os.walk(store_dir):
+        for f in files:
+            if len(f) == 64 and all(c in "0123456789abcdef" for c in f):
+                os.unlink(os.path.join(root, f))
+
+
 def fio(directory: str, rw: str, file_bytes: int, nblocks: int, threads: int) -> float:
     per_job = -(-nblocks // threads) * file_bytes
     out = subprocess.run(
@@ -64,6 +75,7 @@ def main() -> int:
     ap.add_argument("--memory", default="shared", help="shared (register_memory: used in place) and/or private (staged by the shim)")
     ap.add_argument("--fio", default="fio", help="the fio binary (default: fio on PATH)")
     ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds per case (fio, then the store, each round); medians reported")
     a = ap.parse_args()
     global FIO
     FIO = a.fio
@@ -86,27 +98,31 @@ def main() -> int:
             src = torch.randint(0, 256, (n, block), dtype=torch.uint8).share_memory_()
             dst = torch.zeros((n, block), dtype=torch.uint8).share_memory_()
             for threads in [int(x) for x in a.threads.split(",")]:
-                fdir = os.path.join(base, "fio")
-                os.makedirs(fdir)
-                fw = fio(fdir, "write", block + HEADER, n, threads)
-                drop_caches()
-                fr = fio(fdir, "read", block + HEADER, n, threads)
-                shutil.rmtree(fdir)
                 store_dir = os.path.join(base, "store")
                 os.makedirs(store_dir, mode=0o700)
                 sock = os.path.join(base, "e.sock")
                 flat = {"storage_backends": store_dir, "transferStreamNumber": threads, "endpoint": f"ipc://{sock}",
                         "maxInflightBytes": "64GiB", "maxQueueMs": 0, "loadTimeoutMs": 600000, "clientTimeoutMs": 60000}
                 store = NfsStore(flat, namespace="bench")
+                cells: dict[str, list[tuple[float, float, float, float, bool, bool]]] = {}
                 try:
-                  for memory in a.memory.split(","):
-                    if memory == "shared":
-                        store.register_memory([src, dst])
-                        s_t, d_t = src, dst
-                    else:
-                        s_t, d_t = src.clone(), dst.clone()  # ordinary CPU tensors: the shim stages them
-                    for shape in a.shapes.split(","):
-                        ks = [f"{shape}-{memory}-{mib}-{threads}-{i}".encode()[:64] for i in range(n)]
+                  if "shared" in a.memory.split(","):
+                    store.register_memory([src, dst])
+                  for rep in range(a.repeat):
+                    # fio and the store take turns, so that a slow patch of the disk touches both
+                    fdir = os.path.join(base, "fio")
+                    os.makedirs(fdir)
+                    fw = fio(fdir, "write", block + HEADER, n, threads)
+                    drop_caches()
+                    fr = fio(fdir, "read", block + HEADER, n, threads)
+                    shutil.rmtree(fdir)
+                    for memory in a.memory.split(","):
+                      if memory == "shared":
+                          s_t, d_t = src, dst
+                      else:
+                          s_t, d_t = src.clone(), dst.clone()  # ordinary CPU tensors: the shim stages them
+                      for shape in a.shapes.split(","):
+                        ks = [f"{shape}-{memory}-{mib}-{threads}-{rep}-{i}".encode()[:64] for i in range(n)]
                         groups = [list(range(n))] if shape == "big" else [list(range(i, min(n, i + 8))) for i in range(0, n, 8)]
                         t0 = time.perf_counter()
                         tasks = [store.dump([ks[i] for i in g], [0] * len(g), [s_t[i] for i in g]) for g in groups]
@@ -120,9 +136,10 @@ def main() -> int:
                         failed += sum(store.wait(t) for t in tasks)
                         load = n * block / (time.perf_counter() - t0) / 1e9
                         exact = failed == 0 and torch.equal(s_t, d_t)
-                        rows.append((mib, threads, f"{shape}/{memory}", dump, fw, load, fr, exact, cold))
-                        print(f"{mib:g} MiB x {n}, {threads} threads, {shape}, {memory}: dump {dump:.2f} GB/s (fio {fw:.2f}), "
-                              f"load {load:.2f} GB/s (fio {fr:.2f}){'' if exact else ' NOT BYTE-EXACT'}", flush=True)
+                        cells.setdefault(f"{shape}/{memory}", []).append((dump, fw, load, fr, exact, cold))
+                        print(f"{mib:g} MiB x {n}, {threads} threads, {shape}, {memory}, round {rep + 1}: dump {dump:.2f} GB/s "
+                              f"(fio {fw:.2f}), load {load:.2f} GB/s (fio {fr:.2f}){'' if exact else ' NOT BYTE-EXACT'}", flush=True)
+                        remove_blocks(store_dir)  # the disk holds one case at a time
                 finally:
                     pid = EngineClient(f"ipc://{sock}", 3000).raw("health").get("pid")
                     store.close()
@@ -135,6 +152,9 @@ def main() -> int:
                             except ProcessLookupError:
                                 break
                     shutil.rmtree(store_dir, ignore_errors=True)
+                for shape_mem, runs in cells.items():
+                    med = [statistics.median(r[k] for r in runs) for k in range(4)]
+                    rows.append((mib, threads, shape_mem, *med, all(r[4] for r in runs), all(r[5] for r in runs)))
             del src, dst
     finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -117,7 +117,8 @@ def test_next_turn_finds_the_answer_in_the_store(model, tmp_path, storage):
     (tmp_path / "empty-store").mkdir(mode=0o700)
     cfg0 = write_config(tmp_path / "empty.yaml", str(tmp_path / "empty-store"), endpoint=f"ipc://{sock0}")
     try:
-        ps = prompts()  # 7 full blocks and 5 tokens each
+        # 7 full blocks and 5 tokens each, nothing in common (so the run without a store loads nothing either)
+        ps = prompts(n=1, seed=7) + prompts(n=1, seed=9)
         answer = 100
         first, log1 = drive(model, cfg, ps, elog, opts={"max_tokens": answer, "ignore_eos": True,
                                                         "extra": {"ucm_decode_save_blocks": 2}})
