@@ -11,6 +11,7 @@ import { OPTIONS, parseSize } from "./config";
 import { formatMountBench, runMountBench, table } from "./mount_bench";
 import { ConfigError, EngineConfig, LoadedConfig, defaultEndpoint, loadConfigFile, validateEndpoint } from "./config";
 import { LOG_LEVELS, LogLevel, Logger } from "./log";
+import { widenCpuAffinity } from "./native";
 import { EngineServer } from "./server";
 
 /** Each command's options (node:util parseArgs) and its usage line. */
@@ -92,6 +93,12 @@ async function serve(flags: Map<string, string>): Promise<number> {
   const { config, warnings } = configFrom(flags);
   const log = new Logger(config.logLevel);
   for (const w of warnings) log.warn(`config: ${w}`);
+  if (process.env.UCM_ENGINE_ALL_CPUS === "1") {
+    // Started by the shim from whichever vLLM process came first, maybe a worker bound to one core: the engine
+    // serves them all, so it runs on every CPU (before its transfer threads and libzmq's exist; they inherit it).
+    const cpus = widenCpuAffinity();
+    if (cpus.after !== cpus.before) log.info(`CPU affinity: the starting process allowed ${cpus.before} CPU(s); the engine runs on ${cpus.after}`);
+  }
   const server = new EngineServer(config, log);
   await server.start();
   return new Promise<number>((resolve) => {

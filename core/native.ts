@@ -202,6 +202,8 @@ interface Addon {
   /** Shuts down descriptor `fd` if it still is the connection with socket `inode`. */
   endConnection(socketPath: string, fd: number, inode: number): boolean;
   raiseFdLimit(): { soft: number; hard: number };
+  /** Lets this thread, and threads started after, run on every CPU the cpuset allows; CPU counts before and after. */
+  widenCpuAffinity(): { before: number; after: number };
   /** Hides the ipc socket while `pauseAt` or more descriptors are taken, until fewer than `resumeAt` are open. */
   listenerPause(socketPath: string, pauseAt: number, resumeAt: number): void;
   listenerPauseStop(): void;
@@ -238,6 +240,7 @@ export const cudaStatus = addon.cudaStatus;
 export const connectedPeers = addon.connectedPeers;
 export const endConnection = addon.endConnection;
 export const raiseFdLimit = addon.raiseFdLimit;
+export const widenCpuAffinity = addon.widenCpuAffinity;
 export const listenerPause = addon.listenerPause;
 export const listenerPauseStop = addon.listenerPauseStop;
 export const listenerPauseState = addon.listenerPauseState;

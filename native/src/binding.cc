@@ -741,6 +741,16 @@ Napi::Value SetShareWithGroupJs(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// widenCpuAffinity() -> {before, after}: CPUs this thread may run on (see peers.h).
+Napi::Value WidenCpuAffinityJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const auto r = WidenCpuAffinity();
+  auto out = Napi::Object::New(env);
+  out.Set("before", r.first);
+  out.Set("after", r.second);
+  return out;
+}
+
 // raiseFdLimit() -> {soft, hard}
 Napi::Value RaiseFdLimitJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -776,6 +786,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("connectedPeers", Napi::Function::New(env, ConnectedPeersJs, "connectedPeers"));
   exports.Set("endConnection", Napi::Function::New(env, EndConnectionJs, "endConnection"));
   exports.Set("raiseFdLimit", Napi::Function::New(env, RaiseFdLimitJs, "raiseFdLimit"));
+  exports.Set("widenCpuAffinity", Napi::Function::New(env, WidenCpuAffinityJs, "widenCpuAffinity"));
   exports.Set("listenerPause", Napi::Function::New(env, ListenerPauseJs, "listenerPause"));
   exports.Set("listenerPauseStop", Napi::Function::New(env, ListenerPauseStopJs, "listenerPauseStop"));
   exports.Set("listenerPauseState", Napi::Function::New(env, ListenerPauseStateJs, "listenerPauseState"));

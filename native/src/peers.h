@@ -51,6 +51,12 @@ void StartListenerPause(const std::string& path, int pause_at, int resume_at);
 void StopListenerPause();
 ListenerPauseState GetListenerPause();
 
+// Lets the calling thread (and every thread it starts after) run on every
+// CPU the system allows this process (its cgroup's cpuset): an engine started
+// by a vLLM worker would otherwise inherit that worker's binding to one core,
+// where the worker's own threads spin. Returns {CPUs allowed before, after}.
+std::pair<int, int> WidenCpuAffinity();
+
 // Raises this process's soft limit on open files to the hard limit; returns
 // {soft, hard} after.
 std::pair<uint64_t, uint64_t> RaiseFdLimit();

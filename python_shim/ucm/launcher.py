@@ -190,7 +190,7 @@ def build_id(root: str | None = None) -> str | None:
 
 
 def engine_env() -> dict[str, str]:
-    """The environment the engine starts with: ours, minus the GPU view.
+    """The environment the engine starts with: ours, minus the GPU view and the CPU binding.
 
     One engine serves every vLLM process of the node, and whichever process
     starts it first passes on its environment. vLLM gives each worker its own
@@ -201,6 +201,9 @@ def engine_env() -> dict[str, str]:
     not which exist, and the bus id makes numbering irrelevant."""
     env = dict(os.environ)
     env.pop("CUDA_VISIBLE_DEVICES", None)
+    # Likewise the CPU binding: a vLLM CPU worker is bound to its cores and
+    # the engine would inherit that; it widens its affinity at start.
+    env["UCM_ENGINE_ALL_CPUS"] = "1"
     return env
 
 

@@ -182,6 +182,31 @@ def test_a_dead_engine_is_started_again_by_the_next_call(config_file):
         assert torch.equal(dst, src)
 
 
+def cpus_allowed(pid: int) -> set[int]:
+    return os.sched_getaffinity(pid)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: no binding to widen")
+def test_an_engine_started_by_a_process_bound_to_one_core_runs_on_all(tmp_path, storage, endpoint):
+    """vLLM binds each CPU worker to its cores; the worker that starts the engine must not pass that on (its
+    threads would share one core with the worker's spinning ones: dumps then waited seconds in the queue)."""
+    every = os.sched_getaffinity(0)
+    cfg = write_config(tmp_path / "ucm.yaml", storage, endpoint=endpoint)
+    code = ("import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from ucm.config import load_config; from ucm.launcher import ensure_engine; ensure_engine(load_config(sys.argv[1]))")
+    subprocess.run([sys.executable, "-c", code, cfg], check=True, timeout=120)
+    try:
+        pid = engine_pid(endpoint)
+        assert pid
+        threads = os.listdir(f"/proc/{pid}/task")
+        # Every thread the engine made itself (transfer, lookup, libzmq, the connection guard) runs anywhere.
+        wide = [t for t in threads if cpus_allowed(int(t)) == every]
+        assert len(wide) >= len(threads) // 2, (len(wide), len(threads))
+        assert cpus_allowed(pid) == every
+    finally:
+        stop_engine(endpoint)
+
+
 # ---- stdio (issue 17, item 4) -------------------------------------------------------------
 
 SCRIPT = textwrap.dedent("""
