@@ -29,6 +29,29 @@ fi
 passed=0
 failed=0
 
+# Adds a pytest JUnit report's counts to the totals (skipped tests count as
+# neither); a run that failed without a failing test, or left no report,
+# counts as one failure.
+count_junit() {
+  local xml=$1 rc=$2 p f
+  if [ ! -s "$xml" ]; then
+    failed=$((failed + 1))
+    return
+  fi
+  read -r p f < <(.venv/bin/python - "$xml" <<'PY'
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+suites = [root] if root.tag == "testsuite" else list(root)
+t = sum(int(s.get("tests", 0)) for s in suites)
+bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
+skip = sum(int(s.get("skipped", 0)) for s in suites)
+print(t - bad - skip, bad)
+PY
+)
+  passed=$((passed + p)); failed=$((failed + f))
+  [ "$rc" -ne 0 ] && [ "$f" -eq 0 ] && failed=$((failed + 1))
+}
+
 echo "== jest"
 npx jest --runInBand --json --outputFile="$out/jest.json" "$@"
 jest_rc=$?
@@ -47,22 +70,7 @@ if bash python_shim/setup_venv.sh; then
   echo "== pytest"
   .venv/bin/python -m pytest -q -p no:cacheprovider --junitxml="$out/pytest.xml" test/python
   py_rc=$?
-  if [ -s "$out/pytest.xml" ]; then
-    read -r pp pf < <(.venv/bin/python - "$out/pytest.xml" <<'PY'
-import sys, xml.etree.ElementTree as ET
-root = ET.parse(sys.argv[1]).getroot()
-suites = [root] if root.tag == "testsuite" else list(root)
-t = sum(int(s.get("tests", 0)) for s in suites)
-bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
-skip = sum(int(s.get("skipped", 0)) for s in suites)
-print(t - bad - skip, bad)
-PY
-)
-    passed=$((passed + pp)); failed=$((failed + pf))
-    [ "$py_rc" -ne 0 ] && [ "$pf" -eq 0 ] && failed=$((failed + 1))
-  else
-    failed=$((failed + 1))
-  fi
+  count_junit "$out/pytest.xml" "$py_rc"
 else
   echo "setup failed: python_shim/setup_venv.sh"
   failed=$((failed + 1))
@@ -97,22 +105,7 @@ echo "== wheel: npm run wheel, installed into a fresh environment outside the re
 if [ -x .venv/bin/python ] && .venv/bin/python -c 'import pytest' 2>/dev/null; then
   .venv/bin/python -m pytest -q -p no:cacheprovider --durations=3 --junitxml="$out/wheel.xml" test/wheel
   wheel_rc=$?
-  if [ -s "$out/wheel.xml" ]; then
-    read -r wp wf < <(.venv/bin/python - "$out/wheel.xml" <<'PY'
-import sys, xml.etree.ElementTree as ET
-root = ET.parse(sys.argv[1]).getroot()
-suites = [root] if root.tag == "testsuite" else list(root)
-t = sum(int(s.get("tests", 0)) for s in suites)
-bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
-skip = sum(int(s.get("skipped", 0)) for s in suites)
-print(t - bad - skip, bad)
-PY
-)
-    passed=$((passed + wp)); failed=$((failed + wf))
-    [ "$wheel_rc" -ne 0 ] && [ "$wf" -eq 0 ] && failed=$((failed + 1))
-  else
-    failed=$((failed + 1))
-  fi
+  count_junit "$out/wheel.xml" "$wheel_rc"
 else
   echo "wheel tests not run: no .venv with pytest"
   failed=$((failed + 1))
