@@ -1,0 +1,108 @@
+"""Issue #19 with two real users: a neighbour on the same machine (Mallory)
+cannot reach another user's engine, make it touch her memory or files, plant
+links for a root engine or launcher, or read stored KV.
+
+Each case runs in its own private mount namespace (multiuser_world.sh): a copy
+of /etc where the test adds the users `ucmalice` and `ucmmallory` with
+useradd, and empty private /tmp and /dev/shm. The users, and everything they
+planted, vanish with the namespace; the host's /etc and /tmp are never
+changed, and no process of a case outlives it (its own pid namespace). The scenarios are in multiuser_cases.py; the assertions are here.
+Needs root, unshare, useradd, runuser and the built engine (dist/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "useradd", "runuser", "chroot")),
+    reason="needs root with unshare, useradd, runuser and chroot (two users in a private mount namespace)",
+)
+
+
+def world(case: str) -> dict:
+    mnt = tempfile.mkdtemp(prefix="ucm-world-")
+    try:
+        r = subprocess.run(
+            ["unshare", "--mount", "--pid", "--fork", "--propagation", "private", "--", "bash", os.path.join(HERE, "multiuser_world.sh"),
+             mnt, sys.executable, os.path.join(HERE, "multiuser_cases.py"), case],
+            capture_output=True, text=True, timeout=120)
+    finally:
+        os.rmdir(mnt)
+    assert r.returncode == 0, f"case {case} failed:\n{r.stdout}\n{r.stderr}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_the_users_exist_only_inside_the_world():
+    out = subprocess.run(["id", "ucmmallory"], capture_output=True, text=True)
+    assert out.returncode != 0, "a user of the test leaked into the host's /etc"
+
+
+def test_a_socket_in_tmp_serves_its_owner_only_and_leaves_tmp_and_root_as_they_were():
+    r = world("ipc_in_tmp")
+    assert r["started"], r["output"]
+    assert r["after"] == r["before"] == {"tmp": "0o1777", "root": "0o755"}
+    assert r["socket"] == "0o600"
+    assert r["root_hello"][0]["ok"] is True
+    assert r["mallory_hello"][0] == {"ok": False, "code": "timeout",
+                                     "error": "no reply to hello within 2000 ms from ipc:///tmp/x.sock"}
+
+
+def test_tcp_serves_only_holders_of_the_key_and_the_key_is_the_owners_alone():
+    r = world("tcp")
+    assert r["started"], r["output"]
+    assert r["key_mode"] == "0o600"
+    assert r["alice_hello"][0]["ok"] is True
+    assert "no CURVE key for tcp://127.0.0.1" in r["mallory_client"][0]["error"]
+    assert r["mallory_plain"] == [{"ok": False, "error": "Operation was not possible or timed out"}]
+    assert r["mallory_reads_key"] != 0
+
+
+def test_a_key_directory_planted_by_another_user_stops_the_engine():
+    r = world("tcp_key_dir_planted")
+    assert not r["started"]
+    assert re.search(r"\[E\] /tmp/ucm-(\d+) belongs to uid \d+, not to this user \(\1\)", r["output"]), r["output"]
+    assert r["planted"] == []
+
+
+def test_regions_are_the_engine_users_shared_memory_only():
+    r = world("regions")
+    assert r["started"], r["output"]
+    assert r["own_seg"]["ok"] is True
+    assert r["mallory_seg"]["code"] == "bad_message"
+    assert "region '/dev/shm/mallory-seg' belongs to uid" in r["mallory_seg"]["error"]
+    assert r["shadow"]["code"] == "bad_message"
+    assert "region '/etc/shadow' is not shared memory" in r["shadow"]["error"]
+
+
+def test_a_runtime_directory_planted_with_links_is_refused_and_the_target_untouched():
+    r = world("runtime_dir_planted")
+    assert r["error"] and "is owned by uid" in r["error"] and "remove it" in r["error"], r
+    assert r["decoy"] == "root's own bytes\n" and r["decoy_mode"] == "0o600"
+
+
+def test_a_store_another_user_can_write_is_refused_and_links_in_it_never_followed():
+    r = world("store_of_other")
+    assert not r["open"]["started"] and "is writable by every user (mode 777)" in r["open"]["output"]
+    for name in ("open-hers", "hers"):
+        assert not r[name]["started"]
+        assert f'directory "/tmp/store-{name}" belongs to uid' in r[name]["output"], r[name]["output"]
+    assert r["decoy_dir"] == ["keep"]
+
+
+def test_stored_blocks_are_private_to_the_engines_user():
+    r = world("private_files")
+    assert r["wait"] == 0 and r["committed"] == [True, True]
+    assert r["files"] >= 2 and r["modes"] == ["0o600"]
+    assert all(rc != 0 for rc in r["mallory_reads"] + r["alice_reads"])
+    assert r["mallory_lists"] != 0
