@@ -1,11 +1,18 @@
 // What the engine is doing, as Prometheus metrics (prom-client) and as the
 // figures `ucm-engine stats` prints. The store keeps plain counters; this
-// module reads them at scrape time, so the hot paths never touch prom-client
-// except for one histogram observation per finished task.
+// module reads a snapshot of them (`stats()`) at scrape time, so the hot paths
+// never touch prom-client except for one histogram observation per finished
+// task.
 import * as http from "http";
 import * as client from "prom-client";
 import { Logger } from "./log";
-import { Store } from "./store";
+import { StoreStats, TaskObserver } from "./store";
+
+/** What metrics need of the store: its snapshot, and a word per finished task. */
+export interface MetricsSource {
+  stats(): StoreStats;
+  onTask?: TaskObserver;
+}
 
 /** Task latency buckets, seconds: 0.5 ms .. 60 s. */
 const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
@@ -24,15 +31,14 @@ export class Metrics {
   private server?: http.Server;
 
   constructor(
-    store: Store,
+    store: MetricsSource,
     private readonly extra: () => { clients: number; protocolErrors: Record<string, number> },
   ) {
     const r = this.registry;
     client.collectDefaultMetrics({ register: r, prefix: "ucm_" });
-    const c = store.counters;
-    // A metric whose value lives in the store, read at scrape time: counters
-    // (monotonic figures) are re-added from zero, gauges set.
-    type Read<L extends string> = () => Array<[Partial<Record<L, string>>, number]>;
+    // A metric whose value lives in the store, read from one snapshot at scrape
+    // time: counters (monotonic figures) are re-added from zero, gauges set.
+    type Read<L extends string> = (st: StoreStats) => Array<[Partial<Record<L, string>>, number]>;
     const fromStore = <L extends string>(kind: "counter" | "gauge", name: string, help: string, labelNames: L[], read: Read<L>) => {
       const config = {
         name,
@@ -41,7 +47,7 @@ export class Metrics {
         registers: [r],
         collect(this: client.Counter<L> | client.Gauge<L>) {
           this.reset();
-          for (const [labels, v] of read()) {
+          for (const [labels, v] of read(store.stats())) {
             const l = labels as client.LabelValues<L>;
             if (this instanceof client.Gauge) this.set(l, v);
             else if (v > 0) this.inc(l, v);
@@ -53,62 +59,62 @@ export class Metrics {
     const mirror = <L extends string>(name: string, help: string, labelNames: L[], read: Read<L>) => fromStore("counter", name, help, labelNames, read);
     const gauge = <L extends string>(name: string, help: string, labelNames: L[], read: Read<L>) => fromStore("gauge", name, help, labelNames, read);
 
-    mirror("ucm_bytes_total", "Payload bytes moved, by direction", ["direction"], () => [
-      [{ direction: "dump" }, c.bytesDumped],
-      [{ direction: "load" }, c.bytesLoaded],
+    mirror("ucm_bytes_total", "Payload bytes moved, by direction", ["direction"], (st) => [
+      [{ direction: "dump" }, st.counters.bytesDumped],
+      [{ direction: "load" }, st.counters.bytesLoaded],
     ]);
-    mirror("ucm_blocks_total", "Blocks by direction and result", ["direction", "result"], () => [
-      [{ direction: "dump", result: "stored" }, c.blocksDumped],
-      [{ direction: "dump", result: "already_stored" }, c.blocksSkipped],
-      [{ direction: "dump", result: "dropped" }, c.droppedInflight + c.droppedCapacity + c.droppedQueueAge + c.deferredFirstSight],
-      [{ direction: "load", result: "loaded" }, c.blocksLoaded],
+    mirror("ucm_blocks_total", "Blocks by direction and result", ["direction", "result"], (st) => [
+      [{ direction: "dump", result: "stored" }, st.counters.blocksDumped],
+      [{ direction: "dump", result: "already_stored" }, st.counters.blocksSkipped],
+      [{ direction: "dump", result: "dropped" }, st.counters.droppedInflight + st.counters.droppedCapacity + st.counters.droppedQueueAge + st.counters.deferredFirstSight],
+      [{ direction: "load", result: "loaded" }, st.counters.blocksLoaded],
     ]);
-    mirror("ucm_tasks_total", "Tasks submitted, by direction", ["direction"], () => [
-      [{ direction: "dump" }, c.dumpTasks],
-      [{ direction: "load" }, c.loadTasks],
+    mirror("ucm_tasks_total", "Tasks submitted, by direction", ["direction"], (st) => [
+      [{ direction: "dump" }, st.counters.dumpTasks],
+      [{ direction: "load" }, st.counters.loadTasks],
     ]);
-    mirror("ucm_lookups_total", "Lookup requests", [], () => [[{}, c.lookups]]);
-    mirror("ucm_lookup_keys_total", "Keys looked up, by result", ["result"], () => [
-      [{ result: "hit" }, c.hits],
-      [{ result: "miss" }, c.misses],
+    mirror("ucm_lookups_total", "Lookup requests", [], (st) => [[{}, st.counters.lookups]]);
+    mirror("ucm_lookup_keys_total", "Keys looked up, by result", ["result"], (st) => [
+      [{ result: "hit" }, st.counters.hits],
+      [{ result: "miss" }, st.counters.misses],
     ]);
-    mirror("ucm_dropped_writes_total", "Dumped blocks not written, by reason", ["reason"], () => [
-      [{ reason: "inflight_bytes" }, c.droppedInflight],
-      [{ reason: "capacity" }, c.droppedCapacity],
-      [{ reason: "queue_age" }, c.droppedQueueAge],
-      [{ reason: "first_sight" }, c.deferredFirstSight],
+    mirror("ucm_dropped_writes_total", "Dumped blocks not written, by reason", ["reason"], (st) => [
+      [{ reason: "inflight_bytes" }, st.counters.droppedInflight],
+      [{ reason: "capacity" }, st.counters.droppedCapacity],
+      [{ reason: "queue_age" }, st.counters.droppedQueueAge],
+      [{ reason: "first_sight" }, st.counters.deferredFirstSight],
     ]);
-    mirror("ucm_errors_total", "Errors by kind: failed blocks, refused requests, ledger trouble", ["kind"], () => {
+    mirror("ucm_errors_total", "Errors by kind: failed blocks, refused requests, ledger trouble", ["kind"], (st) => {
       const out: Array<[{ kind?: string }, number]> = [
-        [{ kind: "block_not_found" }, c.blocksNotFound],
-        [{ kind: "block_corrupt" }, c.blocksCorrupt],
-        [{ kind: "block_mismatch" }, c.blocksMismatch],
-        [{ kind: "block_io_error" }, c.blocksIoError],
-        [{ kind: "block_cancelled" }, c.blocksCancelled],
-        [{ kind: "ledger" }, store.capacity.usage().reduce((a, b) => a + b.ledgerErrors, 0)],
+        [{ kind: "block_not_found" }, st.counters.blocksNotFound],
+        [{ kind: "block_corrupt" }, st.counters.blocksCorrupt],
+        [{ kind: "block_mismatch" }, st.counters.blocksMismatch],
+        [{ kind: "block_io_error" }, st.counters.blocksIoError],
+        [{ kind: "block_cancelled" }, st.counters.blocksCancelled],
+        [{ kind: "ledger" }, st.capacity.reduce((a, b) => a + b.ledgerErrors, 0)],
       ];
       for (const [code, n] of Object.entries(this.extra().protocolErrors)) out.push([{ kind: `request_${code}` }, n]);
       return out;
     });
-    mirror("ucm_commits_total", "Blocks made visible", [], () => [[{}, c.commits]]);
-    mirror("ucm_evicted_blocks_total", "Blocks evicted for capacity, by backend", ["backend"], () =>
-      store.capacity.usage().map((b) => [{ backend: b.dir }, b.evictedFiles]),
+    mirror("ucm_commits_total", "Blocks made visible", [], (st) => [[{}, st.counters.commits]]);
+    mirror("ucm_evicted_blocks_total", "Blocks evicted for capacity, by backend", ["backend"], (st) =>
+      st.capacity.map((b) => [{ backend: b.dir }, b.evictedFiles]),
     );
-    mirror("ucm_evicted_bytes_total", "Bytes evicted for capacity, by backend", ["backend"], () =>
-      store.capacity.usage().map((b) => [{ backend: b.dir }, b.evictedBytes]),
+    mirror("ucm_evicted_bytes_total", "Bytes evicted for capacity, by backend", ["backend"], (st) =>
+      st.capacity.map((b) => [{ backend: b.dir }, b.evictedBytes]),
     );
-    gauge("ucm_capacity_bytes", "Configured capacity per backend (0 = unlimited)", ["backend"], () =>
-      store.capacity.usage().map((b) => [{ backend: b.dir }, b.capacity]),
+    gauge("ucm_capacity_bytes", "Configured capacity per backend (0 = unlimited)", ["backend"], (st) =>
+      st.capacity.map((b) => [{ backend: b.dir }, b.capacity]),
     );
-    gauge("ucm_capacity_used_bytes", "Bytes of block files in the backend, all engines", ["backend"], () =>
-      store.capacity.usage().map((b) => [{ backend: b.dir }, b.usedBytes]),
+    gauge("ucm_capacity_used_bytes", "Bytes of block files in the backend, all engines", ["backend"], (st) =>
+      st.capacity.map((b) => [{ backend: b.dir }, b.usedBytes]),
     );
-    gauge("ucm_capacity_used_blocks", "Block files in the backend, all engines", ["backend"], () =>
-      store.capacity.usage().map((b) => [{ backend: b.dir }, b.usedFiles]),
+    gauge("ucm_capacity_used_blocks", "Block files in the backend, all engines", ["backend"], (st) =>
+      st.capacity.map((b) => [{ backend: b.dir }, b.usedFiles]),
     );
-    gauge("ucm_queue_depth", "Blocks queued for a transfer thread", [], () => [[{}, store.native.stats().queuedBlocks]]);
-    gauge("ucm_inflight_bytes", "Dump bytes admitted and not yet written", [], () => [[{}, store.inflightDumpBytes]]);
-    gauge("ucm_tasks_in_flight", "Tasks running", [], () => [[{}, store.tasksInFlight]]);
+    gauge("ucm_queue_depth", "Blocks queued for a transfer thread", [], (st) => [[{}, st.queuedBlocks]]);
+    gauge("ucm_inflight_bytes", "Dump bytes admitted and not yet written", [], (st) => [[{}, st.inflightDumpBytes]]);
+    gauge("ucm_tasks_in_flight", "Tasks running", [], (st) => [[{}, st.tasksInFlight]]);
     gauge("ucm_clients", "Connected clients", [], () => [[{}, this.extra().clients]]);
     this.latency = new client.Histogram({
       name: "ucm_task_duration_seconds",

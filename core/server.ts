@@ -13,7 +13,20 @@ import { Logger } from "./log";
 import { Metrics } from "./metrics";
 import { cudaStatus } from "./native";
 import { processAlive } from "./orphans";
-import { MAX_MESSAGE_BYTES, PROTOCOL_VERSIONS, ProtocolError, decodeRequest, describe, encode, optString, reqNs, reqOp, reqUint } from "./protocol";
+import { MAX_MESSAGE_BYTES, PROTOCOL_VERSIONS, ProtocolError, decodeRequest, describe, encode, reqOp } from "./protocol";
+import {
+  HelloRequest,
+  decodeCommit,
+  decodeDump,
+  decodeHello,
+  decodeLoad,
+  decodeLookup,
+  decodeNamespace,
+  decodeRegister,
+  decodeRelease,
+  decodeTask,
+  decodeWait,
+} from "./requests";
 import { Session, Store } from "./store";
 
 type Msg = Record<string, unknown>;
@@ -74,7 +87,7 @@ export class EngineServer {
         }
       }
     }
-    await this.store.capacity.start();
+    await this.store.start();
     if (this.config.metricsPort > 0) await this.metrics.listen(this.config.metricsHost, this.config.metricsPort, this.log);
     this.guard = new ConnectionGuard(this.sock, ep, this.config, this.log, () => new Set(Array.from(this.sessions.values(), (s) => s.pid)));
     await this.sock.bind(ep);
@@ -130,7 +143,7 @@ export class EngineServer {
     if (op === "health") return this.health();
     if (op === "stats") return this.stats();
     if (this.stopping) throw new ProtocolError("shutting_down", `engine is shutting down; ${op} refused`);
-    if (op === "hello") return this.hello(key, msg);
+    if (op === "hello") return this.hello(key, decodeHello(msg));
     const s = this.sessions.get(key);
     if (!s) throw new ProtocolError("no_session", `send hello (protocol version ${PROTOCOL_VERSIONS.join("/")}) before ${JSON.stringify(op)}`);
     switch (op) {
@@ -138,36 +151,31 @@ export class EngineServer {
         this.drop(key, "said goodbye");
         return {};
       case "register":
-        return this.store.register(s, msg);
+        return this.store.register(s, decodeRegister(msg));
       case "release":
-        return this.store.release(s, msg);
+        return this.store.release(s, decodeRelease(msg));
       case "namespace":
-        return this.namespace(msg);
+        return this.store.namespace(decodeNamespace(msg));
       case "lookup":
-        return this.store.lookup(msg);
+        return this.store.lookup(decodeLookup(msg, this.config));
       case "dump":
-        return this.store.dump(s, msg);
+        return this.store.dump(s, decodeDump(msg, this.config));
       case "load":
-        return this.store.load(s, msg);
+        return this.store.load(s, decodeLoad(msg, this.config));
       case "wait":
-        return this.store.wait(s, msg);
+        return this.store.wait(s, decodeWait(msg));
       case "check":
-        return this.store.check(s, msg);
+        return this.store.check(s, decodeTask(msg));
       case "commit":
-        return this.store.commit(s, msg);
+        return this.store.commit(s, decodeCommit(msg, this.config));
       case "cancel":
-        return this.store.cancel(s, msg);
+        return this.store.cancel(s, decodeTask(msg));
       default:
         throw new ProtocolError("unknown_op", `unknown op ${describe(op)}; known: hello, goodbye, register, release, namespace, lookup, dump, load, wait, check, cancel, commit, stats, health`);
     }
   }
 
-  private hello(key: string, msg: Msg): Msg {
-    const version = msg.version;
-    if (typeof version !== "number" || !PROTOCOL_VERSIONS.includes(version)) {
-      throw new ProtocolError("unsupported_version", `protocol version ${describe(version)} is not supported; this engine speaks ${PROTOCOL_VERSIONS.join(", ")}`);
-    }
-    const pid = reqUint(msg, "pid", 2 ** 31);
+  private hello(key: string, { version, pid, name }: HelloRequest): Msg {
     // The pid is what the engine watches for liveness and the only process whose /proc/<pid>/fd a client may
     // name: it must be a process connected to us (the kernel says so), not any process.
     if (this.guard && !this.guard.connectedFrom(pid)) {
@@ -178,8 +186,6 @@ export class EngineServer {
     if (held >= this.config.maxSessionsPerProcess) {
       throw new ProtocolError("busy", `process ${pid} already holds ${held} sessions, the most allowed (maxSessionsPerProcess ${this.config.maxSessionsPerProcess})`);
     }
-    // A name goes into log lines: control characters (a newline would forge a line) become "?".
-    const name = (optString(msg, "name", 256) ?? "").replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, "?");
     if (this.sessions.has(key)) this.drop(key, "said hello again");
     this.sessions.set(key, new Session(key, pid, name));
     this.log.debug(`client ${name || "?"} (pid ${pid}) connected`);
@@ -190,12 +196,6 @@ export class EngineServer {
         build: buildId(), clients: this.sessions.size, settings: this.settings(),
       },
     };
-  }
-
-  private async namespace(msg: Msg): Promise<Msg> {
-    const ns = reqNs(msg);
-    await this.store.layout.ensureNamespace(ns, msg.description ?? null);
-    return {};
   }
 
   /**
@@ -220,20 +220,20 @@ export class EngineServer {
   }
 
   async stats(): Promise<Msg> {
-    const n = this.store.native.stats();
+    const st = this.store.stats();
     return {
-      ...this.store.counters,
-      tasksInFlight: this.store.tasksInFlight,
-      inflightDumpBytes: this.store.inflightDumpBytes,
-      maxInflightBytes: this.config.maxInflightBytes,
-      capacity: this.store.capacity.usage(),
+      ...st.counters,
+      tasksInFlight: st.tasksInFlight,
+      inflightDumpBytes: st.inflightDumpBytes,
+      maxInflightBytes: st.maxInflightBytes,
+      capacity: st.capacity,
       latency: await this.metrics.latencySummary(),
       clients: this.sessions.size,
-      queuedBlocks: n.queuedBlocks,
-      stagingBytes: n.stagingBytes,
-      pinnedBytes: n.pinnedBytes,
+      queuedBlocks: st.queuedBlocks,
+      stagingBytes: st.stagingBytes,
+      pinnedBytes: st.pinnedBytes,
       cuda: cudaStatus(),
-      transferThreads: n.threads,
+      transferThreads: st.transferThreads,
       errors: { ...this.errors },
       pid: process.pid,
       uptime_s: (Date.now() - this.started) / 1000,

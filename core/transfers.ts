@@ -1,0 +1,127 @@
+// Where a dump's or load's bytes move: the client's shards (region id, offset,
+// length) become a native TransferSpec over the engine's own region handles,
+// and the native engine copies them on its threads. Every shard is checked
+// against the region it names before any transfer is submitted; block files
+// are deleted off the event loop. Nothing here reads or writes payload bytes.
+import * as fs from "fs";
+import { BlockStatus, NativeEngine, TransferResult, TransferSpec } from "./native";
+import { StorageLayout } from "./layout";
+import { Logger } from "./log";
+import { ProtocolError, ShardArrays } from "./protocol";
+import { Session } from "./sessions";
+
+/** D2S: a dump (device or host memory to storage); S2D: a load. */
+export type Direction = "D2S" | "S2D";
+
+/** The native region of shard `i` (of block `b`), once its bounds are checked against the client's region. */
+function nativeRegion(s: Session, shards: ShardArrays, i: number, b: number): number {
+  const r = s.regions.get(shards.region[i]);
+  if (r === undefined) {
+    throw new ProtocolError("unknown_region", `shards.region[${i}]: no region ${shards.region[i]} registered by this client`);
+  }
+  const off = shards.offset[i];
+  const len = shards.length[i];
+  if (len < 1 || off > r.size || len > r.size - off) {
+    throw new ProtocolError(
+      "out_of_bounds",
+      `shard ${i} (block ${b}): [${off}, +${len}) is not inside region ${shards.region[i]} of ${r.size} bytes`,
+    );
+  }
+  return r.nid;
+}
+
+/** Checks every shard of every block (a dump checks them all before it decides which blocks to write). */
+export function checkShards(s: Session, shards: ShardArrays, blocks: number): void {
+  for (let b = 0; b < blocks; b++) {
+    for (let c = 0; c < shards.count; c++) nativeRegion(s, shards, b * shards.count + c, b);
+  }
+}
+
+/** The native spec of blocks `keep` (indexes into the request), block `b` going to or from `paths(b)`. */
+export function transferSpec(s: Session, ns: string, shards: ShardArrays, paths: (b: number) => string, keep: number[]): TransferSpec {
+  const n = keep.length * shards.count;
+  const region = new Uint32Array(n);
+  const offset = new Float64Array(n);
+  const length = new Float64Array(n);
+  let j = 0;
+  for (const b of keep) {
+    for (let c = 0; c < shards.count; c++) {
+      const i = b * shards.count + c;
+      region[j] = nativeRegion(s, shards, i, b);
+      offset[j] = shards.offset[i];
+      length[j] = shards.length[i];
+      j++;
+    }
+  }
+  return {
+    paths: keep.map(paths),
+    layoutDigest: StorageLayout.layoutDigest(ns),
+    blockShards: new Uint32Array(keep.length).fill(shards.count),
+    shardRegion: region,
+    shardOffset: offset,
+    shardLength: length,
+  };
+}
+
+/** Payload bytes of block `b` of a request of `blocks` blocks with equal shard counts. */
+export function blockBytes(shardLength: Float64Array, b: number, blocks: number): number {
+  const per = shardLength.length / blocks;
+  let n = 0;
+  for (let i = b * per; i < (b + 1) * per; i++) n += shardLength[i];
+  return n;
+}
+
+/** The native engine's data path, as the store uses it. */
+export class Transfers {
+  private closed = false;
+
+  constructor(
+    readonly native: NativeEngine,
+    private readonly log: Logger,
+  ) {}
+
+  /** Queues the spec; a spec the native engine refuses at once is the client's error, with its code. */
+  submit(direction: Direction, spec: TransferSpec): Promise<TransferResult> {
+    try {
+      const p = direction === "D2S" ? this.native.dump(spec) : this.native.load(spec);
+      // The device backend's once-only notices (a copy method the driver lacks) go to the log.
+      return p.then((r) => {
+        for (const n of r.notices ?? []) this.log.warn(`CUDA: ${n}`);
+        return r;
+      });
+    } catch (e) {
+      const m = (e as Error).message;
+      if (e instanceof RangeError && /outside region|above maxBlockBytes/.test(m)) {
+        throw new ProtocolError(/maxBlockBytes/.test(m) ? "too_large" : "out_of_bounds", m);
+      }
+      throw new ProtocolError("bad_message", m);
+    }
+  }
+
+  /** One line per task whose blocks failed for a reason other than a miss, a check or shedding (I/O, GPU). */
+  logFailures(id: number, direction: Direction, r: TransferResult): void {
+    const failed = Array.from(r.status).flatMap((st, i) => (st === BlockStatus.IoError ? [i] : []));
+    if (failed.length === 0) return;
+    const first = failed[0];
+    this.log.warn(
+      `task ${id} (${direction}): ${failed.length} of ${r.status.length} block(s) failed: ${r.what[first]}` +
+        (r.errno[first] ? ` (errno ${r.errno[first]})` : ""),
+    );
+  }
+
+  /** Best-effort delete off the event loop; after close, through libuv. */
+  removeFiles(paths: string[]): void {
+    if (paths.length === 0) return;
+    if (!this.closed) {
+      this.native.remove(paths).catch((e: Error) => this.log.warn(`remove failed: ${e.message}`));
+    } else {
+      for (const p of paths) void fs.promises.rm(p, { force: true }).catch(() => undefined);
+    }
+  }
+
+  /** Stops the native engine: what is still queued is cancelled, running blocks finish first. */
+  close(): void {
+    this.closed = true;
+    this.native.close();
+  }
+}
