@@ -1,6 +1,7 @@
 // Wire protocol version 1 (docs/PROTOCOL.md): message framing, error codes and
-// the validators that turn untrusted msgpack into typed requests. Nothing
-// here trusts a length, a type or an index it did not check.
+// the field validators that turn untrusted msgpack into typed values (each
+// op's request is assembled from them in requests.ts). Nothing here trusts a
+// length, a type or an index it did not check.
 import { Packr } from "msgpackr";
 
 export const PROTOCOL_VERSIONS: readonly number[] = [1];
