@@ -2,6 +2,7 @@
 // core/ goes through these types.
 import * as fs from "fs";
 import * as path from "path";
+import { OPTIONS } from "./config";
 
 export enum BlockStatus {
   Ok = 0,
@@ -27,21 +28,70 @@ export const BLOCK_STATUS_NAMES: Record<BlockStatus, string> = {
 
 export interface NativeEngineOptions {
   /** Transfer worker threads (transferStreamNumber). */
-  threads?: number;
-  /** Threads for stat/rename/unlink batches. */
-  metaThreads?: number;
+  threads: number;
+  /** Threads for stat/rename/unlink batches (and as many again for lookups). */
+  metaThreads: number;
   /** Largest block payload accepted, bytes. */
-  maxBlockBytes?: number;
+  maxBlockBytes: number;
   /** Try O_DIRECT for block files, falling back where refused. */
-  odirect?: boolean;
+  odirect: boolean;
   /** fdatasync each block file before it counts as written. */
-  fsync?: boolean;
+  fsync: boolean;
   /** Pinned host staging for device blocks, all transfer threads together. */
-  pinnedStagingBytes?: number;
+  pinnedStagingBytes: number;
   /** How device shards move: one gather/scatter kernel, or cudaMemcpyBatchAsync. */
-  cudaCopy?: "kernel" | "batch";
+  cudaCopy: "kernel" | "batch";
   /** How long a device dump waits for the client's CUDA event before the block fails. */
-  cudaEventTimeoutMs?: number;
+  cudaEventTimeoutMs: number;
+}
+
+/** Metadata threads of an engine; not a config key (4 keep a lookup batch quick without crowding the transfers). */
+const META_THREADS = 4;
+
+/**
+ * Every engine option, each one `given` or else config.ts's default: the addon has no defaults of its own
+ * and refuses an option that is missing.
+ */
+export function nativeEngineOptions(given: Partial<NativeEngineOptions> = {}): NativeEngineOptions {
+  return {
+    threads: given.threads ?? (OPTIONS.transferStreamNumber.dflt as number),
+    metaThreads: given.metaThreads ?? META_THREADS,
+    maxBlockBytes: given.maxBlockBytes ?? (OPTIONS.maxBlockBytes.dflt as number),
+    odirect: given.odirect ?? (OPTIONS.odirect.dflt as boolean),
+    fsync: given.fsync ?? (OPTIONS.fsync.dflt as boolean),
+    pinnedStagingBytes: given.pinnedStagingBytes ?? (OPTIONS.pinnedStagingBytes.dflt as number),
+    cudaCopy: given.cudaCopy ?? (OPTIONS.cudaCopy.dflt as "kernel" | "batch"),
+    cudaEventTimeoutMs: given.cudaEventTimeoutMs ?? (OPTIONS.cudaEventTimeoutMs.dflt as number),
+  };
+}
+
+/**
+ * The `code` of an error the addon throws or rejects with (native/src/convert.h), for matching instead of the
+ * message text; errno-based failures carry the errno's name ("ENOSPC", "ETIMEDOUT", ...) and `errno`.
+ */
+export type NativeErrorCode =
+  | "invalid_argument"
+  | "unknown_region"
+  | "unknown_event"
+  | "out_of_bounds"
+  | "too_large"
+  | "cancel_id_in_use"
+  | "closed"
+  | "region_refused"
+  | "cuda_refused";
+
+export interface NativeError extends Error {
+  code: NativeErrorCode | `E${string}`;
+  errno?: number;
+}
+
+/**
+ * The `code` of an error the addon threw, undefined when there is none. (No instanceof check: errors made in native
+ * code belong to the main realm, not to a vm context such as jest's.)
+ */
+export function nativeErrorCode(e: unknown): NativeError["code"] | undefined {
+  const code = typeof e === "object" && e !== null ? (e as { code?: unknown }).code : undefined;
+  return typeof code === "string" ? (code as NativeError["code"]) : undefined;
 }
 
 /** A batch of blocks; block i owns the next blockShards[i] shards. */
@@ -193,7 +243,7 @@ export interface ConnectedPeer {
 }
 
 interface Addon {
-  Engine: new (opts?: NativeEngineOptions) => NativeEngine;
+  Engine: new (opts: NativeEngineOptions) => NativeEngine;
   crc32c(data: Uint8Array): number;
   usageAdd(dir: string, deltaBytes: number, deltaFiles: number, timeoutMs: number): Promise<LedgerUsage>;
   evict(req: EvictRequest): Promise<EvictResult>;
@@ -210,7 +260,7 @@ interface Addon {
   listenerPauseState(): ListenerPauseState;
   /** Files 0660 and directories 02770 instead of 0600 and 0700, for every file the engine makes from now on. */
   setShareWithGroup(share: boolean): void;
-  constants: { headerSize: number; blockAlign: number; formatVersion: number; cuda: boolean };
+  constants: { headerSize: number; blockAlign: number; formatVersion: number; cuda: boolean; blockStatus: string[] };
 }
 
 function findAddon(): string {
@@ -229,10 +279,33 @@ function findAddon(): string {
   throw new Error("native addon not built: run `npm install` (or `npm run build:native`) first");
 }
 
-// eslint-disable-next-line @typescript-eslint/no-require-imports
-const addon: Addon = require(findAddon());
+/**
+ * The block status vocabulary exists in C++ (BlockStatus, native/src/block_file.h) and here; an addon built from
+ * other sources than this file would report statuses under the wrong names, so it is refused at load.
+ */
+export function checkStatusNames(file: string, theirs: unknown): void {
+  const ours = Object.values(BlockStatus)
+    .filter((v): v is BlockStatus => typeof v === "number")
+    .sort((a, b) => a - b)
+    .map((v) => BLOCK_STATUS_NAMES[v]);
+  const same = Array.isArray(theirs) && theirs.length === ours.length && ours.every((n, i) => theirs[i] === n);
+  if (!same) {
+    throw new Error(
+      `native addon ${file} names block statuses ${JSON.stringify(theirs)}, core/native.ts names them ${JSON.stringify(ours)}: ` +
+        "rebuild the addon (npm run build:native) from the same sources",
+    );
+  }
+}
 
-export const Engine = addon.Engine;
+const addonFile = findAddon();
+// eslint-disable-next-line @typescript-eslint/no-require-imports
+const addon: Addon = require(addonFile);
+checkStatusNames(addonFile, addon.constants.blockStatus);
+
+/** The addon's Engine with every option filled in (nativeEngineOptions): options left out take config.ts's defaults. */
+export const Engine = function Engine(opts?: Partial<NativeEngineOptions>): NativeEngine {
+  return new addon.Engine(nativeEngineOptions(opts));
+} as unknown as new (opts?: Partial<NativeEngineOptions>) => NativeEngine;
 export const crc32c = addon.crc32c;
 export const usageAdd = addon.usageAdd;
 export const evict = addon.evict;

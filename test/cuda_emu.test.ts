@@ -1,5 +1,5 @@
 // The engine's GPU code path on a machine without a GPU: the real engine
-// process and the production CUDA backend (native/src/cuda_backend.cc),
+// process and the production CUDA backend (native/src/cuda_backend.cc, cuda_stager.cc),
 // built against the emulated CUDA runtime (native/cuda_emu), over real
 // ZeroMQ sockets and real files. The emulation stands in for the GPU and its
 // driver; it never replaces a run on real hardware (bench/gpu_validate.py).
@@ -296,7 +296,8 @@ describe("older CUDA runtimes", () => {
     const root = path.resolve(__dirname, "..");
     for (const v of [12080, 12040]) {
       const r = spawnSync("g++", ["-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-DUCM_CUDA_EMU=1", `-DUCM_EMU_CUDART_VERSION=${v}`,
-        "-Inative/cuda_emu", "-Inative/src", "native/src/cuda_backend.cc"], { cwd: root, encoding: "utf8" });
+        "-Inative/cuda_emu", "-Inative/src", "native/src/cuda_backend.cc",
+        "native/src/cuda_stager.cc"], { cwd: root, encoding: "utf8" });
       expect({ v, status: r.status, err: r.stderr }).toEqual({ v, status: 0, err: "" });
     }
   });

@@ -4,7 +4,7 @@ import * as crypto from "crypto";
 import * as fs from "fs";
 import * as path from "path";
 import { spawnSync } from "child_process";
-import { BlockStatus, Engine, NativeEngine, ShardListBuilder, blockFileSize, constants, crc32c, cudaStatus } from "../core/native";
+import { BLOCK_STATUS_NAMES, BlockStatus, Engine, checkStatusNames, NativeEngine, ShardListBuilder, blockFileSize, constants, crc32c, cudaStatus, nativeEngineOptions, nativeErrorCode, usageAdd } from "../core/native";
 import { ShmRegion, diskTempDir, tempDir } from "./helpers/fixtures";
 
 const DIGEST = 0x1234_5678_9abc_def0n;
@@ -231,6 +231,46 @@ describe("native core", () => {
       expect(() => new Engine({ threads: 0 })).toThrow(/options.threads must be in \[1, 1024\], got 0/);
       expect(() => new Engine({ threads: "4" as unknown as number })).toThrow(/options.threads must be a number/);
     });
+    test("the addon takes no option by default: a missing one is a TypeError naming it", () => {
+      // eslint-disable-next-line @typescript-eslint/no-require-imports
+      const addon = require(process.env.UCM_NATIVE_ADDON ?? path.resolve(__dirname, "../native/build/Release/ucm_native.node"));
+      for (const key of Object.keys(nativeEngineOptions())) {
+        const opts: Record<string, unknown> = { ...nativeEngineOptions({ threads: 1 }) };
+        delete opts[key];
+        expect(() => new addon.Engine(opts)).toThrow(new RegExp(`options.${key} is missing`));
+        // A TypeError of the main realm (jest runs this file in a vm context): checked by name.
+        expect(() => new addon.Engine(opts)).toThrow(expect.objectContaining({ name: "TypeError" }));
+      }
+    });
+    test("errors carry a stable code", async () => {
+      const codeOf = (f: () => unknown): unknown => {
+        try {
+          f();
+        } catch (e) {
+          return nativeErrorCode(e);
+        }
+        return "no error";
+      };
+      expect(codeOf(() => engine.dump(one([[id, 8000, 200]])))).toBe("out_of_bounds");
+      expect(codeOf(() => engine.dump(one([[999, 0, 10]])))).toBe("unknown_region");
+      expect(codeOf(() => engine.dump(one([[id, -1, 10]])))).toBe("invalid_argument");
+      expect(codeOf(() => engine.dump({ ...one([[id, 0, 10]]), waitEvent: 12345 }))).toBe("unknown_event");
+      expect(codeOf(() => engine.openHostRegion("/ucm-no-such-region", 10))).toBe("region_refused");
+      const small = new Engine({ threads: 1, maxBlockBytes: 4096 });
+      const rid = small.openHostRegion(region.name, region.size);
+      expect(codeOf(() => small.dump(one([[rid, 0, 4097]])))).toBe("too_large");
+      small.close();
+      expect(codeOf(() => small.lookup([]))).toBe("closed");
+      const e = await usageAdd(path.join(dir, "no", "such"), 1, 1, 1000).catch((x: unknown) => x);
+      expect(nativeErrorCode(e)).toBe("ENOENT");
+      expect((e as { errno?: number }).errno).toBe(2);
+    });
+  });
+
+  test("the addon names block statuses as core/native.ts does; an addon that names them otherwise is refused", () => {
+    expect(constants.blockStatus).toEqual(Object.values(BLOCK_STATUS_NAMES));
+    expect(() => checkStatusNames("x.node", [...constants.blockStatus].reverse())).toThrow(/native addon x.node names block statuses \["dropped",.*core\/native.ts names them \["ok",/);
+    expect(() => checkStatusNames("x.node", undefined)).toThrow(/names block statuses undefined/);
   });
 
   test("a closed region stays mapped for the task that uses it", async () => {
@@ -355,7 +395,7 @@ describe("CUDA backend", () => {
       const addon = require(path.join(out, "Release", "ucm_native.node"));
       expect(addon.constants.cuda).toBe(false);
       expect(addon.cudaStatus()).toMatchObject({ built: false, usable: false });
-      const e: NativeEngine = new addon.Engine({ threads: 2 });
+      const e: NativeEngine = new addon.Engine(nativeEngineOptions({ threads: 2 }));
       try {
         expect(() => e.openCudaRegion(0, new Uint8Array(64), 0, 4096)).toThrow(/built without the CUDA toolkit/);
         const d = tempDir();

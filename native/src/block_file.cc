@@ -31,12 +31,15 @@ bool ClearDirect(int fd) {
 
 // pwrite/pread loops: a short transfer is continued, an error returns -errno.
 // EINVAL on an O_DIRECT descriptor (alignment refused late, as some network
-// filesystems do) drops O_DIRECT once and retries.
-ssize_t WriteAll(int fd, const uint8_t* buf, size_t len) {
+// filesystems do) drops O_DIRECT once and retries. A write that makes no
+// progress is EIO; a read that hits the end of the file stops there and the
+// caller compares the count.
+ssize_t TransferAll(int fd, uint8_t* buf, size_t len, bool write) {
   size_t done = 0;
   bool retried = false;
   while (done < len) {
-    ssize_t n = pwrite(fd, buf + done, len - done, static_cast<off_t>(done));
+    const off_t at = static_cast<off_t>(done);
+    ssize_t n = write ? pwrite(fd, buf + done, len - done, at) : pread(fd, buf + done, len - done, at);
     if (n < 0) {
       if (errno == EINTR) continue;
       if (errno == EINVAL && !retried && ClearDirect(fd)) {
@@ -45,30 +48,19 @@ ssize_t WriteAll(int fd, const uint8_t* buf, size_t len) {
       }
       return -errno;
     }
-    if (n == 0) return -EIO;
+    if (n == 0) {
+      if (write) return -EIO;
+      break;
+    }
     done += static_cast<size_t>(n);
   }
   return static_cast<ssize_t>(done);
 }
 
-ssize_t ReadAll(int fd, uint8_t* buf, size_t len) {
-  size_t done = 0;
-  bool retried = false;
-  while (done < len) {
-    ssize_t n = pread(fd, buf + done, len - done, static_cast<off_t>(done));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EINVAL && !retried && ClearDirect(fd)) {
-        retried = true;
-        continue;
-      }
-      return -errno;
-    }
-    if (n == 0) break;  // end of file: caller compares the count
-    done += static_cast<size_t>(n);
-  }
-  return static_cast<ssize_t>(done);
-}
+// pwrite only reads `buf`; the cast lets one loop serve both directions.
+ssize_t WriteAll(int fd, const uint8_t* buf, size_t len) { return TransferAll(fd, const_cast<uint8_t*>(buf), len, true); }
+
+ssize_t ReadAll(int fd, uint8_t* buf, size_t len) { return TransferAll(fd, buf, len, false); }
 
 IoResult Io(int err, const char* what) { return IoResult{BlockStatus::kIoError, err, what}; }
 

@@ -49,6 +49,13 @@ enum class BlockStatus : int32_t {
   kDropped = 7,   // dump: shed by write admission (queued too long), nothing written
 };
 
+// BlockStatus names in enum order. The addon exports them (constants.blockStatus)
+// and core/native.ts refuses to load an addon whose names differ from its own.
+constexpr const char* kBlockStatusNames[] = {"ok",        "not_found", "corrupt",  "io_error",
+                                             "cancelled", "skipped",   "mismatch", "dropped"};
+static_assert(sizeof(kBlockStatusNames) / sizeof(kBlockStatusNames[0]) == static_cast<size_t>(BlockStatus::kDropped) + 1,
+              "a name for every BlockStatus");
+
 struct IoOptions {
   bool odirect = true;  // try O_DIRECT, fall back when the filesystem refuses it
   bool fsync = false;   // fdatasync every block before it counts as written

@@ -1,8 +1,8 @@
-// CUDA backend (see cuda_backend.h): CUDA runtime API calls only. The kernel
-// lives in cuda_copy_kernel.cu; tests build this same file against the
-// emulated runtime in native/cuda_emu/.
-#include <cuda_runtime.h>
-
+// CUDA backend (see cuda_backend.h): the probe, device selection, IPC
+// regions and events, and the notices for the log. The copy paths are in
+// cuda_stager.cc, the kernel in cuda_copy_kernel.cu. CUDA runtime API calls
+// only; tests build these same files against the emulated runtime in
+// native/cuda_emu/.
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -10,28 +10,11 @@
 #include <mutex>
 #include <thread>
 
-#include "block_file.h"
 #include "cuda_backend.h"
-#include "cuda_copy.h"
-
-// cudaMemcpyBatchAsync arrived in CUDA 12.8 with a failure-index argument
-// that CUDA 13.0 dropped; older runtimes have no batched copy at all.
-#if CUDART_VERSION >= 13000
-#define UCM_BATCH_COPY 13
-#elif CUDART_VERSION >= 12080
-#define UCM_BATCH_COPY 12
-#else
-#define UCM_BATCH_COPY 0
-#endif
+#include "cuda_internal.h"
 
 namespace ucm {
 namespace {
-
-std::string Err(const std::string& what, cudaError_t e) {
-  return what + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
-}
-
-std::string Version(int v) { return std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10); }
 
 // The oldest Linux driver a runtime of this version runs on (minor version
 // compatibility within a major release).
@@ -52,13 +35,26 @@ std::map<std::string, Mapping> g_maps;
 
 std::mutex g_notice_mu;
 std::vector<std::string> g_notices;
-bool g_batch_notice_given = false;
 
-// Sets the calling thread's device (this creates its context on first use).
+}  // namespace
+
+std::string CudaErr(const std::string& what, cudaError_t e) {
+  return what + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
+}
+
+std::string CudaVersionText(int v) { return std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10); }
+
+void AddCudaNotice(bool* once, const std::string& message) {
+  std::lock_guard<std::mutex> lock(g_notice_mu);
+  if (*once) return;
+  *once = true;
+  g_notices.push_back(message);
+}
+
 bool UseDevice(int device, std::string* error) {
   cudaError_t e = cudaSetDevice(device);
   if (e != cudaSuccess) {
-    *error = Err("cudaSetDevice(" + std::to_string(device) + ")", e);
+    *error = CudaErr("cudaSetDevice(" + std::to_string(device) + ")", e);
     return false;
   }
   return true;
@@ -78,8 +74,6 @@ bool CheckUsable(int device, std::string* error) {
   return true;
 }
 
-}  // namespace
-
 const CudaStatus& CudaProbe() {
   static const CudaStatus status = [] {
     CudaStatus s;
@@ -93,14 +87,14 @@ const CudaStatus& CudaProbe() {
     cudaError_t e = cudaGetDeviceCount(&s.devices);
     if (e != cudaSuccess && s.driver_version > 0 && s.driver_version / 1000 < s.runtime_version / 1000) {
       s.devices = 0;
-      s.why = "the NVIDIA driver supports CUDA " + Version(s.driver_version) + ", but this engine was built with CUDA " +
-              Version(s.runtime_version) + ", which needs driver " + std::to_string(MinDriver(s.runtime_version)) +
+      s.why = "the NVIDIA driver supports CUDA " + CudaVersionText(s.driver_version) + ", but this engine was built with CUDA " +
+              CudaVersionText(s.runtime_version) + ", which needs driver " + std::to_string(MinDriver(s.runtime_version)) +
               " or newer: update the driver, or rebuild native/ with a CUDA toolkit the driver supports (" +
-              Err("cudaGetDeviceCount", e) + ")";
+              CudaErr("cudaGetDeviceCount", e) + ")";
     } else if (e != cudaSuccess) {
       s.devices = 0;
-      s.why = s.driver_version == 0 ? "no NVIDIA driver (libcuda.so.1) in the engine process; " + Err("cudaGetDeviceCount", e)
-                                    : Err("cudaGetDeviceCount", e);
+      s.why = s.driver_version == 0 ? "no NVIDIA driver (libcuda.so.1) in the engine process; " + CudaErr("cudaGetDeviceCount", e)
+                                    : CudaErr("cudaGetDeviceCount", e);
     } else if (s.devices == 0) {
       s.why = "no CUDA device";
     } else {
@@ -123,7 +117,7 @@ bool ResolveDevice(int client_device, const std::string& pci_bus_id, int* device
     cudaGetLastError();
     *error = "no GPU with PCI bus id '" + pci_bus_id + "' is visible to the engine (it sees " +
              std::to_string(CudaProbe().devices) + " device(s); an engine started with CUDA_VISIBLE_DEVICES " +
-             "sees only those): " + Err("cudaDeviceGetByPCIBusId", e);
+             "sees only those): " + CudaErr("cudaDeviceGetByPCIBusId", e);
     return false;
   }
   *device = d;
@@ -141,7 +135,7 @@ bool AwaitCudaEvent(const CudaEvent& ev, uint32_t timeout_ms, const std::functio
     if (e == cudaSuccess) return true;
     if (e != cudaErrorNotReady) {
       cudaGetLastError();
-      *error = Err("cudaEventQuery(the client's CUDA event)", e);
+      *error = CudaErr("cudaEventQuery(the client's CUDA event)", e);
       return false;
     }
     if (abandon && abandon()) {
@@ -193,7 +187,7 @@ std::shared_ptr<CudaRegion> CudaRegion::Open(int client_device, const std::strin
     if (e != cudaSuccess) {
       cudaGetLastError();
       g_maps.erase(key);
-      *error = Err("cudaIpcOpenMemHandle", e) + " (is the exporting process alive, on this node, and is the memory " +
+      *error = CudaErr("cudaIpcOpenMemHandle", e) + " (is the exporting process alive, on this node, and is the memory " +
                "from cudaMalloc?)";
       return nullptr;
     }
@@ -232,7 +226,7 @@ std::shared_ptr<CudaEvent> CudaEvent::Open(int client_device, const std::string&
   cudaError_t e = cudaIpcOpenEventHandle(&ev, h);
   if (e != cudaSuccess) {
     cudaGetLastError();
-    *error = Err("cudaIpcOpenEventHandle", e);
+    *error = CudaErr("cudaIpcOpenEventHandle", e);
     return nullptr;
   }
   std::shared_ptr<CudaEvent> out(new CudaEvent());
@@ -243,196 +237,6 @@ std::shared_ptr<CudaEvent> CudaEvent::Open(int client_device, const std::string&
 
 CudaEvent::~CudaEvent() {
   if (event_ && cudaSetDevice(device_) == cudaSuccess) cudaEventDestroy(static_cast<cudaEvent_t>(event_));
-}
-
-std::unique_ptr<CudaStager> CudaStager::Create(int device, size_t bytes, CudaCopy method, std::string* error) {
-  if (!CheckUsable(device, error) || !UseDevice(device, error)) return nullptr;
-  std::unique_ptr<CudaStager> s(new CudaStager());
-  s->method_ = method;
-  if (UCM_BATCH_COPY == 0 && method == CudaCopy::kBatch) s->method_ = CudaCopy::kKernel;
-  void* p = nullptr;
-  // Portable: usable from every device's context; mapped: the gather kernel
-  // writes it directly (with unified addressing the host pointer is valid on
-  // the device). 4 KiB extra so O_DIRECT gets a page-aligned start.
-  cudaError_t e = cudaHostAlloc(&p, bytes + kBlockAlign, cudaHostAllocPortable | cudaHostAllocMapped);
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    *error = Err("cudaHostAlloc(" + std::to_string(bytes) + " bytes of pinned staging)", e);
-    return nullptr;
-  }
-  s->alloc_ = static_cast<uint8_t*>(p);
-  s->data_ = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(p) + kBlockAlign - 1) / kBlockAlign * kBlockAlign);
-  s->capacity_ = bytes;
-  return s;
-}
-
-CudaStager::~CudaStager() {
-  if (broken_) return;  // a copy may still target this memory: abandon it
-  for (size_t d = 0; d < streams_.size(); ++d) {
-    if (streams_[d] && cudaSetDevice(static_cast<int>(d)) == cudaSuccess) {
-      cudaStreamSynchronize(static_cast<cudaStream_t>(streams_[d]));
-      cudaStreamDestroy(static_cast<cudaStream_t>(streams_[d]));
-      if (done_[d]) cudaEventDestroy(static_cast<cudaEvent_t>(done_[d]));
-    }
-  }
-  if (table_) cudaFreeHost(table_);
-  if (alloc_) cudaFreeHost(alloc_);
-}
-
-bool CudaStager::Streams(int device, std::string* error) {
-  if (static_cast<size_t>(device) >= streams_.size()) {
-    streams_.resize(device + 1, nullptr);
-    done_.resize(device + 1, nullptr);
-  }
-  if (!streams_[device]) {
-    cudaStream_t s = nullptr;
-    cudaError_t e = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
-    if (e != cudaSuccess) {
-      cudaGetLastError();
-      *error = Err("cudaStreamCreateWithFlags", e);
-      return false;
-    }
-    streams_[device] = s;
-  }
-  if (!done_[device]) {
-    // Blocking sync: the waiting thread sleeps until the copy engine or the
-    // kernel is done instead of spinning on a core.
-    cudaEvent_t ev = nullptr;
-    cudaError_t e = cudaEventCreateWithFlags(&ev, cudaEventBlockingSync | cudaEventDisableTiming);
-    if (e != cudaSuccess) {
-      cudaGetLastError();
-      *error = Err("cudaEventCreateWithFlags", e);
-      return false;
-    }
-    done_[device] = ev;
-  }
-  return true;
-}
-
-bool CudaStager::Gather(int device, const std::vector<DeviceCopy>& copies, std::string* error) {
-  return Run(device, copies, true, error);
-}
-
-bool CudaStager::Scatter(int device, const std::vector<DeviceCopy>& copies, std::string* error) {
-  return Run(device, copies, false, error);
-}
-
-bool CudaStager::EnqueueBatch(int device, const std::vector<DeviceCopy>& copies, bool to_host, void* stream,
-                              std::string* error) {
-#if UCM_BATCH_COPY
-  srcs_.clear();
-  dsts_.clear();
-  sizes_.clear();
-  for (const DeviceCopy& c : copies) {
-    void* host = data_ + c.host_off;
-    srcs_.push_back(to_host ? static_cast<void*>(c.dev) : host);
-    dsts_.push_back(to_host ? host : static_cast<void*>(c.dev));
-    sizes_.push_back(c.len);
-  }
-  cudaMemcpyAttributes attr;
-  std::memset(&attr, 0, sizeof attr);
-  attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-  attr.srcLocHint.type = to_host ? cudaMemLocationTypeDevice : cudaMemLocationTypeHost;
-  attr.srcLocHint.id = to_host ? device : 0;
-  attr.dstLocHint.type = to_host ? cudaMemLocationTypeHost : cudaMemLocationTypeDevice;
-  attr.dstLocHint.id = to_host ? 0 : device;
-  size_t attr_idx = 0;
-#if UCM_BATCH_COPY == 13
-  cudaError_t e = cudaMemcpyBatchAsync(dsts_.data(), srcs_.data(), sizes_.data(), copies.size(), &attr, &attr_idx, 1,
-                                       static_cast<cudaStream_t>(stream));
-#else
-  size_t fail_idx = 0;
-  cudaError_t e = cudaMemcpyBatchAsync(dsts_.data(), srcs_.data(), sizes_.data(), copies.size(), &attr, &attr_idx, 1,
-                                       &fail_idx, static_cast<cudaStream_t>(stream));
-#endif
-  if (e == cudaSuccess) return true;
-  cudaGetLastError();
-  // Only a driver that lacks the call sends us to the kernel; any other
-  // error fails this block and is reported with it.
-  if (e != cudaErrorNotSupported && e != cudaErrorCallRequiresNewerDriver) {
-    *error = Err("cudaMemcpyBatchAsync", e);
-    return false;
-  }
-  method_ = CudaCopy::kKernel;
-  {
-    std::lock_guard<std::mutex> lock(g_notice_mu);
-    if (!g_batch_notice_given) {
-      g_batch_notice_given = true;
-      g_notices.push_back("cudaMemcpyBatchAsync is not available with this driver (CUDA " +
-                          Version(CudaProbe().driver_version) + "; " + Err("cudaMemcpyBatchAsync", e) +
-                          "): GPU blocks move with the copy kernel instead");
-    }
-  }
-  return EnqueueKernel(copies, to_host, stream, error);
-#else
-  (void)device;
-  return EnqueueKernel(copies, to_host, stream, error);
-#endif
-}
-
-bool CudaStager::EnqueueKernel(const std::vector<DeviceCopy>& copies, bool to_host, void* stream, std::string* error) {
-  size_t pieces = 0;
-  for (const DeviceCopy& c : copies) pieces += (c.len + kCopyPiece - 1) / kCopyPiece;
-  if (pieces > table_entries_) {
-    if (table_) cudaFreeHost(table_);
-    table_ = nullptr;
-    table_entries_ = 0;
-    cudaError_t e = cudaHostAlloc(&table_, pieces * sizeof(CopyPiece), cudaHostAllocPortable | cudaHostAllocMapped);
-    if (e != cudaSuccess) {
-      cudaGetLastError();
-      table_ = nullptr;
-      *error = Err("cudaHostAlloc(copy table)", e);
-      return false;
-    }
-    table_entries_ = pieces;
-  }
-  CopyPiece* t = static_cast<CopyPiece*>(table_);
-  size_t n = 0;
-  for (const DeviceCopy& c : copies) {
-    for (uint64_t off = 0; off < c.len; off += kCopyPiece) {
-      uint8_t* dev = c.dev + off;
-      uint8_t* host = data_ + c.host_off + off;
-      const uint64_t len = std::min<uint64_t>(kCopyPiece, c.len - off);
-      t[n++] = to_host ? CopyPiece{dev, host, len} : CopyPiece{host, dev, len};
-    }
-  }
-  cudaError_t e = LaunchCopyPieces(t, static_cast<int>(n), static_cast<cudaStream_t>(stream));
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    *error = Err("gather/scatter kernel launch", e);
-    return false;
-  }
-  return true;
-}
-
-bool CudaStager::Run(int device, const std::vector<DeviceCopy>& copies, bool to_host, std::string* error) {
-  if (broken_) {
-    *error = "this transfer thread's staging was abandoned after a copy that did not finish";
-    return false;
-  }
-  if (!CheckUsable(device, error) || !UseDevice(device, error)) return false;
-  for (const DeviceCopy& c : copies) {
-    if (c.host_off > capacity_ || c.len > capacity_ - c.host_off) {
-      *error = "copy outside the pinned staging buffer";
-      return false;
-    }
-  }
-  if (!Streams(device, error)) return false;
-  void* stream = streams_[device];
-  const bool queued = method_ == CudaCopy::kBatch ? EnqueueBatch(device, copies, to_host, stream, error)
-                                                  : EnqueueKernel(copies, to_host, stream, error);
-  if (!queued) return false;
-  auto done = static_cast<cudaEvent_t>(done_[device]);
-  cudaError_t e = cudaEventRecord(done, static_cast<cudaStream_t>(stream));
-  if (e == cudaSuccess) e = cudaEventSynchronize(done);
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    // The copy's state is unknown: never reuse this staging for another block.
-    broken_ = true;
-    *error = Err(to_host ? "waiting for the gather" : "waiting for the scatter", e);
-    return false;
-  }
-  return true;
 }
 
 }  // namespace ucm

@@ -87,18 +87,21 @@ class AlignedBuffer {
   size_t capacity_ = 0;
 };
 
+// Every field is set by whoever builds the engine (the binding: from the
+// options JS passed, whose defaults live in core/config.ts); the zeros here
+// are no defaults, an engine must not run on them.
 struct EngineOptions {
-  uint32_t threads = 32;          // transferStreamNumber
-  uint32_t meta_threads = 4;
-  uint64_t max_block_bytes = 1ull << 30;
+  uint32_t threads = 0;          // transferStreamNumber
+  uint32_t meta_threads = 0;
+  uint64_t max_block_bytes = 0;
   // Pinned host staging for device blocks, all workers together; each
   // worker allocates its share (pinned_staging_bytes / threads) once, at its
   // first device block. A device block must fit in one share.
-  uint64_t pinned_staging_bytes = 2ull << 30;
+  uint64_t pinned_staging_bytes = 0;
   CudaCopy cuda_copy = CudaCopy::kBatch;
   // How long a device dump waits for the client's CUDA event before the
   // block fails (a client that recorded it and died, say).
-  uint32_t cuda_event_timeout_ms = 30000;
+  uint32_t cuda_event_timeout_ms = 0;
   IoOptions io;
 };
 
