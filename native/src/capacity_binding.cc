@@ -130,8 +130,10 @@ Napi::Value EvictJs(const Napi::CallbackInfo& info) {
 
 void RegisterCapacity(Napi::Env env, Napi::Object exports) {
   auto* work = new CapacityWork(env);
-  // Teardown: running passes finish (they have deadlines), queued ones are
-  // dropped, then the channel goes; the promises go with the environment.
+  // Teardown (a worker thread ending; the main thread's loop only ends with
+  // no job in flight, the channel holds it): running jobs finish first, as
+  // the engine's metadata jobs do at close, queued ones are dropped, then the
+  // channel goes and the unsettled promises with the environment.
   env.AddCleanupHook([work] {
     work->pool.Stop();
     work->channel.Abort();
