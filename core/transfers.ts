@@ -4,7 +4,7 @@
 // against the region it names before any transfer is submitted; block files
 // are deleted off the event loop. Nothing here reads or writes payload bytes.
 import * as fs from "fs";
-import { BlockStatus, NativeEngine, TransferResult, TransferSpec } from "./native";
+import { BlockStatus, NativeEngine, nativeErrorCode, TransferResult, TransferSpec } from "./native";
 import { StorageLayout } from "./layout";
 import { Logger } from "./log";
 import { ProtocolError, ShardArrays } from "./protocol";
@@ -90,11 +90,10 @@ export class Transfers {
         return r;
       });
     } catch (e) {
+      // The addon's error codes say whose fault it is (docs/PROTOCOL.md's codes where one fits).
+      const code = nativeErrorCode(e);
       const m = (e as Error).message;
-      if (e instanceof RangeError && /outside region|above maxBlockBytes/.test(m)) {
-        throw new ProtocolError(/maxBlockBytes/.test(m) ? "too_large" : "out_of_bounds", m);
-      }
-      throw new ProtocolError("bad_message", m);
+      throw new ProtocolError(code === "too_large" || code === "out_of_bounds" ? code : "bad_message", m);
     }
   }
 
