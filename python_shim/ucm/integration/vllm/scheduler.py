@@ -40,9 +40,6 @@ class _ReqState:
 class UCMScheduler(EngineLink):
     def __init__(self, opts: ConnectorOptions, name: str):
         super().__init__(opts, name)
-        self.block_size = opts.block_size
-        self.load_async = opts.load_async
-        self.decode_save_blocks = opts.decode_save_blocks
         self.namespaces = sorted({opts.namespace(r) for r in range(opts.tp_size)})
         self._reqs: dict[str, _ReqState] = {}
         self._pending_loads: list[Transfer] = []
@@ -58,8 +55,8 @@ class UCMScheduler(EngineLink):
         state.load_start = state.load_count = 0
         state.load_planned = False
         # Never claim the last prompt token: vLLM must compute at least one.
-        max_blocks = (request.num_prompt_tokens - 1) // self.block_size
-        start = num_computed_tokens // self.block_size
+        max_blocks = (request.num_prompt_tokens - 1) // self.opts.block_size
+        start = num_computed_tokens // self.opts.block_size
         hashes = list(request.block_hashes[:max_blocks])
         if start >= len(hashes):
             return 0, False
@@ -77,7 +74,7 @@ class UCMScheduler(EngineLink):
         if hits == 0:
             return 0, False
         state.load_start, state.load_count = start, hits
-        return (start + hits) * self.block_size - num_computed_tokens, self.load_async
+        return (start + hits) * self.opts.block_size - num_computed_tokens, self.opts.load_async
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
         state = self._reqs.get(request.request_id)
@@ -127,11 +124,11 @@ class UCMScheduler(EngineLink):
         (minus those loaded from it): the prompt's at once, generated tokens'
         once `decode_save_blocks` of them wait (all of them when `finished`)."""
         req = state.request
-        full = min((computed + scheduled) // self.block_size, len(req.block_hashes), len(state.block_ids))
-        prompt_full = req.num_prompt_tokens // self.block_size
+        full = min((computed + scheduled) // self.opts.block_size, len(req.block_hashes), len(state.block_ids))
+        prompt_full = req.num_prompt_tokens // self.opts.block_size
         if full > prompt_full:
             waiting = full - max(state.saved_upto, prompt_full)
-            if self.decode_save_blocks == 0 or (not finished and waiting < self.decode_save_blocks):
+            if self.opts.decode_save_blocks == 0 or (not finished and waiting < self.opts.decode_save_blocks):
                 full = prompt_full
         idx = [i for i in range(state.saved_upto, full) if not (state.load_start <= i < state.load_start + state.load_count)]
         state.saved_upto = max(state.saved_upto, full)

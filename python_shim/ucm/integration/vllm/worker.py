@@ -41,14 +41,7 @@ class UCMWorker(EngineLink):
         super().__init__(opts, name)
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
-        self.block_size = opts.block_size
-        self.num_blocks = opts.num_blocks
-        self.tp_size = opts.tp_size
-        self.use_mla = opts.use_mla
-        self.load_async = opts.load_async
-        self.preempt_wait_ms = opts.preempt_wait_ms
-        self.save_timeout_ms = opts.save_timeout_ms
-        self.rank = get_tensor_model_parallel_rank() if self.tp_size > 1 else 0
+        self.rank = get_tensor_model_parallel_rank() if self.opts.tp_size > 1 else 0
         self.namespace = opts.namespace(self.rank)
         self.regions = RegionRegistry(self.client)
         self.transfers = Transfers(self.client, self.regions, self.namespace, self._request)
@@ -67,7 +60,7 @@ class UCMWorker(EngineLink):
         try:
             if not kv_caches:
                 raise ValueError("vLLM registered no KV cache tensors")
-            layers = [block_runs(name, t, self.num_blocks) for name, t in kv_caches.items()]
+            layers = [block_runs(name, t, self.opts.num_blocks) for name, t in kv_caches.items()]
             # Export every tensor now, once: memory the engine cannot open
             # (expandable segments, sleep mode's allocator) is found here, not
             # as an exception in the middle of a forward pass.
@@ -81,8 +74,8 @@ class UCMWorker(EngineLink):
         logger.info("UCM: %d KV cache tensors, %d shard(s) of %d bytes per block per layer; namespace %s",
                     len(layers), len(layers[0].runs), layers[0].runs[0][1], self.namespace)
         self._call("namespace", ns=self.namespace, description={
-            "model": str(self.opts.vllm_config.model_config.model), "block_size": self.block_size,
-            "tp_size": self.tp_size, "rank": None if self.use_mla else self.rank, "layout": layout_signature(layers)})
+            "model": str(self.opts.vllm_config.model_config.model), "block_size": self.opts.block_size,
+            "tp_size": self.opts.tp_size, "rank": None if self.opts.use_mla else self.rank, "layout": layout_signature(layers)})
 
     def _disable(self, reason: str) -> None:
         """All misses from now on, on this worker: nothing is loaded (planned
@@ -181,7 +174,7 @@ class UCMWorker(EngineLink):
             tasks.append((t, p))
             if p is not None:
                 running[t.req_id] = p
-        if self.load_async:
+        if self.opts.load_async:
             # Finished (or failed) loads are reported by get_finished.
             for t, p in tasks:
                 self._async_loads[t.req_id] = (p, t)
@@ -231,7 +224,7 @@ class UCMWorker(EngineLink):
         for t in meta.saves:
             try:
                 self._saving_w.add(t.req_id)
-                p = self._submit("dump", t, self.save_timeout_ms)  # None: the save is dropped, a future miss
+                p = self._submit("dump", t, self.opts.save_timeout_ms)  # None: the save is dropped, a future miss
                 if p is not None:
                     self._dumps.setdefault(t.req_id, []).append(p)
             except Exception as e:  # noqa: BLE001 - a save that cannot be made is dropped
@@ -248,7 +241,7 @@ class UCMWorker(EngineLink):
         When it cannot answer, this waits for the dump's deadline."""
         if not isinstance(kv_connector_metadata, UCMConnectorMetadata) or not kv_connector_metadata.preempted:
             return
-        deadline = time.monotonic() + self.preempt_wait_ms / 1000
+        deadline = time.monotonic() + self.opts.preempt_wait_ms / 1000
         for req_id in kv_connector_metadata.preempted:
             try:
                 self._settle_dumps(req_id, deadline)
