@@ -7,7 +7,7 @@
 // With --capacity the store runs with that capacity (evictionGraceS 0), so
 // the task figure includes the ledger and eviction work; dumps shed for
 // capacity count as done and are reported.
-import { spawn } from "child_process";
+import { execFileSync, spawn } from "child_process";
 import * as crypto from "crypto";
 import * as fs from "fs";
 import * as os from "os";
@@ -33,7 +33,10 @@ async function main(): Promise<void> {
   const store = path.resolve(arg("dir", path.join(tmp, "store")));
   fs.mkdirSync(store, { recursive: true });
   const cfg = path.join(tmp, "c.yaml");
-  fs.writeFileSync(cfg, `ucm_connector_name: "UcmNfsStore"\nucm_connector_config:\n  storage_backends: "${store}"\n  transferStreamNumber: 32\n  endpoint: "ipc://${tmp}/e.sock"\n  logLevel: warn\n${capacity ? `  capacity: ${capacity}\n  evictionGraceS: 0\n` : ""}`);
+  fs.writeFileSync(
+    cfg,
+    `ucm_connector_name: "UcmNfsStore"\nucm_connector_config:\n  storage_backends: "${store}"\n  transferStreamNumber: 32\n  endpoint: "ipc://${tmp}/e.sock"\n  logLevel: warn\n${capacity ? `  capacity: ${capacity}\n  evictionGraceS: 0\n` : ""}`,
+  );
   const proc = spawn(process.execPath, [path.join(__dirname, "../core/cli.js"), "serve", "--config", cfg], { stdio: "inherit" });
   const region = `/ucm-bench-${process.pid}`;
   const nblocks = 4096;
@@ -52,7 +55,16 @@ async function main(): Promise<void> {
     const [rid] = (await c.call("register", { regions: [{ medium: "host", source: region, size: blockBytes * 16 }] })).regions as number[];
     const ns = "bench";
     const keys = Array.from({ length: 256 }, (_, i) => crypto.createHash("sha256").update(`k${i}`).digest());
-    const one = (k: Buffer[], slot: number) => ({ ns, keys: k, shards: { count: 1, region: k.map(() => rid), offset: k.map((_, i) => ((slot + i) % 16) * blockBytes), length: k.map(() => blockBytes) } });
+    const one = (k: Buffer[], slot: number) => ({
+      ns,
+      keys: k,
+      shards: {
+        count: 1,
+        region: k.map(() => rid),
+        offset: k.map((_, i) => ((slot + i) % 16) * blockBytes),
+        length: k.map(() => blockBytes),
+      },
+    });
     const d = await c.call("dump", one(keys, 0));
     await c.call("wait", { task: d.task, timeout_ms: 60000 });
     await c.call("commit", { ns, keys });
@@ -89,14 +101,16 @@ async function main(): Promise<void> {
     }
     await Promise.all(Array.from({ length: window }, worker));
     const tps = done / ((Date.now() - t1) / 1000);
-    const fsType = fs.existsSync(store) ? require("child_process").execFileSync("stat", ["-f", "-c", "%T", store], { encoding: "utf8" }).trim() : "?";
+    const fsType = fs.existsSync(store) ? execFileSync("stat", ["-f", "-c", "%T", store], { encoding: "utf8" }).trim() : "?";
     console.log(`\nengine request path: ${os.cpus().length} CPUs, store ${store} (${fsType}), ${seconds}s per figure\n`);
     console.log("| figure | value | goal |");
     console.log("| --- | ---: | ---: |");
     console.log(`| lookup 256 keys, round trip p50 | ${pct(rtt, 50).toFixed(0)} us | < 200 us |`);
     console.log(`| lookup 256 keys, round trip p99 | ${pct(rtt, 99).toFixed(0)} us | < 1000 us |`);
     console.log(`| lookups measured | ${rtt.length} | |`);
-    console.log(`| one-block tasks (${blockBytes / 1024} KiB dump + wait + commit), ${window} in flight | ${tps.toFixed(0)} tasks/s | >= 2000 |`);
+    console.log(
+      `| one-block tasks (${blockBytes / 1024} KiB dump + wait + commit), ${window} in flight | ${tps.toFixed(0)} tasks/s | >= 2000 |`,
+    );
     if (capacity) {
       const st = await c.call("stats");
       const cap = (st.capacity as Array<Record<string, number>>)[0];

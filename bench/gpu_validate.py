@@ -33,9 +33,11 @@ smaller of the two. The default directory is tmpfs.
 Writes bench/results/gpu_validate.json and prints a markdown table. Exit
 code 0 when every check passed, 1 when a check failed, 2 when there is no GPU.
 """
+
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -44,6 +46,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from page_cache import drop_caches
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -59,10 +63,15 @@ def parse() -> argparse.Namespace:
     p.add_argument("--block-tokens", type=int, default=128)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-size", type=int, default=128)
-    p.add_argument("--runs", default="batch:32,kernel:32,batch:8", help="cudaCopy:transferStreamNumber pairs to measure")
+    p.add_argument(
+        "--runs", default="batch:32,kernel:32,batch:8", help="cudaCopy:transferStreamNumber pairs to measure"
+    )
     p.add_argument("--gpus", default="all", help="how many GPUs to use (default: all visible)")
-    p.add_argument("--disk-dir", default=os.path.join(ROOT, ".ucm-gpu-disk"),
-                   help="a directory on a real disk for the disk run ('' to skip)")
+    p.add_argument(
+        "--disk-dir",
+        default=os.path.join(ROOT, ".ucm-gpu-disk"),
+        help="a directory on a real disk for the disk run ('' to skip)",
+    )
     p.add_argument("--disk-threads", default="32", help="transferStreamNumber values for the disk run, e.g. 16,32,64")
     p.add_argument("--repeat", type=int, default=3, help="timed rounds per direction")
     p.add_argument("--node", default=shutil.which("node") or "node")
@@ -76,16 +85,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def io_limit(directory: str, threads: int, file_bytes: int, nfiles: int, odirect: bool) -> tuple[float, float]:
@@ -103,7 +102,7 @@ def io_limit(directory: str, threads: int, file_bytes: int, nfiles: int, odirect
     chunk = os.urandom(1 << 20)
     for b in bufs:
         for off in range(0, file_bytes, 1 << 20):
-            b[off:off + min(1 << 20, file_bytes - off)] = chunk[:min(1 << 20, file_bytes - off)]
+            b[off : off + min(1 << 20, file_bytes - off)] = chunk[: min(1 << 20, file_bytes - off)]
     flag = getattr(os, "O_DIRECT", 0) if odirect else 0
 
     def write(t: int) -> None:
@@ -143,25 +142,32 @@ def io_limit(directory: str, threads: int, file_bytes: int, nfiles: int, odirect
     return total / tw / 1e9, total / tr / 1e9
 
 
-
 class Engine:
     """One engine process with its own config, started and stopped here."""
 
-    def __init__(self, a: argparse.Namespace, work: str, name: str, storage: str, threads: int, method: str, pinned: int):
+    def __init__(
+        self, a: argparse.Namespace, work: str, name: str, storage: str, threads: int, method: str, pinned: int
+    ):
         cfg = os.path.join(work, f"ucm-{name}.yaml")
         sock = os.path.join(work, f"e-{name}.sock")
         self.endpoint = f"ipc://{sock}"
         with open(cfg, "w") as f:
-            f.write("ucm_connector_name: UcmNfsStore\nucm_connector_config:\n"
-                    f"  storage_backends: {storage}\n  transferStreamNumber: {threads}\n  endpoint: ipc://{sock}\n"
-                    f"  cudaCopy: {method}\n  pinnedStagingBytes: {pinned}\n  maxInflightBytes: 1TiB\n  maxQueueMs: 0\n"
-                    "  lookupCacheTtlS: 0\n  logLevel: warn\n")
+            f.write(
+                "ucm_connector_name: UcmNfsStore\nucm_connector_config:\n"
+                f"  storage_backends: {storage}\n  transferStreamNumber: {threads}\n  endpoint: ipc://{sock}\n"
+                f"  cudaCopy: {method}\n  pinnedStagingBytes: {pinned}\n  maxInflightBytes: 1TiB\n  maxQueueMs: 0\n"
+                "  lookupCacheTtlS: 0\n  logLevel: warn\n"
+            )
         self.log_path = os.path.join(work, f"engine-{name}.log")
         self.log = open(self.log_path, "w+")
         env = dict(os.environ)
         env.pop("CUDA_VISIBLE_DEVICES", None)  # the engine sees every GPU, as the shim's launcher arranges
-        self.proc = subprocess.Popen([a.node, a.engine, "serve", "--config", cfg, "--log-level", "info"],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(
+            [a.node, a.engine, "serve", "--config", cfg, "--log-level", "info"],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         deadline = time.time() + 30
         while time.time() < deadline:
             text = self.text()
@@ -235,11 +241,13 @@ def main() -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu_validate: no CUDA device visible to torch; run this on a machine with an NVIDIA GPU", file=sys.stderr)
+        print(
+            "gpu_validate: no CUDA device visible to torch; run this on a machine with an NVIDIA GPU", file=sys.stderr
+        )
         return 2
     from ucm.client import EngineClient
     from ucm.integration.vllm.layout import block_runs
-    from ucm.memory import RegionRegistry, ShardList, cuda_ipc_handle, pci_bus_id
+    from ucm.memory import RegionRegistry, ShardList, cuda_ipc_handle
 
     checks = Checks()
     ngpu = torch.cuda.device_count() if a.gpus == "all" else min(int(a.gpus), torch.cuda.device_count())
@@ -247,13 +255,21 @@ def main() -> int:
     shard = a.block_tokens * a.kv_heads * a.head_size * 2  # bf16
     per_block = 2 * a.layers * shard
     shape = (2, a.blocks, a.block_tokens, a.kv_heads, a.head_size)
-    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,pci.bus_id", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout.strip()
+    smi = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,driver_version,pci.bus_id", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     print(f"{ngpu} GPU(s): {smi}; torch {torch.__version__}, CUDA {torch.version.cuda}")
-    print(f"KV cache per GPU: {a.layers} layers x {shape} bf16; block = {2 * a.layers} shards of {shard // 1024} KiB = "
-          f"{per_block / 2**20:.1f} MiB; {a.blocks} blocks = {a.blocks * per_block / 2**30:.2f} GiB per GPU")
+    print(
+        f"KV cache per GPU: {a.layers} layers x {shape} bf16; block = {2 * a.layers} shards of {shard // 1024} KiB = "
+        f"{per_block / 2**20:.1f} MiB; {a.blocks} blocks = {a.blocks * per_block / 2**30:.2f} GiB per GPU"
+    )
 
-    src = {d: [torch.randn(shape, device=d, dtype=torch.float32).to(torch.bfloat16) for _ in range(a.layers)] for d in devices}
+    src = {
+        d: [torch.randn(shape, device=d, dtype=torch.float32).to(torch.bfloat16) for _ in range(a.layers)]
+        for d in devices
+    }
     dst = {d: [torch.zeros(shape, device=d, dtype=torch.bfloat16) for _ in range(a.layers)] for d in devices}
     torch.cuda.synchronize()
 
@@ -262,7 +278,10 @@ def main() -> int:
     for d in devices:
         dev_buf = torch.empty(a.blocks * per_block, dtype=torch.uint8, device=d)
         host = torch.empty(a.blocks * per_block, dtype=torch.uint8, pin_memory=True)
-        for name, fn in (("D2H", lambda: host.copy_(dev_buf, non_blocking=True)), ("H2D", lambda: dev_buf.copy_(host, non_blocking=True))):
+        for name, fn in (
+            ("D2H", functools.partial(host.copy_, dev_buf, non_blocking=True)),
+            ("H2D", functools.partial(dev_buf.copy_, host, non_blocking=True)),
+        ):
             fn()
             torch.cuda.synchronize(d)
             times = []
@@ -280,22 +299,38 @@ def main() -> int:
     raw = bytes(src[devices[0]][0].untyped_storage()._share_cuda_()[1])
     try:
         parsed = cuda_ipc_handle(raw)
-        checks.add("handle", len(parsed) == 64 and raw[:2] == b"\x02c",
-                   f"torch exports {len(raw)} bytes (head {raw[:2]!r}); the shim sends the {len(parsed)}-byte cudaIpcMemHandle_t")
+        checks.add(
+            "handle",
+            len(parsed) == 64 and raw[:2] == b"\x02c",
+            f"torch exports {len(raw)} bytes (head {raw[:2]!r}); the shim sends the {len(parsed)}-byte cudaIpcMemHandle_t",
+        )
     except Exception as e:  # noqa: BLE001
         checks.add("handle", False, f"{type(e).__name__}: {e}")
 
     # expandable: refused by the shim, with the reason.
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
-    out = subprocess.run([sys.executable, "-c", EXPANDABLE_CHILD, SHIM], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", EXPANDABLE_CHILD, SHIM], env=env, capture_output=True, text=True, timeout=300
+    )
     line = (out.stdout.strip().splitlines() or [out.stderr.strip()[-300:]])[-1]
     checks.add("expandable", line.startswith("REFUSED") and "expandable" in line, line[:240])
 
     os.makedirs(a.dir, exist_ok=True)
     work = tempfile.mkdtemp(prefix="ucm-gpu-")
-    results = {"gpus": ngpu, "device": torch.cuda.get_device_name(0), "nvidia_smi": smi, "torch": torch.__version__,
-               "layers": a.layers, "blocks_per_gpu": a.blocks, "block_bytes": per_block, "shards_per_block": 2 * a.layers,
-               "dir": a.dir, "torch_pinned_d2h_GBps": torch_d2h, "torch_pinned_h2d_GBps": torch_h2d, "runs": {}}
+    results = {
+        "gpus": ngpu,
+        "device": torch.cuda.get_device_name(0),
+        "nvidia_smi": smi,
+        "torch": torch.__version__,
+        "layers": a.layers,
+        "blocks_per_gpu": a.blocks,
+        "block_bytes": per_block,
+        "shards_per_block": 2 * a.layers,
+        "dir": a.dir,
+        "torch_pinned_d2h_GBps": torch_d2h,
+        "torch_pinned_h2d_GBps": torch_h2d,
+        "runs": {},
+    }
 
     def keys(tag: str, d: torch.device) -> list[bytes]:
         return [f"{tag}:{d.index}:{b}".encode().ljust(32, b".")[:64] for b in range(a.blocks)]
@@ -310,7 +345,9 @@ def main() -> int:
                     sl.add(rid, base + (kv * t.shape[1] + b) * stride, stride)
         return sl.wire()
 
-    def transfer(c: EngineClient, op: str, ns: dict, cache, tag: str, regs: RegionRegistry, event: bool) -> tuple[float, int]:
+    def transfer(
+        c: EngineClient, op: str, ns: dict, cache, tag: str, regs: RegionRegistry, event: bool
+    ) -> tuple[float, int]:
         t0 = time.perf_counter()
         tasks = []
         for d in devices:
@@ -351,10 +388,14 @@ def main() -> int:
             eng.stop()
         shutil.rmtree(storage, ignore_errors=True)
         host_d2s, host_s2d = max(hd2s), max(hs2d)
-        print(f"store host path ({threads0} threads): D2S {host_d2s:.2f} GB/s, S2D {host_s2d:.2f} GB/s, byte-exact {host_ok}")
+        print(
+            f"store host path ({threads0} threads): D2S {host_d2s:.2f} GB/s, S2D {host_s2d:.2f} GB/s, byte-exact {host_ok}"
+        )
         fs_w, fs_r = io_limit(a.dir, threads0, per_block + 4096, ngpu * a.blocks, odirect=False)
-        print(f"filesystem of {a.dir} ({threads0} threads, one {per_block + 4096}-byte file per call): "
-              f"write {fs_w:.2f} GB/s, read {fs_r:.2f} GB/s")
+        print(
+            f"filesystem of {a.dir} ({threads0} threads, one {per_block + 4096}-byte file per call): "
+            f"write {fs_w:.2f} GB/s, read {fs_r:.2f} GB/s"
+        )
         results.update(host_d2s_GBps=hd2s, host_s2d_GBps=hs2d, fs_write_GBps=fs_w, fs_read_GBps=fs_r)
         limit_d2s, limit_s2d = min(torch_d2h, fs_w), min(torch_h2d, fs_r)
 
@@ -378,15 +419,28 @@ def main() -> int:
                         # bus-id: the region spec carries the bus id, the engine resolved it (else register fails).
                         spec = regs.export(src[devices[0]][0])
                         regs.locate(src[devices[0]][0])
-                        checks.add("bus-id", True, f"region registered by PCI bus id {spec['pci_bus_id']} "
-                                   f"(nvidia-smi: {smi.split(', ')[-1] if smi else '?'})")
+                        checks.add(
+                            "bus-id",
+                            True,
+                            f"region registered by PCI bus id {spec['pci_bus_id']} "
+                            f"(nvidia-smi: {smi.split(', ')[-1] if smi else '?'})",
+                        )
                         if ngpu >= 2:
                             last = ngpu - 1
                             cenv = dict(os.environ, CUDA_VISIBLE_DEVICES=str(last))
-                            out = subprocess.run([sys.executable, "-c", BUS_CHILD, SHIM, eng.endpoint, ns[devices[0]]],
-                                                 env=cenv, capture_output=True, text=True, timeout=300)
+                            out = subprocess.run(
+                                [sys.executable, "-c", BUS_CHILD, SHIM, eng.endpoint, ns[devices[0]]],
+                                env=cenv,
+                                capture_output=True,
+                                text=True,
+                                timeout=300,
+                            )
                             ok = "'ok'" in out.stdout
-                            checks.add("bus-id-renumbered", ok, f"client with CUDA_VISIBLE_DEVICES={last}: {out.stdout.strip()[-200:] or out.stderr.strip()[-300:]}")
+                            checks.add(
+                                "bus-id-renumbered",
+                                ok,
+                                f"client with CUDA_VISIBLE_DEVICES={last}: {out.stdout.strip()[-200:] or out.stderr.strip()[-300:]}",
+                            )
                         else:
                             checks.add("bus-id-renumbered", None, "one GPU: no other numbering to try")
 
@@ -414,9 +468,14 @@ def main() -> int:
                         # must be in the engine while the kernels still run.
                         t_queued = time.perf_counter()
                         wk = keys("wait", d0)[:4]
-                        r = c.call("dump", ns=ns[d0], keys=wk, shards=wire_src, commit=True, event=regs.record_event(d0))
+                        r = c.call(
+                            "dump", ns=ns[d0], keys=wk, shards=wire_src, commit=True, event=regs.record_event(d0)
+                        )
                         w0 = time.perf_counter()
-                        print(f"  (no-spin: kernels queued in {t_queued - t_launch:.3f} s, dump submitted in {w0 - t_queued:.3f} s)", flush=True)
+                        print(
+                            f"  (no-spin: kernels queued in {t_queued - t_launch:.3f} s, dump submitted in {w0 - t_queued:.3f} s)",
+                            flush=True,
+                        )
                         time.sleep(0.1)
                         cpu0 = cpu_seconds(eng.proc.pid)
                         time.sleep(0.5)  # the engine's threads wait for the event meanwhile
@@ -427,14 +486,24 @@ def main() -> int:
                         r = c.call("load", ns=ns[d0], keys=wk, shards=wire_dst)
                         w2 = c.call("wait", task=r["task"], timeout_ms=60000)
                         torch.cuda.synchronize()
-                        order_ok = not w1.get("failed") and not w2.get("failed") and all(
-                            torch.equal(x[:, 0:4], y[:, 0:4]) for x, y in zip(src[d0], dst[d0]))
-                        checks.add("ordering", order_ok, "blocks rewritten by kernels queued before the dump were stored as rewritten")
+                        order_ok = (
+                            not w1.get("failed")
+                            and not w2.get("failed")
+                            and all(torch.equal(x[:, 0:4], y[:, 0:4]) for x, y in zip(src[d0], dst[d0]))
+                        )
+                        checks.add(
+                            "ordering",
+                            order_ok,
+                            "blocks rewritten by kernels queued before the dump were stored as rewritten",
+                        )
                         # Inconclusive (not a failure) when the GPU work was over before the window ended.
-                        checks.add("no-spin", (cpu < 0.05) if still else None,
-                                   f"engine CPU {cpu:.3f} s over 0.5 s while a 4-block dump waited for the kernel's event "
-                                   f"({'still waiting then' if still else 'but it had finished by then: inconclusive'}; "
-                                   f"done after {waited:.2f} s)")
+                        checks.add(
+                            "no-spin",
+                            (cpu < 0.05) if still else None,
+                            f"engine CPU {cpu:.3f} s over 0.5 s while a 4-block dump waited for the kernel's event "
+                            f"({'still waiting then' if still else 'but it had finished by then: inconclusive'}; "
+                            f"done after {waited:.2f} s)",
+                        )
                         results["wait_cpu_s"], results["wait_s"] = cpu, waited
 
                         # cancel: a dump still waiting for its event is stopped at once and never stored
@@ -442,43 +511,61 @@ def main() -> int:
                         with torch.cuda.device(d0):
                             torch.cuda._sleep(int(2e9))
                         ck = keys("cancel", d0)[:2]
-                        r = c.call("dump", ns=ns[d0], keys=ck, shards=shards_for(regs, src[d0], range(2)), commit=True,
-                                   event=regs.record_event(d0))
+                        r = c.call(
+                            "dump",
+                            ns=ns[d0],
+                            keys=ck,
+                            shards=shards_for(regs, src[d0], range(2)),
+                            commit=True,
+                            event=regs.record_event(d0),
+                        )
                         t0 = time.perf_counter()
                         cr = c.call("cancel", task=r["task"])
                         took = time.perf_counter() - t0
                         w3 = c.call("wait", task=r["task"], timeout_ms=60000)
                         found = c.call("lookup", ns=ns[d0], keys=ck)["found"]
                         torch.cuda.synchronize()
-                        checks.add("cancel", cr.get("cancelled") is True and took < 0.5 and
-                                   w3.get("status") == ["cancelled", "cancelled"] and found == [False, False],
-                                   f"cancel answered in {1000 * took:.0f} ms while the dump waited for its event; "
-                                   f"blocks {w3.get('status')}, stored {found}")
+                        checks.add(
+                            "cancel",
+                            cr.get("cancelled") is True
+                            and took < 0.5
+                            and w3.get("status") == ["cancelled", "cancelled"]
+                            and found == [False, False],
+                            f"cancel answered in {1000 * took:.0f} ms while the dump waited for its event; "
+                            f"blocks {w3.get('status')}, stored {found}",
+                        )
 
                         # layouts: HND view (heads before tokens) with an odd head size, via the connector's layout code.
                         hs = 72  # 144-byte rows
                         base = torch.randn((2, 16, a.kv_heads, a.block_tokens, hs), device=d0).to(torch.bfloat16)
-                        hnd = base.permute(0, 1, 3, 2, 4)  # logical (2, blocks, tokens, heads, head) in HND memory order
+                        # logical (2, blocks, tokens, heads, head) in HND memory order
+                        hnd = base.permute(0, 1, 3, 2, 4)
                         out_t = torch.zeros_like(base).permute(0, 1, 3, 2, 4)
                         tr_src, tr_dst = block_runs("hnd", hnd, 16), block_runs("hnd", out_t, 16)
-                        def runs_wire(tr, blocks):
+
+                        def runs_wire(tr, blocks, regs=regs):
                             rid, off0 = regs.locate(tr.tensor)
                             sl = ShardList(len(tr.runs))
                             for b in blocks:
                                 for off, n in tr.runs:
                                     sl.add(rid, off0 + b * tr.block_stride + off, n)
                             return sl.wire()
+
                         lk = [f"hnd:{b}".encode().ljust(32, b".") for b in range(16)]
                         r = c.call("dump", ns=ns[d0], keys=lk, shards=runs_wire(tr_src, range(16)), commit=True)
                         w1 = c.call("wait", task=r["task"], timeout_ms=60000)
                         r = c.call("load", ns=ns[d0], keys=lk, shards=runs_wire(tr_dst, range(16)))
                         w2 = c.call("wait", task=r["task"], timeout_ms=60000)
                         torch.cuda.synchronize()
-                        checks.add("layouts", not w1.get("failed") and not w2.get("failed") and torch.equal(hnd, out_t),
-                                   f"HND cache, head size {hs}: {len(tr_src.runs)} shard(s) per block of "
-                                   f"{sum(n for _, n in tr_src.runs)} bytes, byte-exact")
+                        checks.add(
+                            "layouts",
+                            not w1.get("failed") and not w2.get("failed") and torch.equal(hnd, out_t),
+                            f"HND cache, head size {hs}: {len(tr_src.runs)} shard(s) per block of "
+                            f"{sum(n for _, n in tr_src.runs)} bytes, byte-exact",
+                        )
                     except Exception as e:  # noqa: BLE001 - report and go on to the measurements
                         import traceback
+
                         traceback.print_exc()
                         checks.add("checks", False, f"aborted: {type(e).__name__}: {e}")
 
@@ -504,9 +591,18 @@ def main() -> int:
             checks.add(f"byte-exact {name}", exact, f"{a.repeat} rounds of {ngpu * a.blocks} blocks each way")
             goal_d2s, goal_s2d = limit_d2s, limit_s2d
             results["runs"][name] = {
-                "method": method, "threads": threads, "byte_exact": exact, "d2s_GBps": d2s, "s2d_GBps": s2d,
-                "d2s_best": max(d2s), "s2d_best": max(s2d), "d2s_vs_limit": max(d2s) / goal_d2s, "s2d_vs_limit": max(s2d) / goal_s2d,
-                "engine_cores_busy": busy, "banner": eng.banner}
+                "method": method,
+                "threads": threads,
+                "byte_exact": exact,
+                "d2s_GBps": d2s,
+                "s2d_GBps": s2d,
+                "d2s_best": max(d2s),
+                "s2d_best": max(s2d),
+                "d2s_vs_limit": max(d2s) / goal_d2s,
+                "s2d_vs_limit": max(s2d) / goal_s2d,
+                "engine_cores_busy": busy,
+                "banner": eng.banner,
+            }
 
         # The public API, as a user calls it: ucm.store.NfsStore with CUDA tensors, 16 MiB blocks, tmpfs.
         try:
@@ -519,9 +615,17 @@ def main() -> int:
             d0, n = devices[0], a.blocks
             blk = torch.randint(0, 256, (n, per_block), dtype=torch.uint8, device=d0)
             out_b = torch.zeros_like(blk)
-            cfg = {"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {
-                "storage_backends": storage, "transferStreamNumber": threads0, "endpoint": f"ipc://{work}/api.sock",
-                "pinnedStagingBytes": (per_block + 8192) * threads0, "maxInflightBytes": "1TiB", "maxQueueMs": 0}}
+            cfg = {
+                "ucm_connector_name": "UcmNfsStore",
+                "ucm_connector_config": {
+                    "storage_backends": storage,
+                    "transferStreamNumber": threads0,
+                    "endpoint": f"ipc://{work}/api.sock",
+                    "pinnedStagingBytes": (per_block + 8192) * threads0,
+                    "maxInflightBytes": "1TiB",
+                    "maxQueueMs": 0,
+                },
+            }
             store = NfsStore(cfg, namespace="gpu-validate-api")
             api = {"dump": [], "load": []}
             ok = True
@@ -546,12 +650,17 @@ def main() -> int:
             os.kill(pid, 15)
             shutil.rmtree(storage, ignore_errors=True)
             del blk, out_b
-            checks.add("public-api", ok, f"NfsStore dump+commit {max(api['dump']):.2f} GB/s "
-                       f"({100 * max(api['dump']) / limit_d2s:.0f} % of limit), load {max(api['load']):.2f} GB/s "
-                       f"({100 * max(api['load']) / limit_s2d:.0f} %), {threads0} threads, byte-exact")
+            checks.add(
+                "public-api",
+                ok,
+                f"NfsStore dump+commit {max(api['dump']):.2f} GB/s "
+                f"({100 * max(api['dump']) / limit_d2s:.0f} % of limit), load {max(api['load']):.2f} GB/s "
+                f"({100 * max(api['load']) / limit_s2d:.0f} %), {threads0} threads, byte-exact",
+            )
             results["public_api"] = {"dump_GBps": api["dump"], "load_GBps": api["load"], "threads": threads0}
         except Exception as e:  # noqa: BLE001
             import traceback
+
             traceback.print_exc()
             checks.add("public-api", False, f"{type(e).__name__}: {e}")
 
@@ -562,7 +671,11 @@ def main() -> int:
                 name = f"disk-{dthreads}"
                 try:
                     os.makedirs(a.disk_dir, exist_ok=True)
-                    df = subprocess.run(["df", "-hT", a.disk_dir], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+                    df = (
+                        subprocess.run(["df", "-hT", a.disk_dir], capture_output=True, text=True)
+                        .stdout.strip()
+                        .splitlines()[-1]
+                    )
                     dw, dr = io_limit(a.disk_dir, dthreads, per_block + 4096, ngpu * a.blocks, odirect=True)
                     storage = os.path.join(a.disk_dir, "store")
                     shutil.rmtree(storage, ignore_errors=True)
@@ -584,20 +697,36 @@ def main() -> int:
                             t, f2 = transfer(c, "load", ns, dst, f"disk{rnd}", regs, False)
                             ls.append(ngpu * a.blocks * per_block / t / 1e9)
                             torch.cuda.synchronize()
-                            exact = exact and f == 0 and f2 == 0 and all(
-                                torch.equal(x, y) for d in devices for x, y in zip(src[d], dst[d]))
+                            exact = (
+                                exact
+                                and f == 0
+                                and f2 == 0
+                                and all(torch.equal(x, y) for d in devices for x, y in zip(src[d], dst[d]))
+                            )
                         c.close()
                     finally:
                         eng.stop()
                     shutil.rmtree(storage, ignore_errors=True)
-                    checks.add(name, exact, f"{df}: {dthreads} threads, best of {a.repeat}: GPU->disk {max(ds):.2f} GB/s vs "
-                               f"O_DIRECT write {dw:.2f} ({100 * max(ds) / dw:.0f} %), disk->GPU {max(ls):.2f} GB/s "
-                               f"{'(cold)' if cold else '(page cache not dropped)'} vs O_DIRECT read {dr:.2f} "
-                               f"({100 * max(ls) / dr:.0f} %), byte-exact")
-                    results["disk"][name] = {"df": df, "threads": dthreads, "d2s_GBps": ds, "s2d_GBps": ls,
-                                             "direct_write_GBps": dw, "direct_read_GBps": dr, "cold": cold}
+                    checks.add(
+                        name,
+                        exact,
+                        f"{df}: {dthreads} threads, best of {a.repeat}: GPU->disk {max(ds):.2f} GB/s vs "
+                        f"O_DIRECT write {dw:.2f} ({100 * max(ds) / dw:.0f} %), disk->GPU {max(ls):.2f} GB/s "
+                        f"{'(cold)' if cold else '(page cache not dropped)'} vs O_DIRECT read {dr:.2f} "
+                        f"({100 * max(ls) / dr:.0f} %), byte-exact",
+                    )
+                    results["disk"][name] = {
+                        "df": df,
+                        "threads": dthreads,
+                        "d2s_GBps": ds,
+                        "s2d_GBps": ls,
+                        "direct_write_GBps": dw,
+                        "direct_read_GBps": dr,
+                        "cold": cold,
+                    }
                 except Exception as e:  # noqa: BLE001
                     import traceback
+
                     traceback.print_exc()
                     checks.add(name, False, f"{type(e).__name__}: {e}")
                 finally:
@@ -610,16 +739,24 @@ def main() -> int:
     with open(a.out, "w") as f:
         json.dump(results, f, indent=2)
     print()
-    print(f"Limits: torch pinned copies D2H {torch_d2h:.2f} / H2D {torch_h2d:.2f} GB/s; {a.dir} write {fs_w:.2f} / "
-          f"read {fs_r:.2f} GB/s. Ratios below are to the smaller limit of each direction. (For reference, the store's "
-          f"host-memory path on the same directory: D2S {host_d2s:.2f} / S2D {host_s2d:.2f} GB/s.)")
-    print(f"| copies | threads | byte-exact | D2S GB/s (best of {a.repeat}) | vs limit | S2D GB/s | vs limit | engine cores busy |")
+    print(
+        f"Limits: torch pinned copies D2H {torch_d2h:.2f} / H2D {torch_h2d:.2f} GB/s; {a.dir} write {fs_w:.2f} / "
+        f"read {fs_r:.2f} GB/s. Ratios below are to the smaller limit of each direction. (For reference, the store's "
+        f"host-memory path on the same directory: D2S {host_d2s:.2f} / S2D {host_s2d:.2f} GB/s.)"
+    )
+    print(
+        f"| copies | threads | byte-exact | D2S GB/s (best of {a.repeat}) | vs limit | S2D GB/s | vs limit | engine cores busy |"
+    )
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, m in results["runs"].items():
-        print(f"| {m['method']} | {m['threads']} | {'yes' if m['byte_exact'] else 'NO'} | {m['d2s_best']:.2f} | "
-              f"{100 * m['d2s_vs_limit']:.0f} % | {m['s2d_best']:.2f} | {100 * m['s2d_vs_limit']:.0f} % | {m['engine_cores_busy']:.1f} |")
-    print(f"\n{sum(1 for _, ok, _ in checks.rows if ok)} checks passed, {sum(1 for _, ok, _ in checks.rows if ok is False)} failed; "
-          f"results in {a.out}")
+    for m in results["runs"].values():
+        print(
+            f"| {m['method']} | {m['threads']} | {'yes' if m['byte_exact'] else 'NO'} | {m['d2s_best']:.2f} | "
+            f"{100 * m['d2s_vs_limit']:.0f} % | {m['s2d_best']:.2f} | {100 * m['s2d_vs_limit']:.0f} % | {m['engine_cores_busy']:.1f} |"
+        )
+    print(
+        f"\n{sum(1 for _, ok, _ in checks.rows if ok)} checks passed, {sum(1 for _, ok, _ in checks.rows if ok is False)} failed; "
+        f"results in {a.out}"
+    )
     return 0 if checks.ok else 1
 
 

@@ -14,6 +14,7 @@ own keys: the shared half, then half it alone has, which misses), one
 after the other as the scheduler does. Prints p50/p99 per lookup and per
 step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,10 @@ def main() -> None:
 
         print("| what | p50 us | p99 us | samples |\n| --- | ---: | ---: | ---: |")
         one = keys_of(0)
-        for name, fn in (("health (transport floor)", lambda: c.call("health")),
-                         (f"lookup of {a.keys} keys ({len(shared)} found)", lambda: c.call("lookup", ns=[ns], keys=one))):
+        for name, fn in (
+            ("health (transport floor)", lambda: c.call("health")),
+            (f"lookup of {a.keys} keys ({len(shared)} found)", lambda: c.call("lookup", ns=[ns], keys=one)),
+        ):
             for _ in range(300):
                 fn()
             lat = []
@@ -83,7 +86,10 @@ def main() -> None:
                     assert sum(r["found"]) == len(shared), r["found"]
                 steps.append((time.perf_counter_ns() - s0) / 1000)
             print(f"| {w} waiting: one lookup | {pct(per, 0.5):.0f} | {pct(per, 0.99):.0f} | {len(per)} |")
-            print(f"| {w} waiting: the whole step | {pct(steps, 0.5):.0f} | {pct(steps, 0.99):.0f} | {len(steps)} |", flush=True)
+            print(
+                f"| {w} waiting: the whole step | {pct(steps, 0.5):.0f} | {pct(steps, 0.99):.0f} | {len(steps)} |",
+                flush=True,
+            )
         c.call("release", regions=[reg])
     finally:
         os.unlink("/dev/shm" + shm)

@@ -41,10 +41,22 @@ function dropCaches(): boolean {
 function fio(dir: string, rw: "write" | "read"): number {
   const fileSize = blockFileSize(BLOCK);
   const perJob = Math.ceil(nblocks / threads) * fileSize;
-  const out = execFileSync("fio", [
-    "--name=ucm", `--directory=${dir}`, `--rw=${rw}`, `--bs=${fileSize}`, `--size=${perJob}`,
-    `--numjobs=${threads}`, "--direct=1", "--ioengine=psync", "--group_reporting", "--output-format=json",
-  ], { encoding: "utf8", maxBuffer: 1 << 26 });
+  const out = execFileSync(
+    "fio",
+    [
+      "--name=ucm",
+      `--directory=${dir}`,
+      `--rw=${rw}`,
+      `--bs=${fileSize}`,
+      `--size=${perJob}`,
+      `--numjobs=${threads}`,
+      "--direct=1",
+      "--ioengine=psync",
+      "--group_reporting",
+      "--output-format=json",
+    ],
+    { encoding: "utf8", maxBuffer: 1 << 26 },
+  );
   const job = JSON.parse(out.slice(out.indexOf("{"))).jobs[0];
   return (rw === "write" ? job.write.bw_bytes : job.read.bw_bytes) / 1e9;
 }
@@ -79,13 +91,21 @@ async function main(): Promise<void> {
     }
     const build = (prefix: string) => {
       const b = new ShardListBuilder();
-      for (let k = 0; k < nblocks; k++) b.addBlock(path.join(dir, `${prefix}${k}`), ids.map((id) => [id, k * SHARD, SHARD] as const));
+      for (let k = 0; k < nblocks; k++)
+        b.addBlock(
+          path.join(dir, `${prefix}${k}`),
+          ids.map((id) => [id, k * SHARD, SHARD] as const),
+        );
       return b.build(42n);
     };
     const total = nblocks * BLOCK;
     // Warm-up: every worker touches its staging buffer once, as in a running engine.
     const warm = new ShardListBuilder();
-    for (let k = 0; k < threads; k++) warm.addBlock(path.join(dir, `warm${k}`), ids.map((id) => [id, (k % nblocks) * SHARD, SHARD] as const));
+    for (let k = 0; k < threads; k++)
+      warm.addBlock(
+        path.join(dir, `warm${k}`),
+        ids.map((id) => [id, (k % nblocks) * SHARD, SHARD] as const),
+      );
     await engine.dump(warm.build(42n));
     await engine.remove(Array.from({ length: threads }, (_, k) => path.join(dir, `warm${k}`)));
     const t0 = process.hrtime.bigint();
@@ -109,15 +129,21 @@ async function main(): Promise<void> {
     const ourW = total / dumpS / 1e9;
     const ourR = total / loadS / 1e9;
     const fsType = execFileSync("stat", ["-f", "-c", "%T", baseDir], { encoding: "utf8" }).trim();
-    console.log(`\nnative core vs fio: ${nblocks} blocks x ${BLOCK / 2 ** 20} MiB (${(total / 2 ** 30).toFixed(2)} GiB), ` +
-      `${LAYERS * 2} shards/block, ${threads} threads, O_DIRECT ${odirect ? "on" : "off"}, dir ${baseDir} (${fsType}), ` +
-      `${os.cpus().length} CPUs, page cache ${cold ? "dropped before reads" : "NOT dropped (no permission)"}\n`);
+    console.log(
+      `\nnative core vs fio: ${nblocks} blocks x ${BLOCK / 2 ** 20} MiB (${(total / 2 ** 30).toFixed(2)} GiB), ` +
+        `${LAYERS * 2} shards/block, ${threads} threads, O_DIRECT ${odirect ? "on" : "off"}, dir ${baseDir} (${fsType}), ` +
+        `${os.cpus().length} CPUs, page cache ${cold ? "dropped before reads" : "NOT dropped (no permission)"}\n`,
+    );
     console.log("| direction | ucm GB/s | fio GB/s | ucm / fio |");
     console.log("| --- | ---: | ---: | ---: |");
     console.log(`| dump (D2S, write) | ${ourW.toFixed(2)} | ${fioW.toFixed(2)} | ${((100 * ourW) / fioW).toFixed(0)} % |`);
     console.log(`| load (S2D, read, cold) | ${ourR.toFixed(2)} | ${fioR.toFixed(2)} | ${((100 * ourR) / fioR).toFixed(0)} % |`);
   } finally {
-    try { engine.close(); } catch { /* already closed */ }
+    try {
+      engine.close();
+    } catch {
+      /* already closed */
+    }
     for (const n of names) fs.rmSync(path.join("/dev/shm", n), { force: true });
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -23,6 +23,7 @@ text made of them does not always encode back to the same tokens, so part of
 an answer's blocks can miss in turn 2 for reasons outside the store (the
 token-exact case is tested in test/python/test_vllm_e2e.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,16 +64,43 @@ def words(seed: int, n: int) -> str:
 
 
 def serve(model: str, port: int, prefix_caching: bool, ucm_config: str | None, log: str) -> subprocess.Popen:
-    cmd = [os.path.join(BIN, "vllm"), "serve", model, "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32",
-           "--block-size", str(BLOCK), "--max-model-len", "8192", "--enforce-eager",
-           "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching"]
+    cmd = [
+        os.path.join(BIN, "vllm"),
+        "serve",
+        model,
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--dtype",
+        "float32",
+        "--block-size",
+        str(BLOCK),
+        "--max-model-len",
+        "8192",
+        "--enforce-eager",
+        "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
+    ]
     if ucm_config:
-        cmd += ["--kv-transfer-config", json.dumps({
-            "kv_connector": "UnifiedCacheConnectorV1", "kv_connector_module_path": "ucm.integration.vllm.uc_connector",
-            "kv_role": "kv_both", "kv_connector_extra_config": {"UCM_CONFIG_FILE": ucm_config}})]
-    env = dict(os.environ, PYTHONHASHSEED="0", VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
-               # both modes on every core: vLLM CPU otherwise keeps one core for a connector
-               VLLM_CPU_NUM_OF_RESERVED_CPU="0", PYTHONPATH=os.path.join(ROOT, "python_shim"))
+        cmd += [
+            "--kv-transfer-config",
+            json.dumps(
+                {
+                    "kv_connector": "UnifiedCacheConnectorV1",
+                    "kv_connector_module_path": "ucm.integration.vllm.uc_connector",
+                    "kv_role": "kv_both",
+                    "kv_connector_extra_config": {"UCM_CONFIG_FILE": ucm_config},
+                }
+            ),
+        ]
+    env = dict(
+        os.environ,
+        PYTHONHASHSEED="0",
+        VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),
+        # both modes on every core: vLLM CPU otherwise keeps one core for a connector
+        VLLM_CPU_NUM_OF_RESERVED_CPU="0",
+        PYTHONPATH=os.path.join(ROOT, "python_shim"),
+    )
     f = open(log, "w")
     p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.time() + 600
@@ -99,11 +127,41 @@ def stop(p: subprocess.Popen) -> None:
 
 
 def bench(model: str, port: int, dataset: str, n: int, conc: int, answer: int, result_dir: str, name: str) -> dict:
-    cmd = [os.path.join(BIN, "vllm"), "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",
-           "--model", model, "--dataset-name", "custom", "--dataset-path", dataset, "--skip-chat-template",
-           "--custom-output-len", str(answer), "--ignore-eos", "--num-prompts", str(n), "--max-concurrency", str(conc),
-           "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,99", "--seed", "0",
-           "--save-result", "--save-detailed", "--result-dir", result_dir, "--result-filename", name]
+    cmd = [
+        os.path.join(BIN, "vllm"),
+        "bench",
+        "serve",
+        "--backend",
+        "vllm",
+        "--base-url",
+        f"http://127.0.0.1:{port}",
+        "--model",
+        model,
+        "--dataset-name",
+        "custom",
+        "--dataset-path",
+        dataset,
+        "--skip-chat-template",
+        "--custom-output-len",
+        str(answer),
+        "--ignore-eos",
+        "--num-prompts",
+        str(n),
+        "--max-concurrency",
+        str(conc),
+        "--percentile-metrics",
+        "ttft,tpot,e2el",
+        "--metric-percentiles",
+        "50,99",
+        "--seed",
+        "0",
+        "--save-result",
+        "--save-detailed",
+        "--result-dir",
+        result_dir,
+        "--result-filename",
+        name,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONHASHSEED="0"))
     if r.returncode != 0:
         raise RuntimeError(f"vllm bench serve failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
@@ -136,12 +194,27 @@ def engine_loaded(ucm_config: str | None) -> int:
 def row(mode: str, conc: int, turn: int, r: dict, loaded: int | None, r1: dict | None = None) -> dict:
     extra = {}
     if r1 is not None:  # what turn 2 could load at most: turn 1's prompt blocks, and with its answer
-        extra = {"turn1_prompt_blocks": sum(n // BLOCK for n in r1["input_lens"]),
-                 "turn1_prompt_answer_blocks": sum((n + o - 1) // BLOCK for n, o in zip(r1["input_lens"], r1["output_lens"]))}
-    return {**extra, "mode": mode, "concurrency": conc, "turn": turn, "completed": r["completed"], "failed": r.get("failed", 0),
-            "ttft_mean_ms": r["mean_ttft_ms"], "ttft_median_ms": r["median_ttft_ms"], "ttft_p99_ms": r["p99_ttft_ms"],
-            "req_per_s": r["request_throughput"], "out_tok_per_s": r["output_throughput"],
-            "input_tokens": r["total_input_tokens"], "blocks_loaded": loaded}
+        extra = {
+            "turn1_prompt_blocks": sum(n // BLOCK for n in r1["input_lens"]),
+            "turn1_prompt_answer_blocks": sum(
+                (n + o - 1) // BLOCK for n, o in zip(r1["input_lens"], r1["output_lens"])
+            ),
+        }
+    return {
+        **extra,
+        "mode": mode,
+        "concurrency": conc,
+        "turn": turn,
+        "completed": r["completed"],
+        "failed": r.get("failed", 0),
+        "ttft_mean_ms": r["mean_ttft_ms"],
+        "ttft_median_ms": r["median_ttft_ms"],
+        "ttft_p99_ms": r["p99_ttft_ms"],
+        "req_per_s": r["request_throughput"],
+        "out_tok_per_s": r["output_throughput"],
+        "input_tokens": r["total_input_tokens"],
+        "blocks_loaded": loaded,
+    }
 
 
 def main() -> int:
@@ -171,9 +244,21 @@ def main() -> int:
                 os.makedirs(store, mode=0o700)
                 cfg = os.path.join(work, f"ucm-{mode}.yaml")
                 with open(cfg, "w") as f:
-                    json.dump({"ucm_connectors": [{"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {
-                        "storage_backends": store, "transferStreamNumber": 8,
-                        "endpoint": f"ipc://{work}/e-{mode.replace('+', '-')}.sock"}}]}, f)
+                    json.dump(
+                        {
+                            "ucm_connectors": [
+                                {
+                                    "ucm_connector_name": "UcmNfsStore",
+                                    "ucm_connector_config": {
+                                        "storage_backends": store,
+                                        "transferStreamNumber": 8,
+                                        "endpoint": f"ipc://{work}/e-{mode.replace('+', '-')}.sock",
+                                    },
+                                }
+                            ]
+                        },
+                        f,
+                    )
             port = free_port()
             srv = serve(a.model, port, pc, cfg, os.path.join(work, f"serve-{mode}.log"))
             try:
@@ -183,15 +268,22 @@ def main() -> int:
                     d1 = os.path.join(work, f"t1-{mode}-{conc}.jsonl")
                     with open(d1, "w") as f:
                         f.writelines(json.dumps({"prompt": p}) + "\n" for p in firsts)
-                    r1 = bench(a.model, port, d1, a.conversations, conc, a.answer_tokens, work, f"r1-{mode}-{conc}.json")
+                    r1 = bench(
+                        a.model, port, d1, a.conversations, conc, a.answer_tokens, work, f"r1-{mode}-{conc}.json"
+                    )
                     rows.append(row(mode, conc, 1, r1, None))
                     answers = dict(zip(shuffled(list(range(a.conversations))), r1["generated_texts"]))
                     d2 = os.path.join(work, f"t2-{mode}-{conc}.jsonl")
                     with open(d2, "w") as f:
                         for i, p in enumerate(firsts):
-                            f.write(json.dumps({"prompt": p + answers.get(i, "") + " " + words(seed + 500 + i, 40) + "?"}) + "\n")
+                            f.write(
+                                json.dumps({"prompt": p + answers.get(i, "") + " " + words(seed + 500 + i, 40) + "?"})
+                                + "\n"
+                            )
                     before = engine_loaded(cfg)
-                    r2 = bench(a.model, port, d2, a.conversations, conc, a.answer_tokens, work, f"r2-{mode}-{conc}.json")
+                    r2 = bench(
+                        a.model, port, d2, a.conversations, conc, a.answer_tokens, work, f"r2-{mode}-{conc}.json"
+                    )
                     rows.append(row(mode, conc, 2, r2, engine_loaded(cfg) - before if cfg else None, r1))
                     print(json.dumps(rows[-2]), json.dumps(rows[-1]), sep="\n", flush=True)
             finally:
@@ -213,20 +305,30 @@ def main() -> int:
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "serve_bench.json"), "w") as f:
         json.dump({"args": vars(a), "rows": rows}, f, indent=1)
-    names = {"off": "prefix caching off", "off+ucm": "prefix caching off + UCM", "on": "prefix caching on",
-             "on+ucm": "prefix caching on + UCM"}
-    lines = ["| server | concurrency | turn | TTFT mean ms | TTFT median ms | TTFT p99 ms | req/s | output tok/s | failed | "
-             "blocks loaded (turn 1's prompt / with its answer) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    names = {
+        "off": "prefix caching off",
+        "off+ucm": "prefix caching off + UCM",
+        "on": "prefix caching on",
+        "on+ucm": "prefix caching on + UCM",
+    }
+    lines = [
+        "| server | concurrency | turn | TTFT mean ms | TTFT median ms | TTFT p99 ms | req/s | output tok/s | failed | "
+        "blocks loaded (turn 1's prompt / with its answer) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
-        lines.append(f"| {names.get(r['mode'], r['mode'])} | {r['concurrency']} | {r['turn']} | {r['ttft_mean_ms']:.0f} | "
-                     f"{r['ttft_median_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['req_per_s']:.2f} | {r['out_tok_per_s']:.1f} | "
-                     f"{r['failed']} | {'' if r['blocks_loaded'] is None else r['blocks_loaded']}"
-                     f"{'' if r['blocks_loaded'] is None or 'turn1_prompt_blocks' not in r else ' (' + str(r['turn1_prompt_blocks']) + ' / ' + str(r['turn1_prompt_answer_blocks']) + ')'} |")
+        lines.append(
+            f"| {names.get(r['mode'], r['mode'])} | {r['concurrency']} | {r['turn']} | {r['ttft_mean_ms']:.0f} | "
+            f"{r['ttft_median_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['req_per_s']:.2f} | {r['out_tok_per_s']:.1f} | "
+            f"{r['failed']} | {'' if r['blocks_loaded'] is None else r['blocks_loaded']}"
+            f"{'' if r['blocks_loaded'] is None or 'turn1_prompt_blocks' not in r else ' (' + str(r['turn1_prompt_blocks']) + ' / ' + str(r['turn1_prompt_answer_blocks']) + ')'} |"
+        )
     table = "\n".join(lines)
     with open(os.path.join(a.out, "serve_bench.md"), "w") as f:
-        f.write(f"{a.conversations} conversations per cell, first prompt {a.prompt_words} words, answers "
-                f"{a.answer_tokens} tokens (ignore_eos), block size {BLOCK}.\n\n{table}\n")
+        f.write(
+            f"{a.conversations} conversations per cell, first prompt {a.prompt_words} words, answers "
+            f"{a.answer_tokens} tokens (ignore_eos), block size {BLOCK}.\n\n{table}\n"
+        )
     print(table)
     return 0 if all(r["failed"] == 0 and r["completed"] == a.conversations for r in rows) else 1
 

@@ -16,6 +16,7 @@ for. With --repeat, fio and the store take turns that many times and the
 medians are reported. Prints one table with the ratios to fio (goal: 90 %).
 Needs fio and root (to drop the page cache).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,20 +29,12 @@ import sys
 import tempfile
 import time
 
+from page_cache import drop_caches
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python_shim"))
 
 HEADER = 4096
-
-
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 FIO = "fio"
@@ -58,10 +51,24 @@ def remove_blocks(store_dir: str) -> None:
 def fio(directory: str, rw: str, file_bytes: int, nblocks: int, threads: int) -> float:
     per_job = -(-nblocks // threads) * file_bytes
     out = subprocess.run(
-        [FIO, "--name=ucm", f"--directory={directory}", f"--rw={rw}", f"--bs={file_bytes}", f"--size={per_job}",
-         f"--numjobs={threads}", "--direct=1", "--ioengine=psync", "--group_reporting", "--output-format=json"],
-        capture_output=True, text=True, check=True).stdout
-    job = json.loads(out[out.index("{"):])["jobs"][0]
+        [
+            FIO,
+            "--name=ucm",
+            f"--directory={directory}",
+            f"--rw={rw}",
+            f"--bs={file_bytes}",
+            f"--size={per_job}",
+            f"--numjobs={threads}",
+            "--direct=1",
+            "--ioengine=psync",
+            "--group_reporting",
+            "--output-format=json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    job = json.loads(out[out.index("{") :])["jobs"][0]
     return (job["write"] if rw == "write" else job["read"])["bw_bytes"] / 1e9
 
 
@@ -72,10 +79,14 @@ def main() -> int:
     ap.add_argument("--block-mib", default="4,16")
     ap.add_argument("--threads", default="8,32")
     ap.add_argument("--shapes", default="big,small")
-    ap.add_argument("--memory", default="shared", help="shared (register_memory: used in place) and/or private (staged by the shim)")
+    ap.add_argument(
+        "--memory", default="shared", help="shared (register_memory: used in place) and/or private (staged by the shim)"
+    )
     ap.add_argument("--fio", default="fio", help="the fio binary (default: fio on PATH)")
     ap.add_argument("--json", help="also write the rows to this JSON file")
-    ap.add_argument("--repeat", type=int, default=1, help="rounds per case (fio, then the store, each round); medians reported")
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="rounds per case (fio, then the store, each round); medians reported"
+    )
     a = ap.parse_args()
     global FIO
     FIO = a.fio
@@ -101,45 +112,63 @@ def main() -> int:
                 store_dir = os.path.join(base, "store")
                 os.makedirs(store_dir, mode=0o700)
                 sock = os.path.join(base, "e.sock")
-                flat = {"storage_backends": store_dir, "transferStreamNumber": threads, "endpoint": f"ipc://{sock}",
-                        "maxInflightBytes": "64GiB", "maxQueueMs": 0, "loadTimeoutMs": 600000, "clientTimeoutMs": 60000}
+                flat = {
+                    "storage_backends": store_dir,
+                    "transferStreamNumber": threads,
+                    "endpoint": f"ipc://{sock}",
+                    "maxInflightBytes": "64GiB",
+                    "maxQueueMs": 0,
+                    "loadTimeoutMs": 600000,
+                    "clientTimeoutMs": 60000,
+                }
                 store = NfsStore(flat, namespace="bench")
                 cells: dict[str, list[tuple[float, float, float, float, bool, bool]]] = {}
                 try:
-                  if "shared" in a.memory.split(","):
-                    store.register_memory([src, dst])
-                  for rep in range(a.repeat):
-                    # fio and the store take turns, so that a slow patch of the disk touches both
-                    fdir = os.path.join(base, "fio")
-                    os.makedirs(fdir)
-                    fw = fio(fdir, "write", block + HEADER, n, threads)
-                    drop_caches()
-                    fr = fio(fdir, "read", block + HEADER, n, threads)
-                    shutil.rmtree(fdir)
-                    for memory in a.memory.split(","):
-                      if memory == "shared":
-                          s_t, d_t = src, dst
-                      else:
-                          s_t, d_t = src.clone(), dst.clone()  # ordinary CPU tensors: the shim stages them
-                      for shape in a.shapes.split(","):
-                        ks = [f"{shape}-{memory}-{mib}-{threads}-{rep}-{i}".encode()[:64] for i in range(n)]
-                        groups = [list(range(n))] if shape == "big" else [list(range(i, min(n, i + 8))) for i in range(0, n, 8)]
-                        t0 = time.perf_counter()
-                        tasks = [store.dump([ks[i] for i in g], [0] * len(g), [s_t[i] for i in g]) for g in groups]
-                        failed = sum(store.wait(t) for t in tasks)
-                        store.commit(ks)
-                        dump = n * block / (time.perf_counter() - t0) / 1e9
-                        cold = drop_caches()
-                        d_t.zero_()
-                        t0 = time.perf_counter()
-                        tasks = [store.load([ks[i] for i in g], [0] * len(g), [d_t[i] for i in g]) for g in groups]
-                        failed += sum(store.wait(t) for t in tasks)
-                        load = n * block / (time.perf_counter() - t0) / 1e9
-                        exact = failed == 0 and torch.equal(s_t, d_t)
-                        cells.setdefault(f"{shape}/{memory}", []).append((dump, fw, load, fr, exact, cold))
-                        print(f"{mib:g} MiB x {n}, {threads} threads, {shape}, {memory}, round {rep + 1}: dump {dump:.2f} GB/s "
-                              f"(fio {fw:.2f}), load {load:.2f} GB/s (fio {fr:.2f}){'' if exact else ' NOT BYTE-EXACT'}", flush=True)
-                        remove_blocks(store_dir)  # the disk holds one case at a time
+                    if "shared" in a.memory.split(","):
+                        store.register_memory([src, dst])
+                    for rep in range(a.repeat):
+                        # fio and the store take turns, so that a slow patch of the disk touches both
+                        fdir = os.path.join(base, "fio")
+                        os.makedirs(fdir)
+                        fw = fio(fdir, "write", block + HEADER, n, threads)
+                        drop_caches()
+                        fr = fio(fdir, "read", block + HEADER, n, threads)
+                        shutil.rmtree(fdir)
+                        for memory in a.memory.split(","):
+                            if memory == "shared":
+                                s_t, d_t = src, dst
+                            else:
+                                s_t, d_t = src.clone(), dst.clone()  # ordinary CPU tensors: the shim stages them
+                            for shape in a.shapes.split(","):
+                                ks = [f"{shape}-{memory}-{mib}-{threads}-{rep}-{i}".encode()[:64] for i in range(n)]
+                                groups = (
+                                    [list(range(n))]
+                                    if shape == "big"
+                                    else [list(range(i, min(n, i + 8))) for i in range(0, n, 8)]
+                                )
+                                t0 = time.perf_counter()
+                                tasks = [
+                                    store.dump([ks[i] for i in g], [0] * len(g), [s_t[i] for i in g]) for g in groups
+                                ]
+                                failed = sum(store.wait(t) for t in tasks)
+                                store.commit(ks)
+                                dump = n * block / (time.perf_counter() - t0) / 1e9
+                                cold = drop_caches()
+                                d_t.zero_()
+                                t0 = time.perf_counter()
+                                tasks = [
+                                    store.load([ks[i] for i in g], [0] * len(g), [d_t[i] for i in g]) for g in groups
+                                ]
+                                failed += sum(store.wait(t) for t in tasks)
+                                load = n * block / (time.perf_counter() - t0) / 1e9
+                                exact = failed == 0 and torch.equal(s_t, d_t)
+                                cells.setdefault(f"{shape}/{memory}", []).append((dump, fw, load, fr, exact, cold))
+                                print(
+                                    f"{mib:g} MiB x {n}, {threads} threads, {shape}, {memory}, round {rep + 1}: dump {dump:.2f} GB/s "
+                                    f"(fio {fw:.2f}), load {load:.2f} GB/s (fio {fr:.2f}){'' if exact else ' NOT BYTE-EXACT'}",
+                                    flush=True,
+                                )
+                                remove_blocks(store_dir)  # the disk holds one case at a time
                 finally:
                     pid = EngineClient(f"ipc://{sock}", 3000).raw("health").get("pid")
                     store.close()
@@ -159,16 +188,32 @@ def main() -> int:
     finally:
         shutil.rmtree(base, ignore_errors=True)
     if a.json:
-        keys = ("block_mib", "threads", "shape_memory", "dump_GBps", "fio_write_GBps", "load_GBps", "fio_read_GBps", "byte_exact", "cold")
+        keys = (
+            "block_mib",
+            "threads",
+            "shape_memory",
+            "dump_GBps",
+            "fio_write_GBps",
+            "load_GBps",
+            "fio_read_GBps",
+            "byte_exact",
+            "cold",
+        )
         with open(a.json, "w") as f:
-            json.dump({"dir": os.path.abspath(a.dir), "gib": a.gib, "rows": [dict(zip(keys, r)) for r in rows]}, f, indent=1)
+            json.dump(
+                {"dir": os.path.abspath(a.dir), "gib": a.gib, "rows": [dict(zip(keys, r)) for r in rows]}, f, indent=1
+            )
     print()
-    print("| block | threads | tasks | memory | dump GB/s | fio write | dump / fio | load GB/s (cold) | fio read | load / fio | byte-exact |")
+    print(
+        "| block | threads | tasks | memory | dump GB/s | fio write | dump / fio | load GB/s (cold) | fio read | load / fio | byte-exact |"
+    )
     print("| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for mib, threads, shape_mem, dump, fw, load, fr, exact, cold in rows:
         shape, memory = shape_mem.split("/")
-        print(f"| {mib:g} MiB | {threads} | {'one of all blocks' if shape == 'big' else '8 blocks each'} | {memory} | {dump:.2f} | {fw:.2f} | "
-              f"{100 * dump / fw:.0f} % | {load:.2f}{'' if cold else ' (warm!)'} | {fr:.2f} | {100 * load / fr:.0f} % | {'yes' if exact else 'NO'} |")
+        print(
+            f"| {mib:g} MiB | {threads} | {'one of all blocks' if shape == 'big' else '8 blocks each'} | {memory} | {dump:.2f} | {fw:.2f} | "
+            f"{100 * dump / fw:.0f} % | {load:.2f}{'' if cold else ' (warm!)'} | {fr:.2f} | {100 * load / fr:.0f} % | {'yes' if exact else 'NO'} |"
+        )
     return 0 if all(r[7] for r in rows) else 1
 
 

@@ -17,6 +17,7 @@ concurrent requests. Stored blocks are evicted from the page cache before each m
 (posix_fadvise DONTNEED on every stored file); ours are read with O_DIRECT anyway.
 Writes <out>/ttft.md, <out>/ttft.json and docs/ttft.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,9 @@ def prompts(vocab: int, n: int, length: int, seed: int, prefix_frac: float = 0.0
         p_len = int(length * prefix_frac)
         rp = random.Random((prefix_seed if prefix_seed is not None else seed) * 1000 + i)
         rt = random.Random(seed * 1000 + i + 7919)
-        out.append([rp.randrange(16, vocab) for _ in range(p_len)] + [rt.randrange(16, vocab) for _ in range(length - p_len)])
+        out.append(
+            [rp.randrange(16, vocab) for _ in range(p_len)] + [rt.randrange(16, vocab) for _ in range(length - p_len)]
+        )
     return out
 
 
@@ -49,18 +52,32 @@ def worker(args: argparse.Namespace) -> None:
 
     ktc = None
     if args.mode == "ucm":
-        ktc = KVTransferConfig(kv_connector="UnifiedCacheConnectorV1", kv_connector_module_path="ucm.integration.vllm.uc_connector",
-                               kv_role="kv_both", kv_connector_extra_config={"UCM_CONFIG_FILE": args.config})
+        ktc = KVTransferConfig(
+            kv_connector="UnifiedCacheConnectorV1",
+            kv_connector_module_path="ucm.integration.vllm.uc_connector",
+            kv_role="kv_both",
+            kv_connector_extra_config={"UCM_CONFIG_FILE": args.config},
+        )
     elif args.mode == "example":
-        ktc = KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both",
-                               kv_connector_extra_config={"shared_storage_path": args.example_dir})
+        ktc = KVTransferConfig(
+            kv_connector="ExampleConnector",
+            kv_role="kv_both",
+            kv_connector_extra_config={"shared_storage_path": args.example_dir},
+        )
     lengths = [int(x) for x in args.lengths.split(",")]
     conc = [int(x) for x in args.concurrency.split(",")]
     # One prefill step per prompt (no chunking) in every mode: ExampleConnector
     # cannot store a prompt whose prefill is chunked.
-    llm = LLM(model=args.model, block_size=128, max_model_len=max(lengths) + 256, enable_prefix_caching=False,
-              max_num_batched_tokens=max(lengths) + 256,
-              enforce_eager=True, disable_log_stats=False, kv_transfer_config=ktc)
+    llm = LLM(
+        model=args.model,
+        block_size=128,
+        max_model_len=max(lengths) + 256,
+        enable_prefix_caching=False,
+        max_num_batched_tokens=max(lengths) + 256,
+        enforce_eager=True,
+        disable_log_stats=False,
+        kv_transfer_config=ktc,
+    )
     vocab = llm.get_tokenizer().vocab_size
     sp = SamplingParams(temperature=0, max_tokens=1)
 
@@ -105,7 +122,8 @@ def worker(args: argparse.Namespace) -> None:
                 if args.mode == "full":
                     t = ttft(prompts(vocab, C, L, seed=seed))
                 else:
-                    ttft(prompts(vocab, C, int(L * 0.8) + 1, seed=seed + 500000, prefix_frac=1.0, prefix_seed=seed))  # prime 80 %
+                    # prime 80 %
+                    ttft(prompts(vocab, C, int(L * 0.8) + 1, seed=seed + 500000, prefix_frac=1.0, prefix_seed=seed))
                     settle()
                     t = ttft(prompts(vocab, C, L, seed=seed + 1, prefix_frac=0.8, prefix_seed=seed))
                 results.append({"mode": args.mode, "length": L, "concurrency": C, "ttft": t})
@@ -119,8 +137,17 @@ def worker(args: argparse.Namespace) -> None:
             settle()
             hits.append(ttft(p))
         miss, hit = sorted(misses)[1], sorted(hits)[1]
-        results.append({"mode": args.mode, "length": L, "concurrency": 1, "same_prompt_miss": miss, "same_prompt_hit": hit,
-                        "all_misses": misses, "all_hits": hits})
+        results.append(
+            {
+                "mode": args.mode,
+                "length": L,
+                "concurrency": 1,
+                "same_prompt_miss": miss,
+                "same_prompt_hit": hit,
+                "all_misses": misses,
+                "all_hits": hits,
+            }
+        )
         print(json.dumps(results[-1]), flush=True)
     with open(args.result, "w") as f:
         json.dump(results, f)
@@ -154,13 +181,31 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     cfg = os.path.join(args.storage, "ucm.yaml")
     with open(cfg, "w") as f:
-        f.write(f'ucm_connector_name: "UcmNfsStore"\nucm_connector_config:\n  storage_backends: "{args.storage}/ucm"\n  transferStreamNumber: 32\n')
+        f.write(
+            f'ucm_connector_name: "UcmNfsStore"\nucm_connector_config:\n  storage_backends: "{args.storage}/ucm"\n  transferStreamNumber: 32\n'
+        )
     env = {**os.environ, "PYTHONHASHSEED": "123456", "UCM_ENGINE_LOG": os.path.join(args.storage, "engine.log")}
     allres = []
     for mode in ("full", "ucm", "example"):
         res = os.path.join(args.storage, f"{mode}.json")
-        cmd = [sys.executable, __file__, "--mode", mode, "--model", args.model, "--config", cfg, "--example-dir",
-               os.path.join(args.storage, "example"), "--result", res, "--lengths", args.lengths, "--concurrency", args.concurrency]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--mode",
+            mode,
+            "--model",
+            args.model,
+            "--config",
+            cfg,
+            "--example-dir",
+            os.path.join(args.storage, "example"),
+            "--result",
+            res,
+            "--lengths",
+            args.lengths,
+            "--concurrency",
+            args.concurrency,
+        ]
         print("running", mode, flush=True)
         subprocess.run(cmd, env=env, check=True, stdout=sys.stdout, stderr=subprocess.DEVNULL)
         allres += json.load(open(res))
@@ -196,12 +241,18 @@ def report(res: list[dict], args: argparse.Namespace) -> None:
     ex = next((r for r in res if r["mode"] == "example" and "same_prompt_hit" in r), None)
     us = next((r for r in res if r["mode"] == "ucm" and "same_prompt_hit" in r), None)
     if ex and us:
-        lines += ["", f"Same {ex['length']}-token prompt twice, concurrency 1 (second = hit), median of 3 prompts "
-                  f"(ours: hits {', '.join(f'{x:.3f}' for x in us['all_hits'])}; ExampleConnector: hits {', '.join(f'{x:.3f}' for x in ex['all_hits'])}):", "",
-                  "| connector | miss TTFT (s) | hit TTFT (s) |", "| --- | ---: | ---: |",
-                  f"| UnifiedCacheConnectorV1 (this project) | {us['same_prompt_miss']:.4f} | {us['same_prompt_hit']:.4f} |",
-                  f"| vLLM ExampleConnector (its disk store) | {ex['same_prompt_miss']:.4f} | {ex['same_prompt_hit']:.4f} |",
-                  "", f"ExampleConnector's hit TTFT / ours: {ex['same_prompt_hit'] / us['same_prompt_hit']:.2f}"]
+        lines += [
+            "",
+            f"Same {ex['length']}-token prompt twice, concurrency 1 (second = hit), median of 3 prompts "
+            f"(ours: hits {', '.join(f'{x:.3f}' for x in us['all_hits'])}; ExampleConnector: hits {', '.join(f'{x:.3f}' for x in ex['all_hits'])}):",
+            "",
+            "| connector | miss TTFT (s) | hit TTFT (s) |",
+            "| --- | ---: | ---: |",
+            f"| UnifiedCacheConnectorV1 (this project) | {us['same_prompt_miss']:.4f} | {us['same_prompt_hit']:.4f} |",
+            f"| vLLM ExampleConnector (its disk store) | {ex['same_prompt_miss']:.4f} | {ex['same_prompt_hit']:.4f} |",
+            "",
+            f"ExampleConnector's hit TTFT / ours: {ex['same_prompt_hit'] / us['same_prompt_hit']:.2f}",
+        ]
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     with open(os.path.join(args.out, "ttft.md"), "w") as f:

@@ -254,7 +254,8 @@ export class CapacityManager {
         `capacity: ${b.dir}: ${why}: scanned ${r.scannedFiles} block file(s), ${mib(r.scannedBytes)} MiB, ` +
         `evicted ${r.freedFiles} (${mib(r.freedBytes)} MiB), kept ${r.keptRecent} recently used and ${r.keptPinned} being read, ` +
         `now ${mib(r.usedBytes)} MiB of ${b.capacity ? mib(b.capacity) + " MiB" : "unlimited"} (${Date.now() - t0} ms)`;
-      if (r.freedBytes < r.wantedBytes) this.log.warn(`${msg}; could not free the ${mib(r.wantedBytes)} MiB needed: writes are refused until room appears`);
+      if (r.freedBytes < r.wantedBytes)
+        this.log.warn(`${msg}; could not free the ${mib(r.wantedBytes)} MiB needed: writes are refused until room appears`);
       else this.log.info(msg);
       return r;
     } catch (e) {

@@ -17,10 +17,17 @@ import { EngineServer } from "./server";
 /** Each command's options (node:util parseArgs) and its usage line. */
 const COMMANDS = {
   serve: {
-    usage: "ucm-engine serve --config <yaml> [--endpoint <ipc://path | tcp://127.0.0.1:port>] [--log-level debug|info|warn|error] [--exit-when-idle <seconds>]",
-    about: "Runs the engine in this process until SIGINT or SIGTERM (exit code 0 after a clean shutdown), or, with " +
+    usage:
+      "ucm-engine serve --config <yaml> [--endpoint <ipc://path | tcp://127.0.0.1:port>] [--log-level debug|info|warn|error] [--exit-when-idle <seconds>]",
+    about:
+      "Runs the engine in this process until SIGINT or SIGTERM (exit code 0 after a clean shutdown), or, with " +
       "--exit-when-idle, until no client has had a session for that long (what the shim asks of an engine it starts).",
-    options: { config: { type: "string" }, endpoint: { type: "string" }, "log-level": { type: "string" }, "exit-when-idle": { type: "string" } },
+    options: {
+      config: { type: "string" },
+      endpoint: { type: "string" },
+      "log-level": { type: "string" },
+      "exit-when-idle": { type: "string" },
+    },
   },
   health: {
     usage: "ucm-engine health --config <yaml> | --endpoint <ep>",
@@ -33,17 +40,25 @@ const COMMANDS = {
     options: { config: { type: "string" }, endpoint: { type: "string" }, json: { type: "boolean" } },
   },
   bench: {
-    usage: "ucm-engine bench --dir <path> [--config <yaml>] [--block-mib 16] [--shards 128] [--gib 2] [--threads <n>] [--odirect true|false]",
+    usage:
+      "ucm-engine bench --dir <path> [--config <yaml>] [--block-mib 16] [--shards 128] [--gib 2] [--threads <n>] [--odirect true|false]",
     about: "Measures a directory with the engine's own I/O path (dump, then cold loads) and removes what it wrote.",
     options: {
-      dir: { type: "string" }, config: { type: "string" }, "block-mib": { type: "string" }, shards: { type: "string" },
-      gib: { type: "string" }, threads: { type: "string" }, odirect: { type: "string" },
+      dir: { type: "string" },
+      config: { type: "string" },
+      "block-mib": { type: "string" },
+      shards: { type: "string" },
+      gib: { type: "string" },
+      threads: { type: "string" },
+      odirect: { type: "string" },
     },
   },
 } as const;
 type Command = keyof typeof COMMANDS;
 
-const USAGE = `usage:\n${Object.values(COMMANDS).map((c) => `  ${c.usage}`).join("\n")}\n\nEvery command answers --help.`;
+const USAGE = `usage:\n${Object.values(COMMANDS)
+  .map((c) => `  ${c.usage}`)
+  .join("\n")}\n\nEvery command answers --help.`;
 
 interface Args {
   command: string;
@@ -78,7 +93,8 @@ function configFrom(flags: Map<string, string>): LoadedConfig {
   }
   const level = flags.get("log-level");
   if (level !== undefined) {
-    if (!LOG_LEVELS.includes(level as LogLevel)) throw new ConfigError(`--log-level must be one of ${LOG_LEVELS.join(", ")}, got ${JSON.stringify(level)}`);
+    if (!LOG_LEVELS.includes(level as LogLevel))
+      throw new ConfigError(`--log-level must be one of ${LOG_LEVELS.join(", ")}, got ${JSON.stringify(level)}`);
     loaded.config.logLevel = level as LogLevel;
   }
   return loaded;
@@ -97,7 +113,8 @@ async function serve(flags: Map<string, string>): Promise<number> {
     // Started by the shim from whichever vLLM process came first, maybe a worker bound to one core: the engine
     // serves them all, so it runs on every CPU (before its transfer threads and libzmq's exist; they inherit it).
     const cpus = widenCpuAffinity();
-    if (cpus.after !== cpus.before) log.info(`CPU affinity: the starting process allowed ${cpus.before} CPU(s); the engine runs on ${cpus.after}`);
+    if (cpus.after !== cpus.before)
+      log.info(`CPU affinity: the starting process allowed ${cpus.before} CPU(s); the engine runs on ${cpus.after}`);
   }
   const server = new EngineServer(config, log);
   await server.start();
@@ -147,7 +164,13 @@ async function ask(op: "health" | "stats", flags: Map<string, string>): Promise<
 /** Bytes in the largest binary unit that keeps the figure at 1 or more. */
 const gib = (x: unknown) => {
   const n = Number(x);
-  for (const [u, f] of [["TiB", 2 ** 40], ["GiB", 2 ** 30], ["MiB", 2 ** 20], ["KiB", 2 ** 10]] as const) if (n >= f) return `${(n / f).toFixed(2)} ${u}`;
+  for (const [u, f] of [
+    ["TiB", 2 ** 40],
+    ["GiB", 2 ** 30],
+    ["MiB", 2 ** 20],
+    ["KiB", 2 ** 10],
+  ] as const)
+    if (n >= f) return `${(n / f).toFixed(2)} ${u}`;
   return `${n} B`;
 };
 
@@ -158,24 +181,45 @@ export function formatStats(r: Record<string, unknown>): string {
   const add = (a: string, b: string) => rows.push([a, b]);
   add("engine", `pid ${n("pid")}, up ${n("uptime_s").toFixed(0)} s, ${n("clients")} client(s), ${n("transferThreads")} transfer threads`);
   const lk = n("lookupKeys");
-  add("lookups", `${n("lookups")} requests, ${lk} keys: ${n("hits")} hits, ${n("misses")} misses${lk ? ` (hit rate ${((100 * n("hits")) / lk).toFixed(1)}%)` : ""}`);
+  add(
+    "lookups",
+    `${n("lookups")} requests, ${lk} keys: ${n("hits")} hits, ${n("misses")} misses${lk ? ` (hit rate ${((100 * n("hits")) / lk).toFixed(1)}%)` : ""}`,
+  );
   add("dumped", `${n("blocksDumped")} blocks, ${gib(n("bytesDumped"))} in ${n("dumpTasks")} tasks; ${n("blocksSkipped")} already stored`);
   add("loaded", `${n("blocksLoaded")} blocks, ${gib(n("bytesLoaded"))} in ${n("loadTasks")} tasks`);
   const lat = (r.latency ?? {}) as Record<string, { count: number; meanS: number; p50S: number; p99S: number }>;
   for (const d of ["dump", "load"]) {
     const l = lat[d];
-    if (l && l.count) add(`${d} task latency`, `mean ${(l.meanS * 1e3).toFixed(2)} ms, p50 <= ${(l.p50S * 1e3).toFixed(1)} ms, p99 <= ${(l.p99S * 1e3).toFixed(1)} ms (${l.count} tasks)`);
+    if (l && l.count)
+      add(
+        `${d} task latency`,
+        `mean ${(l.meanS * 1e3).toFixed(2)} ms, p50 <= ${(l.p50S * 1e3).toFixed(1)} ms, p99 <= ${(l.p99S * 1e3).toFixed(1)} ms (${l.count} tasks)`,
+      );
   }
-  add("dropped writes", `${n("droppedInflight")} in-flight bytes, ${n("droppedCapacity")} capacity, ${n("droppedQueueAge")} queue age, ${n("deferredFirstSight")} first sight`);
-  add("in flight", `${n("tasksInFlight")} tasks, ${n("queuedBlocks")} blocks queued, ${gib(n("inflightDumpBytes"))} of ${gib(n("maxInflightBytes"))} dump bytes`);
+  add(
+    "dropped writes",
+    `${n("droppedInflight")} in-flight bytes, ${n("droppedCapacity")} capacity, ${n("droppedQueueAge")} queue age, ${n("deferredFirstSight")} first sight`,
+  );
+  add(
+    "in flight",
+    `${n("tasksInFlight")} tasks, ${n("queuedBlocks")} blocks queued, ${gib(n("inflightDumpBytes"))} of ${gib(n("maxInflightBytes"))} dump bytes`,
+  );
   for (const c of (r.capacity ?? []) as Array<Record<string, number | string>>) {
     const cap = Number(c.capacity);
     const used = Number(c.usedBytes);
-    add(`capacity ${c.dir}`, `${gib(used)} in ${c.usedFiles} blocks of ${cap ? `${gib(cap)} (${((100 * used) / cap).toFixed(1)}%)` : "unlimited"}; evicted ${c.evictedFiles} blocks (${gib(c.evictedBytes)}) in ${c.evictionPasses} passes`);
+    add(
+      `capacity ${c.dir}`,
+      `${gib(used)} in ${c.usedFiles} blocks of ${cap ? `${gib(cap)} (${((100 * used) / cap).toFixed(1)}%)` : "unlimited"}; evicted ${c.evictedFiles} blocks (${gib(c.evictedBytes)}) in ${c.evictionPasses} passes`,
+    );
   }
   const errs = (r.errors ?? {}) as Record<string, number>;
-  const reqErrs = Object.entries(errs).map(([k, v]) => `${k} ${v}`).join(", ");
-  add("errors", `blocks: ${n("blocksNotFound")} not found, ${n("blocksCorrupt")} corrupt, ${n("blocksMismatch")} mismatch, ${n("blocksIoError")} I/O, ${n("blocksCancelled")} cancelled; requests: ${reqErrs || "none"}`);
+  const reqErrs = Object.entries(errs)
+    .map(([k, v]) => `${k} ${v}`)
+    .join(", ");
+  add(
+    "errors",
+    `blocks: ${n("blocksNotFound")} not found, ${n("blocksCorrupt")} corrupt, ${n("blocksMismatch")} mismatch, ${n("blocksIoError")} I/O, ${n("blocksCancelled")} cancelled; requests: ${reqErrs || "none"}`,
+  );
   return table(["", ""], rows).split("\n").slice(2).join("\n");
 }
 
@@ -187,12 +231,14 @@ async function bench(flags: Map<string, string>): Promise<number> {
     const v = flags.get(k);
     if (v === undefined) return dflt;
     const x = Number(v);
-    if (!Number.isFinite(x) || x < min || x > max) throw new ConfigError(`--${k} must be a number in [${min}, ${max}], got ${JSON.stringify(v)}`);
+    if (!Number.isFinite(x) || x < min || x > max)
+      throw new ConfigError(`--${k} must be a number in [${min}, ${max}], got ${JSON.stringify(v)}`);
     return x;
   };
   const threads = Math.round(num("threads", cfg?.transferStreamNumber ?? (OPTIONS.transferStreamNumber.dflt as number), 1, 1024));
   const od = flags.get("odirect");
-  if (od !== undefined && od !== "true" && od !== "false") throw new ConfigError(`--odirect must be true or false, got ${JSON.stringify(od)}`);
+  if (od !== undefined && od !== "true" && od !== "false")
+    throw new ConfigError(`--odirect must be true or false, got ${JSON.stringify(od)}`);
   const odirect = od !== undefined ? od === "true" : (cfg?.odirect ?? true);
   const blockBytes = Math.round(num("block-mib", 16, 1 / 256, 1024) * 2 ** 20);
   const total = parseSize(`${num("gib", 2, 0.001, 1024)}GiB`) ?? 2 ** 31;

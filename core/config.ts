@@ -94,46 +94,222 @@ interface OptionSpec {
 /** Every optional key of ucm_connector_config, with its default. The README table mirrors this. */
 export const OPTIONS: Record<string, OptionSpec> = {
   transferStreamNumber: { key: "transferStreamNumber", kind: "int", min: 1, max: 1024, dflt: 32, doc: "native transfer threads" },
-  endpoint: { key: "endpoint", kind: "string", dflt: "", doc: "ZeroMQ endpoint; default ipc:///tmp/ucm-<uid>/<digest of storage_backends>/engine.sock" },
+  endpoint: {
+    key: "endpoint",
+    kind: "string",
+    dflt: "",
+    doc: "ZeroMQ endpoint; default ipc:///tmp/ucm-<uid>/<digest of storage_backends>/engine.sock",
+  },
   odirect: { key: "odirect", kind: "bool", dflt: true, doc: "O_DIRECT block I/O, dropped where the filesystem refuses it" },
   fsync: { key: "fsync", kind: "bool", dflt: false, doc: "fdatasync each block before it counts as written" },
   maxBlockBytes: { key: "maxBlockBytes", kind: "int", min: 4096, max: 2 ** 40, dflt: 2 ** 30, doc: "largest block accepted, bytes" },
   logLevel: { key: "logLevel", kind: "level", dflt: "info", doc: "debug, info, warn or error" },
   maxKeysPerRequest: { key: "maxKeysPerRequest", kind: "int", min: 1, max: 1 << 20, dflt: 65536, doc: "keys one request may name" },
-  uncommittedTimeoutS: { key: "uncommittedTimeoutS", kind: "int", min: 1, max: 86400, dflt: 600, doc: "seconds a dumped block waits for commit before it is discarded" },
-  lookupCacheTtlS: { key: "lookupCacheTtlS", kind: "int", min: 0, max: 86400, dflt: 60, doc: "seconds a found block is remembered without a stat" },
+  uncommittedTimeoutS: {
+    key: "uncommittedTimeoutS",
+    kind: "int",
+    min: 1,
+    max: 86400,
+    dflt: 600,
+    doc: "seconds a dumped block waits for commit before it is discarded",
+  },
+  lookupCacheTtlS: {
+    key: "lookupCacheTtlS",
+    kind: "int",
+    min: 0,
+    max: 86400,
+    dflt: 60,
+    doc: "seconds a found block is remembered without a stat",
+  },
   shutdownTimeoutS: { key: "shutdownTimeoutS", kind: "int", min: 0, max: 3600, dflt: 30, doc: "seconds SIGTERM waits for running tasks" },
-  clientCheckMs: { key: "clientCheckMs", kind: "int", min: 50, max: 600000, dflt: 2000, doc: "milliseconds between checks that clients are alive" },
-  clientTimeoutMs: { key: "clientTimeoutMs", kind: "int", min: 1, max: 600000, dflt: 5000, doc: "(shim) deadline of one request to the engine" },
-  loadTimeoutMs: { key: "loadTimeoutMs", kind: "int", min: 1, max: 3600000, dflt: 30000, doc: "(shim) how long a load may take before its blocks are recomputed" },
+  clientCheckMs: {
+    key: "clientCheckMs",
+    kind: "int",
+    min: 50,
+    max: 600000,
+    dflt: 2000,
+    doc: "milliseconds between checks that clients are alive",
+  },
+  clientTimeoutMs: {
+    key: "clientTimeoutMs",
+    kind: "int",
+    min: 1,
+    max: 600000,
+    dflt: 5000,
+    doc: "(shim) deadline of one request to the engine",
+  },
+  loadTimeoutMs: {
+    key: "loadTimeoutMs",
+    kind: "int",
+    min: 1,
+    max: 3600000,
+    dflt: 30000,
+    doc: "(shim) how long a load may take before its blocks are recomputed",
+  },
   loadAsync: { key: "loadAsync", kind: "bool", dflt: false, doc: "(shim) load KV asynchronously, outside the forward pass" },
-  capacity: { key: "capacity", kind: "sizes", dflt: 0, doc: "bytes each backend directory may hold, e.g. 500GiB (one value, or a list with one per backend); 0 = unlimited. Shared by every engine writing there" },
-  evictionGraceS: { key: "evictionGraceS", kind: "int", min: 0, max: 86400, dflt: 10, doc: "blocks used within this many seconds are never evicted" },
-  capacitySyncMs: { key: "capacitySyncMs", kind: "int", min: 10, max: 60000, dflt: 500, doc: "milliseconds between updates of the shared usage ledger" },
-  capacityRescanS: { key: "capacityRescanS", kind: "int", min: 0, max: 604800, dflt: 3600, doc: "seconds between rescans that repair the usage ledger of a directory with a capacity (0 = only when evicting)" },
-  maxInflightBytes: { key: "maxInflightBytes", kind: "size", min: 1 << 20, max: 2 ** 50, dflt: 4 * 2 ** 30, doc: "dump bytes accepted and not yet written; dumps beyond it are dropped" },
-  maxQueueMs: { key: "maxQueueMs", kind: "int", min: 0, max: 3600000, dflt: 5000, doc: "a dumped block still queued after this many ms is dropped (0 = no limit)" },
-  admitOnSecondSight: { key: "admitOnSecondSight", kind: "bool", dflt: false, doc: "store a block only the second time it is dumped (spares SSD wear)" },
+  capacity: {
+    key: "capacity",
+    kind: "sizes",
+    dflt: 0,
+    doc: "bytes each backend directory may hold, e.g. 500GiB (one value, or a list with one per backend); 0 = unlimited. Shared by every engine writing there",
+  },
+  evictionGraceS: {
+    key: "evictionGraceS",
+    kind: "int",
+    min: 0,
+    max: 86400,
+    dflt: 10,
+    doc: "blocks used within this many seconds are never evicted",
+  },
+  capacitySyncMs: {
+    key: "capacitySyncMs",
+    kind: "int",
+    min: 10,
+    max: 60000,
+    dflt: 500,
+    doc: "milliseconds between updates of the shared usage ledger",
+  },
+  capacityRescanS: {
+    key: "capacityRescanS",
+    kind: "int",
+    min: 0,
+    max: 604800,
+    dflt: 3600,
+    doc: "seconds between rescans that repair the usage ledger of a directory with a capacity (0 = only when evicting)",
+  },
+  maxInflightBytes: {
+    key: "maxInflightBytes",
+    kind: "size",
+    min: 1 << 20,
+    max: 2 ** 50,
+    dflt: 4 * 2 ** 30,
+    doc: "dump bytes accepted and not yet written; dumps beyond it are dropped",
+  },
+  maxQueueMs: {
+    key: "maxQueueMs",
+    kind: "int",
+    min: 0,
+    max: 3600000,
+    dflt: 5000,
+    doc: "a dumped block still queued after this many ms is dropped (0 = no limit)",
+  },
+  admitOnSecondSight: {
+    key: "admitOnSecondSight",
+    kind: "bool",
+    dflt: false,
+    doc: "store a block only the second time it is dumped (spares SSD wear)",
+  },
   metricsPort: { key: "metricsPort", kind: "int", min: 0, max: 65535, dflt: 0, doc: "Prometheus /metrics port; 0 = off" },
   metricsHost: { key: "metricsHost", kind: "string", dflt: "127.0.0.1", doc: "address the metrics endpoint listens on" },
-  pinnedStagingBytes: { key: "pinnedStagingBytes", kind: "size", min: 1 << 20, max: 2 ** 44, dflt: 2 * 2 ** 30, doc: "pinned host staging for GPU blocks, all transfer threads together (each gets an equal share, allocated once)" },
-  cudaCopy: { key: "cudaCopy", kind: "string", dflt: "batch", doc: "how GPU shards move: batch (cudaMemcpyBatchAsync on the copy engines, leaving the SMs to vLLM; kernel where the driver lacks it) or kernel (one gather/scatter kernel launch per block)" },
-  shareWithGroup: { key: "shareWithGroup", kind: "bool", dflt: false, doc: "engines of several users in one group share the store: block files 0660, directories 02770, and the store directories may be group-writable (never world-writable); default: 0600 and 0700, only the engine's user" },
-  maxConnections: { key: "maxConnections", kind: "int", min: 0, max: 1 << 20, dflt: 0, doc: "client connections at which those of processes without a session are closed at once (0 = a quarter of the open-file limit, at most 4096)" },
-  maxConnectionsPerProcess: { key: "maxConnectionsPerProcess", kind: "int", min: 1, max: 1 << 16, dflt: 64, doc: "connections one client process may hold; the engine closes the extra ones (ipc endpoints)" },
-  maxSessionsPerProcess: { key: "maxSessionsPerProcess", kind: "int", min: 1, max: 1 << 16, dflt: 16, doc: "sessions (hello) one client process may hold at once; per-client quotas apply to each" },
-  idleConnectionS: { key: "idleConnectionS", kind: "int", min: 1, max: 86400, dflt: 60, doc: "a connection whose process has no session (never said hello) is closed after this many seconds (ipc endpoints)" },
-  lookupTimeoutMs: { key: "lookupTimeoutMs", kind: "int", min: 1, max: 600000, dflt: 1000, doc: "a lookup the filesystem has not answered within this many ms (a hung NFS server) answers its keys as misses" },
-  maxLookupKeys: { key: "maxLookupKeys", kind: "int", min: 1, max: 1 << 24, dflt: 262144, doc: "keys times namespaces one lookup may check" },
-  maxRegionsPerClient: { key: "maxRegionsPerClient", kind: "int", min: 1, max: 1 << 20, dflt: 4096, doc: "memory regions one client may have registered at once (each is a mapping in the engine)" },
-  maxRegionBytesPerClient: { key: "maxRegionBytesPerClient", kind: "size", min: 1 << 20, max: 2 ** 50, dflt: 4 * 2 ** 40, doc: "bytes of memory one client may have registered at once" },
-  cudaEventTimeoutMs: { key: "cudaEventTimeoutMs", kind: "int", min: 1, max: 3600000, dflt: 30000, doc: "a GPU dump waits this long for the CUDA event of the forward pass that wrote its blocks, then fails the block (the writer died, say)" },
+  pinnedStagingBytes: {
+    key: "pinnedStagingBytes",
+    kind: "size",
+    min: 1 << 20,
+    max: 2 ** 44,
+    dflt: 2 * 2 ** 30,
+    doc: "pinned host staging for GPU blocks, all transfer threads together (each gets an equal share, allocated once)",
+  },
+  cudaCopy: {
+    key: "cudaCopy",
+    kind: "string",
+    dflt: "batch",
+    doc: "how GPU shards move: batch (cudaMemcpyBatchAsync on the copy engines, leaving the SMs to vLLM; kernel where the driver lacks it) or kernel (one gather/scatter kernel launch per block)",
+  },
+  shareWithGroup: {
+    key: "shareWithGroup",
+    kind: "bool",
+    dflt: false,
+    doc: "engines of several users in one group share the store: block files 0660, directories 02770, and the store directories may be group-writable (never world-writable); default: 0600 and 0700, only the engine's user",
+  },
+  maxConnections: {
+    key: "maxConnections",
+    kind: "int",
+    min: 0,
+    max: 1 << 20,
+    dflt: 0,
+    doc: "client connections at which those of processes without a session are closed at once (0 = a quarter of the open-file limit, at most 4096)",
+  },
+  maxConnectionsPerProcess: {
+    key: "maxConnectionsPerProcess",
+    kind: "int",
+    min: 1,
+    max: 1 << 16,
+    dflt: 64,
+    doc: "connections one client process may hold; the engine closes the extra ones (ipc endpoints)",
+  },
+  maxSessionsPerProcess: {
+    key: "maxSessionsPerProcess",
+    kind: "int",
+    min: 1,
+    max: 1 << 16,
+    dflt: 16,
+    doc: "sessions (hello) one client process may hold at once; per-client quotas apply to each",
+  },
+  idleConnectionS: {
+    key: "idleConnectionS",
+    kind: "int",
+    min: 1,
+    max: 86400,
+    dflt: 60,
+    doc: "a connection whose process has no session (never said hello) is closed after this many seconds (ipc endpoints)",
+  },
+  lookupTimeoutMs: {
+    key: "lookupTimeoutMs",
+    kind: "int",
+    min: 1,
+    max: 600000,
+    dflt: 1000,
+    doc: "a lookup the filesystem has not answered within this many ms (a hung NFS server) answers its keys as misses",
+  },
+  maxLookupKeys: {
+    key: "maxLookupKeys",
+    kind: "int",
+    min: 1,
+    max: 1 << 24,
+    dflt: 262144,
+    doc: "keys times namespaces one lookup may check",
+  },
+  maxRegionsPerClient: {
+    key: "maxRegionsPerClient",
+    kind: "int",
+    min: 1,
+    max: 1 << 20,
+    dflt: 4096,
+    doc: "memory regions one client may have registered at once (each is a mapping in the engine)",
+  },
+  maxRegionBytesPerClient: {
+    key: "maxRegionBytesPerClient",
+    kind: "size",
+    min: 1 << 20,
+    max: 2 ** 50,
+    dflt: 4 * 2 ** 40,
+    doc: "bytes of memory one client may have registered at once",
+  },
+  cudaEventTimeoutMs: {
+    key: "cudaEventTimeoutMs",
+    kind: "int",
+    min: 1,
+    max: 3600000,
+    dflt: 30000,
+    doc: "a GPU dump waits this long for the CUDA event of the forward pass that wrote its blocks, then fails the block (the writer died, say)",
+  },
 };
 
 const SIZE_UNITS: Record<string, number> = {
-  "": 1, b: 1,
-  k: 2 ** 10, kib: 2 ** 10, m: 2 ** 20, mib: 2 ** 20, g: 2 ** 30, gib: 2 ** 30, t: 2 ** 40, tib: 2 ** 40,
-  kb: 1e3, mb: 1e6, gb: 1e9, tb: 1e12,
+  "": 1,
+  b: 1,
+  k: 2 ** 10,
+  kib: 2 ** 10,
+  m: 2 ** 20,
+  mib: 2 ** 20,
+  g: 2 ** 30,
+  gib: 2 ** 30,
+  t: 2 ** 40,
+  tib: 2 ** 40,
+  kb: 1e3,
+  mb: 1e6,
+  gb: 1e9,
+  tb: 1e12,
 };
 
 /** Bytes from an integer or a string such as "500GiB", "1.5TB", "64M"; undefined when not a size. */
@@ -172,7 +348,10 @@ function show(v: unknown): string {
  */
 export function defaultRuntimeDir(storageBackendsRaw: string): string {
   const uid = typeof process.getuid === "function" ? process.getuid() : 0;
-  const absolute = storageBackendsRaw.split(":").map((d) => path.resolve(d.trim())).join(":");
+  const absolute = storageBackendsRaw
+    .split(":")
+    .map((d) => path.resolve(d.trim()))
+    .join(":");
   const digest = crypto.createHash("sha256").update(absolute).digest("hex").slice(0, 12);
   return path.join(os.tmpdir(), `ucm-${uid}`, digest);
 }
@@ -228,7 +407,8 @@ export function parseConfig(doc: unknown): LoadedConfig {
   }
   const at = (k: string) => (where ? `${where}.${k}` : k);
   for (const k of Object.keys(connector)) {
-    if (k !== "ucm_connector_name" && k !== "ucm_connector_config" && !(where === "" && k === "ucm_connectors")) warnings.push(`unknown key ${at(k)} ignored`);
+    if (k !== "ucm_connector_name" && k !== "ucm_connector_config" && !(where === "" && k === "ucm_connectors"))
+      warnings.push(`unknown key ${at(k)} ignored`);
   }
   const name = connector.ucm_connector_name;
   if (name !== CONNECTOR_NAME) throw new ConfigError(`${at("ucm_connector_name")} must be ${show(CONNECTOR_NAME)}, got ${show(name)}`);
@@ -258,7 +438,9 @@ export function parseConfig(doc: unknown): LoadedConfig {
     try {
       fs.rmdirSync(fs.mkdtempSync(path.join(d, ".ucm-probe-")));
     } catch (e) {
-      throw new ConfigError(`${key("storage_backends")}: directory ${show(d)} is not writable (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`);
+      throw new ConfigError(
+        `${key("storage_backends")}: directory ${show(d)} is not writable (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`,
+      );
     }
   });
   const resolved = dirs.map((d) => path.resolve(d));
@@ -315,15 +497,19 @@ export function parseConfig(doc: unknown): LoadedConfig {
   for (const k of Object.keys(raw)) {
     if (k !== "storage_backends" && !(k in OPTIONS)) warnings.push(`unknown key ${key(k)} ignored`);
   }
-  if (out.cudaCopy !== "kernel" && out.cudaCopy !== "batch") throw new ConfigError(`${key("cudaCopy")} must be "kernel" or "batch", got ${show(out.cudaCopy)}`);
+  if (out.cudaCopy !== "kernel" && out.cudaCopy !== "batch")
+    throw new ConfigError(`${key("cudaCopy")} must be "kernel" or "batch", got ${show(out.cudaCopy)}`);
   if (!Array.isArray(out.capacity)) out.capacity = [out.capacity as number];
   const caps = out.capacity as number[];
   if (caps.length === 1) out.capacity = resolved.map(() => caps[0]);
   else if (caps.length !== resolved.length) {
-    throw new ConfigError(`${key("capacity")} lists ${caps.length} sizes for ${resolved.length} storage backends; give one value for all or one per backend`);
+    throw new ConfigError(
+      `${key("capacity")} lists ${caps.length} sizes for ${resolved.length} storage backends; give one value for all or one per backend`,
+    );
   }
   for (const [i, c] of (out.capacity as number[]).entries()) {
-    if (c !== 0 && c < 16 * 2 ** 20) throw new ConfigError(`${key("capacity")}: ${c} bytes for ${show(resolved[i])} is below the 16 MiB minimum (0 = unlimited)`);
+    if (c !== 0 && c < 16 * 2 ** 20)
+      throw new ConfigError(`${key("capacity")}: ${c} bytes for ${show(resolved[i])} is below the 16 MiB minimum (0 = unlimited)`);
   }
   // A store another user can write to lets that user plant symbolic links where the engine writes, reads
   // and deletes (and read every block): it must be this user's, and writable by no one else (by the group
@@ -332,12 +518,17 @@ export function parseConfig(doc: unknown): LoadedConfig {
   for (const d of resolved) {
     const st = fs.statSync(d);
     if (st.uid !== euid) {
-      throw new ConfigError(`${key("storage_backends")}: directory ${show(d)} belongs to uid ${st.uid}, not to the engine's user (${euid}); use a directory of this user (chown it, or create another)`);
+      throw new ConfigError(
+        `${key("storage_backends")}: directory ${show(d)} belongs to uid ${st.uid}, not to the engine's user (${euid}); use a directory of this user (chown it, or create another)`,
+      );
     }
     const mode = (st.mode & 0o7777).toString(8);
-    if ((st.mode & 0o002) !== 0) throw new ConfigError(`${key("storage_backends")}: directory ${show(d)} is writable by every user (mode ${mode}); chmod o-w it`);
+    if ((st.mode & 0o002) !== 0)
+      throw new ConfigError(`${key("storage_backends")}: directory ${show(d)} is writable by every user (mode ${mode}); chmod o-w it`);
     if ((st.mode & 0o020) !== 0 && out.shareWithGroup !== true) {
-      throw new ConfigError(`${key("storage_backends")}: directory ${show(d)} is writable by its group (mode ${mode}); chmod g-w it, or set shareWithGroup: true if the group's engines share this store`);
+      throw new ConfigError(
+        `${key("storage_backends")}: directory ${show(d)} is writable by its group (mode ${mode}); chmod g-w it, or set shareWithGroup: true if the group's engines share this store`,
+      );
     }
   }
   const config = { ...out, storageBackends: resolved, storageBackendsRaw: sb } as EngineConfig;

@@ -57,8 +57,12 @@ export class ConnectionGuard {
     const lim = raiseFdLimit();
     this.max = limits.maxConnections > 0 ? limits.maxConnections : Math.max(16, Math.min(4096, Math.floor(lim.soft / 4)));
     if (endpoint.startsWith("ipc://")) this.socketPath = endpoint.slice("ipc://".length);
-    log.info(`open files: limit ${lim.soft} (hard ${lim.hard}); client connections: ${this.max} before idle ones are closed at once` +
-      (this.socketPath ? `, ${limits.maxConnectionsPerProcess} per process, without a session closed after ${limits.idleConnectionS} s` : ""));
+    log.info(
+      `open files: limit ${lim.soft} (hard ${lim.hard}); client connections: ${this.max} before idle ones are closed at once` +
+        (this.socketPath
+          ? `, ${limits.maxConnectionsPerProcess} per process, without a session closed after ${limits.idleConnectionS} s`
+          : ""),
+    );
     sock.events.on("accept", () => {
       this.open++;
       if (this.open >= this.max && Date.now() - this.lastSweep > 100) this.sweep();
@@ -85,8 +89,10 @@ export class ConnectionGuard {
     this.pauseError = st.error;
     if (st.pauses > this.pauses) {
       this.pauses = st.pauses;
-      this.log.warn(`descriptors near the open-file limit: ${this.socketPath} hidden (at ${st.hiddenPath}) until idle ` +
-        `connections are closed; connected clients go on, new ones wait`);
+      this.log.warn(
+        `descriptors near the open-file limit: ${this.socketPath} hidden (at ${st.hiddenPath}) until idle ` +
+          `connections are closed; connected clients go on, new ones wait`,
+      );
     }
     if (st.paused) this.sweep(true);
   }
@@ -148,8 +154,10 @@ export class ConnectionGuard {
     this.open = peers.length - tooMany - idle;
     if (tooMany + idle > 0) {
       this.ended += tooMany + idle;
-      this.log.warn(`closed ${idle} connection(s) whose process had no session${force ? " (socket hidden)" : full ? " (at maxConnections)" : ` for ${idleMs / 1000} s`}` +
-        ` and ${tooMany} beyond maxConnectionsPerProcess ${this.limits.maxConnectionsPerProcess}; ${this.open} open`);
+      this.log.warn(
+        `closed ${idle} connection(s) whose process had no session${force ? " (socket hidden)" : full ? " (at maxConnections)" : ` for ${idleMs / 1000} s`}` +
+          ` and ${tooMany} beyond maxConnectionsPerProcess ${this.limits.maxConnectionsPerProcess}; ${this.open} open`,
+      );
     }
   }
 }

@@ -17,7 +17,11 @@ export class StorageLayout {
   /** Modes of what the engine makes: private by default, or shared with the group (config shareWithGroup). */
   readonly modes: { file: number; dir: number };
 
-  constructor(readonly backends: readonly string[], readonly tag: string, shareWithGroup = false) {
+  constructor(
+    readonly backends: readonly string[],
+    readonly tag: string,
+    shareWithGroup = false,
+  ) {
     this.modes = shareWithGroup ? { file: 0o660, dir: 0o2770 } : { file: 0o600, dir: 0o700 };
   }
 

@@ -93,7 +93,10 @@ export async function runMountBench(o: MountBenchOptions): Promise<MountBenchRes
       const b = new ShardListBuilder();
       for (let i = from; i < to; i++) {
         const base = (i % slots) * blockBytes;
-        b.addBlock(p(i), Array.from({ length: o.shards }, (_, s) => [region, base + s * shard, shard] as const));
+        b.addBlock(
+          p(i),
+          Array.from({ length: o.shards }, (_, s) => [region, base + s * shard, shard] as const),
+        );
       }
       return b.build(0x75636d62656e6368n);
     };
@@ -126,7 +129,10 @@ export async function runMountBench(o: MountBenchOptions): Promise<MountBenchRes
       const r = await engine.dump(spec(from, to, (i) => file(i) + ".tmp"));
       const ok: number[] = [];
       r.status.forEach((st, j) => (st === BlockStatus.Ok ? ok.push(from + j) : failed++));
-      const errs = await engine.commit(ok.map((i) => file(i) + ".tmp"), ok.map(file));
+      const errs = await engine.commit(
+        ok.map((i) => file(i) + ".tmp"),
+        ok.map(file),
+      );
       failed += errs.filter((e) => e !== 0).length;
       return r.bytes;
     });
@@ -188,9 +194,15 @@ export function formatMountBench(r: MountBenchResult, odirect: boolean): string 
   const mib = (x: number) => `${(x / 2 ** 20).toFixed(1)} MiB`;
   const rows: Array<[string, string]> = [
     ["directory", `${r.dir} (${r.fsType})`],
-    ["blocks", `${r.blocks} x ${mib(r.blockBytes)} (file ${mib(blockFileSize(r.blockBytes))}), ${r.threads} threads, O_DIRECT ${odirect ? "on" : "off"}`],
+    [
+      "blocks",
+      `${r.blocks} x ${mib(r.blockBytes)} (file ${mib(blockFileSize(r.blockBytes))}), ${r.threads} threads, O_DIRECT ${odirect ? "on" : "off"}`,
+    ],
     ["dump (write + rename)", `${r.dumpGBps.toFixed(2)} GB/s`],
-    ["load (read + verify)", `${r.loadGBps.toFixed(2)} GB/s (${r.coldLoad ? "page cache dropped first" : "page cache not dropped: run as root for cold reads"})`],
+    [
+      "load (read + verify)",
+      `${r.loadGBps.toFixed(2)} GB/s (${r.coldLoad ? "page cache dropped first" : "page cache not dropped: run as root for cold reads"})`,
+    ],
     ["lookup, 1 key", `p50 ${r.lookup1.p50Us.toFixed(0)} us, p99 ${r.lookup1.p99Us.toFixed(0)} us`],
     [`lookup, ${r.lookupBatch.keys} keys`, `p50 ${r.lookupBatch.p50Us.toFixed(0)} us, p99 ${r.lookupBatch.p99Us.toFixed(0)} us`],
     ["failed blocks", String(r.failed)],
@@ -201,7 +213,10 @@ export function formatMountBench(r: MountBenchResult, odirect: boolean): string 
 /** A plain text table. */
 export function table(head: [string, string], rows: Array<[string, string]>): string {
   const w = Math.max(head[0].length, ...rows.map((r) => r[0].length));
-  const lines = [`${head[0].padEnd(w)}  ${head[1]}`, `${"-".repeat(w)}  ${"-".repeat(Math.max(head[1].length, ...rows.map((r) => r[1].length)))}`];
+  const lines = [
+    `${head[0].padEnd(w)}  ${head[1]}`,
+    `${"-".repeat(w)}  ${"-".repeat(Math.max(head[1].length, ...rows.map((r) => r[1].length)))}`,
+  ];
   for (const [a, b] of rows) lines.push(`${a.padEnd(w)}  ${b}`);
   return lines.join("\n");
 }

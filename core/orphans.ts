@@ -75,7 +75,7 @@ export async function sweepOrphans(backends: readonly string[], ownTag: string, 
         }
         const file = path.join(tmp, name);
         const w = parseTempName(name);
-        let orphan = false;
+        let orphan: boolean;
         if (w && w.host === me) {
           orphan = !processAlive(w.pid);
         } else {

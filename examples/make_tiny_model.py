@@ -4,6 +4,7 @@ trained on the spot. Nothing is downloaded. vLLM loads it like any model dir.
 
     python make_tiny_model.py models/tiny-qwen2 [--layers 4 --hidden 256 ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,16 @@ def corpus(seed: int, lines: int = 20000):
         yield " ".join(rng.choice(words) for _ in range(rng.randint(5, 20))) + "."
 
 
-def build(out: str, layers: int = 8, hidden: int = 512, heads: int = 8, kv_heads: int = 2, intermediate: int = 1536,
-          max_pos: int = 32768, seed: int = 0) -> None:
+def build(
+    out: str,
+    layers: int = 8,
+    hidden: int = 512,
+    heads: int = 8,
+    kv_heads: int = 2,
+    intermediate: int = 1536,
+    max_pos: int = 32768,
+    seed: int = 0,
+) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -38,9 +47,13 @@ def build(out: str, layers: int = 8, hidden: int = 512, heads: int = 8, kv_heads
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(corpus(seed), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
     fast.save_pretrained(out)
     vocab = tok.get_vocab()
 
@@ -66,7 +79,9 @@ def build(out: str, layers: int = 8, hidden: int = 512, heads: int = 8, kv_heads
     model.save_pretrained(out, safe_serialization=True)
     with open(os.path.join(out, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": vocab["<|endoftext|>"], "do_sample": False}, f)
-    print(f"model written to {out}: {layers} layers, hidden {hidden}, {heads} heads / {kv_heads} kv heads, vocab {len(vocab)}")
+    print(
+        f"model written to {out}: {layers} layers, hidden {hidden}, {heads} heads / {kv_heads} kv heads, vocab {len(vocab)}"
+    )
 
 
 def main() -> None:

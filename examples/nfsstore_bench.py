@@ -17,6 +17,7 @@ connector's KV cache is held). Each run starts its own engine, replacing the
 previous (idle) one, as UCM's script does with its stream counts. Exit code 1
 if any byte differs or any block failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,7 @@ def _caches(layers: int, kv: int, blocks: int, block_len: int, heads: int, head_
         if shared:
             raw.share_memory_()
         skip = (-raw.data_ptr()) % 4096
-        out.append(raw[skip:skip + nbytes].view(torch.float16).view(shape))
+        out.append(raw[skip : skip + nbytes].view(torch.float16).view(shape))
     return out
 
 
@@ -70,8 +71,17 @@ def run(a: dict) -> dict:
     blocks = a["tokens"] // a["block_len"]
     io_size = a["block_len"] * a["heads"] * a["head_size"] * 2
     block_bytes = io_size * a["layers"] * kv
-    store = UcmNfsStore({"storage_backends": a["dir"], "kv_block_size": block_bytes, "io_size": io_size,
-                         "role": "worker", "device": 0, "stream_number": a["streams"], "use_direct": a["direct"]})
+    store = UcmNfsStore(
+        {
+            "storage_backends": a["dir"],
+            "kv_block_size": block_bytes,
+            "io_size": io_size,
+            "role": "worker",
+            "device": 0,
+            "stream_number": a["streams"],
+            "use_direct": a["direct"],
+        }
+    )
     threads = store.store.client.raw("stats").get("transferThreads")
     writes, reads, exact, failed = [], [], True, 0
     for r in range(a["rounds"]):
@@ -100,10 +110,19 @@ def run(a: dict) -> dict:
             reads.append(rd)
     store.close()
     total = block_bytes * blocks
-    return {**a, "threads": threads, "blocks": blocks, "block_bytes": block_bytes, "bytes": total,
-            "write_s": sum(writes) / len(writes), "read_s": sum(reads) / len(reads),
-            "write_gbs": total / (sum(writes) / len(writes)) / 1e9, "read_gbs": total / (sum(reads) / len(reads)) / 1e9,
-            "exact": exact, "failed": failed}
+    return {
+        **a,
+        "threads": threads,
+        "blocks": blocks,
+        "block_bytes": block_bytes,
+        "bytes": total,
+        "write_s": sum(writes) / len(writes),
+        "read_s": sum(reads) / len(reads),
+        "write_gbs": total / (sum(writes) / len(writes)) / 1e9,
+        "read_gbs": total / (sum(reads) / len(reads)) / 1e9,
+        "exact": exact,
+        "failed": failed,
+    }
 
 
 def _child(q, a):
@@ -137,10 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     for memory in args.memory.split(","):
         for direct in args.direct.split(","):
             for streams in (int(s) for s in args.streams.split(",")):
-                a = {"dir": os.path.abspath(args.dir), "streams": streams, "direct": direct == "on",
-                     "shared": memory == "shared", "tokens": args.tokens, "block_len": args.block_len,
-                     "layers": args.layers, "heads": args.heads, "head_size": args.head_size, "mla": args.mla,
-                     "rounds": args.rounds}
+                a = {
+                    "dir": os.path.abspath(args.dir),
+                    "streams": streams,
+                    "direct": direct == "on",
+                    "shared": memory == "shared",
+                    "tokens": args.tokens,
+                    "block_len": args.block_len,
+                    "layers": args.layers,
+                    "heads": args.heads,
+                    "head_size": args.head_size,
+                    "mla": args.mla,
+                    "rounds": args.rounds,
+                }
                 q = ctx.Queue()
                 proc = ctx.Process(target=_child, args=(q, a))
                 proc.start()
@@ -150,16 +178,21 @@ def main(argv: list[str] | None = None) -> int:
                     print(res, file=sys.stderr)
                     return 1
                 results.append(res)
-                print(f"streams {streams:>3}  O_DIRECT {'on ' if res['direct'] else 'off'}  memory {memory:<7}  "
-                      f"{res['blocks']} blocks x {res['block_bytes'] / 2**20:.2f} MiB  write {res['write_gbs']:.2f} GB/s  "
-                      f"read {res['read_gbs']:.2f} GB/s  {'byte-exact' if res['exact'] else 'BYTES DIFFER'}"
-                      + (f"  {res['failed']} failed" if res["failed"] else ""), flush=True)
+                print(
+                    f"streams {streams:>3}  O_DIRECT {'on ' if res['direct'] else 'off'}  memory {memory:<7}  "
+                    f"{res['blocks']} blocks x {res['block_bytes'] / 2**20:.2f} MiB  write {res['write_gbs']:.2f} GB/s  "
+                    f"read {res['read_gbs']:.2f} GB/s  {'byte-exact' if res['exact'] else 'BYTES DIFFER'}"
+                    + (f"  {res['failed']} failed" if res["failed"] else ""),
+                    flush=True,
+                )
     print()
     print("| transfer streams | O_DIRECT | memory | write GB/s | read GB/s | byte-exact |")
     print("| ---: | --- | --- | ---: | ---: | --- |")
     for r in results:
-        print(f"| {r['streams']} | {'on' if r['direct'] else 'off'} | {'shared' if r['shared'] else 'private'} | "
-              f"{r['write_gbs']:.2f} | {r['read_gbs']:.2f} | {'yes' if r['exact'] and not r['failed'] else 'NO'} |")
+        print(
+            f"| {r['streams']} | {'on' if r['direct'] else 'off'} | {'shared' if r['shared'] else 'private'} | "
+            f"{r['write_gbs']:.2f} | {r['read_gbs']:.2f} | {'yes' if r['exact'] and not r['failed'] else 'NO'} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -15,6 +15,7 @@ On this CPU-only machine it uses a small Qwen2-architecture model with random
 weights, built locally on first use (models/tiny-qwen2; nothing is
 downloaded). On a GPU machine pass a real model: --model /path/to/model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,14 +29,24 @@ sys.path.insert(0, HERE)  # make_tiny_model
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=os.environ.get("MODEL_PATH"), help="model directory (default: a tiny local model, built if missing)")
-    ap.add_argument("--config", default=os.path.join(HERE, "ucm_config_example.yaml"), help="UCM config file (seed format)")
-    ap.add_argument("--prompt-tokens", type=int, default=2048, help="tokens per prompt (the shared prefix is most of it)")
+    ap.add_argument(
+        "--model",
+        default=os.environ.get("MODEL_PATH"),
+        help="model directory (default: a tiny local model, built if missing)",
+    )
+    ap.add_argument(
+        "--config", default=os.path.join(HERE, "ucm_config_example.yaml"), help="UCM config file (seed format)"
+    )
+    ap.add_argument(
+        "--prompt-tokens", type=int, default=2048, help="tokens per prompt (the shared prefix is most of it)"
+    )
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
-    ap.add_argument("--dtype", default=None, help="model dtype (default: float32 for the tiny CPU model, else the model's own)")
+    ap.add_argument(
+        "--dtype", default=None, help="model dtype (default: float32 for the tiny CPU model, else the model's own)"
+    )
     return ap.parse_args()
 
 
@@ -74,7 +85,9 @@ def wait_idle(config_path: str, timeout_s: float = 60.0) -> None:
 def main() -> int:
     args = parse_args()
     if not os.environ.get("PYTHONHASHSEED"):
-        print("warning: PYTHONHASHSEED is not set; blocks stored now will not be found after a restart", file=sys.stderr)
+        print(
+            "warning: PYTHONHASHSEED is not set; blocks stored now will not be found after a restart", file=sys.stderr
+        )
     from ucm.config import load_config
 
     cfg = load_config(args.config)
@@ -137,7 +150,9 @@ def main() -> int:
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - t0
-        ttft = [o.metrics.first_token_latency for o in outs if getattr(o, "metrics", None) and o.metrics.first_token_latency]
+        ttft = [
+            o.metrics.first_token_latency for o in outs if getattr(o, "metrics", None) and o.metrics.first_token_latency
+        ]
         wait_idle(args.config)
         loaded = engine_stats(args.config).get("blocksLoaded", 0) - before
         results.append((run, outs, wall, sum(ttft) / len(ttft) if ttft else None, loaded))

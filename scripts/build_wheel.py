@@ -32,6 +32,7 @@ Version: package.json's "version" is the only one; the Python package reads
 it from ucm/_engine/package.json (ucm.__version__), and its metadata from
 there (pyproject.toml: dynamic version).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,25 @@ POLICIES = [
     ((2, 39), (3, 4, 33), (1, 3, 15)),
 ]
 #: file names and suffixes that never run, in any Node package
-DROP_SUFFIXES = (".map", ".d.ts", ".d.cts", ".d.mts", ".ts", ".cts", ".mts", ".tsbuildinfo", ".md", ".markdown",
-                 ".cc", ".cpp", ".h", ".hpp", ".c", ".gyp", ".gypi")
+DROP_SUFFIXES = (
+    ".map",
+    ".d.ts",
+    ".d.cts",
+    ".d.mts",
+    ".ts",
+    ".cts",
+    ".mts",
+    ".tsbuildinfo",
+    ".md",
+    ".markdown",
+    ".cc",
+    ".cpp",
+    ".h",
+    ".hpp",
+    ".c",
+    ".gyp",
+    ".gypi",
+)
 DROP_DIRS = {"node_modules", "test", "tests", "__tests__", ".github", "example", "examples", "ts3.7"}
 KEEP_ALWAYS = re.compile(r"^(license|licence|notice|copying)", re.I)
 
@@ -80,6 +98,7 @@ def read_json(path: str) -> dict:
 
 
 # ---- Node packages ------------------------------------------------------------------
+
 
 def resolve(name: str, from_dir: str) -> str | None:
     """Node's lookup of package `name` required from from_dir: from_dir and
@@ -114,7 +133,9 @@ def runtime_packages(root_pkg: dict) -> list[str]:
         if d is None:
             if optional:
                 continue
-            raise SystemExit(f"build_wheel: {name} (needed by {os.path.relpath(from_dir, ROOT)}) is not installed: run `npm install`")
+            raise SystemExit(
+                f"build_wheel: {name} (needed by {os.path.relpath(from_dir, ROOT)}) is not installed: run `npm install`"
+            )
         rel = os.path.relpath(d, ROOT)
         if rel in found:
             continue
@@ -130,8 +151,11 @@ def runtime_packages(root_pkg: dict) -> list[str]:
 def copy_tree(src: str, dst: str, keep=lambda rel: True) -> None:
     for dirpath, dirnames, filenames in os.walk(src):
         rel_dir = os.path.relpath(dirpath, src)
-        dirnames[:] = [d for d in dirnames if d not in DROP_DIRS and not d.startswith(".")
-                       and keep(os.path.normpath(os.path.join(rel_dir, d)) + "/")]
+        dirnames[:] = [
+            d
+            for d in dirnames
+            if d not in DROP_DIRS and not d.startswith(".") and keep(os.path.normpath(os.path.join(rel_dir, d)) + "/")
+        ]
         for f in filenames:
             rel = os.path.normpath(os.path.join(rel_dir, f))
             if f.startswith("."):
@@ -147,9 +171,11 @@ def copy_tree(src: str, dst: str, keep=lambda rel: True) -> None:
 def glibc_needs(path: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """Highest GLIBC_, GLIBCXX_ and CXXABI_ symbol versions an ELF file needs."""
     out = subprocess.run(["objdump", "-T", path], check=True, capture_output=True, text=True).stdout
+
     def top(prefix: str) -> tuple[int, ...]:
         vs = [tuple(int(x) for x in m.split(".")) for m in re.findall(prefix + r"_([0-9]+(?:\.[0-9]+)+)\b", out)]
         return max(vs, default=())
+
     return top("GLIBC"), top("GLIBCXX"), top("CXXABI")
 
 
@@ -170,6 +196,7 @@ def stage_zeromq(src: str, dst: str) -> None:
     if best is None:
         raise SystemExit(f"build_wheel: zeromq has no prebuilt binary for linux-x64 glibc in {src}/build")
     _, key, rel = best
+
     def keep(r: str) -> bool:
         if r.endswith("/"):  # a directory
             return r.startswith("lib/")
@@ -202,6 +229,7 @@ def stage_node_modules(engine: str, root_pkg: dict) -> list[str]:
 
 # ---- the engine ------------------------------------------------------------------------
 
+
 def stage_engine(engine: str, root_pkg: dict) -> list[str]:
     os.makedirs(os.path.join(engine, "dist", "core"))
     for f in sorted(glob.glob(os.path.join(ROOT, "dist", "core", "*.js"))):
@@ -227,13 +255,17 @@ def platform_tag(engine: str) -> tuple[str, list[str]]:
                     continue
             g, cxx, abi = glibc_needs(p)
             needs.append((g, cxx, abi))
-            lines.append(f"{os.path.relpath(p, engine)}: GLIBC {'.'.join(map(str, g)) or '-'}, "
-                         f"GLIBCXX {'.'.join(map(str, cxx)) or '-'}")
+            lines.append(
+                f"{os.path.relpath(p, engine)}: GLIBC {'.'.join(map(str, g)) or '-'}, "
+                f"GLIBCXX {'.'.join(map(str, cxx)) or '-'}"
+            )
     for glibc, cxx_max, abi_max in POLICIES:
         if all(g <= glibc and cxx <= cxx_max and abi <= abi_max for g, cxx, abi in needs):
             return f"manylinux_{glibc[0]}_{glibc[1]}_x86_64", lines
-    raise SystemExit("build_wheel: the binaries need a newer glibc/libstdc++ than any manylinux policy known here:\n  "
-                     + "\n  ".join(lines))
+    raise SystemExit(
+        "build_wheel: the binaries need a newer glibc/libstdc++ than any manylinux policy known here:\n  "
+        + "\n  ".join(lines)
+    )
 
 
 def smoke(engine: str, allow_host_only: bool) -> None:
@@ -242,18 +274,34 @@ def smoke(engine: str, allow_host_only: bool) -> None:
     if not node:
         raise SystemExit("build_wheel: node not found on PATH (needed to check the staged engine)")
     env = {k: v for k, v in os.environ.items() if k not in ("NODE_PATH", "UCM_NATIVE_ADDON")}
-    r = subprocess.run([node, os.path.join(engine, "dist", "core", "cli.js"), "--help"], cwd=engine, env=env,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [node, os.path.join(engine, "dist", "core", "cli.js"), "--help"],
+        cwd=engine,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         raise SystemExit(f"build_wheel: the staged engine does not start (exit {r.returncode}):\n{r.stderr}{r.stdout}")
-    r = subprocess.run([node, "-e", "process.stdout.write(String(require(process.argv[1]).constants.cuda))",
-                        os.path.join(engine, ADDON)], env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            node,
+            "-e",
+            "process.stdout.write(String(require(process.argv[1]).constants.cuda))",
+            os.path.join(engine, ADDON),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         raise SystemExit(f"build_wheel: the staged addon does not load:\n{r.stderr}")
     if r.stdout.strip() != "true":
         if not allow_host_only:
-            raise SystemExit("build_wheel: the addon was built without its CUDA backend (no nvcc when `npm install` ran?); "
-                             "a wheel for GPU nodes needs it. --allow-host-only builds one anyway")
+            raise SystemExit(
+                "build_wheel: the addon was built without its CUDA backend (no nvcc when `npm install` ran?); "
+                "a wheel for GPU nodes needs it. --allow-host-only builds one anyway"
+            )
         log("warning: the addon has no CUDA backend (--allow-host-only): host memory only")
 
 
@@ -262,20 +310,29 @@ def main() -> int:
     root_pkg = read_json(os.path.join(ROOT, "package.json"))
     for rel in (os.path.join("dist", "core", "cli.js"), ADDON):
         if not os.path.isfile(os.path.join(ROOT, rel)):
-            raise SystemExit(f"build_wheel: {rel} is missing: build the engine first (`npm install`, or `npm run wheel`)")
+            raise SystemExit(
+                f"build_wheel: {rel} is missing: build the engine first (`npm install`, or `npm run wheel`)"
+            )
     if not shutil.which("objdump"):
-        raise SystemExit("build_wheel: objdump not found (binutils): it reads the binaries' glibc needs for the platform tag")
+        raise SystemExit(
+            "build_wheel: objdump not found (binutils): it reads the binaries' glibc needs for the platform tag"
+        )
     out = os.path.abspath(ARGS.out)
     staging = tempfile.mkdtemp(prefix="ucm-wheel-")
     try:
         shutil.copy2(os.path.join(ROOT, "python_shim", "pyproject.toml"), staging)
         shutil.copy2(os.path.join(ROOT, "packaging", "setup.py"), staging)
-        shutil.copytree(os.path.join(ROOT, "python_shim", "ucm"), os.path.join(staging, "ucm"),
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "_engine"))
+        shutil.copytree(
+            os.path.join(ROOT, "python_shim", "ucm"),
+            os.path.join(staging, "ucm"),
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "_engine"),
+        )
         engine = os.path.join(staging, "ucm", "_engine")
         pkgs = stage_engine(engine, root_pkg)
-        log(f"engine staged in {engine}: dist/core, {ADDON}, {len(pkgs)} Node packages "
-            f"({', '.join(os.path.relpath(p, 'node_modules') for p in pkgs)})")
+        log(
+            f"engine staged in {engine}: dist/core, {ADDON}, {len(pkgs)} Node packages "
+            f"({', '.join(os.path.relpath(p, 'node_modules') for p in pkgs)})"
+        )
         smoke(engine, ARGS.allow_host_only)
         tag, lines = platform_tag(engine)
         for line in lines:
@@ -285,7 +342,18 @@ def main() -> int:
         for old in glob.glob(os.path.join(out, "ucm_nfs_store-*.whl")):
             os.unlink(old)
         env = dict(os.environ, UCM_WHEEL_PLATFORM=tag)
-        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-q", "--wheel-dir", out, staging]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "--wheel-dir",
+            out,
+            staging,
+        ]
         if subprocess.run(cmd, env=env).returncode != 0:
             raise SystemExit("build_wheel: pip wheel failed")
         wheels = glob.glob(os.path.join(out, "ucm_nfs_store-*.whl"))
@@ -294,8 +362,10 @@ def main() -> int:
         with zipfile.ZipFile(wheels[0]) as z:
             n = len(z.namelist())
         size = os.path.getsize(wheels[0])
-        log(f"{os.path.relpath(wheels[0], ROOT) if wheels[0].startswith(ROOT) else wheels[0]}: {size / 2**20:.1f} MiB, "
-            f"{n} files, built in {time.monotonic() - t0:.0f} s")
+        log(
+            f"{os.path.relpath(wheels[0], ROOT) if wheels[0].startswith(ROOT) else wheels[0]}: {size / 2**20:.1f} MiB, "
+            f"{n} files, built in {time.monotonic() - t0:.0f} s"
+        )
     finally:
         if ARGS.keep_staging:
             log(f"staging kept in {staging}")
@@ -306,7 +376,9 @@ def main() -> int:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join(ROOT, "wheelhouse"), help="where the wheel goes (default: wheelhouse/)")
+    ap.add_argument(
+        "--out", default=os.path.join(ROOT, "wheelhouse"), help="where the wheel goes (default: wheelhouse/)"
+    )
     ap.add_argument("--keep-staging", action="store_true", help="keep the staging directory (printed) for inspection")
     ap.add_argument("--allow-host-only", action="store_true", help="build even if the addon has no CUDA backend")
     ARGS = ap.parse_args()

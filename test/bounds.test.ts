@@ -8,7 +8,6 @@ import * as crypto from "crypto";
 import * as fs from "fs";
 import * as path from "path";
 import * as zmq from "zeromq";
-import { EngineClient } from "../core/client";
 import { ShmRegion, shardColumns } from "./helpers/fixtures";
 import { RunningEngine, hello, shortTmp, startEngine, writeConfig } from "./helpers/engine";
 
@@ -20,7 +19,9 @@ let engine: RunningEngine;
 const shm: ShmRegion[] = [];
 
 async function start(extra: Record<string, unknown> = {}) {
-  engine = await startEngine(writeConfig(dir, { storage_backends: path.join(dir, "store"), endpoint: `ipc://${dir}/e.sock`, transferStreamNumber: 2, ...extra }));
+  engine = await startEngine(
+    writeConfig(dir, { storage_backends: path.join(dir, "store"), endpoint: `ipc://${dir}/e.sock`, transferStreamNumber: 2, ...extra }),
+  );
   return engine;
 }
 
@@ -81,7 +82,9 @@ test("connections of a process without a session are closed at maxConnections; a
   await hello(c);
   const hog = idleProcess(200, e.endpoint);
   try {
-    expect(await until(() => /closed \d+ connection\(s\) whose process had no session \(at maxConnections\)/.test(e.output()), 20000)).toBe(true);
+    expect(await until(() => /closed \d+ connection\(s\) whose process had no session \(at maxConnections\)/.test(e.output()), 20000)).toBe(
+      true,
+    );
     expect((await c.call("health")).status).toBe("serving");
   } finally {
     hog.kill("SIGKILL");
@@ -118,7 +121,8 @@ test("regions: per-client quotas on count and bytes, refused with the bound; oth
   const regs = Array.from({ length: 9 }, () => new ShmRegion(4096));
   shm.push(...regs);
   const ids: number[] = [];
-  for (const r of regs.slice(0, 8)) ids.push(...((await greedy.call("register", { regions: [{ medium: "host", source: r.name, size: r.size }] })).regions as number[]));
+  for (const r of regs.slice(0, 8))
+    ids.push(...((await greedy.call("register", { regions: [{ medium: "host", source: r.name, size: r.size }] })).regions as number[]));
   await expect(greedy.call("register", { regions: [{ medium: "host", source: regs[8].name, size: 4096 }] })).rejects.toMatchObject({
     code: "too_large",
     message: expect.stringMatching(/would hold 9 regions, more than maxRegionsPerClient 8/),
@@ -170,7 +174,8 @@ test("soak: a client abusing every bound for a minute; another's transfers stay 
     const src = new ShmRegion(8 * 65536, "random");
     const dst = new ShmRegion(8 * 65536);
     shm.push(src, dst);
-    const [sid, did] = (await good.call("register", { regions: [src, dst].map((r) => ({ medium: "host", source: r.name, size: r.size })) })).regions as number[];
+    const [sid, did] = (await good.call("register", { regions: [src, dst].map((r) => ({ medium: "host", source: r.name, size: r.size })) }))
+      .regions as number[];
     const lat: number[] = [];
     let n = 0;
     while (Date.now() < stop) {
@@ -190,8 +195,10 @@ test("soak: a client abusing every bound for a minute; another's transfers stay 
     return { n, p99: lat[Math.floor(lat.length * 0.99)] };
   })();
   const [rounds, good] = await Promise.all([abuse, work]).finally(() => hog.kill("SIGKILL"));
-  console.log(`soak: ${rounds} abuse rounds, ${good.n} byte-exact round trips, health p99 ${good.p99.toFixed(1)} ms; ` +
-    `engine: ${(e.output().match(/closed \d+ connection/g) ?? []).length} sweeps closed idle connections`);
+  console.log(
+    `soak: ${rounds} abuse rounds, ${good.n} byte-exact round trips, health p99 ${good.p99.toFixed(1)} ms; ` +
+      `engine: ${(e.output().match(/closed \d+ connection/g) ?? []).length} sweeps closed idle connections`,
+  );
   expect(rounds).toBeGreaterThan(5);
   expect(good.n).toBeGreaterThan(20);
   expect(good.p99).toBeLessThan(50);
@@ -226,8 +233,12 @@ function handshakeHog(n: number, socketPath: string): ChildProcess {
 test("processes opening more idle connections than the engine has file descriptors: it stays up and serves", async () => {
   // An engine allowed 1,024 descriptors, and 4,000 connections that complete the handshake and idle. Without
   // the guard, libzmq's accept fails with EMFILE and aborts the engine.
-  engine = await startEngine(writeConfig(dir, { storage_backends: path.join(dir, "store"), endpoint: `ipc://${dir}/e.sock`, transferStreamNumber: 2 }),
-    [], undefined, ["prlimit", "--nofile=1024:1024", "--"]);
+  engine = await startEngine(
+    writeConfig(dir, { storage_backends: path.join(dir, "store"), endpoint: `ipc://${dir}/e.sock`, transferStreamNumber: 2 }),
+    [],
+    undefined,
+    ["prlimit", "--nofile=1024:1024", "--"],
+  );
   const e = engine;
   const c = e.client(20000);
   await hello(c);
@@ -240,8 +251,10 @@ test("processes opening more idle connections than the engine has file descripto
     expect((await c.call("health")).status).toBe("serving");
     const fds = fs.readdirSync(`/proc/${e.proc.pid}/fd`).length;
     const hidden = (e.output().match(/hidden \(at /g) ?? []).length;
-    console.log(`4,000 connections tried against 1,024 descriptors: ${fds} open now; ${(e.output().match(/closed \d+/g) ?? []).length} sweeps; ` +
-      `socket hidden ${hidden} time(s)`);
+    console.log(
+      `4,000 connections tried against 1,024 descriptors: ${fds} open now; ${(e.output().match(/closed \d+/g) ?? []).length} sweeps; ` +
+        `socket hidden ${hidden} time(s)`,
+    );
     expect(fds).toBeLessThan(1024);
     expect(e.output()).toMatch(/open files: limit 1024 \(hard 1024\); client connections: 256 before/);
   } finally {
@@ -257,8 +270,17 @@ test("processes opening more idle connections than the engine has file descripto
 
 test("memory exhaustion while registering: each refusal is an error reply, never the end of the engine", async () => {
   // Address space capped: mappings and allocations fail long before the per-client quotas.
-  engine = await startEngine(writeConfig(dir, { storage_backends: path.join(dir, "store"), endpoint: `ipc://${dir}/e.sock`, transferStreamNumber: 2, maxRegionsPerClient: 100000 }),
-    [], undefined, ["prlimit", "--as=12000000000", "--"]);
+  engine = await startEngine(
+    writeConfig(dir, {
+      storage_backends: path.join(dir, "store"),
+      endpoint: `ipc://${dir}/e.sock`,
+      transferStreamNumber: 2,
+      maxRegionsPerClient: 100000,
+    }),
+    [],
+    undefined,
+    ["prlimit", "--as=12000000000", "--"],
+  );
   const c = engine.client(20000);
   await hello(c);
   const big = new ShmRegion(1 << 30); // sparse: no memory used until touched

@@ -11,7 +11,7 @@ import * as net from "net";
 import * as path from "path";
 import { EngineClient } from "../core/client";
 import { parseConfig, parseSize } from "../core/config";
-import { ShmRegion, diskTempDir, shardColumns } from "./helpers/fixtures";
+import { ShmRegion, diskTempDir, shardColumns, storeUsage } from "./helpers/fixtures";
 import { RunningEngine, hello, runCli, shortTmp, startEngine, writeConfig } from "./helpers/engine";
 
 const NS = "cap-ns";
@@ -56,31 +56,11 @@ async function engine(dir: string, name: string, cfg: Record<string, unknown>): 
   return e;
 }
 
-/** Bytes of every file under `store` except the engines' own bookkeeping (.ucm). */
-function diskUsage(store: string): { bytes: number; blocks: number } {
-  let bytes = 0;
-  let blocks = 0;
-  const walk = (d: string, depth: number) => {
-    for (const e of fs.readdirSync(d, { withFileTypes: true })) {
-      if (depth === 0 && e.name === ".ucm") continue;
-      const p = path.join(d, e.name);
-      try {
-        if (e.isDirectory()) walk(p, depth + 1);
-        else if (e.isFile()) {
-          bytes += fs.statSync(p).size;
-          if (depth === 2 && !e.name.startsWith(".") && !d.endsWith(".tmp")) blocks++;
-        }
-      } catch {
-        // removed while walking
-      }
-    }
-  };
-  walk(store, 0);
-  return { bytes, blocks };
-}
-
 function ledger(store: string): { bytes: number; files: number } {
-  const [, , b, f] = fs.readFileSync(path.join(store, ".ucm", "usage"), "utf8").trim().split(" ");
+  const [, , b, f] = fs
+    .readFileSync(path.join(store, ".ucm", "usage"), "utf8")
+    .trim()
+    .split(" ");
   return { bytes: Number(b), files: Number(f) };
 }
 
@@ -93,9 +73,15 @@ describe("configuration", () => {
     expect(parseSize(4096)).toBe(4096);
     const b = path.join(dir, "b");
     fs.mkdirSync(b, { recursive: true });
-    const one = parseConfig({ ucm_connector_name: "UcmNfsStore", ucm_connector_config: { storage_backends: `${dir}:${b}`, capacity: "1GiB" } });
+    const one = parseConfig({
+      ucm_connector_name: "UcmNfsStore",
+      ucm_connector_config: { storage_backends: `${dir}:${b}`, capacity: "1GiB" },
+    });
     expect(one.config.capacity).toEqual([2 ** 30, 2 ** 30]);
-    const two = parseConfig({ ucm_connector_name: "UcmNfsStore", ucm_connector_config: { storage_backends: `${dir}:${b}`, capacity: ["1GiB", 0] } });
+    const two = parseConfig({
+      ucm_connector_name: "UcmNfsStore",
+      ucm_connector_config: { storage_backends: `${dir}:${b}`, capacity: ["1GiB", 0] },
+    });
     expect(two.config.capacity).toEqual([2 ** 30, 0]);
     const dflt = parseConfig({ ucm_connector_name: "UcmNfsStore", ucm_connector_config: { storage_backends: dir } });
     expect(dflt.config.capacity).toEqual([0]);
@@ -129,7 +115,7 @@ describe("capacity", () => {
     let sampling = true;
     const sampler = (async () => {
       while (sampling) {
-        peak = Math.max(peak, diskUsage(store).bytes);
+        peak = Math.max(peak, storeUsage(store).bytes);
         await new Promise((r) => setTimeout(r, 20));
       }
     })();
@@ -157,14 +143,16 @@ describe("capacity", () => {
     const tolerance = 1.05;
     expect(peak).toBeLessThanOrEqual(capacity * tolerance);
     await new Promise((r) => setTimeout(r, 300)); // one ledger sync
-    const final = diskUsage(store);
+    const final = storeUsage(store);
     expect(final.bytes).toBeLessThanOrEqual(capacity);
     const sa = await ra.c.call("stats");
     const sb = await rb.c.call("stats");
     const evicted = [sa, sb].reduce((n, s) => n + (s.capacity as Array<{ evictedFiles: number }>)[0].evictedFiles, 0);
     expect(evicted).toBeGreaterThan(0);
     // The most recent blocks of each engine survived (least recently used go first).
-    console.log(`capacity: ${ra.stored.length + rb.stored.length} of 960 stored, ${evicted} evicted, dropped for capacity ${Number(sa.droppedCapacity) + Number(sb.droppedCapacity)}, peak ${(peak / MiB).toFixed(1)} MiB, final ${(final.bytes / MiB).toFixed(1)} MiB`);
+    console.log(
+      `capacity: ${ra.stored.length + rb.stored.length} of 960 stored, ${evicted} evicted, dropped for capacity ${Number(sa.droppedCapacity) + Number(sb.droppedCapacity)}, peak ${(peak / MiB).toFixed(1)} MiB, final ${(final.bytes / MiB).toFixed(1)} MiB`,
+    );
     const recentA = ra.stored.slice(-8);
     const found = (await ra.c.call("lookup", { ns: NS, keys: recentA })).found as boolean[];
     expect(found.filter(Boolean).length).toBeGreaterThanOrEqual(6);
@@ -185,11 +173,19 @@ describe("capacity", () => {
     await hello(c);
     const m = await register(c, 2, 16, 32 * 1024, "random");
     const keys = Array.from({ length: 16 }, (_, j) => key(j, "restart"));
-    const d = await c.call("dump", { ns: NS, keys, shards: shards(m, keys.map((_, j) => j)), commit: true });
+    const d = await c.call("dump", {
+      ns: NS,
+      keys,
+      shards: shards(
+        m,
+        keys.map((_, j) => j),
+      ),
+      commit: true,
+    });
     await finish(c, d.task);
     await e.stop();
     engines.splice(0);
-    const onDisk = diskUsage(store);
+    const onDisk = storeUsage(store);
     expect(onDisk.blocks).toBe(16);
     expect(ledger(store)).toEqual({ bytes: onDisk.bytes, files: 16 });
     const usedAfterStart = async () => {
@@ -210,7 +206,14 @@ describe("capacity", () => {
     const dir = shortTmp();
     const store = path.join(dir, "store");
     fs.mkdirSync(store);
-    const cfg = { storage_backends: store, capacity: "16MiB", evictionGraceS: 0, capacitySyncMs: 20, lookupCacheTtlS: 0, transferStreamNumber: 4 };
+    const cfg = {
+      storage_backends: store,
+      capacity: "16MiB",
+      evictionGraceS: 0,
+      capacitySyncMs: 20,
+      lookupCacheTtlS: 0,
+      transferStreamNumber: 4,
+    };
     const [w, r] = [await engine(dir, "w", cfg), await engine(dir, "r", cfg)];
     const cw = w.client();
     const cr = r.client();
@@ -264,7 +267,7 @@ describe("capacity", () => {
     expect(tally.not_found).toBeGreaterThan(0); // eviction did race the readers
     const s = await cw.call("stats");
     expect((s.capacity as Array<{ evictedFiles: number }>)[0].evictedFiles).toBeGreaterThan(0);
-    expect(diskUsage(store).bytes).toBeLessThanOrEqual(16 * MiB);
+    expect(storeUsage(store).bytes).toBeLessThanOrEqual(16 * MiB);
   }, 120000);
 });
 
@@ -278,7 +281,15 @@ describe("write admission", () => {
     await hello(c);
     const m = await register(c, 1, 64, 256 * 1024, "random");
     const keys = Array.from({ length: 64 }, (_, i) => key(i, "inflight"));
-    const d = await c.call("dump", { ns: NS, keys, shards: shards(m, keys.map((_, i) => i)), commit: true });
+    const d = await c.call("dump", {
+      ns: NS,
+      keys,
+      shards: shards(
+        m,
+        keys.map((_, i) => i),
+      ),
+      commit: true,
+    });
     const r = await finish(c, d.task);
     expect(r.status.filter((s) => s === "ok").length).toBe(4); // 4 x 256 KiB fit in 1 MiB
     expect(r.status.filter((s) => s === "dropped").length).toBe(60);
@@ -299,7 +310,8 @@ describe("write admission", () => {
     await hello(c);
     const m = await register(c, 2, 4, 8192, "random");
     const keys = Array.from({ length: 4 }, (_, i) => key(i, "second"));
-    const dump = async () => (await finish(c, (await c.call("dump", { ns: NS, keys, shards: shards(m, [0, 1, 2, 3]), commit: true })).task)).status;
+    const dump = async () =>
+      (await finish(c, (await c.call("dump", { ns: NS, keys, shards: shards(m, [0, 1, 2, 3]), commit: true })).task)).status;
     expect(await dump()).toEqual(["dropped", "dropped", "dropped", "dropped"]);
     expect((await c.call("lookup", { ns: NS, keys })).found).toEqual([false, false, false, false]);
     expect(await dump()).toEqual(["ok", "ok", "ok", "ok"]);
@@ -315,62 +327,68 @@ describe("write admission", () => {
     process.getuid?.() === 0 &&
     fs.existsSync(`${blkio}/cgroup.procs`) &&
     spawnSync("sh", ["-c", "command -v losetup && command -v mkfs.ext4"]).status === 0;
-  (canThrottle ? test : test.skip)("on a slow disk, dumps are answered at once and the excess is shed, not queued", async () => {
-    const base = diskTempDir("slow-");
-    const img = path.join(base, "disk.img");
-    const mnt = path.join(base, "mnt");
-    const cg = `${blkio}/ucm-test-${process.pid}`;
-    fs.mkdirSync(mnt);
-    execFileSync("truncate", ["-s", "96M", img]);
-    const loop = execFileSync("losetup", ["-f", "--show", img], { encoding: "utf8" }).trim();
-    let mounted = false;
-    try {
-      execFileSync("mkfs.ext4", ["-q", loop]);
-      execFileSync("mount", [loop, mnt]);
-      mounted = true;
-      const st = fs.statSync(loop);
-      const dev = `${Math.floor(st.rdev / 256) & 0xfff}:${(st.rdev & 0xff) | ((st.rdev >> 12) & 0xfff00)}`;
-      fs.mkdirSync(cg);
-      fs.writeFileSync(`${cg}/blkio.throttle.write_bps_device`, `${dev} 1048576`);
-      const dir = shortTmp();
-      const e = await engine(dir, "slow", { storage_backends: mnt, transferStreamNumber: 2, maxQueueMs: 300, maxInflightBytes: "64MiB" });
-      fs.writeFileSync(`${cg}/cgroup.procs`, String(e.proc.pid));
-      const c = e.client();
-      await hello(c);
-      const m = await register(c, 1, 48, MiB, "random");
-      const tasks: unknown[] = [];
-      const replyMs: number[] = [];
-      for (let r = 0; r < 4; r++) {
-        const idx = Array.from({ length: 12 }, (_, j) => r * 12 + j);
+  (canThrottle ? test : test.skip)(
+    "on a slow disk, dumps are answered at once and the excess is shed, not queued",
+    async () => {
+      const base = diskTempDir("slow-");
+      const img = path.join(base, "disk.img");
+      const mnt = path.join(base, "mnt");
+      const cg = `${blkio}/ucm-test-${process.pid}`;
+      fs.mkdirSync(mnt);
+      execFileSync("truncate", ["-s", "96M", img]);
+      const loop = execFileSync("losetup", ["-f", "--show", img], { encoding: "utf8" }).trim();
+      let mounted = false;
+      try {
+        execFileSync("mkfs.ext4", ["-q", loop]);
+        execFileSync("mount", [loop, mnt]);
+        mounted = true;
+        const st = fs.statSync(loop);
+        const dev = `${Math.floor(st.rdev / 256) & 0xfff}:${(st.rdev & 0xff) | ((st.rdev >> 12) & 0xfff00)}`;
+        fs.mkdirSync(cg);
+        fs.writeFileSync(`${cg}/blkio.throttle.write_bps_device`, `${dev} 1048576`);
+        const dir = shortTmp();
+        const e = await engine(dir, "slow", { storage_backends: mnt, transferStreamNumber: 2, maxQueueMs: 300, maxInflightBytes: "64MiB" });
+        fs.writeFileSync(`${cg}/cgroup.procs`, String(e.proc.pid));
+        const c = e.client();
+        await hello(c);
+        const m = await register(c, 1, 48, MiB, "random");
+        const tasks: unknown[] = [];
+        const replyMs: number[] = [];
+        for (let r = 0; r < 4; r++) {
+          const idx = Array.from({ length: 12 }, (_, j) => r * 12 + j);
+          const t0 = Date.now();
+          const d = await c.call("dump", { ns: NS, keys: idx.map((i) => key(i, "slow")), shards: shards(m, idx), commit: true });
+          replyMs.push(Date.now() - t0);
+          tasks.push(d.task);
+        }
+        // 48 MiB at 1 MB/s would take 48 s; the queue bound sheds what cannot start within 300 ms.
         const t0 = Date.now();
-        const d = await c.call("dump", { ns: NS, keys: idx.map((i) => key(i, "slow")), shards: shards(m, idx), commit: true });
-        replyMs.push(Date.now() - t0);
-        tasks.push(d.task);
+        const results = [];
+        for (const t of tasks) results.push(await finish(c, t, 30000));
+        const drainMs = Date.now() - t0;
+        const all = results.flatMap((r) => r.status);
+        const ok = all.filter((s) => s === "ok").length;
+        const dropped = all.filter((s) => s === "dropped").length;
+        console.log(
+          `slow disk: dump replies ${replyMs.join("/")} ms; ${ok} stored, ${dropped} dropped (queue age); drained in ${drainMs} ms`,
+        );
+        expect(Math.max(...replyMs)).toBeLessThan(2000);
+        expect(ok).toBeGreaterThan(0);
+        expect(dropped).toBeGreaterThan(24);
+        expect(ok + dropped).toBe(48);
+        expect(drainMs).toBeLessThan(25000);
+        expect((await c.call("stats")).droppedQueueAge).toBe(dropped);
+        await e.stop();
+        engines.splice(0);
+      } finally {
+        if (mounted) spawnSync("umount", ["-l", mnt]);
+        spawnSync("losetup", ["-d", loop]);
+        if (fs.existsSync(cg)) spawnSync("rmdir", [cg]);
+        fs.rmSync(base, { recursive: true, force: true });
       }
-      // 48 MiB at 1 MB/s would take 48 s; the queue bound sheds what cannot start within 300 ms.
-      const t0 = Date.now();
-      const results = [];
-      for (const t of tasks) results.push(await finish(c, t, 30000));
-      const drainMs = Date.now() - t0;
-      const all = results.flatMap((r) => r.status);
-      const ok = all.filter((s) => s === "ok").length;
-      const dropped = all.filter((s) => s === "dropped").length;
-      console.log(`slow disk: dump replies ${replyMs.join("/")} ms; ${ok} stored, ${dropped} dropped (queue age); drained in ${drainMs} ms`);
-      expect(Math.max(...replyMs)).toBeLessThan(2000);
-      expect(ok).toBeGreaterThan(0);
-      expect(dropped).toBeGreaterThan(24);
-      expect(ok + dropped).toBe(48);
-      expect(drainMs).toBeLessThan(25000);
-      expect((await c.call("stats")).droppedQueueAge).toBe(dropped);
-      await e.stop();
-      engines.splice(0);
-    } finally {
-      if (mounted) spawnSync("umount", ["-l", mnt]);
-      spawnSync("losetup", ["-d", loop]);
-      if (fs.existsSync(cg)) spawnSync("rmdir", [cg]);
-      fs.rmSync(base, { recursive: true, force: true });
-    }
-  }, 90000);
+    },
+    90000,
+  );
 });
 
 function freePort(): Promise<number> {
@@ -422,7 +440,14 @@ describe("metrics and operator tools", () => {
     expect(value('ucm_task_duration_seconds_count{direction="load"}')).toBe(1);
     expect(value(`ucm_capacity_bytes{backend="${store}"}`)).toBe(2 ** 30);
     expect(value(`ucm_capacity_used_blocks{backend="${store}"}`)).toBe(4);
-    for (const name of ["ucm_queue_depth", "ucm_inflight_bytes", "ucm_evicted_blocks_total", "ucm_dropped_writes_total", "ucm_errors_total", "ucm_process_resident_memory_bytes"]) {
+    for (const name of [
+      "ucm_queue_depth",
+      "ucm_inflight_bytes",
+      "ucm_evicted_blocks_total",
+      "ucm_dropped_writes_total",
+      "ucm_errors_total",
+      "ucm_process_resident_memory_bytes",
+    ]) {
       expect(r.body).toContain(`# TYPE ${name}`);
     }
     expect((await get(`http://127.0.0.1:${port}/other`)).status).toBe(404);
@@ -435,7 +460,8 @@ describe("metrics and operator tools", () => {
     const e = await engine(dir, "s", { storage_backends: store, capacity: "1GiB" });
     const table = await runCli(["stats", "--endpoint", e.endpoint]);
     expect(table.code).toBe(0);
-    for (const row of ["lookups", "dumped", "loaded", "dropped writes", "in flight", `capacity ${store}`, "errors"]) expect(table.out).toContain(row);
+    for (const row of ["lookups", "dumped", "loaded", "dropped writes", "in flight", `capacity ${store}`, "errors"])
+      expect(table.out).toContain(row);
     expect(table.out).toContain("0 B in 0 blocks of 1.00 GiB (0.0%)");
     const json = await runCli(["stats", "--endpoint", e.endpoint, "--json"]);
     expect(JSON.parse(json.out).capacity[0].capacity).toBe(2 ** 30);

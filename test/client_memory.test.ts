@@ -22,7 +22,9 @@ beforeEach(async () => {
   const store = path.join(dir, "store");
   fs.mkdirSync(store);
   // One transfer thread: a big task ahead keeps the next one queued.
-  engine = await startEngine(writeConfig(dir, { storage_backends: store, transferStreamNumber: 1, endpoint: `ipc://${dir}/e.sock`, maxQueueMs: 0 }));
+  engine = await startEngine(
+    writeConfig(dir, { storage_backends: store, transferStreamNumber: 1, endpoint: `ipc://${dir}/e.sock`, maxQueueMs: 0 }),
+  );
 });
 afterEach(async () => {
   await engine.stop("SIGKILL");
@@ -50,7 +52,11 @@ async function waitDone(c: EngineClient, task: number) {
 async function occupy(c: EngineClient, op: "dump" | "load", blocks = 48) {
   const big = await region(c, blocks, "random");
   const ks = Array.from({ length: blocks }, (_, i) => key(i, `busy-${op}`));
-  const shards = shardColumns([big.id], SHARD, ks.map((_, i) => i));
+  const shards = shardColumns(
+    [big.id],
+    SHARD,
+    ks.map((_, i) => i),
+  );
   if (op === "load") await waitDone(c, (await c.call("dump", { ns: NS, keys: ks, shards, commit: true })).task as number);
   return (await c.call(op, { ns: NS, keys: ks, shards, commit: true })).task as number;
 }
@@ -70,7 +76,12 @@ test("a load whose deadline passes while queued never writes the client's memory
   expect(dst.r.read().equals(Buffer.alloc(2 * SHARD))).toBe(true);
   await waitDone(c, busy);
   // With time to spare, the same load works.
-  const ok = await c.call("load", { ns: NS, keys: ks, shards: shardColumns([dst.id], SHARD, [0, 1]), deadline_unix_ms: Date.now() + 30000 });
+  const ok = await c.call("load", {
+    ns: NS,
+    keys: ks,
+    shards: shardColumns([dst.id], SHARD, [0, 1]),
+    deadline_unix_ms: Date.now() + 30000,
+  });
   expect((await waitDone(c, ok.task as number)).status).toEqual(["ok", "ok"]);
   expect(dst.r.read().equals(src.r.read())).toBe(true);
 });
@@ -81,7 +92,13 @@ test("a dump whose deadline passes while queued never reads the memory and never
   const src = await region(c, 2, "random");
   const busy = await occupy(c, "dump");
   const ks = [key(0, "lated"), key(1, "lated")];
-  const d = await c.call("dump", { ns: NS, keys: ks, shards: shardColumns([src.id], SHARD, [0, 1]), commit: true, deadline_unix_ms: Date.now() + 20 });
+  const d = await c.call("dump", {
+    ns: NS,
+    keys: ks,
+    shards: shardColumns([src.id], SHARD, [0, 1]),
+    commit: true,
+    deadline_unix_ms: Date.now() + 20,
+  });
   // The client gave up and reuses its memory.
   src.r.write(0, crypto.randomBytes(2 * SHARD));
   expect((await waitDone(c, d.task as number)).status).toEqual(["cancelled", "cancelled"]);
@@ -98,7 +115,12 @@ test("a request that arrives after its deadline is refused, naming the field", a
   const dst = await region(c, 1);
   // The engine is stopped while the request waits in its socket.
   process.kill(engine.proc.pid!, "SIGSTOP");
-  const late = c.call("load", { ns: NS, keys: [key(0, "x")], shards: shardColumns([dst.id], SHARD, [0]), deadline_unix_ms: Date.now() + 100 });
+  const late = c.call("load", {
+    ns: NS,
+    keys: [key(0, "x")],
+    shards: shardColumns([dst.id], SHARD, [0]),
+    deadline_unix_ms: Date.now() + 100,
+  });
   await new Promise((r) => setTimeout(r, 400));
   process.kill(engine.proc.pid!, "SIGCONT");
   await expect(late).rejects.toMatchObject({ code: "expired", message: expect.stringMatching(/deadline_unix_ms \d+ has passed/) });
@@ -110,7 +132,16 @@ test("after cancel of a dump is acknowledged, its memory is never read again", a
   const src = await region(c, 8, "random");
   const busy = await occupy(c, "dump");
   const ks = Array.from({ length: 8 }, (_, i) => key(i, "cd"));
-  const d = await c.call("dump", { ns: NS, keys: ks, shards: shardColumns([src.id], SHARD, ks.map((_, i) => i)), commit: true });
+  const d = await c.call("dump", {
+    ns: NS,
+    keys: ks,
+    shards: shardColumns(
+      [src.id],
+      SHARD,
+      ks.map((_, i) => i),
+    ),
+    commit: true,
+  });
   const cr = await c.call("cancel", { task: d.task });
   expect(cr.cancelled).toBe(true);
   src.r.write(0, crypto.randomBytes(8 * SHARD)); // reused at once

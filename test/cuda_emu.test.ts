@@ -34,8 +34,13 @@ async function startNode(busIds: string[], opts: Record<string, unknown> = {}, e
   fs.mkdirSync(store);
   const trace = path.join(dir, "cuda-trace.txt");
   const cfg = writeConfig(dir, {
-    storage_backends: store, transferStreamNumber: 4, endpoint: `ipc://${dir}/e.sock`, clientCheckMs: 100,
-    pinnedStagingBytes: 8 << 20, maxQueueMs: 0, ...opts,
+    storage_backends: store,
+    transferStreamNumber: 4,
+    endpoint: `ipc://${dir}/e.sock`,
+    clientCheckMs: 100,
+    pinnedStagingBytes: 8 << 20,
+    maxQueueMs: 0,
+    ...opts,
   });
   const engine = await startEngine(cfg, [], emuEnv(busIds, { UCM_CUDA_EMU_TRACE: trace, ...extraEnv }));
   return { dir, store, engine, trace };
@@ -54,7 +59,14 @@ function gpuCache(busId: string, fill?: "random"): EmuDeviceMemory[] {
 
 async function registerCache(c: EngineClient, cache: EmuDeviceMemory[], device: number, busId?: string): Promise<number[]> {
   const r = await c.call("register", {
-    regions: cache.map((m) => ({ medium: "cuda", device, ...(busId ? { pci_bus_id: busId } : {}), handle: m.handle(), offset: 0, size: m.size })),
+    regions: cache.map((m) => ({
+      medium: "cuda",
+      device,
+      ...(busId ? { pci_bus_id: busId } : {}),
+      handle: m.handle(),
+      offset: 0,
+      size: m.size,
+    })),
   });
   return r.regions as number[];
 }
@@ -105,7 +117,6 @@ afterEach(async () => {
 });
 
 describe("GPU path over the emulated CUDA runtime", () => {
-
   for (const method of ["batch", "kernel"]) {
     test(`register, dump, commit, load byte-exact through the engine (${method} copies)`, async () => {
       node = await startNode([GPU_A], { cudaCopy: method });
@@ -170,7 +181,13 @@ describe("GPU path over the emulated CUDA runtime", () => {
     const sids = await registerCache(c, src, 0, GPU_A);
     const evId = ((await c.call("register", { events: [{ device: 0, pci_bus_id: GPU_A, handle: ev.handle() }] })).events as number[])[0];
     ev.record();
-    const d = await c.call("dump", { ns: NS, keys: keys("lost").slice(0, 2), shards: shardColumns(sids, SHARD, [0, 1]), commit: true, event: evId });
+    const d = await c.call("dump", {
+      ns: NS,
+      keys: keys("lost").slice(0, 2),
+      shards: shardColumns(sids, SHARD, [0, 1]),
+      commit: true,
+      event: evId,
+    });
     const r = await waitDone(c, d.task as number);
     expect(r.status).toEqual(["io_error", "io_error"]);
     expect(node.engine.output()).toMatch(/the client's CUDA event did not complete within 300 ms/);
@@ -224,7 +241,6 @@ describe("GPU path over the emulated CUDA runtime", () => {
 });
 
 describe("CUDA failures are block statuses or refused requests, never a crash", () => {
-
   async function twoBlocks(n: Node) {
     const c = n.engine.client();
     await hello(c);
@@ -238,7 +254,10 @@ describe("CUDA failures are block statuses or refused requests, never a crash", 
       await hello(c);
       const m = new EmuDeviceMemory(GPU_A, 4096);
       mem.push(m);
-      await expect(registerCache(c, [m], 0, GPU_A)).rejects.toMatchObject({ code: "unsupported", message: expect.stringMatching(/cudaErrorInvalidValue/) });
+      await expect(registerCache(c, [m], 0, GPU_A)).rejects.toMatchObject({
+        code: "unsupported",
+        message: expect.stringMatching(/cudaErrorInvalidValue/),
+      });
       expect((await c.call("health")).status).toBe("serving");
     });
   }
@@ -249,11 +268,19 @@ describe("CUDA failures are block statuses or refused requests, never a crash", 
     await hello(c);
     const ev = new EmuEvent(GPU_A);
     mem.push(ev);
-    await expect(c.call("register", { events: [{ device: 0, pci_bus_id: GPU_A, handle: ev.handle() }] })).rejects.toThrow(/cudaErrorInvalidResourceHandle/);
+    await expect(c.call("register", { events: [{ device: 0, pci_bus_id: GPU_A, handle: ev.handle() }] })).rejects.toThrow(
+      /cudaErrorInvalidResourceHandle/,
+    );
     expect((await c.call("health")).status).toBe("serving");
   });
 
-  for (const [call, method] of [["cudaHostAlloc", "batch"], ["cudaStreamCreateWithFlags", "batch"], ["cudaEventSynchronize", "batch"], ["LaunchCopyPieces", "kernel"], ["cudaMemcpyBatchAsync", "batch"]]) {
+  for (const [call, method] of [
+    ["cudaHostAlloc", "batch"],
+    ["cudaStreamCreateWithFlags", "batch"],
+    ["cudaEventSynchronize", "batch"],
+    ["LaunchCopyPieces", "kernel"],
+    ["cudaMemcpyBatchAsync", "batch"],
+  ]) {
     test(`${call} fails (${method} copies): blocks end io_error, nothing is stored, the engine keeps serving`, async () => {
       node = await startNode([GPU_A], { cudaCopy: method }, { UCM_CUDA_EMU_FAIL: `${call}=cudaErrorIllegalAddress` });
       const r = await twoBlocks(node);
@@ -280,7 +307,9 @@ describe("CUDA failures are block statuses or refused requests, never a crash", 
 
   test("a driver older than the runtime: the engine says which driver it needs and still serves host memory", async () => {
     node = await startNode([GPU_A], {}, { UCM_CUDA_EMU_DRIVER: "12040" });
-    expect(node.engine.output()).toMatch(/the NVIDIA driver supports CUDA 12\.4, but this engine was built with CUDA 13\.0, which needs driver 580 or newer/);
+    expect(node.engine.output()).toMatch(
+      /the NVIDIA driver supports CUDA 12\.4, but this engine was built with CUDA 13\.0, which needs driver 580 or newer/,
+    );
     const c = node.engine.client();
     await hello(c);
     const m = new EmuDeviceMemory(GPU_A, 4096);
@@ -291,13 +320,26 @@ describe("CUDA failures are block statuses or refused requests, never a crash", 
 });
 
 describe("older CUDA runtimes", () => {
-
   test("the backend compiles for CUDA 12.8 (batched copies with failIdx) and before 12.8 (kernel only)", () => {
     const root = path.resolve(__dirname, "..");
     for (const v of [12080, 12040]) {
-      const r = spawnSync("g++", ["-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-DUCM_CUDA_EMU=1", `-DUCM_EMU_CUDART_VERSION=${v}`,
-        "-Inative/cuda_emu", "-Inative/src", "native/src/cuda_backend.cc",
-        "native/src/cuda_stager.cc"], { cwd: root, encoding: "utf8" });
+      const r = spawnSync(
+        "g++",
+        [
+          "-std=c++17",
+          "-fsyntax-only",
+          "-Wall",
+          "-Wextra",
+          "-Werror",
+          "-DUCM_CUDA_EMU=1",
+          `-DUCM_EMU_CUDART_VERSION=${v}`,
+          "-Inative/cuda_emu",
+          "-Inative/src",
+          "native/src/cuda_backend.cc",
+          "native/src/cuda_stager.cc",
+        ],
+        { cwd: root, encoding: "utf8" },
+      );
       expect({ v, status: r.status, err: r.stderr }).toEqual({ v, status: 0, err: "" });
     }
   });
@@ -313,7 +355,9 @@ describe("older CUDA runtimes", () => {
     expect([r.dump, r.load]).toEqual([r.ok, r.ok]);
     expect(sameBlocks(r.dst, r.src, all)).toBe(true);
     await new Promise((res) => setTimeout(res, 100));
-    expect(node.engine.output()).toMatch(/cudaMemcpyBatchAsync is not available with this driver \(CUDA 12\.4; cudaMemcpyBatchAsync: cudaErrorCallRequiresNewerDriver/);
+    expect(node.engine.output()).toMatch(
+      /cudaMemcpyBatchAsync is not available with this driver \(CUDA 12\.4; cudaMemcpyBatchAsync: cudaErrorCallRequiresNewerDriver/,
+    );
   }, 300000);
 });
 

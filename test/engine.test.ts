@@ -1,5 +1,5 @@
 // The real engine process over real ZeroMQ sockets with real files.
-import { spawn, spawnSync } from "child_process";
+import { spawn } from "child_process";
 import * as crypto from "crypto";
 import * as fs from "fs";
 import * as path from "path";
@@ -43,7 +43,9 @@ describe("engine process", () => {
     dir = shortTmp();
     store = path.join(dir, "store");
     fs.mkdirSync(store);
-    engine = await startEngine(writeConfig(dir, { storage_backends: store, transferStreamNumber: 4, endpoint: `ipc://${dir}/e.sock`, clientCheckMs: 100 }));
+    engine = await startEngine(
+      writeConfig(dir, { storage_backends: store, transferStreamNumber: 4, endpoint: `ipc://${dir}/e.sock`, clientCheckMs: 100 }),
+    );
   });
   afterEach(async () => {
     await engine.stop("SIGKILL");
@@ -99,8 +101,16 @@ describe("engine process", () => {
     // The seed's log line, with real counts and bytes.
     await new Promise((r) => setTimeout(r, 100));
     const lines = engine.output().split("\n");
-    expect(lines).toContainEqual(expect.stringMatching(new RegExp(`^\\[UCMNFSSTORE\\] \\[I\\] Task\\(${d.task},D2S,8,${8 * 3 * SHARD}\\) finished, elapsed \\d+\\.\\d+s$`)));
-    expect(lines).toContainEqual(expect.stringMatching(new RegExp(`^\\[UCMNFSSTORE\\] \\[I\\] Task\\(${l.task},S2D,3,${3 * 3 * SHARD}\\) finished, elapsed \\d+\\.\\d+s$`)));
+    expect(lines).toContainEqual(
+      expect.stringMatching(
+        new RegExp(`^\\[UCMNFSSTORE\\] \\[I\\] Task\\(${d.task},D2S,8,${8 * 3 * SHARD}\\) finished, elapsed \\d+\\.\\d+s$`),
+      ),
+    );
+    expect(lines).toContainEqual(
+      expect.stringMatching(
+        new RegExp(`^\\[UCMNFSSTORE\\] \\[I\\] Task\\(${l.task},S2D,3,${3 * 3 * SHARD}\\) finished, elapsed \\d+\\.\\d+s$`),
+      ),
+    );
   });
 
   test("a committed key is not written again; check is non-blocking; shards as little-endian bin", async () => {
@@ -157,8 +167,11 @@ describe("engine process", () => {
     expect([mid.lookups, mid.lookupKeys, mid.hits, mid.misses]).toEqual([before.lookups, before.lookupKeys, before.hits, before.misses]);
     await c.call("lookup", { ns: NS, keys: [...keys, key(3, "cnt")] });
     const after = await c.call("stats");
-    expect([(after.lookups as number) - (mid.lookups as number), (after.hits as number) - (mid.hits as number),
-      (after.misses as number) - (mid.misses as number)]).toEqual([1, 2, 1]);
+    expect([
+      (after.lookups as number) - (mid.lookups as number),
+      (after.hits as number) - (mid.hits as number),
+      (after.misses as number) - (mid.misses as number),
+    ]).toEqual([1, 2, 1]);
   });
 
   test("lookup across namespaces requires every one (all TP ranks)", async () => {
@@ -181,7 +194,14 @@ describe("engine process", () => {
     const big = 512;
     const src = await regions(c, 1, big, "random", shm);
     const keys = Array.from({ length: big }, (_, i) => key(i, "w"));
-    const d = await c.call("dump", { ns: NS, keys, shards: shards(src.ids, keys.map((_, i) => i)) });
+    const d = await c.call("dump", {
+      ns: NS,
+      keys,
+      shards: shards(
+        src.ids,
+        keys.map((_, i) => i),
+      ),
+    });
     const quick = await c.call("wait", { task: d.task, timeout_ms: 0 });
     expect(typeof quick.done).toBe("boolean");
     await waitDone(c, d.task as number);
@@ -221,11 +241,10 @@ describe("engine process", () => {
 
   describe("malformed messages get an error naming the problem, and the engine keeps serving", () => {
     let c: EngineClient;
-    let ids: number[];
     beforeEach(async () => {
       c = engine.client();
       await hello(c);
-      ids = (await regions(c, 1, 2, "random", shm)).ids;
+      await regions(c, 1, 2, "random", shm);
     });
     const expectError = async (req: Record<string, unknown>, code: string, message: RegExp) => {
       const r = await c.raw(req);
@@ -244,14 +263,38 @@ describe("engine process", () => {
       [{ op: "lookup", ns: ".tmp", keys: [Buffer.alloc(32)] }, "bad_message", /ns must be/],
       [{ op: "wait", task: 987654 }, "unknown_task", /task 987654 is not a task of this client/],
       [{ op: "wait", task: -1 }, "bad_message", /task must be a non-negative integer, got number -1/],
-      [{ op: "dump", ns: NS, keys: [Buffer.alloc(32, 1)], shards: { count: 1, region: [1], offset: [9000], length: [10000] } }, "out_of_bounds", /\[9000, \+10000\) is not inside region 1 of 9216 bytes/],
-      [{ op: "dump", ns: NS, keys: [Buffer.alloc(32, 1)], shards: { count: 1, region: [77], offset: [0], length: [10] } }, "unknown_region", /no region 77 registered by this client/],
-      [{ op: "dump", ns: NS, keys: [Buffer.alloc(32, 1)], shards: { count: 2, region: [1], offset: [0], length: [10] } }, "bad_message", /shards.region must hold 2 entries/],
-      [{ op: "dump", ns: NS, keys: [Buffer.alloc(32, 1)], shards: { count: 1, region: [1], offset: Buffer.alloc(4), length: [10] } }, "bad_message", /shards.offset as bin must be 8 bytes/],
+      [
+        { op: "dump", ns: NS, keys: [Buffer.alloc(32, 1)], shards: { count: 1, region: [1], offset: [9000], length: [10000] } },
+        "out_of_bounds",
+        /\[9000, \+10000\) is not inside region 1 of 9216 bytes/,
+      ],
+      [
+        { op: "dump", ns: NS, keys: [Buffer.alloc(32, 1)], shards: { count: 1, region: [77], offset: [0], length: [10] } },
+        "unknown_region",
+        /no region 77 registered by this client/,
+      ],
+      [
+        { op: "dump", ns: NS, keys: [Buffer.alloc(32, 1)], shards: { count: 2, region: [1], offset: [0], length: [10] } },
+        "bad_message",
+        /shards.region must hold 2 entries/,
+      ],
+      [
+        { op: "dump", ns: NS, keys: [Buffer.alloc(32, 1)], shards: { count: 1, region: [1], offset: Buffer.alloc(4), length: [10] } },
+        "bad_message",
+        /shards.offset as bin must be 8 bytes/,
+      ],
       [{ op: "dump", ns: NS, keys: [Buffer.alloc(32, 1)], shards: "x" }, "bad_message", /shards must be a map/],
       [{ op: "register", regions: [{ medium: "host", source: "/ucm-does-not-exist", size: 10 }] }, "bad_message", /cannot open region/],
-      [{ op: "register", regions: [{ medium: "cuda", device: 0, handle: Buffer.alloc(64), offset: 0, size: 10 }] }, "unsupported", /regions\[0\]: (no usable GPU in the engine process|this engine was built without the CUDA toolkit)/],
-      [{ op: "register", regions: [{ medium: "cuda", device: 0, handle: Buffer.alloc(12), offset: 0, size: 10 }] }, "bad_message", /regions\[0\]\.handle must be the 64-byte CUDA IPC handle/],
+      [
+        { op: "register", regions: [{ medium: "cuda", device: 0, handle: Buffer.alloc(64), offset: 0, size: 10 }] },
+        "unsupported",
+        /regions\[0\]: (no usable GPU in the engine process|this engine was built without the CUDA toolkit)/,
+      ],
+      [
+        { op: "register", regions: [{ medium: "cuda", device: 0, handle: Buffer.alloc(12), offset: 0, size: 10 }] },
+        "bad_message",
+        /regions\[0\]\.handle must be the 64-byte CUDA IPC handle/,
+      ],
       [{ op: "register", events: [{ device: 0, handle: Buffer.alloc(64) }] }, "unsupported", /events\[0\]: /],
       [{ op: "register", regions: [{ medium: "disk" }] }, "bad_message", /medium must be "host" or "cuda"/],
       [{ op: "hello", version: 2, pid: 1 }, "unsupported_version", /protocol version number 2 is not supported; this engine speaks 1/],
@@ -263,7 +306,11 @@ describe("engine process", () => {
     test("giant arrays are refused without being walked", async () => {
       const keys = Array.from({ length: 70000 }, () => Buffer.alloc(8));
       await expectError({ op: "lookup", ns: NS, keys }, "too_large", /70000 keys, more than the 65536 allowed/);
-      await expectError({ op: "dump", ns: NS, keys: [Buffer.alloc(8)], shards: { count: 5_000_000, region: [], offset: [], length: [] } }, "too_large", /5000000 shards/);
+      await expectError(
+        { op: "dump", ns: NS, keys: [Buffer.alloc(8)], shards: { count: 5_000_000, region: [], offset: [], length: [] } },
+        "too_large",
+        /5000000 shards/,
+      );
     });
     test("bytes that are not msgpack, a non-map, several frames", async () => {
       for (const frames of [[Buffer.from([0xc1, 0xff, 0x00])], [packr.pack([1, 2, 3])], [packr.pack({ op: "health" }), Buffer.from("x")]]) {
@@ -350,11 +397,21 @@ describe("engine process", () => {
     const n = 256;
     const src = await regions(c, 4, n, "random", shm);
     const keys = Array.from({ length: n }, (_, i) => key(i, "t"));
-    const d = await c.call("dump", { ns: NS, keys, shards: shards(src.ids, keys.map((_, i) => i)) });
+    const d = await c.call("dump", {
+      ns: NS,
+      keys,
+      shards: shards(
+        src.ids,
+        keys.map((_, i) => i),
+      ),
+    });
     expect(d.task).toBeDefined();
     expect(await engine.stop("SIGTERM")).toBe(0);
     expect(fs.readdirSync(path.join(store, NS, ".tmp"))).toEqual([]);
-    const visible = fs.readdirSync(path.join(store, NS)).filter((x) => x.length === 2).flatMap((x) => fs.readdirSync(path.join(store, NS, x)));
+    const visible = fs
+      .readdirSync(path.join(store, NS))
+      .filter((x) => x.length === 2)
+      .flatMap((x) => fs.readdirSync(path.join(store, NS, x)));
     expect(visible).toEqual([]);
     expect(fs.existsSync(`${dir}/e.sock`)).toBe(false);
     expect(engine.output()).toMatch(/shutting down/);
@@ -383,11 +440,27 @@ describe("config errors stop startup with the key path and the value", () => {
     ["missing directory", () => ({ storage_backends: `${dir}/nope` }), /storage_backends: directory ".*\/nope" does not exist/],
     ["a file, not a directory", () => ({ storage_backends: `${dir}/afile` }), /is not a directory/],
     ["unwritable directory", () => ({ storage_backends: "/proc/1" }), /directory "\/proc\/1" is not writable/],
-    ["transferStreamNumber 0", () => ({ storage_backends: `${dir}/s1`, transferStreamNumber: 0 }), /transferStreamNumber must be between 1 and 1024, got 0/],
-    ["transferStreamNumber 100000", () => ({ storage_backends: `${dir}/s1`, transferStreamNumber: 100000 }), /transferStreamNumber must be between 1 and 1024, got 100000/],
-    ["transferStreamNumber as a string", () => ({ storage_backends: `${dir}/s1`, transferStreamNumber: "32" }), /transferStreamNumber must be an integer, got "32"/],
+    [
+      "transferStreamNumber 0",
+      () => ({ storage_backends: `${dir}/s1`, transferStreamNumber: 0 }),
+      /transferStreamNumber must be between 1 and 1024, got 0/,
+    ],
+    [
+      "transferStreamNumber 100000",
+      () => ({ storage_backends: `${dir}/s1`, transferStreamNumber: 100000 }),
+      /transferStreamNumber must be between 1 and 1024, got 100000/,
+    ],
+    [
+      "transferStreamNumber as a string",
+      () => ({ storage_backends: `${dir}/s1`, transferStreamNumber: "32" }),
+      /transferStreamNumber must be an integer, got "32"/,
+    ],
     ["odirect as a number", () => ({ storage_backends: `${dir}/s1`, odirect: 1 }), /odirect must be true or false, got 1/],
-    ["bad endpoint", () => ({ storage_backends: `${dir}/s1`, endpoint: "tcp://0.0.0.0:5555" }), /endpoint must be ipc:\/\/<absolute path> or tcp:\/\/127.0.0.1:<port>, got "tcp:\/\/0.0.0.0:5555"/],
+    [
+      "bad endpoint",
+      () => ({ storage_backends: `${dir}/s1`, endpoint: "tcp://0.0.0.0:5555" }),
+      /endpoint must be ipc:\/\/<absolute path> or tcp:\/\/127.0.0.1:<port>, got "tcp:\/\/0.0.0.0:5555"/,
+    ],
     ["an empty backend in a colon list", () => ({ storage_backends: `${dir}/s1::${dir}/s2` }), /empty directory at position 1/],
     ["a missing backend in a colon list", () => ({ storage_backends: `${dir}/s1:${dir}/zz` }), /directory ".*\/zz" does not exist/],
   ];
@@ -412,8 +485,13 @@ describe("config errors stop startup with the key path and the value", () => {
     fs.writeFileSync(f1, 'ucm_connector_name: "Other"\nucm_connector_config:\n  storage_backends: /tmp\n');
     expect((await runCli(["serve", "--config", f1])).out).toMatch(/ucm_connector_name must be "UcmNfsStore", got "Other"/);
     const f2 = path.join(dir, "n2.yaml");
-    fs.writeFileSync(f2, 'ucm_connectors:\n  - ucm_connector_name: "UcmNfsStore"\n    ucm_connector_config:\n      transferStreamNumber: 0\n      storage_backends: /tmp\n');
-    expect((await runCli(["serve", "--config", f2])).out).toMatch(/ucm_connectors\[0\].ucm_connector_config.transferStreamNumber must be between 1 and 1024, got 0/);
+    fs.writeFileSync(
+      f2,
+      'ucm_connectors:\n  - ucm_connector_name: "UcmNfsStore"\n    ucm_connector_config:\n      transferStreamNumber: 0\n      storage_backends: /tmp\n',
+    );
+    expect((await runCli(["serve", "--config", f2])).out).toMatch(
+      /ucm_connectors\[0\].ucm_connector_config.transferStreamNumber must be between 1 and 1024, got 0/,
+    );
   });
 
   test("the seed's YAML works as written (colon list, list form, unknown keys warned)", async () => {
@@ -430,12 +508,21 @@ describe("config errors stop startup with the key path and the value", () => {
       // Keys spread over both backends.
       const region = new ShmRegion(64 * 4096, "random");
       try {
-        const ids = (await c.call("register", { regions: [{ medium: "host", source: region.name, size: region.size }] })).regions as number[];
+        const ids = (await c.call("register", { regions: [{ medium: "host", source: region.name, size: region.size }] }))
+          .regions as number[];
         const keys = Array.from({ length: 64 }, (_, i) => key(i, "sb"));
-        const d = await c.call("dump", { ns: "seed", keys, shards: { count: 1, region: keys.map(() => ids[0]), offset: keys.map((_, i) => i * 4096), length: keys.map(() => 4096) } });
+        const d = await c.call("dump", {
+          ns: "seed",
+          keys,
+          shards: { count: 1, region: keys.map(() => ids[0]), offset: keys.map((_, i) => i * 4096), length: keys.map(() => 4096) },
+        });
         await c.call("wait", { task: d.task, timeout_ms: 20000 });
         await c.call("commit", { ns: "seed", keys });
-        const count = (b: string) => fs.readdirSync(path.join(dir, b, "seed")).filter((x) => x.length === 2).reduce((n, x) => n + fs.readdirSync(path.join(dir, b, "seed", x)).length, 0);
+        const count = (b: string) =>
+          fs
+            .readdirSync(path.join(dir, b, "seed"))
+            .filter((x) => x.length === 2)
+            .reduce((n, x) => n + fs.readdirSync(path.join(dir, b, "seed", x)).length, 0);
         expect(count("s1") + count("s2")).toBe(64);
         expect(count("s1")).toBeGreaterThan(10);
         expect(count("s2")).toBeGreaterThan(10);
@@ -452,7 +539,10 @@ describe("lifecycle", () => {
   test("--exit-when-idle: the engine exits 0 once no client has had a session for that long, not before", async () => {
     const dir = shortTmp();
     fs.mkdirSync(path.join(dir, "store"));
-    const e = await startEngine(writeConfig(dir, { storage_backends: path.join(dir, "store"), endpoint: `ipc://${dir}/e.sock` }), ["--exit-when-idle", "2"]);
+    const e = await startEngine(writeConfig(dir, { storage_backends: path.join(dir, "store"), endpoint: `ipc://${dir}/e.sock` }), [
+      "--exit-when-idle",
+      "2",
+    ]);
     try {
       const c = e.client();
       const h = await hello(c);
@@ -481,9 +571,7 @@ describe("lifecycle", () => {
       const src = await regions(c, 1, 2, "random", track);
       const d = await c.call("dump", { ns: NS, keys: [key(1, "ln"), key(2, "ln")], shards: shards(src.ids, [0, 1]), commit: true });
       const r = await waitDone(c, d.task as number);
-      expect((r as unknown as { line: string }).line).toBe(
-        /Task\(\d+,D2S,2,\d+\) finished, elapsed [\d.]+s/.exec(e.output())![0],
-      );
+      expect((r as unknown as { line: string }).line).toBe(/Task\(\d+,D2S,2,\d+\) finished, elapsed [\d.]+s/.exec(e.output())![0]);
     } finally {
       track.forEach((x) => x.unlink());
       await e.stop("SIGKILL");
@@ -495,7 +583,14 @@ describe("lifecycle", () => {
 test("health and hello report every effective setting, keyed as in the YAML", async () => {
   const dir = shortTmp();
   fs.mkdirSync(path.join(dir, "store"));
-  const e = await startEngine(writeConfig(dir, { storage_backends: path.join(dir, "store"), endpoint: `ipc://${dir}/e.sock`, transferStreamNumber: 7, maxInflightBytes: "1GiB" }));
+  const e = await startEngine(
+    writeConfig(dir, {
+      storage_backends: path.join(dir, "store"),
+      endpoint: `ipc://${dir}/e.sock`,
+      transferStreamNumber: 7,
+      maxInflightBytes: "1GiB",
+    }),
+  );
   try {
     const c = e.client();
     const h = await c.call("health");

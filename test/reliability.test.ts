@@ -46,7 +46,10 @@ function blockFile(store: string, ns: string, k: Buffer): string {
 function visibleBlocks(store: string, ns: string): string[] {
   const root = path.join(store, ns);
   if (!fs.existsSync(root)) return [];
-  return fs.readdirSync(root).filter((d) => /^[0-9a-f]{2}$/.test(d)).flatMap((d) => fs.readdirSync(path.join(root, d)));
+  return fs
+    .readdirSync(root)
+    .filter((d) => /^[0-9a-f]{2}$/.test(d))
+    .flatMap((d) => fs.readdirSync(path.join(root, d)));
 }
 
 const shm: ShmRegion[] = [];
@@ -69,7 +72,18 @@ describe("engine killed with SIGKILL in the middle of heavy dumps", () => {
       const tasks: number[] = [];
       for (let t = 0; t < n / 20; t++) {
         const ks = keys.slice(t * 20, t * 20 + 20);
-        tasks.push((await c.call("dump", { ns: NS, keys: ks, shards: shards(src, ks.map((_, j) => t * 20 + j)) })).task as number);
+        tasks.push(
+          (
+            await c.call("dump", {
+              ns: NS,
+              keys: ks,
+              shards: shards(
+                src,
+                ks.map((_, j) => t * 20 + j),
+              ),
+            })
+          ).task as number,
+        );
       }
       for (let t = 0; t < 5; t++) {
         await finish(c, tasks[t]);
@@ -93,7 +107,8 @@ describe("engine killed with SIGKILL in the middle of heavy dumps", () => {
       const dst = await register(c2, 4, n, "zero", shm);
       const r = await finish(c2, (await c2.call("load", { ns: NS, keys: idx.map((i) => keys[i]), shards: shards(dst, idx) })).task);
       expect(r.failed).toEqual([]);
-      for (const i of idx) for (let s = 0; s < 4; s++) expect(dst.regs[s].read(i * SHARD, SHARD).equals(src.regs[s].read(i * SHARD, SHARD))).toBe(true);
+      for (const i of idx)
+        for (let s = 0; s < 4; s++) expect(dst.regs[s].read(i * SHARD, SHARD).equals(src.regs[s].read(i * SHARD, SHARD))).toBe(true);
     } finally {
       await engine.stop("SIGKILL");
       fs.rmSync(dir, { recursive: true, force: true });
@@ -110,7 +125,9 @@ describe("with a running engine", () => {
     dir = shortTmp();
     store = path.join(dir, "store");
     fs.mkdirSync(store);
-    engine = await startEngine(writeConfig(dir, { storage_backends: store, transferStreamNumber: 4, endpoint: `ipc://${dir}/e.sock`, lookupCacheTtlS: 0 }));
+    engine = await startEngine(
+      writeConfig(dir, { storage_backends: store, transferStreamNumber: 4, endpoint: `ipc://${dir}/e.sock`, lookupCacheTtlS: 0 }),
+    );
     c = engine.client();
     await hello(c);
   });
@@ -122,7 +139,19 @@ describe("with a running engine", () => {
   async function stored(n: number, salt: string) {
     const src = await register(c, 2, n, "random", shm);
     const keys = Array.from({ length: n }, (_, i) => key(i, salt));
-    await finish(c, (await c.call("dump", { ns: NS, keys, shards: shards(src, keys.map((_, i) => i)) })).task);
+    await finish(
+      c,
+      (
+        await c.call("dump", {
+          ns: NS,
+          keys,
+          shards: shards(
+            src,
+            keys.map((_, i) => i),
+          ),
+        })
+      ).task,
+    );
     expect((await c.call("commit", { ns: NS, keys })).committed).toEqual(new Array(n).fill(true));
     return { src, keys };
   }
@@ -160,16 +189,52 @@ describe("with a running engine", () => {
     const { src, keys } = await stored(4, "fz");
     const other = engine.client();
     await hello(other);
-    const otherMem = { regs: src.regs, ids: (await other.call("register", { regions: src.regs.map((x) => ({ medium: "host", source: x.name, size: x.size })) })).regions as number[] };
+    const otherMem = {
+      regs: src.regs,
+      ids: (await other.call("register", { regions: src.regs.map((x) => ({ medium: "host", source: x.name, size: x.size })) }))
+        .regions as number[],
+    };
     const foreignTask = (await other.call("dump", { ns: NS, keys: [key(99, "fz")], shards: shards(otherMem, [0]) })).task;
     const before = rss();
     const rnd = crypto.randomBytes.bind(crypto);
-    const ops = ["hello", "goodbye", "register", "release", "namespace", "lookup", "dump", "load", "wait", "check", "commit", "stats", "health", "zz", ""];
+    const ops = [
+      "hello",
+      "goodbye",
+      "register",
+      "release",
+      "namespace",
+      "lookup",
+      "dump",
+      "load",
+      "wait",
+      "check",
+      "commit",
+      "stats",
+      "health",
+      "zz",
+      "",
+    ];
     const giant = Array.from({ length: 70000 }, () => 0);
     const pool: unknown[] = [
-      null, true, -1, 2 ** 53, 1e300, NaN, "../../etc/passwd", "x".repeat(300), rnd(65), rnd(0), rnd(32), [], [rnd(32)],
-      giant, [0, 0, 0], { count: 2 ** 31, region: rnd(8), offset: rnd(16), length: [] },
-      { a: { b: { c: [1, 2, { d: rnd(4) }] } } }, foreignTask, 0xffffffff,
+      null,
+      true,
+      -1,
+      2 ** 53,
+      1e300,
+      NaN,
+      "../../etc/passwd",
+      "x".repeat(300),
+      rnd(65),
+      rnd(0),
+      rnd(32),
+      [],
+      [rnd(32)],
+      giant,
+      [0, 0, 0],
+      { count: 2 ** 31, region: rnd(8), offset: rnd(16), length: [] },
+      { a: { b: { c: [1, 2, { d: rnd(4) }] } } },
+      foreignTask,
+      0xffffffff,
     ];
     const pick = <T>(a: T[]): T => a[Math.floor(Math.random() * a.length)];
     // Mutations of a valid load may legitimately write into the client's own
@@ -217,55 +282,77 @@ describe("with a running engine", () => {
 
 describe("disk full", () => {
   const canMount = process.getuid?.() === 0 && spawnSync("mount", ["--version"]).status === 0;
-  (canMount ? test : test.skip)("dumps fail with ENOSPC, temp files removed, existing blocks still load, dumps work again when space returns", async () => {
-    const dir = shortTmp();
-    const store = path.join(dir, "small");
-    fs.mkdirSync(store);
-    try {
-      execFileSync("mount", ["-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", store]);
-    } catch (e) {
-      console.warn(`disk-full test skipped: cannot mount tmpfs (${(e as Error).message})`);
-      return;
-    }
-    const engine = await startEngine(writeConfig(dir, { storage_backends: store, transferStreamNumber: 2, endpoint: `ipc://${dir}/e.sock` }));
-    try {
-      const c = engine.client();
-      await hello(c);
-      const SH = 64 * 1024;
-      const regs = new ShmRegion(32 * SH, "random");
-      shm.push(regs);
-      const [rid] = (await c.call("register", { regions: [{ medium: "host", source: regs.name, size: regs.size }] })).regions as number[];
-      const sh = (blocks: number[]) => ({ count: 1, region: blocks.map(() => rid), offset: blocks.map((b) => b * SH), length: blocks.map(() => SH) });
-      const keys = Array.from({ length: 32 }, (_, i) => key(i, "full"));
-      // Two blocks fit and are committed.
-      await finish(c, (await c.call("dump", { ns: NS, keys: keys.slice(0, 2), shards: sh([0, 1]) })).task);
-      await c.call("commit", { ns: NS, keys: keys.slice(0, 2) });
-      // Then the disk fills up.
-      const r = await finish(c, (await c.call("dump", { ns: NS, keys: keys.slice(2), shards: sh(keys.slice(2).map((_, i) => i + 2)) })).task);
-      const enospc = r.status.filter((s, i) => s === "io_error" && r.errno[i] === 28).length;
-      expect(enospc).toBeGreaterThan(0);
-      const okKeys = keys.slice(2).filter((_, i) => r.status[i] === "ok");
-      expect(fs.readdirSync(path.join(store, NS, ".tmp")).length).toBe(okKeys.length); // failed ones left nothing
-      await c.call("commit", { ns: NS, keys: keys.slice(2), success: false });
-      expect(fs.readdirSync(path.join(store, NS, ".tmp"))).toEqual([]);
-      // Existing blocks still load and lookups work.
-      expect((await c.call("lookup", { ns: NS, keys: keys.slice(0, 2) })).found).toEqual([true, true]);
-      const out = new ShmRegion(2 * SH, "zero");
-      shm.push(out);
-      const [oid] = (await c.call("register", { regions: [{ medium: "host", source: out.name, size: out.size }] })).regions as number[];
-      const l = await finish(c, (await c.call("load", { ns: NS, keys: keys.slice(0, 2), shards: { count: 1, region: [oid, oid], offset: [0, SH], length: [SH, SH] } })).task);
-      expect(l.failed).toEqual([]);
-      expect(out.read().equals(regs.read(0, 2 * SH))).toBe(true);
-      // Space returns: dumps work again.
-      execFileSync("mount", ["-o", "remount,size=8m", store]);
-      const again = await finish(c, (await c.call("dump", { ns: NS, keys: keys.slice(2, 6), shards: sh([2, 3, 4, 5]) })).task);
-      expect(again.status).toEqual(["ok", "ok", "ok", "ok"]);
-    } finally {
-      await engine.stop("SIGKILL");
-      execFileSync("umount", ["-l", store]);
-      fs.rmSync(dir, { recursive: true, force: true });
-    }
-  });
+  (canMount ? test : test.skip)(
+    "dumps fail with ENOSPC, temp files removed, existing blocks still load, dumps work again when space returns",
+    async () => {
+      const dir = shortTmp();
+      const store = path.join(dir, "small");
+      fs.mkdirSync(store);
+      try {
+        execFileSync("mount", ["-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", store]);
+      } catch (e) {
+        console.warn(`disk-full test skipped: cannot mount tmpfs (${(e as Error).message})`);
+        return;
+      }
+      const engine = await startEngine(
+        writeConfig(dir, { storage_backends: store, transferStreamNumber: 2, endpoint: `ipc://${dir}/e.sock` }),
+      );
+      try {
+        const c = engine.client();
+        await hello(c);
+        const SH = 64 * 1024;
+        const regs = new ShmRegion(32 * SH, "random");
+        shm.push(regs);
+        const [rid] = (await c.call("register", { regions: [{ medium: "host", source: regs.name, size: regs.size }] })).regions as number[];
+        const sh = (blocks: number[]) => ({
+          count: 1,
+          region: blocks.map(() => rid),
+          offset: blocks.map((b) => b * SH),
+          length: blocks.map(() => SH),
+        });
+        const keys = Array.from({ length: 32 }, (_, i) => key(i, "full"));
+        // Two blocks fit and are committed.
+        await finish(c, (await c.call("dump", { ns: NS, keys: keys.slice(0, 2), shards: sh([0, 1]) })).task);
+        await c.call("commit", { ns: NS, keys: keys.slice(0, 2) });
+        // Then the disk fills up.
+        const r = await finish(
+          c,
+          (await c.call("dump", { ns: NS, keys: keys.slice(2), shards: sh(keys.slice(2).map((_, i) => i + 2)) })).task,
+        );
+        const enospc = r.status.filter((s, i) => s === "io_error" && r.errno[i] === 28).length;
+        expect(enospc).toBeGreaterThan(0);
+        const okKeys = keys.slice(2).filter((_, i) => r.status[i] === "ok");
+        expect(fs.readdirSync(path.join(store, NS, ".tmp")).length).toBe(okKeys.length); // failed ones left nothing
+        await c.call("commit", { ns: NS, keys: keys.slice(2), success: false });
+        expect(fs.readdirSync(path.join(store, NS, ".tmp"))).toEqual([]);
+        // Existing blocks still load and lookups work.
+        expect((await c.call("lookup", { ns: NS, keys: keys.slice(0, 2) })).found).toEqual([true, true]);
+        const out = new ShmRegion(2 * SH, "zero");
+        shm.push(out);
+        const [oid] = (await c.call("register", { regions: [{ medium: "host", source: out.name, size: out.size }] })).regions as number[];
+        const l = await finish(
+          c,
+          (
+            await c.call("load", {
+              ns: NS,
+              keys: keys.slice(0, 2),
+              shards: { count: 1, region: [oid, oid], offset: [0, SH], length: [SH, SH] },
+            })
+          ).task,
+        );
+        expect(l.failed).toEqual([]);
+        expect(out.read().equals(regs.read(0, 2 * SH))).toBe(true);
+        // Space returns: dumps work again.
+        execFileSync("mount", ["-o", "remount,size=8m", store]);
+        const again = await finish(c, (await c.call("dump", { ns: NS, keys: keys.slice(2, 6), shards: sh([2, 3, 4, 5]) })).task);
+        expect(again.status).toEqual(["ok", "ok", "ok", "ok"]);
+      } finally {
+        await engine.stop("SIGKILL");
+        execFileSync("umount", ["-l", store]);
+        fs.rmSync(dir, { recursive: true, force: true });
+      }
+    },
+  );
 });
 
 describe("two engines (two nodes) sharing one directory", () => {
@@ -273,8 +360,12 @@ describe("two engines (two nodes) sharing one directory", () => {
     const dir = shortTmp();
     const store = path.join(dir, "shared");
     fs.mkdirSync(store);
-    const a = await startEngine(writeConfig(dir, { storage_backends: store, transferStreamNumber: 4, endpoint: `ipc://${dir}/a.sock`, lookupCacheTtlS: 0 }, "a.yaml"));
-    const b = await startEngine(writeConfig(dir, { storage_backends: store, transferStreamNumber: 4, endpoint: `ipc://${dir}/b.sock`, lookupCacheTtlS: 0 }, "b.yaml"));
+    const a = await startEngine(
+      writeConfig(dir, { storage_backends: store, transferStreamNumber: 4, endpoint: `ipc://${dir}/a.sock`, lookupCacheTtlS: 0 }, "a.yaml"),
+    );
+    const b = await startEngine(
+      writeConfig(dir, { storage_backends: store, transferStreamNumber: 4, endpoint: `ipc://${dir}/b.sock`, lookupCacheTtlS: 0 }, "b.yaml"),
+    );
     try {
       const ca = a.client();
       const cb = b.client();
@@ -283,7 +374,11 @@ describe("two engines (two nodes) sharing one directory", () => {
       const n = 64;
       // Both hold the same content for the same key (as two nodes computing the same prefix).
       const content = await register(ca, 3, n, "random", shm);
-      const contentB = { regs: content.regs, ids: (await cb.call("register", { regions: content.regs.map((x) => ({ medium: "host", source: x.name, size: x.size })) })).regions as number[] };
+      const contentB = {
+        regs: content.regs,
+        ids: (await cb.call("register", { regions: content.regs.map((x) => ({ medium: "host", source: x.name, size: x.size })) }))
+          .regions as number[],
+      };
       const keys = Array.from({ length: n }, (_, i) => key(i, "share"));
       const dstA = await register(ca, 3, n, "zero", shm);
       const dstB = { regs: [] as ShmRegion[], ids: [] as number[] };
@@ -316,7 +411,19 @@ describe("two engines (two nodes) sharing one directory", () => {
       expect(fa).toEqual(fb);
       expect(fa.every(Boolean)).toBe(true);
       // Every visible file verifies.
-      const all = await finish(ca, (await ca.call("load", { ns: NS, keys, shards: shards(dstA, keys.map((_, i) => i)) })).task);
+      const all = await finish(
+        ca,
+        (
+          await ca.call("load", {
+            ns: NS,
+            keys,
+            shards: shards(
+              dstA,
+              keys.map((_, i) => i),
+            ),
+          })
+        ).task,
+      );
       expect(all.failed).toEqual([]);
       for (let q = 0; q < 3; q++) expect(dstA.regs[q].read().equals(content.regs[q].read())).toBe(true);
       expect(fs.readdirSync(path.join(store, NS, ".tmp"))).toEqual([]);

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Sets up everything the tests need on a fresh machine (idempotent) and runs
-# every test: jest (native core, engine) and, once set up, pytest (Python shim,
-# vLLM end to end). Ends with one line "N passed, N failed".
+# every test: the lint script (one check), jest (native core, engine) and, once
+# set up, pytest (Python shim, vLLM end to end). Ends with one line
+# "N passed, N failed", followed by ", N skipped" when tests were skipped
+# (jest's pending ones, pytest's skips); CI reads that line.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -28,27 +30,31 @@ fi
 
 passed=0
 failed=0
+skipped=0
 
-# Adds a pytest JUnit report's counts to the totals (skipped tests count as
-# neither); a run that failed without a failing test, or left no report,
+echo "== lint: scripts/lint.sh (format and lint of TypeScript, Python, C++), counted as one check"
+if bash scripts/lint.sh; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+
+# Adds a pytest JUnit report's counts to the totals (skipped tests to their
+# own count); a run that failed without a failing test, or left no report,
 # counts as one failure.
 count_junit() {
-  local xml=$1 rc=$2 p f
+  local xml=$1 rc=$2 p f s
   if [ ! -s "$xml" ]; then
     failed=$((failed + 1))
     return
   fi
-  read -r p f < <(.venv/bin/python - "$xml" <<'PY'
+  read -r p f s < <(.venv/bin/python - "$xml" <<'PY'
 import sys, xml.etree.ElementTree as ET
 root = ET.parse(sys.argv[1]).getroot()
 suites = [root] if root.tag == "testsuite" else list(root)
 t = sum(int(s.get("tests", 0)) for s in suites)
 bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
 skip = sum(int(s.get("skipped", 0)) for s in suites)
-print(t - bad - skip, bad)
+print(t - bad - skip, bad, skip)
 PY
 )
-  passed=$((passed + p)); failed=$((failed + f))
+  passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
   [ "$rc" -ne 0 ] && [ "$f" -eq 0 ] && failed=$((failed + 1))
 }
 
@@ -56,10 +62,10 @@ echo "== jest"
 npx jest --runInBand --json --outputFile="$out/jest.json" "$@"
 jest_rc=$?
 if [ -s "$out/jest.json" ]; then
-  read -r jp jf < <(node -e 'const r=require(process.argv[1]);
+  read -r jp jf js < <(node -e 'const r=require(process.argv[1]);
     const broken=r.testResults.filter(t=>t.status==="failed"&&t.assertionResults.length===0).length;
-    console.log(r.numPassedTests, r.numFailedTests+broken)' "$out/jest.json")
-  passed=$((passed + jp)); failed=$((failed + jf))
+    console.log(r.numPassedTests, r.numFailedTests+broken, r.numPendingTests+r.numTodoTests)' "$out/jest.json")
+  passed=$((passed + jp)); failed=$((failed + jf)); skipped=$((skipped + js))
   [ "$jest_rc" -ne 0 ] && [ "$jf" -eq 0 ] && failed=$((failed + 1))
 else
   failed=$((failed + 1))
@@ -86,10 +92,10 @@ nfs_rc=${PIPESTATUS[0]}
 if [ "$nfs_rc" -eq 77 ]; then
   echo "NFS suite skipped, counted neither way: $(grep -m1 '^NFS suite skipped: ' "$out/nfs.log" | cut -d' ' -f4-)"
 else
-  nfs_counts=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$out/nfs.log" | tail -1)
+  nfs_counts=$(grep -E '^[0-9]+ passed, [0-9]+ failed(, [0-9]+ skipped)?$' "$out/nfs.log" | tail -1)
   if [ -n "$nfs_counts" ]; then
-    read -r np nf < <(echo "$nfs_counts" | sed -E 's/^([0-9]+) passed, ([0-9]+) failed$/\1 \2/')
-    passed=$((passed + np)); failed=$((failed + nf))
+    read -r np nf ns < <(echo "$nfs_counts" | sed -E 's/^([0-9]+) passed, ([0-9]+) failed(, ([0-9]+) skipped)?$/\1 \2 \4/')
+    passed=$((passed + np)); failed=$((failed + nf)); skipped=$((skipped + ${ns:-0}))
     [ "$nfs_rc" -ne 0 ] && [ "$nf" -eq 0 ] && failed=$((failed + 1))
   else
     failed=$((failed + 1))
@@ -111,5 +117,7 @@ else
   failed=$((failed + 1))
 fi
 
-echo "${passed} passed, ${failed} failed"
+summary="${passed} passed, ${failed} failed"
+[ "$skipped" -gt 0 ] && summary+=", ${skipped} skipped"
+echo "$summary"
 [ "$failed" -eq 0 ]

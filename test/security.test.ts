@@ -45,7 +45,10 @@ describe("a region is only shared memory of the engine's own user", () => {
   test("files outside shared memory are refused: /etc/passwd, a disk file through /proc/<pid>/fd", async () => {
     const c = (await start()).client();
     await hello(c);
-    await expect(register(c, "/etc/passwd", 16)).rejects.toMatchObject({ code: "bad_message", message: expect.stringMatching(/is not shared memory/) });
+    await expect(register(c, "/etc/passwd", 16)).rejects.toMatchObject({
+      code: "bad_message",
+      message: expect.stringMatching(/is not shared memory/),
+    });
     await expect(register(c, "/etc/shadow", 16)).rejects.toThrow(/is not shared memory/);
     const disk = path.join(dir, "disk-file");
     fs.writeFileSync(disk, Buffer.alloc(8192));
@@ -137,8 +140,9 @@ describe("directories of others are never changed", () => {
     engine = undefined;
 
     fs.chmodSync(shared, 0o777);
-    await expect(startEngine(writeConfig(dir, { storage_backends: path.join(dir, "store"), endpoint: `ipc://${shared}/e.sock` })))
-      .rejects.toThrow(/socket directory .*shared is writable by other users \(mode 777\) without the sticky bit/);
+    await expect(
+      startEngine(writeConfig(dir, { storage_backends: path.join(dir, "store"), endpoint: `ipc://${shared}/e.sock` })),
+    ).rejects.toThrow(/socket directory .*shared is writable by other users \(mode 777\) without the sticky bit/);
     expect(fs.statSync(shared).mode & 0o7777).toBe(0o777);
   });
 
@@ -161,7 +165,12 @@ test("a client's name cannot forge log lines", async () => {
   await c.call("goodbye");
   await new Promise((r) => setTimeout(r, 200));
   expect(e.output()).toMatch(/client evil\?\[UCMNFSSTORE\] \[I\] Task\(1,D2S,1,1\) finished, elapsed 0\.1s \(pid \d+\) released/);
-  expect(e.output().split("\n").filter((l) => l.startsWith("[UCMNFSSTORE] [I] Task("))).toEqual([]);
+  expect(
+    e
+      .output()
+      .split("\n")
+      .filter((l) => l.startsWith("[UCMNFSSTORE] [I] Task(")),
+  ).toEqual([]);
 });
 
 describe("the store: only the engine's own directories, no symbolic links, private files", () => {
@@ -207,9 +216,13 @@ describe("the store: only the engine's own directories, no symbolic links, priva
     const open_ = path.join(dir, "open");
     fs.mkdirSync(open_);
     fs.chmodSync(open_, 0o777);
-    await expect(startEngine(writeConfig(dir, { storage_backends: open_, endpoint: `ipc://${dir}/o.sock` }))).rejects.toThrow(/open.* is writable by every user \(mode 777\); chmod o-w it/);
+    await expect(startEngine(writeConfig(dir, { storage_backends: open_, endpoint: `ipc://${dir}/o.sock` }))).rejects.toThrow(
+      /open.* is writable by every user \(mode 777\); chmod o-w it/,
+    );
     fs.chmodSync(open_, 0o775);
-    await expect(startEngine(writeConfig(dir, { storage_backends: open_, endpoint: `ipc://${dir}/o.sock` }))).rejects.toThrow(/is writable by its group \(mode 775\); chmod g-w it, or set shareWithGroup: true/);
+    await expect(startEngine(writeConfig(dir, { storage_backends: open_, endpoint: `ipc://${dir}/o.sock` }))).rejects.toThrow(
+      /is writable by its group \(mode 775\); chmod g-w it, or set shareWithGroup: true/,
+    );
   });
 
   asRoot("a store that belongs to another user is refused", async () => {

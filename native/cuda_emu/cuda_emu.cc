@@ -27,6 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -62,8 +63,7 @@ const ErrorName kErrors[] = {
     {cudaErrorInvalidResourceHandle, "cudaErrorInvalidResourceHandle", "invalid resource handle"},
     {cudaErrorNotReady, "cudaErrorNotReady", "device not ready"},
     {cudaErrorIllegalAddress, "cudaErrorIllegalAddress", "an illegal memory access was encountered"},
-    {cudaErrorSetOnActiveProcess, "cudaErrorSetOnActiveProcess",
-     "cannot set while device is active in this process"},
+    {cudaErrorSetOnActiveProcess, "cudaErrorSetOnActiveProcess", "cannot set while device is active in this process"},
     {cudaErrorLaunchFailure, "cudaErrorLaunchFailure", "unspecified launch failure"},
     {cudaErrorNotSupported, "cudaErrorNotSupported", "operation not supported"},
     {cudaErrorUnknown, "cudaErrorUnknown", "unknown error"},
@@ -81,14 +81,25 @@ struct Allocation {
   std::string name;  // shared memory object (device allocations)
 };
 
-// Parses "[domain:]bus:device.function" (hex) into a normalized string.
+// Reads one hex field of a bus id that ends at `sep` ('\0': the end of the
+// string) and moves p past the separator; false when the field is not hex.
+bool HexField(const char*& p, char sep, unsigned& out) {
+  char* end = nullptr;
+  unsigned long v = std::strtoul(p, &end, 16);
+  if (end == p || *end != sep) return false;
+  out = static_cast<unsigned>(v);
+  p = sep ? end + 1 : end;
+  return true;
+}
+
+// Parses "[domain:]bus:device.function" (hex) into a normalized string; ""
+// when it is not one.
 std::string NormalizeBusId(const std::string& s) {
   unsigned dom = 0, bus = 0, dev = 0, fn = 0;
-  char tail = 0;
-  if (std::sscanf(s.c_str(), "%x:%x:%x.%x%c", &dom, &bus, &dev, &fn, &tail) == 4) {
-  } else if (std::sscanf(s.c_str(), "%x:%x.%x%c", &bus, &dev, &fn, &tail) == 3) {
-    dom = 0;
-  } else {
+  const char* p = s.c_str();
+  bool with_domain = std::count(s.begin(), s.end(), ':') == 2;
+  if ((with_domain && !HexField(p, ':', dom)) || !HexField(p, ':', bus) || !HexField(p, '.', dev) ||
+      !HexField(p, '\0', fn)) {
     return "";
   }
   char out[32];
@@ -137,7 +148,7 @@ struct Runtime {
         pos = comma + 1;
       }
     }
-    if (const char* v = std::getenv("UCM_CUDA_EMU_DRIVER")) driver = std::atoi(v);
+    if (const char* v = std::getenv("UCM_CUDA_EMU_DRIVER")) driver = static_cast<int>(std::strtol(v, nullptr, 10));
     if (const char* t = std::getenv("UCM_CUDA_EMU_TRACE")) trace = t;
     if (const char* f = std::getenv("UCM_CUDA_EMU_FAIL")) {
       std::string s = f;
@@ -206,8 +217,8 @@ cudaError_t Fault(const char* call) {
   return it == r.faults.end() ? cudaSuccess : it->second;
 }
 
-#define UCM_EMU_FAULT(name)                        \
-  do {                                             \
+#define UCM_EMU_FAULT(name)                            \
+  do {                                                 \
     if (cudaError_t f_ = Fault(name)) return Fail(f_); \
   } while (0)
 
@@ -218,7 +229,7 @@ void WaitCounter(const uint64_t* counters, uint64_t target, bool blocking) {
   for (;;) {
     if (__atomic_load_n(&counters[1], __ATOMIC_ACQUIRE) >= target) return;
     if (blocking) {
-      struct timespec ts = {0, 100 * 1000};
+      struct timespec ts = {0, 100000};  // 100 us
       nanosleep(&ts, nullptr);
     } else {
 #if defined(__x86_64__)
@@ -297,7 +308,7 @@ struct CUstream_st {
       const Allocation* b = r.Find(dst, len);
       bool src_dev = a && a->device >= 0, dst_dev = b && b->device >= 0;
       if ((src_dev && a->device != device) || (dst_dev && b->device != device)) return cudaErrorIllegalAddress;
-      if (!src_dev && !dst_dev) return cudaErrorInvalidValue;  // host to host is no GPU copy
+      if (!src_dev && !dst_dev) return cudaErrorInvalidValue;    // host to host is no GPU copy
       if (kernel && (!a || !b)) return cudaErrorIllegalAddress;  // a kernel reaches only mapped memory
     }
     std::memcpy(dst, src, len);
@@ -633,8 +644,8 @@ cudaError_t cudaMemcpyBatchAsync(void* const* dsts, const void* const* srcs, con
   return Batch(dsts, srcs, sizes, count, num_attrs, stream);
 }
 #elif CUDART_VERSION >= 12080
-cudaError_t cudaMemcpyBatchAsync(void** dsts, void** srcs, size_t* sizes, size_t count, cudaMemcpyAttributes*,
-                                 size_t*, size_t num_attrs, size_t* fail_idx, cudaStream_t stream) {
+cudaError_t cudaMemcpyBatchAsync(void** dsts, void** srcs, size_t* sizes, size_t count, cudaMemcpyAttributes*, size_t*,
+                                 size_t num_attrs, size_t* fail_idx, cudaStream_t stream) {
   if (fail_idx) *fail_idx = ~size_t{0};
   return Batch(dsts, srcs, sizes, count, num_attrs, stream);
 }

@@ -37,7 +37,11 @@ function handle(magic: string, busId: string, name: string): Buffer {
 /** One emulated cudaMalloc allocation on the GPU with `busId`: a shared memory object. */
 export class EmuDeviceMemory {
   readonly name = `/ucmemu-${process.pid}-${crypto.randomBytes(5).toString("hex")}`;
-  constructor(readonly busId: string, readonly size: number, fill?: "random") {
+  constructor(
+    readonly busId: string,
+    readonly size: number,
+    fill?: "random",
+  ) {
     const fd = fs.openSync(shmFile(this.name), "w+", 0o600);
     fs.ftruncateSync(fd, size);
     if (fill === "random") fs.writeSync(fd, crypto.randomBytes(size), 0, size, 0);

@@ -46,7 +46,12 @@ export function runCli(args: string[], timeoutMs = 15000): Promise<{ code: numbe
 }
 
 /** `wrap`: a command the engine runs under, e.g. ["prlimit", "--nofile=2048:2048", "--"]. */
-export async function startEngine(configFile: string, extraArgs: string[] = [], env?: NodeJS.ProcessEnv, wrap: string[] = []): Promise<RunningEngine> {
+export async function startEngine(
+  configFile: string,
+  extraArgs: string[] = [],
+  env?: NodeJS.ProcessEnv,
+  wrap: string[] = [],
+): Promise<RunningEngine> {
   const argv = [...wrap, process.execPath, CLI, "serve", "--config", configFile, ...extraArgs];
   const proc = spawn(argv[0], argv.slice(1), { stdio: ["ignore", "pipe", "pipe"], env: env ?? process.env });
   let out = "";

@@ -1,4 +1,6 @@
-// Real shared memory and real temporary directories for tests.
+// Real shared memory, real temporary directories and a look at a store's
+// files, for the jest tests and the NFS suite alike (test/nfs compiles this
+// file along with its own, so it may import only Node's modules).
 import * as crypto from "crypto";
 import * as fs from "fs";
 import * as os from "os";
@@ -8,8 +10,13 @@ import * as path from "path";
 export class ShmRegion {
   readonly name: string;
   readonly file: string;
-  constructor(readonly size: number, fill?: "random" | "zero") {
-    this.name = `/ucm-test-${process.pid}-${crypto.randomBytes(6).toString("hex")}`;
+  /** `prefix` starts the object's name (the NFS suite's are ucm-nfs-...). */
+  constructor(
+    readonly size: number,
+    fill?: "random" | "zero",
+    prefix = "ucm-test",
+  ) {
+    this.name = `/${prefix}-${process.pid}-${crypto.randomBytes(6).toString("hex")}`;
     this.file = path.join("/dev/shm", this.name.slice(1));
     const fd = fs.openSync(this.file, "w+", 0o600);
     fs.ftruncateSync(fd, size);
@@ -70,4 +77,40 @@ export function shardColumns(ids: number[], shard: number, slots: number[]) {
     }
   }
   return { count: ids.length, region, offset, length };
+}
+
+/**
+ * What lies under a store directory (`store/<namespace>/<xx>/<block>`): bytes
+ * of every file but the engines' own bookkeeping (.ucm), committed block files,
+ * and temporary files (in a namespace's .tmp). Files and directories removed
+ * while it walks are skipped.
+ */
+export function storeUsage(store: string): { bytes: number; blocks: number; temps: number } {
+  let bytes = 0;
+  let blocks = 0;
+  let temps = 0;
+  const walk = (d: string, depth: number) => {
+    let entries: fs.Dirent[];
+    try {
+      entries = fs.readdirSync(d, { withFileTypes: true });
+    } catch {
+      return;
+    }
+    for (const e of entries) {
+      if (depth === 0 && e.name === ".ucm") continue;
+      const p = path.join(d, e.name);
+      try {
+        if (e.isDirectory()) walk(p, depth + 1);
+        else if (e.isFile()) {
+          bytes += fs.statSync(p).size;
+          if (d.endsWith("/.tmp")) temps++;
+          else if (depth === 2 && !e.name.startsWith(".")) blocks++;
+        }
+      } catch {
+        // removed while walking
+      }
+    }
+  };
+  walk(store, 0);
+  return { bytes, blocks, temps };
 }

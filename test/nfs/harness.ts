@@ -9,6 +9,7 @@ import * as fs from "fs";
 import * as path from "path";
 import { stringify } from "yaml";
 import { EngineClient } from "../../dist/core/client";
+import { ShmRegion, storeUsage } from "../helpers/fixtures";
 
 export const REPO = path.resolve(__dirname, "../..");
 export const CLI = path.join(REPO, "dist/core/cli.js");
@@ -123,36 +124,10 @@ export async function test(name: string, timeoutMs: number, fn: (t: T) => Promis
 
 // ---- shared memory regions (the host-memory "KV cache" of a client) ------------
 
-export class Shm {
-  readonly name: string;
-  readonly file: string;
-  constructor(readonly size: number, fill: "random" | "zero") {
-    this.name = `/ucm-nfs-${process.pid}-${crypto.randomBytes(6).toString("hex")}`;
-    this.file = path.join("/dev/shm", this.name.slice(1));
-    const fd = fs.openSync(this.file, "w+", 0o600);
-    fs.ftruncateSync(fd, size);
-    if (fill === "random") {
-      for (let off = 0; off < size; off += MiB) {
-        const n = Math.min(MiB, size - off);
-        fs.writeSync(fd, crypto.randomBytes(n), 0, n, off);
-      }
-    }
-    fs.closeSync(fd);
-  }
-  read(offset: number, length: number): Buffer {
-    const fd = fs.openSync(this.file, "r");
-    const buf = Buffer.alloc(length);
-    fs.readSync(fd, buf, 0, length, offset);
-    fs.closeSync(fd);
-    return buf;
-  }
-  write(offset: number, data: Buffer): void {
-    const fd = fs.openSync(this.file, "r+");
-    fs.writeSync(fd, data, 0, data.length, offset);
-    fs.closeSync(fd);
-  }
-  unlink(): void {
-    fs.rmSync(this.file, { force: true });
+/** A region of the NFS suite: a ShmRegion named /dev/shm/ucm-nfs-... */
+export class Shm extends ShmRegion {
+  constructor(size: number, fill: "random" | "zero") {
+    super(size, fill, "ucm-nfs");
   }
 }
 
@@ -163,7 +138,14 @@ export interface Mem {
   shard: number;
 }
 
-export async function register(t: T, c: EngineClient, regions: number, slots: number, shard: number, fill: "random" | "zero"): Promise<Mem> {
+export async function register(
+  t: T,
+  c: EngineClient,
+  regions: number,
+  slots: number,
+  shard: number,
+  fill: "random" | "zero",
+): Promise<Mem> {
   const regs = Array.from({ length: regions }, () => t.shm(slots * shard, fill));
   const r = await c.call("register", { regions: regs.map((x) => ({ medium: "host", source: x.name, size: x.size })) });
   return { regs, ids: r.regions as number[], shard };
@@ -327,39 +309,11 @@ export function mount(vers: Vers, where: string, extra: string[]): MountInfo {
 }
 
 export function umount(where: string): void {
-  trySh("umount", [where], 30_000).ok || trySh("umount", ["-f", "-l", where], 30_000);
+  if (!trySh("umount", [where], 30_000).ok) trySh("umount", ["-f", "-l", where], 30_000);
 }
 
-/** Bytes and block files under a store directory, from the server's side. */
-export function serverUsage(store: string): { bytes: number; blocks: number; temps: number } {
-  let bytes = 0;
-  let blocks = 0;
-  let temps = 0;
-  const walk = (d: string, depth: number) => {
-    let entries: fs.Dirent[];
-    try {
-      entries = fs.readdirSync(d, { withFileTypes: true });
-    } catch {
-      return;
-    }
-    for (const e of entries) {
-      if (depth === 0 && e.name === ".ucm") continue;
-      const p = path.join(d, e.name);
-      try {
-        if (e.isDirectory()) walk(p, depth + 1);
-        else if (e.isFile()) {
-          bytes += fs.statSync(p).size;
-          if (d.endsWith("/.tmp")) temps++;
-          else if (depth === 2 && !e.name.startsWith(".")) blocks++;
-        }
-      } catch {
-        // removed while walking
-      }
-    }
-  };
-  walk(store, 0);
-  return { bytes, blocks, temps };
-}
+/** Bytes, block files and temporary files under a store directory, from the server's side. */
+export const serverUsage = storeUsage;
 
 /** Committed block files (key hex -> size) of the namespace, as the server sees them. */
 export function serverBlocks(store: string): Map<string, number> {
@@ -445,10 +399,22 @@ export function fio(dir: string, fileBytes: number, blocks: number, threads: num
   fs.mkdirSync(dir, { recursive: true });
   const run = (rw: "write" | "read") => {
     if (rw === "read") dropCaches();
-    const out = sh("fio", [
-      "--name=ucm", `--directory=${dir}`, `--rw=${rw}`, `--bs=${fileBytes}`, `--size=${Math.ceil(blocks / threads) * fileBytes}`,
-      `--numjobs=${threads}`, "--direct=1", "--ioengine=psync", "--group_reporting", "--output-format=json",
-    ], 600_000);
+    const out = sh(
+      "fio",
+      [
+        "--name=ucm",
+        `--directory=${dir}`,
+        `--rw=${rw}`,
+        `--bs=${fileBytes}`,
+        `--size=${Math.ceil(blocks / threads) * fileBytes}`,
+        `--numjobs=${threads}`,
+        "--direct=1",
+        "--ioengine=psync",
+        "--group_reporting",
+        "--output-format=json",
+      ],
+      600_000,
+    );
     const j = JSON.parse(out.slice(out.indexOf("{"))) as { jobs: Array<Record<string, { bw_bytes: number }>> };
     return j.jobs[0][rw].bw_bytes / 1e6;
   };
@@ -463,20 +429,36 @@ export function fio(dir: string, fileBytes: number, blocks: number, threads: num
 export function report(out: string, elapsedS: number): number {
   const file = path.join(out, "results.jsonl");
   const rs: Result[] = fs.existsSync(file)
-    ? fs.readFileSync(file, "utf8").split("\n").filter(Boolean).map((l) => JSON.parse(l) as Result)
+    ? fs
+        .readFileSync(file, "utf8")
+        .split("\n")
+        .filter(Boolean)
+        .map((l) => JSON.parse(l) as Result)
     : [];
   const problems: string[] = [];
-  if (fs.existsSync(path.join(out, "setup-failed"))) problems.push(`guest setup failed: ${fs.readFileSync(path.join(out, "setup-failed"), "utf8").trim()}`);
+  if (fs.existsSync(path.join(out, "setup-failed")))
+    problems.push(`guest setup failed: ${fs.readFileSync(path.join(out, "setup-failed"), "utf8").trim()}`);
   if (fs.existsSync(path.join(out, "guest-timeout"))) problems.push("the guest ran past its time limit and was stopped");
   const rc = fs.existsSync(path.join(out, "suite-rc")) ? fs.readFileSync(path.join(out, "suite-rc"), "utf8").trim() : "";
   if (rc === "") problems.push("the suite did not finish (see .test-tmp/nfs/console.log)");
   else if (rc !== "0" && rs.every((r) => r.ok)) problems.push(`the suite exited with ${rc}`);
   console.log("\nNFS suite (QEMU guest, Linux kernel NFS client and server over loopback)");
-  for (const r of rs) console.log(`  ${r.ok ? "PASS" : "FAIL"}  ${r.name.padEnd(22)} ${(r.ms / 1000).toFixed(1).padStart(6)} s${r.ok ? "" : `  ${r.error?.split("\n")[0]}`}`);
+  for (const r of rs)
+    console.log(
+      `  ${r.ok ? "PASS" : "FAIL"}  ${r.name.padEnd(22)} ${(r.ms / 1000).toFixed(1).padStart(6)} s${r.ok ? "" : `  ${r.error?.split("\n")[0]}`}`,
+    );
   for (const p of problems) console.log(`  FAIL  ${p}`);
   // The figures an operator asks for (all of them: figures.json beside the results).
-  type Bench = { ucm_dump_MBps: number; ucm_load_MBps: number; fio_write_MBps: number; fio_read_MBps: number; dump_pct: number; load_pct: number };
-  const pct = (b: Bench) => `dump ${b.dump_pct} % (${b.ucm_dump_MBps} vs ${b.fio_write_MBps} MB/s), load ${b.load_pct} % (${b.ucm_load_MBps} vs ${b.fio_read_MBps} MB/s)`;
+  type Bench = {
+    ucm_dump_MBps: number;
+    ucm_load_MBps: number;
+    fio_write_MBps: number;
+    fio_read_MBps: number;
+    dump_pct: number;
+    load_pct: number;
+  };
+  const pct = (b: Bench) =>
+    `dump ${b.dump_pct} % (${b.ucm_dump_MBps} vs ${b.fio_write_MBps} MB/s), load ${b.load_pct} % (${b.ucm_load_MBps} vs ${b.fio_read_MBps} MB/s)`;
   for (const r of rs) {
     const f = r.figures ?? {};
     if (r.name.endsWith(" bench") && f.link_limited) {
@@ -484,13 +466,17 @@ export function report(out: string, elapsedS: number): number {
       if (f.cpu_bound) console.log(`  ${r.name} vs fio, no link limit (emulated CPU bound): ${pct(f.cpu_bound as Bench)}`);
     }
     if (r.name.endsWith(" visible") && f.b_found_after_s !== undefined) {
-      console.log(`  ${r.name}: another node's commit found after ${String(f.b_found_after_s)} s (default mount), ${String(f.c_found_after_s)} s (lookupcache=positive)`);
+      console.log(
+        `  ${r.name}: another node's commit found after ${String(f.b_found_after_s)} s (default mount), ${String(f.c_found_after_s)} s (lookupcache=positive)`,
+      );
     }
     if (r.name === "hung server") {
       for (const [label, v] of Object.entries(f)) {
         if (typeof v !== "object" || v === null) continue;
         const h = v as Record<string, unknown>;
-        console.log(`  hung ${label.padEnd(14)} load: ${String(h.load)}; engine's own answer: ${String(h.engine_answered_load)}; recovered ${String(h.recovered_after_s)} s after the server returned`);
+        console.log(
+          `  hung ${label.padEnd(14)} load: ${String(h.load)}; engine's own answer: ${String(h.engine_answered_load)}; recovered ${String(h.recovered_after_s)} s after the server returned`,
+        );
       }
     }
   }

@@ -4,8 +4,30 @@ import * as fs from "fs";
 import * as path from "path";
 import { EngineClient } from "../../dist/core/client";
 import {
-  Figures, KiB, NS, T, TaskResult, Vers, check, dump, finish, isZero, key, load, log, lookup, mount, now, register, round,
-  sameBlock, shards, sleep, trySh, umount, within,
+  Figures,
+  KiB,
+  NS,
+  T,
+  TaskResult,
+  Vers,
+  check,
+  dump,
+  finish,
+  isZero,
+  key,
+  load,
+  log,
+  lookup,
+  mount,
+  now,
+  register,
+  round,
+  sameBlock,
+  shards,
+  sleep,
+  trySh,
+  umount,
+  within,
 } from "./harness";
 
 interface HungMount {
@@ -46,7 +68,12 @@ export async function hungServer(exportDir: string, versions: Vers[], t: T): Pro
       const rel = path.join("hung", hm.label);
       fs.rmSync(path.join(exportDir, rel), { recursive: true, force: true });
       fs.mkdirSync(path.join(exportDir, rel), { recursive: true });
-      const e = await t.engine(`hung-${hm.label}`, { storage_backends: path.join(where, rel), transferStreamNumber: 4, loadTimeoutMs, clientTimeoutMs });
+      const e = await t.engine(`hung-${hm.label}`, {
+        storage_backends: path.join(where, rel),
+        transferStreamNumber: 4,
+        loadTimeoutMs,
+        clientTimeoutMs,
+      });
       const c = await e.client(clientTimeoutMs);
       const probe = new EngineClient(e.endpoint, 2000); // operators' health probe
       e.clients.push(probe);
@@ -55,13 +82,32 @@ export async function hungServer(exportDir: string, versions: Vers[], t: T): Pro
       const seen = slots.map((i) => key(i, `hung-${hm.label}-seen`));
       const unseen = slots.map((i) => key(i, `hung-${hm.label}-unseen`));
       const w = await dump(c, src, seen, slots);
-      check(w.status.every((s) => s === "ok"), `${hm.label}: dump before the outage: ${w.status}`);
+      check(
+        w.status.every((s) => s === "ok"),
+        `${hm.label}: dump before the outage: ${w.status}`,
+      );
       check((await lookup(c, seen)).every(Boolean), `${hm.label}: lookup before the outage`);
       // A patient client (no deadline of its own): when does the engine itself answer?
       const pc = await e.client(600_000);
       const pdst = await register(t, pc, 2, n, shard, "zero");
       const unseen2 = slots.map((i) => key(i, `hung-${hm.label}-unseen2`));
-      return { hm, mi, e, c, probe, src, dst, seen, unseen, unseen2, pc, pdst, where, fig: {} as Figures, patient: [] as Array<Promise<void>> };
+      return {
+        hm,
+        mi,
+        e,
+        c,
+        probe,
+        src,
+        dst,
+        seen,
+        unseen,
+        unseen2,
+        pc,
+        pdst,
+        where,
+        fig: {} as Figures,
+        patient: [] as Array<Promise<void>>,
+      };
     }),
   );
   const health = nodes.map(() => ({ max: 0, total: 0, failed: 0, count: 0 }));
@@ -83,11 +129,12 @@ export async function hungServer(exportDir: string, versions: Vers[], t: T): Pro
   log(`hung server: stopping rpc.nfsd for ${outageMs / 1000} s`);
   const t0 = now();
   check(trySh("rpc.nfsd", ["0"]).ok, "rpc.nfsd 0 failed");
-  let restarted = false;
+  let restarted: boolean;
   let back = Infinity; // when the server came back
   try {
     await sleep(1000);
-    const when = (ms: number) => `${round(ms / 1000)} s after the server stopped (${ms < back - t0 ? "during the outage" : "after it came back"})`;
+    const when = (ms: number) =>
+      `${round(ms / 1000)} s after the server stopped (${ms < back - t0 ? "during the outage" : "after it came back"})`;
     for (const nd of nodes) {
       const f = nd.fig;
       nd.patient.push(
@@ -95,13 +142,17 @@ export async function hungServer(exportDir: string, versions: Vers[], t: T): Pro
           (found) => void (f.engine_answered_lookup = `${when(now() - t0)}: ${found.filter(Boolean).length}/${n} found`),
           (e: Error) => void (f.engine_answered_lookup = `${when(now() - t0)}: error ${e.message.slice(0, 60)}`),
         ),
-        nd.pc.call("load", { ns: NS, keys: nd.seen, shards: shards(nd.pdst, slots) }).then((l) => finish(nd.pc, l.task, 600_000)).then(
-          (r) => {
-            f.engine_answered_load = `${when(now() - t0)}: ${[...new Set(r.status)].join(",")}`;
-            if (r.status.some((st, j) => st === "ok" && !sameBlock(nd.src, slots[j], nd.pdst, slots[j]))) f.patient_load_wrong_bytes = true;
-          },
-          (e: Error) => void (f.engine_answered_load = `${when(now() - t0)}: error ${e.message.slice(0, 60)}`),
-        ),
+        nd.pc
+          .call("load", { ns: NS, keys: nd.seen, shards: shards(nd.pdst, slots) })
+          .then((l) => finish(nd.pc, l.task, 600_000))
+          .then(
+            (r) => {
+              f.engine_answered_load = `${when(now() - t0)}: ${[...new Set(r.status)].join(",")}`;
+              if (r.status.some((st, j) => st === "ok" && !sameBlock(nd.src, slots[j], nd.pdst, slots[j])))
+                f.patient_load_wrong_bytes = true;
+            },
+            (e: Error) => void (f.engine_answered_load = `${when(now() - t0)}: error ${e.message.slice(0, 60)}`),
+          ),
       );
     }
     // During the outage, per node: a load of stored blocks (client: wait up
@@ -125,10 +176,17 @@ export async function hungServer(exportDir: string, versions: Vers[], t: T): Pro
           check(now() - t <= 2500, `${nd.hm.label}: lookup of ${what} blocks took ${now() - t} ms (lookupTimeoutMs 1000)`);
         };
         await Promise.all([lk(nd.unseen, "unseen"), lk(nd.seen, "seen")]);
-        const w = (await nd.c.call("wait", { task: ld.task, timeout_ms: Math.max(1, loadTimeoutMs - (now() - tl)) }, loadTimeoutMs + 5000)) as unknown as TaskResult;
+        const w = (await nd.c.call(
+          "wait",
+          { task: ld.task, timeout_ms: Math.max(1, loadTimeoutMs - (now() - tl)) },
+          loadTimeoutMs + 5000,
+        )) as unknown as TaskResult;
         if (w.done) {
           f.load = `answered in ${now() - tl} ms: ${w.status.join(",")}`;
-          check(w.status.every((s) => s !== "ok") || slots.every((i, j) => w.status[j] !== "ok" || sameBlock(nd.src, i, nd.dst, i)), `${nd.hm.label}: wrong bytes`);
+          check(
+            w.status.every((s) => s !== "ok") || slots.every((i, j) => w.status[j] !== "ok" || sameBlock(nd.src, i, nd.dst, i)),
+            `${nd.hm.label}: wrong bytes`,
+          );
           f.cancelled = false;
         } else {
           const tc = now();
@@ -159,7 +217,10 @@ export async function hungServer(exportDir: string, versions: Vers[], t: T): Pro
           const w = await dump(nd.c, nd.src, fresh, [0]);
           const l = await load(nd.c, chk, nd.seen, slots);
           if ((w.status[0] === "ok" || w.status[0] === "skipped") && l.status.every((s) => s === "ok")) {
-            check(slots.every((s) => sameBlock(nd.src, s, chk, s)), `${nd.hm.label}: wrong bytes after recovery`);
+            check(
+              slots.every((s) => sameBlock(nd.src, s, chk, s)),
+              `${nd.hm.label}: wrong bytes after recovery`,
+            );
             nd.fig.recovered_after_s = round((now() - tBack) / 1000);
             break;
           }
@@ -179,7 +240,13 @@ export async function hungServer(exportDir: string, versions: Vers[], t: T): Pro
     f.health = `${health[i].count} probes, mean ${Math.round(health[i].total / Math.max(1, health[i].count - health[i].failed))} ms, max ${health[i].max} ms, ${health[i].failed} unanswered within 2 s`;
     f.engine_alive = nd.e.alive;
     if (f.cancelled) f.memory_untouched_after_cancel = slots.every((s) => isZero(nd.dst, s));
-    fig[nd.hm.label] = { mount: nd.mi.opts.split(",").filter((o) => /^(vers|hard|soft|softerr|timeo|retrans)/.test(o)).join(","), ...f };
+    fig[nd.hm.label] = {
+      mount: nd.mi.opts
+        .split(",")
+        .filter((o) => /^(vers|hard|soft|softerr|timeo|retrans)/.test(o))
+        .join(","),
+      ...f,
+    };
   });
   fig.outage_s = outageMs / 1000;
   for (const [i, nd] of nodes.entries()) {
@@ -187,7 +254,8 @@ export async function hungServer(exportDir: string, versions: Vers[], t: T): Pro
     // Blocked, the event loop would miss the 2 s deadline for the whole
     // outage; a single slow answer is the emulated CPU (six engines on two).
     check(health[i].failed === 0, `${nd.hm.label}: health ${JSON.stringify(health[i])}`);
-    if (nd.fig.cancelled) check(nd.fig.memory_untouched_after_cancel === true, `${nd.hm.label}: a cancelled load wrote memory after the server came back`);
+    if (nd.fig.cancelled)
+      check(nd.fig.memory_untouched_after_cancel === true, `${nd.hm.label}: a cancelled load wrote memory after the server came back`);
     check(!nd.fig.patient_load_wrong_bytes, `${nd.hm.label}: a load that waited out the outage gave wrong bytes`);
   }
   await Promise.all(nodes.map((nd) => nd.e.stop("SIGTERM", 30_000)));

@@ -56,7 +56,8 @@ async function runVersion(vers: Vers, exportDir: string, only: Set<string> | nul
     fs.rmSync(f);
   }
   log(`${tag}: mounted (${ctx.a.opts}); first create took ${now() - t0} ms`);
-  const run = (name: string, timeoutMs: number, fn: (ctx: Ctx, t: T) => Promise<void>) => test(`${tag} ${name}`, timeoutMs, (t) => fn(ctx, t));
+  const run = (name: string, timeoutMs: number, fn: (ctx: Ctx, t: T) => Promise<void>) =>
+    test(`${tag} ${name}`, timeoutMs, (t) => fn(ctx, t));
   // The visibility test waits for attribute caches to expire (up to a minute):
   // it runs beside the next tests, and ends before the benchmark.
   const vis = want("visible") ? run("visible", 150_000, visibility) : Promise.resolve(true);
@@ -87,7 +88,9 @@ async function main(argv: string[]): Promise<number> {
   const flags = new Map(mode.split(",").map((f) => [f.split("=")[0], f.split("=")[1] ?? ""] as [string, string]));
   const versions: Vers[] = flags.has("vers") ? (flags.get("vers")!.split("+") as Vers[]) : ["4.2", "3"];
   const only = flags.has("only") ? new Set(flags.get("only")!.split("+")) : null;
-  log(`suite: NFS ${versions.join(" and ")}${only ? `, only ${[...only].join(" ")}` : ""}; node ${process.version}; tests ${TESTS.join(" ")} hung`);
+  log(
+    `suite: NFS ${versions.join(" and ")}${only ? `, only ${[...only].join(" ")}` : ""}; node ${process.version}; tests ${TESTS.join(" ")} hung`,
+  );
   const tStart = now();
   for (const v of versions) await runVersion(v, exportDir, only);
   if (!only || only.has("hung")) {

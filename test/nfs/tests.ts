@@ -6,9 +6,38 @@ import { EngineClient } from "../../dist/core/client";
 import { runMountBench } from "../../dist/core/mount_bench";
 import { blockFileSize } from "../../dist/core/native";
 import {
-  Ctx, Engine, KiB, Mem, MiB, T, check, copySlot, dump, engineName, fio, isZero, key, load, lookup, mount, mountBytes,
-  nfsdStats, register, round, sameBlock, serverBlocks, serverUsage, sleep, testDir, trySh, umount, zeroSlot, now,
-  NFS3_WRITE, NFS4_OP_ALLOCATE, NFS4_OP_WRITE,
+  Ctx,
+  Engine,
+  KiB,
+  Mem,
+  MiB,
+  T,
+  check,
+  copySlot,
+  dump,
+  engineName,
+  fio,
+  isZero,
+  key,
+  load,
+  lookup,
+  mount,
+  mountBytes,
+  nfsdStats,
+  register,
+  round,
+  sameBlock,
+  serverBlocks,
+  serverUsage,
+  sleep,
+  testDir,
+  trySh,
+  umount,
+  zeroSlot,
+  now,
+  NFS3_WRITE,
+  NFS4_OP_ALLOCATE,
+  NFS4_OP_WRITE,
 } from "./harness";
 
 /** Dump, commit, lookup and load across the two nodes, byte for byte, both ways. */
@@ -33,11 +62,17 @@ export async function crossNode(ctx: Ctx, t: T): Promise<void> {
     // (No lookup on the reader first: a miss would be cached as a negative
     // dentry for up to the attribute cache time; the visibility test measures that.)
     const r = await dump(cf, src, keys, slots);
-    check(r.status.every((s) => s === "ok"), `dump on ${from}: ${r.status.join(",")}`);
+    check(
+      r.status.every((s) => s === "ok"),
+      `dump on ${from}: ${r.status.join(",")}`,
+    );
     const found = await lookup(ct, keys);
     check(found.every(Boolean), `lookup on ${to} after ${from} committed: ${found.filter(Boolean).length}/${n} found`);
     const l = await load(ct, dst, keys, slots);
-    check(l.status.every((s) => s === "ok"), `load on ${to}: ${l.status.join(",")}`);
+    check(
+      l.status.every((s) => s === "ok"),
+      `load on ${to}: ${l.status.join(",")}`,
+    );
     const bad = slots.filter((i) => !sameBlock(src, i, dst, i));
     check(bad.length === 0, `load on ${to}: ${bad.length} block(s) differ from what ${from} dumped`);
   }
@@ -49,11 +84,20 @@ export async function crossNode(ctx: Ctx, t: T): Promise<void> {
   for (const i of eight) copySlot(srcA, i, srcB, i);
   const keys = eight.map((i) => key(i, `${ctx.tag}-x-both`));
   const [ra, rb] = await Promise.all([dump(ca, srcA, keys, eight), dump(cb, srcB, keys, eight)]);
-  check([...ra.status, ...rb.status].every((s) => s === "ok" || s === "skipped"), `concurrent dumps: ${ra.status} / ${rb.status}`);
-  for (const [c, name] of [[ca, "a"], [cb, "b"]] as const) {
+  check(
+    [...ra.status, ...rb.status].every((s) => s === "ok" || s === "skipped"),
+    `concurrent dumps: ${ra.status} / ${rb.status}`,
+  );
+  for (const [c, name] of [
+    [ca, "a"],
+    [cb, "b"],
+  ] as const) {
     const dst = await register(t, c, 2, 8, shard, "zero");
     const l = await load(c, dst, keys, eight);
-    check(l.status.every((s) => s === "ok") && eight.every((i) => sameBlock(srcA, i, dst, i)), `node ${name} after concurrent dumps: ${l.status}`);
+    check(
+      l.status.every((s) => s === "ok") && eight.every((i) => sameBlock(srcA, i, dst, i)),
+      `node ${name} after concurrent dumps: ${l.status}`,
+    );
   }
   fig.blocks_each_way = n;
   fig.block_bytes = 2 * shard;
@@ -72,8 +116,16 @@ export async function visibility(ctx: Ctx, t: T): Promise<void> {
   const ttl = 5;
   const W = await t.engine(engineName(ctx, "visible", "w"), { storage_backends: d.a, transferStreamNumber: 2 });
   const readers = [
-    { node: "b", mi: ctx.b, e: await t.engine(engineName(ctx, "visible", "b"), { storage_backends: d.b, lookupCacheTtlS: ttl, transferStreamNumber: 2 }) },
-    { node: "c", mi: ctx.c, e: await t.engine(engineName(ctx, "visible", "c"), { storage_backends: d.c, lookupCacheTtlS: ttl, transferStreamNumber: 2 }) },
+    {
+      node: "b",
+      mi: ctx.b,
+      e: await t.engine(engineName(ctx, "visible", "b"), { storage_backends: d.b, lookupCacheTtlS: ttl, transferStreamNumber: 2 }),
+    },
+    {
+      node: "c",
+      mi: ctx.c,
+      e: await t.engine(engineName(ctx, "visible", "c"), { storage_backends: d.c, lookupCacheTtlS: ttl, transferStreamNumber: 2 }),
+    },
   ];
   const cw = await W.client();
   const shard = 32 * KiB;
@@ -89,28 +141,45 @@ export async function visibility(ctx: Ctx, t: T): Promise<void> {
     readers.map(async (r) => {
       const c = await r.e.client();
       const dst = await register(t, c, 2, n, shard, "zero");
-      check((await lookup(c, keys)).every((f) => !f), `node ${r.node}: found before the commit`);
+      check(
+        (await lookup(c, keys)).every((f) => !f),
+        `node ${r.node}: found before the commit`,
+      );
       return { ...r, c, dst };
     }),
   );
   // Let the readers' view of the directories settle into their caches.
   await sleep(1000);
   const w = await dump(cw, src, keys, slots);
-  check(w.status.every((s) => s === "ok"), `dump: ${w.status}`);
+  check(
+    w.status.every((s) => s === "ok"),
+    `dump: ${w.status}`,
+  );
   const tCommit = now();
   const delays = await Promise.all(
     rs.map(async (r) => {
       const bound = (ttl + r.mi.acdirmax + 5) * 1000;
       const seen = new Array<number>(n).fill(-1);
       while (seen.some((s) => s < 0)) {
-        check(now() - tCommit <= bound, `node ${r.node} (${r.mi.opts}): ${seen.filter((s) => s >= 0).length}/${n} blocks found ${bound / 1000} s after the commit`);
+        check(
+          now() - tCommit <= bound,
+          `node ${r.node} (${r.mi.opts}): ${seen.filter((s) => s >= 0).length}/${n} blocks found ${bound / 1000} s after the commit`,
+        );
         const found = await lookup(r.c, keys);
         const fresh = slots.filter((i) => found[i] && seen[i] < 0);
         if (fresh.length) {
           const at = now() - tCommit;
           // Found means whole: it loads, verified, byte for byte.
-          const l = await load(r.c, r.dst, fresh.map((i) => keys[i]), fresh);
-          check(l.status.every((s) => s === "ok"), `node ${r.node}: found but the load gave ${l.status}`);
+          const l = await load(
+            r.c,
+            r.dst,
+            fresh.map((i) => keys[i]),
+            fresh,
+          );
+          check(
+            l.status.every((s) => s === "ok"),
+            `node ${r.node}: found but the load gave ${l.status}`,
+          );
           for (const i of fresh) {
             check(sameBlock(src, i, r.dst, i), `node ${r.node}: block ${i} found, loaded, but differs`);
             seen[i] = at;
@@ -165,7 +234,12 @@ export async function evictionRace(ctx: Ctx, t: T): Promise<void> {
       }
       const hi = written;
       const pick = [...new Set(Array.from({ length: 16 }, () => Math.floor(Math.random() * Math.min(hi, Math.max(64, hi / 2)))))];
-      const l = await load(c, dst, pick.map((i) => keys[i]), pick);
+      const l = await load(
+        c,
+        dst,
+        pick.map((i) => keys[i]),
+        pick,
+      );
       l.status.forEach((s, j) => {
         tally[s] = (tally[s] ?? 0) + 1;
         if (s === "not_found" && l.errno[j] === 116) stale++;
@@ -179,7 +253,12 @@ export async function evictionRace(ctx: Ctx, t: T): Promise<void> {
   const loaders = dsts.map(([c, m]) => loader(c, m));
   for (let i = 0; i < total; i += 8) {
     const idx = Array.from({ length: 8 }, (_, j) => i + j);
-    await dump(cw, src, idx.map((j) => keys[j]), idx);
+    await dump(
+      cw,
+      src,
+      idx.map((j) => keys[j]),
+      idx,
+    );
     written = i + 8;
   }
   writing = false;
@@ -188,11 +267,19 @@ export async function evictionRace(ctx: Ctx, t: T): Promise<void> {
   const evicted = (s.capacity as Array<{ evictedFiles: number }>)[0].evictedFiles;
   Object.assign(fig, { loads: tally, not_found_with_estale: stale, evicted_by_a: evicted, wrong_blocks: wrong });
   check(wrong === 0, `${wrong} block(s) loaded with wrong bytes, or memory written by a failed block`);
-  check(Object.keys(tally).every((k) => k === "ok" || k === "not_found"), `statuses other than ok/not_found: ${JSON.stringify(tally)}`);
+  check(
+    Object.keys(tally).every((k) => k === "ok" || k === "not_found"),
+    `statuses other than ok/not_found: ${JSON.stringify(tally)}`,
+  );
   check((tally.ok ?? 0) > 0, "no block loaded at all");
   check(evicted > 0, "nothing was evicted: the race did not happen");
   check(serverUsage(d.server).bytes <= 16 * MiB, "directory above its capacity at the end");
-  const errs = [W, R].flatMap((e) => e.output().split("\n").filter((l) => /\[E\]/.test(l)));
+  const errs = [W, R].flatMap((e) =>
+    e
+      .output()
+      .split("\n")
+      .filter((l) => /\[E\]/.test(l)),
+  );
   check(errs.length === 0, `engine error lines: ${errs.slice(0, 3).join(" | ")}`);
 }
 
@@ -237,7 +324,10 @@ export async function sharedCapacity(ctx: Ctx, t: T): Promise<void> {
   const cap = stats.map((s) => (s.capacity as Array<{ evictedFiles: number; ledgerErrors: number }>)[0]);
   await A.stop();
   await B.stop();
-  const [, , lb, lf] = fs.readFileSync(path.join(d.server, ".ucm", "usage"), "utf8").trim().split(" ");
+  const [, , lb, lf] = fs
+    .readFileSync(path.join(d.server, ".ucm", "usage"), "utf8")
+    .trim()
+    .split(" ");
   const after = serverUsage(d.server);
   Object.assign(fig, {
     stored: ra.stored + rb.stored,
@@ -253,14 +343,20 @@ export async function sharedCapacity(ctx: Ctx, t: T): Promise<void> {
     scanned_files: after.blocks,
     ledger_ahead_mib: round((Number(lb) - after.bytes) / MiB, 2),
   });
-  check(cap[0].ledgerErrors + cap[1].ledgerErrors === 0, `ledger errors (a lock or ledger update over NFS failed): ${cap[0].ledgerErrors} + ${cap[1].ledgerErrors}`);
+  check(
+    cap[0].ledgerErrors + cap[1].ledgerErrors === 0,
+    `ledger errors (a lock or ledger update over NFS failed): ${cap[0].ledgerErrors} + ${cap[1].ledgerErrors}`,
+  );
   // An engine learns the other's commits at its next ledger sync, so the
   // directory may pass its capacity by what the other committed since: a few
   // blocks locally (test/capacity.test.ts allows 5 %), more over NFS, where a
   // sync is several round trips under a lock (each lock attempt one), and
   // longer still when the host running the guest is busy: 63.9 to 70.5 MiB
   // measured in a 64 MiB directory.
-  check(peak <= capacity * 1.15, `peak ${round(peak / MiB)} MiB above the 64 MiB capacity (+15 % for the other engine's commits between two ledger syncs)`);
+  check(
+    peak <= capacity * 1.15,
+    `peak ${round(peak / MiB)} MiB above the 64 MiB capacity (+15 % for the other engine's commits between two ledger syncs)`,
+  );
   check(final.bytes <= capacity, `final ${round(final.bytes / MiB)} MiB above the capacity`);
   check(cap[0].evictedFiles + cap[1].evictedFiles > 0, "nothing evicted");
   // The ledger may run ahead of the directory: a commit that an eviction
@@ -294,7 +390,12 @@ export async function sigkill(ctx: Ctx, t: T): Promise<void> {
       const idx = Array.from({ length: 8 }, (_, j) => next + j).filter((i) => i < total);
       next += 8;
       try {
-        await dump(ca, src, idx.map((i) => keys[i]), idx);
+        await dump(
+          ca,
+          src,
+          idx.map((i) => keys[i]),
+          idx,
+        );
         tasks++;
       } catch {
         return; // the engine is gone
@@ -316,14 +417,29 @@ export async function sigkill(ctx: Ctx, t: T): Promise<void> {
   const all = keys.map((_, i) => i);
   const found = await lookup(cb, keys);
   const hit = all.filter((i) => found[i]);
-  const l = hit.length ? await load(cb, dst, hit.map((i) => keys[i]), hit) : { status: [] as string[] };
+  const l = hit.length
+    ? await load(
+        cb,
+        dst,
+        hit.map((i) => keys[i]),
+        hit,
+      )
+    : { status: [] as string[] };
   const bad = hit.filter((i, j) => l.status[j] !== "ok" || !sameBlock(src, i, dst, i));
   // A restarted engine on node A removes the dead engine's temporary files.
   const A2 = await t.engine(engineName(ctx, "sigkill", "a2"), { storage_backends: d.a, transferStreamNumber: 2 });
   const t0 = now();
   while (serverUsage(d.server).temps > 0 && now() - t0 < 30_000) await sleep(250);
   const tempsAfter = serverUsage(d.server).temps;
-  Object.assign(fig, { dump_tasks_done_before_kill: tasks, visible: visible.size, partial_visible: partial, found_by_b: hit.length, bad_on_b: bad.length, temp_files_left: temps, temp_files_after_restart: tempsAfter });
+  Object.assign(fig, {
+    dump_tasks_done_before_kill: tasks,
+    visible: visible.size,
+    partial_visible: partial,
+    found_by_b: hit.length,
+    bad_on_b: bad.length,
+    temp_files_left: temps,
+    temp_files_after_restart: tempsAfter,
+  });
   await A2.stop();
   check(visible.size > 0, "no block committed before the kill");
   check(partial === 0, `${partial} committed block file(s) of the wrong size`);
@@ -349,14 +465,21 @@ export async function odirect(ctx: Ctx, t: T): Promise<void> {
     const where = `/mnt/nfs/${ctx.tag}-odirect-${on ? "on" : "off"}`;
     mount(ctx.vers, where, ["nosharecache"]);
     try {
-      const e = await t.engine(engineName(ctx, "odirect", on ? "on" : "off"), { storage_backends: path.join(where, ctx.tag, "odirect"), odirect: on, transferStreamNumber: 2 });
+      const e = await t.engine(engineName(ctx, "odirect", on ? "on" : "off"), {
+        storage_backends: path.join(where, ctx.tag, "odirect"),
+        odirect: on,
+        transferStreamNumber: 2,
+      });
       const c = await e.client();
       const src = await register(t, c, 2, n, shard, "random");
       const dst = await register(t, c, 2, n, shard, "zero");
       const keys = slots.map((i) => key(i, `${ctx.tag}-odirect-${on}`));
       const before = mountBytes(where);
       const w = await dump(c, src, keys, slots);
-      check(w.status.every((s) => s === "ok"), `dump (odirect ${on}): ${w.status}`);
+      check(
+        w.status.every((s) => s === "ok"),
+        `dump (odirect ${on}): ${w.status}`,
+      );
       const l = await load(c, dst, keys, slots);
       check(l.status.every((s) => s === "ok") && slots.every((i) => sameBlock(src, i, dst, i)), `load (odirect ${on}): ${l.status}`);
       const after = mountBytes(where);
@@ -367,13 +490,25 @@ export async function odirect(ctx: Ctx, t: T): Promise<void> {
         buffered_read: after.normalRead - before.normalRead,
       };
       fig[on ? "odirect_on" : "odirect_off"] = delta;
-      const noise = e.output().split("\n").filter((x) => /O_DIRECT|EINVAL|\[W\]|\[E\]/.test(x));
+      const noise = e
+        .output()
+        .split("\n")
+        .filter((x) => /O_DIRECT|EINVAL|\[W\]|\[E\]/.test(x));
       check(noise.length === 0, `engine (odirect ${on}) logged: ${noise.join(" | ")}`);
       if (on) {
-        check(delta.direct_write >= n * file && delta.direct_read >= n * file, `odirect on: ${JSON.stringify(delta)} (block files ${n} x ${file} bytes)`);
-        check(delta.buffered_write < file && delta.buffered_read < file, `odirect on, yet block bytes went through the page cache: ${JSON.stringify(delta)}`);
+        check(
+          delta.direct_write >= n * file && delta.direct_read >= n * file,
+          `odirect on: ${JSON.stringify(delta)} (block files ${n} x ${file} bytes)`,
+        );
+        check(
+          delta.buffered_write < file && delta.buffered_read < file,
+          `odirect on, yet block bytes went through the page cache: ${JSON.stringify(delta)}`,
+        );
       } else {
-        check(delta.buffered_write >= n * file && delta.direct_write === 0 && delta.direct_read === 0, `odirect off: ${JSON.stringify(delta)}`);
+        check(
+          delta.buffered_write >= n * file && delta.direct_write === 0 && delta.direct_read === 0,
+          `odirect off: ${JSON.stringify(delta)}`,
+        );
       }
       await e.stop();
     } finally {
@@ -403,8 +538,16 @@ export async function singleWrite(ctx: Ctx, t: T): Promise<void> {
   await dump(c, src, [key(99, "warm")], [0]);
   await sleep(1200);
   const before = nfsdStats();
-  const r = await dump(c, src, slots.map((i) => key(i, `${ctx.tag}-onewrite`)), slots);
-  check(r.status.every((s) => s === "ok"), `dump: ${r.status}`);
+  const r = await dump(
+    c,
+    src,
+    slots.map((i) => key(i, `${ctx.tag}-onewrite`)),
+    slots,
+  );
+  check(
+    r.status.every((s) => s === "ok"),
+    `dump: ${r.status}`,
+  );
   const after = nfsdStats();
   const file = blockFileSize(2 * shard);
   const wsize = Number(/wsize=(\d+)/.exec(ctx.a.opts)?.[1] ?? 1048576);
@@ -412,7 +555,15 @@ export async function singleWrite(ctx: Ctx, t: T): Promise<void> {
   const writes = ctx.vers === "3" ? after.v3[NFS3_WRITE] - before.v3[NFS3_WRITE] : after.v4ops[NFS4_OP_WRITE] - before.v4ops[NFS4_OP_WRITE];
   const allocs = ctx.vers === "3" ? 0 : after.v4ops[NFS4_OP_ALLOCATE] - before.v4ops[NFS4_OP_ALLOCATE];
   const perFile = Math.ceil(file / wsize);
-  Object.assign(fig, { blocks: n, file_bytes: file, wsize, server_bytes_written: bytes, write_calls: writes, write_calls_expected: n * perFile, allocate_calls: allocs });
+  Object.assign(fig, {
+    blocks: n,
+    file_bytes: file,
+    wsize,
+    server_bytes_written: bytes,
+    write_calls: writes,
+    write_calls_expected: n * perFile,
+    allocate_calls: allocs,
+  });
   // The ledger's line may be written meanwhile (a few dozen bytes per sync).
   check(bytes >= n * file && bytes <= n * file + 64 * KiB, `server wrote ${bytes} bytes for ${n} files of ${file}`);
   check(writes <= n * perFile + 20, `${writes} WRITE calls for ${n} files of ${perFile} wsize pieces each`);
@@ -441,13 +592,30 @@ export async function bench(ctx: Ctx, t: T): Promise<void> {
   const blocks = 8;
   const file = blockFileSize(blockBytes);
   const measure = async () => {
-    const r = await runMountBench({ dir: d.a, blockBytes, shards: 128, totalBytes: blocks * blockBytes, threads, odirect: true, progress: null });
+    const r = await runMountBench({
+      dir: d.a,
+      blockBytes,
+      shards: 128,
+      totalBytes: blocks * blockBytes,
+      threads,
+      odirect: true,
+      progress: null,
+    });
     check(r.failed === 0, `ucm bench: ${r.failed} failed block(s)`);
     const f = fio(path.join(d.a, "fio"), file, blocks, threads);
-    return { ucm_dump_MBps: round(r.dumpGBps * 1000), ucm_load_MBps: round(r.loadGBps * 1000), fio_write_MBps: round(f.writeMBps), fio_read_MBps: round(f.readMBps) };
+    return {
+      ucm_dump_MBps: round(r.dumpGBps * 1000),
+      ucm_load_MBps: round(r.loadGBps * 1000),
+      fio_write_MBps: round(f.writeMBps),
+      fio_read_MBps: round(f.readMBps),
+    };
   };
   type M = Awaited<ReturnType<typeof measure>>;
-  const ratios = (m: M) => ({ ...m, dump_pct: round((100 * m.ucm_dump_MBps) / m.fio_write_MBps, 0), load_pct: round((100 * m.ucm_load_MBps) / m.fio_read_MBps, 0) });
+  const ratios = (m: M) => ({
+    ...m,
+    dump_pct: round((100 * m.ucm_dump_MBps) / m.fio_write_MBps, 0),
+    load_pct: round((100 * m.ucm_load_MBps) / m.fio_read_MBps, 0),
+  });
   const best = (ms: M[]): M => ({
     ucm_dump_MBps: Math.max(...ms.map((m) => m.ucm_dump_MBps)),
     ucm_load_MBps: Math.max(...ms.map((m) => m.ucm_load_MBps)),

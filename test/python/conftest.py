@@ -1,5 +1,6 @@
 """Fixtures: a real engine process per test (started by the store itself, as
 in production), in a temporary storage directory, stopped afterwards."""
+
 from __future__ import annotations
 
 import os
@@ -55,7 +56,9 @@ def storage(tmp_path):
 def config_file(tmp_path, storage):
     # A short socket path of our own: ipc paths must stay under 108 bytes.
     sock = f"/tmp/ucm-pytest-{os.getpid()}-{tmp_path.name[-12:]}.sock"
-    path = write_config(tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}", clientTimeoutMs=3000, loadTimeoutMs=20000)
+    path = write_config(
+        tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}", clientTimeoutMs=3000, loadTimeoutMs=20000
+    )
     yield path
     stop_engine(f"ipc://{sock}")
 
@@ -81,7 +84,23 @@ def tiny_model(tmp_path_factory):
     (examples/make_tiny_model.py): enough for a real VllmConfig."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     d = tmp_path_factory.mktemp("model") / "tiny"
-    subprocess.run([sys.executable, os.path.join(root, "examples", "make_tiny_model.py"), str(d), "--layers", "2",
-                    "--hidden", "128", "--heads", "4", "--kv-heads", "2", "--intermediate", "256"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "examples", "make_tiny_model.py"),
+            str(d),
+            "--layers",
+            "2",
+            "--hidden",
+            "128",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--intermediate",
+            "256",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return str(d)

@@ -27,6 +27,7 @@ Both sides agree on this (see native/cuda_emu/cuda_runtime.h):
 "Writing on the GPU" is writing the tensor: its bytes are the shared memory
 the engine maps.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -120,13 +121,17 @@ class EmuAllocation:
             # placeholder of 76 bytes, 78 in all as on a real H100), never
             # a cudaIpcMemHandle_t.
             return bytes([TORCH_HANDLE_VERSION]) + b"e" + struct.pack("<QQ", self.mem.numel(), 1) + b"\xee" * 60
-        raise RuntimeError("CUDAPluggableAllocator does not yet support shareIpcHandle. "
-                           "If you need it, please file an issue describing your use case.")
+        raise RuntimeError(
+            "CUDAPluggableAllocator does not yet support shareIpcHandle. "
+            "If you need it, please file an issue describing your use case."
+        )
 
     def storage(self, offset: int = 0, nbytes: int | None = None) -> "EmuStorage":
         nbytes = self.mem.numel() - offset if nbytes is None else nbytes
         if offset < 0 or offset + nbytes > self.mem.numel():
-            raise ValueError(f"storage [{offset}, {offset + nbytes}) outside the allocation of {self.mem.numel()} bytes")
+            raise ValueError(
+                f"storage [{offset}, {offset + nbytes}) outside the allocation of {self.mem.numel()} bytes"
+            )
         return EmuStorage(self, offset, nbytes)
 
 
@@ -152,7 +157,7 @@ class EmuStorage:
 
     def host(self) -> torch.Tensor:
         """The storage's bytes as a plain CPU uint8 tensor (no copy)."""
-        return self.alloc.mem[self.offset:self.offset + self._nbytes]
+        return self.alloc.mem[self.offset : self.offset + self._nbytes]
 
     def _share_cuda_(self) -> tuple[Any, ...]:
         # torch's order (StorageSharing.cpp share_cuda, unpacked the same way
@@ -160,8 +165,7 @@ class EmuStorage:
         # size in bytes, storage offset in bytes in the allocation, ref
         # counter handle, ref counter offset, event handle, event sync required.
         handle = self.alloc.torch_handle()
-        return (self.alloc.device, handle, self._nbytes, self.offset, b"/torch_emu_refcount", 0,
-                b"\0" * 64, False)
+        return (self.alloc.device, handle, self._nbytes, self.offset, b"/torch_emu_refcount", 0, b"\0" * 64, False)
 
 
 class EmuTensor(torch.Tensor):
@@ -243,7 +247,9 @@ class EmuEvent:
     """torch.cuda.Event of the emulated runtime. As in CUDA, the event is
     created at its first record, on the recording stream's device."""
 
-    def __init__(self, rt: "EmuRuntime", enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
+    def __init__(
+        self, rt: "EmuRuntime", enable_timing: bool = False, blocking: bool = False, interprocess: bool = False
+    ):
         self.rt, self.interprocess = rt, interprocess
         self.shm: _Shm | None = None
         self.counters: torch.Tensor | None = None  # int64 [recorded, completed], shared with the engine
@@ -260,7 +266,9 @@ class EmuEvent:
         if self.counters is None:
             self._create(stream.device_index)
         elif stream.device_index != self.device:
-            raise RuntimeError(f"Event device {self.device} does not match recording stream's device {stream.device_index}.")
+            raise RuntimeError(
+                f"Event device {self.device} does not match recording stream's device {stream.device_index}."
+            )
         assert self.counters is not None
         self.counters[0] += 1  # queued: the work before it has not run yet
         if self.rt.auto_complete:
@@ -297,7 +305,7 @@ class EmuDeviceProperties:
     pci_domain_id: int
     pci_bus_id: int
     pci_device_id: int
-    total_memory: int = 80 * 1024 ** 3
+    total_memory: int = 80 * 1024**3
     major: int = 9
     minor: int = 0
 
@@ -356,8 +364,15 @@ class EmuRuntime:
         self._allocs.append(a)
         return a
 
-    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype = torch.bfloat16, device: int = 0,
-               kind: str = "cudaMalloc", alloc: EmuAllocation | None = None, offset: int = 0) -> EmuTensor:
+    def tensor(
+        self,
+        shape: tuple[int, ...],
+        dtype: torch.dtype = torch.bfloat16,
+        device: int = 0,
+        kind: str = "cudaMalloc",
+        alloc: EmuAllocation | None = None,
+        offset: int = 0,
+    ) -> EmuTensor:
         """A contiguous tensor on the emulated device, zeroed; in `alloc` at
         byte `offset` (a storage inside a larger allocation) or in an
         allocation of its own."""

@@ -62,7 +62,9 @@ def add_users() -> dict[str, int]:
     return {name: pwd.getpwnam(name).pw_uid for name in (ALICE, MALLORY)}
 
 
-def client(endpoint: str, calls: list[tuple[str, dict[str, Any]]], user: str | None = None, plain: bool = False) -> list[dict[str, Any]]:
+def client(
+    endpoint: str, calls: list[tuple[str, dict[str, Any]]], user: str | None = None, plain: bool = False
+) -> list[dict[str, Any]]:
     script = "/tmp/ucm-client.js"
     if not os.path.exists(script):
         with open(script, "w") as f:
@@ -89,8 +91,13 @@ class Engine:
             yaml.safe_dump({"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": config}, f)
         os.chmod(self.config_file, 0o644)
         cmd = [NODE, CLI, "serve", "--config", self.config_file]
-        self.proc = subprocess.Popen(["runuser", "-u", user, "--", *cmd] if user else cmd, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, cwd="/")
+        self.proc = subprocess.Popen(
+            ["runuser", "-u", user, "--", *cmd] if user else cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd="/",
+        )
         self.output = ""
         self.endpoint = ""
         deadline = time.monotonic() + 20
@@ -133,8 +140,11 @@ def case_ipc_in_tmp(uids: dict[str, int]) -> dict[str, Any]:
     e = Engine({"storage_backends": "/tmp/rootstore", "endpoint": "ipc:///tmp/x.sock"}, "/tmp")
     try:
         return {
-            "started": bool(e.endpoint), "output": e.output, "before": before,
-            "after": {"tmp": mode_of("/tmp"), "root": mode_of("/")}, "socket": mode_of("/tmp/x.sock"),
+            "started": bool(e.endpoint),
+            "output": e.output,
+            "before": before,
+            "after": {"tmp": mode_of("/tmp"), "root": mode_of("/")},
+            "socket": mode_of("/tmp/x.sock"),
             "root_hello": client(e.endpoint, [HELLO]),
             "mallory_hello": client(e.endpoint, [HELLO], user=MALLORY),
         }
@@ -151,7 +161,9 @@ def case_tcp(uids: dict[str, int]) -> dict[str, Any]:
     try:
         key = f"/tmp/ucm-{uids[ALICE]}/tcp-127.0.0.1-{port}.curve"
         return {
-            "started": bool(e.endpoint), "output": e.output, "key_mode": mode_of(key),
+            "started": bool(e.endpoint),
+            "output": e.output,
+            "key_mode": mode_of(key),
             "alice_hello": client(e.endpoint, [HELLO], user=ALICE),
             "mallory_client": client(e.endpoint, [HELLO], user=MALLORY),
             "mallory_plain": client(e.endpoint, [], user=MALLORY, plain=True),
@@ -180,11 +192,21 @@ def case_regions(uids: dict[str, int]) -> dict[str, Any]:
         sh("sh", "-c", f"umask 0; truncate -s 8192 {seg}", user=who, check=True)
     e = Engine({"storage_backends": f"{home}/store", "endpoint": f"ipc://{home}/e.sock"}, home, user=ALICE)
     try:
-        def reg(source: str) -> dict[str, Any]:
-            return client(e.endpoint, [HELLO, ("register", {"regions": [{"medium": "host", "source": source, "size": 8192}]})], user=ALICE)[1]
 
-        return {"started": bool(e.endpoint), "output": e.output, "mallory_seg": reg("/dev/shm/mallory-seg"),
-                "shadow": reg("/etc/shadow"), "own_seg": reg("/dev/shm/alice-seg")}
+        def reg(source: str) -> dict[str, Any]:
+            return client(
+                e.endpoint,
+                [HELLO, ("register", {"regions": [{"medium": "host", "source": source, "size": 8192}]})],
+                user=ALICE,
+            )[1]
+
+        return {
+            "started": bool(e.endpoint),
+            "output": e.output,
+            "mallory_seg": reg("/dev/shm/mallory-seg"),
+            "shadow": reg("/etc/shadow"),
+            "own_seg": reg("/dev/shm/alice-seg"),
+        }
     finally:
         e.stop()
 
@@ -203,7 +225,9 @@ def case_runtime_dir_planted(uids: dict[str, int]) -> dict[str, Any]:
 
     target = decoy("/etc/ucm-decoy")
     user_dir("/tmp/rootstore", 0)
-    cfg = load_config({"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {"storage_backends": "/tmp/rootstore"}})
+    cfg = load_config(
+        {"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {"storage_backends": "/tmp/rootstore"}}
+    )
     rdir = runtime_dir(cfg.storage_backends)
     top = os.path.dirname(rdir)
     user_dir(top, uids[MALLORY], 0o777)
@@ -276,7 +300,9 @@ def case_private_files(uids: dict[str, int]) -> dict[str, Any]:
     for d, _, names in os.walk("/tmp/rootstore"):
         files += [os.path.join(d, n) for n in names if not n.startswith(".")]
     return {
-        "wait": status, "committed": committed, "files": len(files),
+        "wait": status,
+        "committed": committed,
+        "files": len(files),
         "modes": sorted({mode_of(f) for f in files}),
         "mallory_reads": [sh("cat", f, user=MALLORY).returncode for f in files],
         "mallory_lists": sh("ls", "-R", "/tmp/rootstore", user=MALLORY).returncode,

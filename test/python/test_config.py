@@ -1,5 +1,6 @@
 """The shim names the same runtime directory as the engine: the table of
 cases is shared with test/config.test.ts."""
+
 from __future__ import annotations
 
 import hashlib

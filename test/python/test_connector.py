@@ -4,6 +4,7 @@ local model), KV caches registered, metadata bound, hooks called in vLLM's
 order. Covers what a full vLLM run cannot make happen on demand: KV cache
 memory the engine cannot open, failures nobody expected, and a request
 preempted while its blocks are still being dumped."""
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,12 @@ def connector(model, config_file, role="WORKER", num_blocks=64, **extra):
         model_config=ModelConfig(model=model, dtype="float32", max_model_len=2048),
         cache_config=CacheConfig(block_size=32),
         kv_transfer_config=KVTransferConfig(
-            kv_connector="UnifiedCacheConnectorV1", kv_connector_module_path="ucm.integration.vllm.uc_connector",
-            kv_role="kv_both", kv_connector_extra_config={"UCM_CONFIG_FILE": config_file, **extra}))
+            kv_connector="UnifiedCacheConnectorV1",
+            kv_connector_module_path="ucm.integration.vllm.uc_connector",
+            kv_role="kv_both",
+            kv_connector_extra_config={"UCM_CONFIG_FILE": config_file, **extra},
+        ),
+    )
     kcc = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[])
     return UnifiedCacheConnectorV1(vc, KVConnectorRole[role], kcc)
 
@@ -69,6 +74,7 @@ def warnings_about(caplog, text):
 
 # ---- KV cache memory the engine cannot open (finding 2) ----------------------------
 
+
 @pytest.mark.parametrize("kind,advice", [("expandable", "expandable_segments"), ("cumem", "--enable-sleep-mode")])
 def test_unexportable_kv_cache_means_all_misses(tiny_model, config_file, cuda_emu, caplog, kind, advice):
     """expandable_segments:True (torch exports type 'e') and sleep mode's
@@ -79,15 +85,20 @@ def test_unexportable_kv_cache_means_all_misses(tiny_model, config_file, cuda_em
     nb = 16
     conn = connector(tiny_model, config_file, num_blocks=nb)
     alloc = cuda_emu.alloc(2 * nb * 2 * 32 * 64 * 4, kind=kind)
-    caches = {f"model.layers.{i}.self_attn.attn": cuda_emu.tensor((nb, 2, 32, 64), torch.float32, alloc=alloc,
-                                                                  offset=i * nb * 2 * 32 * 64 * 4) for i in range(2)}
+    caches = {
+        f"model.layers.{i}.self_attn.attn": cuda_emu.tensor(
+            (nb, 2, 32, 64), torch.float32, alloc=alloc, offset=i * nb * 2 * 32 * 64 * 4
+        )
+        for i in range(2)
+    }
     conn.register_kv_caches(caches)
     warned = warnings_about(caplog, "store is off on this worker")
     assert len(warned) == 1 and advice in warned[0].getMessage()
     ks = keys(3, "unexportable")
     for _ in range(2):
-        (sending, recving), errors = step(conn, meta(loads=[transfer("r1", ks, [4, 5, 6])],
-                                                     saves=[transfer("r2", ks, [1, 2, 3])]), finished={"r2"})
+        (sending, recving), errors = step(
+            conn, meta(loads=[transfer("r1", ks, [4, 5, 6])], saves=[transfer("r2", ks, [1, 2, 3])]), finished={"r2"}
+        )
         assert errors == {4, 5, 6}
         assert sending == {"r2"}
     assert len(warnings_about(caplog, "store is off on this worker")) == 1
@@ -119,8 +130,11 @@ def test_unexpected_errors_never_reach_vllm(tiny_model, config_file, caplog):
     conn.client.call = broken
     # "a" finishes (its dump is checked), "d" is preempted (its dump settled),
     # a load and a save are planned: all with a client that raises.
-    (sending, recving), errors = step(conn, meta(loads=[transfer("b", ks[:2], [2, 3])], saves=[transfer("c", ks[:2], [4, 5])],
-                                                 preempted=["d"]), finished={"a", "c"})
+    (sending, recving), errors = step(
+        conn,
+        meta(loads=[transfer("b", ks[:2], [2, 3])], saves=[transfer("c", ks[:2], [4, 5])], preempted=["d"]),
+        finished={"a", "c"},
+    )
     assert errors == {2, 3}
     assert sending == {"a", "c"}
     (sending, recving), errors = step(conn, meta(loads=[transfer("e", ks[:2], [2, 3])]), finished={"d"})
@@ -132,6 +146,7 @@ def test_unexpected_errors_never_reach_vllm(tiny_model, config_file, caplog):
 
 # ---- preemption (finding 5) ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("wait_ms", [0, 20000])
 def test_preempted_request_dumps_end_before_its_blocks_are_reused(tiny_model, config_file, caplog, wait_ms):
     """vLLM calls handle_preemptions before the forward pass that may write a
@@ -142,7 +157,7 @@ def test_preempted_request_dumps_end_before_its_blocks_are_reused(tiny_model, co
     caplog.set_level(logging.INFO, logger="ucm")
     nb, row = 96, 128 * 1024  # 96 blocks, 2 layers of 512 KiB each per block: 96 MiB queued at once
     conn = connector(tiny_model, config_file, num_blocks=nb, ucm_preempt_wait_ms=wait_ms)
-    caches = {f"l{i}": torch.randint(-2**31, 2**31 - 1, (nb, row), dtype=torch.int32) for i in range(2)}
+    caches = {f"l{i}": torch.randint(-(2**31), 2**31 - 1, (nb, row), dtype=torch.int32) for i in range(2)}
     conn.register_kv_caches(caches)
     original = {k: v.clone() for k, v in caches.items()}
     ks = keys(nb, f"preempt{wait_ms}")
@@ -173,7 +188,9 @@ def test_preempted_request_dumps_end_before_its_blocks_are_reused(tiny_model, co
             assert store.wait(store.load(K, O, T)) == 0
             idx = [ks.index(k) for k in stored]
             for layer in range(2):
-                assert torch.equal(dst[layer], original[f"l{layer}"][idx]), "a stored block holds bytes written after the preemption"
+                assert torch.equal(dst[layer], original[f"l{layer}"][idx]), (
+                    "a stored block holds bytes written after the preemption"
+                )
     assert any("was preempted" in rec.getMessage() for rec in caplog.records)
     # The request is released as soon as it finishes: nothing of it is pending.
     (sending, _), _ = step(conn, meta(), finished={"victim"})

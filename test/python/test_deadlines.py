@@ -6,6 +6,7 @@ process is gone, or that deadline has passed. Here the engine is stopped
 with SIGSTOP so that requests are late: the request, or the rest of a task,
 is handled only after SIGCONT, past its deadline. Real engine, real
 memory, byte-exact."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,15 @@ TIMEOUT_MS = 2000  # loadTimeoutMs: the store gives up on a transfer this long a
 @pytest.fixture
 def late_config(tmp_path, storage):
     sock = f"/tmp/ucm-pytest-late-{secrets.token_hex(4)}.sock"
-    cfg = write_config(tmp_path / "late.yaml", storage, endpoint=f"ipc://{sock}", clientTimeoutMs=500,
-                       loadTimeoutMs=TIMEOUT_MS, transferStreamNumber=1, maxQueueMs=0)
+    cfg = write_config(
+        tmp_path / "late.yaml",
+        storage,
+        endpoint=f"ipc://{sock}",
+        clientTimeoutMs=500,
+        loadTimeoutMs=TIMEOUT_MS,
+        transferStreamNumber=1,
+        maxQueueMs=0,
+    )
     yield cfg
     stop_engine(f"ipc://{sock}")
 
@@ -62,7 +70,9 @@ def test_load_sent_to_a_stopped_engine_never_lands(late_config):
             task = store.load([b"late-load"], [0], [dst])
             assert store.wait(task) == 1
             took = time.monotonic() - t0
-        assert took >= TIMEOUT_MS / 1000 - 0.02, f"wait() reported the memory free after {took:.2f} s, before the deadline"
+        assert took >= TIMEOUT_MS / 1000 - 0.02, (
+            f"wait() reported the memory free after {took:.2f} s, before the deadline"
+        )
         time.sleep(1.0)  # the engine handles what was queued
         assert torch.count_nonzero(dst) == 0, "the engine wrote memory after the shim gave up on it"
         assert store.client.raw("stats")["errors"].get("expired", 0) >= 1
@@ -115,6 +125,7 @@ def test_dump_of_a_stopped_engine_is_never_committed(late_config):
 
 
 # ---- the vLLM connector ---------------------------------------------------------------
+
 
 def _connector(tiny_model, config_file, nb, **extra):
     from test_connector import connector

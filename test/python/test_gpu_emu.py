@@ -12,6 +12,7 @@ Tests that need no engine GPU path (handle parsing, refusals, the engine's
 environment) run without the emulated addon; the others are skipped, with
 the reason, until it is built.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,6 +24,7 @@ import torch
 
 import cuda_emu as ce
 from conftest import stop_engine, write_config
+from store_entries import entries
 from ucm.client import EngineClient
 from ucm.memory import RegionRegistry, UnsupportedMemory, cuda_ipc_handle
 from ucm.store import NfsStore
@@ -34,7 +36,8 @@ GPU_A, GPU_B = "0000:01:00.0", "0000:41:00.0"
 needs_emu_engine = pytest.mark.skipif(
     not os.path.exists(EMU_ADDON),
     reason=f"the engine addon over the emulated CUDA runtime is not built ({EMU_ADDON}; "
-           "`UCM_CUDA_EMU=1 npx cmake-js compile --directory native --out native/build-emu`, as test/run_all.sh does)")
+    "`UCM_CUDA_EMU=1 npx cmake-js compile --directory native --out native/build-emu`, as test/run_all.sh does)",
+)
 
 LAYERS, BLOCKS, ROW = 2, 8, 8 * 1024 + 72  # bf16 elements per block per layer: 16,528 bytes, not a multiple of 16
 
@@ -43,25 +46,17 @@ def keys(n, salt):
     return [hashlib.sha256(f"{salt}{i}".encode()).digest() for i in range(n)]
 
 
-def entries(ks, caches, block_ids):
-    """Per block, one shard per layer at consecutive offsets (UCM's store API)."""
-    K, O, T = [], [], []
-    for k, b in zip(ks, block_ids):
-        off = 0
-        for c in caches:
-            K.append(k)
-            O.append(off)
-            T.append(c[b])
-            off += c[b].numel() * c[b].element_size()
-    return K, O, T
-
-
 def gpu_cache(rt, device=0, fill=True, alloc=None, offset=0):
     """Per-layer KV caches [blocks, row] on the emulated GPU `device`."""
     out = []
     for layer in range(LAYERS):
-        t = rt.tensor((BLOCKS, ROW), torch.bfloat16, device=device, alloc=alloc,
-                      offset=offset + layer * BLOCKS * ROW * 2 if alloc is not None else 0)
+        t = rt.tensor(
+            (BLOCKS, ROW),
+            torch.bfloat16,
+            device=device,
+            alloc=alloc,
+            offset=offset + layer * BLOCKS * ROW * 2 if alloc is not None else 0,
+        )
         if fill:
             t.copy_(torch.randn(BLOCKS, ROW).to(torch.bfloat16))
         out.append(t)
@@ -90,9 +85,18 @@ def emu_node(tmp_path, storage, monkeypatch, cuda_emu):
 
     def make(fail=None, **opts):
         sock = f"/tmp/ucm-emu-{os.getpid()}-{tmp_path.name[-10:]}-{len(made)}.sock"
-        cfg = write_config(tmp_path / f"emu{len(made)}.yaml", storage, endpoint=f"ipc://{sock}", clientTimeoutMs=3000,
-                           loadTimeoutMs=20000, pinnedStagingBytes=8 << 20, maxQueueMs=0, clientCheckMs=100,
-                           cudaEventTimeoutMs=20000, **opts)
+        cfg = write_config(
+            tmp_path / f"emu{len(made)}.yaml",
+            storage,
+            endpoint=f"ipc://{sock}",
+            clientTimeoutMs=3000,
+            loadTimeoutMs=20000,
+            pinnedStagingBytes=8 << 20,
+            maxQueueMs=0,
+            clientCheckMs=100,
+            cudaEventTimeoutMs=20000,
+            **opts,
+        )
         monkeypatch.setenv("UCM_NATIVE_ADDON", EMU_ADDON)
         monkeypatch.setenv("UCM_CUDA_EMU_TRACE", str(tmp_path / "cuda-trace.txt"))
         monkeypatch.setenv("UCM_ENGINE_LOG", str(tmp_path / "engine.log"))
@@ -116,20 +120,29 @@ def engine_log(tmp_path):
 
 # ---- the shim alone: torch's handle format and what cannot be exported --------------
 
+
 def test_region_spec_from_torchs_66_byte_handle(cuda_emu):
     alloc = cuda_emu.alloc(1 << 20, device=1)
     t = cuda_emu.tensor((16, 256), torch.bfloat16, alloc=alloc, offset=4096)  # a storage inside an allocation
     raw = t.untyped_storage()._share_cuda_()[1]
     assert len(raw) == 66 and raw[:2] == b"\x02c"
     spec = RegionRegistry(None).export(t[3])  # a view: the whole storage is exported
-    assert spec == {"medium": "cuda", "device": 1, "pci_bus_id": GPU_B, "handle": alloc.handle,
-                    "offset": 4096, "size": 16 * 256 * 2}
+    assert spec == {
+        "medium": "cuda",
+        "device": 1,
+        "pci_bus_id": GPU_B,
+        "handle": alloc.handle,
+        "offset": 4096,
+        "size": 16 * 256 * 2,
+    }
     assert len(spec["handle"]) == 64
     assert cuda_ipc_handle(alloc.handle) == alloc.handle  # torch before the versioned format: passed through
 
 
 def test_unexportable_memory_is_refused_with_what_to_change(cuda_emu, tmp_path, storage):
-    cfg = write_config(tmp_path / "none.yaml", storage, endpoint=f"ipc:///tmp/ucm-none-{os.getpid()}.sock", clientTimeoutMs=300)
+    cfg = write_config(
+        tmp_path / "none.yaml", storage, endpoint=f"ipc:///tmp/ucm-none-{os.getpid()}.sock", clientTimeoutMs=300
+    )
     store = NfsStore(cfg, start_engine=False)
     ok = cuda_emu.tensor((2, 64), torch.bfloat16)
     exp = cuda_emu.tensor((2, 64), torch.bfloat16, kind="expandable")
@@ -159,6 +172,7 @@ def test_engine_starts_with_every_gpu_of_the_node(config_file, monkeypatch):
 
 
 # ---- through the engine's GPU path ---------------------------------------------------
+
 
 @needs_emu_engine
 @pytest.mark.parametrize("method", ["batch", "kernel"])
@@ -346,15 +360,22 @@ def test_preempted_dump_waiting_for_its_event_never_reads_reused_blocks(emu_node
         _, errors = step(conn, meta(loads=[transfer("check", [ks[i] for i in stored], stored)]))
         assert errors == set()
         for k in caches:
-            assert torch.equal(dst[k].host()[stored], before[k][stored]), "a block was stored with bytes written after the preemption"
+            assert torch.equal(dst[k].host()[stored], before[k][stored]), (
+                "a block was stored with bytes written after the preemption"
+            )
     conn.shutdown()
 
 
 # ---- CUDA failures: a block status or a refused registration, never a crash ----------
 
 REGISTRATION_FAULTS = ["cudaIpcOpenMemHandle=cudaErrorInvalidValue", "cudaSetDevice=cudaErrorInvalidValue"]
-BLOCK_FAULTS = [("cudaHostAlloc", "batch"), ("cudaStreamCreateWithFlags", "batch"), ("cudaEventSynchronize", "batch"),
-                ("cudaMemcpyBatchAsync", "batch"), ("LaunchCopyPieces", "kernel")]
+BLOCK_FAULTS = [
+    ("cudaHostAlloc", "batch"),
+    ("cudaStreamCreateWithFlags", "batch"),
+    ("cudaEventSynchronize", "batch"),
+    ("cudaMemcpyBatchAsync", "batch"),
+    ("LaunchCopyPieces", "kernel"),
+]
 
 
 @needs_emu_engine

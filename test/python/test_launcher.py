@@ -2,6 +2,7 @@
 per engine, a dead engine started again by the store's next call, an engine
 that holds none of its starter's stdio, and a runtime directory nobody else
 can plant files in. Real engines throughout."""
+
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from conftest import engine_pid, stop_engine, write_config
+from procs import wait_gone
 from ucm import settings as engine_settings
 from ucm.client import EngineClient
 from ucm.config import load_config, runtime_dir
@@ -38,19 +40,6 @@ def stats(endpoint):
         c.close()
 
 
-def wait_gone(pid, within=10.0):
-    end = time.monotonic() + within
-    while time.monotonic() < end:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except OSError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.fixture
 def endpoint():
     ep = f"ipc:///tmp/ucm-pytest-l-{secrets.token_hex(4)}.sock"
@@ -61,18 +50,30 @@ def endpoint():
 def two_configs(tmp_path, storage, endpoint, a=None, b=None):
     a = {"transferStreamNumber": 2, **(a or {})}
     b = {"transferStreamNumber": 3, "odirect": False, **(b or {})}
-    return (write_config(tmp_path / "a.yaml", storage, endpoint=endpoint, clientTimeoutMs=3000, **a),
-            write_config(tmp_path / "b.yaml", storage, endpoint=endpoint, clientTimeoutMs=3000, **b))
+    return (
+        write_config(tmp_path / "a.yaml", storage, endpoint=endpoint, clientTimeoutMs=3000, **a),
+        write_config(tmp_path / "b.yaml", storage, endpoint=endpoint, clientTimeoutMs=3000, **b),
+    )
 
 
 # ---- settings (issue 17, item 2) --------------------------------------------------------
 
+
 @pytest.mark.skipif(not os.path.exists(CLI), reason=f"the engine is not built ({CLI}; npm install)")
 def test_settings_defaults_are_the_engines():
     """ucm.settings.DEFAULTS mirrors core/config.ts OPTIONS (the built engine's)."""
-    out = subprocess.run(["node", "-e", "const o=require(process.argv[1]).OPTIONS;"
-                          "console.log(JSON.stringify(Object.fromEntries(Object.entries(o).map(([k,s])=>[k,s.dflt]))))",
-                          os.path.join(ROOT, "dist", "core", "config.js")], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            "node",
+            "-e",
+            "const o=require(process.argv[1]).OPTIONS;"
+            "console.log(JSON.stringify(Object.fromEntries(Object.entries(o).map(([k,s])=>[k,s.dflt]))))",
+            os.path.join(ROOT, "dist", "core", "config.js"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     engine = json.loads(out.stdout)
     for k, v in engine_settings.DEFAULTS.items():
         assert k in engine, f"{k} is no engine option any more: update ucm/settings.py"
@@ -92,8 +93,10 @@ def test_other_settings_replace_an_idle_engine_this_launcher_started(tmp_path, s
         pid_b = engine_pid(endpoint)
     assert pid_b != pid_a and wait_gone(pid_a)
     assert stats(endpoint)["transferThreads"] == 3
-    assert any("replacing the idle engine" in r.getMessage() and "transferStreamNumber 2" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "replacing the idle engine" in r.getMessage() and "transferStreamNumber 2" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_an_engine_of_another_build_is_replaced_when_idle(tmp_path, storage, endpoint, caplog, monkeypatch):
@@ -110,7 +113,10 @@ def test_an_engine_of_another_build_is_replaced_when_idle(tmp_path, storage, end
     with NfsStore(cfg_a) as store:
         store.lookup([b"x"])
     assert engine_pid(endpoint) != pid
-    assert any(f"it runs with build {build}; this config asks for build feedfacefeedface" in r.getMessage() for r in caplog.records)
+    assert any(
+        f"it runs with build {build}; this config asks for build feedfacefeedface" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_other_settings_are_refused_while_the_engine_serves(tmp_path, storage, endpoint):
@@ -121,8 +127,14 @@ def test_other_settings_are_refused_while_the_engine_serves(tmp_path, storage, e
         with pytest.raises(SettingsMismatch) as e:
             NfsStore(cfg_b)
         msg = str(e.value)
-        for part in ("transferStreamNumber 2, odirect true", "transferStreamNumber 3, odirect false", cfg_b,
-                     f"pid {pid}", f"kill {pid}", "serves 1 client(s)"):
+        for part in (
+            "transferStreamNumber 2, odirect true",
+            "transferStreamNumber 3, odirect false",
+            cfg_b,
+            f"pid {pid}",
+            f"kill {pid}",
+            "serves 1 client(s)",
+        ):
             assert part in msg, (part, msg)
         assert store.lookup([b"x"]) == [False]  # the first one keeps working
     assert engine_pid(endpoint) == pid
@@ -166,6 +178,7 @@ def test_an_engine_started_by_hand_is_never_replaced(tmp_path, storage, endpoint
 
 # ---- restart (issue 17, item 3) ---------------------------------------------------------
 
+
 def test_a_dead_engine_is_started_again_by_the_next_call(config_file):
     src = torch.randint(0, 1 << 30, (4, 4096), dtype=torch.int32)
     with NfsStore(config_file) as store:
@@ -192,8 +205,10 @@ def test_an_engine_started_by_a_process_bound_to_one_core_runs_on_all(tmp_path, 
     threads would share one core with the worker's spinning ones: dumps then waited seconds in the queue)."""
     every = os.sched_getaffinity(0)
     cfg = write_config(tmp_path / "ucm.yaml", storage, endpoint=endpoint)
-    code = ("import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-            "from ucm.config import load_config; from ucm.launcher import ensure_engine; ensure_engine(load_config(sys.argv[1]))")
+    code = (
+        "import os, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from ucm.config import load_config; from ucm.launcher import ensure_engine; ensure_engine(load_config(sys.argv[1]))"
+    )
     subprocess.run([sys.executable, "-c", code, cfg], check=True, timeout=120)
     try:
         pid = engine_pid(endpoint)
@@ -230,11 +245,15 @@ def test_an_auto_started_engine_holds_none_of_its_starters_stdio(tmp_path, stora
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
     py = sys.executable
-    r = subprocess.run(["sh", "-c", f'"{py}" "{script}" "{cfg}" | head -1'], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        ["sh", "-c", f'"{py}" "{script}" "{cfg}" | head -1'], capture_output=True, text=True, timeout=120
+    )
     pid = int(r.stdout.strip())
     log = os.path.join(runtime_dir(str(storage)), "engine.log")
     assert f"it logs to {log}" in r.stderr
-    assert re.search(r"^\[UCMNFSSTORE\] \[I\] Task\(\d+,D2S,1,4096\) finished, elapsed \d+\.\d+s$", r.stderr, re.M), r.stderr
+    assert re.search(r"^\[UCMNFSSTORE\] \[I\] Task\(\d+,D2S,1,4096\) finished, elapsed \d+\.\d+s$", r.stderr, re.M), (
+        r.stderr
+    )
     time.sleep(1.0)  # the engine logs on (the script's client goes away)
     assert engine_pid(endpoint) == pid, "the engine died with its starter's pipe"
     assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
@@ -245,13 +264,15 @@ def test_an_auto_started_engine_holds_none_of_its_starters_stdio(tmp_path, stora
     # With tee: the pipeline ends with the script, the engine lives on.
     out = tmp_path / "tee.out"
     t0 = time.monotonic()
-    r = subprocess.run(["sh", "-c", f'"{py}" "{script}" "{cfg}" | tee "{out}" >/dev/null'], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        ["sh", "-c", f'"{py}" "{script}" "{cfg}" | tee "{out}" >/dev/null'], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0 and time.monotonic() - t0 < 60
     assert engine_pid(endpoint) == int(out.read_text().split()[0])
 
 
 # ---- the runtime directory (issue 19, item 3) ------------------------------------------------
+
 
 @pytest.fixture
 def private_tmp(monkeypatch):
@@ -314,7 +335,9 @@ def test_a_planted_lock_link_is_refused_and_never_followed(private_tmp, tmp_path
 def test_planted_record_and_log_links_are_replaced_not_followed(private_tmp, tmp_path, storage):
     rdir = runtime_dir(str(storage))
     os.makedirs(rdir, 0o700)
-    victims = {name: decoy(tmp_path, f"victim-{name}") for name in ("engine.json", "engine.log", "config.yaml", "engine.pid")}
+    victims = {
+        name: decoy(tmp_path, f"victim-{name}") for name in ("engine.json", "engine.log", "config.yaml", "engine.pid")
+    }
     for name, target in victims.items():
         os.symlink(target, os.path.join(rdir, name))
     ensure_engine(default_config(tmp_path, storage))
@@ -330,7 +353,10 @@ def test_a_runtime_dir_that_is_a_link_is_refused(private_tmp, tmp_path, storage)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     os.symlink(elsewhere, rdir)
-    with pytest.raises(RuntimeDirError, match=rf"runtime directory {rdir} is a symbolic link \(owner uid {os.getuid()}, mode 0777\); this process runs as uid {os.getuid()}"):
+    with pytest.raises(
+        RuntimeDirError,
+        match=rf"runtime directory {rdir} is a symbolic link \(owner uid {os.getuid()}, mode 0777\); this process runs as uid {os.getuid()}",
+    ):
         ensure_engine(default_config(tmp_path, storage))
     assert os.listdir(elsewhere) == []
 

@@ -4,6 +4,7 @@ of vllm.v1.kv_cache_layout built with vLLM's own functions, and the older
 NHD / HND shapes. For every block, the runs must cover exactly the bytes
 that indexing the tensor at that block touches, no byte twice, in as few
 shards as the memory allows."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,7 +27,7 @@ def runs_mask(raw: torch.Tensor, pieces: list[tuple[int, int]]) -> torch.Tensor:
     """Bytes covered by (offset in raw, length) runs; a byte covered twice fails."""
     count = torch.zeros(raw.numel() * raw.element_size(), dtype=torch.int32)
     for off, n in pieces:
-        count[off:off + n] += 1
+        count[off : off + n] += 1
     assert int(count.max()) <= 1, "a byte is in two runs"
     return count == 1
 
@@ -43,7 +44,10 @@ def check_tensor(raw: torch.Tensor, view: torch.Tensor, num_blocks: int, shards_
 
 # ---- the shapes vLLM used before 0.32: (2, num_blocks, block_size, heads, head_size) ----
 
-@pytest.mark.parametrize("dtype,heads,head_size", [(torch.bfloat16, 8, 128), (torch.bfloat16, 3, 72), (torch.float32, 2, 80)])
+
+@pytest.mark.parametrize(
+    "dtype,heads,head_size", [(torch.bfloat16, 8, 128), (torch.bfloat16, 3, 72), (torch.float32, 2, 80)]
+)
 def test_nhd_is_two_runs_per_block(dtype, heads, head_size):
     nb, bs = 12, 16
     raw = torch.zeros(2 * nb * bs * heads * head_size, dtype=dtype)
@@ -66,20 +70,31 @@ def test_hnd_merges_into_two_runs_per_block(dtype, heads, head_size):
 
 # ---- vLLM 0.32: logical [L, B, H, N, C], K and V fused in C, several physical orders ----
 
+
 def vllm_views(layout_name: str, num_blocks: int, layers: int, heads: int, head_size: int, dtype=torch.bfloat16):
     """Per-layer views exactly as vLLM 0.32 makes them (kv_cache_utils +
     create_kv_cache_views), over one int8 allocation."""
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheTensor, compute_layout_strides, create_kv_cache_views
+    from vllm.v1.kv_cache_interface import (
+        FullAttentionSpec,
+        KVCacheTensor,
+        compute_layout_strides,
+        create_kv_cache_views,
+    )
     from vllm.v1.kv_cache_layout import KVCacheLayout
 
     layout = KVCacheLayout[layout_name]
     spec = FullAttentionSpec(block_size=16, num_kv_heads=heads, head_size=head_size, dtype=dtype)
     page = spec.page_size_bytes
     block_stride = page * layers if layout.is_block_outermost else None
-    layer_stride, block_stride, *_ = compute_layout_strides(spec, num_blocks, layers, layout,
-                                                            fixed_strides=(None, block_stride, None, None, None))
-    kt = KVCacheTensor(size=page * num_blocks * layers, layers=[f"model.layers.{i}.attn" for i in range(layers)],
-                       layer_stride=layer_stride, block_stride=block_stride)
+    layer_stride, block_stride, *_ = compute_layout_strides(
+        spec, num_blocks, layers, layout, fixed_strides=(None, block_stride, None, None, None)
+    )
+    kt = KVCacheTensor(
+        size=page * num_blocks * layers,
+        layers=[f"model.layers.{i}.attn" for i in range(layers)],
+        layer_stride=layer_stride,
+        block_stride=block_stride,
+    )
     raw = torch.zeros(kt.size, dtype=torch.int8)
     return raw, create_kv_cache_views(raw, spec, num_blocks, layout, kt), layout
 

@@ -34,9 +34,25 @@ def world(case: str) -> dict:
     mnt = tempfile.mkdtemp(prefix="ucm-world-")
     try:
         r = subprocess.run(
-            ["unshare", "--mount", "--pid", "--fork", "--propagation", "private", "--", "bash", os.path.join(HERE, "multiuser_world.sh"),
-             mnt, sys.executable, os.path.join(HERE, "multiuser_cases.py"), case],
-            capture_output=True, text=True, timeout=120)
+            [
+                "unshare",
+                "--mount",
+                "--pid",
+                "--fork",
+                "--propagation",
+                "private",
+                "--",
+                "bash",
+                os.path.join(HERE, "multiuser_world.sh"),
+                mnt,
+                sys.executable,
+                os.path.join(HERE, "multiuser_cases.py"),
+                case,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         os.rmdir(mnt)
     assert r.returncode == 0, f"case {case} failed:\n{r.stdout}\n{r.stderr}"
@@ -54,8 +70,11 @@ def test_a_socket_in_tmp_serves_its_owner_only_and_leaves_tmp_and_root_as_they_w
     assert r["after"] == r["before"] == {"tmp": "0o1777", "root": "0o755"}
     assert r["socket"] == "0o600"
     assert r["root_hello"][0]["ok"] is True
-    assert r["mallory_hello"][0] == {"ok": False, "code": "timeout",
-                                     "error": "no reply to hello within 2000 ms from ipc:///tmp/x.sock"}
+    assert r["mallory_hello"][0] == {
+        "ok": False,
+        "code": "timeout",
+        "error": "no reply to hello within 2000 ms from ipc:///tmp/x.sock",
+    }
 
 
 def test_tcp_serves_only_holders_of_the_key_and_the_key_is_the_owners_alone():

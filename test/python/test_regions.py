@@ -2,6 +2,7 @@
 item 1): a tensor freed and a new one allocated at the same address must
 never be handed the old one's region, or the engine reads or writes the old
 mapping while wait() says 0. Against the real engine, byte-exact."""
+
 from __future__ import annotations
 
 import gc
@@ -45,7 +46,9 @@ def test_reallocated_tensor_gets_its_own_bytes(config_file, kind):
             addresses.add(dst.data_ptr())
             t = store.load([key], [0], [dst])
             assert store.wait(t) == 0, (t.status, t.error)
-            assert torch.equal(dst, torch.full((ROWS, COLS), float(rnd + 1))), f"round {rnd}: wrong bytes after wait() == 0"
+            assert torch.equal(dst, torch.full((ROWS, COLS), float(rnd + 1))), (
+                f"round {rnd}: wrong bytes after wait() == 0"
+            )
             del dst
             gc.collect()
         # Not an assertion on the allocator, only a note: the bug needs reuse.
@@ -57,8 +60,9 @@ def test_regions_of_dead_storages_are_released(tmp_path, storage):
     batch. Each dead storage's region is released with the engine, so a
     client limited to 24 regions moves 16 batches of 8 (128 storages)."""
     sock = f"/tmp/ucm-pytest-reg-{secrets.token_hex(4)}.sock"
-    cfg = write_config(tmp_path / "reg.yaml", storage, endpoint=f"ipc://{sock}", clientTimeoutMs=3000,
-                       maxRegionsPerClient=24)
+    cfg = write_config(
+        tmp_path / "reg.yaml", storage, endpoint=f"ipc://{sock}", clientTimeoutMs=3000, maxRegionsPerClient=24
+    )
     try:
         with NfsStore(cfg) as store:
             for batch in range(16):
@@ -95,7 +99,7 @@ def test_embed_fetch_with_fresh_buffers_every_batch(config_file):
     cc = yaml.safe_load(open(config_file))["ucm_connector_config"]
     store = UcmNfsStore({**cc, "kv_block_size": io_size * layers, "io_size": io_size, "role": "worker", "device": 0})
     try:
-        for batch in range(4):
+        for _ in range(4):
             hashes = [secrets.token_hex(16) for _ in range(8)]
             tensors = [[torch.rand(dim, length, dtype=torch.bfloat16) for _ in range(layers)] for _ in hashes]
             assert store.create(hashes) == [0] * 8

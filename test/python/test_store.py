@@ -1,4 +1,5 @@
 """ucm.store.NfsStore against the real engine, with CPU tensors in shared memory."""
+
 from __future__ import annotations
 
 import hashlib
@@ -9,6 +10,7 @@ import torch
 
 from ucm.store import NfsStore
 from conftest import stop_engine
+from store_entries import entries
 
 
 def keys(n, salt="k"):
@@ -26,19 +28,6 @@ def kv_like(layers=3, blocks=8, block_bytes=4096, fill=True):
             t.zero_()
         out.append(t)
     return out
-
-
-def entries(ks, caches, block_ids):
-    """UCM-style entries: per block, one shard per layer at consecutive offsets."""
-    K, O, T = [], [], []
-    for k, b in zip(ks, block_ids):
-        off = 0
-        for c in caches:
-            K.append(k)
-            O.append(off)
-            T.append(c[b])
-            off += c[b].numel() * c[b].element_size()
-    return K, O, T
 
 
 def test_round_trip(config_file):
@@ -148,7 +137,9 @@ def test_bad_arguments_name_the_problem(config_file):
 def test_unreachable_engine_is_a_miss_not_a_hang(tmp_path, storage):
     from conftest import write_config
 
-    cfg = write_config(tmp_path / "dead.yaml", storage, endpoint=f"ipc:///tmp/ucm-none-{os.getpid()}.sock", clientTimeoutMs=300)
+    cfg = write_config(
+        tmp_path / "dead.yaml", storage, endpoint=f"ipc:///tmp/ucm-none-{os.getpid()}.sock", clientTimeoutMs=300
+    )
     store = NfsStore(cfg, start_engine=False)
     t = store.dump([b"k"], [0], [kv_like(blocks=1)[0][0]])
     assert t.done and t.failed_keys == [b"k"]
@@ -183,6 +174,7 @@ def test_cancelled_load_leaves_the_tensors_alone(config_file):
         snapshot = [t.clone() for t in dst2]
         if failed:  # the engine was not done at once: nothing may land afterwards
             import time
+
             time.sleep(0.5)
             assert all(torch.equal(a, b) for a, b in zip(dst2, snapshot))
 
@@ -191,7 +183,12 @@ def test_ucm_flat_connector_config_dict(storage, tmp_path):
     """UCM builds its store from the flat connector-config dict; NfsStore takes it as it is
     (UCM's own keys mapped: use_direct -> odirect, stream_number -> transferStreamNumber)."""
     sock = f"/tmp/ucm-pytest-flat-{os.getpid()}.sock"
-    flat = {"storage_backends": str(storage), "transferStreamNumber": 2, "use_direct": False, "endpoint": f"ipc://{sock}"}
+    flat = {
+        "storage_backends": str(storage),
+        "transferStreamNumber": 2,
+        "use_direct": False,
+        "endpoint": f"ipc://{sock}",
+    }
     try:
         with NfsStore(flat) as store:
             assert store.config.connector_config["odirect"] is False

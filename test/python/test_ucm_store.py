@@ -3,6 +3,7 @@ the modules, names and return values UCM's code uses, exercised the way
 UCM's NFS store scripts use them (their test/ folder: nfsstore_embed.py,
 nfsstore_fetch.py, nfsstore_embed_fetch.py; read, not copied). Real engines,
 byte-exact."""
+
 from __future__ import annotations
 
 import ctypes
@@ -31,8 +32,13 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 def flat(storage):
     """UCM's flat connector config for the test's storage directory (the
     engine on its default endpoint, stopped afterwards)."""
-    cfg = {"storage_backends": str(storage), "transferStreamNumber": 4, "clientTimeoutMs": 3000,
-           "role": "worker", "device": 0}
+    cfg = {
+        "storage_backends": str(storage),
+        "transferStreamNumber": 4,
+        "clientTimeoutMs": 3000,
+        "role": "worker",
+        "device": 0,
+    }
     yield cfg
     stop_engine(default_endpoint(str(storage)))
 
@@ -52,6 +58,7 @@ def entries(hashes, tensors, offset_of):
 
 
 # ---- the interface ------------------------------------------------------------------------
+
 
 def test_ucm_modules_names_and_return_values(flat):
     store = UcmConnectorFactory.create_connector("UcmNfsStore", {**flat, "kv_block_size": 3 * 4096})
@@ -93,17 +100,38 @@ def test_flat_config_keys_are_mapped_or_warned_about(storage, caplog, monkeypatc
 
     monkeypatch.setattr(nc, "_warned", set())  # each ignored key is said once per process
     caplog.set_level(logging.WARNING, logger="ucm")
-    cfg = engine_config({"storage_backends": [str(storage), ""], "stream_number": 8, "use_direct": 1,
-                         "storage_capacity": 1 << 30, "transferTimeoutMs": 9000, "io_size": 4096,
-                         "buffer_number": 512, "kv_block_size": 1 << 20, "role": "worker", "device": 3,
-                         "fsync": True})
-    assert cfg == {"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {
-        "storage_backends": str(storage), "transferStreamNumber": 8, "odirect": True, "capacity": 1 << 30,
-        "loadTimeoutMs": 9000, "fsync": True}}
+    cfg = engine_config(
+        {
+            "storage_backends": [str(storage), ""],
+            "stream_number": 8,
+            "use_direct": 1,
+            "storage_capacity": 1 << 30,
+            "transferTimeoutMs": 9000,
+            "io_size": 4096,
+            "buffer_number": 512,
+            "kv_block_size": 1 << 20,
+            "role": "worker",
+            "device": 3,
+            "fsync": True,
+        }
+    )
+    assert cfg == {
+        "ucm_connector_name": "UcmNfsStore",
+        "ucm_connector_config": {
+            "storage_backends": str(storage),
+            "transferStreamNumber": 8,
+            "odirect": True,
+            "capacity": 1 << 30,
+            "loadTimeoutMs": 9000,
+            "fsync": True,
+        },
+    }
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "io_size=4096 is ignored: the engine reads and writes each block file in one I/O" in said
     assert "buffer_number=512 is ignored" in said
-    with pytest.raises(ValueError, match=r"sets transferStreamNumber twice: transferStreamNumber=32 and stream_number=8"):
+    with pytest.raises(
+        ValueError, match=r"sets transferStreamNumber twice: transferStreamNumber=32 and stream_number=8"
+    ):
         engine_config({"storage_backends": str(storage), "transferStreamNumber": 32, "stream_number": 8})
     assert engine_config({"storage_backends": "/x", "useDirect": False})["ucm_connector_config"]["odirect"] is False
     with pytest.raises(ValueError, match="needs storage_backends"):
@@ -188,10 +216,37 @@ def test_embed_fetch_over_stream_counts_and_io_modes(tmp_path, storage):
     directory as UCM's run script does: each run gets an engine with its own
     settings (the idle one is replaced) and every byte comes back."""
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "nfsstore_bench.py"), "--dir", str(storage),
-                        "--streams", "1,4,16", "--direct", "off,on", "--memory", "private,shared", "--tokens", "512",
-                        "--block-len", "64", "--layers", "4", "--heads", "2", "--head-size", "64", "--rounds", "2",
-                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "nfsstore_bench.py"),
+            "--dir",
+            str(storage),
+            "--streams",
+            "1,4,16",
+            "--direct",
+            "off,on",
+            "--memory",
+            "private,shared",
+            "--tokens",
+            "512",
+            "--block-len",
+            "64",
+            "--layers",
+            "4",
+            "--heads",
+            "2",
+            "--head-size",
+            "64",
+            "--rounds",
+            "2",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     try:
         assert r.returncode == 0, r.stdout + r.stderr
         results = json.loads(out.read_text())
@@ -205,6 +260,7 @@ def test_embed_fetch_over_stream_counts_and_io_modes(tmp_path, storage):
 
 
 # ---- offsets inside a block, raw addresses ------------------------------------------------------
+
 
 def test_tensor_parallel_shares_of_one_block(flat, storage):
     """UCM's TP ranks each write their share of one block, K then V of every
@@ -258,8 +314,9 @@ def test_dump_data_and_fetch_data_on_raw_addresses(flat):
         buf = ctypes.create_string_buffer(4 * 8192)
         base = ctypes.addressof(buf)
         keys = [ids[0], ids[0] + "x", ids[1], ids[1] + "x"]
-        task = store.fetch_data([k for k in keys for _ in range(2)], [0, 4096] * 4,
-                                [base + i * 4096 for i in range(8)], [4096] * 8)
+        task = store.fetch_data(
+            [k for k in keys for _ in range(2)], [0, 4096] * 4, [base + i * 4096 for i in range(8)], [4096] * 8
+        )
         assert store.wait(task) == 0
         got = torch.frombuffer(bytearray(buf.raw), dtype=torch.uint8).view(4, 8192)
         assert torch.equal(got[:2], private) and torch.equal(got[2:], shared)
@@ -279,20 +336,35 @@ def test_kv_connector_extra_config_inline(tiny_model, storage):
     from ucm.integration.vllm.uc_connector import UnifiedCacheConnectorV1
 
     def build(extra):
-        vc = VllmConfig(model_config=ModelConfig(model=tiny_model, dtype="float32", max_model_len=2048),
-                        cache_config=CacheConfig(block_size=32),
-                        kv_transfer_config=KVTransferConfig(kv_connector="UnifiedCacheConnectorV1",
-                                                            kv_connector_module_path="ucm.integration.vllm.uc_connector",
-                                                            kv_role="kv_both", kv_connector_extra_config=extra))
-        return UnifiedCacheConnectorV1(vc, KVConnectorRole.SCHEDULER, KVCacheConfig(num_blocks=8, kv_cache_tensors=[], kv_cache_groups=[]))
+        vc = VllmConfig(
+            model_config=ModelConfig(model=tiny_model, dtype="float32", max_model_len=2048),
+            cache_config=CacheConfig(block_size=32),
+            kv_transfer_config=KVTransferConfig(
+                kv_connector="UnifiedCacheConnectorV1",
+                kv_connector_module_path="ucm.integration.vllm.uc_connector",
+                kv_role="kv_both",
+                kv_connector_extra_config=extra,
+            ),
+        )
+        return UnifiedCacheConnectorV1(
+            vc, KVConnectorRole.SCHEDULER, KVCacheConfig(num_blocks=8, kv_cache_tensors=[], kv_cache_groups=[])
+        )
 
     try:
-        conn = build({"ucm_connector_name": "UcmNfsStore", "ucm_load_async": False,
-                      "ucm_connector_config": {"storage_backends": str(storage), "transferStreamNumber": 2}})
+        conn = build(
+            {
+                "ucm_connector_name": "UcmNfsStore",
+                "ucm_load_async": False,
+                "ucm_connector_config": {"storage_backends": str(storage), "transferStreamNumber": 2},
+            }
+        )
         assert conn.config.storage_backends == str(storage) and conn.config.config_file is None
         assert conn._call("lookup", ns=conn.namespaces, keys=[b"k"])["found"] == [False]
         conn.shutdown()
-        with pytest.raises(ValueError, match=r'must name the UCM config file.*or hold the config inline.*got keys \[\'ucm_load_async\'\]'):
+        with pytest.raises(
+            ValueError,
+            match=r"must name the UCM config file.*or hold the config inline.*got keys \[\'ucm_load_async\'\]",
+        ):
             build({"ucm_load_async": True})
     finally:
         stop_engine(default_endpoint(str(storage)))

@@ -1,6 +1,7 @@
 """End to end on the real vLLM package (CPU backend): offline runs in fresh
 processes, a corrupted store, a dead engine, and `vllm serve` with the seed's
 --kv-transfer-config. Small model, small prompts, so it fits in CI."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,25 @@ BLOCK = 32
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     d = tmp_path_factory.mktemp("model") / "tiny"
-    subprocess.run([PY, os.path.join(ROOT, "examples", "make_tiny_model.py"), str(d), "--layers", "2", "--hidden", "128",
-                    "--heads", "4", "--kv-heads", "2", "--intermediate", "256"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            PY,
+            os.path.join(ROOT, "examples", "make_tiny_model.py"),
+            str(d),
+            "--layers",
+            "2",
+            "--hidden",
+            "128",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--intermediate",
+            "256",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return str(d)
 
 
@@ -49,9 +67,15 @@ def drive(model, config, prompts, engine_log, timeout=400, tp=1, opts=None):
     if opts:
         e["UCM_DRIVER_OPTS"] = json.dumps(opts)
     if tp > 1:
-        e["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % (os.cpu_count() or 1)) for i in range(tp))  # one core per rank
-    p = subprocess.run([PY, os.path.join(HERE, "vllm_driver.py"), model, config, str(BLOCK), json.dumps(prompts), str(tp)],
-                       capture_output=True, text=True, env=e, timeout=timeout)
+        # one core per rank
+        e["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % (os.cpu_count() or 1)) for i in range(tp))
+    p = subprocess.run(
+        [PY, os.path.join(HERE, "vllm_driver.py"), model, config, str(BLOCK), json.dumps(prompts), str(tp)],
+        capture_output=True,
+        text=True,
+        env=e,
+        timeout=timeout,
+    )
     line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
     assert p.returncode == 0 and line, f"driver failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     with open(engine_log) as f:
@@ -88,8 +112,14 @@ def test_offline_runs_hit_the_store_and_match(model, tmp_path, storage):
         assert float(kv["hit_rate"]) > 0.5 and int(kv["load_failed_blocks"]) == 0, kv
         # Damage every stored block: loads fail, vLLM recomputes, same tokens.
         ns_dirs = [d for d in os.listdir(storage) if not d.startswith(".")]
-        files = [os.path.join(root, f) for d in ns_dirs for root, _, fs in os.walk(os.path.join(storage, d))
-                 if os.path.basename(root) != ".tmp" for f in fs if len(f) == 64]
+        files = [
+            os.path.join(root, f)
+            for d in ns_dirs
+            for root, _, fs in os.walk(os.path.join(storage, d))
+            if os.path.basename(root) != ".tmp"
+            for f in fs
+            if len(f) == 64
+        ]
         assert files
         for f in files:
             with open(f, "r+b") as fh:
@@ -120,8 +150,13 @@ def test_next_turn_finds_the_answer_in_the_store(model, tmp_path, storage):
         # 7 full blocks and 5 tokens each, nothing in common (so the run without a store loads nothing either)
         ps = prompts(n=1, seed=7) + prompts(n=1, seed=9)
         answer = 100
-        first, log1 = drive(model, cfg, ps, elog, opts={"max_tokens": answer, "ignore_eos": True,
-                                                        "extra": {"ucm_decode_save_blocks": 2}})
+        first, log1 = drive(
+            model,
+            cfg,
+            ps,
+            elog,
+            opts={"max_tokens": answer, "ignore_eos": True, "extra": {"ucm_decode_save_blocks": 2}},
+        )
         # The answer fills blocks 7, 8 and 9 (the last token sampled has no KV): 7 and 8 are saved together
         # while decoding (two waiting), 9 when the request finishes.
         assert re.search(r"Task\(\d+,D2S,2,", log1), log1[-3000:]
@@ -146,8 +181,13 @@ def test_dead_engine_means_misses_not_stalls(model, tmp_path, storage):
     e["UCM_ENGINE_CMD"] = "false"  # the engine cannot start
     ps = prompts(1)
     t0 = time.monotonic()
-    p = subprocess.run([PY, os.path.join(HERE, "vllm_driver.py"), model, cfg, str(BLOCK), json.dumps(ps)],
-                       capture_output=True, text=True, env=e, timeout=400)
+    p = subprocess.run(
+        [PY, os.path.join(HERE, "vllm_driver.py"), model, cfg, str(BLOCK), json.dumps(ps)],
+        capture_output=True,
+        text=True,
+        env=e,
+        timeout=400,
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     assert "engine unavailable" in p.stdout + p.stderr
     out = json.loads(next(l for l in p.stdout.splitlines() if l.startswith("RESULT "))[7:])
@@ -167,17 +207,41 @@ def test_vllm_serve_with_the_seed_kv_transfer_config(model, tmp_path, storage):
     sock = f"/tmp/ucm-serve-{os.getpid()}.sock"
     cfg = write_config(tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}")
     port = free_port()
-    ktc = json.dumps({
-        "kv_connector": "UnifiedCacheConnectorV1",
-        "kv_connector_module_path": "ucm.integration.vllm.uc_connector",
-        "kv_role": "kv_both",
-        "kv_connector_extra_config": {"UCM_CONFIG_FILE": cfg},
-    })
+    ktc = json.dumps(
+        {
+            "kv_connector": "UnifiedCacheConnectorV1",
+            "kv_connector_module_path": "ucm.integration.vllm.uc_connector",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"UCM_CONFIG_FILE": cfg},
+        }
+    )
     log = open(tmp_path / "serve.log", "w+")
     vllm_bin = os.path.join(os.path.dirname(PY), "vllm")
-    proc = subprocess.Popen([vllm_bin, "serve", model, "--block-size", "128", "--no-enable-prefix-caching", "--enforce-eager", "--dtype", "float32",
-                             "--max-model-len", "4096", "--host", "127.0.0.1", "--port", str(port), "--kv-transfer-config", ktc],
-                            stdout=log, stderr=subprocess.STDOUT, env=env(), start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            vllm_bin,
+            "serve",
+            model,
+            "--block-size",
+            "128",
+            "--no-enable-prefix-caching",
+            "--enforce-eager",
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "4096",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--kv-transfer-config",
+            ktc,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env(),
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -192,7 +256,9 @@ def test_vllm_serve_with_the_seed_kv_transfer_config(model, tmp_path, storage):
         body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 7, "temperature": 0}).encode()
 
         def complete():
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
+            )
             return json.loads(urllib.request.urlopen(req, timeout=120).read())["choices"][0]["text"]
 
         a = complete()
@@ -205,8 +271,12 @@ def test_vllm_serve_with_the_seed_kv_transfer_config(model, tmp_path, storage):
         # The seed's Task lines, printed by the vLLM processes for their own
         # tasks; the engine logs to a file of its own (it holds none of
         # vLLM's stdio), and the process that started it says where, once.
-        assert re.search(r"^\[UCMNFSSTORE\] \[I\] Task\(\d+,D2S,\d+,\d+\) finished, elapsed \d+\.\d+s$", text, re.M), text[-3000:]
-        assert re.search(r"^\[UCMNFSSTORE\] \[I\] Task\(\d+,S2D,\d+,\d+\) finished, elapsed \d+\.\d+s$", text, re.M), text[-3000:]
+        assert re.search(r"^\[UCMNFSSTORE\] \[I\] Task\(\d+,D2S,\d+,\d+\) finished, elapsed \d+\.\d+s$", text, re.M), (
+            text[-3000:]
+        )
+        assert re.search(r"^\[UCMNFSSTORE\] \[I\] Task\(\d+,S2D,\d+,\d+\) finished, elapsed \d+\.\d+s$", text, re.M), (
+            text[-3000:]
+        )
         said = re.findall(r"\[ucm\] started the engine for \S+ \(pid \d+\); it logs to (\S+)", text)
         assert len(said) == 1, text[-3000:]
         engine_text = open(said[0]).read()
@@ -226,8 +296,13 @@ def test_engine_killed_while_serving(model, tmp_path, storage):
     sock = f"/tmp/ucm-kill-{os.getpid()}.sock"
     cfg = write_config(tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}", clientTimeoutMs=1000)
     try:
-        p = subprocess.run([PY, os.path.join(HERE, "vllm_kill_driver.py"), model, cfg, str(BLOCK), json.dumps(prompts(1))],
-                           capture_output=True, text=True, env=env(tmp_path / "engine.log"), timeout=400)
+        p = subprocess.run(
+            [PY, os.path.join(HERE, "vllm_kill_driver.py"), model, cfg, str(BLOCK), json.dumps(prompts(1))],
+            capture_output=True,
+            text=True,
+            env=env(tmp_path / "engine.log"),
+            timeout=400,
+        )
         rounds = {r["round"]: r for r in (json.loads(l[6:]) for l in p.stdout.splitlines() if l.startswith("ROUND "))}
         assert p.returncode == 0 and len(rounds) == 3, p.stderr[-4000:]
         assert rounds["killed"]["tokens"] == rounds["before"]["tokens"] == rounds["back"]["tokens"]

