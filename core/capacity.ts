@@ -152,6 +152,11 @@ export class CapacityManager {
     this.change(this.backends[backend], bytes, 1);
   }
 
+  /** This engine created directories or files that hold blocks (a namespace's), taking `bytes`. */
+  holders(backend: number, bytes: number): void {
+    this.change(this.backends[backend], bytes, 0);
+  }
+
   /** A committed block file was deleted by this engine (for example, found corrupt). */
   removed(backend: number, bytes: number): void {
     this.change(this.backends[backend], -bytes, -1);

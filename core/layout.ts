@@ -5,6 +5,11 @@
 //   <backend>/<ns>/<first 2 hex of key>/<key hex>      committed block
 //   <backend>/<ns>/.tmp/<key hex>.<engine tag>.<seq>   uncommitted dump
 //   <backend>/<ns>/NAMESPACE                           what the namespace is
+//
+// The directories and NAMESPACE take space too (257 directories, about 1 MiB a
+// namespace on ext4) and stay when every block is evicted: what this engine
+// creates is reported to `onHolders` (the capacity ledger), and the native
+// rescan (native/src/capacity.cc, Scan) counts the same set.
 import * as crypto from "crypto";
 import * as fs from "fs";
 import * as path from "path";
@@ -21,6 +26,8 @@ export class StorageLayout {
     readonly backends: readonly string[],
     readonly tag: string,
     shareWithGroup = false,
+    /** Told the bytes of the directories and files this engine created in backend `backend`. */
+    private readonly onHolders: (backend: number, bytes: number) => void = () => {},
   ) {
     this.modes = shareWithGroup ? { file: 0o660, dir: 0o2770 } : { file: 0o600, dir: 0o700 };
   }
@@ -69,23 +76,31 @@ export class StorageLayout {
 
   private async create(ns: string, description?: unknown): Promise<void> {
     await Promise.all(
-      this.backends.map(async (b) => {
+      this.backends.map(async (b, index) => {
         const root = path.join(b, ns);
-        await this.ownDir(root);
-        const subdirs: Promise<unknown>[] = [this.ownDir(path.join(root, ".tmp"))];
+        const madeRoot = (await this.ownDir(root)) > 0;
+        let made = 0;
+        const subdirs: Promise<number>[] = [this.ownDir(path.join(root, ".tmp"))];
         for (let i = 0; i < 256; i++) subdirs.push(this.ownDir(path.join(root, i.toString(16).padStart(2, "0"))));
-        await Promise.all(subdirs);
+        made += (await Promise.all(subdirs)).reduce((a, x) => a + x, 0);
         if (description !== undefined) {
           const text = JSON.stringify({ namespace: ns, description }, null, 2) + "\n";
           // wx: exclusive create, which never follows a symbolic link.
           const file = path.join(root, "NAMESPACE");
-          await fs.promises.writeFile(file, text, { flag: "wx", mode: this.modes.file }).then(
-            () => fs.promises.chmod(file, this.modes.file), // ours: the exact mode, whatever the umask
+          made += await fs.promises.writeFile(file, text, { flag: "wx", mode: this.modes.file }).then(
+            async () => {
+              await fs.promises.chmod(file, this.modes.file); // ours: the exact mode, whatever the umask
+              return allocated(file);
+            },
             (e: NodeJS.ErrnoException) => {
               if (e.code !== "EEXIST") throw e;
+              return 0;
             },
           );
         }
+        // The namespace's own directory, measured once its 258 entries are in (it grows past one block on ext4).
+        if (madeRoot) made += await allocated(root);
+        if (made > 0) this.onHolders(index, made);
       }),
     );
   }
@@ -93,12 +108,13 @@ export class StorageLayout {
   /**
    * A directory the engine writes in: created with the store's mode, or, when it exists, a real directory (no
    * symbolic link: one planted there would send writes, reads and deletions elsewhere) of the engine's user.
+   * Returns the bytes it took when this call created it, else 0.
    */
-  private async ownDir(dir: string): Promise<void> {
+  private async ownDir(dir: string): Promise<number> {
     try {
       await fs.promises.mkdir(dir, { mode: this.modes.dir });
       await fs.promises.chmod(dir, this.modes.dir); // ours: the exact mode, whatever the umask
-      return;
+      return await allocated(dir);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
     }
@@ -106,5 +122,11 @@ export class StorageLayout {
     if (!st.isDirectory()) throw new Error(`${dir} is not a directory (a symbolic link?): refusing to use it`);
     const euid = typeof process.geteuid === "function" ? process.geteuid() : 0;
     if (st.uid !== euid) throw new Error(`${dir} belongs to uid ${st.uid}, not to the engine's user (${euid}): refusing to use it`);
+    return 0;
   }
+}
+
+/** What a directory or small file takes on the filesystem (its allocated blocks), as the native rescan counts it. */
+async function allocated(p: string): Promise<number> {
+  return (await fs.promises.lstat(p)).blocks * 512;
 }

@@ -57,7 +57,10 @@ export class Store {
     readonly log: Logger,
   ) {
     this.engineId = `${hostTag()}-${process.pid}-${Date.now().toString(36)}`;
-    this.layout = new StorageLayout(config.storageBackends, this.engineId, config.shareWithGroup);
+    // A namespace's directories count against the capacity (the capacity manager exists before any is made).
+    this.layout = new StorageLayout(config.storageBackends, this.engineId, config.shareWithGroup, (b, bytes) =>
+      this.capacity.holders(b, bytes),
+    );
     setShareWithGroup(config.shareWithGroup);
     const native = new Engine({
       threads: config.transferStreamNumber,

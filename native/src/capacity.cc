@@ -117,9 +117,17 @@ struct Entry {
   size_t name_at;     // where the key hex starts in path
 };
 
+// Bytes a directory or a small file takes on the filesystem (what it allocated).
+uint64_t Allocated(const struct stat& st) { return static_cast<uint64_t>(st.st_blocks) * 512u; }
+
 // Lists the block files: <dir>/<namespace>/<2 hex>/<key hex>. Names starting
-// with '.' (temp areas, .ucm, probes) are not blocks.
-void Scan(const std::string& dir, std::vector<Entry>* out) {
+// with '.' (temp areas, .ucm, probes) are not blocks. `*holders` gets the
+// bytes of what holds the blocks: each namespace's directory, its fan-out
+// directories and .tmp, and its description (NAMESPACE). They take space too
+// (about 1 MiB a namespace on ext4) and stay when every block is evicted, so
+// they count against the capacity; core/layout.ts reports the same set when
+// it creates a namespace.
+void Scan(const std::string& dir, std::vector<Entry>* out, uint64_t* holders) {
   auto subdirs = [](const std::string& d, const std::function<void(const std::string&, const char*)>& fn) {
     DIR* dp = opendir(d.c_str());
     if (!dp) return;
@@ -135,10 +143,22 @@ void Scan(const std::string& dir, std::vector<Entry>* out) {
     struct stat st;
     return lstat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
   };
+  auto count = [&](const std::string& p, bool want_dir) {
+    struct stat st;
+    if (lstat(p.c_str(), &st) != 0) return false;
+    if (want_dir ? !S_ISDIR(st.st_mode) : !S_ISREG(st.st_mode)) return false;
+    *holders += Allocated(st);
+    return true;
+  };
   subdirs(dir, [&](const std::string& ns, const char*) {
-    if (!real_dir(ns)) return;
+    if (!count(ns, true)) return;
+    count(ns + "/.tmp", true);
     subdirs(ns, [&](const std::string& fan, const char*) {
-      if (!real_dir(fan)) return;
+      if (!real_dir(fan)) {
+        count(fan, false);  // NAMESPACE
+        return;
+      }
+      count(fan, true);
       subdirs(fan, [&](const std::string& file, const char* name) {
         struct stat st;
         if (lstat(file.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return;
@@ -178,7 +198,9 @@ void Evict(const EvictRequest& req, EvictResult* out) {
     return;
   }
   std::vector<Entry> files;
-  Scan(req.dir, &files);
+  uint64_t holders = 0;
+  Scan(req.dir, &files, &holders);
+  out->scanned_bytes = holders;
   for (const Entry& e : files) out->scanned_bytes += e.size;
   out->scanned_files = files.size();
 

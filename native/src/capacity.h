@@ -47,7 +47,7 @@ struct EvictRequest {
 struct EvictResult {
   bool busy = false;             // another engine holds the eviction lock
   int err = 0;                   // errno of a failure that stopped the pass
-  uint64_t scanned_bytes = 0;
+  uint64_t scanned_bytes = 0;     // block files plus what holds them (namespace directories, descriptions)
   uint64_t scanned_files = 0;
   uint64_t wanted_bytes = 0;     // what the scan said had to go
   uint64_t freed_bytes = 0;

@@ -80,13 +80,17 @@ export function shardColumns(ids: number[], shard: number, slots: number[]) {
 }
 
 /**
- * What lies under a store directory (`store/<namespace>/<xx>/<block>`): bytes
- * of every file but the engines' own bookkeeping (.ucm), committed block files,
- * and temporary files (in a namespace's .tmp). Files and directories removed
- * while it walks are skipped.
+ * What lies under a store directory (`store/<namespace>/<xx>/<block>`), as the
+ * capacity ledger counts it: `bytes` is the sizes of block and temporary files
+ * plus `holders`, what holds them (namespace, fan-out and .tmp directories and
+ * NAMESPACE, by allocated blocks: native/src/capacity.cc counts the same);
+ * the engines' own bookkeeping (.ucm) is left out. Also the number of
+ * committed block files and of temporary files (in a namespace's .tmp). Files
+ * and directories removed while it walks are skipped.
  */
-export function storeUsage(store: string): { bytes: number; blocks: number; temps: number } {
-  let bytes = 0;
+export function storeUsage(store: string): { bytes: number; holders: number; blocks: number; temps: number } {
+  let files = 0;
+  let holders = 0;
   let blocks = 0;
   let temps = 0;
   const walk = (d: string, depth: number) => {
@@ -97,12 +101,16 @@ export function storeUsage(store: string): { bytes: number; blocks: number; temp
       return;
     }
     for (const e of entries) {
-      if (depth === 0 && e.name === ".ucm") continue;
+      if (depth === 0 && e.name.startsWith(".")) continue;
       const p = path.join(d, e.name);
       try {
-        if (e.isDirectory()) walk(p, depth + 1);
-        else if (e.isFile()) {
-          bytes += fs.statSync(p).size;
+        const st = fs.lstatSync(p);
+        if (e.isDirectory()) {
+          if (depth <= 1) holders += st.blocks * 512;
+          walk(p, depth + 1);
+        } else if (e.isFile()) {
+          if (depth === 1) holders += st.blocks * 512; // NAMESPACE
+          else files += st.size;
           if (d.endsWith("/.tmp")) temps++;
           else if (depth === 2 && !e.name.startsWith(".")) blocks++;
         }
@@ -112,5 +120,5 @@ export function storeUsage(store: string): { bytes: number; blocks: number; temp
     }
   };
   walk(store, 0);
-  return { bytes, blocks, temps };
+  return { bytes: files + holders, holders, blocks, temps };
 }
