@@ -13,7 +13,7 @@ import re
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 import zmq
@@ -86,10 +86,13 @@ def curve_key_file(endpoint: str) -> str:
 
 
 class EngineClient:
-    def __init__(self, endpoint: str, timeout_ms: int = 5000, name: str = "ucm"):
+    def __init__(self, endpoint: str, timeout_ms: int = 5000, name: str = "ucm",
+                 on_hello: Callable[[EngineClient, dict[str, Any]], None] | None = None):
         self.endpoint = endpoint
         self.timeout_ms = timeout_ms
         self.name = name
+        #: called with this client and the engine's description (pid, settings, ...) after each hello
+        self.on_hello = on_hello
         self.epoch = 0  # increases with every new session (hello)
         self.engine_info: dict[str, Any] = {}
         #: (pid, start time) of the engine of the current session, when it runs
@@ -172,6 +175,8 @@ class EngineClient:
             self.engine_identity = process_identity(pid) if isinstance(pid, int) and pid > 0 else None
             self._session = True
             self.epoch += 1
+            if self.on_hello is not None:
+                self.on_hello(self, self.engine_info)
 
     def ensure_session(self) -> int:
         """Says hello if this client has no session; returns the session epoch."""

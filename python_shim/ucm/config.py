@@ -21,6 +21,18 @@ class ConfigError(ValueError):
     """A config problem, naming the key and the value."""
 
 
+#: The client options the shim reads. Their defaults belong to the engine's
+#: config module (core/config.ts, OPTIONS); ENGINE_DEFAULTS repeats them for
+#: the time before the engine answers, and test_config.py checks them against
+#: that table. The two timeouts a config file leaves out are then taken from
+#: the engine's `hello` reply (StoreConfig.adopt), so shim and engine agree
+#: whatever the engine was started with. loadAsync is not: the scheduler and
+#: the workers decide with it in different processes, so it stays what the
+#: config file says.
+ENGINE_DEFAULTS: dict[str, Any] = {"clientTimeoutMs": 5000, "loadTimeoutMs": 30000, "loadAsync": False}
+ADOPTED = {"clientTimeoutMs": "timeout_ms", "loadTimeoutMs": "load_timeout_ms"}
+
+
 @dataclass
 class StoreConfig:
     storage_backends: str
@@ -28,13 +40,26 @@ class StoreConfig:
     config_file: str | None
     raw: dict[str, Any]
     #: milliseconds any single request to the engine may take
-    timeout_ms: int = 5000
+    timeout_ms: int = ENGINE_DEFAULTS["clientTimeoutMs"]
     #: milliseconds a load may take before its blocks count as failed
-    load_timeout_ms: int = 30000
+    load_timeout_ms: int = ENGINE_DEFAULTS["loadTimeoutMs"]
     #: load KV asynchronously (the request waits outside the batch)
-    load_async: bool = False
+    load_async: bool = ENGINE_DEFAULTS["loadAsync"]
     #: the ucm_connector_config section (the engine's settings)
     connector_config: dict[str, Any] = field(default_factory=dict)
+
+    def adopt(self, settings: dict[str, Any]) -> None:
+        """Takes the engine's timeouts (its `hello` reply's settings) where
+        this config names none."""
+        for key, attr in ADOPTED.items():
+            v = settings.get(key)
+            if key not in self.connector_config and type(v) is int and v > 0:
+                setattr(self, attr, v)
+
+    def on_hello(self, client: Any, engine: dict[str, Any]) -> None:
+        """EngineClient's hook after each hello: adopt, and time requests by the result."""
+        self.adopt(engine.get("settings") or {})
+        client.timeout_ms = self.timeout_ms
 
     @property
     def storage_backends_absolute(self) -> str:
@@ -134,9 +159,9 @@ def load_config(source: str | os.PathLike[str] | dict[str, Any]) -> StoreConfig:
         endpoint=endpoint,
         config_file=path,
         raw=doc,
-        timeout_ms=_int(cc, "clientTimeoutMs", 5000, where),
-        load_timeout_ms=_int(cc, "loadTimeoutMs", 30000, where),
-        load_async=_bool(cc, "loadAsync", False, where),
+        timeout_ms=_int(cc, "clientTimeoutMs", ENGINE_DEFAULTS["clientTimeoutMs"], where),
+        load_timeout_ms=_int(cc, "loadTimeoutMs", ENGINE_DEFAULTS["loadTimeoutMs"], where),
+        load_async=_bool(cc, "loadAsync", ENGINE_DEFAULTS["loadAsync"], where),
         connector_config=dict(cc),
     )
 

@@ -95,7 +95,7 @@ class NfsStore:
         self._retry_at = 0.0
         if start_engine:
             ensure_engine(self.config)
-        self.client = EngineClient(self.config.endpoint, self.config.timeout_ms, name)
+        self.client = EngineClient(self.config.endpoint, self.config.timeout_ms, name, on_hello=self.config.on_hello)
         self.regions = RegionRegistry(self.client)
         self.transfers = Transfers(self.client, self.regions, namespace, self._request)
         self.staging = StagingPool()

@@ -28,7 +28,7 @@ class EngineLink:
     def __init__(self, opts: ConnectorOptions, name: str):
         self.opts = opts
         self.config = opts.config
-        self.client = EngineClient(self.config.endpoint, self.config.timeout_ms, name=name)
+        self.client = EngineClient(self.config.endpoint, self.config.timeout_ms, name=name, on_hello=self.config.on_hello)
         self._retry_at = 0.0
         #: why the engine is not used (its settings differ from this config's), or None
         self._refused: str | None = None
