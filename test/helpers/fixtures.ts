@@ -109,8 +109,11 @@ export function storeUsage(store: string): { bytes: number; holders: number; blo
           if (depth <= 1) holders += st.blocks * 512;
           walk(p, depth + 1);
         } else if (e.isFile()) {
-          if (depth === 1) holders += st.blocks * 512; // NAMESPACE
-          else files += st.size;
+          if (depth === 1) {
+            holders += st.blocks * 512; // NAMESPACE
+          } else {
+            files += st.size;
+          }
           if (d.endsWith("/.tmp")) temps++;
           else if (depth === 2 && !e.name.startsWith(".")) blocks++;
         }
