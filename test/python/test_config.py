@@ -35,10 +35,18 @@ def test_client_option_defaults_are_the_engines():
     from ucm.config import ENGINE_DEFAULTS
 
     out = subprocess.run(
-        ["node", "-e", "const {OPTIONS}=require(process.argv[1]); const o={};"
-         "for (const k of JSON.parse(process.argv[2])) o[k]=OPTIONS[k].dflt; console.log(JSON.stringify(o))",
-         os.path.join(ROOT, "dist", "core", "config.js"), json.dumps(sorted(ENGINE_DEFAULTS))],
-        capture_output=True, text=True, check=True)
+        [
+            "node",
+            "-e",
+            "const {OPTIONS}=require(process.argv[1]); const o={};"
+            "for (const k of JSON.parse(process.argv[2])) o[k]=OPTIONS[k].dflt; console.log(JSON.stringify(o))",
+            os.path.join(ROOT, "dist", "core", "config.js"),
+            json.dumps(sorted(ENGINE_DEFAULTS)),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(out.stdout) == ENGINE_DEFAULTS
 
 
@@ -51,21 +59,44 @@ def test_timeouts_a_config_leaves_out_come_from_the_running_engine(tmp_path):
     storage.mkdir()
     engine_cfg = tmp_path / "engine.yaml"
     with open(engine_cfg, "w") as f:
-        yaml.safe_dump({"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {
-            "storage_backends": str(storage), "clientTimeoutMs": 7000, "loadTimeoutMs": 45000}}, f)
-    proc = subprocess.Popen(["node", os.path.join(ROOT, "dist", "core", "cli.js"), "serve", "--config", str(engine_cfg)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        yaml.safe_dump(
+            {
+                "ucm_connector_name": "UcmNfsStore",
+                "ucm_connector_config": {
+                    "storage_backends": str(storage),
+                    "clientTimeoutMs": 7000,
+                    "loadTimeoutMs": 45000,
+                },
+            },
+            f,
+        )
+    proc = subprocess.Popen(
+        ["node", os.path.join(ROOT, "dist", "core", "cli.js"), "serve", "--config", str(engine_cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         for line in proc.stdout:
             if "listening on" in line:
                 break
-        plain = NfsStore({"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {"storage_backends": str(storage)}})
-        own = NfsStore({"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {
-            "storage_backends": str(storage), "loadTimeoutMs": 20000}})
+        plain = NfsStore(
+            {"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": {"storage_backends": str(storage)}}
+        )
+        own = NfsStore(
+            {
+                "ucm_connector_name": "UcmNfsStore",
+                "ucm_connector_config": {"storage_backends": str(storage), "loadTimeoutMs": 20000},
+            }
+        )
         try:
             assert (plain.config.timeout_ms, plain.config.load_timeout_ms) == (5000, 30000)  # before the engine answers
             assert plain.lookup([b"k" * 16]) == [False]
-            assert (plain.config.timeout_ms, plain.config.load_timeout_ms, plain.client.timeout_ms) == (7000, 45000, 7000)
+            assert (plain.config.timeout_ms, plain.config.load_timeout_ms, plain.client.timeout_ms) == (
+                7000,
+                45000,
+                7000,
+            )
             assert own.lookup([b"k" * 16]) == [False]
             assert (own.config.timeout_ms, own.config.load_timeout_ms) == (7000, 20000)
         finally:
