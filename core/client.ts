@@ -7,7 +7,10 @@ import { isTcp, readServerKey } from "./curve";
 const packr = new Packr({ useRecords: false, mapsAsObjects: true, int64AsType: "number" });
 
 export class EngineError extends Error {
-  constructor(readonly code: string, message: string) {
+  constructor(
+    readonly code: string,
+    message: string,
+  ) {
     super(message);
     this.name = "EngineError";
   }
@@ -16,11 +19,17 @@ export class EngineError extends Error {
 export class EngineClient {
   private readonly sock: zmq.Dealer;
   private nextId = 1;
-  private readonly waiting = new Map<number, { resolve: (v: Record<string, unknown>) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
+  private readonly waiting = new Map<
+    number,
+    { resolve: (v: Record<string, unknown>) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }
+  >();
   private sending: Promise<unknown> = Promise.resolve();
   private closed = false;
 
-  constructor(readonly endpoint: string, private readonly timeoutMs = 10_000) {
+  constructor(
+    readonly endpoint: string,
+    private readonly timeoutMs = 10_000,
+  ) {
     const options: zmq.SocketOptions<zmq.Dealer> = { linger: 0 };
     if (isTcp(endpoint)) {
       // The engine on tcp:// serves only clients that know its public key (see curve.ts).

@@ -57,6 +57,9 @@ export function readServerKey(endpoint: string): string {
   try {
     return fs.readFileSync(file, "utf8").trim();
   } catch (e) {
-    throw new Error(`no CURVE key for ${endpoint} at ${file} (${(e as Error).message}): the engine there is not running, or belongs to another user`);
+    throw new Error(
+      `no CURVE key for ${endpoint} at ${file} (${(e as Error).message}): the engine there is not running, or belongs to another user`,
+      { cause: e },
+    );
   }
 }

@@ -11,7 +11,10 @@ const defaultSink: LogSink = (line) => {
 
 export class Logger {
   private threshold: number;
-  constructor(level: LogLevel = "info", private readonly sink: LogSink = defaultSink) {
+  constructor(
+    level: LogLevel = "info",
+    private readonly sink: LogSink = defaultSink,
+  ) {
     this.threshold = LOG_LEVELS.indexOf(level);
   }
   setLevel(level: LogLevel): void {

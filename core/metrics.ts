@@ -56,8 +56,10 @@ export class Metrics {
       };
       return kind === "counter" ? new client.Counter<L>(config) : new client.Gauge<L>(config);
     };
-    const mirror = <L extends string>(name: string, help: string, labelNames: L[], read: Read<L>) => fromStore("counter", name, help, labelNames, read);
-    const gauge = <L extends string>(name: string, help: string, labelNames: L[], read: Read<L>) => fromStore("gauge", name, help, labelNames, read);
+    const mirror = <L extends string>(name: string, help: string, labelNames: L[], read: Read<L>) =>
+      fromStore("counter", name, help, labelNames, read);
+    const gauge = <L extends string>(name: string, help: string, labelNames: L[], read: Read<L>) =>
+      fromStore("gauge", name, help, labelNames, read);
 
     mirror("ucm_bytes_total", "Payload bytes moved, by direction", ["direction"], (st) => [
       [{ direction: "dump" }, st.counters.bytesDumped],
@@ -66,7 +68,10 @@ export class Metrics {
     mirror("ucm_blocks_total", "Blocks by direction and result", ["direction", "result"], (st) => [
       [{ direction: "dump", result: "stored" }, st.counters.blocksDumped],
       [{ direction: "dump", result: "already_stored" }, st.counters.blocksSkipped],
-      [{ direction: "dump", result: "dropped" }, st.counters.droppedInflight + st.counters.droppedCapacity + st.counters.droppedQueueAge + st.counters.deferredFirstSight],
+      [
+        { direction: "dump", result: "dropped" },
+        st.counters.droppedInflight + st.counters.droppedCapacity + st.counters.droppedQueueAge + st.counters.deferredFirstSight,
+      ],
       [{ direction: "load", result: "loaded" }, st.counters.blocksLoaded],
     ]);
     mirror("ucm_tasks_total", "Tasks submitted, by direction", ["direction"], (st) => [

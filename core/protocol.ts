@@ -26,7 +26,10 @@ export type ErrorCode =
 
 /** An error that becomes an `ok: false` reply with this code. */
 export class ProtocolError extends Error {
-  constructor(readonly code: ErrorCode, message: string) {
+  constructor(
+    readonly code: ErrorCode,
+    message: string,
+  ) {
     super(message);
     this.name = "ProtocolError";
   }
@@ -112,7 +115,10 @@ const NS_RE = /^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$/;
 
 function toNs(v: unknown, name: string): string {
   if (typeof v !== "string" || !NS_RE.test(v)) {
-    throw new ProtocolError("bad_message", `${name} must be 1 to 128 characters of [A-Za-z0-9._-], not starting with '.', got ${describe(v)}`);
+    throw new ProtocolError(
+      "bad_message",
+      `${name} must be 1 to 128 characters of [A-Za-z0-9._-], not starting with '.', got ${describe(v)}`,
+    );
   }
   return v;
 }
@@ -125,7 +131,8 @@ export function reqNs(msg: Record<string, unknown>): string {
 export function reqNsList(msg: Record<string, unknown>): string[] {
   const v = field(msg, "ns");
   if (Array.isArray(v)) {
-    if (v.length === 0 || v.length > 1024) throw new ProtocolError("bad_message", `ns list must hold 1 to 1024 namespaces, got ${v.length}`);
+    if (v.length === 0 || v.length > 1024)
+      throw new ProtocolError("bad_message", `ns list must hold 1 to 1024 namespaces, got ${v.length}`);
     return v.map((x, i) => toNs(x, `ns[${i}]`));
   }
   return [toNs(v, "ns")];

@@ -48,7 +48,10 @@ export class EngineServer {
 
   readonly metrics: Metrics;
 
-  constructor(readonly config: EngineConfig, readonly log: Logger) {
+  constructor(
+    readonly config: EngineConfig,
+    readonly log: Logger,
+  ) {
     const options: zmq.SocketOptions<zmq.Router> = {
       linger: 0,
       maxMessageSize: MAX_MESSAGE_BYTES,
@@ -92,7 +95,8 @@ export class EngineServer {
     this.guard = new ConnectionGuard(this.sock, ep, this.config, this.log, () => new Set(Array.from(this.sessions.values(), (s) => s.pid)));
     await this.sock.bind(ep);
     if (ep.startsWith("ipc://")) fs.chmodSync(ep.slice("ipc://".length), 0o600);
-    if (this.curve) this.log.info(`tcp endpoint: CURVE, public key in ${publishServerKey(ep, this.curve.publicKey)} (readable by this user only)`);
+    if (this.curve)
+      this.log.info(`tcp endpoint: CURVE, public key in ${publishServerKey(ep, this.curve.publicKey)} (readable by this user only)`);
     this.loop = this.receive();
     this.timers.push(setInterval(() => this.checkClients(), this.config.clientCheckMs));
     this.timers.push(setInterval(() => this.store.sweep(this.sessions.values()), 10_000));
@@ -102,8 +106,8 @@ export class EngineServer {
     this.log.info(
       cuda.usable
         ? `CUDA backend: ${cuda.devices} GPU(s), runtime ${cuda.runtimeVersion}, driver ${cuda.driverVersion}, ${this.config.cudaCopy} copies` +
-          `${cuda.batchCopies ? "" : " (this runtime has no batched copies: kernel)"}, ` +
-          `${(this.config.pinnedStagingBytes / 2 ** 20).toFixed(0)} MiB pinned staging at most${cuda.emulated ? " [emulated CUDA runtime, for tests]" : ""}`
+            `${cuda.batchCopies ? "" : " (this runtime has no batched copies: kernel)"}, ` +
+            `${(this.config.pinnedStagingBytes / 2 ** 20).toFixed(0)} MiB pinned staging at most${cuda.emulated ? " [emulated CUDA runtime, for tests]" : ""}`
         : `CUDA backend: ${cuda.built ? "built, not usable here" : "not built"} (${cuda.why}); host memory only`,
     );
     this.log.info(
@@ -145,7 +149,8 @@ export class EngineServer {
     if (this.stopping) throw new ProtocolError("shutting_down", `engine is shutting down; ${op} refused`);
     if (op === "hello") return this.hello(key, decodeHello(msg));
     const s = this.sessions.get(key);
-    if (!s) throw new ProtocolError("no_session", `send hello (protocol version ${PROTOCOL_VERSIONS.join("/")}) before ${JSON.stringify(op)}`);
+    if (!s)
+      throw new ProtocolError("no_session", `send hello (protocol version ${PROTOCOL_VERSIONS.join("/")}) before ${JSON.stringify(op)}`);
     switch (op) {
       case "goodbye":
         this.drop(key, "said goodbye");
@@ -171,7 +176,10 @@ export class EngineServer {
       case "cancel":
         return this.store.cancel(s, decodeTask(msg));
       default:
-        throw new ProtocolError("unknown_op", `unknown op ${describe(op)}; known: hello, goodbye, register, release, namespace, lookup, dump, load, wait, check, cancel, commit, stats, health`);
+        throw new ProtocolError(
+          "unknown_op",
+          `unknown op ${describe(op)}; known: hello, goodbye, register, release, namespace, lookup, dump, load, wait, check, cancel, commit, stats, health`,
+        );
     }
   }
 
@@ -179,12 +187,18 @@ export class EngineServer {
     // The pid is what the engine watches for liveness and the only process whose /proc/<pid>/fd a client may
     // name: it must be a process connected to us (the kernel says so), not any process.
     if (this.guard && !this.guard.connectedFrom(pid)) {
-      throw new ProtocolError("bad_message", `pid ${pid} is not a process connected to the engine (a client in its own pid namespace must run in the engine's, e.g. --pid=host)`);
+      throw new ProtocolError(
+        "bad_message",
+        `pid ${pid} is not a process connected to the engine (a client in its own pid namespace must run in the engine's, e.g. --pid=host)`,
+      );
     }
     // Per-client quotas hold per session: a process may not multiply them without bound.
     const held = Array.from(this.sessions.values()).filter((x) => x.pid === pid && x.peer !== key).length;
     if (held >= this.config.maxSessionsPerProcess) {
-      throw new ProtocolError("busy", `process ${pid} already holds ${held} sessions, the most allowed (maxSessionsPerProcess ${this.config.maxSessionsPerProcess})`);
+      throw new ProtocolError(
+        "busy",
+        `process ${pid} already holds ${held} sessions, the most allowed (maxSessionsPerProcess ${this.config.maxSessionsPerProcess})`,
+      );
     }
     if (this.sessions.has(key)) this.drop(key, "said hello again");
     this.sessions.set(key, new Session(key, pid, name));
@@ -192,8 +206,13 @@ export class EngineServer {
     return {
       version,
       engine: {
-        pid: process.pid, id: this.store.engineId, endpoint: this.config.endpoint, backends: this.config.storageBackends,
-        build: buildId(), clients: this.sessions.size, settings: this.settings(),
+        pid: process.pid,
+        id: this.store.engineId,
+        endpoint: this.config.endpoint,
+        backends: this.config.storageBackends,
+        build: buildId(),
+        clients: this.sessions.size,
+        settings: this.settings(),
       },
     };
   }
@@ -280,14 +299,17 @@ export class EngineServer {
    */
   exitWhenIdle(seconds: number, exit: () => void): void {
     let idleSince = Date.now();
-    const t = setInterval(() => {
-      if (this.sessions.size > 0 || this.store.tasksInFlight > 0) idleSince = Date.now();
-      else if (Date.now() - idleSince >= seconds * 1000) {
-        clearInterval(t);
-        this.log.info(`no client for ${seconds} s: exiting (started with --exit-when-idle)`);
-        exit();
-      }
-    }, Math.min(1000, seconds * 250));
+    const t = setInterval(
+      () => {
+        if (this.sessions.size > 0 || this.store.tasksInFlight > 0) idleSince = Date.now();
+        else if (Date.now() - idleSince >= seconds * 1000) {
+          clearInterval(t);
+          this.log.info(`no client for ${seconds} s: exiting (started with --exit-when-idle)`);
+          exit();
+        }
+      },
+      Math.min(1000, seconds * 250),
+    );
     this.timers.push(t);
   }
 
@@ -310,7 +332,6 @@ export class EngineServer {
   }
 }
 
-
 /**
  * The directory of an ipc:// socket. Created 0700 (with a missing parent) when missing; an existing one, and its
  * parent, must be real directories of this user or of root that nobody else can rearrange (writable by others
@@ -327,7 +348,8 @@ function socketDir(dir: string): void {
   for (const d of [dir, path.dirname(dir)]) {
     const st = fs.lstatSync(d);
     if (!st.isDirectory()) throw new Error(`socket directory ${d} is not a plain directory (a symbolic link?)`);
-    if (st.uid !== uid && st.uid !== 0) throw new Error(`socket directory ${d} belongs to uid ${st.uid}, not to this user (${uid}) or root`);
+    if (st.uid !== uid && st.uid !== 0)
+      throw new Error(`socket directory ${d} belongs to uid ${st.uid}, not to this user (${uid}) or root`);
     if ((st.mode & 0o022) !== 0 && (st.mode & 0o1000) === 0) {
       throw new Error(`socket directory ${d} is writable by other users (mode ${(st.mode & 0o7777).toString(8)}) without the sticky bit`);
     }

@@ -7,6 +7,7 @@ binary) but no Python extension, so it is tagged py3-none-<platform>: any
 Python 3, no Python ABI, the manylinux platform that build_wheel.py found
 from the binaries' glibc and libstdc++ symbol versions (UCM_WHEEL_PLATFORM).
 """
+
 import os
 
 from setuptools import setup
@@ -23,7 +24,9 @@ class EngineWheel(bdist_wheel):
     def get_tag(self) -> tuple[str, str, str]:
         platform = os.environ.get("UCM_WHEEL_PLATFORM")
         if not platform:
-            raise SystemExit("UCM_WHEEL_PLATFORM is not set: build this wheel with scripts/build_wheel.py (npm run wheel)")
+            raise SystemExit(
+                "UCM_WHEEL_PLATFORM is not set: build this wheel with scripts/build_wheel.py (npm run wheel)"
+            )
         return "py3", "none", platform
 
 

@@ -4,7 +4,21 @@ import * as crypto from "crypto";
 import * as fs from "fs";
 import * as path from "path";
 import { spawnSync } from "child_process";
-import { BLOCK_STATUS_NAMES, BlockStatus, Engine, checkStatusNames, NativeEngine, ShardListBuilder, blockFileSize, constants, crc32c, cudaStatus, nativeEngineOptions, nativeErrorCode, usageAdd } from "../core/native";
+import {
+  BLOCK_STATUS_NAMES,
+  BlockStatus,
+  Engine,
+  checkStatusNames,
+  NativeEngine,
+  ShardListBuilder,
+  blockFileSize,
+  constants,
+  crc32c,
+  cudaStatus,
+  nativeEngineOptions,
+  nativeErrorCode,
+  usageAdd,
+} from "../core/native";
 import { ShmRegion, diskTempDir, tempDir } from "./helpers/fixtures";
 
 const DIGEST = 0x1234_5678_9abc_def0n;
@@ -86,13 +100,25 @@ describe("native core", () => {
     const region = new ShmRegion(1 << 16, "random");
     cleanup.push(region);
     const id = engine.openHostRegion(region.name, region.size);
-    const shards: Array<[number, number, number]> = [[id, 5000, 300], [id, 17, 1000], [id, 60000, 5536]];
+    const shards: Array<[number, number, number]> = [
+      [id, 5000, 300],
+      [id, 17, 1000],
+      [id, 60000, 5536],
+    ];
     const d = await engine.dump(new ShardListBuilder().addBlock(path.join(dir, "x"), shards).build(DIGEST));
     expect(d.status[0]).toBe(BlockStatus.Ok);
     const out = new ShmRegion(1 << 16, "zero");
     cleanup.push(out);
     const oid = engine.openHostRegion(out.name, out.size);
-    const l = await engine.load(new ShardListBuilder().addBlock(path.join(dir, "x"), [[oid, 0, 300], [oid, 300, 1000], [oid, 1300, 5536]]).build(DIGEST));
+    const l = await engine.load(
+      new ShardListBuilder()
+        .addBlock(path.join(dir, "x"), [
+          [oid, 0, 300],
+          [oid, 300, 1000],
+          [oid, 1300, 5536],
+        ])
+        .build(DIGEST),
+    );
     expect(l.status[0]).toBe(BlockStatus.Ok);
     expect(out.read(0, 300).equals(region.read(5000, 300))).toBe(true);
     expect(out.read(300, 1000).equals(region.read(17, 1000))).toBe(true);
@@ -154,7 +180,15 @@ describe("native core", () => {
     });
     test("a block read with a different shard split of the same size", async () => {
       const reg = dst.regions[0];
-      const r = await engine.load(new ShardListBuilder().addBlock(file, [[dst.ids[0], 0, SHARD], [dst.ids[0], 0, SHARD / 2], [dst.ids[0], 0, SHARD / 2]]).build(DIGEST));
+      const r = await engine.load(
+        new ShardListBuilder()
+          .addBlock(file, [
+            [dst.ids[0], 0, SHARD],
+            [dst.ids[0], 0, SHARD / 2],
+            [dst.ids[0], 0, SHARD / 2],
+          ])
+          .build(DIGEST),
+      );
       expect(r.status[0]).toBe(BlockStatus.Mismatch);
       expect(r.what[0]).toBe("shard count");
       expect(reg.read().equals(Buffer.alloc(reg.size))).toBe(true);
@@ -269,7 +303,9 @@ describe("native core", () => {
 
   test("the addon names block statuses as core/native.ts does; an addon that names them otherwise is refused", () => {
     expect(constants.blockStatus).toEqual(Object.values(BLOCK_STATUS_NAMES));
-    expect(() => checkStatusNames("x.node", [...constants.blockStatus].reverse())).toThrow(/native addon x.node names block statuses \["dropped",.*core\/native.ts names them \["ok",/);
+    expect(() => checkStatusNames("x.node", [...constants.blockStatus].reverse())).toThrow(
+      /native addon x.node names block statuses \["dropped",.*core\/native.ts names them \["ok",/,
+    );
     expect(() => checkStatusNames("x.node", undefined)).toThrow(/names block statuses undefined/);
   });
 
@@ -285,12 +321,32 @@ describe("native core", () => {
     const callers = 6;
     const perCaller = 12;
     const srcs = Array.from({ length: callers }, () => track(layout(engine, 3, perCaller, 8192, "random")));
-    const dumps = await Promise.all(srcs.map((l, c) => engine.dump(spec(dir, l, l.blocks.map((_, b) => `c${c}b${b}`)))));
+    const dumps = await Promise.all(
+      srcs.map((l, c) =>
+        engine.dump(
+          spec(
+            dir,
+            l,
+            l.blocks.map((_, b) => `c${c}b${b}`),
+          ),
+        ),
+      ),
+    );
     for (const d of dumps) expect(Array.from(d.status).every((s) => s === BlockStatus.Ok)).toBe(true);
     const dsts = Array.from({ length: callers }, () => track(layout(engine, 3, perCaller, 8192, "zero")));
     // Loads from all callers at once, plus lookups interleaved.
     const [loads, found] = await Promise.all([
-      Promise.all(dsts.map((l, c) => engine.load(spec(dir, l, l.blocks.map((_, b) => `c${c}b${b}`))))),
+      Promise.all(
+        dsts.map((l, c) =>
+          engine.load(
+            spec(
+              dir,
+              l,
+              l.blocks.map((_, b) => `c${c}b${b}`),
+            ),
+          ),
+        ),
+      ),
       engine.lookup([path.join(dir, "c0b0"), path.join(dir, "missing"), path.join(dir, `c5b11`)]),
     ]);
     expect(Array.from(found)).toEqual([1, 0, 1]);
@@ -301,7 +357,10 @@ describe("native core", () => {
   test("commit renames into place and remove deletes", async () => {
     const src = track(layout(engine, 1, 3, 4096, "random"));
     await engine.dump(spec(dir, src, ["t0", "t1", "t2"]));
-    const errs = await engine.commit([path.join(dir, "t0"), path.join(dir, "t1"), path.join(dir, "nope")], [path.join(dir, "k0"), path.join(dir, "k1"), path.join(dir, "k2")]);
+    const errs = await engine.commit(
+      [path.join(dir, "t0"), path.join(dir, "t1"), path.join(dir, "nope")],
+      [path.join(dir, "k0"), path.join(dir, "k1"), path.join(dir, "k2")],
+    );
     expect(Array.from(errs)).toEqual([0, 0, 2]);
     expect(Array.from(await engine.lookup([path.join(dir, "k0"), path.join(dir, "t0"), path.join(dir, "k2")]))).toEqual([1, 0, 0]);
     expect(Array.from(await engine.remove([path.join(dir, "k0"), path.join(dir, "never")]))).toEqual([0, 0]);
@@ -314,7 +373,13 @@ describe("native core", () => {
   test("close settles queued work as cancelled and refuses new work", async () => {
     const e = new Engine({ threads: 1 });
     const src = track(layout(e, 1, 64, 1 << 16, "random"));
-    const p = e.dump(spec(dir, src, src.blocks.map((_, b) => `q${b}`)));
+    const p = e.dump(
+      spec(
+        dir,
+        src,
+        src.blocks.map((_, b) => `q${b}`),
+      ),
+    );
     e.close();
     const r = await p;
     expect(r.status.length).toBe(64);
@@ -363,7 +428,9 @@ describe("native core", () => {
 });
 
 describe("CUDA backend", () => {
-  const nvcc = ["/usr/local/cuda/bin/nvcc", ...(process.env.PATH ?? "").split(":").map((p) => path.join(p, "nvcc"))].some((p) => fs.existsSync(p));
+  const nvcc = ["/usr/local/cuda/bin/nvcc", ...(process.env.PATH ?? "").split(":").map((p) => path.join(p, "nvcc"))].some((p) =>
+    fs.existsSync(p),
+  );
 
   test("this build: CUDA compiled in when nvcc was there; without a GPU, device regions are refused with the reason", () => {
     const st = cudaStatus();
@@ -373,7 +440,9 @@ describe("CUDA backend", () => {
       expect(st.why.length).toBeGreaterThan(0);
       const e = new Engine({ threads: 1 });
       try {
-        expect(() => e.openCudaRegion(0, new Uint8Array(64), 0, 4096)).toThrow(st.built ? /no usable GPU in the engine process/ : /built without the CUDA toolkit/);
+        expect(() => e.openCudaRegion(0, new Uint8Array(64), 0, 4096)).toThrow(
+          st.built ? /no usable GPU in the engine process/ : /built without the CUDA toolkit/,
+        );
         expect(() => e.openCudaEvent(0, new Uint8Array(64))).toThrow(/GPU|CUDA/);
       } finally {
         e.close();

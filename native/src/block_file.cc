@@ -58,12 +58,13 @@ ssize_t TransferAll(int fd, uint8_t* buf, size_t len, bool write) {
 }
 
 // pwrite only reads `buf`; the cast lets one loop serve both directions.
-ssize_t WriteAll(int fd, const uint8_t* buf, size_t len) { return TransferAll(fd, const_cast<uint8_t*>(buf), len, true); }
+ssize_t WriteAll(int fd, const uint8_t* buf, size_t len) {
+  return TransferAll(fd, const_cast<uint8_t*>(buf), len, true);
+}
 
 ssize_t ReadAll(int fd, uint8_t* buf, size_t len) { return TransferAll(fd, buf, len, false); }
 
 IoResult Io(int err, const char* what) { return IoResult{BlockStatus::kIoError, err, what}; }
-
 
 // The file is gone: deleted (ENOENT), or, over NFS, deleted or replaced by
 // another client since this one looked the name up or opened it (ESTALE:
@@ -74,12 +75,11 @@ IoResult Corrupt(const char* what) { return IoResult{BlockStatus::kCorrupt, 0, w
 
 }  // namespace
 
-IoResult WriteBlockFile(const std::string& path, uint8_t* staging, uint64_t payload_length,
-                        uint64_t layout_digest, uint32_t shard_count, const IoOptions& opts) {
+IoResult WriteBlockFile(const std::string& path, uint8_t* staging, uint64_t payload_length, uint64_t layout_digest,
+                        uint32_t shard_count, const IoOptions& opts) {
   const size_t file_size = FileSizeFor(payload_length);
   std::memset(staging, 0, kHeaderSize);
-  std::memset(staging + kHeaderSize + payload_length, 0,
-              file_size - kHeaderSize - payload_length);
+  std::memset(staging + kHeaderSize + payload_length, 0, file_size - kHeaderSize - payload_length);
   BlockHeader h;
   std::memset(&h, 0, sizeof h);
   std::memcpy(h.magic, kBlockMagic, sizeof h.magic);
@@ -134,8 +134,8 @@ const char* HeaderDamage(const BlockHeader& h) {
   return nullptr;
 }
 
-IoResult ReadBlockFile(const std::string& path, uint8_t* staging, uint64_t expected_payload,
-                       uint64_t layout_digest, uint32_t shard_count, const IoOptions& opts) {
+IoResult ReadBlockFile(const std::string& path, uint8_t* staging, uint64_t expected_payload, uint64_t layout_digest,
+                       uint32_t shard_count, const IoOptions& opts) {
   const size_t want = FileSizeFor(expected_payload);
   int fd = OpenMaybeDirect(path, O_RDONLY | O_NOFOLLOW, 0, opts.odirect);  // a block is never a symbolic link
   if (fd < 0) {

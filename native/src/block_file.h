@@ -31,7 +31,7 @@ struct BlockHeader {
   uint32_t payload_crc;
   uint32_t shard_count;
   uint32_t reserved;
-  uint32_t header_crc;     // CRC32C of every byte above
+  uint32_t header_crc;  // CRC32C of every byte above
 };
 #pragma pack(pop)
 
@@ -40,7 +40,7 @@ inline size_t FileSizeFor(size_t payload) { return kHeaderSize + AlignUp(payload
 
 enum class BlockStatus : int32_t {
   kOk = 0,
-  kNotFound = 1,   // no such file, or (NFS) deleted or replaced by another client: ESTALE
+  kNotFound = 1,  // no such file, or (NFS) deleted or replaced by another client: ESTALE
   kCorrupt = 2,
   kIoError = 3,
   kCancelled = 4,
@@ -53,7 +53,8 @@ enum class BlockStatus : int32_t {
 // and core/native.ts refuses to load an addon whose names differ from its own.
 constexpr const char* kBlockStatusNames[] = {"ok",        "not_found", "corrupt",  "io_error",
                                              "cancelled", "skipped",   "mismatch", "dropped"};
-static_assert(sizeof(kBlockStatusNames) / sizeof(kBlockStatusNames[0]) == static_cast<size_t>(BlockStatus::kDropped) + 1,
+static_assert(sizeof(kBlockStatusNames) / sizeof(kBlockStatusNames[0]) ==
+                  static_cast<size_t>(BlockStatus::kDropped) + 1,
               "a name for every BlockStatus");
 
 struct IoOptions {
@@ -66,24 +67,24 @@ struct IoResult {
   IoResult() = default;
   IoResult(BlockStatus s, int e, const char* w) : status(s), err(e), what(w) {}
   BlockStatus status = BlockStatus::kOk;
-  int err = 0;              // errno for kIoError
-  const char* what = "";    // which check failed (corrupt) or which call (io)
-  std::string detail;       // a message built at run time (device errors); preferred over `what`
+  int err = 0;            // errno for kIoError
+  const char* what = "";  // which check failed (corrupt) or which call (io)
+  std::string detail;     // a message built at run time (device errors); preferred over `what`
 };
 
 // Writes a block whose payload already sits at staging + kHeaderSize. Fills the
 // header in staging[0, kHeaderSize) and zeroes the tail padding, so `staging`
 // must hold FileSizeFor(payload_length) bytes and be kBlockAlign aligned.
 // Creates `path` exclusively (O_EXCL): the temporary name is ours alone.
-IoResult WriteBlockFile(const std::string& path, uint8_t* staging, uint64_t payload_length,
-                        uint64_t layout_digest, uint32_t shard_count, const IoOptions& opts);
+IoResult WriteBlockFile(const std::string& path, uint8_t* staging, uint64_t payload_length, uint64_t layout_digest,
+                        uint32_t shard_count, const IoOptions& opts);
 
 // Reads `path` into staging and verifies it against what the caller expects.
 // kCorrupt means the file itself is damaged; kMismatch that it is intact but
 // not what this request describes (so it must not be deleted on its account).
 // On kOk the payload is at staging + kHeaderSize. `staging` must hold
 // FileSizeFor(expected_payload) bytes and be kBlockAlign aligned.
-IoResult ReadBlockFile(const std::string& path, uint8_t* staging, uint64_t expected_payload,
-                       uint64_t layout_digest, uint32_t shard_count, const IoOptions& opts);
+IoResult ReadBlockFile(const std::string& path, uint8_t* staging, uint64_t expected_payload, uint64_t layout_digest,
+                       uint32_t shard_count, const IoOptions& opts);
 
 }  // namespace ucm

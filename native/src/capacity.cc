@@ -66,14 +66,22 @@ int LockFd(int fd, int timeout_ms) {
   }
 }
 
+// "ucm-usage 1 <bytes> <files>\n", as WriteLedger writes it; anything else is a damaged ledger.
 bool ParseLedger(const char* text, Usage* u) {
-  int64_t bytes = 0, files = 0;
-  char magic[16] = {0};
-  int ver = 0;
-  if (std::sscanf(text, "%9s %d %" SCNd64 " %" SCNd64, magic, &ver, &bytes, &files) != 4) return false;
-  if (std::strcmp(magic, "ucm-usage") != 0 || ver != 1 || bytes < 0 || files < 0) return false;
-  u->bytes = bytes;
-  u->files = files;
+  const size_t magic = std::strlen(kLedgerMagic);
+  if (std::strncmp(text, kLedgerMagic, magic) != 0 || text[magic] != ' ') return false;
+  const char* p = text + magic + 1;
+  int64_t v[2];
+  for (int i = 0; i < 2; ++i) {
+    char* end = nullptr;
+    errno = 0;
+    const long long x = std::strtoll(p, &end, 10);
+    if (end == p || errno != 0 || x < 0 || *end != (i == 0 ? ' ' : '\n')) return false;
+    v[i] = x;
+    p = end + 1;
+  }
+  u->bytes = v[0];
+  u->files = v[1];
   return true;
 }
 
@@ -113,8 +121,8 @@ int WithLedger(const std::string& dir, int timeout_ms, const std::function<void(
 struct Entry {
   int64_t mtime;
   uint64_t size;
-  std::string path;   // absolute
-  size_t name_at;     // where the key hex starts in path
+  std::string path;  // absolute
+  size_t name_at;    // where the key hex starts in path
 };
 
 // Bytes a directory or a small file takes on the filesystem (what it allocated).
@@ -171,10 +179,13 @@ void Scan(const std::string& dir, std::vector<Entry>* out, uint64_t* holders) {
 }  // namespace
 
 int LedgerAdd(const std::string& dir, int64_t dbytes, int64_t dfiles, int timeout_ms, Usage* out) {
-  return WithLedger(dir, timeout_ms, [&](Usage& u) {
-    u.bytes += dbytes;
-    u.files += dfiles;
-  }, out);
+  return WithLedger(
+      dir, timeout_ms,
+      [&](Usage& u) {
+        u.bytes += dbytes;
+        u.files += dfiles;
+      },
+      out);
 }
 
 void Evict(const EvictRequest& req, EvictResult* out) {
@@ -186,8 +197,10 @@ void Evict(const EvictRequest& req, EvictResult* out) {
   int rc = LockFd(lock, 0);
   if (rc != 0) {
     close(lock);
-    if (rc == EAGAIN) out->busy = true;
-    else out->err = rc;
+    if (rc == EAGAIN)
+      out->busy = true;
+    else
+      out->err = rc;
     return;
   }
   Usage before;
@@ -239,11 +252,14 @@ void Evict(const EvictRequest& req, EvictResult* out) {
   // arrives as the ledger's change since `before`.
   const int64_t scanned_bytes = static_cast<int64_t>(out->scanned_bytes);
   const int64_t scanned_files = static_cast<int64_t>(out->scanned_files);
-  rc = WithLedger(req.dir, req.timeout_ms, [&](Usage& u) {
-    const int64_t db = u.bytes - before.bytes, df = u.files - before.files;
-    u.bytes = scanned_bytes - static_cast<int64_t>(out->freed_bytes) + db;
-    u.files = scanned_files - static_cast<int64_t>(out->freed_files) + df;
-  }, &out->usage);
+  rc = WithLedger(
+      req.dir, req.timeout_ms,
+      [&](Usage& u) {
+        const int64_t db = u.bytes - before.bytes, df = u.files - before.files;
+        u.bytes = scanned_bytes - static_cast<int64_t>(out->freed_bytes) + db;
+        u.files = scanned_files - static_cast<int64_t>(out->freed_files) + df;
+      },
+      &out->usage);
   if (rc != 0) out->err = rc;
   close(lock);
 }

@@ -39,23 +39,23 @@ struct EvictRequest {
   bool has_target = false;
   uint64_t target_bytes = 0;
   uint64_t extra_bytes = 0;
-  uint64_t grace_ns = 0;         // files used within this window are kept
+  uint64_t grace_ns = 0;                   // files used within this window are kept
   std::unordered_set<std::string> pinned;  // block file names (key hex) being read here
-  int timeout_ms = 10000;        // for the ledger lock
+  int timeout_ms = 10000;                  // for the ledger lock
 };
 
 struct EvictResult {
-  bool busy = false;             // another engine holds the eviction lock
-  int err = 0;                   // errno of a failure that stopped the pass
-  uint64_t scanned_bytes = 0;     // block files plus what holds them (namespace directories, descriptions)
+  bool busy = false;           // another engine holds the eviction lock
+  int err = 0;                 // errno of a failure that stopped the pass
+  uint64_t scanned_bytes = 0;  // block files plus what holds them (namespace directories, descriptions)
   uint64_t scanned_files = 0;
-  uint64_t wanted_bytes = 0;     // what the scan said had to go
+  uint64_t wanted_bytes = 0;  // what the scan said had to go
   uint64_t freed_bytes = 0;
   uint64_t freed_files = 0;
-  uint64_t kept_recent = 0;      // candidates spared by the grace window
-  uint64_t kept_pinned = 0;      // candidates spared because they are being read
-  uint64_t vanished = 0;         // deleted by someone else between scan and unlink
-  Usage usage;                   // the ledger after the pass
+  uint64_t kept_recent = 0;  // candidates spared by the grace window
+  uint64_t kept_pinned = 0;  // candidates spared because they are being read
+  uint64_t vanished = 0;     // deleted by someone else between scan and unlink
+  Usage usage;               // the ledger after the pass
 };
 
 // Runs one eviction pass over `dir` (see the file comment).

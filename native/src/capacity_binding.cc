@@ -44,8 +44,10 @@ struct PendingUsage final : Pending {
     return out;
   }
   void Settle(Napi::Env env) override {
-    if (rc != 0) deferred.Reject(ErrnoError(env, rc, "usage ledger of " + dir).Value());
-    else Pending::Settle(env);
+    if (rc != 0)
+      deferred.Reject(ErrnoError(env, rc, "usage ledger of " + dir).Value());
+    else
+      Pending::Settle(env);
   }
 };
 
@@ -81,7 +83,11 @@ Napi::Value Run(Napi::Env env, CapacityWork* w, std::unique_ptr<P> p, void (*wor
   CompletionChannel* channel = &w->channel;
   // Post fails only once the environment is being torn down: the promise goes with it.
   w->pool.Post([channel, job, raw, work] {
-    work(*job);
+    try {
+      work(*job);
+    } catch (const std::exception& e) {
+      job->thrown = std::string("capacity job failed: ") + e.what();  // never a promise left unsettled
+    }
     channel->Complete(raw);
   });
   return promise;

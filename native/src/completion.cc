@@ -42,7 +42,10 @@ void CompletionChannel::Drain(Napi::Env env) {
     std::unique_ptr<Pending> own = std::move(it->second);
     owned_.erase(it);
     Napi::HandleScope scope(env);
-    own->Settle(env);
+    if (own->thrown.empty())
+      own->Settle(env);
+    else
+      own->deferred.Reject(Napi::Error::New(env, own->thrown).Value());
     if (--inflight_ == 0) {
       if (open_) tsfn_.Unref(env);
       if (on_busy_) on_busy_(false);

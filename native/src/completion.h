@@ -19,6 +19,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -35,6 +36,9 @@ struct Pending {
   // JS thread: resolves with Result(); a job that can fail rejects instead.
   virtual void Settle(Napi::Env env) { deferred.Resolve(Result(env)); }
   Napi::Promise::Deferred deferred;
+  // Set by the worker thread when the job threw (an allocation failing, say):
+  // the promise is rejected with it instead of settled.
+  std::string thrown;
 };
 
 class CompletionChannel {

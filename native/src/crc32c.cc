@@ -36,9 +36,8 @@ uint32_t SoftCrc(uint32_t crc, const uint8_t* p, size_t len) {
     uint64_t v;
     std::memcpy(&v, p, 8);
     v ^= crc;
-    crc = tb.t[7][v & 0xFF] ^ tb.t[6][(v >> 8) & 0xFF] ^ tb.t[5][(v >> 16) & 0xFF] ^
-          tb.t[4][(v >> 24) & 0xFF] ^ tb.t[3][(v >> 32) & 0xFF] ^ tb.t[2][(v >> 40) & 0xFF] ^
-          tb.t[1][(v >> 48) & 0xFF] ^ tb.t[0][v >> 56];
+    crc = tb.t[7][v & 0xFF] ^ tb.t[6][(v >> 8) & 0xFF] ^ tb.t[5][(v >> 16) & 0xFF] ^ tb.t[4][(v >> 24) & 0xFF] ^
+          tb.t[3][(v >> 32) & 0xFF] ^ tb.t[2][(v >> 40) & 0xFF] ^ tb.t[1][(v >> 48) & 0xFF] ^ tb.t[0][v >> 56];
     p += 8;
     len -= 8;
   }
@@ -75,7 +74,7 @@ uint32_t GfMulXPow(uint32_t a, uint32_t b) {  // a*b mod P, both reflected
   return prod;
 }
 
-uint32_t XPow8n(size_t n) {  // x^(8n) mod P in reflected form, by squaring
+uint32_t XPow8n(size_t n) {       // x^(8n) mod P in reflected form, by squaring
   uint32_t result = 0x80000000u;  // x^0
   uint32_t base = 0x00800000u;    // x^8
   while (n) {

@@ -87,14 +87,16 @@ const CudaStatus& CudaProbe() {
     cudaError_t e = cudaGetDeviceCount(&s.devices);
     if (e != cudaSuccess && s.driver_version > 0 && s.driver_version / 1000 < s.runtime_version / 1000) {
       s.devices = 0;
-      s.why = "the NVIDIA driver supports CUDA " + CudaVersionText(s.driver_version) + ", but this engine was built with CUDA " +
-              CudaVersionText(s.runtime_version) + ", which needs driver " + std::to_string(MinDriver(s.runtime_version)) +
+      s.why = "the NVIDIA driver supports CUDA " + CudaVersionText(s.driver_version) +
+              ", but this engine was built with CUDA " + CudaVersionText(s.runtime_version) + ", which needs driver " +
+              std::to_string(MinDriver(s.runtime_version)) +
               " or newer: update the driver, or rebuild native/ with a CUDA toolkit the driver supports (" +
               CudaErr("cudaGetDeviceCount", e) + ")";
     } else if (e != cudaSuccess) {
       s.devices = 0;
-      s.why = s.driver_version == 0 ? "no NVIDIA driver (libcuda.so.1) in the engine process; " + CudaErr("cudaGetDeviceCount", e)
-                                    : CudaErr("cudaGetDeviceCount", e);
+      s.why = s.driver_version == 0
+                  ? "no NVIDIA driver (libcuda.so.1) in the engine process; " + CudaErr("cudaGetDeviceCount", e)
+                  : CudaErr("cudaGetDeviceCount", e);
     } else if (s.devices == 0) {
       s.why = "no CUDA device";
     } else {
@@ -126,7 +128,8 @@ bool ResolveDevice(int client_device, const std::string& pci_bus_id, int* device
 
 // Sleeps between polls (50 us doubling to 1 ms): an event that completes at
 // once costs one query, one that never completes costs almost no CPU.
-bool AwaitCudaEvent(const CudaEvent& ev, uint32_t timeout_ms, const std::function<bool()>& abandon, std::string* error) {
+bool AwaitCudaEvent(const CudaEvent& ev, uint32_t timeout_ms, const std::function<bool()>& abandon,
+                    std::string* error) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   auto nap = std::chrono::microseconds(50);
   if (cudaSetDevice(ev.device()) != cudaSuccess) cudaGetLastError();  // queries run in the event's context
@@ -187,8 +190,8 @@ std::shared_ptr<CudaRegion> CudaRegion::Open(int client_device, const std::strin
     if (e != cudaSuccess) {
       cudaGetLastError();
       g_maps.erase(key);
-      *error = CudaErr("cudaIpcOpenMemHandle", e) + " (is the exporting process alive, on this node, and is the memory " +
-               "from cudaMalloc?)";
+      *error = CudaErr("cudaIpcOpenMemHandle", e) +
+               " (is the exporting process alive, on this node, and is the memory " + "from cudaMalloc?)";
       return nullptr;
     }
     m.base = static_cast<uint8_t*>(p);
@@ -211,8 +214,8 @@ CudaRegion::~CudaRegion() {
   g_maps.erase(it);
 }
 
-std::shared_ptr<CudaEvent> CudaEvent::Open(int client_device, const std::string& pci_bus_id,
-                                           const std::string& handle, std::string* error) {
+std::shared_ptr<CudaEvent> CudaEvent::Open(int client_device, const std::string& pci_bus_id, const std::string& handle,
+                                           std::string* error) {
   if (handle.size() != sizeof(cudaIpcEventHandle_t)) {
     *error = "CUDA IPC event handle must be " + std::to_string(sizeof(cudaIpcEventHandle_t)) + " bytes, got " +
              std::to_string(handle.size());

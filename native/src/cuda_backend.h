@@ -13,9 +13,9 @@
 // pass that wrote the blocks; a worker gathers only once that event has
 // completed (polled from the host with a deadline, sleeping between polls, so
 // a client's event that never completes costs neither a core nor a thread
-// for good, and a cancel or the task's deadline ends the wait at once). Load: a worker reports a block done only after its scatter
-// finished on the device, so the shim, which waits for the task, never lets
-// vLLM read a block before its bytes are in.
+// for good, and a cancel or the task's deadline ends the wait at once). Load: a worker reports a block done only after
+// its scatter finished on the device, so the shim, which waits for the task, never lets vLLM read a block before its
+// bytes are in.
 //
 // Waiting. Every wait on the device sleeps (events created with
 // cudaEventBlockingSync): 32 transfer threads must not spin 32 cores that
@@ -39,14 +39,14 @@
 namespace ucm {
 
 struct CudaStatus {
-  bool built = false;     // compiled with the CUDA toolkit (or the emulated runtime)
-  bool emulated = false;  // the test build: CUDA runtime emulated over host shared memory
-  bool usable = false;    // driver present and at least one device
+  bool built = false;         // compiled with the CUDA toolkit (or the emulated runtime)
+  bool emulated = false;      // the test build: CUDA runtime emulated over host shared memory
+  bool usable = false;        // driver present and at least one device
   bool batch_copies = false;  // this build's runtime has cudaMemcpyBatchAsync (CUDA >= 12.8)
   int devices = 0;
   int runtime_version = 0;
   int driver_version = 0;
-  std::string why;        // when !usable
+  std::string why;  // when !usable
 };
 
 // Probed once per process. Creates no CUDA context.
@@ -92,7 +92,7 @@ class CudaEvent {
  public:
   static std::shared_ptr<CudaEvent> Open(int device, const std::string& pci_bus_id, const std::string& handle,
                                          std::string* error);
-  ~CudaEvent();
+  ~CudaEvent();  // NOLINT(performance-trivially-destructible): trivial only in the build without CUDA
   CudaEvent(const CudaEvent&) = delete;
   CudaEvent& operator=(const CudaEvent&) = delete;
   int device() const { return device_; }
@@ -148,13 +148,13 @@ class CudaStager {
 
   CudaCopy method_ = CudaCopy::kKernel;
   bool broken_ = false;
-  uint8_t* alloc_ = nullptr;   // what cudaHostAlloc returned
-  uint8_t* data_ = nullptr;    // 4096-aligned inside alloc_
+  uint8_t* alloc_ = nullptr;  // what cudaHostAlloc returned
+  uint8_t* data_ = nullptr;   // 4096-aligned inside alloc_
   size_t capacity_ = 0;
-  void* table_ = nullptr;      // pinned copy descriptors (kernel method)
+  void* table_ = nullptr;  // pinned copy descriptors (kernel method)
   size_t table_entries_ = 0;
-  std::vector<void*> streams_; // by device ordinal
-  std::vector<void*> done_;    // by device ordinal: end-of-copy events (blocking sync)
+  std::vector<void*> streams_;  // by device ordinal
+  std::vector<void*> done_;     // by device ordinal: end-of-copy events (blocking sync)
   std::vector<void*> srcs_, dsts_;
   std::vector<size_t> sizes_;
 };

@@ -20,7 +20,7 @@ struct CopyPiece {
 
 // Large copies are cut into pieces of at most this size so a block with few
 // big shards (MLA: one per layer) still spreads over many thread blocks.
-constexpr uint64_t kCopyPiece = 64 * 1024;
+constexpr uint64_t kCopyPiece = uint64_t{64} * 1024;
 
 // Queues one kernel launch on `stream` that performs every piece of `table`
 // (pinned, mapped host memory the caller keeps until the stream synchronized).

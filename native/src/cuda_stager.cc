@@ -29,7 +29,8 @@ std::unique_ptr<CudaStager> CudaStager::Create(int device, size_t bytes, CudaCop
     return nullptr;
   }
   s->alloc_ = static_cast<uint8_t*>(p);
-  s->data_ = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(p) + kBlockAlign - 1) / kBlockAlign * kBlockAlign);
+  const size_t skew = reinterpret_cast<uintptr_t>(p) % kBlockAlign;
+  s->data_ = s->alloc_ + (skew == 0 ? 0 : kBlockAlign - skew);
   s->capacity_ = bytes;
   return s;
 }
@@ -125,7 +126,8 @@ bool CudaStager::EnqueueBatch(int device, const std::vector<DeviceCopy>& copies,
   static bool notice_given = false;
   AddCudaNotice(&notice_given, "cudaMemcpyBatchAsync is not available with this driver (CUDA " +
                                    CudaVersionText(CudaProbe().driver_version) + "; " +
-                                   CudaErr("cudaMemcpyBatchAsync", e) + "): GPU blocks move with the copy kernel instead");
+                                   CudaErr("cudaMemcpyBatchAsync", e) +
+                                   "): GPU blocks move with the copy kernel instead");
   return EnqueueKernel(copies, to_host, stream, error);
 #else
   (void)device;

@@ -5,7 +5,8 @@
 namespace ucm {
 
 namespace {
-constexpr const char* kNotBuilt = "this engine was built without the CUDA toolkit (nvcc not found when native/ was compiled)";
+constexpr const char* kNotBuilt =
+    "this engine was built without the CUDA toolkit (nvcc not found when native/ was compiled)";
 }
 
 const CudaStatus& CudaProbe() {

@@ -60,8 +60,8 @@ void ParseShards(Napi::Env env, TransferTask& task, const Napi::Uint32Array& sha
   }
 }
 
-void ParseBlocks(Napi::Env env, TransferTask& task, std::vector<std::string> paths, const Napi::Uint32Array& block_shards,
-                 uint64_t max_block_bytes) {
+void ParseBlocks(Napi::Env env, TransferTask& task, std::vector<std::string> paths,
+                 const Napi::Uint32Array& block_shards, uint64_t max_block_bytes) {
   const size_t nblocks = paths.size(), nshards = task.shards.size();
   task.blocks.resize(nblocks);
   uint64_t next = 0;

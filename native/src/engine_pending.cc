@@ -14,7 +14,8 @@ Napi::Value PendingTransfer::Result(Napi::Env env) {
     const IoResult& r = task->results[i];
     status[i] = static_cast<int32_t>(r.status);
     err[i] = r.err;
-    what.Set(static_cast<uint32_t>(i), Napi::String::New(env, r.detail.empty() ? std::string(r.what) : r.what + std::string(": ") + r.detail));
+    what.Set(static_cast<uint32_t>(i),
+             Napi::String::New(env, r.detail.empty() ? std::string(r.what) : r.what + std::string(": ") + r.detail));
   }
   auto out = Napi::Object::New(env);
   out.Set("status", status);

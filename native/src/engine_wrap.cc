@@ -14,20 +14,16 @@
 namespace ucm {
 
 Napi::Function EngineWrap::Define(Napi::Env env) {
-  return DefineClass(env, "Engine",
-                     {InstanceMethod<&EngineWrap::OpenHostRegion>("openHostRegion"),
-                      InstanceMethod<&EngineWrap::OpenCudaRegion>("openCudaRegion"),
-                      InstanceMethod<&EngineWrap::OpenCudaEvent>("openCudaEvent"),
-                      InstanceMethod<&EngineWrap::CloseEvent>("closeEvent"),
-                      InstanceMethod<&EngineWrap::Cancel>("cancel"),
-                      InstanceMethod<&EngineWrap::CloseRegion>("closeRegion"),
-                      InstanceMethod<&EngineWrap::Dump>("dump"),
-                      InstanceMethod<&EngineWrap::Load>("load"),
-                      InstanceMethod<&EngineWrap::Lookup>("lookup"),
-                      InstanceMethod<&EngineWrap::Commit>("commit"),
-                      InstanceMethod<&EngineWrap::Remove>("remove"),
-                      InstanceMethod<&EngineWrap::Stats>("stats"),
-                      InstanceMethod<&EngineWrap::Close>("close")});
+  return DefineClass(
+      env, "Engine",
+      {InstanceMethod<&EngineWrap::OpenHostRegion>("openHostRegion"),
+       InstanceMethod<&EngineWrap::OpenCudaRegion>("openCudaRegion"),
+       InstanceMethod<&EngineWrap::OpenCudaEvent>("openCudaEvent"),
+       InstanceMethod<&EngineWrap::CloseEvent>("closeEvent"), InstanceMethod<&EngineWrap::Cancel>("cancel"),
+       InstanceMethod<&EngineWrap::CloseRegion>("closeRegion"), InstanceMethod<&EngineWrap::Dump>("dump"),
+       InstanceMethod<&EngineWrap::Load>("load"), InstanceMethod<&EngineWrap::Lookup>("lookup"),
+       InstanceMethod<&EngineWrap::Commit>("commit"), InstanceMethod<&EngineWrap::Remove>("remove"),
+       InstanceMethod<&EngineWrap::Stats>("stats"), InstanceMethod<&EngineWrap::Close>("close")});
 }
 
 EngineWrap::EngineWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<EngineWrap>(info) {
@@ -36,8 +32,10 @@ EngineWrap::EngineWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Engine
   core_ = std::make_unique<TransferEngine>(opts);
   // Keeps this object alive while native work refers to it.
   channel_ = std::make_unique<CompletionChannel>(env, "ucm-transfer-done", [this](bool busy) {
-    if (busy) Ref();
-    else Unref();
+    if (busy)
+      Ref();
+    else
+      Unref();
   });
   cleanup_ = env.AddCleanupHook(std::function<void()>([this] {
     hook_ran_ = true;
@@ -72,7 +70,8 @@ Napi::Value EngineWrap::OpenCudaRegion(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   CheckOpen(env);
   if (info.Length() < 4 || !info[0].IsNumber() || !info[2].IsNumber() || !info[3].IsNumber())
-    throw ArgTypeError(env, "openCudaRegion(device: number, handle: Uint8Array, offset: number, size: number, pciBusId?: string)");
+    throw ArgTypeError(
+        env, "openCudaRegion(device: number, handle: Uint8Array, offset: number, size: number, pciBusId?: string)");
   const int device = static_cast<int>(SafeUint(env, info[0].As<Napi::Number>().DoubleValue(), "device"));
   std::string error;
   std::shared_ptr<Region> region =
@@ -121,7 +120,8 @@ Napi::Value EngineWrap::Transfer(const Napi::CallbackInfo& info, Op op) {
   if (!cancel_id.IsUndefined()) {
     if (!cancel_id.IsNumber()) throw ArgTypeError(env, "cancelId must be a number");
     const uint32_t id = cancel_id.As<Napi::Number>().Uint32Value();
-    if (cancellable_.count(id)) throw CodedRangeError(env, "cancel_id_in_use", "cancelId " + std::to_string(id) + " is in use");
+    if (cancellable_.count(id))
+      throw CodedRangeError(env, "cancel_id_in_use", "cancelId " + std::to_string(id) + " is in use");
     cancellable_[id] = task;
     pending->cancellable = &cancellable_;
     pending->cancel_id = id;
@@ -129,7 +129,7 @@ Napi::Value EngineWrap::Transfer(const Napi::CallbackInfo& info, Op op) {
   Napi::Promise promise = pending->deferred.Promise();
   Pending* raw = channel_->Track(env, std::move(pending));
   CompletionChannel* channel = channel_.get();
-  core_->Submit(task, [channel, raw](std::shared_ptr<TransferTask>) { channel->Complete(raw); });
+  core_->Submit(task, [channel, raw](const std::shared_ptr<TransferTask>&) { channel->Complete(raw); });
   return promise;
 }
 
@@ -175,7 +175,8 @@ Napi::Value EngineWrap::Commit(const Napi::CallbackInfo& info) {
   auto to = StringArray(info[1], "to");
   if (from.size() != to.size()) throw ArgRangeError(env, "from and to must have the same length");
   auto p = std::make_unique<PendingMeta>(env, std::move(from), std::move(to));
-  return RunMeta(env, std::move(p), [](PendingMeta& m, size_t i) { m.codes[i] = CommitFile(m.first[i], m.second[i]); }, false);
+  return RunMeta(
+      env, std::move(p), [](PendingMeta& m, size_t i) { m.codes[i] = CommitFile(m.first[i], m.second[i]); }, false);
 }
 
 Napi::Value EngineWrap::Remove(const Napi::CallbackInfo& info) {
@@ -207,8 +208,10 @@ Napi::Value EngineWrap::RunMeta(Napi::Env env, std::unique_ptr<PendingMeta> p, v
       for (size_t i = begin; i < end; ++i) fn(*m, i);
       if (m->chunks_left.fetch_sub(1) == 1) channel->Complete(raw);
     };
-    if (lookup) core_->PostLookup(std::move(job));
-    else core_->PostMeta(std::move(job));
+    if (lookup)
+      core_->PostLookup(std::move(job));
+    else
+      core_->PostMeta(std::move(job));
   }
   return promise;
 }

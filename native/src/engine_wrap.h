@@ -50,8 +50,8 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
   // Keeps what an Open() returned under a fresh id (regions and events share
   // the numbering), or throws its error with `code` when it returned nothing.
   template <typename T, typename Opened>
-  Napi::Value Keep(Napi::Env env, std::unordered_map<uint32_t, std::shared_ptr<T>>& ids, Opened opened, const char* code,
-                   const std::string& error) {
+  Napi::Value Keep(Napi::Env env, std::unordered_map<uint32_t, std::shared_ptr<T>>& ids, Opened opened,
+                   const char* code, const std::string& error) {
     if (!opened) throw CodedError(env, code, error);
     const uint32_t id = next_region_++;
     ids[id] = std::move(opened);

@@ -47,7 +47,7 @@ void Install() {
 bool GuardedCopies(const CopyRange* copies, size_t n) {
   std::call_once(g_installed, Install);
   sigjmp_buf escape;
-  t_escape = nullptr;  // allocates this thread's slot now, outside any handler
+  t_escape = nullptr;                           // allocates this thread's slot now, outside any handler
   if (sigsetjmp(escape, 1) != 0) return false;  // 1: restores the signal mask on the way out
   t_escape = &escape;
   std::atomic_signal_fence(std::memory_order_seq_cst);

@@ -41,7 +41,9 @@ void JobPool::Loop() {
     }
     try {
       fn();
-    } catch (const std::exception&) {
+    } catch (const std::exception&) {  // NOLINT(bugprone-empty-catch): a job reports its own failure
+      // Jobs catch their own errors and settle their promise with them; one
+      // that throws anyway must not take the pool's thread with it.
     }
   }
 }

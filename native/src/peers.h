@@ -5,9 +5,9 @@
 // way to end one (shutdown: libzmq then sees end-of-file and closes it as if
 // the peer had left). No Node-API here.
 #pragma once
+#include <sys/types.h>
 #include <cstdint>
 #include <string>
-#include <sys/types.h>
 #include <vector>
 
 namespace ucm {
@@ -42,9 +42,9 @@ bool EndConnection(const std::string& path, int fd, uint64_t inode);
 struct ListenerPauseState {
   bool running = false;
   bool paused = false;
-  uint64_t pauses = 0;       // times the socket was hidden
-  std::string hidden_path;   // where it is while paused
-  std::string error;         // the last rename that failed, if any
+  uint64_t pauses = 0;      // times the socket was hidden
+  std::string hidden_path;  // where it is while paused
+  std::string error;        // the last rename that failed, if any
 };
 void StartListenerPause(const std::string& path, int pause_at, int resume_at);
 // Stops the thread and puts the socket's name back.

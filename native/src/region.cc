@@ -1,13 +1,13 @@
 #include "region.h"
 
-#include <cerrno>
-#include <cstring>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
-#include <cstdio>
 #include <unistd.h>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
 
 namespace ucm {
 
@@ -20,18 +20,28 @@ bool IsShmName(const std::string& s) {
   return s.size() > 1 && s[0] == '/' && s.find('/', 1) == std::string::npos;
 }
 
+// A decimal number of at most 9 digits at `p` (no sign, no blanks), moving `p` past it; -1 if none.
+long Digits(const char*& p) {
+  long v = 0;
+  int n = 0;
+  for (; *p >= '0' && *p <= '9' && n < 9; ++p, ++n) v = v * 10 + (*p - '0');
+  return n == 0 || (*p >= '0' && *p <= '9') ? -1 : v;
+}
+
 // "/proc/<pid>/fd/<n>" -> pid, or -1.
 int ProcFdPid(const std::string& s) {
-  int pid = -1, fd = -1, end = 0;
-  if (std::sscanf(s.c_str(), "/proc/%d/fd/%d%n", &pid, &fd, &end) == 2 && end == static_cast<int>(s.size()) &&
-      pid > 0 && fd >= 0)
-    return pid;
-  return -1;
+  constexpr char kPrefix[] = "/proc/";
+  if (s.compare(0, sizeof kPrefix - 1, kPrefix) != 0) return -1;
+  const char* p = s.c_str() + sizeof kPrefix - 1;
+  const long pid = Digits(p);
+  if (pid <= 0 || std::strncmp(p, "/fd/", 4) != 0) return -1;
+  p += 4;
+  if (Digits(p) < 0 || *p != '\0') return -1;
+  return static_cast<int>(pid);
 }
 }  // namespace
 
-std::shared_ptr<HostRegion> HostRegion::Open(const std::string& source, uint64_t size, int pid,
-                                             std::string* error) {
+std::shared_ptr<HostRegion> HostRegion::Open(const std::string& source, uint64_t size, int pid, std::string* error) {
   if (size == 0) {
     *error = "region size must be positive";
     return nullptr;
@@ -56,7 +66,8 @@ std::shared_ptr<HostRegion> HostRegion::Open(const std::string& source, uint64_t
     }
     fd = open(source.c_str(), O_RDWR | O_NONBLOCK | O_CLOEXEC);  // /proc's fd link names the open file itself
   } else {
-    *error = "region '" + source + "' is not shared memory: give a POSIX shared memory name (\"/name\"), a path "
+    *error = "region '" + source +
+             "' is not shared memory: give a POSIX shared memory name (\"/name\"), a path "
              "under /dev/shm, or /proc/<pid>/fd/<n> of the client's own process";
     return nullptr;
   }
@@ -71,7 +82,8 @@ std::shared_ptr<HostRegion> HostRegion::Open(const std::string& source, uint64_t
   };
   struct stat st;
   struct statfs sfs;
-  if (fstat(fd, &st) != 0 || fstatfs(fd, &sfs) != 0) return refuse(std::string("cannot be examined: ") + std::strerror(errno));
+  if (fstat(fd, &st) != 0 || fstatfs(fd, &sfs) != 0)
+    return refuse(std::string("cannot be examined: ") + std::strerror(errno));
   if (!S_ISREG(st.st_mode)) return refuse("is not a regular shared memory object or file");
   if (static_cast<long>(sfs.f_type) != kTmpfsMagic && static_cast<long>(sfs.f_type) != kHugetlbfsMagic)
     return refuse("is not in shared memory (tmpfs or hugetlbfs): the engine maps only memory, never other files");

@@ -29,9 +29,7 @@ class Region {
   uint8_t* device_base() const { return device_base_; }
 
   // True when [offset, offset + length) lies inside the region without overflow.
-  bool Contains(uint64_t offset, uint64_t length) const {
-    return offset <= size_ && length <= size_ - offset;
-  }
+  bool Contains(uint64_t offset, uint64_t length) const { return offset <= size_ && length <= size_ - offset; }
 
  protected:
   Region() = default;
@@ -54,8 +52,7 @@ class Region {
 // engine.
 class HostRegion final : public Region {
  public:
-  static std::shared_ptr<HostRegion> Open(const std::string& source, uint64_t size, int pid,
-                                          std::string* error);
+  static std::shared_ptr<HostRegion> Open(const std::string& source, uint64_t size, int pid, std::string* error);
   ~HostRegion() override;
   Medium medium() const override { return Medium::kHost; }
   const char* describe() const override { return source_.c_str(); }

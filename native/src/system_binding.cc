@@ -42,8 +42,9 @@ Napi::Value EndConnectionJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 3 || !info[0].IsString() || !info[1].IsNumber() || !info[2].IsNumber())
     throw ArgTypeError(env, "endConnection(socketPath: string, fd: number, inode: number)");
-  return Napi::Boolean::New(env, EndConnection(info[0].As<Napi::String>().Utf8Value(), info[1].As<Napi::Number>().Int32Value(),
-                                               static_cast<uint64_t>(info[2].As<Napi::Number>().DoubleValue())));
+  return Napi::Boolean::New(
+      env, EndConnection(info[0].As<Napi::String>().Utf8Value(), info[1].As<Napi::Number>().Int32Value(),
+                         static_cast<uint64_t>(info[2].As<Napi::Number>().DoubleValue())));
 }
 
 // listenerPause(socketPath, pauseAt, resumeAt): starts the guard of peers.h (StartListenerPause).

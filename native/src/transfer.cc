@@ -2,14 +2,14 @@
 
 #include "guarded_copy.h"
 
+#include <sys/stat.h>
+#include <unistd.h>
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <algorithm>
 #include <cstring>
-#include <sys/stat.h>
-#include <unistd.h>
 
 namespace ucm {
 
@@ -36,7 +36,9 @@ struct CopyGuard {
 };
 
 // The client shrank its shared memory under a copy (SIGBUS, see guarded_copy.h).
-IoResult RegionGone() { return IoResult{BlockStatus::kIoError, EFAULT, "the client's shared memory shrank under the copy"}; }
+IoResult RegionGone() {
+  return IoResult{BlockStatus::kIoError, EFAULT, "the client's shared memory shrank under the copy"};
+}
 }  // namespace
 
 bool TransferEngine::Cancel(TransferTask& task, uint32_t timeout_ms) {
@@ -50,9 +52,9 @@ bool TransferEngine::Cancel(TransferTask& task, uint32_t timeout_ms) {
 }
 
 uint64_t NowNs() {
-  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                   std::chrono::steady_clock::now().time_since_epoch())
-                                   .count());
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+          .count());
 }
 
 AlignedBuffer::~AlignedBuffer() { std::free(data_); }
@@ -95,7 +97,7 @@ void TransferEngine::Shutdown() {
   for (auto& t : meta_workers_) t.join();
 }
 
-void TransferEngine::Submit(std::shared_ptr<TransferTask> task, TaskDone done) {
+void TransferEngine::Submit(const std::shared_ptr<TransferTask>& task, TaskDone done) {
   auto shared_done = std::make_shared<TaskDone>(std::move(done));
   const uint32_t n = static_cast<uint32_t>(task->blocks.size());
   task->results.assign(n, IoResult{});
@@ -121,7 +123,10 @@ void TransferEngine::Submit(std::shared_ptr<TransferTask> task, TaskDone done) {
       Finish(Item{task, shared_done, b}, IoResult{BlockStatus::kCancelled, ECANCELED, "shutdown"});
     return;
   }
-  if (n == 1) cv_.notify_one(); else cv_.notify_all();
+  if (n == 1)
+    cv_.notify_one();
+  else
+    cv_.notify_all();
 }
 
 void TransferEngine::PostMeta(std::function<void()> fn) { Post(meta_, std::move(fn)); }
@@ -188,7 +193,7 @@ void TransferEngine::MetaLoop(JobQueue& q) {
     }
     try {
       fn();
-    } catch (const std::exception&) {
+    } catch (const std::exception&) {  // NOLINT(bugprone-empty-catch): see below
       // Metadata jobs write into memory allocated before they were posted and
       // are not expected to throw; if one ever does, the thread lives on.
     }
@@ -215,7 +220,8 @@ void TransferEngine::RunBlock(const Item& item, Worker& w) {
   for (uint32_t s = job.shard_begin + 1; s < job.shard_end; ++s) {
     const Region& r = *task.shards[s].region;
     if (r.medium() != first.medium() || r.device() != first.device()) {
-      Finish(item, IoResult{BlockStatus::kIoError, EINVAL, "a block's shards must be all host memory or all on one GPU"});
+      Finish(item,
+             IoResult{BlockStatus::kIoError, EINVAL, "a block's shards must be all host memory or all on one GPU"});
       return;
     }
   }
@@ -233,7 +239,6 @@ void TransferEngine::RunBlock(const Item& item, Worker& w) {
   staging_bytes_.fetch_add(staging.capacity() - before);
   const uint32_t shard_count = job.shard_end - job.shard_begin;
   uint8_t* payload = staging.data() + kHeaderSize;
-
 
   // The block's shards, as copies between the client's memory and staging.
   std::vector<CopyRange>& copies = w.copies;
@@ -260,16 +265,16 @@ void TransferEngine::RunBlock(const Item& item, Worker& w) {
         return;
       }
     }
-    r = WriteBlockFile(job.path, staging.data(), job.bytes, task.layout_digest, shard_count,
-                       opts_.io);
+    r = WriteBlockFile(job.path, staging.data(), job.bytes, task.layout_digest, shard_count, opts_.io);
   } else {
-    r = ReadBlockFile(job.path, staging.data(), job.bytes, task.layout_digest, shard_count,
-                      opts_.io);
+    r = ReadBlockFile(job.path, staging.data(), job.bytes, task.layout_digest, shard_count, opts_.io);
     if (r.status == BlockStatus::kOk) {
       // Only verified bytes ever reach the destination memory.
       CopyGuard guard(task);
-      if (!guard.go) r = guard.stop;
-      else if (!GuardedCopies(copies.data(), copies.size())) r = RegionGone();
+      if (!guard.go)
+        r = guard.stop;
+      else if (!GuardedCopies(copies.data(), copies.size()))
+        r = RegionGone();
     }
   }
   Finish(item, r);
@@ -301,8 +306,9 @@ IoResult TransferEngine::RunDeviceBlock(const Item& item, Worker& w) {
     pinned_bytes_.fetch_add(w.cuda->capacity());
   }
   if (FileSizeFor(job.bytes) > w.cuda->capacity()) {
-    error = "block of " + std::to_string(job.bytes) + " bytes does not fit the pinned staging of one transfer thread (" +
-            std::to_string(w.cuda->capacity()) + " bytes = pinnedStagingBytes / transferStreamNumber)";
+    error = "block of " + std::to_string(job.bytes) +
+            " bytes does not fit the pinned staging of one transfer thread (" + std::to_string(w.cuda->capacity()) +
+            " bytes = pinnedStagingBytes / transferStreamNumber)";
     return fail(EFBIG, "pinned staging");
   }
   std::vector<DeviceCopy> copies;
@@ -342,7 +348,7 @@ IoResult TransferEngine::RunDeviceBlock(const Item& item, Worker& w) {
   return r;
 }
 
-void TransferEngine::Finish(const Item& item, IoResult r) {
+void TransferEngine::Finish(const Item& item, const IoResult& r) {
   TransferTask& task = *item.task;
   task.results[item.block] = r;
   if (r.status == BlockStatus::kOk) task.bytes_ok.fetch_add(task.blocks[item.block].bytes);

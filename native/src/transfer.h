@@ -32,10 +32,10 @@ struct Shard {
 };
 
 struct BlockJob {
-  std::string path;         // dump: temporary file to create; load: file to read
-  uint32_t shard_begin = 0; // [shard_begin, shard_end) in TransferTask::shards
+  std::string path;          // dump: temporary file to create; load: file to read
+  uint32_t shard_begin = 0;  // [shard_begin, shard_end) in TransferTask::shards
   uint32_t shard_end = 0;
-  uint64_t bytes = 0;       // sum of the shard lengths
+  uint64_t bytes = 0;  // sum of the shard lengths
 };
 
 enum class Op { kDump = 0, kLoad = 1 };
@@ -45,7 +45,7 @@ struct TransferTask {
   uint64_t layout_digest = 0;
   std::vector<BlockJob> blocks;
   std::vector<Shard> shards;
-  std::vector<IoResult> results;   // one per block, written by the worker that ran it
+  std::vector<IoResult> results;  // one per block, written by the worker that ran it
   std::atomic<uint32_t> remaining{0};
   std::atomic<uint64_t> bytes_ok{0};
   uint64_t submit_ns = 0;
@@ -91,7 +91,7 @@ class AlignedBuffer {
 // options JS passed, whose defaults live in core/config.ts); the zeros here
 // are no defaults, an engine must not run on them.
 struct EngineOptions {
-  uint32_t threads = 0;          // transferStreamNumber
+  uint32_t threads = 0;  // transferStreamNumber
   uint32_t meta_threads = 0;
   uint64_t max_block_bytes = 0;
   // Pinned host staging for device blocks, all workers together; each
@@ -119,7 +119,7 @@ class TransferEngine {
   const EngineOptions& options() const { return opts_; }
 
   // Queues every block of `task`. `done` runs on a worker thread once.
-  void Submit(std::shared_ptr<TransferTask> task, TaskDone done);
+  void Submit(const std::shared_ptr<TransferTask>& task, TaskDone done);
   // Cancels `task`: queued blocks and loads not yet copied into memory end
   // as kCancelled. Returns once no block of it can write the destination
   // memory any more (true), or false if a copy still ran after timeout_ms.
@@ -162,19 +162,19 @@ class TransferEngine {
   void Post(JobQueue& q, std::function<void()> fn);
   void RunBlock(const Item& item, Worker& w);
   IoResult RunDeviceBlock(const Item& item, Worker& w);
-  void Finish(const Item& item, IoResult r);
+  void Finish(const Item& item, const IoResult& r);
 
   EngineOptions opts_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<Item> loads_;   // served first: a load is on the critical path
+  std::deque<Item> loads_;  // served first: a load is on the critical path
   std::deque<Item> dumps_;
   JobQueue meta_;
   JobQueue lookups_;
   bool stopping_ = false;
   std::atomic<uint64_t> staging_bytes_{0};
   std::atomic<uint64_t> pinned_bytes_{0};
-  std::vector<std::thread> workers_;  // declared last: joined before the queues die
+  std::vector<std::thread> workers_;       // declared last: joined before the queues die
   std::vector<std::thread> meta_workers_;  // the metadata and lookup pools' threads
 };
 

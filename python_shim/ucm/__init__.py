@@ -3,6 +3,7 @@
 Python translates; the engine process (core/, TypeScript) decides; its native
 addon (native/, C++) moves the bytes. No KV bytes pass through this package.
 """
+
 from __future__ import annotations
 
 import json

@@ -5,6 +5,7 @@ restarted engine no longer knows this client, the socket is replaced and the
 client says hello again; `epoch` counts those sessions so that callers know
 their registered regions must be registered again.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -81,13 +82,18 @@ def say_task_line(reply: dict[str, Any] | None) -> None:
 def curve_key_file(endpoint: str) -> str:
     """Mirror of core/curve.ts curveKeyFile: where the engine serving a tcp://
     endpoint publishes its CURVE public key for its own user."""
-    host_port = re.sub(r"[^A-Za-z0-9.-]", "-", endpoint[len("tcp://"):])
+    host_port = re.sub(r"[^A-Za-z0-9.-]", "-", endpoint[len("tcp://") :])
     return os.path.join(tempfile.gettempdir(), f"ucm-{os.getuid()}", f"tcp-{host_port}.curve")
 
 
 class EngineClient:
-    def __init__(self, endpoint: str, timeout_ms: int = 5000, name: str = "ucm",
-                 on_hello: Callable[[EngineClient, dict[str, Any]], None] | None = None):
+    def __init__(
+        self,
+        endpoint: str,
+        timeout_ms: int = 5000,
+        name: str = "ucm",
+        on_hello: Callable[[EngineClient, dict[str, Any]], None] | None = None,
+    ):
         self.endpoint = endpoint
         self.timeout_ms = timeout_ms
         self.name = name
@@ -121,8 +127,10 @@ class EngineClient:
                         server_key = f.read().strip()
                 except OSError as e:
                     s.close(linger=0)
-                    raise EngineUnavailable(f"no CURVE key for {self.endpoint} ({e}): the engine there is not running, "
-                                            "or belongs to another user") from None
+                    raise EngineUnavailable(
+                        f"no CURVE key for {self.endpoint} ({e}): the engine there is not running, "
+                        "or belongs to another user"
+                    ) from None
                 public, secret = zmq.curve_keypair()
                 s.curve_serverkey = server_key
                 s.curve_publickey = public
@@ -146,13 +154,14 @@ class EngineClient:
             sock.send(msgpack.packb(req, use_bin_type=True), flags=zmq.NOBLOCK)
         except zmq.Again:
             self._reset()
-            raise EngineUnavailable(f"cannot send {req.get('op')} to {self.endpoint}: queue full")
+            raise EngineUnavailable(f"cannot send {req.get('op')} to {self.endpoint}: queue full") from None
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
                 self._reset()  # a late reply must never be taken for a later request's
-                raise EngineUnavailable(f"no reply to {req.get('op')} from {self.endpoint} within {timeout_ms} ms",
-                                        sent=req.get("op"))
+                raise EngineUnavailable(
+                    f"no reply to {req.get('op')} from {self.endpoint} within {timeout_ms} ms", sent=req.get("op")
+                )
             reply = msgpack.unpackb(sock.recv(), raw=False)
             if isinstance(reply, dict) and reply.get("id") == rid:
                 return reply
@@ -166,7 +175,9 @@ class EngineClient:
 
     def hello(self) -> None:
         with self._lock:
-            r = self._roundtrip({"op": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid(), "name": self.name}, self.timeout_ms)
+            r = self._roundtrip(
+                {"op": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid(), "name": self.name}, self.timeout_ms
+            )
             if not r.get("ok"):
                 err = r.get("error") or {}
                 raise EngineError(err.get("code", "unknown"), err.get("message", str(r)))

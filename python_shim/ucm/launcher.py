@@ -16,6 +16,7 @@ whose settings differ from the running engine's gets that engine replaced
 when this launcher started it and it serves no client; otherwise it is
 refused with an error naming each setting, both values and the way out.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -38,8 +39,21 @@ from .runtime_dir import RECORD, RuntimeDirError, open_in, open_log, read_record
 
 # Their home before they had modules of their own (tests, tools and the
 # ucm-engine console script name them here).
-__all__ = ["RuntimeDirError", "SettingsMismatch", "alive", "build_id", "check_settings", "engine_command",
-           "engine_env", "engine_main", "ensure_engine", "health", "node_binary", "repo_root", "secure_runtime_dir"]
+__all__ = [
+    "RuntimeDirError",
+    "SettingsMismatch",
+    "alive",
+    "build_id",
+    "check_settings",
+    "engine_command",
+    "engine_env",
+    "engine_main",
+    "ensure_engine",
+    "health",
+    "node_binary",
+    "repo_root",
+    "secure_runtime_dir",
+]
 
 logger = logging.getLogger("ucm")
 
@@ -93,6 +107,7 @@ def _record_of(cfg: StoreConfig, pid: int | None) -> dict[str, Any] | None:
 
 # ---- settings ---------------------------------------------------------------------
 
+
 def _backends(cfg: StoreConfig) -> int:
     return len(cfg.storage_backends.split(":"))
 
@@ -110,7 +125,10 @@ def check_settings(cfg: StoreConfig, h: dict[str, Any]) -> tuple[dict[str, tuple
     ours = build_id()
     built = {"build": (h["build"], ours)} if isinstance(h.get("build"), str) and ours and h["build"] != ours else {}
     if isinstance(h.get("settings"), dict):
-        return {**built, **engine_settings.differences(h["settings"], wanted, _backends(cfg), running_is_effective=True)}, rec
+        return {
+            **built,
+            **engine_settings.differences(h["settings"], wanted, _backends(cfg), running_is_effective=True),
+        }, rec
     if rec is not None:
         return {**built, **engine_settings.differences(rec.get("settings") or {}, wanted, _backends(cfg))}, rec
     # Started by hand (or by another launcher version): what stats shows.
@@ -122,7 +140,10 @@ def check_settings(cfg: StoreConfig, h: dict[str, Any]) -> tuple[dict[str, tuple
     finally:
         c.close()
     want = wanted.get("transferStreamNumber", engine_settings.DEFAULTS["transferStreamNumber"])
-    return {**built, **({"transferStreamNumber": (threads, want)} if isinstance(threads, int) and threads != want else {})}, None
+    return {
+        **built,
+        **({"transferStreamNumber": (threads, want)} if isinstance(threads, int) and threads != want else {}),
+    }, None
 
 
 def _mismatch(cfg: StoreConfig, h: dict[str, Any], diff: dict[str, tuple[Any, Any]], why: str) -> SettingsMismatch:
@@ -133,7 +154,8 @@ def _mismatch(cfg: StoreConfig, h: dict[str, Any], diff: dict[str, tuple[Any, An
         f"the engine serving {cfg.storage_backends} (pid {pid}, {cfg.endpoint}) runs with {have}; "
         f"{where} asks for {want}. One engine holds one set of settings for a storage directory, and {why}. "
         f"Use the same values in every config for {cfg.storage_backends}, or stop that engine "
-        f"(kill {pid}) so that the next start uses the new ones")
+        f"(kill {pid}) so that the next start uses the new ones"
+    )
 
 
 def _stop_engine(pid: int, ident: tuple[int, int], within_s: float) -> bool:
@@ -150,6 +172,7 @@ def _stop_engine(pid: int, ident: tuple[int, int], within_s: float) -> bool:
 
 
 # ---- starting ----------------------------------------------------------------------
+
 
 def ensure_engine(cfg: StoreConfig, start_timeout_s: float = 60.0) -> None:
     """Returns once an engine with cfg's settings answers on cfg.endpoint,
@@ -190,10 +213,17 @@ def _ensure_locked(cfg: StoreConfig, rdir: str, dir_fd: int, start_timeout_s: fl
         if h is not None and h.get("clients", 0) > 0:
             raise _mismatch(cfg, h, diff, f"it serves {h['clients']} client(s) now")
         if h is not None:
-            grace = (rec.get("settings") or {}).get("shutdownTimeoutS", engine_settings.DEFAULTS["shutdownTimeoutS"]) + 5
+            grace = (rec.get("settings") or {}).get(
+                "shutdownTimeoutS", engine_settings.DEFAULTS["shutdownTimeoutS"]
+            ) + 5
             have, want = engine_settings.describe(diff)
-            logger.warning("UCM: replacing the idle engine (pid %s) for %s: it runs with %s; this config asks for %s",
-                           rec["pid"], cfg.storage_backends, have, want)
+            logger.warning(
+                "UCM: replacing the idle engine (pid %s) for %s: it runs with %s; this config asks for %s",
+                rec["pid"],
+                cfg.storage_backends,
+                have,
+                want,
+            )
             if not _stop_engine(rec["pid"], tuple(rec["identity"]), grace):
                 raise RuntimeError(f"engine pid {rec['pid']} did not stop within {grace:.0f} s of SIGTERM")
     else:
@@ -202,8 +232,10 @@ def _ensure_locked(cfg: StoreConfig, rdir: str, dir_fd: int, start_timeout_s: fl
         if ident and not process_gone(tuple(ident)):
             # Alive but silent (stopped, or stuck): a second engine would take
             # its socket over while it may still finish tasks. Not that.
-            raise EngineUnavailable(f"the engine this launcher started (pid {rec['pid']}) is alive but does not answer on "
-                                    f"{cfg.endpoint}; not starting a second one (its log: {rec.get('log')})")
+            raise EngineUnavailable(
+                f"the engine this launcher started (pid {rec['pid']}) is alive but does not answer on "
+                f"{cfg.endpoint}; not starting a second one (its log: {rec.get('log')})"
+            )
     _start(cfg, rdir, dir_fd, start_timeout_s)
 
 
@@ -215,7 +247,9 @@ def _config_file(cfg: StoreConfig, rdir: str, dir_fd: int) -> str:
     doc = json.loads(json.dumps(cfg.raw))
     section = doc
     if "ucm_connectors" in doc:
-        section = next(c for c in doc["ucm_connectors"] if isinstance(c, dict) and c.get("ucm_connector_name") == "UcmNfsStore")
+        section = next(
+            c for c in doc["ucm_connectors"] if isinstance(c, dict) and c.get("ucm_connector_name") == "UcmNfsStore"
+        )
     section["ucm_connector_config"]["storage_backends"] = cfg.storage_backends_absolute
     return write_in(dir_fd, rdir, "config.yaml", yaml.safe_dump(doc).encode())
 
@@ -237,8 +271,13 @@ def _start(cfg: StoreConfig, rdir: str, dir_fd: int, start_timeout_s: float) -> 
         # goes to our pipe, so the engine holds none of our stdio.
         starter = subprocess.Popen(
             ["sh", "-c", '"$@" </dev/null >&2 & echo $!', "ucm-engine-starter", *cmd],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_fd,
-            start_new_session=True, close_fds=True, env=engine_env())
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log_fd,
+            start_new_session=True,
+            close_fds=True,
+            env=engine_env(),
+        )
         out, _ = starter.communicate(timeout=30)
     finally:
         os.close(log_fd)
@@ -250,10 +289,21 @@ def _start(cfg: StoreConfig, rdir: str, dir_fd: int, start_timeout_s: float) -> 
     deadline = time.monotonic() + start_timeout_s
     while time.monotonic() < deadline:
         if alive(cfg.endpoint, 500):
-            write_in(dir_fd, rdir, RECORD, json.dumps({
-                "pid": pid, "identity": list(ident) if ident else None, "config_file": config_file, "log": log_path,
-                "settings": engine_settings.explicit(cfg.connector_config), "started_unix": time.time(),
-            }).encode())
+            write_in(
+                dir_fd,
+                rdir,
+                RECORD,
+                json.dumps(
+                    {
+                        "pid": pid,
+                        "identity": list(ident) if ident else None,
+                        "config_file": config_file,
+                        "log": log_path,
+                        "settings": engine_settings.explicit(cfg.connector_config),
+                        "started_unix": time.time(),
+                    }
+                ).encode(),
+            )
             _say_where(cfg, pid, log_path)
             return
         if ident is None or process_gone(ident):
@@ -269,7 +319,9 @@ def _say_where(cfg: StoreConfig, pid: int, log_path: str) -> None:
     if log_path not in _said_log:
         _said_log.add(log_path)
         try:
-            os.write(2, f"[ucm] started the engine for {cfg.storage_backends} (pid {pid}); it logs to {log_path}\n".encode())
+            os.write(
+                2, f"[ucm] started the engine for {cfg.storage_backends} (pid {pid}); it logs to {log_path}\n".encode()
+            )
         except OSError:
             pass
 

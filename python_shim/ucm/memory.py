@@ -11,6 +11,7 @@ one engine region for as long as the storage lives, and no longer (see
 copies CPU tensors that are not in shared memory. Dumps of GPU memory carry
 an interprocess CUDA event recorded on the producing stream.
 """
+
 from __future__ import annotations
 
 import collections
@@ -46,14 +47,18 @@ def cuda_ipc_handle(raw: bytes) -> bytes:
     if len(raw) == CUDA_IPC_HANDLE_BYTES:
         return raw
     if len(raw) < 2 or raw[0] != _TORCH_HANDLE_VERSION:
-        raise UnsupportedMemory(f"unknown CUDA handle format from torch {torch.__version__}: {len(raw)} bytes, "
-                                f"first byte {raw[0] if raw else None} (expected version {_TORCH_HANDLE_VERSION})")
+        raise UnsupportedMemory(
+            f"unknown CUDA handle format from torch {torch.__version__}: {len(raw)} bytes, "
+            f"first byte {raw[0] if raw else None} (expected version {_TORCH_HANDLE_VERSION})"
+        )
     kind = raw[1]
     if kind != ord("c"):
         what = _TORCH_HANDLE_TYPES.get(kind, f"type byte {kind!r}")
-        raise UnsupportedMemory(f"the KV cache is {what}, which CUDA IPC (cudaIpcOpenMemHandle) cannot open; "
-                                "allocate it with plain cudaMalloc: unset PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
-                                "and do not run vLLM with --enable-sleep-mode")
+        raise UnsupportedMemory(
+            f"the KV cache is {what}, which CUDA IPC (cudaIpcOpenMemHandle) cannot open; "
+            "allocate it with plain cudaMalloc: unset PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+            "and do not run vLLM with --enable-sleep-mode"
+        )
     if len(raw) != 2 + CUDA_IPC_HANDLE_BYTES:
         raise UnsupportedMemory(f"torch's cudaMalloc handle has {len(raw)} bytes, expected {2 + CUDA_IPC_HANDLE_BYTES}")
     return raw[2:]
@@ -123,10 +128,17 @@ class RegionRegistry:
                 raise UnsupportedMemory(
                     f"torch cannot export the KV cache on {device} for another process ({type(e).__name__}: {e}); "
                     "allocate it with plain cudaMalloc: do not run vLLM with --enable-sleep-mode and unset "
-                    "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True") from e
+                    "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+                ) from e
             index = int(info[0])
-            return {"medium": "cuda", "device": index, "pci_bus_id": pci_bus_id(index),
-                    "handle": cuda_ipc_handle(bytes(info[1])), "offset": int(info[3]), "size": int(info[2])}
+            return {
+                "medium": "cuda",
+                "device": index,
+                "pci_bus_id": pci_bus_id(index),
+                "handle": cuda_ipc_handle(bytes(info[1])),
+                "offset": int(info[3]),
+                "size": int(info[2]),
+            }
         if device.type != "cpu":
             raise ValueError(f"tensor on device {device} cannot be registered: only cpu and cuda are supported")
         try:
@@ -317,7 +329,7 @@ class StagingPool:
                 chunks.append(self.take(max(self.CHUNK, padded)))
                 free = chunks[-1].numel()
             start = chunks[-1].numel() - free
-            views.append(chunks[-1][start:start + n])
+            views.append(chunks[-1][start : start + n])
             where.append(len(chunks) - 1)
             free -= padded
         return chunks, views, where

@@ -9,6 +9,7 @@ directory's descriptor, never through a symbolic link; files written whole
 are new files renamed over the name, which replaces a link instead of
 following it.
 """
+
 from __future__ import annotations
 
 import errno
@@ -55,7 +56,8 @@ def secure_runtime_dir(rdir: str) -> int:
                 f"runtime directory {d} is {problem} (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}); "
                 f"this process runs as uid {uid}. It holds the engine's lock, log and socket, so it must be a real "
                 f"directory of this user that nobody else can write: remove it (it is created again with mode 0700), "
-                f"or point TMPDIR elsewhere")
+                f"or point TMPDIR elsewhere"
+            )
         if created and stat.S_IMODE(st.st_mode) != 0o700:  # a umask took bits we need: ours to fix
             fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
@@ -83,8 +85,10 @@ def open_in(dir_fd: int, rdir: str, name: str, flags: int, mode: int = 0o600) ->
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
         os.close(fd)
-        raise RuntimeDirError(f"{path} is not a regular file of uid {os.getuid()} (owner uid {st.st_uid}, "
-                              f"mode {stat.S_IMODE(st.st_mode):04o}); remove it")
+        raise RuntimeDirError(
+            f"{path} is not a regular file of uid {os.getuid()} (owner uid {st.st_uid}, "
+            f"mode {stat.S_IMODE(st.st_mode):04o}); remove it"
+        )
     return fd
 
 

@@ -12,6 +12,7 @@ restart with the new ones).
 The engine validates every value itself; this module only normalizes what
 it must compare (sizes written as "4GiB" or as a number of bytes).
 """
+
 from __future__ import annotations
 
 import re
@@ -51,8 +52,22 @@ DEFAULTS: dict[str, Any] = {
 }
 
 _SIZE_KEYS = frozenset({"maxInflightBytes", "pinnedStagingBytes", "maxRegionBytesPerClient"})
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30,
-          "t": 1 << 40, "tib": 1 << 40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+    "t": 1 << 40,
+    "tib": 1 << 40,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+}
 
 
 def parse_size(v: Any) -> Any:
@@ -91,7 +106,9 @@ def _default(k: str, backends: int) -> Any:
     return [v] * backends if k == "capacity" and v is not None else v
 
 
-def differences(running: dict[str, Any], wanted: dict[str, Any], backends: int, running_is_effective: bool = False) -> dict[str, tuple[Any, Any]]:
+def differences(
+    running: dict[str, Any], wanted: dict[str, Any], backends: int, running_is_effective: bool = False
+) -> dict[str, tuple[Any, Any]]:
     """{setting: (running value, wanted value)} for every setting the two
     disagree on. `running` is what the engine was started with (its explicit
     settings, or every effective value when the engine reports them)."""
@@ -111,6 +128,7 @@ def differences(running: dict[str, Any], wanted: dict[str, Any], backends: int, 
 
 def describe(diff: dict[str, tuple[Any, Any]]) -> tuple[str, str]:
     """("transferStreamNumber 32, odirect true", "transferStreamNumber 64, odirect false")."""
+
     def show(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -118,5 +136,7 @@ def describe(diff: dict[str, tuple[Any, Any]]) -> tuple[str, str]:
             return show(v[0])
         return str(v)
 
-    return (", ".join(f"{k} {show(a)}" for k, (a, _) in diff.items()),
-            ", ".join(f"{k} {show(b)}" for k, (_, b) in diff.items()))
+    return (
+        ", ".join(f"{k} {show(a)}" for k, (a, _) in diff.items()),
+        ", ".join(f"{k} {show(b)}" for k, (_, b) in diff.items()),
+    )

@@ -21,6 +21,7 @@ connector degrades to misses and reconnects in the background, the store
 starts the engine again before its next call): `request` is that policy, a
 call that returns None instead of raising when the engine cannot answer.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,9 +64,15 @@ class Transfers:
 
     # ---- submitting --------------------------------------------------------------
 
-    def submit(self, op: str, keys: list[bytes], tensors: list[torch.Tensor],
-               shards_of: Callable[[list[tuple[int, int]]], ShardList], deadline: Deadline,
-               commit: bool = False) -> tuple[Pending | None, EngineError | None]:
+    def submit(
+        self,
+        op: str,
+        keys: list[bytes],
+        tensors: list[torch.Tensor],
+        shards_of: Callable[[list[tuple[int, int]]], ShardList],
+        deadline: Deadline,
+        commit: bool = False,
+    ) -> tuple[Pending | None, EngineError | None]:
         """Hands a dump or load of `keys` to the engine. `tensors` are located
         (registered in this session where needed) and `shards_of` turns their
         (region id, offset) into the request's shards. A dump from CUDA
@@ -83,8 +90,9 @@ class Transfers:
                 cuda = next((t.device for t in tensors if t.device.type == "cuda"), None)
                 if op == "dump" and cuda is not None:
                     extra["event"] = self.regions.record_event(cuda)
-                r = self.client.call(op, ns=self.namespace, keys=keys, shards=shards.wire(),
-                                     deadline_unix_ms=deadline.unix_ms, **extra)
+                r = self.client.call(
+                    op, ns=self.namespace, keys=keys, shards=shards.wire(), deadline_unix_ms=deadline.unix_ms, **extra
+                )
                 return Pending(int(r["task"]), keys, deadline, self.client.engine_identity, self.client.epoch), None
             except EngineUnavailable as e:
                 if e.sent == op:

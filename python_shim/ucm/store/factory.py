@@ -1,5 +1,6 @@
 """UCM's store factory (`ucm.store.factory` in UCM): store classes by name,
 imported only when first created."""
+
 from __future__ import annotations
 
 import importlib

@@ -33,6 +33,7 @@ Failures are misses: an unreachable engine makes lookups False, transfers
 failed and commits False, never an exception (argument errors still raise).
 When the engine this store started has died, the next call starts it again.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -84,8 +85,15 @@ def _close_client(client: EngineClient) -> None:
 
 
 class NfsStore:
-    def __init__(self, config: str | os.PathLike[str] | dict[str, Any], *, namespace: str = DEFAULT_NS,
-                 start_engine: bool = True, name: str = "ucm.store", block_size: int | None = None):
+    def __init__(
+        self,
+        config: str | os.PathLike[str] | dict[str, Any],
+        *,
+        namespace: str = DEFAULT_NS,
+        start_engine: bool = True,
+        name: str = "ucm.store",
+        block_size: int | None = None,
+    ):
         self.config: StoreConfig = load_config(config)
         self.namespace = namespace
         #: bytes of a whole block, when known: a piece from byte 0 shorter than this is not the block
@@ -118,8 +126,9 @@ class NfsStore:
         if not (self._down or process_gone(self.client.engine_identity)):
             return
         if time.monotonic() < self._retry_at:
-            raise EngineUnavailable(f"no engine on {self.config.endpoint}; starting one again in "
-                                    f"{self._retry_at - time.monotonic():.1f} s")
+            raise EngineUnavailable(
+                f"no engine on {self.config.endpoint}; starting one again in {self._retry_at - time.monotonic():.1f} s"
+            )
         try:
             ensure_engine(self.config, start_timeout_s=max(10.0, self.config.timeout_ms / 1000))
         except (SettingsMismatch, RuntimeDirError):
@@ -170,8 +179,9 @@ class NfsStore:
             self._warn("lookup", e)
             return [False] * len(ks)
         n = len(ks)
-        return [found[i] or (bool(layouts) and all(found[n * (1 + j) + i] for j in range(len(layouts))))
-                for i in range(n)]
+        return [
+            found[i] or (bool(layouts) and all(found[n * (1 + j) + i] for j in range(len(layouts)))) for i in range(n)
+        ]
 
     def dump(self, keys: Sequence[BlockId], offsets: Sequence[int], tensors: Sequence[torch.Tensor]) -> Task:
         return self._transfer("dump", "D2S", keys, offsets, list(tensors), "tensors")
@@ -179,13 +189,17 @@ class NfsStore:
     def load(self, keys: Sequence[BlockId], offsets: Sequence[int], tensors: Sequence[torch.Tensor]) -> Task:
         return self._transfer("load", "S2D", keys, offsets, list(tensors), "tensors")
 
-    def dump_data(self, keys: Sequence[BlockId], offsets: Sequence[int], addrs: Sequence[int], sizes: Sequence[int]) -> Task:
+    def dump_data(
+        self, keys: Sequence[BlockId], offsets: Sequence[int], addrs: Sequence[int], sizes: Sequence[int]
+    ) -> Task:
         """dump() from raw addresses: inside a storage this store has seen
         (a tensor passed before, or register_memory), or host memory of this
         process (copied through staging)."""
         return self._transfer("dump", "D2S", keys, offsets, raws(addrs, sizes), "src_addr")
 
-    def fetch_data(self, keys: Sequence[BlockId], offsets: Sequence[int], addrs: Sequence[int], sizes: Sequence[int]) -> Task:
+    def fetch_data(
+        self, keys: Sequence[BlockId], offsets: Sequence[int], addrs: Sequence[int], sizes: Sequence[int]
+    ) -> Task:
         """load() into raw addresses (see dump_data)."""
         return self._transfer("load", "S2D", keys, offsets, raws(addrs, sizes), "dst_addr")
 
@@ -254,8 +268,9 @@ class NfsStore:
         for part in task._parts:
             if part.done or part.pending.cancel_acked:
                 continue
-            if not (self.transfers.cancel(part.pending) or part.pending.deadline.passed()
-                    or part.pending.engine_gone()):
+            if not (
+                self.transfers.cancel(part.pending) or part.pending.deadline.passed() or part.pending.engine_gone()
+            ):
                 ok = False
         if ok:
             for part in task._parts:
@@ -281,7 +296,7 @@ class NfsStore:
             return [False] * len(ks)
         out, pos = [], 0
         for g in groups:
-            out.append(all(done[pos:pos + len(g)]))
+            out.append(all(done[pos : pos + len(g)]))
             pos += len(g)
         return out
 
@@ -299,8 +314,9 @@ class NfsStore:
 
     # ---- transfers --------------------------------------------------------------------
 
-    def _transfer(self, op: str, direction: str, keys: Sequence[BlockId], offsets: Sequence[int],
-                  sources: list[Any], what: str) -> Task:
+    def _transfer(
+        self, op: str, direction: str, keys: Sequence[BlockId], offsets: Sequence[int], sources: list[Any], what: str
+    ) -> Task:
         blocks = plan(keys, offsets, sources, what, self.block_size, self._layouts)
         order, ekeys, block_entries = blocks.keys, blocks.ekeys, blocks.entries
         mems, staged = entry_memory(self.regions, sources, op == "load", what)
@@ -314,8 +330,9 @@ class NfsStore:
         # blocks form their own engine task, so the copies overlap the I/O: a
         # dump copies chunk k+1 in while the engine writes chunk k, a load
         # copies a chunk out as soon as its task is done (see task.record).
-        chunks, placed, chunk_of = (self.staging.place([mems[i].numel() * mems[i].element_size() for i in staged])
-                                    if staged else ([], [], []))
+        chunks, placed, chunk_of = (
+            self.staging.place([mems[i].numel() * mems[i].element_size() for i in staged]) if staged else ([], [], [])
+        )
         block_of = {i: b for b, ents in enumerate(block_entries) for i in ents}
         views: dict[int, torch.Tensor] = dict(zip(staged, placed))
         chunk_of_block: dict[int, int] = {}
@@ -343,8 +360,9 @@ class NfsStore:
                         if i in views:
                             views[i].copy_(mems[i].reshape(-1).view(torch.uint8))
             mem_list = [views.get(i, mems[i]) for b in bidx for i in block_entries[b]]
-            p, err = self.transfers.submit(op, [ekeys[b] for b in bidx], mem_list, shards_of(count, mem_list),
-                                           task._deadline)
+            p, err = self.transfers.submit(
+                op, [ekeys[b] for b in bidx], mem_list, shards_of(count, mem_list), task._deadline
+            )
             if err is not None:
                 errors.append(str(err))
                 self._down = self._down or isinstance(err, EngineUnavailable)
@@ -379,4 +397,3 @@ class NfsStore:
                 tasks.record(task, part, r)
                 return
         tasks.give_up(task, part)
-

@@ -10,6 +10,7 @@ ranges (docs/ucm_store.md). Everything here is checked before anything is
 sent, so a caller's mistake raises with the entry's index and value, and
 never becomes a half-submitted task.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -75,20 +76,26 @@ def raw_memory(regions: RegionRegistry, src: Raw, write: bool, where: str) -> to
         storage, off = hit
         if isinstance(storage, torch.UntypedStorage):
             t = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
-            return t[off:off + src.size]
+            return t[off : off + src.size]
     if host_range_ok(src.addr, src.size, write):
         return raw_tensor(src.addr, src.size)
-    raise ValueError(f"{where}: address {src.addr:#x} (+{src.size} bytes) is neither inside memory this store has "
-                     f"seen (pass the tensor to dump/load or register_memory first) nor {'writable' if write else 'readable'} "
-                     "host memory of this process")
+    raise ValueError(
+        f"{where}: address {src.addr:#x} (+{src.size} bytes) is neither inside memory this store has "
+        f"seen (pass the tensor to dump/load or register_memory first) nor {'writable' if write else 'readable'} "
+        "host memory of this process"
+    )
 
 
-def entry_memory(regions: RegionRegistry, sources: list[Any], write: bool, what: str) -> tuple[list[torch.Tensor], list[int]]:
+def entry_memory(
+    regions: RegionRegistry, sources: list[Any], write: bool, what: str
+) -> tuple[list[torch.Tensor], list[int]]:
     """Where each entry's bytes are (a tensor per entry), and which entries are
     private CPU memory, copied through staging. Memory the engine can never
     open is the caller's error, said before anything is sent."""
-    mems = [raw_memory(regions, src, write, f"{what}[{i}]") if isinstance(src, Raw) else src
-            for i, src in enumerate(sources)]
+    mems = [
+        raw_memory(regions, src, write, f"{what}[{i}]") if isinstance(src, Raw) else src
+        for i, src in enumerate(sources)
+    ]
     staged: list[int] = []
     for i, t in enumerate(mems):
         if t.device.type == "cpu" and not t.untyped_storage().is_shared():
@@ -104,11 +111,13 @@ def entry_memory(regions: RegionRegistry, sources: list[Any], write: bool, what:
 def shards_of(count: int, mem: list[torch.Tensor]):
     """The shards of a request: one per entry, `count` per block, where the
     engine found each tensor ((region id, offset) per tensor)."""
+
     def shards(located: list[tuple[int, int]]) -> ShardList:
         out = ShardList(count)
         for (rid, base), t in zip(located, mem):
             out.add(rid, base, t.numel() * t.element_size())
         return out
+
     return shards
 
 
@@ -168,11 +177,14 @@ class Uncommitted:
         return self._pieces.pop(key, [key])
 
 
-def plan(keys: Sequence[Any], offsets: Sequence[int], sources: list[Any], what: str,
-         block_size: int | None, layouts: Layouts) -> Plan:
+def plan(
+    keys: Sequence[Any], offsets: Sequence[int], sources: list[Any], what: str, block_size: int | None, layouts: Layouts
+) -> Plan:
     """Checks the entries and groups them by block; pieces' layouts are noted in `layouts`."""
     if not (len(keys) == len(offsets) == len(sources)):
-        raise ValueError(f"keys, offsets and {what} must have the same length, got {len(keys)}, {len(offsets)}, {len(sources)}")
+        raise ValueError(
+            f"keys, offsets and {what} must have the same length, got {len(keys)}, {len(offsets)}, {len(sources)}"
+        )
     blocks: OrderedDict[bytes, list[tuple[int, int, int]]] = OrderedDict()  # key -> [(offset, length, entry)]
     ids: dict[bytes, Any] = {}
     for i, (k, off, src) in enumerate(zip(keys, offsets, sources)):
@@ -198,8 +210,10 @@ def plan(keys: Sequence[Any], offsets: Sequence[int], sources: list[Any], what: 
         for j, (off, n, i) in enumerate(ents):
             if j and off < pos:
                 prev = ents[j - 1]
-                raise ValueError(f"block {ids[key]!r}: entries {prev[2]} ([{prev[0]}, {prev[0] + prev[1]})) and {i} "
-                                 f"([{off}, {off + n})) overlap")
+                raise ValueError(
+                    f"block {ids[key]!r}: entries {prev[2]} ([{prev[0]}, {prev[0] + prev[1]})) and {i} "
+                    f"([{off}, {off + n})) overlap"
+                )
             pos = off + n
         ranges = tuple((off, n) for off, n, _ in ents)
         tiles = all(r[0] == sum(x[1] for x in ranges[:j]) for j, r in enumerate(ranges))

@@ -7,6 +7,7 @@ is; only then are its staging chunks given back and its tensors let go, so
 the engine never touches memory the caller or the pool has reused. A staged
 load's bytes reach the caller's tensors only for blocks that arrived whole.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -5,6 +5,7 @@ values follow UCM; where this package differs, docs/ucm_store.md says so.
 A block id is a str (UCM's form, e.g. a hex digest) or bytes (vLLM's block
 hash); a str's UTF-8 bytes are its key, so "ab" and b"ab" are one block.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -9,6 +9,7 @@ from everything that changes their meaning (model, dtypes, shapes, block
 size, vLLM version, this format's version, the tensor-parallel rank), so a
 change of any of them is a miss, never wrong bytes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -112,12 +113,22 @@ class ConnectorOptions:
         save_timeout_ms = int(extra.get("ucm_save_timeout_ms", SAVE_TIMEOUT_MS))
         decode_save_blocks = int(extra.get("ucm_decode_save_blocks", DECODE_SAVE_BLOCKS))
         if decode_save_blocks < 0:
-            raise ValueError(f"kv_connector_extra_config.ucm_decode_save_blocks must be 0 or more, got {decode_save_blocks}")
-        return cls(vllm_config, config, load_async, preempt_wait_ms, save_timeout_ms, decode_save_blocks,
-                   block_size=vllm_config.cache_config.block_size, num_blocks=kv_cache_config.num_blocks,
-                   tp_size=vllm_config.parallel_config.tensor_parallel_size,
-                   use_mla=bool(getattr(vllm_config.model_config, "use_mla", False)),
-                   model_id=model_identity(vllm_config))
+            raise ValueError(
+                f"kv_connector_extra_config.ucm_decode_save_blocks must be 0 or more, got {decode_save_blocks}"
+            )
+        return cls(
+            vllm_config,
+            config,
+            load_async,
+            preempt_wait_ms,
+            save_timeout_ms,
+            decode_save_blocks,
+            block_size=vllm_config.cache_config.block_size,
+            num_blocks=kv_cache_config.num_blocks,
+            tp_size=vllm_config.parallel_config.tensor_parallel_size,
+            use_mla=bool(getattr(vllm_config.model_config, "use_mla", False)),
+            model_id=model_identity(vllm_config),
+        )
 
     def namespace(self, rank: int) -> str:
         """The namespace of TP rank `rank`'s blocks (one for all ranks with MLA)."""
@@ -134,8 +145,14 @@ def model_identity(vllm_config: "VllmConfig") -> str:
     import vllm
 
     parts = [
-        str(mc.model), str(getattr(mc, "revision", None)), str(mc.dtype), str(cc.cache_dtype),
-        str(mc.get_num_layers(pc)), str(mc.get_num_kv_heads(pc)), str(mc.get_head_size()),
-        str(getattr(cc, "prefix_caching_hash_algo", "")), vllm.__version__,
+        str(mc.model),
+        str(getattr(mc, "revision", None)),
+        str(mc.dtype),
+        str(cc.cache_dtype),
+        str(mc.get_num_layers(pc)),
+        str(mc.get_num_kv_heads(pc)),
+        str(mc.get_head_size()),
+        str(getattr(cc, "prefix_caching_hash_algo", "")),
+        vllm.__version__,
     ]
     return "|".join(parts)

@@ -13,6 +13,7 @@ after layer, each layer's in memory order.
 allocation with the block axis outermost (BLHNC, BLNHC: a block of all
 layers is one contiguous page), a whole block is one shard.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -38,8 +39,9 @@ def block_runs(name: str, t: torch.Tensor, num_blocks: int) -> TensorRuns:
     d = dims[0]
     # The other axes, outermost in memory first. Size-1 axes hold no bytes
     # of their own (their stride is arbitrary), so they are left out.
-    rest = sorted(((shape[i], stride[i]) for i in range(len(shape)) if i != d and shape[i] != 1),
-                  key=lambda a: a[1], reverse=True)
+    rest = sorted(
+        ((shape[i], stride[i]) for i in range(len(shape)) if i != d and shape[i] != 1), key=lambda a: a[1], reverse=True
+    )
     # Longest suffix of those axes that is contiguous in memory: one run.
     k = len(rest)
     expect = 1
@@ -48,8 +50,9 @@ def block_runs(name: str, t: torch.Tensor, num_blocks: int) -> TensorRuns:
         k -= 1
     run_len = math.prod(n for n, _ in rest[k:]) * es
     outer = rest[:k]
-    starts = sorted(sum(i * s for i, (_, s) in zip(idx, outer)) * es
-                    for idx in itertools.product(*(range(n) for n, _ in outer)))
+    starts = sorted(
+        sum(i * s for i, (_, s) in zip(idx, outer)) * es for idx in itertools.product(*(range(n) for n, _ in outer))
+    )
     runs = merge_runs([(off, run_len) for off in starts], name)
     return TensorRuns(name, t, stride[d] * es, runs)
 
@@ -89,8 +92,12 @@ def block_pieces(layers: list[TensorRuns], located: list[tuple[int, int]]) -> li
     for tr, (rid, base) in zip(layers, located):
         for off, n in tr.runs:
             last = pieces[-1] if pieces else None
-            if last is not None and last.region == rid and last.stride == tr.block_stride \
-                    and last.base + last.length == base + off:
+            if (
+                last is not None
+                and last.region == rid
+                and last.stride == tr.block_stride
+                and last.base + last.length == base + off
+            ):
                 last.length += n
             else:
                 pieces.append(Piece(rid, base + off, tr.block_stride, n))
@@ -101,5 +108,7 @@ def layout_signature(tensors: list[TensorRuns]) -> str:
     """What makes block bytes (in)compatible, for the namespace digest."""
     parts = []
     for tr in tensors:
-        parts.append(f"{tuple(tr.tensor.shape[1:]) if tr.tensor.dim() > 1 else ()}:{tr.tensor.dtype}:{len(tr.runs)}x{tr.runs[0][1]}")
+        parts.append(
+            f"{tuple(tr.tensor.shape[1:]) if tr.tensor.dim() > 1 else ()}:{tr.tensor.dtype}:{len(tr.runs)}x{tr.runs[0][1]}"
+        )
     return "|".join(parts)

@@ -9,6 +9,7 @@ engine if none runs), and an engine started with other settings than this
 config's is refused, all misses, until that changes. Failures nobody foresaw
 (a bug, a socket error) are logged at most once a minute per operation.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,7 +29,9 @@ class EngineLink:
     def __init__(self, opts: ConnectorOptions, name: str):
         self.opts = opts
         self.config = opts.config
-        self.client = EngineClient(self.config.endpoint, self.config.timeout_ms, name=name, on_hello=self.config.on_hello)
+        self.client = EngineClient(
+            self.config.endpoint, self.config.timeout_ms, name=name, on_hello=self.config.on_hello
+        )
         self._retry_at = 0.0
         #: why the engine is not used (its settings differ from this config's), or None
         self._refused: str | None = None
@@ -105,8 +108,13 @@ class EngineLink:
         if last is not None and now - last < 60:
             return
         self._unexpected_at[op] = now
-        logger.error("UCM: %s failed unexpectedly (%s: %s); treating it as a miss, vLLM recomputes",
-                     op, type(e).__name__, e, exc_info=last is None)
+        logger.error(
+            "UCM: %s failed unexpectedly (%s: %s); treating it as a miss, vLLM recomputes",
+            op,
+            type(e).__name__,
+            e,
+            exc_info=last is None,
+        )
 
     # ---- stats (vLLM logs them as "KV Transfer metrics: ...") -----------------
 

@@ -11,6 +11,7 @@ which sends the answer back as prompt, finds them too. Blocks loaded from
 the store are never saved again. The plan goes to the workers as each
 step's metadata; this half moves no bytes.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -83,8 +84,8 @@ class UCMScheduler(EngineLink):
         state.load_planned = True
         block_ids = blocks.get_block_ids()[0]
         s, n = state.load_start, state.load_count
-        keys = [bytes(h) for h in request.block_hashes[s:s + n]]
-        self._pending_loads.append(Transfer(request.request_id, keys, list(block_ids[s:s + n])))
+        keys = [bytes(h) for h in request.block_hashes[s : s + n]]
+        self._pending_loads.append(Transfer(request.request_id, keys, list(block_ids[s : s + n])))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = UCMConnectorMetadata(loads=self._pending_loads, saves=self._final_saves)
@@ -103,7 +104,9 @@ class UCMScheduler(EngineLink):
             if state is None:
                 continue
             state.block_ids = list(new.block_ids[0])
-            self._plan_save(meta, state, new.num_computed_tokens, scheduler_output.num_scheduled_tokens.get(new.req_id, 0))
+            self._plan_save(
+                meta, state, new.num_computed_tokens, scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
+            )
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             state = self._reqs.get(req_id)
@@ -115,11 +118,14 @@ class UCMScheduler(EngineLink):
                     state.block_ids = list(new_ids[0])
                 else:
                     state.block_ids.extend(new_ids[0])
-            self._plan_save(meta, state, cached.num_computed_tokens[i], scheduler_output.num_scheduled_tokens.get(req_id, 0))
+            self._plan_save(
+                meta, state, cached.num_computed_tokens[i], scheduler_output.num_scheduled_tokens.get(req_id, 0)
+            )
         return meta
 
-    def _plan_save(self, meta: UCMConnectorMetadata, state: _ReqState, computed: int, scheduled: int,
-                   finished: bool = False) -> None:
+    def _plan_save(
+        self, meta: UCMConnectorMetadata, state: _ReqState, computed: int, scheduled: int, finished: bool = False
+    ) -> None:
         """Blocks whose KV is complete once this step has run go to the store
         (minus those loaded from it): the prompt's at once, generated tokens'
         once `decode_save_blocks` of them wait (all of them when `finished`)."""
@@ -130,10 +136,16 @@ class UCMScheduler(EngineLink):
             waiting = full - max(state.saved_upto, prompt_full)
             if self.opts.decode_save_blocks == 0 or (not finished and waiting < self.opts.decode_save_blocks):
                 full = prompt_full
-        idx = [i for i in range(state.saved_upto, full) if not (state.load_start <= i < state.load_start + state.load_count)]
+        idx = [
+            i
+            for i in range(state.saved_upto, full)
+            if not (state.load_start <= i < state.load_start + state.load_count)
+        ]
         state.saved_upto = max(state.saved_upto, full)
         if idx:
-            meta.saves.append(Transfer(req.request_id, [bytes(req.block_hashes[i]) for i in idx], [state.block_ids[i] for i in idx]))
+            meta.saves.append(
+                Transfer(req.request_id, [bytes(req.block_hashes[i]) for i in idx], [state.block_ids[i] for i in idx])
+            )
             self._saving.add(req.request_id)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:

@@ -6,6 +6,7 @@ and logs `reduce()` as "KV Transfer metrics: ..." at its stats interval.
 Everything here is a count, so aggregation is a sum and the payload stays a
 plain dict that crosses process boundaries.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,12 +19,12 @@ except ImportError:  # pragma: no cover
 
 #: counters, all additive
 FIELDS = (
-    "lookup_blocks",      # blocks the scheduler asked the store about
-    "hit_blocks",         # of those, the stored prefix found
-    "lookup_errors",      # lookups answered as misses because the engine did not answer
+    "lookup_blocks",  # blocks the scheduler asked the store about
+    "hit_blocks",  # of those, the stored prefix found
+    "lookup_errors",  # lookups answered as misses because the engine did not answer
     "loaded_blocks",
     "load_failed_blocks",  # recomputed instead
-    "saved_blocks",        # written now or already stored
+    "saved_blocks",  # written now or already stored
     "save_dropped_blocks",  # shed by the engine's write admission
     "save_failed_blocks",
 )

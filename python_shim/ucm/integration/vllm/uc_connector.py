@@ -27,6 +27,7 @@ scheduler process gets a `UCMScheduler` (scheduler.py), each worker a
 `UCMWorker` (worker.py); common.py reads the options both use, link.py
 holds the engine connection policy and ucm.transfer the transfers.
 """
+
 from __future__ import annotations
 
 import os

@@ -14,6 +14,7 @@ deadline has passed). Nothing raises into vLLM: a load that cannot be made
 is reported failed (vLLM recomputes those blocks), a save that cannot be
 made is dropped (a future miss).
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,11 +72,24 @@ class UCMWorker(EngineLink):
             return
         self._layers = layers
         self._block_bytes = sum(n for tr in layers for _, n in tr.runs)
-        logger.info("UCM: %d KV cache tensors, %d shard(s) of %d bytes per block per layer; namespace %s",
-                    len(layers), len(layers[0].runs), layers[0].runs[0][1], self.namespace)
-        self._call("namespace", ns=self.namespace, description={
-            "model": str(self.opts.vllm_config.model_config.model), "block_size": self.opts.block_size,
-            "tp_size": self.opts.tp_size, "rank": None if self.opts.use_mla else self.rank, "layout": layout_signature(layers)})
+        logger.info(
+            "UCM: %d KV cache tensors, %d shard(s) of %d bytes per block per layer; namespace %s",
+            len(layers),
+            len(layers[0].runs),
+            layers[0].runs[0][1],
+            self.namespace,
+        )
+        self._call(
+            "namespace",
+            ns=self.namespace,
+            description={
+                "model": str(self.opts.vllm_config.model_config.model),
+                "block_size": self.opts.block_size,
+                "tp_size": self.opts.tp_size,
+                "rank": None if self.opts.use_mla else self.rank,
+                "layout": layout_signature(layers),
+            },
+        )
 
     def _disable(self, reason: str) -> None:
         """All misses from now on, on this worker: nothing is loaded (planned
@@ -87,6 +101,7 @@ class UCMWorker(EngineLink):
 
     def _shards_of(self, block_ids: list[int]):
         """The shards of `block_ids`, given where the engine found each layer's tensor."""
+
         def shards(located: list[tuple[int, int]]) -> ShardList:
             pieces = block_pieces(self._layers, located)
             out = ShardList(len(pieces))
@@ -94,6 +109,7 @@ class UCMWorker(EngineLink):
                 for p in pieces:
                     out.add(p.region, p.base + b * p.stride, p.length)
             return out
+
         return shards
 
     def _submit(self, op: str, t: Transfer, timeout_ms: int, start: float | None = None) -> Pending | None:
@@ -107,8 +123,9 @@ class UCMWorker(EngineLink):
             return None
         try:
             dl = Deadline(timeout_ms, self._block_bytes, start)
-            p, err = self.transfers.submit(op, t.keys, [tr.tensor for tr in self._layers], self._shards_of(t.block_ids),
-                                           dl, commit=op == "dump")
+            p, err = self.transfers.submit(
+                op, t.keys, [tr.tensor for tr in self._layers], self._shards_of(t.block_ids), dl, commit=op == "dump"
+            )
         except Exception as e:  # noqa: BLE001 - nothing from the store may reach vLLM's forward pass
             self._unexpected(op, e)
             return None
@@ -141,10 +158,16 @@ class UCMWorker(EngineLink):
         deadline has passed (waited for here: with the engine unreachable,
         the deadline is the only guarantee). True when that took the
         deadline."""
+
         def waiting(p: Pending) -> None:
-            logger.error("UCM: %s task %s could not be cancelled (the engine does not answer); waiting %.1f s for "
-                         "its deadline, after which the engine touches none of its blocks", what, p.task,
-                         p.deadline.left_ms() / 1000)
+            logger.error(
+                "UCM: %s task %s could not be cancelled (the engine does not answer); waiting %.1f s for "
+                "its deadline, after which the engine touches none of its blocks",
+                what,
+                p.task,
+                p.deadline.left_ms() / 1000,
+            )
+
         return self.transfers.settle(p, waiting) == "deadline"
 
     def start_load_kv(self, meta: "KVConnectorMetadata") -> None:
@@ -191,18 +214,27 @@ class UCMWorker(EngineLink):
                 running.pop(t.req_id, None)
             self._report_failed(t, failed)
             unreported.remove(t)
-        logger.debug("UCM: loaded %d block(s) for %d request(s) in %.4f s", count, len(tasks), time.perf_counter() - t_start)
+        logger.debug(
+            "UCM: loaded %d block(s) for %d request(s) in %.4f s", count, len(tasks), time.perf_counter() - t_start
+        )
 
     def _load_timed_out(self, p: Pending, t: Transfer) -> None:
         """A load not done by its deadline (or whose engine stopped answering):
         its blocks are recomputed by vLLM and may be reused, so they are
         reported failed only once the engine can no longer write them."""
         if self._memory_free(p, "load"):
-            logger.error("UCM: request %s: load task %s timed out and the engine did not answer; its deadline has "
-                         "passed, vLLM recomputes it", t.req_id, p.task)
+            logger.error(
+                "UCM: request %s: load task %s timed out and the engine did not answer; its deadline has "
+                "passed, vLLM recomputes it",
+                t.req_id,
+                p.task,
+            )
         else:
-            logger.warning("UCM: request %s: load did not finish within %d ms; cancelled, vLLM recomputes it",
-                           t.req_id, self.config.load_timeout_ms)
+            logger.warning(
+                "UCM: request %s: load did not finish within %d ms; cancelled, vLLM recomputes it",
+                t.req_id,
+                self.config.load_timeout_ms,
+            )
 
     def _report_failed(self, t: Transfer, failed: list[int]) -> None:
         # Blocks are used in order: everything after the first failure is recomputed too.
@@ -212,8 +244,12 @@ class UCMWorker(EngineLink):
         if failed:
             self._load_errors.update(t.block_ids[first:])
             if self._disabled is None:  # the store being off was said once already
-                logger.warning("UCM: request %s: %d of %d block(s) could not be loaded; vLLM recomputes them",
-                               t.req_id, len(t.keys) - first, len(t.keys))
+                logger.warning(
+                    "UCM: request %s: %d of %d block(s) could not be loaded; vLLM recomputes them",
+                    t.req_id,
+                    len(t.keys) - first,
+                    len(t.keys),
+                )
 
     def wait_for_save(self, meta: "KVConnectorMetadata") -> None:
         """Hands this step's planned saves to the engine (after the forward pass)."""
@@ -255,16 +291,24 @@ class UCMWorker(EngineLink):
             r = self.transfers.wait(p, max(0, int((deadline - time.monotonic()) * 1000)))
             if r is None:
                 if self._memory_free(p, "dump"):
-                    logger.error("UCM: request %s was preempted and its dump task %s could not be cancelled; its "
-                                 "deadline has passed, so none of its blocks reads memory any more", req_id, p.task)
+                    logger.error(
+                        "UCM: request %s was preempted and its dump task %s could not be cancelled; its "
+                        "deadline has passed, so none of its blocks reads memory any more",
+                        req_id,
+                        p.task,
+                    )
                 r = self.transfers.ask(p, "check")
                 cancelled += 1
             else:
                 finished += 1
             self._count_saves(p.keys, r if r and r.get("done") else None)
         if pending:
-            logger.info("UCM: request %s was preempted: %d of its dump task(s) finished, %d cancelled",
-                        req_id, finished, cancelled)
+            logger.info(
+                "UCM: request %s was preempted: %d of its dump task(s) finished, %d cancelled",
+                req_id,
+                finished,
+                cancelled,
+            )
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         done: set[str] = set()
@@ -351,4 +395,3 @@ class UCMWorker(EngineLink):
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
-

@@ -10,6 +10,7 @@ UCM's keys are mapped to the engine's (`use_direct` -> `odirect`,
 ...) or warned about once with the reason; keys of this package's own config
 pass through. docs/ucm_store.md has the table and every deliberate difference.
 """
+
 from __future__ import annotations
 
 import logging
@@ -84,7 +85,9 @@ def engine_config(flat: Dict[str, Any]) -> Dict[str, Any]:
         cc[ours] = v
         origin[ours] = k
     if "storage_backends" not in cc:
-        raise ValueError(f"UcmNfsStore config needs storage_backends (a directory, or several separated by ':'); got keys {sorted(flat)}")
+        raise ValueError(
+            f"UcmNfsStore config needs storage_backends (a directory, or several separated by ':'); got keys {sorted(flat)}"
+        )
     if cc.get("capacity") == 0:
         del cc["capacity"]  # UCM's 0: no limit, as ours
     return {"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": cc}
@@ -94,15 +97,19 @@ class UcmNfsStore(UcmKVStoreBase):
     def __init__(self, config: Dict[str, Any]):
         super().__init__(config)
         block_size = config.get("kv_block_size", config.get("kvcacheBlockSize"))
-        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0):
+        if block_size is not None and (
+            isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0
+        ):
             raise ValueError(f"UcmNfsStore config kv_block_size must be a positive int, got {block_size!r}")
         role = config.get("role", "worker")
-        self.store = NfsStore(engine_config(config), namespace=DEFAULT_NS, block_size=block_size,
-                              name=f"ucm.UcmNfsStore.{role}")
+        self.store = NfsStore(
+            engine_config(config), namespace=DEFAULT_NS, block_size=block_size, name=f"ucm.UcmNfsStore.{role}"
+        )
 
     def cc_store(self) -> int:
-        raise NotImplementedError("UcmNfsStore has no in-process C++ store: the store runs in the engine process "
-                                  "(docs/ucm_store.md)")
+        raise NotImplementedError(
+            "UcmNfsStore has no in-process C++ store: the store runs in the engine process (docs/ucm_store.md)"
+        )
 
     def create(self, block_ids: List[str]) -> List[int]:
         """0 per block to dump; EDUPLICATE (-50003, UCM's code) per block already
