@@ -49,7 +49,7 @@ export class WriteAdmission {
    * Which of the `candidates` (blocks not stored yet) are written. The others are marked Dropped in `status`
    * (and counted by reason); the written ones Ok, to be decided by the write.
    */
-  admit(ns: string, keys: Buffer[], shardLength: Float64Array, candidates: number[], status: BlockStatus[]): Admitted {
+  admit(ns: string, keys: Buffer[], shardLength: BigUint64Array, candidates: number[], status: BlockStatus[]): Admitted {
     const out: Admitted = { write: [], files: [], backends: [], bytes: 0 };
     for (const b of candidates) {
       status[b] = BlockStatus.Dropped;

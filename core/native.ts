@@ -100,8 +100,8 @@ export interface TransferSpec {
   layoutDigest: bigint;
   blockShards: Uint32Array;
   shardRegion: Uint32Array;
-  shardOffset: Float64Array;
-  shardLength: Float64Array;
+  shardOffset: BigUint64Array;
+  shardLength: BigUint64Array;
   /** Dumps: blocks still queued this long after submit are dropped (status Dropped). */
   maxQueueMs?: number;
   /** Dumps of device memory: event (openCudaEvent) the workers wait on before reading. */
@@ -327,6 +327,14 @@ export function blockFileSize(payload: number): number {
 }
 
 /** Builds the flat typed arrays of a TransferSpec block by block. */
+/** A shard's offset or length as the addon takes it; anything but a non-negative safe integer is refused, as the addon does. */
+function uint64(x: number, i: number, what: string): bigint {
+  if (!Number.isSafeInteger(x) || x < 0) {
+    throw Object.assign(new RangeError(`shard ${i} ${what} must be a non-negative integer, got ${x}`), { code: "invalid_argument" });
+  }
+  return BigInt(x);
+}
+
 export class ShardListBuilder {
   private paths: string[] = [];
   private counts: number[] = [];
@@ -351,8 +359,8 @@ export class ShardListBuilder {
       layoutDigest,
       blockShards: Uint32Array.from(this.counts),
       shardRegion: Uint32Array.from(this.region),
-      shardOffset: Float64Array.from(this.offset),
-      shardLength: Float64Array.from(this.length),
+      shardOffset: BigUint64Array.from(this.offset, (x, i) => uint64(x, i, "offset")),
+      shardLength: BigUint64Array.from(this.length, (x, i) => uint64(x, i, "length")),
     };
   }
 }

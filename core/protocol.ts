@@ -154,11 +154,14 @@ export function reqKeys(msg: Record<string, unknown>, maxKeys: number): Buffer[]
 export interface ShardArrays {
   count: number;
   region: Uint32Array;
-  offset: Float64Array;
-  length: Float64Array;
+  offset: BigUint64Array;
+  length: BigUint64Array;
 }
 
-/** The shards of a dump or load: `count` per block, as arrays or little-endian bin. */
+/**
+ * The shards of a dump or load: `count` per block, as little-endian bin (what the shim sends: taken as they are,
+ * one copy into aligned memory) or as arrays of integers.
+ */
 export function reqShards(msg: Record<string, unknown>, nkeys: number): ShardArrays {
   const v = field(msg, "shards");
   if (v === null || typeof v !== "object" || Array.isArray(v) || v instanceof Uint8Array) {
@@ -173,27 +176,29 @@ export function reqShards(msg: Record<string, unknown>, nkeys: number): ShardArr
   }
   return {
     count,
-    region: uintColumn(field(s, "region"), "shards.region", total, 4) as Uint32Array,
-    offset: uintColumn(field(s, "offset"), "shards.offset", total, 8) as Float64Array,
-    length: uintColumn(field(s, "length"), "shards.length", total, 8) as Float64Array,
+    region: uintColumn(field(s, "region"), "shards.region", new Uint32Array(total)),
+    offset: uintColumn(field(s, "offset"), "shards.offset", new BigUint64Array(total)),
+    length: uintColumn(field(s, "length"), "shards.length", new BigUint64Array(total)),
   };
 }
 
-function uintColumn(v: unknown, name: string, n: number, width: 4 | 8): Uint32Array | Float64Array {
-  const out = width === 4 ? new Uint32Array(n) : new Float64Array(n);
+const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+
+/** Fills `out` from a column given as little-endian bin or as an array of integers. */
+function uintColumn<T extends Uint32Array | BigUint64Array>(v: unknown, name: string, out: T): T {
+  const n = out.length;
+  const width = out.BYTES_PER_ELEMENT;
   if (v instanceof Uint8Array) {
     if (v.length !== n * width) {
       throw new ProtocolError("bad_message", `${name} as bin must be ${n * width} bytes (${n} x uint${width * 8} LE), got ${v.length}`);
     }
-    const dv = new DataView(v.buffer, v.byteOffset, v.length);
-    for (let i = 0; i < n; i++) {
-      if (width === 4) {
-        out[i] = dv.getUint32(i * 4, true);
-      } else {
-        const lo = dv.getUint32(i * 8, true);
-        const hi = dv.getUint32(i * 8 + 4, true);
-        if (hi >= 0x200000) throw new ProtocolError("out_of_bounds", `${name}[${i}] is above 2^53`);
-        out[i] = hi * 0x1_0000_0000 + lo;
+    if (LITTLE_ENDIAN) {
+      new Uint8Array(out.buffer).set(v);
+    } else {
+      const dv = new DataView(v.buffer, v.byteOffset, v.length);
+      for (let i = 0; i < n; i++) {
+        if (out instanceof BigUint64Array) out[i] = dv.getBigUint64(i * 8, true);
+        else out[i] = dv.getUint32(i * 4, true);
       }
     }
     return out;
@@ -206,7 +211,8 @@ function uintColumn(v: unknown, name: string, n: number, width: 4 | 8): Uint32Ar
     if (typeof x !== "number" || !Number.isInteger(x) || x < 0 || x > max) {
       throw new ProtocolError("bad_message", `${name}[${i}] must be an integer in [0, ${max}], got ${describe(x)}`);
     }
-    out[i] = x;
+    if (out instanceof BigUint64Array) out[i] = BigInt(x);
+    else out[i] = x;
   }
   return out;
 }

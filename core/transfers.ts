@@ -21,7 +21,8 @@ function nativeRegion(s: Session, shards: ShardArrays, i: number, b: number): nu
   }
   const off = shards.offset[i];
   const len = shards.length[i];
-  if (len < 1 || off > r.size || len > r.size - off) {
+  // bigint against number compares exactly; off is at most r.size (a safe integer) where it is subtracted.
+  if (len < 1 || off > r.size || len > r.size - Number(off)) {
     throw new ProtocolError(
       "out_of_bounds",
       `shard ${i} (block ${b}): [${off}, +${len}) is not inside region ${shards.region[i]} of ${r.size} bytes`,
@@ -37,22 +38,24 @@ export function checkShards(s: Session, shards: ShardArrays, blocks: number): vo
   }
 }
 
-/** The native spec of blocks `keep` (indexes into the request), block `b` going to or from `paths(b)`. */
+/**
+ * The native spec of blocks `keep` (indexes into the request), block `b` going to or from `paths(b)`. Offsets and
+ * lengths go on as the request's own arrays when every block is kept (the common case), else one copy a block.
+ */
 export function transferSpec(s: Session, ns: string, shards: ShardArrays, paths: (b: number) => string, keep: number[]): TransferSpec {
-  const n = keep.length * shards.count;
+  const per = shards.count;
+  const n = keep.length * per;
+  const whole = n === shards.offset.length && keep.every((b, j) => b === j);
   const region = new Uint32Array(n);
-  const offset = new Float64Array(n);
-  const length = new Float64Array(n);
-  let j = 0;
-  for (const b of keep) {
-    for (let c = 0; c < shards.count; c++) {
-      const i = b * shards.count + c;
-      region[j] = nativeRegion(s, shards, i, b);
-      offset[j] = shards.offset[i];
-      length[j] = shards.length[i];
-      j++;
+  const offset = whole ? shards.offset : new BigUint64Array(n);
+  const length = whole ? shards.length : new BigUint64Array(n);
+  keep.forEach((b, j) => {
+    for (let c = 0; c < per; c++) region[j * per + c] = nativeRegion(s, shards, b * per + c, b);
+    if (!whole) {
+      offset.set(shards.offset.subarray(b * per, (b + 1) * per), j * per);
+      length.set(shards.length.subarray(b * per, (b + 1) * per), j * per);
     }
-  }
+  });
   return {
     paths: keep.map(paths),
     layoutDigest: StorageLayout.layoutDigest(ns),
@@ -64,10 +67,10 @@ export function transferSpec(s: Session, ns: string, shards: ShardArrays, paths:
 }
 
 /** Payload bytes of block `b` of a request of `blocks` blocks with equal shard counts. */
-export function blockBytes(shardLength: Float64Array, b: number, blocks: number): number {
+export function blockBytes(shardLength: BigUint64Array, b: number, blocks: number): number {
   const per = shardLength.length / blocks;
   let n = 0;
-  for (let i = b * per; i < (b + 1) * per; i++) n += shardLength[i];
+  for (let i = b * per; i < (b + 1) * per; i++) n += Number(shardLength[i]);
   return n;
 }
 

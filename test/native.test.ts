@@ -246,7 +246,7 @@ describe("native core", () => {
     test("mismatched arrays", () => {
       const s = one([[id, 0, 10]]);
       expect(() => engine.dump({ ...s, blockShards: Uint32Array.from([2]) })).toThrow(/more shards/);
-      expect(() => engine.dump({ ...s, shardOffset: new Float64Array(2) })).toThrow(/same length/);
+      expect(() => engine.dump({ ...s, shardOffset: new BigUint64Array(2) })).toThrow(/same length/);
       expect(() => engine.dump({ ...s, layoutDigest: 5 as unknown as bigint })).toThrow(/layoutDigest must be a bigint/);
       expect(() => engine.dump({ ...s, paths: [""] })).toThrow(/paths\[0\]/);
     });

@@ -38,7 +38,7 @@ uint64_t OptionalMsAsNs(const Napi::Object& spec, const char* key) {
 }
 
 void ParseShards(Napi::Env env, TransferTask& task, const Napi::Uint32Array& shard_region,
-                 const Napi::Float64Array& shard_offset, const Napi::Float64Array& shard_length,
+                 const Napi::BigUint64Array& shard_offset, const Napi::BigUint64Array& shard_length,
                  const std::unordered_map<uint32_t, std::shared_ptr<Region>>& regions) {
   const size_t nshards = shard_region.ElementLength();
   task.shards.resize(nshards);
@@ -49,8 +49,8 @@ void ParseShards(Napi::Env env, TransferTask& task, const Napi::Uint32Array& sha
       throw CodedRangeError(env, "unknown_region", at + ": unknown region " + std::to_string(shard_region[s]));
     Shard& sh = task.shards[s];
     sh.region = it->second;
-    sh.offset = SafeUint(env, shard_offset[s], at + " offset");
-    sh.length = SafeUint(env, shard_length[s], at + " length");
+    sh.offset = shard_offset[s];
+    sh.length = shard_length[s];
     if (sh.length == 0) throw ArgRangeError(env, at + ": length must be positive");
     if (!sh.region->Contains(sh.offset, sh.length))
       throw CodedRangeError(env, "out_of_bounds",
@@ -120,8 +120,8 @@ std::shared_ptr<TransferTask> ParseTransferSpec(const Napi::Object& spec, Op op,
   if (!lossless) throw ArgRangeError(env, "layoutDigest must fit in 64 unsigned bits");
   auto block_shards = TypedArrayOf<Napi::Uint32Array>(spec, "blockShards", napi_uint32_array, "Uint32Array");
   auto shard_region = TypedArrayOf<Napi::Uint32Array>(spec, "shardRegion", napi_uint32_array, "Uint32Array");
-  auto shard_offset = TypedArrayOf<Napi::Float64Array>(spec, "shardOffset", napi_float64_array, "Float64Array");
-  auto shard_length = TypedArrayOf<Napi::Float64Array>(spec, "shardLength", napi_float64_array, "Float64Array");
+  auto shard_offset = TypedArrayOf<Napi::BigUint64Array>(spec, "shardOffset", napi_biguint64_array, "BigUint64Array");
+  auto shard_length = TypedArrayOf<Napi::BigUint64Array>(spec, "shardLength", napi_biguint64_array, "BigUint64Array");
   const size_t nshards = shard_region.ElementLength();
   if (block_shards.ElementLength() != paths.size())
     throw ArgRangeError(env, "blockShards has " + std::to_string(block_shards.ElementLength()) + " entries for " +

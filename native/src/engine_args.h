@@ -23,7 +23,7 @@ namespace ucm {
 EngineOptions ParseEngineOptions(const Napi::Value& options);
 
 // spec: { paths: string[], layoutDigest: bigint, blockShards: Uint32Array,
-//         shardRegion: Uint32Array, shardOffset: Float64Array, shardLength: Float64Array,
+//         shardRegion: Uint32Array, shardOffset: BigUint64Array, shardLength: BigUint64Array,
 //         waitEvent?, maxQueueMs?, deadlineMs? } (cancelId is the engine's).
 // Shards resolve against `regions`, waitEvent against `events`.
 std::shared_ptr<TransferTask> ParseTransferSpec(const Napi::Object& spec, Op op,

@@ -14,9 +14,10 @@ an interprocess CUDA event recorded on the producing stream.
 
 from __future__ import annotations
 
+import array
 import collections
 import os
-import struct
+import sys
 import weakref
 from typing import Any
 
@@ -267,13 +268,15 @@ class RegionRegistry:
 
 
 class ShardList:
-    """Columns of a dump/load request, sent as little-endian bin."""
+    """Columns of a dump/load request: typed arrays from the first shard
+    (uint32 region, uint64 offset and length), sent as their little-endian
+    bytes; the engine takes them as they are (docs/PROTOCOL.md)."""
 
     def __init__(self, per_block: int):
         self.per_block = per_block
-        self.region: list[int] = []
-        self.offset: list[int] = []
-        self.length: list[int] = []
+        self.region = array.array("I")
+        self.offset = array.array("Q")
+        self.length = array.array("Q")
 
     def add(self, region: int, offset: int, length: int) -> None:
         self.region.append(region)
@@ -281,13 +284,24 @@ class ShardList:
         self.length.append(length)
 
     def wire(self) -> dict[str, Any]:
-        n = len(self.region)
         return {
             "count": self.per_block,
-            "region": struct.pack(f"<{n}I", *self.region),
-            "offset": struct.pack(f"<{n}Q", *self.offset),
-            "length": struct.pack(f"<{n}Q", *self.length),
+            "region": _le(self.region),
+            "offset": _le(self.offset),
+            "length": _le(self.length),
         }
+
+
+assert array.array("I").itemsize == 4 and array.array("Q").itemsize == 8
+
+
+def _le(column: array.array) -> bytes:
+    """A column's bytes, little-endian whatever the host."""
+    if sys.byteorder == "little":
+        return column.tobytes()
+    swapped = array.array(column.typecode, column)
+    swapped.byteswap()
+    return swapped.tobytes()
 
 
 class StagingPool:
