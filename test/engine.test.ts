@@ -7,7 +7,7 @@ import * as path from "path";
 import { Packr } from "msgpackr";
 import { EngineClient, EngineError } from "../core/client";
 import { ShmRegion } from "./helpers/fixtures";
-import { NS, SHARD, SHARDS_PER_BLOCK, key, regions, shards, waitDone } from "./helpers/blocks";
+import { NS, SHARD, SHARDS_PER_BLOCK, dumpAll, key, regions, shards, waitDone } from "./helpers/blocks";
 import { RunningEngine, hello, runCli, shortTmp, startEngine, writeConfig } from "./helpers/engine";
 
 const packr = new Packr({ useRecords: false, mapsAsObjects: true });
@@ -169,20 +169,10 @@ describe("engine process", () => {
   test("wait with a timeout answers done: false while the task runs", async () => {
     const c = engine.client();
     await hello(c);
-    const big = 512;
-    const src = await regions(c, 1, big, "random", shm);
-    const keys = Array.from({ length: big }, (_, i) => key(i, "w"));
-    const d = await c.call("dump", {
-      ns: NS,
-      keys,
-      shards: shards(
-        src.ids,
-        keys.map((_, i) => i),
-      ),
-    });
+    const d = await dumpAll(c, 1, 512, "w", shm);
     const quick = await c.call("wait", { task: d.task, timeout_ms: 0 });
     expect(typeof quick.done).toBe("boolean");
-    await waitDone(c, d.task as number);
+    await waitDone(c, d.task);
   });
 
   test("cancel: once answered, the load writes no more memory; queued blocks end cancelled; a finished task stays as it was", async () => {
@@ -373,16 +363,7 @@ describe("engine process", () => {
     const c = engine.client();
     await hello(c);
     const n = 256;
-    const src = await regions(c, 4, n, "random", shm);
-    const keys = Array.from({ length: n }, (_, i) => key(i, "t"));
-    const d = await c.call("dump", {
-      ns: NS,
-      keys,
-      shards: shards(
-        src.ids,
-        keys.map((_, i) => i),
-      ),
-    });
+    const d = await dumpAll(c, 4, n, "t", shm);
     expect(d.task).toBeDefined();
     expect(await engine.stop("SIGTERM")).toBe(0);
     expect(fs.readdirSync(path.join(store, NS, ".tmp"))).toEqual([]);

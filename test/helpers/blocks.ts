@@ -27,3 +27,18 @@ export async function waitDone(c: EngineClient, task: number) {
   expect(r.done).toBe(true);
   return r as unknown as { status: string[]; failed: number[]; bytes: number; direction: string; errno: number[] };
 }
+
+/** Registers `layers` random regions of `blocks` blocks and dumps every block under a fresh key (not waiting). */
+export async function dumpAll(c: EngineClient, layers: number, blocks: number, salt: string, track: ShmRegion[]) {
+  const src = await regions(c, layers, blocks, "random", track);
+  const keys = Array.from({ length: blocks }, (_, i) => key(i, salt));
+  const d = await c.call("dump", {
+    ns: NS,
+    keys,
+    shards: shards(
+      src.ids,
+      keys.map((_, i) => i),
+    ),
+  });
+  return { src, keys, task: d.task as number };
+}
