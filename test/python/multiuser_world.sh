@@ -7,7 +7,7 @@
 # other user could cross), with a private copy of /etc (users added there
 # exist only in this world), and fresh empty /tmp and /dev/shm (what a user
 # plants there, and every socket, key and store, is gone afterwards).
-# usage: multiuser_world.sh <empty dir> <command...>
+# usage: [UCM_WORLD_KEEP=<path>:...] multiuser_world.sh <empty dir> <command...>
 set -euo pipefail
 root=$1
 shift
@@ -29,4 +29,16 @@ for entry in /*; do
   esac
 done
 mount -t tmpfs -o mode=1777 tmpfs "$root/dev/shm"
+# Paths that must stay visible though they lie under the fresh /tmp (a
+# checkout in /tmp, say): UCM_WORLD_KEEP, colon-separated, each bound at its
+# own path.
+IFS=: read -r -a keep <<<"${UCM_WORLD_KEEP:-}"
+for p in "${keep[@]}"; do
+  case $p in
+    /tmp/*)
+      mkdir -p "$root$p"
+      mount --bind "$p" "$root$p"
+      ;;
+  esac
+done
 exec chroot "$root" "$@"

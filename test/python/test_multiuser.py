@@ -23,6 +23,7 @@ import tempfile
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "useradd", "runuser", "chroot")),
@@ -50,6 +51,8 @@ def world(case: str) -> dict:
                 case,
             ],
             capture_output=True,
+            # The checkout and this Python stay visible in the world even under /tmp (a CI clone there).
+            env={**os.environ, "UCM_WORLD_KEEP": f"{ROOT}:{sys.prefix}"},
             text=True,
             timeout=120,
         )
