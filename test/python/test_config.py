@@ -105,3 +105,21 @@ def test_timeouts_a_config_leaves_out_come_from_the_running_engine(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_block_status_names_are_the_engines():
+    """ucm.status.ALL is the addon's own list (the names docs/PROTOCOL.md gives, in the addon's order)."""
+    from ucm import status
+
+    out = subprocess.run(
+        [
+            "node",
+            "-e",
+            "console.log(JSON.stringify(require(process.argv[1]).constants.blockStatus))",
+            os.path.join(ROOT, "dist", "core", "native.js"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert tuple(json.loads(out.stdout)) == status.ALL

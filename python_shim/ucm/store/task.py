@@ -17,10 +17,9 @@ import torch
 
 from ..deadline import Deadline
 from ..memory import StagingPool
+from .. import status as block_status
 from ..transfer import Pending
 from .ucmstore import Task as _UcmTask
-
-_OK = ("ok", "skipped")
 
 
 @dataclass
@@ -68,7 +67,7 @@ def give_up(task: Task, part: Part) -> None:
     """A part settled without a result: its blocks were cancelled (the engine
     said so) or failed."""
     for b in part.blocks:
-        task.status[b] = "cancelled" if part.pending.cancel_acked else "failed"
+        task.status[b] = block_status.CANCELLED if part.pending.cancel_acked else "failed"
     part.done = True
 
 
@@ -79,7 +78,7 @@ def copy_out(task: Task, blocks: set[int] | None = None) -> None:
     for b, view, t in task._copy_out:
         if blocks is not None and b not in blocks:
             left.append((b, view, t))
-        elif task.status[b] in _OK:
+        elif task.status[b] in block_status.STORED:
             t.reshape(-1).view(torch.uint8).copy_(view)
     task._copy_out = left
 
@@ -92,5 +91,5 @@ def finish(task: Task, staging: StagingPool) -> None:
     task._staging = None
     task._copy_out = []
     task._keep = []
-    task.failed_keys = [task.keys[b] for b, s in enumerate(task.status) if s not in _OK]
+    task.failed_keys = [task.keys[b] for b, s in enumerate(task.status) if s not in block_status.STORED]
     task.done = True

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ... import status as block_status
 from ...client import EngineError
 from ...deadline import Deadline
 from ...memory import RegionRegistry, ShardList
@@ -385,9 +386,9 @@ class UCMWorker(EngineLink):
             self._stats["save_failed_blocks"] += len(keys)
             return
         for s in status:
-            if s in ("ok", "skipped"):
+            if s in block_status.STORED:
                 self._stats["saved_blocks"] += 1
-            elif s == "dropped":
+            elif s == block_status.DROPPED:
                 self._stats["save_dropped_blocks"] += 1
             else:
                 self._stats["save_failed_blocks"] += 1
