@@ -12,6 +12,7 @@
 // rescan (native/src/capacity.cc, Scan) counts the same set.
 import * as crypto from "crypto";
 import * as fs from "fs";
+import * as os from "os";
 import * as path from "path";
 
 export class StorageLayout {
@@ -50,7 +51,7 @@ export class StorageLayout {
   }
 
   tempPath(ns: string, key: Buffer): string {
-    return path.join(this.backendFor(key), ns, ".tmp", `${key.toString("hex")}.${this.tag}.${++this.seq}`);
+    return path.join(tempDir(this.backendFor(key), ns), `${key.toString("hex")}.${this.tag}.${++this.seq}`);
   }
 
   /** 64-bit digest written into every block header of the namespace. */
@@ -80,7 +81,7 @@ export class StorageLayout {
         const root = path.join(b, ns);
         const madeRoot = (await this.ownDir(root)) > 0;
         let made = 0;
-        const subdirs: Promise<number>[] = [this.ownDir(path.join(root, ".tmp"))];
+        const subdirs: Promise<number>[] = [this.ownDir(tempDir(b, ns))];
         for (let i = 0; i < 256; i++) subdirs.push(this.ownDir(path.join(root, i.toString(16).padStart(2, "0"))));
         made += (await Promise.all(subdirs)).reduce((a, x) => a + x, 0);
         if (description !== undefined) {
@@ -129,4 +130,37 @@ export class StorageLayout {
 /** What a directory or small file takes on the filesystem (its allocated blocks), as the native rescan counts it. */
 async function allocated(p: string): Promise<number> {
   return (await fs.promises.lstat(p)).blocks * 512;
+}
+
+// ---- temporary files: <key hex>.<engine tag>.<seq>, engine tag = <host>-<pid>-<start> ----
+
+/** A namespace's directory of uncommitted dumps. */
+export function tempDir(backend: string, ns: string): string {
+  return path.join(backend, ns, ".tmp");
+}
+
+/** This host's part of an engine tag, safe in a file name. */
+export function hostTag(): string {
+  return os.hostname().replace(/[^A-Za-z0-9-]/g, "_");
+}
+
+/** A new engine's tag: its host, pid and start time (what parseTempName reads back). */
+export function engineTag(): string {
+  return `${hostTag()}-${process.pid}-${Date.now().toString(36)}`;
+}
+
+interface Writer {
+  host: string;
+  pid: number;
+}
+
+/** The writer a temporary file names (host and pid), or undefined when the name is not one of ours. */
+export function parseTempName(name: string): Writer | undefined {
+  const parts = name.split(".");
+  if (parts.length !== 3) return undefined;
+  const tag = parts[1].split("-");
+  if (tag.length < 3) return undefined;
+  const pid = Number(tag[tag.length - 2]);
+  if (!Number.isInteger(pid) || pid <= 0) return undefined;
+  return { host: tag.slice(0, -2).join("-"), pid };
 }

@@ -1,30 +1,11 @@
-// Temporary block files whose writer is gone. A dump writes
-// <backend>/<ns>/.tmp/<key hex>.<host>-<pid>-<start>.<seq>; if the engine
+// Temporary block files whose writer is gone. A dump writes a temporary file
+// named after its engine (layout.ts, tempPath); if the engine
 // dies before commit, the file stays. It is removed when the writer is known
 // dead (same host, pid gone) or, for writers on other nodes sharing the
 // directory, when it is older than any live engine would keep it.
 import * as fs from "fs";
-import * as os from "os";
 import * as path from "path";
-
-export function hostTag(): string {
-  return os.hostname().replace(/[^A-Za-z0-9-]/g, "_");
-}
-
-interface Writer {
-  host: string;
-  pid: number;
-}
-
-export function parseTempName(name: string): Writer | undefined {
-  const parts = name.split(".");
-  if (parts.length !== 3) return undefined;
-  const tag = parts[1].split("-");
-  if (tag.length < 3) return undefined;
-  const pid = Number(tag[tag.length - 2]);
-  if (!Number.isInteger(pid) || pid <= 0) return undefined;
-  return { host: tag.slice(0, -2).join("-"), pid };
-}
+import { hostTag, parseTempName, tempDir } from "./layout";
 
 /** True while a process with this pid exists (EPERM: exists, another user's). */
 export function processAlive(pid: number): boolean {
@@ -58,7 +39,7 @@ export async function sweepOrphans(backends: readonly string[], ownTag: string, 
     }
     for (const ns of spaces) {
       if (ns.startsWith(".")) continue;
-      const tmp = path.join(b, ns, ".tmp");
+      const tmp = tempDir(b, ns);
       let names: string[];
       try {
         // Real directories only: a symbolic link planted as a namespace or its .tmp must never lead the

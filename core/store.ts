@@ -12,8 +12,8 @@ import { CapacityManager } from "./capacity";
 import { EngineConfig } from "./config";
 import { Counters, StoreStats, countFailure, newCounters } from "./counters";
 import { BlockLookups } from "./lookups";
-import { hostTag, sweepOrphans } from "./orphans";
-import { StorageLayout } from "./layout";
+import { sweepOrphans } from "./orphans";
+import { StorageLayout, engineTag } from "./layout";
 import { Logger, taskLine } from "./log";
 import { PendingCommits } from "./pending_commits";
 import { ProtocolError, describe } from "./protocol";
@@ -56,7 +56,7 @@ export class Store {
     readonly config: EngineConfig,
     readonly log: Logger,
   ) {
-    this.engineId = `${hostTag()}-${process.pid}-${Date.now().toString(36)}`;
+    this.engineId = engineTag();
     // A namespace's directories count against the capacity (the capacity manager exists before any is made).
     this.layout = new StorageLayout(config.storageBackends, this.engineId, config.shareWithGroup, (b, bytes) =>
       this.capacity.holders(b, bytes),
