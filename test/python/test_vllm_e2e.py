@@ -26,28 +26,9 @@ BLOCK = 32
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("model") / "tiny"
-    subprocess.run(
-        [
-            PY,
-            os.path.join(ROOT, "examples", "make_tiny_model.py"),
-            str(d),
-            "--layers",
-            "2",
-            "--hidden",
-            "128",
-            "--heads",
-            "4",
-            "--kv-heads",
-            "2",
-            "--intermediate",
-            "256",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return str(d)
+def model(tiny_model):
+    """The tiny local model of conftest.py (built once per session)."""
+    return tiny_model
 
 
 def env(engine_log=None):

@@ -13,8 +13,8 @@ def main() -> None:
     model, config, block_size, prompts_json = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     tp = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
+    from vllm import SamplingParams
+    from vllm_llm import connector_llm
 
     from ucm.client import EngineClient
     from ucm.config import load_config
@@ -25,26 +25,7 @@ def main() -> None:
     max_tokens = opts.pop("max_tokens", 12)
     ignore_eos = opts.pop("ignore_eos", False)
     extra = {"UCM_CONFIG_FILE": config, **opts.pop("extra", {})}  # kv_connector_extra_config
-    args = dict(
-        model=model,
-        dtype="float32",
-        block_size=block_size,
-        max_model_len=4096,
-        enable_prefix_caching=False,
-        enforce_eager=True,
-        tensor_parallel_size=tp,
-        disable_log_stats=False,
-    )
-    args.update(opts)
-    llm = LLM(
-        **args,
-        kv_transfer_config=KVTransferConfig(
-            kv_connector="UnifiedCacheConnectorV1",
-            kv_connector_module_path="ucm.integration.vllm.uc_connector",
-            kv_role="kv_both",
-            kv_connector_extra_config=extra,
-        ),
-    )
+    llm = connector_llm(model, block_size, extra, **{"tensor_parallel_size": tp, "disable_log_stats": False, **opts})
     prompts = [{"prompt_token_ids": p} for p in json.loads(prompts_json)]
     outs = llm.generate(
         prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=ignore_eos), use_tqdm=False

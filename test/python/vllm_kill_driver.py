@@ -13,8 +13,8 @@ import time
 
 def main() -> None:
     model, config, block_size, prompts_json = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
+    from vllm import SamplingParams
+    from vllm_llm import connector_llm
 
     from ucm.client import EngineClient, EngineUnavailable
     from ucm.config import load_config
@@ -30,20 +30,7 @@ def main() -> None:
         finally:
             c.close()
 
-    llm = LLM(
-        model=model,
-        dtype="float32",
-        block_size=block_size,
-        max_model_len=4096,
-        enable_prefix_caching=False,
-        enforce_eager=True,
-        kv_transfer_config=KVTransferConfig(
-            kv_connector="UnifiedCacheConnectorV1",
-            kv_connector_module_path="ucm.integration.vllm.uc_connector",
-            kv_role="kv_both",
-            kv_connector_extra_config={"UCM_CONFIG_FILE": config},
-        ),
-    )
+    llm = connector_llm(model, block_size, {"UCM_CONFIG_FILE": config})
     prompts = [{"prompt_token_ids": p} for p in json.loads(prompts_json)]
     params = SamplingParams(temperature=0, max_tokens=8)
     for rnd in ("before", "killed", "back"):
