@@ -31,7 +31,8 @@ import torch
 
 from .client import EngineClient, EngineError, EngineUnavailable, process_gone, say_task_line
 from .deadline import Deadline
-from .memory import RegionRegistry, ShardList
+from .memory import RegionRegistry
+from .shards import ShardList
 
 #: one request to the engine under its user's policy: the reply, or None
 #: when the engine cannot answer it (never raises an EngineError)

@@ -21,7 +21,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..memory import RegionRegistry, ShardList, UnsupportedMemory, host_range_ok, raw_tensor
+from ..memory import RegionRegistry, UnsupportedMemory, host_range_ok, raw_tensor
+from ..shards import ShardList
 
 #: piece layouts remembered for lookups (each costs one key per looked-up block)
 MAX_LAYOUTS = 64

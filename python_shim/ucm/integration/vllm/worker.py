@@ -26,7 +26,8 @@ import torch
 from ... import status as block_status
 from ...client import EngineError
 from ...deadline import Deadline
-from ...memory import RegionRegistry, ShardList
+from ...memory import RegionRegistry
+from ...shards import ShardList
 from ...transfer import Pending, Transfers
 from .common import ConnectorOptions, Transfer, UCMConnectorMetadata
 from .layout import TensorRuns, block_pieces, block_runs, layout_signature
