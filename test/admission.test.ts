@@ -1,0 +1,131 @@
+// Write admission on the real engine process: in-flight bytes, second sight,
+// and writes shed on a slow disk (a loop device throttled by the blkio cgroup,
+// when the machine allows it), never queued.
+import { execFileSync, spawnSync } from "child_process";
+import * as fs from "fs";
+import * as path from "path";
+import { diskTempDir } from "./helpers/fixtures";
+import { hello, shortTmp } from "./helpers/engine";
+import { MiB, NS, engine, engines, finish, key, register, shards, stopEnginesAfterEach } from "./helpers/capacity_kit";
+
+stopEnginesAfterEach();
+
+describe("write admission", () => {
+  test("in-flight bytes above maxInflightBytes are dropped at once, counted, never queued", async () => {
+    const dir = shortTmp();
+    const store = path.join(dir, "store");
+    fs.mkdirSync(store);
+    const e = await engine(dir, "a", { storage_backends: store, maxInflightBytes: "1MiB", transferStreamNumber: 1 });
+    const c = e.client();
+    await hello(c);
+    const m = await register(c, 1, 64, 256 * 1024, "random");
+    const keys = Array.from({ length: 64 }, (_, i) => key(i, "inflight"));
+    const d = await c.call("dump", {
+      ns: NS,
+      keys,
+      shards: shards(
+        m,
+        keys.map((_, i) => i),
+      ),
+      commit: true,
+    });
+    const r = await finish(c, d.task);
+    expect(r.status.filter((s) => s === "ok").length).toBe(4); // 4 x 256 KiB fit in 1 MiB
+    expect(r.status.filter((s) => s === "dropped").length).toBe(60);
+    const s = await c.call("stats");
+    expect(s.droppedInflight).toBe(60);
+    expect(s.inflightDumpBytes).toBe(0);
+    // Dropped blocks are simply not stored: a later dump may store them.
+    const again = await c.call("dump", { ns: NS, keys: keys.slice(4, 8), shards: shards(m, [4, 5, 6, 7]), commit: true });
+    expect((await finish(c, again.task)).status).toEqual(["ok", "ok", "ok", "ok"]);
+  }, 30000);
+
+  test("admitOnSecondSight stores a block the second time it is dumped", async () => {
+    const dir = shortTmp();
+    const store = path.join(dir, "store");
+    fs.mkdirSync(store);
+    const e = await engine(dir, "a", { storage_backends: store, admitOnSecondSight: true });
+    const c = e.client();
+    await hello(c);
+    const m = await register(c, 2, 4, 8192, "random");
+    const keys = Array.from({ length: 4 }, (_, i) => key(i, "second"));
+    const dump = async () =>
+      (await finish(c, (await c.call("dump", { ns: NS, keys, shards: shards(m, [0, 1, 2, 3]), commit: true })).task)).status;
+    expect(await dump()).toEqual(["dropped", "dropped", "dropped", "dropped"]);
+    expect((await c.call("lookup", { ns: NS, keys })).found).toEqual([false, false, false, false]);
+    expect(await dump()).toEqual(["ok", "ok", "ok", "ok"]);
+    expect((await c.call("lookup", { ns: NS, keys })).found).toEqual([true, true, true, true]);
+    expect((await c.call("stats")).deferredFirstSight).toBe(4);
+  }, 30000);
+
+  // A real slow disk: an ext4 loop device whose writes the blkio cgroup holds
+  // to 1 MB/s for the engine process. Needs root, losetup, mkfs.ext4 and the
+  // cgroup v1 blkio controller; skipped with a message otherwise.
+  const blkio = "/sys/fs/cgroup/blkio";
+  const canThrottle =
+    process.getuid?.() === 0 &&
+    fs.existsSync(`${blkio}/cgroup.procs`) &&
+    spawnSync("sh", ["-c", "command -v losetup && command -v mkfs.ext4"]).status === 0;
+  (canThrottle ? test : test.skip)(
+    "on a slow disk, dumps are answered at once and the excess is shed, not queued",
+    async () => {
+      const base = diskTempDir("slow-");
+      const img = path.join(base, "disk.img");
+      const mnt = path.join(base, "mnt");
+      const cg = `${blkio}/ucm-test-${process.pid}`;
+      fs.mkdirSync(mnt);
+      execFileSync("truncate", ["-s", "96M", img]);
+      const loop = execFileSync("losetup", ["-f", "--show", img], { encoding: "utf8" }).trim();
+      let mounted = false;
+      try {
+        execFileSync("mkfs.ext4", ["-q", loop]);
+        execFileSync("mount", [loop, mnt]);
+        mounted = true;
+        const st = fs.statSync(loop);
+        const dev = `${Math.floor(st.rdev / 256) & 0xfff}:${(st.rdev & 0xff) | ((st.rdev >> 12) & 0xfff00)}`;
+        fs.mkdirSync(cg);
+        fs.writeFileSync(`${cg}/blkio.throttle.write_bps_device`, `${dev} 1048576`);
+        const dir = shortTmp();
+        const e = await engine(dir, "slow", { storage_backends: mnt, transferStreamNumber: 2, maxQueueMs: 300, maxInflightBytes: "64MiB" });
+        fs.writeFileSync(`${cg}/cgroup.procs`, String(e.proc.pid));
+        const c = e.client();
+        await hello(c);
+        const m = await register(c, 1, 48, MiB, "random");
+        const tasks: unknown[] = [];
+        const replyMs: number[] = [];
+        for (let r = 0; r < 4; r++) {
+          const idx = Array.from({ length: 12 }, (_, j) => r * 12 + j);
+          const t0 = Date.now();
+          const d = await c.call("dump", { ns: NS, keys: idx.map((i) => key(i, "slow")), shards: shards(m, idx), commit: true });
+          replyMs.push(Date.now() - t0);
+          tasks.push(d.task);
+        }
+        // 48 MiB at 1 MB/s would take 48 s; the queue bound sheds what cannot start within 300 ms.
+        const t0 = Date.now();
+        const results = [];
+        for (const t of tasks) results.push(await finish(c, t, 30000));
+        const drainMs = Date.now() - t0;
+        const all = results.flatMap((r) => r.status);
+        const ok = all.filter((s) => s === "ok").length;
+        const dropped = all.filter((s) => s === "dropped").length;
+        console.log(
+          `slow disk: dump replies ${replyMs.join("/")} ms; ${ok} stored, ${dropped} dropped (queue age); drained in ${drainMs} ms`,
+        );
+        expect(Math.max(...replyMs)).toBeLessThan(2000);
+        expect(ok).toBeGreaterThan(0);
+        expect(dropped).toBeGreaterThan(24);
+        expect(ok + dropped).toBe(48);
+        expect(drainMs).toBeLessThan(25000);
+        expect((await c.call("stats")).droppedQueueAge).toBe(dropped);
+        await e.stop();
+        engines.splice(0);
+      } finally {
+        if (mounted) spawnSync("umount", ["-l", mnt]);
+        spawnSync("losetup", ["-d", loop]);
+        if (fs.existsSync(cg)) spawnSync("rmdir", [cg]);
+        fs.rmSync(base, { recursive: true, force: true });
+      }
+    },
+    90000,
+  );
+});

@@ -1,0 +1,107 @@
+// What operators see: the Prometheus endpoint, `ucm-engine stats` and
+// `ucm-engine bench --dir`.
+import * as fs from "fs";
+import * as http from "http";
+import * as net from "net";
+import * as path from "path";
+import { diskTempDir } from "./helpers/fixtures";
+import { hello, runCli, shortTmp } from "./helpers/engine";
+import { NS, engine, finish, key, register, shards, stopEnginesAfterEach } from "./helpers/capacity_kit";
+
+stopEnginesAfterEach();
+
+function freePort(): Promise<number> {
+  return new Promise((resolve) => {
+    const s = net.createServer().listen(0, "127.0.0.1", () => {
+      const port = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+function get(url: string): Promise<{ status: number; body: string }> {
+  return new Promise((resolve, reject) => {
+    http
+      .get(url, (res) => {
+        let body = "";
+        res.on("data", (d) => (body += d));
+        res.on("end", () => resolve({ status: res.statusCode ?? 0, body }));
+      })
+      .on("error", reject);
+  });
+}
+
+describe("metrics and operator tools", () => {
+  test("the Prometheus endpoint (localhost, when configured) exports what the engine did", async () => {
+    const dir = shortTmp();
+    const store = path.join(dir, "store");
+    fs.mkdirSync(store);
+    const port = await freePort();
+    const e = await engine(dir, "m", { storage_backends: store, metricsPort: port, capacity: "1GiB" });
+    expect(e.output()).toContain(`metrics on http://127.0.0.1:${port}/metrics`);
+    const c = e.client();
+    await hello(c);
+    const m = await register(c, 2, 4, 8192, "random");
+    const keys = Array.from({ length: 4 }, (_, i) => key(i, "metrics"));
+    await finish(c, (await c.call("dump", { ns: NS, keys, shards: shards(m, [0, 1, 2, 3]), commit: true })).task);
+    await c.call("lookup", { ns: NS, keys: [...keys, key(99, "metrics")] });
+    await finish(c, (await c.call("load", { ns: NS, keys, shards: shards(m, [0, 1, 2, 3]) })).task);
+    const r = await get(`http://127.0.0.1:${port}/metrics`);
+    expect(r.status).toBe(200);
+    const value = (line: string) => {
+      const m2 = new RegExp(`^${line.replace(/[{}]/g, "\\$&")} (\\S+)$`, "m").exec(r.body);
+      return m2 ? Number(m2[1]) : undefined;
+    };
+    expect(value('ucm_bytes_total{direction="dump"}')).toBe(4 * 2 * 8192);
+    expect(value('ucm_bytes_total{direction="load"}')).toBe(4 * 2 * 8192);
+    expect(value('ucm_blocks_total{direction="dump",result="stored"}')).toBe(4);
+    expect(value('ucm_lookup_keys_total{result="miss"}')).toBeGreaterThanOrEqual(1);
+    expect(value('ucm_task_duration_seconds_count{direction="load"}')).toBe(1);
+    expect(value(`ucm_capacity_bytes{backend="${store}"}`)).toBe(2 ** 30);
+    expect(value(`ucm_capacity_used_blocks{backend="${store}"}`)).toBe(4);
+    for (const name of [
+      "ucm_queue_depth",
+      "ucm_inflight_bytes",
+      "ucm_evicted_blocks_total",
+      "ucm_dropped_writes_total",
+      "ucm_errors_total",
+      "ucm_process_resident_memory_bytes",
+    ]) {
+      expect(r.body).toContain(`# TYPE ${name}`);
+    }
+    expect((await get(`http://127.0.0.1:${port}/other`)).status).toBe(404);
+  }, 30000);
+
+  test("ucm-engine stats prints the figures as a table (--json for machines)", async () => {
+    const dir = shortTmp();
+    const store = path.join(dir, "store");
+    fs.mkdirSync(store);
+    const e = await engine(dir, "s", { storage_backends: store, capacity: "1GiB" });
+    const table = await runCli(["stats", "--endpoint", e.endpoint]);
+    expect(table.code).toBe(0);
+    for (const row of ["lookups", "dumped", "loaded", "dropped writes", "in flight", `capacity ${store}`, "errors"])
+      expect(table.out).toContain(row);
+    expect(table.out).toContain("0 B in 0 blocks of 1.00 GiB (0.0%)");
+    const json = await runCli(["stats", "--endpoint", e.endpoint, "--json"]);
+    expect(JSON.parse(json.out).capacity[0].capacity).toBe(2 ** 30);
+  }, 30000);
+
+  test("ucm-engine bench --dir measures a mount with the engine's I/O path and leaves nothing behind", async () => {
+    const dir = diskTempDir("bench-");
+    try {
+      const r = await runCli(["bench", "--dir", dir, "--gib", "0.03", "--block-mib", "1", "--shards", "8", "--threads", "4"], 60000);
+      expect(r.code).toBe(0);
+      expect(r.out).toMatch(/dump \(write \+ rename\)\s+\d+\.\d+ GB\/s/);
+      expect(r.out).toMatch(/load \(read \+ verify\)\s+\d+\.\d+ GB\/s/);
+      expect(r.out).toMatch(/lookup, 1 key\s+p50 \d+ us/);
+      expect(r.out).toMatch(/failed blocks\s+0/);
+      expect(r.out).toMatch(/load: 31\/31 blocks/); // progress
+      expect(fs.readdirSync(dir)).toEqual([]);
+      const bad = await runCli(["bench"]);
+      expect(bad.code).toBe(2);
+      expect(bad.out).toContain("--dir <path> is required");
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  }, 90000);
+});
