@@ -7,11 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
 
+from procs import wait_gone
 from ucm.client import EngineClient, EngineUnavailable
 
 
@@ -37,12 +37,7 @@ def stop_engine(endpoint, sig=signal.SIGTERM):
     if pid is None:
         return
     os.kill(pid, sig)
-    for _ in range(200):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
+    wait_gone(pid, 10.0)
 
 
 @pytest.fixture

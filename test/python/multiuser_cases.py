@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Any
 
+from procs import wait_gone
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLI = os.path.join(ROOT, "dist", "core", "cli.js")
 NODE = "/usr/bin/node"
@@ -269,13 +271,8 @@ def stop_started_engine(storage: str) -> None:
     except (OSError, ValueError, KeyError):
         return
     os.kill(pid, 15)
-    for _ in range(100):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    os.kill(pid, 9)
+    if not wait_gone(pid, 5.0):
+        os.kill(pid, 9)
 
 
 def case_private_files(uids: dict[str, int]) -> dict[str, Any]:
