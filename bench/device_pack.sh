@@ -6,7 +6,9 @@
 # CPython 3.10-3.13. Result: .device/bundle.tar.xz (carry `.device`), unpacked
 # and run there by bench/device_run.sh. Also .device/fio, fio built statically
 # from Debian's source package, for `device_run.sh store` (that machine has
-# no fio); skipped when it is already there.
+# no fio); skipped when it is already there. The bundle also carries the same
+# addon built with one worker a transfer stream (the engine before
+# 2026-11-26), for `device_run.sh store-ab`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -28,6 +30,8 @@ mkdir -p "$STAGE/app/native/build/Release"
 cp package.json package-lock.json "$STAGE/app/"
 cp -r dist "$STAGE/app/dist"
 cp native/build/Release/ucm_native.node "$STAGE/app/native/build/Release/"
+npx cmake-js compile --directory native --out "$STAGE/one" --CDUCM_WORKERS_PER_STREAM=1 >/dev/null
+cp "$STAGE/one/Release/ucm_native.node" "$STAGE/app/native/build/Release/ucm_native_one_worker.node"
 (cd "$STAGE/app" && npm install --omit=dev --ignore-scripts --no-audit --no-fund >/dev/null)
 
 mkdir -p "$STAGE/wheels"

@@ -179,7 +179,7 @@ export function formatStats(r: Record<string, unknown>): string {
   const n = (k: string) => Number(r[k] ?? 0);
   const rows: Array<[string, string]> = [];
   const add = (a: string, b: string) => rows.push([a, b]);
-  add("engine", `pid ${n("pid")}, up ${n("uptime_s").toFixed(0)} s, ${n("clients")} client(s), ${n("transferThreads")} transfer threads`);
+  add("engine", `pid ${n("pid")}, up ${n("uptime_s").toFixed(0)} s, ${n("clients")} client(s), ${n("transferThreads")} transfer streams`);
   const lk = n("lookupKeys");
   add(
     "lookups",
@@ -196,6 +196,10 @@ export function formatStats(r: Record<string, unknown>): string {
         `mean ${(l.meanS * 1e3).toFixed(2)} ms, p50 <= ${(l.p50S * 1e3).toFixed(1)} ms, p99 <= ${(l.p99S * 1e3).toFixed(1)} ms (${l.count} tasks)`,
       );
   }
+  add(
+    "storage",
+    `${n("storageBusySeconds").toFixed(1)} s of reads and writes (summed over streams), blocks waited ${n("storageWaitSeconds").toFixed(1)} s for a stream`,
+  );
   add(
     "dropped writes",
     `${n("droppedInflight")} in-flight bytes, ${n("droppedCapacity")} capacity, ${n("droppedQueueAge")} queue age, ${n("deferredFirstSight")} first sight`,

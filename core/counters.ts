@@ -85,4 +85,8 @@ export interface StoreStats {
   stagingBytes: number;
   pinnedBytes: number;
   transferThreads: number;
+  /** Seconds of storage reads and writes, summed over transfers in flight (at most transferThreads at once). */
+  storageBusySeconds: number;
+  /** Seconds prepared blocks waited for a transfer stream, summed. */
+  storageWaitSeconds: number;
 }

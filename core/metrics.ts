@@ -101,6 +101,18 @@ export class Metrics {
       for (const [code, n] of Object.entries(this.extra().protocolErrors)) out.push([{ kind: `request_${code}` }, n]);
       return out;
     });
+    mirror(
+      "ucm_storage_busy_seconds_total",
+      "Seconds of storage reads and writes, summed over the transfers in flight; its rate over transferStreamNumber is how busy the streams keep storage",
+      [],
+      (st) => [[{}, st.storageBusySeconds]],
+    );
+    mirror(
+      "ucm_storage_wait_seconds_total",
+      "Seconds prepared blocks waited for a transfer stream, summed: storage was the bottleneck",
+      [],
+      (st) => [[{}, st.storageWaitSeconds]],
+    );
     mirror("ucm_commits_total", "Blocks made visible", [], (st) => [[{}, st.counters.commits]]);
     mirror("ucm_evicted_blocks_total", "Blocks evicted for capacity, by backend", ["backend"], (st) =>
       st.capacity.map((b) => [{ backend: b.dir }, b.evictedFiles]),

@@ -131,6 +131,12 @@ export interface NativeStats {
   queuedLookups: number;
   stagingBytes: number;
   pinnedBytes: number;
+  /** Nanoseconds of storage reads and writes, summed over the transfers in flight. */
+  storageBusyNs: number;
+  /** Nanoseconds blocks ready for storage waited for a transfer stream, summed. */
+  storageWaitNs: number;
+  /** Worker threads: one a stream, and a second one a stream while there are CPUs for it. */
+  workers: number;
   inflight: number;
   regions: number;
   crc32cHardware: boolean;

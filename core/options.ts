@@ -12,7 +12,7 @@ export interface EngineConfig {
   storageBackends: string[];
   /** The raw storage_backends string (the default endpoint derives from it). */
   storageBackendsRaw: string;
-  /** Native transfer threads. */
+  /** Transfer streams: storage reads and writes in flight at once (up to two native threads each). */
   transferStreamNumber: number;
   /** ZeroMQ endpoint, ipc:// or tcp://127.0.0.1. */
   endpoint: string;
@@ -53,7 +53,7 @@ export interface EngineConfig {
   metricsPort: number;
   /** Address the metrics endpoint listens on. */
   metricsHost: string;
-  /** Pinned host staging for GPU blocks, all transfer threads together. */
+  /** Pinned host staging for GPU blocks, all transfer streams together (one share a stream). */
   pinnedStagingBytes: number;
   /** How GPU shards are gathered and scattered. */
   cudaCopy: string;
@@ -90,7 +90,14 @@ interface OptionSpec {
 
 /** Every optional key of ucm_connector_config, with its default. The README table mirrors this. */
 export const OPTIONS: Record<string, OptionSpec> = {
-  transferStreamNumber: { key: "transferStreamNumber", kind: "int", min: 1, max: 1024, dflt: 32, doc: "native transfer threads" },
+  transferStreamNumber: {
+    key: "transferStreamNumber",
+    kind: "int",
+    min: 1,
+    max: 1024,
+    dflt: 32,
+    doc: "transfer streams: block reads and writes in flight to storage at once (up to two native threads each)",
+  },
   endpoint: {
     key: "endpoint",
     kind: "string",
@@ -204,7 +211,7 @@ export const OPTIONS: Record<string, OptionSpec> = {
     min: 1 << 20,
     max: 2 ** 44,
     dflt: 2 * 2 ** 30,
-    doc: "pinned host staging for GPU blocks, all transfer threads together (each gets an equal share, allocated once)",
+    doc: "pinned host staging for GPU blocks, all transfer streams together (one equal share a stream, allocated once)",
   },
   cudaCopy: {
     key: "cudaCopy",

@@ -253,6 +253,8 @@ export class EngineServer {
       pinnedBytes: st.pinnedBytes,
       cuda: cudaStatus(),
       transferThreads: st.transferThreads,
+      storageBusySeconds: st.storageBusySeconds,
+      storageWaitSeconds: st.storageWaitSeconds,
       errors: { ...this.errors },
       pid: process.pid,
       uptime_s: (Date.now() - this.started) / 1000,

@@ -110,6 +110,8 @@ export class Store {
       stagingBytes: n.stagingBytes,
       pinnedBytes: n.pinnedBytes,
       transferThreads: n.threads,
+      storageBusySeconds: n.storageBusyNs / 1e9,
+      storageWaitSeconds: n.storageWaitNs / 1e9,
     };
   }
 

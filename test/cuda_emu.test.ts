@@ -171,6 +171,31 @@ describe("GPU path over the emulated CUDA runtime", () => {
     expect(sameBlocks(dst, src, all)).toBe(true);
   });
 
+  test("a dump waiting for its event holds no pinned staging: a load on the same stream goes by it", async () => {
+    // One stream: one share of pinned staging, and a second worker for it.
+    node = await startNode([GPU_A], { transferStreamNumber: 1 });
+    const c = node.engine.client();
+    await hello(c);
+    const src = gpuCache(GPU_A, "random");
+    const dst = gpuCache(GPU_A);
+    const ev = new EmuEvent(GPU_A);
+    mem.push(...src, ...dst, ev);
+    const sids = await registerCache(c, src, 0, GPU_A);
+    const dids = await registerCache(c, dst, 0, GPU_A);
+    const ks = keys("share");
+    const d0 = await c.call("dump", { ns: NS, keys: ks.slice(0, 2), shards: shardColumns(sids, SHARD, [0, 1]), commit: true });
+    expect((await waitDone(c, d0.task as number)).status).toEqual(["ok", "ok"]);
+    const evId = ((await c.call("register", { events: [{ device: 0, pci_bus_id: GPU_A, handle: ev.handle() }] })).events as number[])[0];
+    ev.record();
+    const d = await c.call("dump", { ns: NS, keys: [ks[2]], shards: shardColumns(sids, SHARD, [2]), commit: true, event: evId });
+    const l = await c.call("load", { ns: NS, keys: ks.slice(0, 2), shards: shardColumns(dids, SHARD, [0, 1]) });
+    expect((await waitDone(c, l.task as number)).status).toEqual(["ok", "ok"]);
+    expect(sameBlocks(dst, src, [0, 1])).toBe(true);
+    expect((await c.call("check", { task: d.task })).done).toBe(false);
+    ev.complete();
+    expect((await waitDone(c, d.task as number)).status).toEqual(["ok"]);
+  });
+
   test("an event that never completes fails its blocks after cudaEventTimeoutMs; the engine keeps serving", async () => {
     node = await startNode([GPU_A], { cudaEventTimeoutMs: 300 });
     const c = node.engine.client();

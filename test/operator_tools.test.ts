@@ -62,6 +62,8 @@ describe("metrics and operator tools", () => {
     for (const name of [
       "ucm_queue_depth",
       "ucm_inflight_bytes",
+      "ucm_storage_busy_seconds_total",
+      "ucm_storage_wait_seconds_total",
       "ucm_evicted_blocks_total",
       "ucm_dropped_writes_total",
       "ucm_errors_total",
@@ -79,7 +81,7 @@ describe("metrics and operator tools", () => {
     const e = await engine(dir, "s", { storage_backends: store, capacity: "1GiB" });
     const table = await runCli(["stats", "--endpoint", e.endpoint]);
     expect(table.code).toBe(0);
-    for (const row of ["lookups", "dumped", "loaded", "dropped writes", "in flight", `capacity ${store}`, "errors"])
+    for (const row of ["lookups", "dumped", "loaded", "storage", "dropped writes", "in flight", `capacity ${store}`, "errors"])
       expect(table.out).toContain(row);
     expect(table.out).toContain("0 B in 0 blocks of 1.00 GiB (0.0%)");
     const json = await runCli(["stats", "--endpoint", e.endpoint, "--json"]);
@@ -91,8 +93,8 @@ describe("metrics and operator tools", () => {
     try {
       const r = await runCli(["bench", "--dir", dir, "--gib", "0.03", "--block-mib", "1", "--shards", "8", "--threads", "4"], 60000);
       expect(r.code).toBe(0);
-      expect(r.out).toMatch(/dump \(write \+ rename\)\s+\d+\.\d+ GB\/s/);
-      expect(r.out).toMatch(/load \(read \+ verify\)\s+\d+\.\d+ GB\/s/);
+      expect(r.out).toMatch(/dump \(write \+ rename\)\s+\d+\.\d+ GB\/s, storage busy \d+ % of the time/);
+      expect(r.out).toMatch(/load \(read \+ verify\)\s+\d+\.\d+ GB\/s, storage busy \d+ %/);
       expect(r.out).toMatch(/lookup, 1 key\s+p50 \d+ us/);
       expect(r.out).toMatch(/failed blocks\s+0/);
       expect(r.out).toMatch(/load: 31\/31 blocks/); // progress

@@ -15,6 +15,8 @@
 
 namespace ucm {
 
+class IoGate;
+
 constexpr size_t kBlockAlign = 4096;
 constexpr size_t kHeaderSize = 4096;
 constexpr uint32_t kFormatVersion = 1;
@@ -76,15 +78,17 @@ struct IoResult {
 // header in staging[0, kHeaderSize) and zeroes the tail padding, so `staging`
 // must hold FileSizeFor(payload_length) bytes and be kBlockAlign aligned.
 // Creates `path` exclusively (O_EXCL): the temporary name is ours alone.
+// Holds a pass of `gate` (may be null) from the first byte written to the close.
 IoResult WriteBlockFile(const std::string& path, uint8_t* staging, uint64_t payload_length, uint64_t layout_digest,
-                        uint32_t shard_count, const IoOptions& opts);
+                        uint32_t shard_count, const IoOptions& opts, IoGate* gate);
 
 // Reads `path` into staging and verifies it against what the caller expects.
 // kCorrupt means the file itself is damaged; kMismatch that it is intact but
 // not what this request describes (so it must not be deleted on its account).
 // On kOk the payload is at staging + kHeaderSize. `staging` must hold
-// FileSizeFor(expected_payload) bytes and be kBlockAlign aligned.
+// FileSizeFor(expected_payload) bytes and be kBlockAlign aligned. Holds a
+// pass of `gate` (may be null) for the read only, not for the checks.
 IoResult ReadBlockFile(const std::string& path, uint8_t* staging, uint64_t expected_payload, uint64_t layout_digest,
-                       uint32_t shard_count, const IoOptions& opts);
+                       uint32_t shard_count, const IoOptions& opts, IoGate* gate);
 
 }  // namespace ucm

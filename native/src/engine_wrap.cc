@@ -222,10 +222,13 @@ Napi::Value EngineWrap::Stats(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto out = Napi::Object::New(env);
   out.Set("threads", core_ ? core_->options().threads : 0);
+  out.Set("workers", core_ ? core_->workers() : 0);
   out.Set("queuedBlocks", core_ ? core_->queued_blocks() : 0);
   out.Set("queuedLookups", core_ ? core_->queued_lookups() : 0);
   out.Set("stagingBytes", Napi::Number::New(env, core_ ? static_cast<double>(core_->staging_bytes()) : 0));
   out.Set("pinnedBytes", Napi::Number::New(env, core_ ? static_cast<double>(core_->pinned_bytes()) : 0));
+  out.Set("storageBusyNs", Napi::Number::New(env, core_ ? static_cast<double>(core_->storage_busy_ns()) : 0));
+  out.Set("storageWaitNs", Napi::Number::New(env, core_ ? static_cast<double>(core_->storage_wait_ns()) : 0));
   out.Set("inflight", channel_->inflight());
   out.Set("regions", static_cast<double>(regions_.size()));
   out.Set("crc32cHardware", Crc32cHardware());

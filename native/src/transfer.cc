@@ -2,6 +2,7 @@
 
 #include "guarded_copy.h"
 
+#include <sched.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <algorithm>
@@ -69,14 +70,31 @@ bool AlignedBuffer::Reserve(size_t size) {
   return true;
 }
 
-TransferEngine::TransferEngine(const EngineOptions& opts) : opts_(opts) {
-  workers_.reserve(opts_.threads);
-  for (uint32_t i = 0; i < opts_.threads; ++i) workers_.emplace_back([this, i] { WorkerLoop(i); });
+TransferEngine::TransferEngine(const EngineOptions& opts)
+    : opts_(opts),
+      gate_(opts.threads),
+      stagers_(opts.threads, AlignUp(std::max<uint64_t>(opts.pinned_staging_bytes / opts.threads, kBlockAlign)),
+               opts.cuda_copy) {
+  const uint32_t n = WorkerCount(opts_.threads);
+  workers_.reserve(n);
+  for (uint32_t i = 0; i < n; ++i) workers_.emplace_back([this, i] { WorkerLoop(i); });
   for (uint32_t i = 0; i < opts_.meta_threads; ++i) meta_workers_.emplace_back([this] { MetaLoop(meta_); });
   for (uint32_t i = 0; i < opts_.meta_threads; ++i) meta_workers_.emplace_back([this] { MetaLoop(lookups_); });
 }
 
 TransferEngine::~TransferEngine() { Shutdown(); }
+
+uint32_t TransferEngine::WorkerCount(uint32_t streams) {
+#if defined(UCM_WORKERS_PER_STREAM) && UCM_WORKERS_PER_STREAM == 1
+  return streams;
+#else
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  uint32_t cpus = sched_getaffinity(0, sizeof set, &set) == 0 ? static_cast<uint32_t>(CPU_COUNT(&set))
+                                                              : std::thread::hardware_concurrency();
+  return streams + std::min(streams, std::max(cpus, 1u));
+#endif
+}
 
 void TransferEngine::Shutdown() {
   std::deque<Item> cancelled;
@@ -178,7 +196,6 @@ void TransferEngine::WorkerLoop(uint32_t /*index*/) {
     }
   }
   staging_bytes_.fetch_sub(w.staging.capacity());
-  if (w.cuda) pinned_bytes_.fetch_sub(w.cuda->capacity());
 }
 
 void TransferEngine::MetaLoop(JobQueue& q) {
@@ -226,7 +243,7 @@ void TransferEngine::RunBlock(const Item& item, Worker& w) {
     }
   }
   if (first.medium() == Medium::kCuda) {
-    Finish(item, RunDeviceBlock(item, w));
+    Finish(item, RunDeviceBlock(item));
     return;
   }
   AlignedBuffer& staging = w.staging;
@@ -265,9 +282,9 @@ void TransferEngine::RunBlock(const Item& item, Worker& w) {
         return;
       }
     }
-    r = WriteBlockFile(job.path, staging.data(), job.bytes, task.layout_digest, shard_count, opts_.io);
+    r = WriteBlockFile(job.path, staging.data(), job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
   } else {
-    r = ReadBlockFile(job.path, staging.data(), job.bytes, task.layout_digest, shard_count, opts_.io);
+    r = ReadBlockFile(job.path, staging.data(), job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
     if (r.status == BlockStatus::kOk) {
       // Only verified bytes ever reach the destination memory.
       CopyGuard guard(task);
@@ -283,7 +300,7 @@ void TransferEngine::RunBlock(const Item& item, Worker& w) {
 // Device blocks: gather from GPU memory into pinned staging and write; or
 // read and verify in pinned staging and scatter to the GPU. Bytes reach the
 // KV cache only after the file verified, as on the host path.
-IoResult TransferEngine::RunDeviceBlock(const Item& item, Worker& w) {
+IoResult TransferEngine::RunDeviceBlock(const Item& item) {
   TransferTask& task = *item.task;
   const BlockJob& job = task.blocks[item.block];
   const int device = task.shards[job.shard_begin].region->device();
@@ -293,21 +310,9 @@ IoResult TransferEngine::RunDeviceBlock(const Item& item, Worker& w) {
     r.detail = error;
     return r;
   };
-  if (w.cuda && w.cuda->broken()) {
-    // A copy of its last block never finished: leave that staging behind
-    // (released, never freed) and start over with a fresh one.
-    pinned_bytes_.fetch_sub(w.cuda->capacity());
-    w.cuda.reset();
-  }
-  if (!w.cuda) {
-    const uint64_t share = AlignUp(std::max<uint64_t>(opts_.pinned_staging_bytes / opts_.threads, kBlockAlign));
-    w.cuda = CudaStager::Create(device, share, opts_.cuda_copy, &error);
-    if (!w.cuda) return fail(ENODEV, "pinned staging");
-    pinned_bytes_.fetch_add(w.cuda->capacity());
-  }
-  if (FileSizeFor(job.bytes) > w.cuda->capacity()) {
+  if (FileSizeFor(job.bytes) > stagers_.share_bytes()) {
     error = "block of " + std::to_string(job.bytes) +
-            " bytes does not fit the pinned staging of one transfer thread (" + std::to_string(w.cuda->capacity()) +
+            " bytes does not fit the pinned staging of one transfer stream (" + std::to_string(stagers_.share_bytes()) +
             " bytes = pinnedStagingBytes / transferStreamNumber)";
     return fail(EFBIG, "pinned staging");
   }
@@ -320,31 +325,44 @@ IoResult TransferEngine::RunDeviceBlock(const Item& item, Worker& w) {
     pos += sh.length;
   }
   const uint32_t shard_count = job.shard_end - job.shard_begin;
-  if (task.op == Op::kDump) {
-    // The forward pass that wrote these blocks first; a cancel or the
-    // client's deadline ends the wait (nothing has been read yet).
-    if (task.wait_event) {
-      auto stop = [&task] { return task.cancelled.load() || (task.deadline_ns != 0 && NowNs() >= task.deadline_ns); };
-      if (!AwaitCudaEvent(*task.wait_event, opts_.cuda_event_timeout_ms, stop, &error)) {
-        if (error.empty()) {
-          CopyGuard guard(task);  // says which of the two
-          return guard.go ? IoResult{BlockStatus::kCancelled, ECANCELED, "cancelled"} : guard.stop;
-        }
-        return fail(ETIMEDOUT, "waiting for the client's CUDA event");
-      }
+  // A cancel or the client's deadline ends either wait below (nothing has
+  // been read or written yet); CopyGuard says which of the two it was.
+  auto stop = [&task] { return task.cancelled.load() || (task.deadline_ns != 0 && NowNs() >= task.deadline_ns); };
+  auto stopped = [&task] {
+    CopyGuard guard(task);
+    return guard.go ? IoResult{BlockStatus::kCancelled, ECANCELED, "cancelled"} : guard.stop;
+  };
+  // A dump waits for the forward pass that wrote its blocks before it takes
+  // pinned staging, so blocks waiting on a slow step hold no share that a
+  // load could use.
+  if (task.op == Op::kDump && task.wait_event) {
+    if (!AwaitCudaEvent(*task.wait_event, opts_.cuda_event_timeout_ms, stop, &error)) {
+      if (error.empty()) return stopped();
+      return fail(ETIMEDOUT, "waiting for the client's CUDA event");
     }
+  }
+  // A share for this block, given back on every way out; one whose copy
+  // never finished is dropped there and allocated afresh next time.
+  struct Lease {
+    StagerPool& pool;
+    std::unique_ptr<CudaStager> s;
+    ~Lease() { pool.Give(std::move(s)); }
+  } lease{stagers_, stagers_.Take(device, stop, &error)};
+  if (!lease.s) return error.empty() ? stopped() : fail(ENODEV, "pinned staging");
+  CudaStager& stager = *lease.s;
+  if (task.op == Op::kDump) {
     {
       CopyGuard guard(task);
       if (!guard.go) return guard.stop;
-      if (!w.cuda->Gather(device, copies, &error)) return fail(EIO, "gather");
+      if (!stager.Gather(device, copies, &error)) return fail(EIO, "gather");
     }
-    return WriteBlockFile(job.path, w.cuda->data(), job.bytes, task.layout_digest, shard_count, opts_.io);
+    return WriteBlockFile(job.path, stager.data(), job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
   }
-  IoResult r = ReadBlockFile(job.path, w.cuda->data(), job.bytes, task.layout_digest, shard_count, opts_.io);
+  IoResult r = ReadBlockFile(job.path, stager.data(), job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
   if (r.status != BlockStatus::kOk) return r;
   CopyGuard guard(task);
   if (!guard.go) return guard.stop;
-  if (!w.cuda->Scatter(device, copies, &error)) return fail(EIO, "scatter");
+  if (!stager.Scatter(device, copies, &error)) return fail(EIO, "scatter");
   return r;
 }
 

@@ -1,6 +1,10 @@
-// The transfer core: a pool of `threads` native workers moving KV blocks
-// between memory regions and block files, plus a small pool for metadata
-// calls (stat, rename, unlink) so lookups never queue behind bulk I/O.
+// The transfer core: a pool of native workers moving KV blocks between
+// memory regions and block files, up to two for each of the `threads`
+// transfer streams (one reads or writes storage while another prepares or
+// finishes a block; io_gate.h keeps storage at `threads` transfers in
+// flight at most), plus
+// a small pool for metadata calls (stat, rename, unlink) so lookups never
+// queue behind bulk I/O.
 //
 // A task is a batch of blocks; each block is a list of shards (region,
 // offset, length) concatenated into one payload. Blocks of a task run in
@@ -21,7 +25,9 @@
 #include "block_file.h"
 #include "cuda_backend.h"
 #include "guarded_copy.h"
+#include "io_gate.h"
 #include "region.h"
+#include "stager_pool.h"
 
 namespace ucm {
 
@@ -91,12 +97,12 @@ class AlignedBuffer {
 // options JS passed, whose defaults live in core/config.ts); the zeros here
 // are no defaults, an engine must not run on them.
 struct EngineOptions {
-  uint32_t threads = 0;  // transferStreamNumber
+  uint32_t threads = 0;  // transferStreamNumber: storage transfers in flight
   uint32_t meta_threads = 0;
   uint64_t max_block_bytes = 0;
-  // Pinned host staging for device blocks, all workers together; each
-  // worker allocates its share (pinned_staging_bytes / threads) once, at its
-  // first device block. A device block must fit in one share.
+  // Pinned host staging for device blocks, all workers together: one share
+  // (pinned_staging_bytes / threads) a stream, each allocated once, at its
+  // first use (stager_pool.h). A device block must fit in one share.
   uint64_t pinned_staging_bytes = 0;
   CudaCopy cuda_copy = CudaCopy::kBatch;
   // How long a device dump waits for the client's CUDA event before the
@@ -138,7 +144,18 @@ class TransferEngine {
 
   uint32_t queued_blocks() const;
   uint64_t staging_bytes() const { return staging_bytes_.load(); }
-  uint64_t pinned_bytes() const { return pinned_bytes_.load(); }
+  uint64_t pinned_bytes() const { return stagers_.pinned_bytes(); }
+  uint64_t storage_busy_ns() const { return gate_.busy_ns(); }
+  uint64_t storage_wait_ns() const { return gate_.wait_ns(); }
+  // Worker threads for `streams` transfer streams: one a stream, and a
+  // second one a stream (see the top of this file) as long as there are CPUs
+  // for them: on a host with fewer CPUs than streams, more threads preparing
+  // blocks at once than CPUs only take turns. A build for an A/B measurement
+  // may leave the second ones out (cmake-js ... --CDUCM_WORKERS_PER_STREAM=1):
+  // each worker then prepares, moves and finishes its blocks in turn, as the
+  // engine did before 2026-11-26 (bench/RESULTS.md compares the two).
+  static uint32_t WorkerCount(uint32_t streams);
+  uint32_t workers() const { return static_cast<uint32_t>(workers_.size()); }
 
  private:
   struct Item {
@@ -146,11 +163,10 @@ class TransferEngine {
     std::shared_ptr<TaskDone> done;
     uint32_t block;
   };
-  // What a worker owns: its host staging and, once it moved a device block,
-  // its pinned staging and streams.
+  // What a worker owns: its host staging (device blocks borrow pinned
+  // staging from stagers_).
   struct Worker {
     AlignedBuffer staging;
-    std::unique_ptr<CudaStager> cuda;
     std::vector<CopyRange> copies;  // a host block's shard copies, reused
   };
   void WorkerLoop(uint32_t index);
@@ -161,7 +177,7 @@ class TransferEngine {
   void MetaLoop(JobQueue& q);
   void Post(JobQueue& q, std::function<void()> fn);
   void RunBlock(const Item& item, Worker& w);
-  IoResult RunDeviceBlock(const Item& item, Worker& w);
+  IoResult RunDeviceBlock(const Item& item);
   void Finish(const Item& item, const IoResult& r);
 
   EngineOptions opts_;
@@ -173,7 +189,8 @@ class TransferEngine {
   JobQueue lookups_;
   bool stopping_ = false;
   std::atomic<uint64_t> staging_bytes_{0};
-  std::atomic<uint64_t> pinned_bytes_{0};
+  IoGate gate_;
+  StagerPool stagers_;
   std::vector<std::thread> workers_;       // declared last: joined before the queues die
   std::vector<std::thread> meta_workers_;  // the metadata and lookup pools' threads
 };

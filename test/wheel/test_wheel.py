@@ -378,7 +378,7 @@ def test_systemd_unit_example_works(venv, installed, scratch):
             log.seek(0)
             pytest.fail(f"the unit's ExecStart did not serve (exit {p.poll()}):\n{log.read()}")
         r = run([exec_start[0], "stats", "--config", cfg], timeout=30, env=clean_env(), cwd="/")
-        assert r.returncode == 0 and "transfer threads" in r.stdout, r.stdout + r.stderr
+        assert r.returncode == 0 and "transfer streams" in r.stdout, r.stdout + r.stderr
         os.kill(p.pid, signal.SIGTERM)  # what systemctl stop sends
         assert p.wait(timeout=stop_s) == 0
         assert processes_in_group(p.pid) == []
