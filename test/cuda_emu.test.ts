@@ -106,6 +106,20 @@ async function roundTrip(c: EngineClient, mem: Array<EmuDeviceMemory | EmuEvent>
 let node: Node | undefined;
 const mem: Array<EmuDeviceMemory | EmuEvent> = [];
 
+/** A client of `n`'s engine with a random source cache, an empty destination cache and an event, all registered. */
+async function withEvent(n: Node) {
+  const c = n.engine.client();
+  await hello(c);
+  const src = gpuCache(GPU_A, "random");
+  const dst = gpuCache(GPU_A);
+  const ev = new EmuEvent(GPU_A);
+  mem.push(...src, ...dst, ev);
+  const sids = await registerCache(c, src, 0, GPU_A);
+  const dids = await registerCache(c, dst, 0, GPU_A);
+  const evId = ((await c.call("register", { events: [{ device: 0, pci_bus_id: GPU_A, handle: ev.handle() }] })).events as number[])[0];
+  return { c, src, dst, sids, dids, ev, evId };
+}
+
 beforeAll(() => {
   buildEmuAddon();
 }, 300000);
@@ -143,15 +157,7 @@ describe("GPU path over the emulated CUDA runtime", () => {
 
   test("a dump waits for the client's event: bytes written before it completes are the ones stored", async () => {
     node = await startNode([GPU_A]);
-    const c = node.engine.client();
-    await hello(c);
-    const src = gpuCache(GPU_A, "random");
-    const dst = gpuCache(GPU_A);
-    const ev = new EmuEvent(GPU_A);
-    mem.push(...src, ...dst, ev);
-    const sids = await registerCache(c, src, 0, GPU_A);
-    const dids = await registerCache(c, dst, 0, GPU_A);
-    const evId = ((await c.call("register", { events: [{ device: 0, pci_bus_id: GPU_A, handle: ev.handle() }] })).events as number[])[0];
+    const { c, src, dst, sids, dids, ev, evId } = await withEvent(node);
     // The "forward pass" is queued, not done: the event is recorded, not completed.
     ev.record();
     const ks = keys("ev");
@@ -174,18 +180,10 @@ describe("GPU path over the emulated CUDA runtime", () => {
   test("a dump waiting for its event holds no pinned staging: a load on the same stream goes by it", async () => {
     // One stream: one share of pinned staging, and a second worker for it.
     node = await startNode([GPU_A], { transferStreamNumber: 1 });
-    const c = node.engine.client();
-    await hello(c);
-    const src = gpuCache(GPU_A, "random");
-    const dst = gpuCache(GPU_A);
-    const ev = new EmuEvent(GPU_A);
-    mem.push(...src, ...dst, ev);
-    const sids = await registerCache(c, src, 0, GPU_A);
-    const dids = await registerCache(c, dst, 0, GPU_A);
+    const { c, src, dst, sids, dids, ev, evId } = await withEvent(node);
     const ks = keys("share");
     const d0 = await c.call("dump", { ns: NS, keys: ks.slice(0, 2), shards: shardColumns(sids, SHARD, [0, 1]), commit: true });
     expect((await waitDone(c, d0.task as number)).status).toEqual(["ok", "ok"]);
-    const evId = ((await c.call("register", { events: [{ device: 0, pci_bus_id: GPU_A, handle: ev.handle() }] })).events as number[])[0];
     ev.record();
     const d = await c.call("dump", { ns: NS, keys: [ks[2]], shards: shardColumns(sids, SHARD, [2]), commit: true, event: evId });
     const l = await c.call("load", { ns: NS, keys: ks.slice(0, 2), shards: shardColumns(dids, SHARD, [0, 1]) });
