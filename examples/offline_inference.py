@@ -168,7 +168,8 @@ def main() -> int:
         dirs = cfg.storage_backends.replace(":", " ")
         print(
             f"the first run found {results[0][4]} blocks already stored by an earlier run (the store persists across "
-            f"restarts); for a cold first run and the speedup, remove {dirs} and run again"
+            f"restarts); for a cold first run and the speedup, remove {dirs} once this demo's engine has exited "
+            "(10 minutes after its last client) and run again"
         )
     elif results[0][3] and results[1][3]:
         print(f"speedup of time to first token (cold store -> warm): {results[0][3] / results[1][3]:.2f}x")
