@@ -2,7 +2,7 @@
 // staging, one stream and one completion event per device and thread, and
 // the two ways shards move between device memory and staging (batched copies
 // on the copy engines, or the gather/scatter kernel of cuda_copy_kernel.cu).
-// A stager belongs to one transfer thread; nothing here is shared.
+// A stager serves one block at a time (lent by StagerPool); nothing here is shared.
 #include <algorithm>
 #include <cstring>
 
