@@ -14,24 +14,22 @@ import * as crypto from "crypto";
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
+import { createFile, makeDirs } from "./native";
 
 export class StorageLayout {
   private readonly ready = new Map<string, Promise<void>>();
   private seq = 0;
 
-  /** `tag` names this engine in temporary files (host, pid, start time). */
-  /** Modes of what the engine makes: private by default, or shared with the group (config shareWithGroup). */
-  readonly modes: { file: number; dir: number };
-
+  /**
+   * `tag` names this engine in temporary files (host, pid, start time). The modes of what it makes are the
+   * addon's (setShareWithGroup), which creates it.
+   */
   constructor(
     readonly backends: readonly string[],
     readonly tag: string,
-    shareWithGroup = false,
     /** Told the bytes of the directories and files this engine created in backend `backend`. */
     private readonly onHolders: (backend: number, bytes: number) => void = () => {},
-  ) {
-    this.modes = shareWithGroup ? { file: 0o660, dir: 0o2770 } : { file: 0o600, dir: 0o700 };
-  }
+  ) {}
 
   /** Which backend holds a key: FNV-1a over its bytes, so shards stay stable across engines. */
   backendFor(key: Buffer): string {
@@ -78,54 +76,28 @@ export class StorageLayout {
   private async create(ns: string, description?: unknown): Promise<void> {
     await Promise.all(
       this.backends.map(async (b, index) => {
-        const root = path.join(b, ns);
-        const madeRoot = (await this.ownDir(root)) > 0;
-        let made = 0;
-        const subdirs: Promise<number>[] = [this.ownDir(tempDir(b, ns))];
-        for (let i = 0; i < 256; i++) subdirs.push(this.ownDir(path.join(root, i.toString(16).padStart(2, "0"))));
-        made += (await Promise.all(subdirs)).reduce((a, x) => a + x, 0);
+        // Through descriptors (native/src/store_dirs.h): each directory is created, then opened without following
+        // links and its mode set on that descriptor; an existing one must be a real directory of the engine's user.
+        // A directory swapped for a link meanwhile sends no mode change, directory or description elsewhere.
+        const madeRoot = (await makeDirs(b, "", [ns]))[0] > 0;
+        // In two halves: the addon runs them on two threads (a round trip each on NFS).
+        const halves = [[".tmp", ...FAN_OUT.slice(0, 128)], FAN_OUT.slice(128)];
+        const sizes = await Promise.all(halves.map((names) => makeDirs(b, ns, names)));
+        let made = sizes.flat().reduce((a, x) => a + x, 0);
         if (description !== undefined) {
           const text = JSON.stringify({ namespace: ns, description }, null, 2) + "\n";
-          // wx: exclusive create, which never follows a symbolic link.
-          const file = path.join(root, "NAMESPACE");
-          made += await fs.promises.writeFile(file, text, { flag: "wx", mode: this.modes.file }).then(
-            async () => {
-              await fs.promises.chmod(file, this.modes.file); // ours: the exact mode, whatever the umask
-              return allocated(file);
-            },
-            (e: NodeJS.ErrnoException) => {
-              if (e.code !== "EEXIST") throw e;
-              return 0;
-            },
-          );
+          made += await createFile(b, ns, "NAMESPACE", text); // exclusive: one already there is kept
         }
         // The namespace's own directory, measured once its 258 entries are in (it grows past one block on ext4).
-        if (madeRoot) made += await allocated(root);
+        if (madeRoot) made += await allocated(path.join(b, ns));
         if (made > 0) this.onHolders(index, made);
       }),
     );
   }
-
-  /**
-   * A directory the engine writes in: created with the store's mode, or, when it exists, a real directory (no
-   * symbolic link: one planted there would send writes, reads and deletions elsewhere) of the engine's user.
-   * Returns the bytes it took when this call created it, else 0.
-   */
-  private async ownDir(dir: string): Promise<number> {
-    try {
-      await fs.promises.mkdir(dir, { mode: this.modes.dir });
-      await fs.promises.chmod(dir, this.modes.dir); // ours: the exact mode, whatever the umask
-      return await allocated(dir);
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
-    }
-    const st = await fs.promises.lstat(dir);
-    if (!st.isDirectory()) throw new Error(`${dir} is not a directory (a symbolic link?): refusing to use it`);
-    const euid = typeof process.geteuid === "function" ? process.geteuid() : 0;
-    if (st.uid !== euid) throw new Error(`${dir} belongs to uid ${st.uid}, not to the engine's user (${euid}): refusing to use it`);
-    return 0;
-  }
 }
+
+/** The 256 fan-out directories of a namespace: the first byte of a key, in hex. */
+const FAN_OUT = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, "0"));
 
 /** What a directory or small file takes on the filesystem (its allocated blocks), as the native rescan counts it. */
 async function allocated(p: string): Promise<number> {

@@ -43,6 +43,11 @@ export interface NativeEngineOptions {
   cudaCopy: "kernel" | "batch";
   /** How long a device dump waits for the client's CUDA event before the block fails. */
   cudaEventTimeoutMs: number;
+  /**
+   * The storage directories: every path below one is reached through descriptors, following no symbolic link
+   * (native/src/store_dirs.h). [] (the core's own tests): paths are used as named.
+   */
+  storeRoots: string[];
 }
 
 /** Metadata threads of an engine; not a config key (4 keep a lookup batch quick without crowding the transfers). */
@@ -62,6 +67,7 @@ export function nativeEngineOptions(given: Partial<NativeEngineOptions> = {}): N
     pinnedStagingBytes: given.pinnedStagingBytes ?? (OPTIONS.pinnedStagingBytes.dflt as number),
     cudaCopy: given.cudaCopy ?? (OPTIONS.cudaCopy.dflt as "kernel" | "batch"),
     cudaEventTimeoutMs: given.cudaEventTimeoutMs ?? (OPTIONS.cudaEventTimeoutMs.dflt as number),
+    storeRoots: given.storeRoots ?? [],
   };
 }
 
@@ -266,6 +272,16 @@ interface Addon {
   listenerPauseState(): ListenerPauseState;
   /** Files 0660 and directories 02770 instead of 0600 and 0700, for every file the engine makes from now on. */
   setShareWithGroup(share: boolean): void;
+  /**
+   * Creates `root/parent/<name>` for each name (parent "" for root itself; nothing below root is followed through
+   * a link) with the store's mode set through a descriptor; an existing one must be a real directory of this user.
+   * Per name the bytes it took when this call made it, else 0. Rejects naming the first directory refused.
+   */
+  makeDirs(root: string, parent: string, names: string[]): Promise<number[]>;
+  /** A new file `root/parent/name` holding `text` (exclusive, no link followed); its bytes, 0 when one was there. */
+  createFile(root: string, parent: string, name: string, text: string): Promise<number>;
+  /** Unlinks each path below one of `roots` without following links; 0 (also when already gone) or errno each. */
+  removeFiles(roots: string[], paths: string[]): Promise<Int32Array>;
   constants: { headerSize: number; blockAlign: number; formatVersion: number; cuda: boolean; blockStatus: string[] };
 }
 
@@ -324,6 +340,9 @@ export const listenerPause = addon.listenerPause;
 export const listenerPauseStop = addon.listenerPauseStop;
 export const listenerPauseState = addon.listenerPauseState;
 export const setShareWithGroup = addon.setShareWithGroup;
+export const makeDirs = addon.makeDirs;
+export const createFile = addon.createFile;
+export const removeFiles = addon.removeFiles;
 export const constants = addon.constants;
 
 /** On-disk size of a block file holding `payload` bytes. */

@@ -3,7 +3,6 @@
 // (success) or deletes it (failure). A block nobody commits within
 // uncommittedTimeoutS is deleted, and so is every pending block of a session
 // that ends, so no partial or unconfirmed block is ever offered to a load.
-import * as fs from "fs";
 import { CapacityManager } from "./capacity";
 import { EngineConfig } from "./config";
 import { Counters } from "./counters";
@@ -126,7 +125,6 @@ export class PendingCommits {
 
   /** At shutdown, after the native engine stopped: deletes every session's temporary files and waits for it. */
   async removeAll(sessions: Session[]): Promise<void> {
-    const temps = sessions.flatMap(takeTemps);
-    await Promise.all(temps.map((t) => fs.promises.rm(t, { force: true })));
+    await this.transfers.removeAfterClose(sessions.flatMap(takeTemps));
   }
 }

@@ -58,7 +58,7 @@ export class Store {
   ) {
     this.engineId = engineTag();
     // A namespace's directories count against the capacity (the capacity manager exists before any is made).
-    this.layout = new StorageLayout(config.storageBackends, this.engineId, config.shareWithGroup, (b, bytes) =>
+    this.layout = new StorageLayout(config.storageBackends, this.engineId, (b, bytes) =>
       this.capacity.holders(b, bytes),
     );
     setShareWithGroup(config.shareWithGroup);
@@ -70,8 +70,9 @@ export class Store {
       pinnedStagingBytes: config.pinnedStagingBytes,
       cudaCopy: config.cudaCopy as "kernel" | "batch",
       cudaEventTimeoutMs: config.cudaEventTimeoutMs,
+      storeRoots: config.storageBackends,
     });
-    this.transfers = new Transfers(native, log);
+    this.transfers = new Transfers(native, config.storageBackends, log);
     this.lookups = new BlockLookups(config, this.layout, native, log);
     this.capacity = new CapacityManager(
       config,
@@ -230,7 +231,9 @@ export class Store {
       });
       this.transfers.removeFiles(failedTemps);
       this.transfers.logFailures(id, "D2S", r);
-      if (r.errno.includes(2)) this.layout.forgetNamespace(ns); // directories removed underneath: recreate next time
+      // Directories removed underneath (ENOENT): recreated next time; replaced by a link or a file (ELOOP,
+      // ENOTDIR): checked again next time, which refuses them with a clear error.
+      if (r.errno.some((e) => e === 2 || e === 20 || e === 40)) this.layout.forgetNamespace(ns);
       this.counters.bytesDumped += r.bytes;
       if (s.closed) this.pending.discardAll(s);
       else if (req.commit) await this.commitWritten(s, ns, keys, status);

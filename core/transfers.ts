@@ -3,8 +3,7 @@
 // and the native engine copies them on its threads. Every shard is checked
 // against the region it names before any transfer is submitted; block files
 // are deleted off the event loop. Nothing here reads or writes payload bytes.
-import * as fs from "fs";
-import { BlockStatus, NativeEngine, nativeErrorCode, TransferResult, TransferSpec } from "./native";
+import { BlockStatus, NativeEngine, nativeErrorCode, removeFiles, TransferResult, TransferSpec } from "./native";
 import { StorageLayout } from "./layout";
 import { Logger } from "./log";
 import { ProtocolError, ShardArrays } from "./protocol";
@@ -80,6 +79,8 @@ export class Transfers {
 
   constructor(
     readonly native: NativeEngine,
+    /** The storage directories, below which no path is followed through a link. */
+    private readonly roots: string[],
     private readonly log: Logger,
   ) {}
 
@@ -111,14 +112,16 @@ export class Transfers {
     );
   }
 
-  /** Best-effort delete off the event loop; after close, through libuv. */
+  /** Best-effort delete off the event loop (after close, on the addon's store threads). */
   removeFiles(paths: string[]): void {
     if (paths.length === 0) return;
-    if (!this.closed) {
-      this.native.remove(paths).catch((e: Error) => this.log.warn(`remove failed: ${e.message}`));
-    } else {
-      for (const p of paths) void fs.promises.rm(p, { force: true }).catch(() => undefined);
-    }
+    const done = this.closed ? removeFiles(this.roots, paths) : this.native.remove(paths);
+    done.catch((e: Error) => this.log.warn(`remove failed: ${e.message}`));
+  }
+
+  /** Deletes `paths` once the native engine is closed; resolves when done. */
+  async removeAfterClose(paths: string[]): Promise<void> {
+    if (paths.length) await removeFiles(this.roots, paths);
   }
 
   /** Stops the native engine: what is still queued is cancelled, running blocks finish first. */

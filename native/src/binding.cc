@@ -28,6 +28,7 @@ namespace {
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   RegisterEngine(env, exports);
   RegisterCapacity(env, exports);
+  RegisterStore(env, exports);
   RegisterSystem(env, exports);
   RegisterConstants(env, exports);
   return exports;

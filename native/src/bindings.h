@@ -10,6 +10,8 @@ namespace ucm {
 void RegisterEngine(Napi::Env env, Napi::Object exports);
 // usageAdd, evict (capacity_binding.cc).
 void RegisterCapacity(Napi::Env env, Napi::Object exports);
+// makeDirs, createFile, removeFiles: the store's directories (store_binding.cc).
+void RegisterStore(Napi::Env env, Napi::Object exports);
 // crc32c, cudaStatus, connection guard, fd limit, CPU affinity, file modes (system_binding.cc).
 void RegisterSystem(Napi::Env env, Napi::Object exports);
 // constants: the block file format, the block status names, whether CUDA is built in.

@@ -15,14 +15,16 @@
 namespace ucm {
 namespace {
 
-// Opens with O_DIRECT when asked and the filesystem allows it. tmpfs,
-// overlayfs and some NFS setups answer EINVAL; then plain buffered I/O is used.
-int OpenMaybeDirect(const std::string& path, int flags, mode_t mode, bool odirect) {
+// Opens `name` in `dir` with O_DIRECT when asked and the filesystem allows
+// it. tmpfs, overlayfs and some NFS setups answer EINVAL; then plain buffered
+// I/O is used. Never follows a link at `name`.
+int OpenMaybeDirect(int dir, const std::string& name, int flags, mode_t mode, bool odirect) {
+  flags |= O_NOFOLLOW | O_CLOEXEC;
   if (odirect) {
-    int fd = open(path.c_str(), flags | O_DIRECT | O_CLOEXEC, mode);
+    int fd = openat(dir, name.c_str(), flags | O_DIRECT, mode);
     if (fd >= 0 || errno != EINVAL) return fd;
   }
-  return open(path.c_str(), flags | O_CLOEXEC, mode);
+  return openat(dir, name.c_str(), flags, mode);
 }
 
 bool ClearDirect(int fd) {
@@ -74,6 +76,16 @@ IoResult Io(int err, const char* what) { return IoResult{BlockStatus::kIoError, 
 bool Gone(int err) { return err == ENOENT || err == ESTALE; }
 IoResult Corrupt(const char* what) { return IoResult{BlockStatus::kCorrupt, 0, what}; }
 
+// Why the directory of a block file could not be opened (an open call too,
+// so named as one). A load from a directory that is gone finds no block (a
+// miss); a dump there fails.
+IoResult DirFailed(int err, bool reading) {
+  if (reading && Gone(err)) return IoResult{BlockStatus::kNotFound, err, "open"};
+  if (NotRealDir(err)) return Io(err, "open: a directory in the store is a symbolic link or not a directory");
+  if (err == EXDEV) return Io(err, "open: a path outside the storage directories");
+  return Io(err, "open");
+}
+
 }  // namespace
 
 IoResult WriteBlockFile(const std::string& path, uint8_t* staging, uint64_t payload_length, uint64_t layout_digest,
@@ -94,7 +106,10 @@ IoResult WriteBlockFile(const std::string& path, uint8_t* staging, uint64_t payl
   h.header_crc = Crc32c(0, &h, offsetof(BlockHeader, header_crc));
   std::memcpy(staging, &h, sizeof h);
 
-  int fd = OpenMaybeDirect(path, O_WRONLY | O_CREAT | O_EXCL, Modes().file, opts.odirect);
+  UniqueFd dir;
+  std::string name;
+  if (int rc = OpenParent(opts.roots, path, &dir, &name)) return DirFailed(rc, false);
+  int fd = OpenMaybeDirect(dir.get(), name, O_WRONLY | O_CREAT | O_EXCL, Modes().file, opts.odirect);
   if (fd < 0) return Io(errno, "open");
   if (Modes().file != 0600) fchmod(fd, Modes().file);  // group bits the umask took away
   // No preallocation (fallocate): the file is written whole in one write, so
@@ -111,18 +126,18 @@ IoResult WriteBlockFile(const std::string& path, uint8_t* staging, uint64_t payl
   ssize_t n = WriteAll(fd, staging, file_size);
   if (n < 0) {
     close(fd);
-    unlink(path.c_str());
+    unlinkat(dir.get(), name.c_str(), 0);
     return Io(static_cast<int>(-n), "write");
   }
   if (opts.fsync && fdatasync(fd) != 0) {
     int e = errno;
     close(fd);
-    unlink(path.c_str());
+    unlinkat(dir.get(), name.c_str(), 0);
     return Io(e, "fdatasync");
   }
   if (close(fd) != 0) {
     int e = errno;
-    unlink(path.c_str());
+    unlinkat(dir.get(), name.c_str(), 0);
     return Io(e, "close");
   }
   return IoResult{};
@@ -141,9 +156,16 @@ const char* HeaderDamage(const BlockHeader& h) {
 IoResult ReadBlockFile(const std::string& path, uint8_t* staging, uint64_t expected_payload, uint64_t layout_digest,
                        uint32_t shard_count, const IoOptions& opts, IoGate* gate) {
   const size_t want = FileSizeFor(expected_payload);
-  int fd = OpenMaybeDirect(path, O_RDONLY | O_NOFOLLOW, 0, opts.odirect);  // a block is never a symbolic link
+  UniqueFd dir;
+  std::string name;
+  if (int rc = OpenParent(opts.roots, path, &dir, &name)) return DirFailed(rc, true);
+  // O_NONBLOCK: a FIFO planted at the name would block a plain open until a
+  // writer came, holding this transfer thread for good.
+  int fd = OpenMaybeDirect(dir.get(), name, O_RDONLY | O_NONBLOCK, 0, opts.odirect);
   if (fd < 0) {
     if (Gone(errno)) return IoResult{BlockStatus::kNotFound, errno, "open"};
+    // A link at the name of a block is nothing we wrote: a miss.
+    if (errno == ELOOP) return IoResult{BlockStatus::kNotFound, errno, "open: a symbolic link"};
     return Io(errno, "open");
   }
   struct stat st;
@@ -153,6 +175,10 @@ IoResult ReadBlockFile(const std::string& path, uint8_t* staging, uint64_t expec
     if (Gone(e)) return IoResult{BlockStatus::kNotFound, e, "fstat"};
     return Io(e, "fstat");
   }
+  if (!S_ISREG(st.st_mode)) {
+    close(fd);
+    return IoResult{BlockStatus::kNotFound, 0, "not a regular file"};
+  }
   const uint64_t have = static_cast<uint64_t>(st.st_size);
   // Read the whole file when its size is the one expected, else only the
   // header, to tell a damaged file from a request that does not match it.
@@ -160,7 +186,7 @@ IoResult ReadBlockFile(const std::string& path, uint8_t* staging, uint64_t expec
   IoGate::Pass pass(gate, true);
   ssize_t n = len ? ReadAll(fd, staging, len) : 0;
   pass.Leave();  // the checks below are CPU work: the next read may start
-  close(fd);
+  UniqueFd file(fd);
   if (n < 0 && Gone(static_cast<int>(-n))) return IoResult{BlockStatus::kNotFound, static_cast<int>(-n), "read"};
   if (n < 0) return Io(static_cast<int>(-n), "read");
   if (static_cast<size_t>(n) != len || len == 0) return Corrupt(len == 0 ? "file size" : "short read");
@@ -176,8 +202,33 @@ IoResult ReadBlockFile(const std::string& path, uint8_t* staging, uint64_t expec
   if (h.payload_crc != Crc32c(0, staging + kHeaderSize, expected_payload)) return Corrupt("payload checksum");
   // A served block is a used block: capacity eviction goes by mtime. Best
   // effort; a file we may not touch is still a good block.
-  if (opts.touch) utimensat(AT_FDCWD, path.c_str(), nullptr, 0);
+  if (opts.touch) futimens(file.get(), nullptr);
   return IoResult{};
+}
+
+uint8_t BlockExists(const StoreRoots& roots, const std::string& path) {
+  UniqueFd dir;
+  std::string name;
+  if (OpenParent(roots, path, &dir, &name) != 0) return 0;
+  struct stat st;
+  if (fstatat(dir.get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) return 0;
+  return S_ISREG(st.st_mode) && static_cast<uint64_t>(st.st_size) >= kHeaderSize ? 1 : 0;
+}
+
+int CommitFile(const StoreRoots& roots, const std::string& from, const std::string& to) {
+  UniqueFd from_dir, to_dir;
+  std::string from_name, to_name;
+  if (int rc = OpenParent(roots, from, &from_dir, &from_name)) return rc;
+  if (int rc = OpenParent(roots, to, &to_dir, &to_name)) return rc;
+  return renameat(from_dir.get(), from_name.c_str(), to_dir.get(), to_name.c_str()) == 0 ? 0 : errno;
+}
+
+int RemoveFile(const StoreRoots& roots, const std::string& path) {
+  UniqueFd dir;
+  std::string name;
+  int rc = OpenParent(roots, path, &dir, &name);
+  if (rc == 0) rc = unlinkat(dir.get(), name.c_str(), 0) == 0 ? 0 : errno;
+  return rc == ENOENT ? 0 : rc;
 }
 
 }  // namespace ucm

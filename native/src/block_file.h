@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <string>
 
+#include "store_dirs.h"
+
 namespace ucm {
 
 class IoGate;
@@ -63,6 +65,7 @@ struct IoOptions {
   bool odirect = true;  // try O_DIRECT, fall back when the filesystem refuses it
   bool fsync = false;   // fdatasync every block before it counts as written
   bool touch = true;    // a verified read refreshes the file's mtime (its LRU age)
+  StoreRoots roots;     // where block files live; below them no link is followed (store_dirs.h)
 };
 
 struct IoResult {
@@ -74,6 +77,9 @@ struct IoResult {
   std::string detail;     // a message built at run time (device errors); preferred over `what`
 };
 
+// Every path below is reached as store_dirs.h says: a directory on the way
+// that is a symbolic link fails the call (kIoError, ELOOP or ENOTDIR).
+
 // Writes a block whose payload already sits at staging + kHeaderSize. Fills the
 // header in staging[0, kHeaderSize) and zeroes the tail padding, so `staging`
 // must hold FileSizeFor(payload_length) bytes and be kBlockAlign aligned.
@@ -83,6 +89,8 @@ IoResult WriteBlockFile(const std::string& path, uint8_t* staging, uint64_t payl
                         uint32_t shard_count, const IoOptions& opts, IoGate* gate);
 
 // Reads `path` into staging and verifies it against what the caller expects.
+// The file is opened without blocking and must be a regular file: anything
+// else there (a FIFO, a device) is a miss (kNotFound), never waited on.
 // kCorrupt means the file itself is damaged; kMismatch that it is intact but
 // not what this request describes (so it must not be deleted on its account).
 // On kOk the payload is at staging + kHeaderSize. `staging` must hold
@@ -90,5 +98,14 @@ IoResult WriteBlockFile(const std::string& path, uint8_t* staging, uint64_t payl
 // pass of `gate` (may be null) for the read only, not for the checks.
 IoResult ReadBlockFile(const std::string& path, uint8_t* staging, uint64_t expected_payload, uint64_t layout_digest,
                        uint32_t shard_count, const IoOptions& opts, IoGate* gate);
+
+// Metadata of block files, run on the engine's metadata and lookup threads.
+// 1 when `path` is a regular file of at least the header size, else 0.
+uint8_t BlockExists(const StoreRoots& roots, const std::string& path);
+// Renames `from` to `to`; 0 or errno.
+int CommitFile(const StoreRoots& roots, const std::string& from, const std::string& to);
+// Unlinks `path` (never what a link there points to); 0, or errno (a file
+// or directory already gone counts as done: 0).
+int RemoveFile(const StoreRoots& roots, const std::string& path);
 
 }  // namespace ucm

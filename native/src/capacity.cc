@@ -1,6 +1,7 @@
 #include "capacity.h"
 
 #include "file_modes.h"
+#include "store_dirs.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -34,16 +35,18 @@ int64_t MtimeNs(const struct stat& st) {
 }
 
 // Opens <dir>/.ucm/<name>, creating both when missing; -errno on failure.
-// Never through a symbolic link: .ucm must be a real directory, the file a
-// real file (the store's root is checked to be the engine's own).
+// Never through a symbolic link: .ucm must be a real directory (another
+// engine of a shared store may have made it), the file a real file, both
+// reached through descriptors (store_dirs.h).
 int OpenMeta(const std::string& dir, const char* name) {
-  const std::string meta = dir + "/" + kMetaDir;
-  int rc = MakeDir(meta.c_str());
-  if (rc != 0 && rc != EEXIST) return -rc;
-  struct stat st;
-  if (lstat(meta.c_str(), &st) != 0) return -errno;
-  if (!S_ISDIR(st.st_mode)) return -ENOTDIR;
-  int fd = open((meta + "/" + name).c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, Modes().file);
+  UniqueFd root;
+  int rc = OpenBelow(dir, "", &root);
+  if (rc != 0) return -rc;
+  const MadeDir made = MakeOwnDir(root.get(), kMetaDir, false);
+  if (made.err != 0) return -made.err;
+  UniqueFd meta(openat(root.get(), kMetaDir, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  if (!meta.ok()) return -errno;
+  int fd = openat(meta.get(), name, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, Modes().file);
   if (fd < 0) return -errno;
   if (Modes().file != 0600) fchmod(fd, Modes().file);  // group bits the umask took away
   return fd;

@@ -29,6 +29,21 @@ bool RequiredFlag(const Napi::Object& o, const char* key) {
   return v.As<Napi::Boolean>().Value();
 }
 
+// options.storeRoots: the storage directories, absolute; trailing '/' dropped.
+StoreRoots StoreRootsOf(const Napi::Object& o) {
+  Napi::Env env = o.Env();
+  Napi::Value v = o.Get("storeRoots");
+  if (v.IsUndefined())
+    throw ArgTypeError(env, "options.storeRoots is missing (the storage directories: an array of absolute paths)");
+  StoreRoots roots;
+  for (std::string& r : StringArray(v, "options.storeRoots")) {
+    if (r[0] != '/') throw ArgRangeError(env, "options.storeRoots: " + r + " is not an absolute path");
+    while (r.size() > 1 && r.back() == '/') r.pop_back();
+    roots.push_back(std::move(r));
+  }
+  return roots;
+}
+
 // An optional number of milliseconds in the spec, as nanoseconds; 0 when absent.
 uint64_t OptionalMsAsNs(const Napi::Object& spec, const char* key) {
   Napi::Value v = spec.Get(key);
@@ -100,6 +115,7 @@ EngineOptions ParseEngineOptions(const Napi::Value& options) {
   const std::string m = copy.IsString() ? copy.As<Napi::String>().Utf8Value() : "";
   if (m != "kernel" && m != "batch") throw ArgTypeError(env, "options.cudaCopy must be \"kernel\" or \"batch\"");
   opts.cuda_copy = m == "batch" ? CudaCopy::kBatch : CudaCopy::kKernel;
+  opts.io.roots = StoreRootsOf(o);
   opts.io.odirect = RequiredFlag(o, "odirect");
   opts.io.fsync = RequiredFlag(o, "fsync");
   return opts;

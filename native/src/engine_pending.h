@@ -46,6 +46,7 @@ struct PendingMeta final : Pending {
   std::vector<std::string> first;
   std::vector<std::string> second;
   std::vector<int32_t> codes;
+  StoreRoots roots;  // the engine's storage directories (store_dirs.h)
   std::atomic<uint32_t> chunks_left{0};
   bool bytes_result = false;  // lookup answers a Uint8Array, others an Int32Array
   Napi::Value Result(Napi::Env env) override;

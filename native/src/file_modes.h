@@ -17,8 +17,7 @@ struct FileModes {
 void SetShareWithGroup(bool share);
 const FileModes& Modes();
 
-// mkdir with Modes().dir, made exact (umask may have removed group bits) on a
-// directory this call created; 0 or errno. EEXIST is returned as is.
-int MakeDir(const char* path);
+// Directories are made by MakeOwnDir (store_dirs.h), which sets the mode
+// through a descriptor, never by path.
 
 }  // namespace ucm

@@ -1,6 +1,6 @@
 #include "transfer.h"
 
-#include "guarded_copy.h"
+#include "client_copy.h"
 
 #include <sched.h>
 #include <sys/stat.h>
@@ -13,34 +13,6 @@
 #include <cstring>
 
 namespace ucm {
-
-namespace {
-// Brackets a copy out of or into the client's memory: counted first, then
-// the cancel flag and the deadline read (sequentially consistent), so Cancel
-// either stops the copy or sees it and waits for it, and no copy starts
-// after the client's deadline.
-struct CopyGuard {
-  explicit CopyGuard(TransferTask& t) : task(t) {
-    task.copying.fetch_add(1);
-    if (task.cancelled.load()) {
-      stop = IoResult{BlockStatus::kCancelled, ECANCELED, "cancelled"};
-    } else if (task.deadline_ns != 0 && NowNs() >= task.deadline_ns) {
-      stop = IoResult{BlockStatus::kCancelled, ETIMEDOUT, "past the client's deadline"};
-    } else {
-      go = true;
-    }
-  }
-  ~CopyGuard() { task.copying.fetch_sub(1); }
-  TransferTask& task;
-  bool go = false;
-  IoResult stop;  // why not, when !go
-};
-
-// The client shrank its shared memory under a copy (SIGBUS, see guarded_copy.h).
-IoResult RegionGone() {
-  return IoResult{BlockStatus::kIoError, EFAULT, "the client's shared memory shrank under the copy"};
-}
-}  // namespace
 
 bool TransferEngine::Cancel(TransferTask& task, uint32_t timeout_ms) {
   task.cancelled.store(true);
@@ -273,12 +245,9 @@ void TransferEngine::RunBlock(const Item& item, Worker& w) {
   if (task.op == Op::kDump) {
     {
       CopyGuard guard(task);
-      if (!guard.go) {
-        Finish(item, guard.stop);
-        return;
-      }
-      if (!GuardedCopies(copies.data(), copies.size())) {
-        Finish(item, RegionGone());
+      if (!guard.Stopped(&r)) r = CopyChunked(guard, copies);
+      if (r.status != BlockStatus::kOk) {
+        Finish(item, r);
         return;
       }
     }
@@ -288,10 +257,7 @@ void TransferEngine::RunBlock(const Item& item, Worker& w) {
     if (r.status == BlockStatus::kOk) {
       // Only verified bytes ever reach the destination memory.
       CopyGuard guard(task);
-      if (!guard.go)
-        r = guard.stop;
-      else if (!GuardedCopies(copies.data(), copies.size()))
-        r = RegionGone();
+      if (!guard.Stopped(&r)) r = CopyChunked(guard, copies);
     }
   }
   Finish(item, r);
@@ -330,7 +296,9 @@ IoResult TransferEngine::RunDeviceBlock(const Item& item) {
   auto stop = [&task] { return task.cancelled.load() || (task.deadline_ns != 0 && NowNs() >= task.deadline_ns); };
   auto stopped = [&task] {
     CopyGuard guard(task);
-    return guard.go ? IoResult{BlockStatus::kCancelled, ECANCELED, "cancelled"} : guard.stop;
+    IoResult why{BlockStatus::kCancelled, ECANCELED, "cancelled"};
+    guard.Stopped(&why);
+    return why;
   };
   // A dump waits for the forward pass that wrote its blocks before it takes
   // pinned staging, so blocks waiting on a slow step hold no share that a
@@ -350,20 +318,23 @@ IoResult TransferEngine::RunDeviceBlock(const Item& item) {
   } lease{stagers_, stagers_.Take(device, stop, &error)};
   if (!lease.s) return error.empty() ? stopped() : fail(ENODEV, "pinned staging");
   CudaStager& stager = *lease.s;
+  IoResult why;
   if (task.op == Op::kDump) {
     {
       CopyGuard guard(task);
-      if (!guard.go) return guard.stop;
+      if (guard.Stopped(&why)) return why;
       if (!stager.Gather(device, copies, &error)) return fail(EIO, "gather");
+      // Gathered after the deadline: maybe bytes the client wrote since.
+      if ((why = guard.Ended()).status != BlockStatus::kOk) return why;
     }
     return WriteBlockFile(job.path, stager.data(), job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
   }
   IoResult r = ReadBlockFile(job.path, stager.data(), job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
   if (r.status != BlockStatus::kOk) return r;
   CopyGuard guard(task);
-  if (!guard.go) return guard.stop;
+  if (guard.Stopped(&why)) return why;
   if (!stager.Scatter(device, copies, &error)) return fail(EIO, "scatter");
-  return r;
+  return guard.Ended();
 }
 
 void TransferEngine::Finish(const Item& item, const IoResult& r) {
@@ -374,21 +345,6 @@ void TransferEngine::Finish(const Item& item, const IoResult& r) {
     task.finish_ns = NowNs();
     (*item.done)(item.task);
   }
-}
-
-uint8_t BlockExists(const std::string& path) {
-  struct stat st;
-  if (stat(path.c_str(), &st) != 0) return 0;
-  return S_ISREG(st.st_mode) && static_cast<uint64_t>(st.st_size) >= kHeaderSize ? 1 : 0;
-}
-
-int CommitFile(const std::string& from, const std::string& to) {
-  return rename(from.c_str(), to.c_str()) == 0 ? 0 : errno;
-}
-
-int RemoveFile(const std::string& path) {
-  if (unlink(path.c_str()) == 0 || errno == ENOENT) return 0;
-  return errno;
 }
 
 }  // namespace ucm

@@ -70,9 +70,10 @@ struct TransferTask {
   std::atomic<bool> cancelled{false};
   std::atomic<uint32_t> copying{0};
   // The client's deadline (steady clock ns; 0 = none): no copy out of or
-  // into its memory starts later. A client that gave up may already have
-  // reused that memory; a late read would store wrong bytes under a good
-  // key, a late write would overwrite what it recomputed.
+  // into its memory starts later, and one that ends later counts for
+  // nothing (client_copy.h). A client that gave up may already have reused
+  // that memory; a late read would store wrong bytes under a good key, a
+  // late write would overwrite what it recomputed.
   uint64_t deadline_ns = 0;
 };
 
@@ -194,13 +195,5 @@ class TransferEngine {
   std::vector<std::thread> workers_;       // declared last: joined before the queues die
   std::vector<std::thread> meta_workers_;  // the metadata and lookup pools' threads
 };
-
-// Metadata helpers, run on the metadata pool by the binding.
-// 1 when `path` is a regular file of at least the header size, else 0.
-uint8_t BlockExists(const std::string& path);
-// rename(from, to); returns 0 or errno.
-int CommitFile(const std::string& from, const std::string& to);
-// unlink(path); returns 0, or errno (ENOENT counts as done: 0).
-int RemoveFile(const std::string& path);
 
 }  // namespace ucm
