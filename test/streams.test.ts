@@ -2,13 +2,16 @@
 // transferStreamNumber reads and writes at storage at once. Real addon, real
 // block files on a disk, real shared memory.
 import { spawnSync } from "child_process";
+import * as crypto from "crypto";
 import * as fs from "fs";
 import * as path from "path";
 import { BlockStatus, Engine, NativeEngine, ShardListBuilder } from "../core/native";
-import { ShmRegion, diskTempDir } from "./helpers/fixtures";
+import { ShmRegion, diskTempDir, shardColumns } from "./helpers/fixtures";
+import { hello, shortTmp, startEngine, writeConfig } from "./helpers/engine";
 
 const DIGEST = 0x5354_5245_414d_5321n;
 const BLOCK = 1 << 20;
+const SHARD = 1 << 20;
 
 describe("transfer streams", () => {
   let engine: NativeEngine;
@@ -65,33 +68,57 @@ describe("transfer streams", () => {
     }
     expect(engine.stats().storageWaitNs).toBeGreaterThan(0); // blocks were ready before a stream was
   });
+});
 
-  test("a block whose file does not open yet holds no stream: the stream's other worker moves the next block", async () => {
-    setUp(1, 2);
-    const dumped = await engine.dump(spec(1, 2, (i) => `b${i}`));
-    expect(dumped.status[0]).toBe(BlockStatus.Ok);
-    // A FIFO at the first block's path: opening it waits for a writer, as an
-    // open on an NFS server that stopped answering waits.
-    const fifo = path.join(dir, "b0");
-    expect(spawnSync("mkfifo", [fifo]).status).toBe(0);
-    const stuck = engine.load(spec(0, 1, (i) => `b${i}`));
-    let stuckDone = false;
-    void stuck.then(() => (stuckDone = true));
-    const next = await engine.load(spec(1, 2, (i) => `b${i}`));
-    expect(next.status[0]).toBe(BlockStatus.Ok);
-    expect(stuckDone).toBe(false);
-    // Let the first open return: an empty "file" that fails its checks.
-    let fd = -1;
-    for (let i = 0; i < 200 && fd < 0; i++) {
-      try {
-        fd = fs.openSync(fifo, fs.constants.O_WRONLY | fs.constants.O_NONBLOCK);
-      } catch {
-        await new Promise((r) => setTimeout(r, 10));
-      }
+// An open that does not return (an NFS server that stopped answering) must
+// not hold a stream. Block files are opened without blocking (a FIFO no
+// longer waits), so the slow open is made with strace, which delays the
+// engine's opens in one fan-out directory.
+describe("transfer streams of an engine process", () => {
+  const haveStrace = spawnSync("strace", ["-V"]).status === 0;
+  const withStrace = haveStrace ? test : test.skip;
+  if (!haveStrace) console.log("streams.test.ts: no strace, the slow-open case is skipped");
+  const NS = "jest-streams";
+  const key = (i: number, salt: string) => crypto.createHash("sha256").update(`${salt}${i}`).digest();
+  const keyIn = (fan: number, salt: string) => {
+    for (let i = 0; ; i++) if (key(i, salt)[0] === fan) return key(i, salt);
+  };
+
+  withStrace("a block whose file does not open yet holds no stream: the stream's other worker moves the next block", async () => {
+    const dir = shortTmp();
+    const store = path.join(dir, "store");
+    fs.mkdirSync(store);
+    const slow = keyIn(0x5a, "slow");
+    const fast = keyIn(0xa5, "fast");
+    const shm = new ShmRegion(4 * SHARD, "random");
+    const cfg = writeConfig(dir, { storage_backends: store, endpoint: `ipc://${dir}/e.sock`, transferStreamNumber: 1 });
+    // Each open in the slow block's fan-out directory takes 3 s (an openat whose directory descriptor is it).
+    const e = await startEngine(cfg, [], undefined, [
+      ...["strace", "-f", "-qq", "--seccomp-bpf", "-o", "/dev/null", "-P", path.join(store, NS, "5a")],
+      ...["-e", "trace=openat", "-e", "inject=openat:delay_enter=3000000", "--"],
+    ]);
+    try {
+      const c = e.client(30000);
+      await hello(c);
+      const id = ((await c.call("register", { regions: [{ medium: "host", source: shm.name, size: shm.size }] })).regions as number[])[0];
+      const d = await c.call("dump", { ns: NS, keys: [slow, fast], shards: shardColumns([id], SHARD, [0, 1]), commit: true });
+      expect((await c.call("wait", { task: d.task, timeout_ms: 20000 })).status).toEqual(["ok", "ok"]);
+      const stuck = await c.call("load", { ns: NS, keys: [slow], shards: shardColumns([id], SHARD, [2]) });
+      await new Promise((r) => setTimeout(r, 300)); // its worker is in the open now
+      const t0 = Date.now();
+      const next = await c.call("load", { ns: NS, keys: [fast], shards: shardColumns([id], SHARD, [3]) });
+      expect((await c.call("wait", { task: next.task, timeout_ms: 20000 })).status).toEqual(["ok"]);
+      expect(Date.now() - t0).toBeLessThan(2000);
+      expect((await c.call("check", { task: stuck.task })).done).toBe(false);
+      expect((await c.call("wait", { task: stuck.task, timeout_ms: 20000 })).status).toEqual(["ok"]);
+      expect(shm.read(2 * SHARD, 2 * SHARD).equals(shm.read(0, 2 * SHARD))).toBe(true);
+    } finally {
+      // Under strace: stop the engine itself (strace would leave it running).
+      const kids = fs.readFileSync(`/proc/${e.proc.pid}/task/${e.proc.pid}/children`, "utf8").trim();
+      for (const p of kids.split(/\s+/).filter(Boolean)) process.kill(Number(p), "SIGKILL");
+      await e.stop("SIGKILL");
+      shm.unlink();
+      fs.rmSync(dir, { recursive: true, force: true });
     }
-    expect(fd).toBeGreaterThanOrEqual(0);
-    fs.closeSync(fd);
-    const r = await stuck;
-    expect(r.status[0]).toBe(BlockStatus.Corrupt);
   });
 });
