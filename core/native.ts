@@ -281,7 +281,7 @@ interface Addon {
   /** A new file `root/parent/name` holding `text` (exclusive, no link followed); its bytes, 0 when one was there. */
   createFile(root: string, parent: string, name: string, text: string): Promise<number>;
   /** Unlinks each path below one of `roots` without following links; 0 (also when already gone) or errno each. */
-  removeFiles(roots: string[], paths: string[]): Promise<Int32Array>;
+  removeFiles(roots: readonly string[], paths: string[]): Promise<Int32Array>;
   constants: { headerSize: number; blockAlign: number; formatVersion: number; cuda: boolean; blockStatus: string[] };
 }
 

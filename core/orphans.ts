@@ -6,6 +6,7 @@
 import * as fs from "fs";
 import * as path from "path";
 import { hostTag, parseTempName, tempDir } from "./layout";
+import { removeFiles } from "./native";
 
 /** True while a process with this pid exists (EPERM: exists, another user's). */
 export function processAlive(pid: number): boolean {
@@ -67,7 +68,8 @@ export async function sweepOrphans(backends: readonly string[], ownTag: string, 
           }
         }
         if (orphan) {
-          await fs.promises.rm(file, { force: true }); // rm unlinks a symbolic link itself, never its target
+          // Through descriptors: a namespace or .tmp swapped for a link since the check above leads nowhere.
+          await removeFiles(backends, [file]);
           res.removed++;
         } else {
           res.kept++;

@@ -80,7 +80,7 @@ export class Transfers {
   constructor(
     readonly native: NativeEngine,
     /** The storage directories, below which no path is followed through a link. */
-    private readonly roots: string[],
+    private readonly roots: readonly string[],
     private readonly log: Logger,
   ) {}
 

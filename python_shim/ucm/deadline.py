@@ -8,8 +8,11 @@ the deadline has ended by `give_up`:
 
     deadline = give_up - margin,  margin = 100 ms + one block's bytes at 250 MB/s
 
-A block copy is one memcpy (host memory) or one batched device copy (GPU)
-between the client's memory and the engine's staging, never file I/O. 250 MB/s
+A block copy is memcpy (host memory, in 4 MiB chunks) or one batched device
+copy (GPU) between the client's memory and the engine's staging, never file
+I/O; one that ends past the deadline counts for nothing (the engine reads the
+clock between chunks and after the copy: a load is failed, a dump never
+committed, and an engine paused in a copy stops within a chunk). 250 MB/s
 is far below what one core copies (several GB/s) to allow for 32 transfer
 threads sharing the memory bus and a loaded machine; 100 ms covers the thread
 being descheduled. A 16 MiB block gets 167 ms, 1 GiB 4.4 s (the engine's
