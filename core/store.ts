@@ -58,9 +58,7 @@ export class Store {
   ) {
     this.engineId = engineTag();
     // A namespace's directories count against the capacity (the capacity manager exists before any is made).
-    this.layout = new StorageLayout(config.storageBackends, this.engineId, (b, bytes) =>
-      this.capacity.holders(b, bytes),
-    );
+    this.layout = new StorageLayout(config.storageBackends, this.engineId, (b, bytes) => this.capacity.holders(b, bytes));
     setShareWithGroup(config.shareWithGroup);
     const native = new Engine({
       threads: config.transferStreamNumber,

@@ -165,7 +165,8 @@ Napi::Value EngineWrap::Lookup(const Napi::CallbackInfo& info) {
   CheckOpen(env);
   auto p = std::make_unique<PendingMeta>(env, StringArray(info[0], "paths"), std::vector<std::string>{});
   p->bytes_result = true;
-  return RunMeta(env, std::move(p), [](PendingMeta& m, size_t i) { m.codes[i] = BlockExists(m.roots, m.first[i]); }, true);
+  return RunMeta(
+      env, std::move(p), [](PendingMeta& m, size_t i) { m.codes[i] = BlockExists(m.roots, m.first[i]); }, true);
 }
 
 Napi::Value EngineWrap::Commit(const Napi::CallbackInfo& info) {
@@ -176,14 +177,16 @@ Napi::Value EngineWrap::Commit(const Napi::CallbackInfo& info) {
   if (from.size() != to.size()) throw ArgRangeError(env, "from and to must have the same length");
   auto p = std::make_unique<PendingMeta>(env, std::move(from), std::move(to));
   return RunMeta(
-      env, std::move(p), [](PendingMeta& m, size_t i) { m.codes[i] = CommitFile(m.roots, m.first[i], m.second[i]); }, false);
+      env, std::move(p), [](PendingMeta& m, size_t i) { m.codes[i] = CommitFile(m.roots, m.first[i], m.second[i]); },
+      false);
 }
 
 Napi::Value EngineWrap::Remove(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   CheckOpen(env);
   auto p = std::make_unique<PendingMeta>(env, StringArray(info[0], "paths"), std::vector<std::string>{});
-  return RunMeta(env, std::move(p), [](PendingMeta& m, size_t i) { m.codes[i] = RemoveFile(m.roots, m.first[i]); }, false);
+  return RunMeta(
+      env, std::move(p), [](PendingMeta& m, size_t i) { m.codes[i] = RemoveFile(m.roots, m.first[i]); }, false);
 }
 
 Napi::Value EngineWrap::RunMeta(Napi::Env env, std::unique_ptr<PendingMeta> p, void (*fn)(PendingMeta&, size_t),

@@ -108,7 +108,8 @@ Napi::Value Run(Napi::Env env, StoreWork* w, std::unique_ptr<P> p, void (*work)(
 void MakeDirs(PendingDirs& d) {
   UniqueFd parent;
   const std::string where = Join(d.root, d.parent);
-  if ((d.err = OpenBelow(d.root, d.parent, &parent)) != 0) {
+  d.err = OpenBelow(d.root, d.parent, &parent);
+  if (d.err != 0) {
     d.message = NotRealDir(d.err) ? where + " is not a directory (a symbolic link?): refusing to use it" : where;
     return;
   }
@@ -162,11 +163,13 @@ Napi::Value CreateFileJs(const Napi::CallbackInfo& info) {
   return Run<PendingFile>(env, static_cast<StoreWork*>(info.Data()), std::move(p), [](PendingFile& f) {
     UniqueFd parent;
     const std::string where = Join(f.root, f.parent);
-    if ((f.err = OpenBelow(f.root, f.parent, &parent)) != 0) {
+    f.err = OpenBelow(f.root, f.parent, &parent);
+    if (f.err != 0) {
       f.message = NotRealDir(f.err) ? where + " is not a directory (a symbolic link?): refusing to use it" : where;
       return;
     }
-    if ((f.err = CreateOwnFile(parent.get(), f.name.c_str(), f.data, &f.bytes)) != 0) f.message = where + "/" + f.name;
+    f.err = CreateOwnFile(parent.get(), f.name.c_str(), f.data, &f.bytes);
+    if (f.err != 0) f.message = where + "/" + f.name;
   });
 }
 

@@ -72,8 +72,7 @@ int OpenParent(const StoreRoots& roots, const std::string& path, UniqueFd* dir, 
   size_t skip = 0;
   for (const std::string& r : roots) {
     const std::string prefix = r == "/" ? r : r + "/";
-    if (path.size() > prefix.size() && path.compare(0, prefix.size(), prefix) == 0 &&
-        (!best || prefix.size() > skip)) {
+    if (path.size() > prefix.size() && path.compare(0, prefix.size(), prefix) == 0 && (!best || prefix.size() > skip)) {
       best = &r;
       skip = prefix.size();
     }

@@ -325,7 +325,8 @@ IoResult TransferEngine::RunDeviceBlock(const Item& item) {
       if (guard.Stopped(&why)) return why;
       if (!stager.Gather(device, copies, &error)) return fail(EIO, "gather");
       // Gathered after the deadline: maybe bytes the client wrote since.
-      if ((why = guard.Ended()).status != BlockStatus::kOk) return why;
+      why = guard.Ended();
+      if (why.status != BlockStatus::kOk) return why;
     }
     return WriteBlockFile(job.path, stager.data(), job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
   }
