@@ -241,6 +241,13 @@ export interface ListenerPauseState {
   error: string;
 }
 
+/** The credentials of the process that fetched a token from the credential socket. */
+export interface ProvenPeer {
+  pid: number;
+  uid: number;
+  gid: number;
+}
+
 export interface ConnectedPeer {
   fd: number;
   inode: number;
@@ -266,6 +273,11 @@ interface Addon {
   listenerPauseState(): ListenerPauseState;
   /** Files 0660 and directories 02770 instead of 0600 and 0700, for every file the engine makes from now on. */
   setShareWithGroup(share: boolean): void;
+  /** Serves the credential socket at `path` (native/src/peer_tokens.h); "" or what failed. */
+  credentialListen(path: string, mode: number): string;
+  credentialStop(): void;
+  /** Who a credential token was handed to (the kernel's SO_PEERCRED), once; null when unknown, used or expired. */
+  redeemToken(token: string): ProvenPeer | null;
   constants: { headerSize: number; blockAlign: number; formatVersion: number; cuda: boolean; blockStatus: string[] };
 }
 
@@ -324,6 +336,9 @@ export const listenerPause = addon.listenerPause;
 export const listenerPauseStop = addon.listenerPauseStop;
 export const listenerPauseState = addon.listenerPauseState;
 export const setShareWithGroup = addon.setShareWithGroup;
+export const credentialListen = addon.credentialListen;
+export const credentialStop = addon.credentialStop;
+export const redeemToken = addon.redeemToken;
 export const constants = addon.constants;
 
 /** On-disk size of a block file holding `payload` bytes. */

@@ -35,6 +35,8 @@ export interface EngineConfig {
   loadTimeoutMs: number;
   /** Read by the Python shim: load asynchronously (the request waits outside the batch). */
   loadAsync: boolean;
+  /** Read by the Python shim: a user, besides the client's own and root, whose engine it may use. */
+  engineUid: number;
   /** Bytes each backend directory may hold, one per backend (0: unlimited). */
   capacity: number[];
   /** Block files used within this many seconds are never evicted. */
@@ -151,6 +153,14 @@ export const OPTIONS: Record<string, OptionSpec> = {
     doc: "(shim) how long a load may take before its blocks are recomputed",
   },
   loadAsync: { key: "loadAsync", kind: "bool", dflt: false, doc: "(shim) load KV asynchronously, outside the forward pass" },
+  engineUid: {
+    key: "engineUid",
+    kind: "int",
+    min: 0,
+    max: 2 ** 32 - 1,
+    dflt: 0,
+    doc: "(shim) a user, besides the client's own and root, whose engine the shim may talk to (its socket and directories may belong to it); 0 = none",
+  },
   capacity: {
     key: "capacity",
     kind: "sizes",

@@ -31,6 +31,8 @@ export interface HelloRequest {
   pid: number;
   /** Safe for a log line: control characters replaced by "?". */
   name: string;
+  /** The token the client read from the engine's credential socket (core/identity.ts), if any. */
+  cred?: string;
 }
 
 export interface HostRegionSpec {
@@ -120,7 +122,10 @@ export function decodeHello(msg: Msg): HelloRequest {
   const pid = reqUint(msg, "pid", 2 ** 31);
   // A name goes into log lines: control characters (a newline would forge a line) become "?".
   const name = (optString(msg, "name", 256) ?? "").replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, "?");
-  return { version, pid, name };
+  const cred = optString(msg, "cred", 64);
+  if (cred !== undefined && !/^[0-9a-f]{32}$/.test(cred))
+    throw new ProtocolError("bad_message", `cred must be 32 lowercase hex digits, got ${describe(cred)}`);
+  return { version, pid, name, cred };
 }
 
 export function decodeRegister(msg: Msg): RegisterRequest {
