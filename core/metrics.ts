@@ -114,6 +114,12 @@ export class Metrics {
       (st) => [[{}, st.storageWaitSeconds]],
     );
     mirror("ucm_commits_total", "Blocks made visible", [], (st) => [[{}, st.counters.commits]]);
+    mirror(
+      "ucm_commits_kept_first_total",
+      "Commits of blocks another client or engine had stored meanwhile: the first copy kept, the new one deleted",
+      [],
+      (st) => [[{}, st.counters.commitsKeptFirst]],
+    );
     mirror("ucm_evicted_blocks_total", "Blocks evicted for capacity, by backend", ["backend"], (st) =>
       st.capacity.map((b) => [{ backend: b.dir }, b.evictedFiles]),
     );

@@ -69,6 +69,8 @@ export interface EngineConfig {
   maxConnectionsPerProcess: number;
   /** Sessions (hello) one process may hold at once. */
   maxSessionsPerProcess: number;
+  /** Namespaces new to the engine one client may bring in. */
+  maxNamespacesPerClient: number;
   /** Keys x namespaces one lookup may check. */
   maxLookupKeys: number;
   /** Milliseconds a lookup may wait for the filesystem before its unanswered keys count as misses. */
@@ -258,6 +260,14 @@ export const OPTIONS: Record<string, OptionSpec> = {
     max: 1 << 16,
     dflt: 16,
     doc: "sessions (hello) one client process may hold at once; per-client quotas apply to each",
+  },
+  maxNamespacesPerClient: {
+    key: "maxNamespacesPerClient",
+    kind: "int",
+    min: 1,
+    max: 1 << 20,
+    dflt: 64,
+    doc: "namespaces new to the engine one client (session) may bring in, by namespace or dump: each takes about 1 MiB of directories for good",
   },
   idleConnectionS: {
     key: "idleConnectionS",

@@ -187,8 +187,28 @@ export function unknownRegion(i: number, id: unknown): ProtocolError {
   return new ProtocolError("unknown_region", `regions[${i}]: no region ${describe(id)} registered by this client`);
 }
 
+/**
+ * Bytes a namespace's description may take as JSON. It is written to NAMESPACE in every backend and stays there
+ * for good (evicting blocks never removes it): a few hundred bytes say what the namespace is.
+ */
+export const MAX_DESCRIPTION_BYTES = 16 * 1024;
+
 export function decodeNamespace(msg: Msg): NamespaceRequest {
-  return { ns: reqNs(msg), description: msg.description ?? null };
+  const ns = reqNs(msg);
+  const description = msg.description ?? null;
+  let size: number;
+  try {
+    size = Buffer.byteLength(JSON.stringify(description));
+  } catch (e) {
+    throw new ProtocolError("bad_message", `description of namespace ${ns} is not plain data: ${(e as Error).message}`);
+  }
+  if (size > MAX_DESCRIPTION_BYTES) {
+    throw new ProtocolError(
+      "too_large",
+      `description of namespace ${ns} is ${size} bytes as JSON, more than the ${MAX_DESCRIPTION_BYTES} allowed`,
+    );
+  }
+  return { ns, description };
 }
 
 export function decodeLookup(msg: Msg, limits: RequestLimits): LookupRequest {

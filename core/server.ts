@@ -174,7 +174,7 @@ export class EngineServer {
       case "release":
         return this.store.release(s, decodeRelease(msg));
       case "namespace":
-        return this.store.namespace(decodeNamespace(msg));
+        return this.store.namespace(s, decodeNamespace(msg));
       case "lookup":
         return this.store.lookup(decodeLookup(msg, this.config));
       case "dump":

@@ -24,6 +24,7 @@ export class Session {
   readonly events = new Map<number, number>(); // client event id -> native event
   readonly tasks = new Map<number, Task>();
   readonly pending = new Map<string, PendingCommit>(); // "<ns>/<key hex>" -> dumped block
+  readonly namespaces = new Set<string>(); // namespaces new to the engine this client brought in (maxNamespacesPerClient)
   nextRegion = 1;
   closed = false;
   constructor(

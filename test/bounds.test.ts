@@ -300,3 +300,38 @@ test("memory exhaustion while registering: each refusal is an error reply, never
   expect(engine.proc.exitCode).toBeNull();
   expect((await c.call("health")).status).toBe("serving");
 });
+
+test("namespaces: a description is at most 16 KiB, and a client brings at most maxNamespacesPerClient new ones in", async () => {
+  const e = await start({ maxNamespacesPerClient: 3 });
+  const c = e.client();
+  await hello(c);
+  await expect(c.call("namespace", { ns: "big", description: { blob: "x".repeat(1 << 20) } })).rejects.toMatchObject({
+    code: "too_large",
+    message: expect.stringMatching(/description of namespace big is 1048587 bytes as JSON, more than the 16384 allowed/),
+  });
+  expect(fs.existsSync(path.join(dir, "store", "big"))).toBe(false);
+  for (const ns of ["n1", "n2", "n3"]) await c.call("namespace", { ns, description: { model: ns } });
+  await c.call("namespace", { ns: "n2", description: { model: "n2" } }); // named again: not new
+  await expect(c.call("namespace", { ns: "n4" })).rejects.toMatchObject({
+    code: "too_large",
+    message: expect.stringMatching(/namespace n4 refused: this client brought 3 new namespaces in already.*maxNamespacesPerClient 3/),
+  });
+  // A dump into a new namespace counts the same.
+  const r = new ShmRegion(4096);
+  shm.push(r);
+  const id = ((await c.call("register", { regions: [{ medium: "host", source: r.name, size: 4096 }] })).regions as number[])[0];
+  await expect(
+    c.call("dump", { ns: "n5", keys: [key(0, "ns")], shards: { count: 1, region: [id], offset: [0], length: [4096] } }),
+  ).rejects.toThrow(/namespace n5 refused/);
+  expect(
+    fs
+      .readdirSync(path.join(dir, "store"))
+      .filter((n) => !n.startsWith("."))
+      .sort(),
+  ).toEqual(["n1", "n2", "n3"]);
+  // Other clients bring their own in; namespaces that exist cost nobody anything.
+  const other = e.client();
+  await hello(other);
+  await other.call("namespace", { ns: "n4" });
+  expect((await other.call("lookup", { ns: ["n1", "n4"], keys: [key(0, "ns")] })).found).toEqual([false]);
+});
