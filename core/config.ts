@@ -206,6 +206,9 @@ export function parseConfig(doc: unknown): LoadedConfig {
   for (const k of Object.keys(raw)) {
     if (k !== "storage_backends" && !(k in OPTIONS)) warnings.push(`unknown key ${key(k)} ignored`);
   }
+  const ms = out.metricsSocket as string;
+  if (ms !== "" && (!path.isAbsolute(ms) || Buffer.byteLength(ms) > 107))
+    throw new ConfigError(`${key("metricsSocket")} must be an absolute path of at most 107 bytes, got ${show(ms)}`);
   if (out.cudaCopy !== "kernel" && out.cudaCopy !== "batch")
     throw new ConfigError(`${key("cudaCopy")} must be "kernel" or "batch", got ${show(out.cudaCopy)}`);
   if (!Array.isArray(out.capacity)) out.capacity = [out.capacity as number];

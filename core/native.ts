@@ -241,6 +241,13 @@ export interface ListenerPauseState {
   error: string;
 }
 
+/** An accepted tcp connection and the user owning the client's end of it (-1 when the kernel's table lacks it). */
+export interface TcpPeer {
+  fd: number;
+  inode: number;
+  uid: number;
+}
+
 /** The credentials of the process that fetched a token from the credential socket. */
 export interface ProvenPeer {
   pid: number;
@@ -273,6 +280,10 @@ interface Addon {
   listenerPauseState(): ListenerPauseState;
   /** Files 0660 and directories 02770 instead of 0600 and 0700, for every file the engine makes from now on. */
   setShareWithGroup(share: boolean): void;
+  /** Accepted tcp connections on local `port`, with the owner of the client's end (-1: unknown) when `owners`. */
+  tcpPeers(port: number, owners: boolean): TcpPeer[];
+  /** Shuts down descriptor `fd` if it still is the tcp connection with socket `inode` on `port`. */
+  endTcpConnection(port: number, fd: number, inode: number): boolean;
   /** Serves the credential socket at `path` (native/src/peer_tokens.h); "" or what failed. */
   credentialListen(path: string, mode: number): string;
   credentialStop(): void;
@@ -336,6 +347,8 @@ export const listenerPause = addon.listenerPause;
 export const listenerPauseStop = addon.listenerPauseStop;
 export const listenerPauseState = addon.listenerPauseState;
 export const setShareWithGroup = addon.setShareWithGroup;
+export const tcpPeers = addon.tcpPeers;
+export const endTcpConnection = addon.endTcpConnection;
 export const credentialListen = addon.credentialListen;
 export const credentialStop = addon.credentialStop;
 export const redeemToken = addon.redeemToken;

@@ -55,6 +55,8 @@ export interface EngineConfig {
   metricsPort: number;
   /** Address the metrics endpoint listens on. */
   metricsHost: string;
+  /** Unix socket path of a metrics endpoint only the engine's user can read ("" = none). */
+  metricsSocket: string;
   /** Pinned host staging for GPU blocks, all transfer streams together (one share a stream). */
   pinnedStagingBytes: number;
   /** How GPU shards are gathered and scattered. */
@@ -65,6 +67,8 @@ export interface EngineConfig {
   maxConnections: number;
   /** Seconds a connection whose process has no session may stay open (ipc). */
   idleConnectionS: number;
+  /** Seconds a connection may stay silent after the engine's heartbeat before it is closed. */
+  heartbeatTimeoutS: number;
   /** Connections one process may hold (ipc). */
   maxConnectionsPerProcess: number;
   /** Sessions (hello) one process may hold at once. */
@@ -216,7 +220,18 @@ export const OPTIONS: Record<string, OptionSpec> = {
     doc: "store a block only the second time it is dumped (spares SSD wear)",
   },
   metricsPort: { key: "metricsPort", kind: "int", min: 0, max: 65535, dflt: 0, doc: "Prometheus /metrics port; 0 = off" },
-  metricsHost: { key: "metricsHost", kind: "string", dflt: "127.0.0.1", doc: "address the metrics endpoint listens on" },
+  metricsHost: {
+    key: "metricsHost",
+    kind: "string",
+    dflt: "127.0.0.1",
+    doc: "address the metrics endpoint listens on (every local user can read a tcp port: see metricsSocket)",
+  },
+  metricsSocket: {
+    key: "metricsSocket",
+    kind: "string",
+    dflt: "",
+    doc: "absolute path of a unix socket serving GET /metrics, mode 0600 (only the engine's user and root read it), in a directory of that user; empty = none",
+  },
   pinnedStagingBytes: {
     key: "pinnedStagingBytes",
     kind: "size",
@@ -276,6 +291,14 @@ export const OPTIONS: Record<string, OptionSpec> = {
     max: 86400,
     dflt: 60,
     doc: "a connection whose process has no session (never said hello) is closed after this many seconds (ipc endpoints)",
+  },
+  heartbeatTimeoutS: {
+    key: "heartbeatTimeoutS",
+    kind: "int",
+    min: 1,
+    max: 3600,
+    dflt: 30,
+    doc: "a connection from which nothing arrives for this many seconds after the engine's ZeroMQ heartbeat is closed (and its session with it): a peer stopped halfway through a message frees what it sent; a live client's ZeroMQ answers by itself",
   },
   lookupTimeoutMs: {
     key: "lookupTimeoutMs",

@@ -11,6 +11,7 @@ import { ConnectionGuard } from "./connections";
 import { isTcp, publishServerKey, unpublishServerKey } from "./curve";
 import { socketDir } from "./endpoint";
 import { ClientIdentity } from "./identity";
+import { HANDSHAKE_MS, TcpGuard } from "./tcp_guard";
 import { Logger } from "./log";
 import { Metrics } from "./metrics";
 import { cudaStatus } from "./native";
@@ -39,6 +40,7 @@ export class EngineServer {
   /** tcp:// only: the CURVE key pair of this run (see curve.ts). */
   private readonly curve?: { publicKey: string; secretKey: string };
   private guard?: ConnectionGuard;
+  private tcpGuard?: TcpGuard;
   private readonly identity: ClientIdentity;
   private readonly sessions = new Map<string, Session>();
   private readonly outbox: Buffer[][] = [];
@@ -58,12 +60,22 @@ export class EngineServer {
     const options: zmq.SocketOptions<zmq.Router> = {
       linger: 0,
       maxMessageSize: MAX_MESSAGE_BYTES,
+      // ZMTP heartbeats: a peer that sends nothing for heartbeatTimeoutS after a PING is disconnected. A client's
+      // ZeroMQ answers PINGs on its own thread, busy or not; what stops answering is a process stopped, gone, or
+      // stuck halfway through a message, which would otherwise hold what it sent (up to the message size) for good.
+      heartbeatInterval: Math.min(5000, Math.max(100, Math.floor((config.heartbeatTimeoutS * 1000) / 3))),
+      heartbeatTimeout: config.heartbeatTimeoutS * 1000,
       sendHighWaterMark: 100_000,
       receiveHighWaterMark: 100_000,
     };
     if (isTcp(config.endpoint)) {
       this.curve = zmq.curveKeyPair();
-      Object.assign(options, { curveServer: true, curveSecretKey: this.curve.secretKey, curvePublicKey: this.curve.publicKey });
+      Object.assign(options, {
+        curveServer: true,
+        curveSecretKey: this.curve.secretKey,
+        curvePublicKey: this.curve.publicKey,
+        handshakeInterval: HANDSHAKE_MS, // a connection without the key is closed this soon (tcp_guard.ts)
+      });
     }
     this.sock = new zmq.Router(options);
     // ZMQ_ROUTER_NOTIFY (97) with ZMQ_NOTIFY_DISCONNECT (2): an empty message from a peer whose connection ended,
@@ -100,7 +112,14 @@ export class EngineServer {
     }
     await this.store.start();
     if (this.config.metricsPort > 0) await this.metrics.listen(this.config.metricsHost, this.config.metricsPort, this.log);
+    if (this.config.metricsSocket) {
+      // A directory of this user's, like the endpoint's: the figures are for the operator, not every local user.
+      socketDir(path.dirname(this.config.metricsSocket));
+      fs.rmSync(this.config.metricsSocket, { force: true }); // a stale one of an engine that died
+      await this.metrics.listen("", this.config.metricsSocket, this.log);
+    }
     this.guard = new ConnectionGuard(this.sock, ep, this.config, this.log, () => new Set(Array.from(this.sessions.values(), (s) => s.pid)));
+    if (isTcp(ep)) this.tcpGuard = new TcpGuard(this.sock, ep, this.log);
     this.identity.start();
     await this.sock.bind(ep);
     if (ep.startsWith("ipc://")) fs.chmodSync(ep.slice("ipc://".length), 0o600);
@@ -336,6 +355,7 @@ export class EngineServer {
     this.log.info(`shutting down: ${this.store.tasksInFlight} task(s) in flight`);
     for (const t of this.timers) clearInterval(t);
     this.guard?.stop();
+    this.tcpGuard?.stop();
     this.identity.stop();
     await this.metrics.close();
     await this.store.close(this.config.shutdownTimeoutS * 1000, [...this.sessions.values()]);
@@ -345,6 +365,7 @@ export class EngineServer {
     this.sock.close();
     await this.loop;
     if (this.config.endpoint.startsWith("ipc://")) fs.rmSync(this.config.endpoint.slice("ipc://".length), { force: true });
+    if (this.config.metricsSocket) fs.rmSync(this.config.metricsSocket, { force: true });
     if (this.curve) unpublishServerKey(this.config.endpoint, this.curve.publicKey);
     this.log.info("stopped");
   }

@@ -9,6 +9,7 @@
 #include "file_modes.h"
 #include "peer_tokens.h"
 #include "peers.h"
+#include "tcp_peers.h"
 
 namespace ucm {
 
@@ -76,6 +77,33 @@ Napi::Value ListenerPauseStateJs(const Napi::CallbackInfo& info) {
   out.Set("hiddenPath", st.hidden_path);
   out.Set("error", st.error);
   return out;
+}
+
+// tcpPeers(port, owners) -> [{fd, inode, uid}]: accepted tcp connections, uid -1 when unknown (tcp_peers.h).
+Napi::Value TcpPeersJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 2 || !info[0].IsNumber() || !info[1].IsBoolean())
+    throw ArgTypeError(env, "tcpPeers(port: number, owners: boolean)");
+  const auto peers = TcpPeers(info[0].As<Napi::Number>().Int32Value(), info[1].As<Napi::Boolean>().Value());
+  auto out = Napi::Array::New(env, peers.size());
+  for (size_t i = 0; i < peers.size(); ++i) {
+    auto o = Napi::Object::New(env);
+    o.Set("fd", peers[i].fd);
+    o.Set("inode", static_cast<double>(peers[i].inode));
+    o.Set("uid", peers[i].uid_known ? static_cast<double>(peers[i].uid) : -1.0);
+    out.Set(static_cast<uint32_t>(i), o);
+  }
+  return out;
+}
+
+// endTcpConnection(port, fd, inode) -> boolean
+Napi::Value EndTcpConnectionJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 3 || !info[0].IsNumber() || !info[1].IsNumber() || !info[2].IsNumber())
+    throw ArgTypeError(env, "endTcpConnection(port: number, fd: number, inode: number)");
+  return Napi::Boolean::New(
+      env, EndTcpConnection(info[0].As<Napi::Number>().Int32Value(), info[1].As<Napi::Number>().Int32Value(),
+                            static_cast<uint64_t>(info[2].As<Napi::Number>().DoubleValue())));
 }
 
 // credentialListen(path, mode) -> "" or what failed: starts the credential socket (peer_tokens.h).
@@ -165,6 +193,8 @@ void RegisterSystem(Napi::Env env, Napi::Object exports) {
              {"listenerPause", ListenerPauseJs},
              {"listenerPauseStop", ListenerPauseStopJs},
              {"listenerPauseState", ListenerPauseStateJs},
+             {"tcpPeers", TcpPeersJs},
+             {"endTcpConnection", EndTcpConnectionJs},
              {"credentialListen", CredentialListenJs},
              {"credentialStop", CredentialStopJs},
              {"redeemToken", RedeemTokenJs},

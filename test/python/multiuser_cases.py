@@ -83,16 +83,16 @@ HELLO = ("hello", {"version": 1, "name": "multiuser"})  # the client puts in its
 
 
 class Engine:
-    """`ucm-engine serve` as `user` (None: root) until stopped."""
+    """`ucm-engine serve` as `user` (None: root) until stopped; `wrap` runs it under a command (prlimit ...)."""
 
-    def __init__(self, config: dict[str, Any], home: str, user: str | None = None):
+    def __init__(self, config: dict[str, Any], home: str, user: str | None = None, wrap: tuple[str, ...] = ()):
         import yaml
 
         self.config_file = os.path.join(home, "config.yaml")
         with open(self.config_file, "w") as f:
             yaml.safe_dump({"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": config}, f)
         os.chmod(self.config_file, 0o644)
-        cmd = [NODE, CLI, "serve", "--config", self.config_file]
+        cmd = [*wrap, NODE, CLI, "serve", "--config", self.config_file]
         self.proc = subprocess.Popen(
             ["runuser", "-u", user, "--", *cmd] if user else cmd,
             stdout=subprocess.PIPE,

@@ -11,9 +11,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
-from multiuser_cases import ALICE, MALLORY, NODE, ROOT, Engine, sh, user_dir
+from multiuser_cases import ALICE, HELLO, MALLORY, NODE, ROOT, Engine, client, sh, user_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NEVER_STORED = [b"never-stored-0", b"never-stored-1"]
@@ -212,3 +213,64 @@ def case_hello_with_the_victims_pid(uids: dict[str, int]) -> dict[str, Any]:
         }
     finally:
         e.stop()
+
+
+# Holds `n` plain tcp connections to the port (no ZeroMQ, no key: what any user can do), opening a new one
+# whenever one is closed, until killed.
+FLOOD_JS = r"""
+const net = require("net");
+const [port, n] = process.argv.slice(2).map(Number);
+let open = 0, made = 0;
+const one = () => {
+  made++;
+  const s = net.connect(port, "127.0.0.1");
+  s.on("connect", () => open++);
+  s.on("error", () => {});
+  s.on("close", (hadErr) => { open = Math.max(0, open - 1); setTimeout(one, 5); });
+};
+for (let i = 0; i < n; i++) one();
+setInterval(() => console.log(JSON.stringify({ open, made })), 500);
+"""
+
+
+def case_tcp_flood_of_another_user(uids: dict[str, int]) -> dict[str, Any]:
+    """Mallory holds 600 keyless connections to Alice's tcp engine (256 descriptors), opening a new one whenever one
+    is closed; Alice's client says hello meanwhile."""
+    home = user_dir("/tmp/alice", uids[ALICE])
+    user_dir(f"{home}/store", uids[ALICE])
+    port = 20000 + os.getpid() % 20000
+    e = Engine(
+        {"storage_backends": f"{home}/store", "endpoint": f"tcp://127.0.0.1:{port}"},
+        home,
+        user=ALICE,
+        wrap=("prlimit", "--nofile=256:256", "--"),
+    )
+    if not e.endpoint:
+        return {"started": False, "output": e.output}
+    flood = subprocess.Popen(
+        # setpriv execs (runuser would fork, and killing it would leave the flood running)
+        ["setpriv", f"--reuid={uids[MALLORY]}", f"--regid={uids[MALLORY]}", "--clear-groups", NODE]
+        + [_script("flood.js", FLOOD_JS), str(port), "600"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd="/",
+    )
+    try:
+        time.sleep(3)  # the flood at full strength
+        t0 = time.monotonic()
+        hello = client(e.endpoint, [HELLO, ("health", {})], user=ALICE)
+        took = time.monotonic() - t0
+    finally:
+        flood.kill()
+        out = flood.communicate()[0]
+        e.stop()
+    rest = e.proc.stdout.read()  # type: ignore[union-attr]
+    lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    return {
+        "started": True,
+        "output": e.output + rest,
+        "hello": hello,
+        "took_s": took,
+        "flood": lines[-1] if lines else None,
+    }

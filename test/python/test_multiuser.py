@@ -40,6 +40,7 @@ def world(case: str) -> dict:
                 "--mount",
                 "--pid",
                 "--fork",
+                "--kill-child",  # a case that runs past the timeout takes every process of its world with it
                 "--propagation",
                 "private",
                 "--",
@@ -173,3 +174,12 @@ def test_a_hello_naming_another_connected_process_gets_neither_its_session_quota
         assert re.match(r"bad_message: hello names pid \d+, but the process that connected is pid \d+", a["hello"]), a
         assert a["register"] == "no_session", a
     assert r["victim_again"] == {"ok": True}
+
+
+def test_keyless_tcp_connections_of_another_user_cannot_keep_the_engines_own_user_out():
+    r = world("tcp_flood_of_another_user")
+    assert r["started"], r["output"]
+    assert r["hello"][0]["ok"] is True and r["hello"][1]["ok"] is True, r
+    assert r["took_s"] < 10, r["took_s"]
+    assert r["flood"] and r["flood"]["made"] > 600, r["flood"]  # the flood ran, and its connections were closed
+    assert re.search(r"closed \d+ tcp connection\(s\) of other users", r["output"]), r["output"][-2000:]
