@@ -46,16 +46,18 @@ export class PendingCommits {
     s.pending.set(key, p);
   }
 
-  /** Deletes the temporary files of `ps` (in the background) and gives their room back. */
-  private drop(ps: PendingCommit[]): string[] {
+  /** Gives the room of `ps`' temporary files back and deletes them (in the background unless `now`). */
+  private drop(ps: PendingCommit[], now = false): { temps: string[]; done: Promise<unknown> } {
     const temps: string[] = [];
     for (const p of ps) {
       if (!p.temp) continue;
       temps.push(p.temp);
       this.capacity.unwritten(p.backend, p.fileBytes);
     }
-    if (temps.length) this.transfers.removeFiles(temps);
-    return temps;
+    if (!temps.length) return { temps, done: Promise.resolve() };
+    if (now) return { temps, done: this.native.remove(temps) };
+    this.transfers.removeFiles(temps);
+    return { temps, done: Promise.resolve() };
   }
 
   /** Takes every pending block of `s` out of it. */
@@ -80,7 +82,10 @@ export class PendingCommits {
       else written.push([i, p]);
     });
     if (drop.length) {
-      this.counters.discards += this.drop(drop).length;
+      // Gone before the reply: a client that discarded blocks sees no trace of them.
+      const d = this.drop(drop, true);
+      await d.done;
+      this.counters.discards += d.temps.length;
     }
     if (!written.length) return committed;
     // Stored meanwhile by another client or engine: that copy stays (a rename would replace it, and the ledger
@@ -119,7 +124,7 @@ export class PendingCommits {
 
   /** Drops every uncommitted block of a session (temporary files deleted). */
   discardAll(s: Session): void {
-    this.counters.discards += this.drop(this.takeAll(s)).length;
+    this.counters.discards += this.drop(this.takeAll(s)).temps.length;
   }
 
   /** Discards the blocks of `s` dumped more than uncommittedTimeoutS before `now`. */
@@ -132,7 +137,7 @@ export class PendingCommits {
         stale.push(p);
       }
     }
-    const n = this.drop(stale).length;
+    const n = this.drop(stale).temps.length;
     if (n) {
       this.counters.discards += n;
       this.log.warn(
