@@ -155,10 +155,14 @@ class EngineClient:
         if path is None or self._peer_checked:
             return
         try:
-            engine_trust.check_connected(path, self.trusted)
+            checked = engine_trust.check_connected(path, self.trusted)
         except UntrustedEngine:
             self._reset()
             raise
+        if checked == 0:
+            # Closed right after answering: whoever it was cannot be told, so the answer is not used.
+            self._reset()
+            raise EngineUnavailable(f"the connection to {path} closed before the engine's identity could be checked")
         self._peer_checked = True
 
     def _roundtrip(self, req: dict[str, Any], timeout_ms: int) -> dict[str, Any]:
