@@ -147,9 +147,19 @@ export class CapacityManager {
     b.reservedBytes = Math.max(0, b.reservedBytes - bytes);
   }
 
-  /** A block file of `bytes` was committed by this engine. */
-  committed(backend: number, bytes: number): void {
-    this.change(this.backends[backend], bytes, 1);
+  /** A temporary block file of `bytes` was written: it takes room until it is deleted. */
+  written(backend: number, bytes: number): void {
+    this.change(this.backends[backend], bytes, 0);
+  }
+
+  /** A temporary block file of `bytes` was deleted uncommitted. */
+  unwritten(backend: number, bytes: number): void {
+    this.change(this.backends[backend], -bytes, 0);
+  }
+
+  /** A written temporary file became a block file (its bytes were counted when it was written). */
+  committed(backend: number): void {
+    this.change(this.backends[backend], 0, 1);
   }
 
   /** This engine created directories or files that hold blocks (a namespace's), taking `bytes`. */

@@ -2,6 +2,7 @@
 // the CLI (health, stats) and the tests. The Python shim has its own.
 import * as zmq from "zeromq";
 import { Packr } from "msgpackr";
+import { fetchToken } from "./credentials";
 import { isTcp, readServerKey } from "./curve";
 
 const packr = new Packr({ useRecords: false, mapsAsObjects: true, int64AsType: "number" });
@@ -62,9 +63,16 @@ export class EngineClient {
     await this.sending;
   }
 
-  /** Sends one request and returns the whole reply map (ok or not). */
+  /**
+   * Sends one request and returns the whole reply map (ok or not). A hello gets a token from the engine's credential
+   * socket (core/identity.ts) unless it names `cred` itself.
+   */
   async raw(req: Record<string, unknown>, timeoutMs = this.timeoutMs): Promise<Record<string, unknown>> {
     if (this.closed) throw new Error("client is closed");
+    if (req.op === "hello" && !("cred" in req)) {
+      const cred = await fetchToken(this.endpoint, timeoutMs);
+      if (cred !== undefined) req = { ...req, cred };
+    }
     const id = this.nextId++;
     const reply = new Promise<Record<string, unknown>>((resolve, reject) => {
       const timer = setTimeout(() => {

@@ -37,13 +37,32 @@ function show(v: unknown): string {
  * python_shim/ucm/config.py runtime_dir computes the same name.
  */
 export function defaultRuntimeDir(storageBackendsRaw: string): string {
-  const uid = typeof process.getuid === "function" ? process.getuid() : 0;
   const absolute = storageBackendsRaw
     .split(":")
     .map((d) => path.resolve(d.trim()))
     .join(":");
   const digest = crypto.createHash("sha256").update(absolute).digest("hex").slice(0, 12);
-  return path.join(os.tmpdir(), `ucm-${uid}`, digest);
+  return path.join(runtimeBase(), digest);
+}
+
+/**
+ * Where this user's runtime directories live: $XDG_RUNTIME_DIR/ucm when XDG_RUNTIME_DIR names a usable directory
+ * (a real directory of this user that nobody else may enter, as systemd's /run/user/<uid> is: nobody else can make
+ * anything there first), else /tmp/ucm-<uid>, which another user could create before this one's first run (the
+ * engine and the shim then refuse it and say so). python_shim/ucm/config.py runtime_base is the same.
+ */
+export function runtimeBase(): string {
+  const uid = typeof process.getuid === "function" ? process.getuid() : 0;
+  const xdg = process.env.XDG_RUNTIME_DIR;
+  if (xdg && path.isAbsolute(xdg)) {
+    try {
+      const st = fs.lstatSync(xdg);
+      if (st.isDirectory() && st.uid === uid && (st.mode & 0o077) === 0) return path.join(xdg, "ucm");
+    } catch {
+      /* not usable: the fallback */
+    }
+  }
+  return path.join(os.tmpdir(), `ucm-${uid}`);
 }
 
 export function defaultEndpoint(storageBackendsRaw: string): string {
@@ -187,6 +206,9 @@ export function parseConfig(doc: unknown): LoadedConfig {
   for (const k of Object.keys(raw)) {
     if (k !== "storage_backends" && !(k in OPTIONS)) warnings.push(`unknown key ${key(k)} ignored`);
   }
+  const ms = out.metricsSocket as string;
+  if (ms !== "" && (!path.isAbsolute(ms) || Buffer.byteLength(ms) > 107))
+    throw new ConfigError(`${key("metricsSocket")} must be an absolute path of at most 107 bytes, got ${show(ms)}`);
   if (out.cudaCopy !== "kernel" && out.cudaCopy !== "batch")
     throw new ConfigError(`${key("cudaCopy")} must be "kernel" or "batch", got ${show(out.cudaCopy)}`);
   if (!Array.isArray(out.capacity)) out.capacity = [out.capacity as number];
@@ -231,7 +253,9 @@ export function validateEndpoint(endpoint: string, what: string): void {
   if (endpoint.startsWith("ipc://")) {
     const p = endpoint.slice("ipc://".length);
     if (!path.isAbsolute(p)) throw new ConfigError(`${what} must be ipc://<absolute path>, got ${show(endpoint)}`);
-    if (Buffer.byteLength(p) > 107) throw new ConfigError(`${what}: socket path longer than 107 bytes: ${show(endpoint)}`);
+    // 107 bytes is the kernel's limit; the credential socket beside it (core/identity.ts) adds ".cred".
+    if (Buffer.byteLength(p) > 102)
+      throw new ConfigError(`${what}: socket path longer than 102 bytes (107, less ".cred" for its credential socket): ${show(endpoint)}`);
     return;
   }
   if (/^tcp:\/\/(127\.0\.0\.1|localhost|\[::1\]):\d+$/.test(endpoint)) return;

@@ -19,7 +19,7 @@
 //   meet EMFILE on an accept (libzmq 4.3 aborts the process then), and puts it
 //   back once idle connections are closed. Clients already connected go on;
 //   new ones retry until the name is back. (On tcp libzmq survives EMFILE.)
-// Peer identity also checks a hello's pid (connectedFrom).
+// Which process a hello comes from is identity.ts's business.
 import * as zmq from "zeromq";
 import { Logger } from "./log";
 import { ConnectedPeer, connectedPeers, endConnection, listenerPause, listenerPauseState, listenerPauseStop, raiseFdLimit } from "./native";
@@ -104,11 +104,6 @@ export class ConnectionGuard {
   /** The kernel's list of processes connected to our ipc socket (empty on tcp). */
   peers(): ConnectedPeer[] {
     return this.socketPath ? connectedPeers(this.socketPath) : [];
-  }
-
-  /** Whether process `pid` has a connection to the engine (always true on tcp, where the kernel cannot say). */
-  connectedFrom(pid: number): boolean {
-    return !this.socketPath || this.peers().some((p) => p.pid === pid);
   }
 
   stop(): void {

@@ -20,6 +20,8 @@ export interface Counters {
   blocksFailed: number;
   blocksCorrupt: number;
   commits: number;
+  /** Commits of blocks stored meanwhile by another client or engine: the first copy kept, the new one deleted. */
+  commitsKeptFirst: number;
   discards: number;
   // write admission: dumps dropped instead of queued
   droppedInflight: number;
@@ -50,6 +52,7 @@ export function newCounters(): Counters {
     blocksFailed: 0,
     blocksCorrupt: 0,
     commits: 0,
+    commitsKeptFirst: 0,
     discards: 0,
     droppedInflight: 0,
     droppedCapacity: 0,

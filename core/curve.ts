@@ -51,6 +51,16 @@ export function publishServerKey(endpoint: string, publicKey: string): string {
   return file;
 }
 
+/** Removes the published key at shutdown, if it is still this engine's (a stale key only misleads clients). */
+export function unpublishServerKey(endpoint: string, publicKey: string): void {
+  const file = curveKeyFile(endpoint);
+  try {
+    if (fs.readFileSync(file, "utf8").trim() === publicKey) fs.rmSync(file, { force: true });
+  } catch {
+    /* gone already */
+  }
+}
+
 /** The public key a client needs for `endpoint`; an error naming the file when this user has none. */
 export function readServerKey(endpoint: string): string {
   const file = curveKeyFile(endpoint);

@@ -68,6 +68,11 @@ export class StorageLayout {
     return p;
   }
 
+  /** Whether this engine has made sure of the namespace's directories (or is making sure). */
+  known(ns: string): boolean {
+    return this.ready.has(ns);
+  }
+
   /** Forgets that a namespace's directories exist (someone removed them): the next dump recreates them. */
   forgetNamespace(ns: string): void {
     this.ready.delete(ns);

@@ -19,7 +19,7 @@ const MAX_QUEUED_LOOKUPS = 256;
 const MISS_TTL_MS = 1000;
 
 /** The promise's value, or undefined if it has not settled within `ms` (it still runs). */
-function withTimeout<T>(p: Promise<T>, ms: number): Promise<T | undefined> {
+export function withTimeout<T>(p: Promise<T>, ms: number): Promise<T | undefined> {
   return new Promise<T | undefined>((resolve, reject) => {
     const t = setTimeout(() => resolve(undefined), ms);
     p.then(

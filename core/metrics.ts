@@ -3,6 +3,7 @@
 // module reads a snapshot of them (`stats()`) at scrape time, so the hot paths
 // never touch prom-client except for one histogram observation per finished
 // task.
+import * as fs from "fs";
 import * as http from "http";
 import * as client from "prom-client";
 import { Logger } from "./log";
@@ -28,7 +29,7 @@ export interface LatencySummary {
 export class Metrics {
   readonly registry = new client.Registry();
   private readonly latency: client.Histogram<"direction">;
-  private server?: http.Server;
+  private readonly servers: http.Server[] = [];
 
   constructor(
     store: MetricsSource,
@@ -114,20 +115,26 @@ export class Metrics {
       (st) => [[{}, st.storageWaitSeconds]],
     );
     mirror("ucm_commits_total", "Blocks made visible", [], (st) => [[{}, st.counters.commits]]);
-    mirror("ucm_evicted_blocks_total", "Blocks evicted for capacity, by backend", ["backend"], (st) =>
-      st.capacity.map((b) => [{ backend: b.dir }, b.evictedFiles]),
+    mirror(
+      "ucm_commits_kept_first_total",
+      "Commits of blocks another client or engine had stored meanwhile: the first copy kept, the new one deleted",
+      [],
+      (st) => [[{}, st.counters.commitsKeptFirst]],
     );
-    mirror("ucm_evicted_bytes_total", "Bytes evicted for capacity, by backend", ["backend"], (st) =>
-      st.capacity.map((b) => [{ backend: b.dir }, b.evictedBytes]),
+    mirror("ucm_evicted_blocks_total", "Blocks evicted for capacity, by backend (its index in storage_backends)", ["backend"], (st) =>
+      st.capacity.map((b, i) => [{ backend: String(i) }, b.evictedFiles]),
     );
-    gauge("ucm_capacity_bytes", "Configured capacity per backend (0 = unlimited)", ["backend"], (st) =>
-      st.capacity.map((b) => [{ backend: b.dir }, b.capacity]),
+    mirror("ucm_evicted_bytes_total", "Bytes evicted for capacity, by backend (its index in storage_backends)", ["backend"], (st) =>
+      st.capacity.map((b, i) => [{ backend: String(i) }, b.evictedBytes]),
+    );
+    gauge("ucm_capacity_bytes", "Configured capacity per backend, by its index in storage_backends (0 = unlimited)", ["backend"], (st) =>
+      st.capacity.map((b, i) => [{ backend: String(i) }, b.capacity]),
     );
     gauge("ucm_capacity_used_bytes", "Bytes of block files in the backend, all engines", ["backend"], (st) =>
-      st.capacity.map((b) => [{ backend: b.dir }, b.usedBytes]),
+      st.capacity.map((b, i) => [{ backend: String(i) }, b.usedBytes]),
     );
     gauge("ucm_capacity_used_blocks", "Block files in the backend, all engines", ["backend"], (st) =>
-      st.capacity.map((b) => [{ backend: b.dir }, b.usedFiles]),
+      st.capacity.map((b, i) => [{ backend: String(i) }, b.usedFiles]),
     );
     gauge("ucm_queue_depth", "Blocks queued for a transfer thread", [], (st) => [[{}, st.queuedBlocks]]);
     gauge("ucm_inflight_bytes", "Dump bytes admitted and not yet written", [], (st) => [[{}, st.inflightDumpBytes]]);
@@ -161,8 +168,12 @@ export class Metrics {
     return out;
   }
 
-  /** Serves GET /metrics on host:port. A port in use is logged, not fatal. */
-  listen(host: string, port: number, log: Logger): Promise<void> {
+  /**
+   * Serves GET /metrics on host:port, or on a unix socket when `port` is a path (mode 0600: only the engine's user
+   * and root may read it). A port or path in use is logged, not fatal.
+   */
+  listen(host: string, port: number | string, log: Logger): Promise<void> {
+    const where = typeof port === "string" ? `unix:${port}` : `http://${host}:${port}/metrics`;
     return new Promise((resolve) => {
       const server = http.createServer((req, res) => {
         if (req.method !== "GET" || (req.url ?? "").split("?")[0] !== "/metrics") {
@@ -175,23 +186,28 @@ export class Metrics {
         );
       });
       server.once("error", (e: Error) => {
-        log.error(`metrics endpoint ${host}:${port} not started: ${e.message}`);
+        log.error(`metrics endpoint ${where} not started: ${e.message}`);
         resolve();
       });
-      server.listen(port, host, () => {
-        this.server = server;
+      const ready = () => {
+        if (typeof port === "string") fs.chmodSync(port, 0o600);
+        this.servers.push(server);
         server.unref();
-        log.info(`metrics on http://${host}:${port}/metrics`);
+        log.info(`metrics on ${where}${typeof port === "string" ? " (GET /metrics; mode 0600)" : ""}`);
         resolve();
-      });
+      };
+      if (typeof port === "string") server.listen(port, ready);
+      else server.listen(port, host, ready);
     });
   }
 
   close(): Promise<void> {
-    const s = this.server;
-    this.server = undefined;
-    if (!s) return Promise.resolve();
-    s.closeAllConnections();
-    return new Promise((r) => s.close(() => r()));
+    const all = this.servers.splice(0);
+    return Promise.all(
+      all.map((s) => {
+        s.closeAllConnections();
+        return new Promise<void>((r) => s.close(() => r()));
+      }),
+    ).then(() => undefined);
   }
 }

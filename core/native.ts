@@ -247,6 +247,20 @@ export interface ListenerPauseState {
   error: string;
 }
 
+/** An accepted tcp connection and the user owning the client's end of it (-1 when the kernel's table lacks it). */
+export interface TcpPeer {
+  fd: number;
+  inode: number;
+  uid: number;
+}
+
+/** The credentials of the process that fetched a token from the credential socket. */
+export interface ProvenPeer {
+  pid: number;
+  uid: number;
+  gid: number;
+}
+
 export interface ConnectedPeer {
   fd: number;
   inode: number;
@@ -282,6 +296,15 @@ interface Addon {
   createFile(root: string, parent: string, name: string, text: string): Promise<number>;
   /** Unlinks each path below one of `roots` without following links; 0 (also when already gone) or errno each. */
   removeFiles(roots: readonly string[], paths: string[]): Promise<Int32Array>;
+  /** Accepted tcp connections on local `port`, with the owner of the client's end (-1: unknown) when `owners`. */
+  tcpPeers(port: number, owners: boolean): TcpPeer[];
+  /** Shuts down descriptor `fd` if it still is the tcp connection with socket `inode` on `port`. */
+  endTcpConnection(port: number, fd: number, inode: number): boolean;
+  /** Serves the credential socket at `path` (native/src/peer_tokens.h); "" or what failed. */
+  credentialListen(path: string, mode: number): string;
+  credentialStop(): void;
+  /** Who a credential token was handed to (the kernel's SO_PEERCRED), once; null when unknown, used or expired. */
+  redeemToken(token: string): ProvenPeer | null;
   constants: { headerSize: number; blockAlign: number; formatVersion: number; cuda: boolean; blockStatus: string[] };
 }
 
@@ -343,6 +366,11 @@ export const setShareWithGroup = addon.setShareWithGroup;
 export const makeDirs = addon.makeDirs;
 export const createFile = addon.createFile;
 export const removeFiles = addon.removeFiles;
+export const tcpPeers = addon.tcpPeers;
+export const endTcpConnection = addon.endTcpConnection;
+export const credentialListen = addon.credentialListen;
+export const credentialStop = addon.credentialStop;
+export const redeemToken = addon.redeemToken;
 export const constants = addon.constants;
 
 /** On-disk size of a block file holding `payload` bytes. */

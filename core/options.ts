@@ -35,6 +35,8 @@ export interface EngineConfig {
   loadTimeoutMs: number;
   /** Read by the Python shim: load asynchronously (the request waits outside the batch). */
   loadAsync: boolean;
+  /** Read by the Python shim: a user, besides the client's own and root, whose engine it may use. */
+  engineUid: number;
   /** Bytes each backend directory may hold, one per backend (0: unlimited). */
   capacity: number[];
   /** Block files used within this many seconds are never evicted. */
@@ -53,6 +55,8 @@ export interface EngineConfig {
   metricsPort: number;
   /** Address the metrics endpoint listens on. */
   metricsHost: string;
+  /** Unix socket path of a metrics endpoint only the engine's user can read ("" = none). */
+  metricsSocket: string;
   /** Pinned host staging for GPU blocks, all transfer streams together (one share a stream). */
   pinnedStagingBytes: number;
   /** How GPU shards are gathered and scattered. */
@@ -63,10 +67,14 @@ export interface EngineConfig {
   maxConnections: number;
   /** Seconds a connection whose process has no session may stay open (ipc). */
   idleConnectionS: number;
+  /** Seconds a connection may stay silent after the engine's heartbeat before it is closed. */
+  heartbeatTimeoutS: number;
   /** Connections one process may hold (ipc). */
   maxConnectionsPerProcess: number;
   /** Sessions (hello) one process may hold at once. */
   maxSessionsPerProcess: number;
+  /** Namespaces new to the engine one client may bring in. */
+  maxNamespacesPerClient: number;
   /** Keys x namespaces one lookup may check. */
   maxLookupKeys: number;
   /** Milliseconds a lookup may wait for the filesystem before its unanswered keys count as misses. */
@@ -151,6 +159,14 @@ export const OPTIONS: Record<string, OptionSpec> = {
     doc: "(shim) how long a load may take before its blocks are recomputed",
   },
   loadAsync: { key: "loadAsync", kind: "bool", dflt: false, doc: "(shim) load KV asynchronously, outside the forward pass" },
+  engineUid: {
+    key: "engineUid",
+    kind: "int",
+    min: 0,
+    max: 2 ** 32 - 1,
+    dflt: 0,
+    doc: "(shim) a user, besides the client's own and root, whose engine the shim may talk to (its socket and directories may belong to it); 0 = none",
+  },
   capacity: {
     key: "capacity",
     kind: "sizes",
@@ -204,7 +220,18 @@ export const OPTIONS: Record<string, OptionSpec> = {
     doc: "store a block only the second time it is dumped (spares SSD wear)",
   },
   metricsPort: { key: "metricsPort", kind: "int", min: 0, max: 65535, dflt: 0, doc: "Prometheus /metrics port; 0 = off" },
-  metricsHost: { key: "metricsHost", kind: "string", dflt: "127.0.0.1", doc: "address the metrics endpoint listens on" },
+  metricsHost: {
+    key: "metricsHost",
+    kind: "string",
+    dflt: "127.0.0.1",
+    doc: "address the metrics endpoint listens on (every local user can read a tcp port: see metricsSocket)",
+  },
+  metricsSocket: {
+    key: "metricsSocket",
+    kind: "string",
+    dflt: "",
+    doc: "absolute path of a unix socket serving GET /metrics, mode 0600 (only the engine's user and root read it), in a directory of that user; empty = none",
+  },
   pinnedStagingBytes: {
     key: "pinnedStagingBytes",
     kind: "size",
@@ -249,6 +276,14 @@ export const OPTIONS: Record<string, OptionSpec> = {
     dflt: 16,
     doc: "sessions (hello) one client process may hold at once; per-client quotas apply to each",
   },
+  maxNamespacesPerClient: {
+    key: "maxNamespacesPerClient",
+    kind: "int",
+    min: 1,
+    max: 1 << 20,
+    dflt: 64,
+    doc: "namespaces new to the engine one client (session) may bring in, by namespace or dump: each takes about 1 MiB of directories for good",
+  },
   idleConnectionS: {
     key: "idleConnectionS",
     kind: "int",
@@ -256,6 +291,14 @@ export const OPTIONS: Record<string, OptionSpec> = {
     max: 86400,
     dflt: 60,
     doc: "a connection whose process has no session (never said hello) is closed after this many seconds (ipc endpoints)",
+  },
+  heartbeatTimeoutS: {
+    key: "heartbeatTimeoutS",
+    kind: "int",
+    min: 1,
+    max: 3600,
+    dflt: 30,
+    doc: "a connection from which nothing arrives for this many seconds after the engine's ZeroMQ heartbeat is closed (and its session with it): a peer stopped halfway through a message frees what it sent; a live client's ZeroMQ answers by itself",
   },
   lookupTimeoutMs: {
     key: "lookupTimeoutMs",

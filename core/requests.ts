@@ -31,6 +31,8 @@ export interface HelloRequest {
   pid: number;
   /** Safe for a log line: control characters replaced by "?". */
   name: string;
+  /** The token the client read from the engine's credential socket (core/identity.ts), if any. */
+  cred?: string;
 }
 
 export interface HostRegionSpec {
@@ -120,7 +122,10 @@ export function decodeHello(msg: Msg): HelloRequest {
   const pid = reqUint(msg, "pid", 2 ** 31);
   // A name goes into log lines: control characters (a newline would forge a line) become "?".
   const name = (optString(msg, "name", 256) ?? "").replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, "?");
-  return { version, pid, name };
+  const cred = optString(msg, "cred", 64);
+  if (cred !== undefined && !/^[0-9a-f]{32}$/.test(cred))
+    throw new ProtocolError("bad_message", `cred must be 32 lowercase hex digits, got ${describe(cred)}`);
+  return { version, pid, name, cred };
 }
 
 export function decodeRegister(msg: Msg): RegisterRequest {
@@ -182,8 +187,28 @@ export function unknownRegion(i: number, id: unknown): ProtocolError {
   return new ProtocolError("unknown_region", `regions[${i}]: no region ${describe(id)} registered by this client`);
 }
 
+/**
+ * Bytes a namespace's description may take as JSON. It is written to NAMESPACE in every backend and stays there
+ * for good (evicting blocks never removes it): a few hundred bytes say what the namespace is.
+ */
+export const MAX_DESCRIPTION_BYTES = 16 * 1024;
+
 export function decodeNamespace(msg: Msg): NamespaceRequest {
-  return { ns: reqNs(msg), description: msg.description ?? null };
+  const ns = reqNs(msg);
+  const description = msg.description ?? null;
+  let size: number;
+  try {
+    size = Buffer.byteLength(JSON.stringify(description));
+  } catch (e) {
+    throw new ProtocolError("bad_message", `description of namespace ${ns} is not plain data: ${(e as Error).message}`);
+  }
+  if (size > MAX_DESCRIPTION_BYTES) {
+    throw new ProtocolError(
+      "too_large",
+      `description of namespace ${ns} is ${size} bytes as JSON, more than the ${MAX_DESCRIPTION_BYTES} allowed`,
+    );
+  }
+  return { ns, description };
 }
 
 export function decodeLookup(msg: Msg, limits: RequestLimits): LookupRequest {

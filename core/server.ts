@@ -8,7 +8,10 @@ import { EngineConfig } from "./config";
 import { EngineClient } from "./client";
 import { buildId } from "./build";
 import { ConnectionGuard } from "./connections";
-import { isTcp, publishServerKey } from "./curve";
+import { isTcp, publishServerKey, unpublishServerKey } from "./curve";
+import { socketDir } from "./endpoint";
+import { ClientIdentity } from "./identity";
+import { HANDSHAKE_MS, TcpGuard } from "./tcp_guard";
 import { Logger } from "./log";
 import { Metrics } from "./metrics";
 import { cudaStatus } from "./native";
@@ -37,6 +40,8 @@ export class EngineServer {
   /** tcp:// only: the CURVE key pair of this run (see curve.ts). */
   private readonly curve?: { publicKey: string; secretKey: string };
   private guard?: ConnectionGuard;
+  private tcpGuard?: TcpGuard;
+  private readonly identity: ClientIdentity;
   private readonly sessions = new Map<string, Session>();
   private readonly outbox: Buffer[][] = [];
   private pumping = false;
@@ -55,14 +60,29 @@ export class EngineServer {
     const options: zmq.SocketOptions<zmq.Router> = {
       linger: 0,
       maxMessageSize: MAX_MESSAGE_BYTES,
+      // ZMTP heartbeats: a peer that sends nothing for heartbeatTimeoutS after a PING is disconnected. A client's
+      // ZeroMQ answers PINGs on its own thread, busy or not; what stops answering is a process stopped, gone, or
+      // stuck halfway through a message, which would otherwise hold what it sent (up to the message size) for good.
+      heartbeatInterval: Math.min(5000, Math.max(100, Math.floor((config.heartbeatTimeoutS * 1000) / 3))),
+      heartbeatTimeout: config.heartbeatTimeoutS * 1000,
       sendHighWaterMark: 100_000,
       receiveHighWaterMark: 100_000,
     };
     if (isTcp(config.endpoint)) {
       this.curve = zmq.curveKeyPair();
-      Object.assign(options, { curveServer: true, curveSecretKey: this.curve.secretKey, curvePublicKey: this.curve.publicKey });
+      Object.assign(options, {
+        curveServer: true,
+        curveSecretKey: this.curve.secretKey,
+        curvePublicKey: this.curve.publicKey,
+        handshakeInterval: HANDSHAKE_MS, // a connection without the key is closed this soon (tcp_guard.ts)
+      });
     }
     this.sock = new zmq.Router(options);
+    // ZMQ_ROUTER_NOTIFY (97) with ZMQ_NOTIFY_DISCONNECT (2): an empty message from a peer whose connection ended,
+    // so that its session ends with it (a client that gave up on a request opens a new socket and says hello
+    // again; the old session would otherwise count against its process until the process exits).
+    (this.sock as unknown as { setInt32Option(option: number, value: number): void }).setInt32Option(97, 2);
+    this.identity = new ClientIdentity(config.endpoint, log);
     this.store = new Store(config, log);
     this.metrics = new Metrics(this.store, () => ({ clients: this.sessions.size, protocolErrors: this.errors }));
   }
@@ -92,7 +112,15 @@ export class EngineServer {
     }
     await this.store.start();
     if (this.config.metricsPort > 0) await this.metrics.listen(this.config.metricsHost, this.config.metricsPort, this.log);
+    if (this.config.metricsSocket) {
+      // A directory of this user's, like the endpoint's: the figures are for the operator, not every local user.
+      socketDir(path.dirname(this.config.metricsSocket));
+      fs.rmSync(this.config.metricsSocket, { force: true }); // a stale one of an engine that died
+      await this.metrics.listen("", this.config.metricsSocket, this.log);
+    }
     this.guard = new ConnectionGuard(this.sock, ep, this.config, this.log, () => new Set(Array.from(this.sessions.values(), (s) => s.pid)));
+    if (isTcp(ep)) this.tcpGuard = new TcpGuard(this.sock, ep, this.log);
+    this.identity.start();
     await this.sock.bind(ep);
     if (ep.startsWith("ipc://")) fs.chmodSync(ep.slice("ipc://".length), 0o600);
     if (this.curve)
@@ -125,6 +153,11 @@ export class EngineServer {
 
   private async handle(peer: Buffer, frames: Buffer[]): Promise<void> {
     let id: unknown = null;
+    if (frames.length === 1 && frames[0].length === 0) {
+      // The connection ended (ZMQ_ROUTER_NOTIFY), or its client sent an empty frame, which ends nothing but its own.
+      this.drop(peer.toString("hex"), "its connection ended");
+      return;
+    }
     try {
       if (frames.length !== 1) throw new ProtocolError("bad_message", `a request is one frame, got ${frames.length}`);
       const req = decodeRequest(frames[0]);
@@ -160,7 +193,7 @@ export class EngineServer {
       case "release":
         return this.store.release(s, decodeRelease(msg));
       case "namespace":
-        return this.store.namespace(decodeNamespace(msg));
+        return this.store.namespace(s, decodeNamespace(msg));
       case "lookup":
         return this.store.lookup(decodeLookup(msg, this.config));
       case "dump":
@@ -183,15 +216,11 @@ export class EngineServer {
     }
   }
 
-  private hello(key: string, { version, pid, name }: HelloRequest): Msg {
-    // The pid is what the engine watches for liveness and the only process whose /proc/<pid>/fd a client may
-    // name: it must be a process connected to us (the kernel says so), not any process.
-    if (this.guard && !this.guard.connectedFrom(pid)) {
-      throw new ProtocolError(
-        "bad_message",
-        `pid ${pid} is not a process connected to the engine (a client in its own pid namespace must run in the engine's, e.g. --pid=host)`,
-      );
-    }
+  private hello(key: string, req: HelloRequest): Msg {
+    const { version, name } = req;
+    // The pid is what the engine watches for liveness, counts sessions by, and the only process whose
+    // /proc/<pid>/fd a client may name: on ipc the kernel's, not the hello's (identity.ts).
+    const { pid, verified } = this.identity.of(req);
     // Per-client quotas hold per session: a process may not multiply them without bound.
     const held = Array.from(this.sessions.values()).filter((x) => x.pid === pid && x.peer !== key).length;
     if (held >= this.config.maxSessionsPerProcess) {
@@ -201,10 +230,11 @@ export class EngineServer {
       );
     }
     if (this.sessions.has(key)) this.drop(key, "said hello again");
-    this.sessions.set(key, new Session(key, pid, name));
-    this.log.debug(`client ${name || "?"} (pid ${pid}) connected`);
+    this.sessions.set(key, new Session(key, pid, name, verified));
+    this.log.debug(`client ${name || "?"} (pid ${pid}${verified ? "" : ", unverified"}) connected`);
     return {
       version,
+      pid_verified: verified,
       engine: {
         pid: process.pid,
         id: this.store.engineId,
@@ -269,10 +299,13 @@ export class EngineServer {
     this.log.debug(`client ${s.name || "?"} (pid ${s.pid}) released: ${why}`);
   }
 
-  /** A client whose process is gone loses its session, regions and tasks. */
+  /**
+   * A client whose process is gone loses its session, regions and tasks. An unverified pid (tcp) proves nothing
+   * either way: such a session ends with its connection.
+   */
   private checkClients(): void {
     for (const [key, s] of this.sessions) {
-      if (!processAlive(s.pid)) this.drop(key, "process is gone");
+      if (s.verified && !processAlive(s.pid)) this.drop(key, "process is gone");
     }
   }
 
@@ -322,6 +355,8 @@ export class EngineServer {
     this.log.info(`shutting down: ${this.store.tasksInFlight} task(s) in flight`);
     for (const t of this.timers) clearInterval(t);
     this.guard?.stop();
+    this.tcpGuard?.stop();
+    this.identity.stop();
     await this.metrics.close();
     await this.store.close(this.config.shutdownTimeoutS * 1000, [...this.sessions.values()]);
     // Let queued replies go out before the socket closes.
@@ -330,30 +365,8 @@ export class EngineServer {
     this.sock.close();
     await this.loop;
     if (this.config.endpoint.startsWith("ipc://")) fs.rmSync(this.config.endpoint.slice("ipc://".length), { force: true });
+    if (this.config.metricsSocket) fs.rmSync(this.config.metricsSocket, { force: true });
+    if (this.curve) unpublishServerKey(this.config.endpoint, this.curve.publicKey);
     this.log.info("stopped");
-  }
-}
-
-/**
- * The directory of an ipc:// socket. Created 0700 (with a missing parent) when missing; an existing one, and its
- * parent, must be real directories of this user or of root that nobody else can rearrange (writable by others
- * only with the sticky bit, like /tmp). The mode of a directory the engine did not create is never changed.
- */
-function socketDir(dir: string): void {
-  const uid = typeof process.getuid === "function" ? process.getuid() : 0;
-  fs.mkdirSync(path.dirname(dir), { recursive: true, mode: 0o700 });
-  try {
-    fs.mkdirSync(dir, { mode: 0o700 });
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
-  }
-  for (const d of [dir, path.dirname(dir)]) {
-    const st = fs.lstatSync(d);
-    if (!st.isDirectory()) throw new Error(`socket directory ${d} is not a plain directory (a symbolic link?)`);
-    if (st.uid !== uid && st.uid !== 0)
-      throw new Error(`socket directory ${d} belongs to uid ${st.uid}, not to this user (${uid}) or root`);
-    if ((st.mode & 0o022) !== 0 && (st.mode & 0o1000) === 0) {
-      throw new Error(`socket directory ${d} is writable by other users (mode ${(st.mode & 0o7777).toString(8)}) without the sticky bit`);
-    }
   }
 }

@@ -24,12 +24,15 @@ export class Session {
   readonly events = new Map<number, number>(); // client event id -> native event
   readonly tasks = new Map<number, Task>();
   readonly pending = new Map<string, PendingCommit>(); // "<ns>/<key hex>" -> dumped block
+  readonly namespaces = new Set<string>(); // namespaces new to the engine this client brought in (maxNamespacesPerClient)
   nextRegion = 1;
   closed = false;
   constructor(
     readonly peer: string,
     readonly pid: number,
     readonly name: string,
+    /** Whether the kernel vouched for `pid` (ipc, core/identity.ts); on tcp it is only what the hello said. */
+    readonly verified = false,
   ) {}
 }
 
@@ -70,6 +73,14 @@ export function registerRegions(
   const openedEv: number[] = [];
   try {
     for (const [i, sp] of specs.entries()) {
+      // /proc/<pid>/fd/<n> reaches into the process the session claims to be: only one the kernel vouched for.
+      if (sp.medium === "host" && !s.verified && sp.source.startsWith("/proc/")) {
+        throw new ProtocolError(
+          "bad_message",
+          `regions[${i}]: ${sp.source}: on tcp the engine cannot verify a client's pid, so it opens no /proc/<pid>/fd path; ` +
+            "use a POSIX shared memory name or a /dev/shm path (or an ipc endpoint)",
+        );
+      }
       try {
         opened.push(
           sp.medium === "host"

@@ -124,9 +124,25 @@ export class Store {
     return releaseRegions(this.native, s, req);
   }
 
-  async namespace(req: NamespaceRequest): Promise<Record<string, never>> {
+  async namespace(s: Session, req: NamespaceRequest): Promise<Record<string, never>> {
+    this.claimNamespace(s, req.ns);
     await this.layout.ensureNamespace(req.ns, req.description);
     return {};
+  }
+
+  /**
+   * Namespaces new to this engine that `s` brings in are counted against maxNamespacesPerClient: each takes about
+   * 1 MiB of directories and its description for good (evicting blocks frees neither).
+   */
+  private claimNamespace(s: Session, ns: string): void {
+    if (this.layout.known(ns) || s.namespaces.has(ns)) return;
+    if (s.namespaces.size >= this.config.maxNamespacesPerClient) {
+      throw new ProtocolError(
+        "too_large",
+        `namespace ${ns} refused: this client brought ${s.namespaces.size} new namespaces in already, the most allowed (maxNamespacesPerClient ${this.config.maxNamespacesPerClient})`,
+      );
+    }
+    s.namespaces.add(ns);
   }
 
   // ---- lookup ------------------------------------------------------------------
@@ -162,6 +178,7 @@ export class Store {
       if (waitEvent === undefined)
         throw new ProtocolError("unknown_region", `event ${describe(req.event)} is not an event registered by this client`);
     }
+    this.claimNamespace(s, ns);
     await this.layout.ensureNamespace(ns);
     const stored = await this.lookups.present([ns], keys);
     const status = new Array<BlockStatus>(keys.length).fill(BlockStatus.Skipped);

@@ -6,6 +6,7 @@
 import { ChildProcess, spawn } from "child_process";
 import * as crypto from "crypto";
 import * as fs from "fs";
+import * as net from "net";
 import * as path from "path";
 import * as zmq from "zeromq";
 import { ShmRegion, shardColumns } from "./helpers/fixtures";
@@ -104,12 +105,12 @@ test("idle connections without a session are closed after idleConnectionS; one p
   expect((await hello(c)).version).toBe(1);
 }, 60000);
 
-test("a hello naming a process that is not connected is refused", async () => {
+test("a hello naming another process than the one that connected is refused", async () => {
   const e = await start();
   const c = e.client();
   await expect(c.call("hello", { version: 1, pid: 1, name: "liar" })).rejects.toMatchObject({
     code: "bad_message",
-    message: expect.stringMatching(/pid 1 is not a process connected to the engine/),
+    message: expect.stringMatching(new RegExp(`hello names pid 1, but the process that connected is pid ${process.pid}`)),
   });
   expect((await hello(c)).version).toBe(1);
 });
@@ -300,3 +301,83 @@ test("memory exhaustion while registering: each refusal is an error reply, never
   expect(engine.proc.exitCode).toBeNull();
   expect((await c.call("health")).status).toBe("serving");
 });
+
+test("namespaces: a description is at most 16 KiB, and a client brings at most maxNamespacesPerClient new ones in", async () => {
+  const e = await start({ maxNamespacesPerClient: 3 });
+  const c = e.client();
+  await hello(c);
+  await expect(c.call("namespace", { ns: "big", description: { blob: "x".repeat(1 << 20) } })).rejects.toMatchObject({
+    code: "too_large",
+    message: expect.stringMatching(/description of namespace big is 1048587 bytes as JSON, more than the 16384 allowed/),
+  });
+  expect(fs.existsSync(path.join(dir, "store", "big"))).toBe(false);
+  for (const ns of ["n1", "n2", "n3"]) await c.call("namespace", { ns, description: { model: ns } });
+  await c.call("namespace", { ns: "n2", description: { model: "n2" } }); // named again: not new
+  await expect(c.call("namespace", { ns: "n4" })).rejects.toMatchObject({
+    code: "too_large",
+    message: expect.stringMatching(/namespace n4 refused: this client brought 3 new namespaces in already.*maxNamespacesPerClient 3/),
+  });
+  // A dump into a new namespace counts the same.
+  const r = new ShmRegion(4096);
+  shm.push(r);
+  const id = ((await c.call("register", { regions: [{ medium: "host", source: r.name, size: 4096 }] })).regions as number[])[0];
+  await expect(
+    c.call("dump", { ns: "n5", keys: [key(0, "ns")], shards: { count: 1, region: [id], offset: [0], length: [4096] } }),
+  ).rejects.toThrow(/namespace n5 refused/);
+  expect(
+    fs
+      .readdirSync(path.join(dir, "store"))
+      .filter((n) => !n.startsWith("."))
+      .sort(),
+  ).toEqual(["n1", "n2", "n3"]);
+  // Other clients bring their own in; namespaces that exist cost nobody anything.
+  const other = e.client();
+  await hello(other);
+  await other.call("namespace", { ns: "n4" });
+  expect((await other.call("lookup", { ns: ["n1", "n4"], keys: [key(0, "ns")] })).found).toEqual([false]);
+});
+
+/** The engine's anonymous resident memory (what a message half received takes), bytes. */
+function rssAnon(pid: number): number {
+  const m = /RssAnon:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, "utf8"));
+  return m ? Number(m[1]) * 1024 : 0;
+}
+
+test("a peer that stops halfway through a 32 MiB message is disconnected within heartbeatTimeoutS and what it sent is freed", async () => {
+  const e = await start({ heartbeatTimeoutS: 2 });
+  // This process holds a session, so the idle rule (idleConnectionS) spares all of its connections.
+  const c = e.client();
+  await hello(c);
+  const before = rssAnon(e.proc.pid!);
+  const raw = net.createConnection(e.endpoint.slice("ipc://".length));
+  let closedAt = 0;
+  raw.on("close", () => (closedAt = Date.now()));
+  raw.on("error", () => {});
+  let got = 0;
+  raw.on("data", (d) => (got += d.length));
+  await new Promise((r) => raw.once("connect", r));
+  // ZMTP 3.1 by hand: greeting (NULL mechanism), READY as a DEALER, then one frame announcing 32 MiB.
+  const greeting = Buffer.alloc(64);
+  greeting[0] = 0xff;
+  greeting[9] = 0x7f;
+  greeting[10] = 3;
+  greeting[11] = 1;
+  greeting.write("NULL", 12);
+  raw.write(greeting);
+  const ready = Buffer.concat([Buffer.from([0x04, 28, 5]), Buffer.from("READY"), Buffer.from([11]), Buffer.from("Socket-Type")]);
+  raw.write(Buffer.concat([ready, Buffer.from([0, 0, 0, 6]), Buffer.from("DEALER")]));
+  const header = Buffer.alloc(9);
+  header[0] = 0x02; // a long frame, the last of its message
+  header.writeBigUInt64BE(BigInt(32 * 2 ** 20), 1);
+  raw.write(header);
+  raw.write(crypto.randomBytes(16 * 2 ** 20)); // half of it, then nothing more
+  const sent = Date.now();
+  expect(await until(() => rssAnon(e.proc.pid!) > before + 12 * 2 ** 20, 10000)).toBe(true);
+  expect(got).toBeGreaterThanOrEqual(64); // the engine's greeting: the handshake went through
+  expect(await until(() => closedAt > 0, 15000)).toBe(true);
+  expect(closedAt - sent).toBeLessThan(12000);
+  expect(await until(() => rssAnon(e.proc.pid!) < before + 8 * 2 ** 20, 5000)).toBe(true);
+  // The client that answers heartbeats by itself (libzmq does) keeps its session all along.
+  expect((await c.call("lookup", { ns: NS, keys: [key(0, "hb")] })).found).toEqual([false]);
+  raw.destroy();
+}, 60000);

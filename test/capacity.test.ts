@@ -221,3 +221,80 @@ describe("capacity", () => {
     expect(storeUsage(store).bytes).toBeLessThanOrEqual(16 * MiB);
   }, 120000);
 });
+
+describe("what the ledger counts", () => {
+  test("two commits of one key: the first copy stays, the ledger counts one file, and a rescan agrees", async () => {
+    const dir = shortTmp();
+    const store = path.join(dir, "store");
+    fs.mkdirSync(store);
+    const e = await engine(dir, "a", { storage_backends: store, capacity: "64MiB", capacitySyncMs: 50, capacityRescanS: 2 });
+    const [a, b] = [e.client(), e.client()];
+    await hello(a);
+    await hello(b);
+    const shard = 64 * 1024;
+    const [ma, mb] = [await register(a, 2, 1, shard, "random"), await register(b, 2, 1, shard, "random")];
+    const k = key(0, "twice");
+    // Both dump the key before either commits (each finds it not stored), then both commit.
+    for (const [c, m] of [
+      [a, ma],
+      [b, mb],
+    ] as const)
+      expect((await finish(c, (await c.call("dump", { ns: NS, keys: [k], shards: shards(m, [0]) })).task)).status).toEqual(["ok"]);
+    expect((await a.call("commit", { ns: NS, keys: [k] })).committed).toEqual([true]);
+    expect((await b.call("commit", { ns: NS, keys: [k] })).committed).toEqual([true]);
+    const counters = await b.call("stats");
+    expect(counters.commits).toBe(1);
+    expect(counters.commitsKeptFirst).toBe(1);
+    // The stored block is a's: a load gives a's bytes.
+    const dst = await register(a, 2, 1, shard, "zero");
+    expect((await finish(a, (await a.call("load", { ns: NS, keys: [k], shards: shards(dst, [0]) })).task)).status).toEqual(["ok"]);
+    for (let i = 0; i < 2; i++) expect(dst.regs[i].read().equals(ma.regs[i].read())).toBe(true);
+    await new Promise((r) => setTimeout(r, 300)); // the ledger's next sync
+    const onDisk = storeUsage(store);
+    expect(onDisk).toMatchObject({ blocks: 1, temps: 0 });
+    expect(ledger(store)).toEqual({ bytes: onDisk.bytes, files: 1 });
+    // A rescan of the directory finds what the ledger says.
+    const rescans = () => (e.output().match(/periodic rescan: scanned 1 block file\(s\)/g) ?? []).length;
+    const until = Date.now() + 10000;
+    while (rescans() < 1 && Date.now() < until) await new Promise((r) => setTimeout(r, 100));
+    expect(rescans()).toBeGreaterThanOrEqual(1);
+    expect(ledger(store)).toEqual({ bytes: onDisk.bytes, files: 1 });
+  }, 60000);
+
+  test("dumps never committed count against the capacity until they are discarded (uncommittedTimeoutS)", async () => {
+    const dir = shortTmp();
+    const store = path.join(dir, "store");
+    fs.mkdirSync(store);
+    const capacity = 16 * MiB;
+    const e = await engine(dir, "a", {
+      storage_backends: store,
+      capacity: "16MiB",
+      capacitySyncMs: 50,
+      uncommittedTimeoutS: 2,
+      transferStreamNumber: 2,
+    });
+    const c = e.client();
+    await hello(c);
+    const shard = 256 * 1024;
+    const m = await register(c, 2, 32, shard, "random"); // 32 blocks of 512 KiB: twice the capacity
+    const keys = Array.from({ length: 32 }, (_, j) => key(j, "uncommitted"));
+    let ok = 0;
+    for (let j = 0; j < 32; j += 4) {
+      const d = await c.call("dump", { ns: NS, keys: keys.slice(j, j + 4), shards: shards(m, [j, j + 1, j + 2, j + 3]) });
+      ok += (await finish(c, d.task)).status.filter((s) => s === "ok").length;
+    }
+    const full = storeUsage(store);
+    expect(ok).toBeLessThan(32);
+    expect(full.temps).toBe(ok);
+    expect(full.bytes).toBeLessThanOrEqual(capacity);
+    expect(((await c.call("stats")).droppedCapacity as number) + ok).toBe(32);
+    // Never committed: discarded after uncommittedTimeoutS (the sweep runs every 10 s), their room given back.
+    const until = Date.now() + 20000;
+    while (storeUsage(store).temps > 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 200));
+    expect(storeUsage(store).temps).toBe(0);
+    await new Promise((r) => setTimeout(r, 300));
+    expect(ledger(store).bytes).toBe(storeUsage(store).bytes);
+    const d = await c.call("dump", { ns: NS, keys: [key(99, "uncommitted")], shards: shards(m, [0]), commit: true });
+    expect((await finish(c, d.task)).status).toEqual(["ok"]);
+  }, 60000);
+});

@@ -321,13 +321,13 @@ describe("engine process", () => {
   });
 
   test("a client whose process is gone is released", async () => {
-    // A real process says hello (the engine checks that its pid is connected) and is killed.
-    const zmqPath = require.resolve("zeromq");
-    const msgpackrPath = require.resolve("msgpackr");
-    const code = `const zmq = require(${JSON.stringify(zmqPath)}); const { pack } = require(${JSON.stringify(msgpackrPath)});
-      (async () => { const d = new zmq.Dealer({ linger: 0 }); d.connect(${JSON.stringify(engine.endpoint)});
-        await d.send(pack({ id: 1, op: "hello", version: 1, pid: process.pid, name: "doomed" }));
-        await d.receive(); process.stdout.write("hello done\\n"); setInterval(() => {}, 1000); })();`;
+    // A real process says hello (with a token from the credential socket: the engine takes its pid from the
+    // kernel) and is killed.
+    const client = path.resolve(__dirname, "../dist/core/client.js");
+    const code = `const { EngineClient } = require(${JSON.stringify(client)});
+      (async () => { const c = new EngineClient(${JSON.stringify(engine.endpoint)}, 10000);
+        await c.call("hello", { version: 1, pid: process.pid, name: "doomed" });
+        process.stdout.write("hello done\\n"); setInterval(() => {}, 1000); })();`;
     const child = spawn(process.execPath, ["-e", code], { stdio: ["ignore", "pipe", "inherit"] });
     await new Promise<void>((resolve) => child.stdout!.on("data", (d) => String(d).includes("hello done") && resolve()));
     const c = engine.client();

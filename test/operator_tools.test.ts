@@ -1,12 +1,13 @@
 // What operators see: the Prometheus endpoint, `ucm-engine stats` and
 // `ucm-engine bench --dir`.
+import { spawnSync } from "child_process";
 import * as fs from "fs";
 import * as http from "http";
 import * as net from "net";
 import * as path from "path";
 import { diskTempDir } from "./helpers/fixtures";
 import { hello, runCli, shortTmp } from "./helpers/engine";
-import { NS, engine, finish, key, register, shards, stopEnginesAfterEach } from "./helpers/capacity_kit";
+import { NS, engine, engines, finish, key, register, shards, stopEnginesAfterEach } from "./helpers/capacity_kit";
 
 stopEnginesAfterEach();
 
@@ -57,8 +58,11 @@ describe("metrics and operator tools", () => {
     expect(value('ucm_blocks_total{direction="dump",result="stored"}')).toBe(4);
     expect(value('ucm_lookup_keys_total{result="miss"}')).toBeGreaterThanOrEqual(1);
     expect(value('ucm_task_duration_seconds_count{direction="load"}')).toBe(1);
-    expect(value(`ucm_capacity_bytes{backend="${store}"}`)).toBe(2 ** 30);
-    expect(value(`ucm_capacity_used_blocks{backend="${store}"}`)).toBe(4);
+    expect(value(`ucm_capacity_bytes{backend="0"}`)).toBe(2 ** 30);
+    expect(value(`ucm_capacity_used_blocks{backend="0"}`)).toBe(4);
+    // Every local user can read a tcp port: the figures name no path (the store's would lead to the runtime
+    // directory's name, a digest of it).
+    expect(r.body).not.toContain(dir);
     for (const name of [
       "ucm_queue_depth",
       "ucm_inflight_bytes",
@@ -72,6 +76,42 @@ describe("metrics and operator tools", () => {
       expect(r.body).toContain(`# TYPE ${name}`);
     }
     expect((await get(`http://127.0.0.1:${port}/other`)).status).toBe(404);
+  }, 30000);
+
+  test("metrics on a unix socket the operator names: mode 0600, only the engine's user reads it, removed at stop", async () => {
+    const dir = shortTmp();
+    const store = path.join(dir, "store");
+    fs.mkdirSync(store);
+    const sock = path.join(dir, "run", "metrics.sock");
+    const e = await engine(dir, "u", { storage_backends: store, metricsSocket: sock });
+    expect(e.output()).toContain(`metrics on unix:${sock} (GET /metrics; mode 0600)`);
+    expect(fs.statSync(sock).mode & 0o777).toBe(0o600);
+    expect(fs.statSync(path.dirname(sock)).mode & 0o777).toBe(0o700);
+    const r = await new Promise<{ status: number; body: string }>((resolve, reject) => {
+      http
+        .get({ socketPath: sock, path: "/metrics" }, (res) => {
+          let body = "";
+          res.on("data", (d) => (body += d));
+          res.on("end", () => resolve({ status: res.statusCode ?? 0, body }));
+        })
+        .on("error", reject);
+    });
+    expect(r.status).toBe(200);
+    expect(r.body).toContain('ucm_capacity_used_blocks{backend="0"} 0');
+    expect(r.body).not.toContain(dir);
+    if (process.getuid!() === 0) {
+      // Another user (nobody) is refused by the socket's mode, whatever the directory lets through.
+      fs.chmodSync(dir, 0o755);
+      fs.chmodSync(path.dirname(sock), 0o755);
+      const code = `require("http").get({ socketPath: ${JSON.stringify(sock)}, path: "/metrics" }, () => process.exit(0)).on("error", (e) => { console.log(e.code); process.exit(3); });`;
+      const other = spawnSync("setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", process.execPath, "-e", code], {
+        encoding: "utf8",
+      });
+      expect({ status: other.status, out: other.stdout.trim() }).toEqual({ status: 3, out: "EACCES" });
+    }
+    await e.stop();
+    engines.splice(0);
+    expect(fs.existsSync(sock)).toBe(false);
   }, 30000);
 
   test("ucm-engine stats prints the figures as a table (--json for machines)", async () => {

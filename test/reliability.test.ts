@@ -245,7 +245,8 @@ describe("with a running engine", () => {
     const frames: Buffer[][] = [];
     for (let i = 0; i < 3000; i++) {
       const kind = i % 4;
-      if (kind === 0) frames.push([rnd(Math.floor(Math.random() * 64))]);
+      // 1 to 63 random bytes: an empty frame ends the sender's own session (docs/PROTOCOL.md), like goodbye below.
+      if (kind === 0) frames.push([rnd(1 + Math.floor(Math.random() * 63))]);
       else if (kind === 1) {
         const m = Buffer.from(valid);
         for (let j = 0; j < 3; j++) m[Math.floor(Math.random() * m.length)] = Math.floor(Math.random() * 256);
@@ -273,7 +274,7 @@ describe("with a running engine", () => {
     expect(r.status).toEqual(["ok", "ok", "ok", "ok"]);
     for (let s = 0; s < 2; s++) expect(dst.regs[s].read().equals(snapshot[s])).toBe(true);
     // Nothing was written outside the storage directory.
-    expect(fs.readdirSync(dir).sort()).toEqual(["config.yaml", "e.sock", "store"]);
+    expect(fs.readdirSync(dir).sort()).toEqual(["config.yaml", "e.sock", "e.sock.cred", "store"]);
     // Namespaces only, plus the engines' own bookkeeping (.ucm: usage ledger).
     expect(fs.readdirSync(store).every((d) => d === ".ucm" || /^[A-Za-z0-9_-][A-Za-z0-9._-]*$/.test(d))).toBe(true);
     expect(rss() - before).toBeLessThan(200 * 2 ** 20);

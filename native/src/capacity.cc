@@ -137,7 +137,9 @@ uint64_t Allocated(const struct stat& st) { return static_cast<uint64_t>(st.st_b
 // directories and .tmp, and its description (NAMESPACE). They take space too
 // (about 1 MiB a namespace on ext4) and stay when every block is evicted, so
 // they count against the capacity; core/layout.ts reports the same set when
-// it creates a namespace.
+// it creates a namespace. So do the temporary files in .tmp (dumps not yet
+// committed, by size, as core/pending_commits.ts counts them): they are not
+// blocks, nor evictable, but they take room until committed or deleted.
 void Scan(const std::string& dir, std::vector<Entry>* out, uint64_t* holders) {
   auto subdirs = [](const std::string& d, const std::function<void(const std::string&, const char*)>& fn) {
     DIR* dp = opendir(d.c_str());
@@ -163,7 +165,12 @@ void Scan(const std::string& dir, std::vector<Entry>* out, uint64_t* holders) {
   };
   subdirs(dir, [&](const std::string& ns, const char*) {
     if (!count(ns, true)) return;
-    count(ns + "/.tmp", true);
+    if (count(ns + "/.tmp", true)) {
+      subdirs(ns + "/.tmp", [&](const std::string& file, const char*) {
+        struct stat st;
+        if (lstat(file.c_str(), &st) == 0 && S_ISREG(st.st_mode)) *holders += static_cast<uint64_t>(st.st_size);
+      });
+    }
     subdirs(ns, [&](const std::string& fan, const char*) {
       if (!real_dir(fan)) {
         count(fan, false);  // NAMESPACE

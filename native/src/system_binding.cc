@@ -1,12 +1,15 @@
 // Small synchronous calls into the core that need no engine: checksums, the
-// CUDA probe, the ipc socket's connection guard (peers.h), process limits and
-// file modes. Each only converts arguments and results; none blocks for long.
+// CUDA probe, the ipc socket's connection guard (peers.h) and credential
+// socket (peer_tokens.h), process limits and file modes. Each only converts
+// arguments and results; none blocks for long.
 #include "bindings.h"
 #include "convert.h"
 #include "crc32c.h"
 #include "cuda_backend.h"
 #include "file_modes.h"
+#include "peer_tokens.h"
 #include "peers.h"
+#include "tcp_peers.h"
 
 namespace ucm {
 
@@ -76,6 +79,61 @@ Napi::Value ListenerPauseStateJs(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// tcpPeers(port, owners) -> [{fd, inode, uid}]: accepted tcp connections, uid -1 when unknown (tcp_peers.h).
+Napi::Value TcpPeersJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 2 || !info[0].IsNumber() || !info[1].IsBoolean())
+    throw ArgTypeError(env, "tcpPeers(port: number, owners: boolean)");
+  const auto peers = TcpPeers(info[0].As<Napi::Number>().Int32Value(), info[1].As<Napi::Boolean>().Value());
+  auto out = Napi::Array::New(env, peers.size());
+  for (size_t i = 0; i < peers.size(); ++i) {
+    auto o = Napi::Object::New(env);
+    o.Set("fd", peers[i].fd);
+    o.Set("inode", static_cast<double>(peers[i].inode));
+    o.Set("uid", peers[i].uid_known ? static_cast<double>(peers[i].uid) : -1.0);
+    out.Set(static_cast<uint32_t>(i), o);
+  }
+  return out;
+}
+
+// endTcpConnection(port, fd, inode) -> boolean
+Napi::Value EndTcpConnectionJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 3 || !info[0].IsNumber() || !info[1].IsNumber() || !info[2].IsNumber())
+    throw ArgTypeError(env, "endTcpConnection(port: number, fd: number, inode: number)");
+  return Napi::Boolean::New(
+      env, EndTcpConnection(info[0].As<Napi::Number>().Int32Value(), info[1].As<Napi::Number>().Int32Value(),
+                            static_cast<uint64_t>(info[2].As<Napi::Number>().DoubleValue())));
+}
+
+// credentialListen(path, mode) -> "" or what failed: starts the credential socket (peer_tokens.h).
+Napi::Value CredentialListenJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 2 || !info[0].IsString() || !info[1].IsNumber())
+    throw ArgTypeError(env, "credentialListen(path: string, mode: number)");
+  return Napi::String::New(
+      env, StartCredentialListener(info[0].As<Napi::String>().Utf8Value(), info[1].As<Napi::Number>().Int32Value()));
+}
+
+// credentialStop(): stops it and removes the socket.
+Napi::Value CredentialStopJs(const Napi::CallbackInfo& info) {
+  StopCredentialListener();
+  return info.Env().Undefined();
+}
+
+// redeemToken(hex) -> {pid, uid, gid} or null: who the token was given to (once).
+Napi::Value RedeemTokenJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsString()) throw ArgTypeError(env, "redeemToken(token: string)");
+  ProvenPeer p;
+  if (!RedeemToken(info[0].As<Napi::String>().Utf8Value(), &p)) return env.Null();
+  auto out = Napi::Object::New(env);
+  out.Set("pid", static_cast<double>(p.pid));
+  out.Set("uid", static_cast<double>(p.uid));
+  out.Set("gid", static_cast<double>(p.gid));
+  return out;
+}
+
 // setShareWithGroup(share): modes of files and directories the engine makes (see file_modes.h).
 Napi::Value SetShareWithGroupJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -135,6 +193,11 @@ void RegisterSystem(Napi::Env env, Napi::Object exports) {
              {"listenerPause", ListenerPauseJs},
              {"listenerPauseStop", ListenerPauseStopJs},
              {"listenerPauseState", ListenerPauseStateJs},
+             {"tcpPeers", TcpPeersJs},
+             {"endTcpConnection", EndTcpConnectionJs},
+             {"credentialListen", CredentialListenJs},
+             {"credentialStop", CredentialStopJs},
+             {"redeemToken", RedeemTokenJs},
              {"setShareWithGroup", SetShareWithGroupJs}};
   for (const auto& f : fns) exports.Set(f.name, Napi::Function::New(env, f.fn, f.name));
 }

@@ -3,7 +3,10 @@
 Every request has a deadline. When the engine does not answer in time, or a
 restarted engine no longer knows this client, the socket is replaced and the
 client says hello again; `epoch` counts those sessions so that callers know
-their registered regions must be registered again.
+their registered regions must be registered again. Before a socket connects,
+and after its first reply, ucm.engine_trust checks that the engine is this
+user's (a fake one must never be believed); a hello carries a token from the
+engine's credential socket, by which the engine knows this process's pid.
 """
 
 from __future__ import annotations
@@ -19,25 +22,12 @@ from typing import Any, Callable
 import msgpack
 import zmq
 
+from . import engine_trust
+from .engine_errors import EngineError, EngineUnavailable, UntrustedEngine
+
+__all__ = ["EngineClient", "EngineError", "EngineUnavailable", "UntrustedEngine", "process_gone", "process_identity"]
+
 PROTOCOL_VERSION = 1
-
-
-class EngineError(RuntimeError):
-    """The engine refused a request; `code` is the protocol's error code."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-
-
-class EngineUnavailable(EngineError):
-    """No answer within the deadline (engine down, busy or unreachable).
-    `sent` names the request when it did go out: the engine may still act
-    on it later (a dump or load then runs until its deadline)."""
-
-    def __init__(self, message: str, sent: str | None = None):
-        super().__init__("unavailable", message)
-        self.sent = sent
 
 
 def process_identity(pid: int) -> tuple[int, int] | None:
@@ -93,8 +83,11 @@ class EngineClient:
         timeout_ms: int = 5000,
         name: str = "ucm",
         on_hello: Callable[[EngineClient, dict[str, Any]], None] | None = None,
+        engine_uid: int | None = None,
     ):
         self.endpoint = endpoint
+        #: whose engine this client may talk to: its own user, root and the configured engineUid
+        self.trusted = engine_trust.trusted_uids(engine_uid)
         self.timeout_ms = timeout_ms
         self.name = name
         #: called with this client and the engine's description (pid, settings, ...) after each hello
@@ -109,11 +102,14 @@ class EngineClient:
         self._ctx = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
         self._session = False
+        self._peer_checked = False  # the current socket's peer passed engine_trust.check_connected
 
     # ---- transport ---------------------------------------------------------
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
+            if self.endpoint.startswith("ipc://"):
+                engine_trust.check_ipc_endpoint(self.endpoint, self.trusted)
             s = self._ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
             s.setsockopt(zmq.SNDHWM, 10000)
@@ -123,8 +119,13 @@ class EngineClient:
                 # only clients that present its public key, which only its own
                 # user can read (core/curve.ts).
                 try:
-                    with open(curve_key_file(self.endpoint), "rb") as f:
+                    key_file = curve_key_file(self.endpoint)
+                    engine_trust.check_key_file(key_file, self.trusted)
+                    with open(key_file, "rb") as f:
                         server_key = f.read().strip()
+                except UntrustedEngine:
+                    s.close(linger=0)
+                    raise
                 except OSError as e:
                     s.close(linger=0)
                     raise EngineUnavailable(
@@ -144,6 +145,25 @@ class EngineClient:
             self._sock.close(linger=0)
         self._sock = None
         self._session = False
+        self._peer_checked = False
+
+    def _check_peer(self) -> None:
+        """After a socket's first reply: the process that answered is a trusted
+        user's (SO_PEERCRED of our connections to the socket). Before that,
+        nothing it said is used."""
+        path = engine_trust.ipc_path(self.endpoint)
+        if path is None or self._peer_checked:
+            return
+        try:
+            checked = engine_trust.check_connected(path, self.trusted)
+        except UntrustedEngine:
+            self._reset()
+            raise
+        if checked == 0:
+            # Closed right after answering: whoever it was cannot be told, so the answer is not used.
+            self._reset()
+            raise EngineUnavailable(f"the connection to {path} closed before the engine's identity could be checked")
+        self._peer_checked = True
 
     def _roundtrip(self, req: dict[str, Any], timeout_ms: int) -> dict[str, Any]:
         sock = self._socket()
@@ -164,6 +184,7 @@ class EngineClient:
                 )
             reply = msgpack.unpackb(sock.recv(), raw=False)
             if isinstance(reply, dict) and reply.get("id") == rid:
+                self._check_peer()
                 return reply
 
     # ---- requests ----------------------------------------------------------
@@ -175,9 +196,22 @@ class EngineClient:
 
     def hello(self) -> None:
         with self._lock:
-            r = self._roundtrip(
-                {"op": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid(), "name": self.name}, self.timeout_ms
-            )
+            req: dict[str, Any] = {"op": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid(), "name": self.name}
+            timeout_ms = self.timeout_ms
+            path = engine_trust.ipc_path(self.endpoint)
+            if path is not None:
+                # The socket is checked before the token is asked for: a token is only worth something to our engine.
+                self._socket()
+                t0 = time.monotonic()
+                try:
+                    token = engine_trust.fetch_token(path, self.trusted, timeout_ms / 1000)
+                except UntrustedEngine:
+                    self._reset()
+                    raise
+                if token is not None:
+                    req["cred"] = token
+                timeout_ms = max(1, timeout_ms - int((time.monotonic() - t0) * 1000))
+            r = self._roundtrip(req, timeout_ms)
             if not r.get("ok"):
                 err = r.get("error") or {}
                 raise EngineError(err.get("code", "unknown"), err.get("message", str(r)))

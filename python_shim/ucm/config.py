@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,8 @@ class StoreConfig:
     load_async: bool = ENGINE_DEFAULTS["loadAsync"]
     #: the ucm_connector_config section (the engine's settings)
     connector_config: dict[str, Any] = field(default_factory=dict)
+    #: a user besides this one and root whose engine the shim may use (engineUid; ucm.engine_trust)
+    engine_uid: int | None = None
 
     def adopt(self, settings: dict[str, Any]) -> None:
         """Takes the engine's timeouts (its `hello` reply's settings) where
@@ -75,12 +78,27 @@ def _absolute(d: str) -> str:
     return "/" + p.lstrip("/")
 
 
+def runtime_base() -> str:
+    """Mirror of core/config.ts runtimeBase: $XDG_RUNTIME_DIR/ucm when
+    XDG_RUNTIME_DIR is a real directory of this user that nobody else may
+    enter (nobody can make anything there first), else /tmp/ucm-<uid>."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isabs(xdg):
+        try:
+            st = os.lstat(xdg)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077:
+            return os.path.join(xdg, "ucm")
+    return os.path.join(tempfile.gettempdir(), f"ucm-{os.getuid()}")
+
+
 def runtime_dir(storage_backends: str) -> str:
-    """Mirror of core/config.ts defaultRuntimeDir: /tmp/ucm-<uid>/<12 hex of
-    the backends as absolute paths>."""
+    """Mirror of core/config.ts defaultRuntimeDir: <runtime_base()>/<12 hex
+    of the backends as absolute paths>."""
     absolute = ":".join(_absolute(d) for d in storage_backends.split(":"))
     digest = hashlib.sha256(absolute.encode()).hexdigest()[:12]
-    return os.path.join(tempfile.gettempdir(), f"ucm-{os.getuid()}", digest)
+    return os.path.join(runtime_base(), digest)
 
 
 def default_endpoint(storage_backends: str) -> str:
@@ -157,6 +175,9 @@ def load_config(source: str | os.PathLike[str] | dict[str, Any]) -> StoreConfig:
     endpoint = cc.get("endpoint") or default_endpoint(sb)
     if not isinstance(endpoint, str):
         raise ConfigError(f"{where}.endpoint must be a string, got {endpoint!r}")
+    engine_uid = cc.get("engineUid")
+    if engine_uid is not None and (type(engine_uid) is not int or not 0 <= engine_uid < 2**32):
+        raise ConfigError(f"{where}.engineUid must be a uid (an integer from 0), got {engine_uid!r}")
     return StoreConfig(
         storage_backends=sb,
         endpoint=endpoint,
@@ -166,6 +187,7 @@ def load_config(source: str | os.PathLike[str] | dict[str, Any]) -> StoreConfig:
         load_timeout_ms=_int(cc, "loadTimeoutMs", ENGINE_DEFAULTS["loadTimeoutMs"], where),
         load_async=_bool(cc, "loadAsync", ENGINE_DEFAULTS["loadAsync"], where),
         connector_config=dict(cc),
+        engine_uid=engine_uid,
     )
 
 

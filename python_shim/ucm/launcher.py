@@ -67,9 +67,10 @@ class SettingsMismatch(ConfigError):
     """A running engine holds other settings than this config asks for."""
 
 
-def health(endpoint: str, timeout_ms: int = 300) -> dict[str, Any] | None:
-    """The engine's health reply, or None when nothing answers in time."""
-    c = EngineClient(endpoint, timeout_ms)
+def health(endpoint: str, timeout_ms: int = 300, engine_uid: int | None = None) -> dict[str, Any] | None:
+    """The engine's health reply, or None when nothing answers in time.
+    Raises UntrustedEngine when what answers is not this user's engine."""
+    c = EngineClient(endpoint, timeout_ms, engine_uid=engine_uid)
     try:
         r = c.raw("health", deadline_ms=timeout_ms)
         return r if r.get("ok") is True else None
@@ -79,8 +80,8 @@ def health(endpoint: str, timeout_ms: int = 300) -> dict[str, Any] | None:
         c.close()
 
 
-def alive(endpoint: str, timeout_ms: int = 300) -> bool:
-    return health(endpoint, timeout_ms) is not None
+def alive(endpoint: str, timeout_ms: int = 300, engine_uid: int | None = None) -> bool:
+    return health(endpoint, timeout_ms, engine_uid) is not None
 
 
 def _record_of(cfg: StoreConfig, pid: int | None) -> dict[str, Any] | None:
@@ -132,7 +133,7 @@ def check_settings(cfg: StoreConfig, h: dict[str, Any]) -> tuple[dict[str, tuple
     if rec is not None:
         return {**built, **engine_settings.differences(rec.get("settings") or {}, wanted, _backends(cfg))}, rec
     # Started by hand (or by another launcher version): what stats shows.
-    c = EngineClient(cfg.endpoint, 2000)
+    c = EngineClient(cfg.endpoint, 2000, engine_uid=cfg.engine_uid)
     try:
         threads = c.raw("stats").get("transferThreads")
     except EngineUnavailable:
@@ -177,14 +178,18 @@ def _stop_engine(pid: int, ident: tuple[int, int], within_s: float) -> bool:
 def ensure_engine(cfg: StoreConfig, start_timeout_s: float = 60.0) -> None:
     """Returns once an engine with cfg's settings answers on cfg.endpoint,
     starting one if needed (or replacing an idle one this launcher started
-    with other settings). Raises SettingsMismatch, RuntimeDirError, or
-    RuntimeError when no engine can be had."""
-    h = health(cfg.endpoint)
-    if h is not None and not check_settings(cfg, h)[0]:
-        return
+    with other settings). Raises SettingsMismatch, RuntimeDirError,
+    UntrustedEngine (what answers is another user's), or RuntimeError when
+    no engine can be had."""
+    # The runtime directory first: one another user made (to serve a fake
+    # engine in it) is refused, saying what to do, before anything there is
+    # asked anything.
     rdir = runtime_dir(cfg.storage_backends)
     dir_fd = secure_runtime_dir(rdir)
     try:
+        h = health(cfg.endpoint, engine_uid=cfg.engine_uid)
+        if h is not None and not check_settings(cfg, h)[0]:
+            return
         lock = open_in(dir_fd, rdir, "launch.lock", os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -196,7 +201,7 @@ def ensure_engine(cfg: StoreConfig, start_timeout_s: float = 60.0) -> None:
 
 
 def _ensure_locked(cfg: StoreConfig, rdir: str, dir_fd: int, start_timeout_s: float) -> None:
-    h = health(cfg.endpoint)
+    h = health(cfg.endpoint, engine_uid=cfg.engine_uid)
     if h is not None:
         diff, rec = check_settings(cfg, h)
         if not diff:
@@ -209,7 +214,7 @@ def _ensure_locked(cfg: StoreConfig, rdir: str, dir_fd: int, start_timeout_s: fl
         until = time.monotonic() + settle
         while h is not None and h.get("clients", 0) > 0 and time.monotonic() < until:
             time.sleep(0.1)
-            h = health(cfg.endpoint, 1000)
+            h = health(cfg.endpoint, 1000, cfg.engine_uid)
         if h is not None and h.get("clients", 0) > 0:
             raise _mismatch(cfg, h, diff, f"it serves {h['clients']} client(s) now")
         if h is not None:
@@ -288,7 +293,7 @@ def _start(cfg: StoreConfig, rdir: str, dir_fd: int, start_timeout_s: float) -> 
     ident = process_identity(pid) if pid else None
     deadline = time.monotonic() + start_timeout_s
     while time.monotonic() < deadline:
-        if alive(cfg.endpoint, 500):
+        if alive(cfg.endpoint, 500, cfg.engine_uid):
             write_in(
                 dir_fd,
                 rdir,

@@ -48,15 +48,19 @@ def secure_runtime_dir(rdir: str) -> int:
         elif not stat.S_ISDIR(st.st_mode):
             problem = "not a directory"
         elif st.st_uid != uid:
-            problem = f"owned by uid {st.st_uid}, not by this user"
+            problem = (
+                f"owned by uid {st.st_uid}, not by this user: another user made it (and could serve a fake engine "
+                f"from it)"
+            )
         elif st.st_mode & 0o022:
             problem = "writable by other users"
         if problem:
             raise RuntimeDirError(
                 f"runtime directory {d} is {problem} (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}); "
                 f"this process runs as uid {uid}. It holds the engine's lock, log and socket, so it must be a real "
-                f"directory of this user that nobody else can write: remove it (it is created again with mode 0700), "
-                f"or point TMPDIR elsewhere"
+                f"directory of this user that nobody else can write: remove it (as root or its owner; it is created "
+                f"again with mode 0700), set XDG_RUNTIME_DIR to a private directory of yours (systemd's "
+                f"/run/user/{uid} is one), or point TMPDIR elsewhere"
             )
         if created and stat.S_IMODE(st.st_mode) != 0o700:  # a umask took bits we need: ours to fix
             fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -20,7 +20,7 @@ from typing import Any
 
 #: Options only the shim reads (each client may use its own) and the
 #: endpoint (the same by construction when two configs reach one engine).
-CLIENT_ONLY = frozenset({"clientTimeoutMs", "loadTimeoutMs", "loadAsync", "endpoint"})
+CLIENT_ONLY = frozenset({"clientTimeoutMs", "loadTimeoutMs", "loadAsync", "endpoint", "engineUid"})
 
 #: The engine's defaults (core/config.ts OPTIONS) for the settings whose
 #: silent difference changes what the store does or how fast. A config that

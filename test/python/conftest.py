@@ -3,16 +3,19 @@ in production), in a temporary storage directory, stopped afterwards."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import yaml
 
 from procs import wait_gone
-from ucm.client import EngineClient, EngineUnavailable
+from ucm.client import EngineClient, EngineError
 
 
 def write_config(path, storage, **extra):
@@ -22,11 +25,24 @@ def write_config(path, storage, **extra):
     return str(path)
 
 
+_sock_dir: list[str] = []
+
+
+def private_sock(name: str) -> str:
+    """A short socket path in a directory of this test run only (0700): a
+    socket directly in /tmp could be anybody's, and engine and shim refuse
+    one there (ucm.engine_trust)."""
+    if not _sock_dir:
+        _sock_dir.append(tempfile.mkdtemp(prefix="ucm-py-", dir="/tmp"))
+        atexit.register(shutil.rmtree, _sock_dir[0], True)
+    return os.path.join(_sock_dir[0], f"{name}.sock")
+
+
 def engine_pid(endpoint):
     c = EngineClient(endpoint, 500)
     try:
         return c.raw("health")["pid"]
-    except EngineUnavailable:
+    except EngineError:  # none there, or not ours to stop
         return None
     finally:
         c.close()
@@ -49,8 +65,8 @@ def storage(tmp_path):
 
 @pytest.fixture
 def config_file(tmp_path, storage):
-    # A short socket path of our own: ipc paths must stay under 108 bytes.
-    sock = f"/tmp/ucm-pytest-{os.getpid()}-{tmp_path.name[-12:]}.sock"
+    # A short socket path of our own: ipc paths must stay under 103 bytes.
+    sock = private_sock(tmp_path.name[-12:])
     path = write_config(
         tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}", clientTimeoutMs=3000, loadTimeoutMs=20000
     )

@@ -83,16 +83,16 @@ HELLO = ("hello", {"version": 1, "name": "multiuser"})  # the client puts in its
 
 
 class Engine:
-    """`ucm-engine serve` as `user` (None: root) until stopped."""
+    """`ucm-engine serve` as `user` (None: root) until stopped; `wrap` runs it under a command (prlimit ...)."""
 
-    def __init__(self, config: dict[str, Any], home: str, user: str | None = None):
+    def __init__(self, config: dict[str, Any], home: str, user: str | None = None, wrap: tuple[str, ...] = ()):
         import yaml
 
         self.config_file = os.path.join(home, "config.yaml")
         with open(self.config_file, "w") as f:
             yaml.safe_dump({"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": config}, f)
         os.chmod(self.config_file, 0o644)
-        cmd = [NODE, CLI, "serve", "--config", self.config_file]
+        cmd = [*wrap, NODE, CLI, "serve", "--config", self.config_file]
         self.proc = subprocess.Popen(
             ["runuser", "-u", user, "--", *cmd] if user else cmd,
             stdout=subprocess.PIPE,
@@ -136,17 +136,21 @@ def mode_of(path: str) -> str | None:
 
 
 def case_ipc_in_tmp(uids: dict[str, int]) -> dict[str, Any]:
-    """A root engine whose socket lies directly in /tmp: nobody else reaches it, /tmp and / keep their modes."""
+    """A root engine asked for a socket directly in /tmp refuses (anyone could bind the name first); in a directory
+    of its own under /tmp nobody else reaches it. /tmp and / keep their modes."""
     before = {"tmp": mode_of("/tmp"), "root": mode_of("/")}
     user_dir("/tmp/rootstore", 0)
-    e = Engine({"storage_backends": "/tmp/rootstore", "endpoint": "ipc:///tmp/x.sock"}, "/tmp")
+    in_tmp = Engine({"storage_backends": "/tmp/rootstore", "endpoint": "ipc:///tmp/x.sock"}, "/tmp")
+    in_tmp.stop()
+    e = Engine({"storage_backends": "/tmp/rootstore", "endpoint": "ipc:///tmp/rootrun/x.sock"}, "/tmp")
     try:
         return {
+            "in_tmp": {"started": bool(in_tmp.endpoint), "output": in_tmp.output},
             "started": bool(e.endpoint),
             "output": e.output,
             "before": before,
             "after": {"tmp": mode_of("/tmp"), "root": mode_of("/")},
-            "socket": mode_of("/tmp/x.sock"),
+            "socket": mode_of("/tmp/rootrun/x.sock"),
             "root_hello": client(e.endpoint, [HELLO]),
             "mallory_hello": client(e.endpoint, [HELLO], user=MALLORY),
         }
@@ -308,6 +312,9 @@ def case_private_files(uids: dict[str, int]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    case = globals()[f"case_{sys.argv[1]}"]
+    import multiuser_trust
+
+    name = f"case_{sys.argv[1]}"
+    case = getattr(multiuser_trust, name, None) or globals()[name]
     result = case(add_users())
     print(json.dumps(result))

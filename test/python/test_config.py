@@ -30,6 +30,31 @@ def test_runtime_dir_matches_the_engine(case, monkeypatch):
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.parametrize("mode,private", [(0o700, True), (0o755, False)])
+def test_xdg_runtime_dir_is_preferred_when_private_and_the_engine_agrees(tmp_path, monkeypatch, mode, private):
+    """$XDG_RUNTIME_DIR/ucm when XDG_RUNTIME_DIR is a directory of this user nobody else may enter (nobody can
+    make the runtime directory there first), else /tmp/ucm-<uid>; the engine (core/config.ts) names the same."""
+    xdg = tmp_path / "xdg"
+    xdg.mkdir()
+    os.chmod(xdg, mode)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+    digest = hashlib.sha256(b"/srv/kv").hexdigest()[:12]
+    base = str(xdg / "ucm") if private else os.path.join(tempfile.gettempdir(), f"ucm-{os.getuid()}")
+    assert runtime_dir("/srv/kv") == os.path.join(base, digest)
+    engine = subprocess.run(
+        [
+            "node",
+            "-e",
+            "console.log(require(process.argv[1]).defaultRuntimeDir('/srv/kv'))",
+            os.path.join(ROOT, "dist", "core", "config.js"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert engine.stdout.strip() == runtime_dir("/srv/kv")
+
+
 def test_client_option_defaults_are_the_engines():
     """ENGINE_DEFAULTS (used until the engine answers) repeats core/config.ts's table, nothing else."""
     from ucm.config import ENGINE_DEFAULTS

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from conftest import stop_engine, write_config
+from conftest import private_sock, stop_engine, write_config
 from ucm.store import NfsStore
 
 TIMEOUT_MS = 2000  # loadTimeoutMs: the store gives up on a transfer this long after submitting it
@@ -26,7 +26,7 @@ TIMEOUT_MS = 2000  # loadTimeoutMs: the store gives up on a transfer this long a
 
 @pytest.fixture
 def late_config(tmp_path, storage):
-    sock = f"/tmp/ucm-pytest-late-{secrets.token_hex(4)}.sock"
+    sock = private_sock(f"late-{secrets.token_hex(4)}")
     cfg = write_config(
         tmp_path / "late.yaml",
         storage,

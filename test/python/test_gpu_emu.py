@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import cuda_emu as ce
-from conftest import stop_engine, write_config
+from conftest import private_sock, stop_engine, write_config
 from store_entries import entries
 from ucm.client import EngineClient
 from ucm.memory import RegionRegistry, UnsupportedMemory, cuda_ipc_handle
@@ -84,7 +84,7 @@ def emu_node(tmp_path, storage, monkeypatch, cuda_emu):
     made = []
 
     def make(fail=None, **opts):
-        sock = f"/tmp/ucm-emu-{os.getpid()}-{tmp_path.name[-10:]}-{len(made)}.sock"
+        sock = private_sock(f"emu-{tmp_path.name[-10:]}-{len(made)}")
         cfg = write_config(
             tmp_path / f"emu{len(made)}.yaml",
             storage,
@@ -140,9 +140,7 @@ def test_region_spec_from_torchs_66_byte_handle(cuda_emu):
 
 
 def test_unexportable_memory_is_refused_with_what_to_change(cuda_emu, tmp_path, storage):
-    cfg = write_config(
-        tmp_path / "none.yaml", storage, endpoint=f"ipc:///tmp/ucm-none-{os.getpid()}.sock", clientTimeoutMs=300
-    )
+    cfg = write_config(tmp_path / "none.yaml", storage, endpoint=f"ipc://{private_sock('none')}", clientTimeoutMs=300)
     store = NfsStore(cfg, start_engine=False)
     ok = cuda_emu.tensor((2, 64), torch.bfloat16)
     exp = cuda_emu.tensor((2, 64), torch.bfloat16, kind="expandable")

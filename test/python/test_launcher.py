@@ -20,7 +20,7 @@ import time
 import pytest
 import torch
 
-from conftest import engine_pid, stop_engine, write_config
+from conftest import engine_pid, private_sock, stop_engine, write_config
 from procs import wait_gone
 from ucm import settings as engine_settings
 from ucm.client import EngineClient
@@ -42,7 +42,7 @@ def stats(endpoint):
 
 @pytest.fixture
 def endpoint():
-    ep = f"ipc:///tmp/ucm-pytest-l-{secrets.token_hex(4)}.sock"
+    ep = f"ipc://{private_sock(f'l-{secrets.token_hex(4)}')}"
     yield ep
     stop_engine(ep)
 
@@ -366,7 +366,11 @@ def test_a_runtime_dir_of_another_user_is_refused(private_tmp, tmp_path, storage
     rdir = runtime_dir(str(storage))
     os.makedirs(rdir, 0o700)
     os.chown(rdir, 65534, 65534)
-    with pytest.raises(RuntimeDirError, match=r"owned by uid 65534, not by this user \(owner uid 65534, mode 0700\)"):
+    with pytest.raises(
+        RuntimeDirError,
+        match=r"owned by uid 65534, not by this user: another user made it .*\(owner uid 65534, mode 0700\).*"
+        r"remove it \(as root or its owner.*set XDG_RUNTIME_DIR",
+    ):
         ensure_engine(default_config(tmp_path, storage))
     assert os.listdir(rdir) == []
 

@@ -40,6 +40,7 @@ def world(case: str) -> dict:
                 "--mount",
                 "--pid",
                 "--fork",
+                "--kill-child",  # a case that runs past the timeout takes every process of its world with it
                 "--propagation",
                 "private",
                 "--",
@@ -69,6 +70,7 @@ def test_the_users_exist_only_inside_the_world():
 
 def test_a_socket_in_tmp_serves_its_owner_only_and_leaves_tmp_and_root_as_they_were():
     r = world("ipc_in_tmp")
+    assert not r["in_tmp"]["started"] and "socket directory /tmp is writable by other users" in r["in_tmp"]["output"]
     assert r["started"], r["output"]
     assert r["after"] == r["before"] == {"tmp": "0o1777", "root": "0o755"}
     assert r["socket"] == "0o600"
@@ -76,7 +78,7 @@ def test_a_socket_in_tmp_serves_its_owner_only_and_leaves_tmp_and_root_as_they_w
     assert r["mallory_hello"][0] == {
         "ok": False,
         "code": "timeout",
-        "error": "no reply to hello within 2000 ms from ipc:///tmp/x.sock",
+        "error": "no reply to hello within 2000 ms from ipc:///tmp/rootrun/x.sock",
     }
 
 
@@ -128,3 +130,56 @@ def test_stored_blocks_are_private_to_the_engines_user():
     assert r["files"] >= 2 and r["modes"] == ["0o600"]
     assert all(rc != 0 for rc in r["mallory_reads"] + r["alice_reads"])
     assert r["mallory_lists"] != 0
+
+
+# ---- issue 25: a client knows it talks to its own engine; a hello cannot borrow another process's pid ----
+
+
+def test_a_fake_engine_in_a_runtime_directory_made_by_another_user_is_never_used():
+    r = world("fake_engine_in_squatted_runtime_dir")
+    assert r["error"] and r["error"].startswith("RuntimeDirError: "), r
+    assert re.search(r"owned by uid \d+, not by this user: another user made it", r["error"]), r["error"]
+    assert "remove it (as root or its owner" in r["error"] and "XDG_RUNTIME_DIR" in r["error"], r["error"]
+    assert r["found"] == [False, False] and r["wait"] == 1
+    assert r["fake_saw"] == [], "the fake engine was asked something"
+
+
+def test_an_endpoint_directly_in_tmp_is_refused_by_shim_and_engine():
+    r = world("fake_engine_at_an_endpoint_in_tmp")
+    assert r["error"] and r["error"].startswith("UntrustedEngine: untrusted: engine socket /tmp/x.sock"), r
+    assert "directory /tmp is writable by other users (mode 1777, sticky" in r["error"], r["error"]
+    assert r["found"] == [False, False] and r["wait"] == 1
+    assert r["fake_saw"] == []
+    assert not r["engine_started"]
+    assert "socket directory /tmp is writable by other users (mode 1777, sticky like /tmp)" in r["engine_output"], r[
+        "engine_output"
+    ]
+
+
+def test_a_socket_file_of_root_served_by_another_users_process_is_refused():
+    r = world("socket_of_root_served_by_another_user")
+    assert r["error"] and re.search(
+        r"UntrustedEngine: untrusted: the process serving \S+engine.sock is pid \d+, uid \d+ \(ucmmallory\)", r["error"]
+    ), r
+    assert r["found"] == [False, False] and r["wait"] == 1
+    # It answered a health or hello (that is how its peer is known), never a lookup: no block hash reached it.
+    assert not [op for op in r["fake_saw"] if not op.startswith(("health", "hello"))], r["fake_saw"]
+
+
+def test_a_hello_naming_another_connected_process_gets_neither_its_session_quota_nor_its_memory():
+    r = world("hello_with_the_victims_pid")
+    assert r["started"], r["output"]
+    assert len(r["attack"]) == 17
+    for a in r["attack"]:
+        assert re.match(r"bad_message: hello names pid \d+, but the process that connected is pid \d+", a["hello"]), a
+        assert a["register"] == "no_session", a
+    assert r["victim_again"] == {"ok": True}
+
+
+def test_keyless_tcp_connections_of_another_user_cannot_keep_the_engines_own_user_out():
+    r = world("tcp_flood_of_another_user")
+    assert r["started"], r["output"]
+    assert r["hello"][0]["ok"] is True and r["hello"][1]["ok"] is True, r
+    assert r["took_s"] < 10, r["took_s"]
+    assert r["flood"] and r["flood"]["made"] > 600, r["flood"]  # the flood ran, and its connections were closed
+    assert re.search(r"closed \d+ tcp connection\(s\) of other users", r["output"]), r["output"][-2000:]

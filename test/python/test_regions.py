@@ -11,7 +11,7 @@ import secrets
 import pytest
 import torch
 
-from conftest import write_config
+from conftest import private_sock, write_config
 from ucm.store import NfsStore
 
 ROWS, COLS = 64, 1024  # 256 KiB of float32: large enough for the allocator to mmap it
@@ -59,7 +59,7 @@ def test_regions_of_dead_storages_are_released(tmp_path, storage):
     """UCM's embed pattern with shared-memory buffers: fresh ones every
     batch. Each dead storage's region is released with the engine, so a
     client limited to 24 regions moves 16 batches of 8 (128 storages)."""
-    sock = f"/tmp/ucm-pytest-reg-{secrets.token_hex(4)}.sock"
+    sock = private_sock(f"reg-{secrets.token_hex(4)}")
     cfg = write_config(
         tmp_path / "reg.yaml", storage, endpoint=f"ipc://{sock}", clientTimeoutMs=3000, maxRegionsPerClient=24
     )

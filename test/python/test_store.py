@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ucm.store import NfsStore
-from conftest import stop_engine
+from conftest import private_sock, stop_engine
 from store_entries import entries
 
 
@@ -137,9 +137,7 @@ def test_bad_arguments_name_the_problem(config_file):
 def test_unreachable_engine_is_a_miss_not_a_hang(tmp_path, storage):
     from conftest import write_config
 
-    cfg = write_config(
-        tmp_path / "dead.yaml", storage, endpoint=f"ipc:///tmp/ucm-none-{os.getpid()}.sock", clientTimeoutMs=300
-    )
+    cfg = write_config(tmp_path / "dead.yaml", storage, endpoint=f"ipc://{private_sock('none')}", clientTimeoutMs=300)
     store = NfsStore(cfg, start_engine=False)
     t = store.dump([b"k"], [0], [kv_like(blocks=1)[0][0]])
     assert t.done and t.failed_keys == [b"k"]
@@ -182,7 +180,7 @@ def test_cancelled_load_leaves_the_tensors_alone(config_file):
 def test_ucm_flat_connector_config_dict(storage, tmp_path):
     """UCM builds its store from the flat connector-config dict; NfsStore takes it as it is
     (UCM's own keys mapped: use_direct -> odirect, stream_number -> transferStreamNumber)."""
-    sock = f"/tmp/ucm-pytest-flat-{os.getpid()}.sock"
+    sock = private_sock("flat")
     flat = {
         "storage_backends": str(storage),
         "transferStreamNumber": 2,
@@ -200,4 +198,53 @@ def test_ucm_flat_connector_config_dict(storage, tmp_path):
             assert store.wait(store.load(*entries(ks, dst, [0, 1]))) == 0
             assert all(torch.equal(a, b) for a, b in zip(src, dst))
     finally:
+        stop_engine(f"ipc://{sock}")
+
+
+def test_a_client_whose_requests_timed_out_20_times_gets_its_store_back(tmp_path, storage):
+    """Issue 24: a request that times out resets the client's socket, and the
+    engine used to keep the session of the old socket: after 16 such resets
+    the client was answered `busy` at hello until its process ended, all
+    misses. Sessions now end with their connection. Each round: the engine
+    stopped (SIGSTOP), a request times out, the engine resumed, the next
+    request says hello again and is served."""
+    import signal
+    import time
+
+    from conftest import write_config
+    from ucm.client import EngineError, EngineUnavailable
+
+    sock = private_sock("timeouts")
+    cfg = write_config(tmp_path / "to.yaml", storage, endpoint=f"ipc://{sock}", clientTimeoutMs=300)
+    store = NfsStore(cfg)
+    try:
+        src = kv_like(blocks=2)
+        ks = keys(2, "timeouts")
+        assert store.wait(store.dump(*entries(ks[:1], src, [0]))) == 0
+        assert store.commit(ks[:1]) == [True]
+        engine = store.client.engine_info["pid"]
+        for round_ in range(20):
+            os.kill(engine, signal.SIGSTOP)
+            try:
+                with pytest.raises(EngineUnavailable):
+                    store.client.call("lookup", ns=store.namespace, keys=ks)
+            finally:
+                os.kill(engine, signal.SIGCONT)
+            found, last = None, None
+            deadline = time.monotonic() + 10
+            while found is None and time.monotonic() < deadline:
+                try:
+                    found = store.client.call("lookup", ns=store.namespace, keys=ks)["found"]
+                except EngineError as e:  # busy (the bug), or the engine still catching up
+                    last = e
+                    if e.code == "busy":
+                        break
+                    time.sleep(0.1)
+            assert found == [True, False], f"round {round_}: {last}"
+        # It stores again.
+        assert store.wait(store.dump(*entries(ks[1:], src, [1]))) == 0
+        assert store.commit(ks[1:]) == [True]
+        assert store.lookup(ks) == [True, True]
+    finally:
+        store.close()
         stop_engine(f"ipc://{sock}")

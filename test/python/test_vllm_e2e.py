@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from conftest import stop_engine, write_config
+from conftest import private_sock, stop_engine, write_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -72,7 +72,7 @@ def prompts(n=2, length=7 * BLOCK + 5, seed=7):
 
 
 def test_offline_runs_hit_the_store_and_match(model, tmp_path, storage):
-    sock = f"/tmp/ucm-e2e-{os.getpid()}.sock"
+    sock = private_sock("e2e")
     cfg = write_config(tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}")
     elog = tmp_path / "engine.log"
     try:
@@ -121,10 +121,10 @@ def test_next_turn_finds_the_answer_in_the_store(model, tmp_path, storage):
     the request decodes, the rest when it finishes), so the next turn, which
     sends the answer back as part of its prompt, loads them; its tokens are
     those of a run without the store."""
-    sock = f"/tmp/ucm-turns-{os.getpid()}.sock"
+    sock = private_sock("turns")
     cfg = write_config(tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}")
     elog = tmp_path / "engine.log"
-    sock0 = f"/tmp/ucm-turns0-{os.getpid()}.sock"
+    sock0 = private_sock("turns0")
     (tmp_path / "empty-store").mkdir(mode=0o700)
     cfg0 = write_config(tmp_path / "empty.yaml", str(tmp_path / "empty-store"), endpoint=f"ipc://{sock0}")
     try:
@@ -156,7 +156,7 @@ def test_next_turn_finds_the_answer_in_the_store(model, tmp_path, storage):
 
 def test_dead_engine_means_misses_not_stalls(model, tmp_path, storage):
     """An endpoint nobody serves and an engine that cannot start: vLLM still answers, within the timeouts."""
-    sock = f"/tmp/ucm-dead-{os.getpid()}.sock"
+    sock = private_sock("dead")
     cfg = write_config(tmp_path / "dead.yaml", storage, endpoint=f"ipc://{sock}", clientTimeoutMs=500)
     e = env(tmp_path / "engine.log")
     e["UCM_ENGINE_CMD"] = "false"  # the engine cannot start
@@ -185,7 +185,7 @@ def free_port():
 
 
 def test_vllm_serve_with_the_seed_kv_transfer_config(model, tmp_path, storage):
-    sock = f"/tmp/ucm-serve-{os.getpid()}.sock"
+    sock = private_sock("serve")
     cfg = write_config(tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}")
     port = free_port()
     ktc = json.dumps(
@@ -274,7 +274,7 @@ def test_vllm_serve_with_the_seed_kv_transfer_config(model, tmp_path, storage):
 def test_engine_killed_while_serving(model, tmp_path, storage):
     """Kill -9 the engine between requests: requests still complete (misses),
     within the timeouts; the engine is restarted and hits resume."""
-    sock = f"/tmp/ucm-kill-{os.getpid()}.sock"
+    sock = private_sock("kill")
     cfg = write_config(tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}", clientTimeoutMs=1000)
     try:
         p = subprocess.run(
@@ -295,7 +295,7 @@ def test_engine_killed_while_serving(model, tmp_path, storage):
 
 def test_async_loading(model, tmp_path, storage):
     """loadAsync: the request waits outside the batch while its blocks load; same tokens, blocks loaded."""
-    sock = f"/tmp/ucm-async-{os.getpid()}.sock"
+    sock = private_sock("async")
     cfg = write_config(tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}", loadAsync=True)
     elog = tmp_path / "engine.log"
     try:
@@ -310,7 +310,7 @@ def test_async_loading(model, tmp_path, storage):
 
 def test_tensor_parallel_two_ranks(model, tmp_path, storage):
     """TP=2 on the CPU backend: one engine, one namespace per rank, identical outputs, hits in both ranks."""
-    sock = f"/tmp/ucm-tp2-{os.getpid()}.sock"
+    sock = private_sock("tp2")
     cfg = write_config(tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}")
     elog = tmp_path / "engine.log"
     try:
@@ -331,7 +331,7 @@ def test_preempted_requests_resume_with_store_hits(model, tmp_path, storage):
     blocks in the store. Before every step the workers settle the dumps of
     requests preempted since the last (handle_preemptions), and a resumed
     request gets a fresh load plan: the same tokens as with room for all."""
-    sock = f"/tmp/ucm-preempt-{os.getpid()}.sock"
+    sock = private_sock("preempt")
     cfg = write_config(tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}")
     elog = tmp_path / "engine.log"
     rng = random.Random(5)

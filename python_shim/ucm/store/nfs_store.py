@@ -103,7 +103,13 @@ class NfsStore:
         self._retry_at = 0.0
         if start_engine:
             ensure_engine(self.config)
-        self.client = EngineClient(self.config.endpoint, self.config.timeout_ms, name, on_hello=self.config.on_hello)
+        self.client = EngineClient(
+            self.config.endpoint,
+            self.config.timeout_ms,
+            name,
+            on_hello=self.config.on_hello,
+            engine_uid=self.config.engine_uid,
+        )
         self.regions = RegionRegistry(self.client)
         self.transfers = Transfers(self.client, self.regions, namespace, self._request)
         self.staging = StagingPool()

@@ -17,8 +17,9 @@ import threading
 import time
 from typing import Any
 
-from ...client import EngineClient, EngineError
+from ...client import EngineClient, EngineError, UntrustedEngine
 from ...launcher import SettingsMismatch, ensure_engine
+from ...runtime_dir import RuntimeDirError
 from . import stats as ucm_stats
 from .common import ConnectorOptions
 
@@ -30,7 +31,11 @@ class EngineLink:
         self.opts = opts
         self.config = opts.config
         self.client = EngineClient(
-            self.config.endpoint, self.config.timeout_ms, name=name, on_hello=self.config.on_hello
+            self.config.endpoint,
+            self.config.timeout_ms,
+            name=name,
+            on_hello=self.config.on_hello,
+            engine_uid=self.config.engine_uid,
         )
         self._retry_at = 0.0
         #: why the engine is not used (its settings differ from this config's), or None
@@ -55,9 +60,11 @@ class EngineLink:
             ensure_engine(self.config, start_timeout_s=max(5.0, self.config.timeout_ms / 1000))
             self._refused = None
             return True
-        except SettingsMismatch as e:
-            # Another config's engine: using it would silently ignore ours.
-            # All misses until that changes (checked again every minute).
+        except (SettingsMismatch, UntrustedEngine, RuntimeDirError) as e:
+            # Another config's engine (using it would silently ignore ours), or
+            # what answers is not this user's engine, or its runtime directory
+            # is another user's. All misses until that changes (checked again
+            # every minute), said once with what to do.
             self._retry_at = time.monotonic() + 60.0
             if self._refused != str(e):
                 logger.error("UCM: serving without the store: %s", e)
@@ -92,6 +99,12 @@ class EngineLink:
             return None
 
     def _failed(self, op: str, e: EngineError) -> None:
+        if isinstance(e, UntrustedEngine):
+            self._retry_at = time.monotonic() + 60.0
+            if self._refused != str(e):
+                logger.error("UCM: serving without the store: %s", e)
+            self._refused = str(e)
+            return
         if e.code == "unavailable":
             self._retry_at = time.monotonic() + 2.0
             logger.warning("UCM: %s failed (%s); treating as a miss", op, e)
