@@ -23,6 +23,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 PY = sys.executable
 BLOCK = 32
+# A vLLM run takes 30 to 50 s here; a test makes up to three.
+pytestmark = pytest.mark.timeout(900, method="signal")
 
 
 @pytest.fixture(scope="module")
