@@ -43,78 +43,8 @@ function blockFile(store: string, ns: string, k: Buffer): string {
   return path.join(store, ns, hex.slice(0, 2), hex);
 }
 
-function visibleBlocks(store: string, ns: string): string[] {
-  const root = path.join(store, ns);
-  if (!fs.existsSync(root)) return [];
-  return fs
-    .readdirSync(root)
-    .filter((d) => /^[0-9a-f]{2}$/.test(d))
-    .flatMap((d) => fs.readdirSync(path.join(root, d)));
-}
-
 const shm: ShmRegion[] = [];
 afterEach(() => shm.splice(0).forEach((r) => r.unlink()));
-
-describe("engine killed with SIGKILL in the middle of heavy dumps", () => {
-  test("no partial block is visible, every block found loads verified, dead temp files are swept", async () => {
-    const dir = shortTmp();
-    const store = path.join(dir, "store");
-    fs.mkdirSync(store);
-    const cfg = writeConfig(dir, { storage_backends: store, transferStreamNumber: 8, endpoint: `ipc://${dir}/e.sock` });
-    let engine: RunningEngine = await startEngine(cfg);
-    try {
-      const c = engine.client();
-      await hello(c);
-      const n = 400;
-      const src = await register(c, 4, n, "random", shm);
-      const keys = Array.from({ length: n }, (_, i) => key(i, "kill"));
-      // Many tasks in flight; commit each as it finishes; kill mid-way.
-      const tasks: number[] = [];
-      for (let t = 0; t < n / 20; t++) {
-        const ks = keys.slice(t * 20, t * 20 + 20);
-        tasks.push(
-          (
-            await c.call("dump", {
-              ns: NS,
-              keys: ks,
-              shards: shards(
-                src,
-                ks.map((_, j) => t * 20 + j),
-              ),
-            })
-          ).task as number,
-        );
-      }
-      for (let t = 0; t < 5; t++) {
-        await finish(c, tasks[t]);
-        await c.call("commit", { ns: NS, keys: keys.slice(t * 20, t * 20 + 20) });
-      }
-      await engine.stop("SIGKILL"); // also closes this test's clients of the dead engine
-      const leftover = fs.readdirSync(path.join(store, NS, ".tmp"));
-
-      engine = await startEngine(cfg);
-      const c2 = engine.client();
-      await hello(c2);
-      // The restarted engine removes what the dead one left in the temporary area.
-      for (let i = 0; i < 50 && fs.readdirSync(path.join(store, NS, ".tmp")).length > 0; i++) await new Promise((r) => setTimeout(r, 100));
-      expect(fs.readdirSync(path.join(store, NS, ".tmp"))).toEqual([]);
-      expect(engine.output()).toMatch(leftover.length ? /removed \d+ temporary block file/ : /listening/);
-
-      const found = (await c2.call("lookup", { ns: NS, keys })).found as boolean[];
-      expect(found.slice(0, 100).every(Boolean)).toBe(true); // committed before the kill
-      expect(visibleBlocks(store, NS).length).toBe(found.filter(Boolean).length);
-      const idx = found.flatMap((f, i) => (f ? [i] : []));
-      const dst = await register(c2, 4, n, "zero", shm);
-      const r = await finish(c2, (await c2.call("load", { ns: NS, keys: idx.map((i) => keys[i]), shards: shards(dst, idx) })).task);
-      expect(r.failed).toEqual([]);
-      for (const i of idx)
-        for (let s = 0; s < 4; s++) expect(dst.regs[s].read(i * SHARD, SHARD).equals(src.regs[s].read(i * SHARD, SHARD))).toBe(true);
-    } finally {
-      await engine.stop("SIGKILL");
-      fs.rmSync(dir, { recursive: true, force: true });
-    }
-  });
-});
 
 describe("with a running engine", () => {
   let dir: string;

@@ -43,11 +43,15 @@ afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 
 /** Sources test/counting.sh, runs `script` and returns the summary line and the totals. */
 function count(script: string) {
-  const r = spawnSync("bash", ["-c", `set -uo pipefail; source test/counting.sh; ${script}\nsummary_line; echo "TOTALS $passed $failed $skipped"`], {
-    cwd: ROOT,
-    encoding: "utf8",
-    env: { ...process.env, COUNT_PYTHON: "python3", D: dir },
-  });
+  const r = spawnSync(
+    "bash",
+    ["-c", `set -uo pipefail; source test/counting.sh; ${script}\nsummary_line; echo "TOTALS $passed $failed $skipped"`],
+    {
+      cwd: ROOT,
+      encoding: "utf8",
+      env: { ...process.env, COUNT_PYTHON: "python3", D: dir },
+    },
+  );
   expect(r.stderr).toBe("");
   const lines = r.stdout.trim().split("\n");
   const [, p, f, s] = lines.pop()!.split(" ").map(Number);
@@ -101,7 +105,10 @@ describe("JUnit reports (pytest)", () => {
   });
 
   test("a report of no test at all is a failure", () => {
-    fs.writeFileSync(path.join(dir, "none.xml"), '<testsuites><testsuite name="pytest" errors="0" failures="0" skipped="0" tests="0"/></testsuites>');
+    fs.writeFileSync(
+      path.join(dir, "none.xml"),
+      '<testsuites><testsuite name="pytest" errors="0" failures="0" skipped="0" tests="0"/></testsuites>',
+    );
     expect(count('count_junit pytest "$D/none.xml" 0').failed).toBe(1);
     expect(count('count_junit pytest "$D/none.xml" 5').failed).toBe(1);
   });
@@ -139,7 +146,10 @@ describe("the NFS suite", () => {
   const log = (name: string, text: string) => fs.writeFileSync(path.join(dir, name), text);
 
   test("exit 77 is a skip of the whole suite, named with its reason in the summary line", () => {
-    log("nfs77.log", "== NFS guest: installing qemu-system-x86 (apt-get)\nNFS suite skipped: apt-get update failed (package registry unreachable?)\n");
+    log(
+      "nfs77.log",
+      "== NFS guest: installing qemu-system-x86 (apt-get)\nNFS suite skipped: apt-get update failed (package registry unreachable?)\n",
+    );
     const r = count('count_nfs "$D/nfs77.log" 77');
     expect([r.passed, r.failed, r.skipped]).toEqual([0, 0, 1]);
     expect(r.line).toBe("0 passed, 0 failed, 1 skipped (NFS suite: apt-get update failed (package registry unreachable?))");
@@ -166,5 +176,7 @@ test("the whole run: one broken report among good ones never reads 0 failed", ()
       `count_nfs "$D/whole-nfs.log" 77; count_junit wheel "${clean}" 0`,
   );
   expect([r.passed, r.failed, r.skipped]).toEqual([1 + 1 + 2, 1 + 1, 2 + 1 + 1]);
-  expect(r.line).toMatch(/^4 passed, 2 failed, 4 skipped \(a\.test\.js not here; a\.test\.js later; NFS suite: not root; test_x::test_skip\)$/);
+  expect(r.line).toMatch(
+    /^4 passed, 2 failed, 4 skipped \(a\.test\.js not here; a\.test\.js later; NFS suite: not root; test_x::test_skip\)$/,
+  );
 });
