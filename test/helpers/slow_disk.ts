@@ -38,6 +38,8 @@ export class SlowDisk {
   private readonly loop: string;
   private readonly cgroup: string;
   private readonly dev: string;
+  /** Each admitted process and the blkio cgroup it came from, to go back to at close. */
+  private readonly admitted = new Map<number, string>();
 
   /** A fresh ext4 of `mib` MiB, mounted, with a cgroup of its own (no limits yet). */
   constructor(mib = 128) {
@@ -61,8 +63,13 @@ export class SlowDisk {
     this.dev = `${Math.floor(rdev / 256) & 0xfff}:${(rdev & 0xff) | ((rdev >> 12) & 0xfff00)}`;
   }
 
-  /** Puts a process (an engine) under this disk's limits. */
+  /** Puts a process (an engine, or this one for the addon in process) under this disk's limits. */
   admit(pid: number): void {
+    const line = fs
+      .readFileSync(`/proc/${pid}/cgroup`, "utf8")
+      .split("\n")
+      .find((l) => /^\d+:([^:]*,)?blkio(,[^:]*)?:/.test(l));
+    this.admitted.set(pid, line ? line.slice(line.lastIndexOf(":") + 1) : "/");
     fs.writeFileSync(`${this.cgroup}/cgroup.procs`, String(pid));
   }
 
@@ -80,13 +87,14 @@ export class SlowDisk {
     }
   }
 
-  /** Lifts the limits, unmounts and removes everything (processes still in the cgroup go back to the root one). */
+  /** Lifts the limits, unmounts and removes everything (processes still in the cgroup go back where they came from). */
   close(): void {
     if (fs.existsSync(this.cgroup)) {
       this.throttle({ readBps: 0, writeBps: 0, readIops: 0, writeIops: 0 });
       for (const pid of fs.readFileSync(`${this.cgroup}/cgroup.procs`, "utf8").split("\n").filter(Boolean)) {
+        const home = path.join(BLKIO, this.admitted.get(Number(pid)) ?? "/");
         try {
-          fs.writeFileSync(`${BLKIO}/cgroup.procs`, pid);
+          fs.writeFileSync(`${fs.existsSync(home) ? home : BLKIO}/cgroup.procs`, pid);
         } catch {
           // gone meanwhile
         }
