@@ -61,21 +61,18 @@ function tracedDump(dir: string, opts: { odirect: boolean; fsync: boolean }, blo
 
 describe("what the native core asks of the kernel", () => {
   for (const odirect of [true, false]) {
-    straceTest(
-      `O_DIRECT ${odirect ? "on" : "off"} on a real disk directory: every block file is created ${odirect ? "with" : "without"} it, and reads back exact`,
-      () => {
-        const d = diskTempDir();
-        try {
-          for (const f of tracedDump(d, { odirect, fsync: false })) {
-            expect(f.created).toHaveLength(1);
-            expect(f.created[0].split("|").includes("O_DIRECT")).toBe(odirect);
-            expect(f.fdatasyncs).toBe(0);
-          }
-        } finally {
-          fs.rmSync(d, { recursive: true, force: true });
+    straceTest(`odirect ${odirect}: on a real disk directory every block file is created ${odirect ? "with" : "without"} O_DIRECT`, () => {
+      const d = diskTempDir();
+      try {
+        for (const f of tracedDump(d, { odirect, fsync: false })) {
+          expect(f.created).toHaveLength(1);
+          expect(f.created[0].split("|").includes("O_DIRECT")).toBe(odirect);
+          expect(f.fdatasyncs).toBe(0);
         }
-      },
-    );
+      } finally {
+        fs.rmSync(d, { recursive: true, force: true });
+      }
+    });
   }
 
   for (const fsync of [true, false]) {
