@@ -7,7 +7,7 @@ import { spawnSync } from "child_process";
 import * as crypto from "crypto";
 import * as fs from "fs";
 import * as path from "path";
-import { EngineClient, EngineError } from "../core/client";
+import { EngineClient } from "../core/client";
 import { EMU_ADDON, EmuDeviceMemory, EmuEvent, buildEmuAddon, cpuSeconds, emuEnv } from "./helpers/cuda_emu";
 import { RunningEngine, hello, shortTmp, startEngine, writeConfig } from "./helpers/engine";
 import { shardColumns } from "./helpers/fixtures";
@@ -384,7 +384,34 @@ describe("older CUDA runtimes", () => {
   }, 300000);
 });
 
-test("the emulated addon is the one under test", () => {
-  expect(fs.existsSync(EMU_ADDON)).toBe(true);
-  expect(EngineError).toBeDefined();
+test("the emulated addon is the one under test: these engines map native/build-emu's addon, a plain engine the production one", async () => {
+  const mapped = (pid: number) =>
+    new Set(
+      fs
+        .readFileSync(`/proc/${pid}/maps`, "utf8")
+        .split("\n")
+        .map((l) => l.slice(l.indexOf("/")))
+        .filter((f) => f.endsWith("ucm_native.node")),
+    );
+  node = await startNode([GPU_A]);
+  expect([...mapped(node.engine.proc.pid!)]).toEqual([EMU_ADDON]);
+  const c = node.engine.client();
+  expect((await c.call("stats")).cuda).toMatchObject({ built: true, usable: true, emulated: true, devices: 1 });
+  // Without UCM_NATIVE_ADDON the engine loads native/build, which knows nothing of the emulation.
+  const env = { ...process.env };
+  delete env.UCM_NATIVE_ADDON;
+  const dir = shortTmp("ucmp-");
+  fs.mkdirSync(path.join(dir, "store"));
+  const plain = await startEngine(
+    writeConfig(dir, { storage_backends: path.join(dir, "store"), endpoint: `ipc://${dir}/p.sock` }),
+    [],
+    env,
+  );
+  try {
+    expect([...mapped(plain.proc.pid!)]).toEqual([path.resolve(__dirname, "../native/build/Release/ucm_native.node")]);
+    expect((await plain.client().call("stats")).cuda).toMatchObject({ emulated: false });
+  } finally {
+    await plain.stop("SIGKILL");
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
