@@ -9,7 +9,7 @@ import * as fs from "fs";
 import * as path from "path";
 import { EngineClient } from "../core/client";
 import { EMU_ADDON, EmuDeviceMemory, EmuEvent, buildEmuAddon, cpuSeconds, emuEnv } from "./helpers/cuda_emu";
-import { RunningEngine, hello, shortTmp, startEngine, writeConfig } from "./helpers/engine";
+import { RunningEngine, hello, shortTmp, startEngine, until, writeConfig } from "./helpers/engine";
 import { shardColumns } from "./helpers/fixtures";
 
 const GPU_A = "0000:01:00.0";
@@ -324,8 +324,9 @@ describe("CUDA failures are block statuses or refused requests, never a crash", 
     expect(r.dump).toEqual(["ok", "ok"]);
     expect(r.load).toEqual(["ok", "ok"]);
     expect(sameBlocks(r.dst, r.src, [0, 1])).toBe(true);
-    await new Promise((res) => setTimeout(res, 100));
-    expect(node.engine.output().match(/cudaMemcpyBatchAsync is not available with this driver.*copy kernel instead/g)?.length).toBe(1);
+    const notice = /cudaMemcpyBatchAsync is not available with this driver.*copy kernel instead/g;
+    await until("the notice", () => notice.test(node!.engine.output()));
+    expect(node.engine.output().match(notice)?.length).toBe(1);
   });
 
   test("a driver older than the runtime: the engine says which driver it needs and still serves host memory", async () => {
@@ -377,9 +378,10 @@ describe("older CUDA runtimes", () => {
     const r = await roundTrip(c, mem, GPU_A, "old");
     expect([r.dump, r.load]).toEqual([r.ok, r.ok]);
     expect(sameBlocks(r.dst, r.src, all)).toBe(true);
-    await new Promise((res) => setTimeout(res, 100));
-    expect(node.engine.output()).toMatch(
-      /cudaMemcpyBatchAsync is not available with this driver \(CUDA 12\.4; cudaMemcpyBatchAsync: cudaErrorCallRequiresNewerDriver/,
+    await until("the notice", () =>
+      /cudaMemcpyBatchAsync is not available with this driver \(CUDA 12\.4; cudaMemcpyBatchAsync: cudaErrorCallRequiresNewerDriver/.test(
+        node!.engine.output(),
+      ),
     );
   }, 300000);
 });
