@@ -258,6 +258,48 @@ describe("two engines (two nodes) sharing one directory", () => {
   });
 });
 
+describe("the storage directory emptied (rm -rf) under a running engine", () => {
+  test("nothing wrong is served: blocks it saw load as not_found, the next lookup asks the disk, the first dump fails and the next one stores", async () => {
+    const dir = shortTmp();
+    const store = path.join(dir, "store");
+    fs.mkdirSync(store);
+    // The default lookupCacheTtlS (60 s): blocks seen are trusted that long without a stat.
+    const e = await startEngine(writeConfig(dir, { storage_backends: store, transferStreamNumber: 2, endpoint: `ipc://${dir}/e.sock` }));
+    try {
+      const c = e.client();
+      await hello(c);
+      const src = await register(c, 2, 3, "random", shm);
+      const keys = [0, 1, 2].map((i) => key(i, "emptied"));
+      expect((await finish(c, (await c.call("dump", { ns: NS, keys, shards: shards(src, [0, 1, 2]), commit: true })).task)).status).toEqual(
+        ["ok", "ok", "ok"],
+      );
+      expect((await c.call("lookup", { ns: NS, keys })).found).toEqual([true, true, true]);
+      for (const f of fs.readdirSync(store)) fs.rmSync(path.join(store, f), { recursive: true, force: true });
+      // Still answered from what the engine saw; the loads find nothing and leave memory alone.
+      expect((await c.call("lookup", { ns: NS, keys })).found).toEqual([true, true, true]);
+      const dst = await register(c, 2, 3, "zero", shm);
+      const l = await finish(c, (await c.call("load", { ns: NS, keys, shards: shards(dst, [0, 1, 2]) })).task);
+      expect(l.status).toEqual(["not_found", "not_found", "not_found"]);
+      for (const r of dst.regs) expect(r.read().equals(Buffer.alloc(3 * SHARD))).toBe(true);
+      // Doubted now: the next lookup asks the filesystem.
+      expect((await c.call("lookup", { ns: NS, keys })).found).toEqual([false, false, false]);
+      // The first dump goes into directories that are gone (ENOENT) and makes the engine recreate them.
+      const first = await finish(c, (await c.call("dump", { ns: NS, keys, shards: shards(src, [0, 1, 2]), commit: true })).task);
+      expect(first.status).toEqual(["io_error", "io_error", "io_error"]);
+      expect(first.errno).toEqual([2, 2, 2]);
+      const again = await finish(c, (await c.call("dump", { ns: NS, keys, shards: shards(src, [0, 1, 2]), commit: true })).task);
+      expect(again.status).toEqual(["ok", "ok", "ok"]);
+      expect((await c.call("lookup", { ns: NS, keys })).found).toEqual([true, true, true]);
+      const back = await finish(c, (await c.call("load", { ns: NS, keys, shards: shards(dst, [0, 1, 2]) })).task);
+      expect(back.status).toEqual(["ok", "ok", "ok"]);
+      for (let q = 0; q < 2; q++) expect(dst.regs[q].read().equals(src.regs[q].read())).toBe(true);
+    } finally {
+      await e.stop("SIGKILL");
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
 describe("access", () => {
   test("the socket directory is 0700 and the socket 0600 (default endpoint)", async () => {
     const dir = shortTmp();
