@@ -175,7 +175,11 @@ def test_dead_engine_means_misses_not_stalls(model, tmp_path, storage):
     assert "engine unavailable" in p.stdout + p.stderr
     out = json.loads(next(l for l in p.stdout.splitlines() if l.startswith("RESULT "))[7:])
     assert len(out["tokens"][0]) == 12
-    assert time.monotonic() - t0 < 300
+    print(f"dead engine: generate {out['generate_s']:.1f} s, whole run {time.monotonic() - t0:.1f} s")
+    # The requests (0.1 s here) never wait for a deadline of the store (loads 30 s, saves 10 s).
+    assert out["generate_s"] < 10
+    # The whole run (vLLM's start included) takes 30 to 50 s here; room for a loaded CI machine.
+    assert time.monotonic() - t0 < 180
 
 
 def free_port():
