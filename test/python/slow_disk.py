@@ -40,7 +40,9 @@ class SlowDisk:
         self.mnt = os.path.join(self.base, "mnt")
         os.mkdir(self.mnt)
         subprocess.run(["truncate", "-s", f"{mib}M", img], check=True)
-        self.loop = subprocess.run(["losetup", "-f", "--show", img], check=True, capture_output=True, text=True).stdout.strip()
+        self.loop = subprocess.run(
+            ["losetup", "-f", "--show", img], check=True, capture_output=True, text=True
+        ).stdout.strip()
         self.cgroup = f"{BLKIO}/ucm-pytest-{os.getpid()}-{secrets.token_hex(3)}"
         self._homes: dict[int, str] = {}
         try:

@@ -71,7 +71,9 @@ def test_a_corrupt_block_fails_with_every_later_one_and_earlier_ones_load_exact(
     conn.shutdown()
 
 
-def test_a_save_the_engine_sheds_leaves_the_block_unstored_is_counted_and_releases_the_request(tiny_model, tmp_path, storage):
+def test_a_save_the_engine_sheds_leaves_the_block_unstored_is_counted_and_releases_the_request(
+    tiny_model, tmp_path, storage
+):
     sock = f"/tmp/ucm-pytest-shed-{tmp_path.name[-12:]}.sock"
     # Second-sight admission sheds the first dump of every block, deterministically.
     cfg = write_config(tmp_path / "shed.yaml", storage, endpoint=f"ipc://{sock}", admitOnSecondSight=True)

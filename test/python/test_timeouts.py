@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 import time
 import xml.etree.ElementTree as ET
 
@@ -15,16 +16,30 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def test_a_hung_test_fails_and_the_run_goes_on(tmp_path):
     (tmp_path / "conftest.py").write_text(
-        "from timeouts import limit_every_test\n\n\n"
-        "def pytest_collection_modifyitems(items):\n"
-        "    limit_every_test(items, 2)\n"
+        textwrap.dedent(
+            """
+            from timeouts import limit_every_test
+
+
+            def pytest_collection_modifyitems(items):
+                limit_every_test(items, 2)
+            """
+        )
     )
     (tmp_path / "test_hang.py").write_text(
-        "import threading\n\n\n"
-        "def test_hangs():\n"
-        "    threading.Event().wait()\n\n\n"
-        "def test_after():\n"
-        "    pass\n"
+        textwrap.dedent(
+            """
+            import threading
+
+
+            def test_hangs():
+                threading.Event().wait()
+
+
+            def test_after():
+                pass
+            """
+        )
     )
     xml = tmp_path / "report.xml"
     t0 = time.monotonic()
