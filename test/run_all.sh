@@ -43,7 +43,21 @@ if bash scripts/lint.sh; then passed=$((passed + 1)); else fail_suite "lint"; fi
 # ends in the summary line: timeout kills the suite, which then has no report
 # or exits non-zero and counts as a failure. pytest also stops a single hung
 # test on its own (pytest-timeout: test/python/timeouts.py).
-limit() { timeout -k 30 "$@"; }
+#
+# timeout runs the suite in a process group of its own, which it kills
+# whole (engines a test started included); that group does not get the
+# terminal's Ctrl-C, so an interrupt of this script is passed on to it.
+limit() {
+  local seconds=$1 pid rc
+  shift
+  timeout -k 30 "$seconds" "$@" &
+  pid=$!
+  trap 'kill -TERM -- "-$pid" 2>/dev/null; wait "$pid"; echo "interrupted"; exit 130' INT TERM
+  wait "$pid"
+  rc=$?
+  trap - INT TERM
+  return "$rc"
+}
 
 echo "== jest"
 limit 1200 npx jest --runInBand --json --outputFile="$out/jest.json" "$@"
