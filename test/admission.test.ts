@@ -1,10 +1,9 @@
 // Write admission on the real engine process: in-flight bytes, second sight,
-// and writes shed on a slow disk (a loop device throttled by the blkio cgroup,
-// when the machine allows it), never queued.
-import { execFileSync, spawnSync } from "child_process";
+// and writes shed on a slow disk (helpers/slow_disk.ts, where the machine
+// allows one), never queued.
 import * as fs from "fs";
 import * as path from "path";
-import { diskTempDir } from "./helpers/fixtures";
+import { SlowDisk, slowDiskTest } from "./helpers/slow_disk";
 import { hello, shortTmp } from "./helpers/engine";
 import { MiB, NS, engine, engines, finish, key, register, shards, stopEnginesAfterEach } from "./helpers/capacity_kit";
 
@@ -58,36 +57,17 @@ describe("write admission", () => {
     expect((await c.call("stats")).deferredFirstSight).toBe(4);
   }, 30000);
 
-  // A real slow disk: an ext4 loop device whose writes the blkio cgroup holds
-  // to 1 MB/s for the engine process. Needs root, losetup, mkfs.ext4 and the
-  // cgroup v1 blkio controller; skipped with a message otherwise.
-  const blkio = "/sys/fs/cgroup/blkio";
-  const canThrottle =
-    process.getuid?.() === 0 &&
-    fs.existsSync(`${blkio}/cgroup.procs`) &&
-    spawnSync("sh", ["-c", "command -v losetup && command -v mkfs.ext4"]).status === 0;
-  (canThrottle ? test : test.skip)(
+  // A real slow disk (helpers/slow_disk.ts): writes held to 1 MB/s for the engine process.
+  slowDiskTest(
     "on a slow disk, dumps are answered at once and the excess is shed, not queued",
     async () => {
-      const base = diskTempDir("slow-");
-      const img = path.join(base, "disk.img");
-      const mnt = path.join(base, "mnt");
-      const cg = `${blkio}/ucm-test-${process.pid}`;
-      fs.mkdirSync(mnt);
-      execFileSync("truncate", ["-s", "96M", img]);
-      const loop = execFileSync("losetup", ["-f", "--show", img], { encoding: "utf8" }).trim();
-      let mounted = false;
+      const disk = new SlowDisk(96);
       try {
-        execFileSync("mkfs.ext4", ["-q", loop]);
-        execFileSync("mount", [loop, mnt]);
-        mounted = true;
-        const st = fs.statSync(loop);
-        const dev = `${Math.floor(st.rdev / 256) & 0xfff}:${(st.rdev & 0xff) | ((st.rdev >> 12) & 0xfff00)}`;
-        fs.mkdirSync(cg);
-        fs.writeFileSync(`${cg}/blkio.throttle.write_bps_device`, `${dev} 1048576`);
+        const mnt = disk.mnt;
+        disk.throttle({ writeBps: 1048576 });
         const dir = shortTmp();
         const e = await engine(dir, "slow", { storage_backends: mnt, transferStreamNumber: 2, maxQueueMs: 300, maxInflightBytes: "64MiB" });
-        fs.writeFileSync(`${cg}/cgroup.procs`, String(e.proc.pid));
+        disk.admit(e.proc.pid!);
         const c = e.client();
         await hello(c);
         const m = await register(c, 1, 48, MiB, "random");
@@ -120,10 +100,7 @@ describe("write admission", () => {
         await e.stop();
         engines.splice(0);
       } finally {
-        if (mounted) spawnSync("umount", ["-l", mnt]);
-        spawnSync("losetup", ["-d", loop]);
-        if (fs.existsSync(cg)) spawnSync("rmdir", [cg]);
-        fs.rmSync(base, { recursive: true, force: true });
+        disk.close();
       }
     },
     90000,

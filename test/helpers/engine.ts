@@ -2,6 +2,7 @@
 // ZeroMQ sockets.
 import { ChildProcess, spawn } from "child_process";
 import * as fs from "fs";
+import * as net from "net";
 import * as os from "os";
 import * as path from "path";
 import { stringify } from "yaml";
@@ -94,4 +95,28 @@ export async function startEngine(
 
 export async function hello(c: EngineClient, pid = process.pid): Promise<Record<string, unknown>> {
   return c.call("hello", { version: 1, pid, name: "jest" });
+}
+
+/**
+ * Polls `cond` until it holds, failing after `timeoutMs` (generous: a loaded
+ * 2-core machine is slow); for what a test waits to see happen, instead of a
+ * fixed sleep that decides whether it passes.
+ */
+export async function until(what: string, cond: () => boolean | Promise<boolean>, timeoutMs = 20000, everyMs = 20): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error(`waited ${timeoutMs} ms for ${what}`);
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+}
+
+/** A tcp port nobody listens on now (the kernel's pick), for an engine's tcp endpoint. */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer().listen(0, "127.0.0.1", () => {
+      const port = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(port));
+    });
+    s.on("error", reject);
+  });
 }

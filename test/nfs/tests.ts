@@ -38,6 +38,7 @@ import {
   NFS3_WRITE,
   NFS4_OP_ALLOCATE,
   NFS4_OP_WRITE,
+  NS,
 } from "./harness";
 
 /** Dump, commit, lookup and load across the two nodes, byte for byte, both ways. */
@@ -370,7 +371,30 @@ export async function sharedCapacity(ctx: Ctx, t: T): Promise<void> {
   check(Number(lb) - after.bytes <= capacity * 0.3, `ledger says ${lb} bytes, the directory holds ${after.bytes}`);
 }
 
-/** SIGKILL of node A's engine in the middle of dumps: node B never sees a partial block. */
+/** Temporary files under `store` (the server's view), and how many are shorter than a whole block file of `full` bytes. */
+function serverTemps(store: string, full: number): { all: number; torn: number } {
+  const tmp = path.join(store, NS, ".tmp");
+  let all = 0;
+  let torn = 0;
+  for (const f of fs.existsSync(tmp) ? fs.readdirSync(tmp) : []) {
+    try {
+      const size = fs.statSync(path.join(tmp, f)).size;
+      all++;
+      if (size < full) torn++;
+    } catch {
+      // removed meanwhile
+    }
+  }
+  return { all, torn };
+}
+
+/**
+ * SIGKILL of node A's engine while its block files are being written: node
+ * B never sees a partial block, and the next engine on node A removes the
+ * torn temporary files. The loopback is slowed to 2 Mbit/s (netem) once some
+ * dumps have landed, so the kill always finds writes in flight, however
+ * fast the guest runs.
+ */
 export async function sigkill(ctx: Ctx, t: T): Promise<void> {
   const fig = t.fig;
   const d = testDir(ctx, "sigkill");
@@ -403,14 +427,26 @@ export async function sigkill(ctx: Ctx, t: T): Promise<void> {
     }
   };
   const lanes = [lane(), lane(), lane(), lane()];
+  const full = blockFileSize(2 * shard);
   while (tasks < 6 && next < total) await sleep(20);
-  A.proc.kill("SIGKILL");
-  await A.exited;
+  check(next < total, "every dump landed before the network was slowed");
+  check(trySh("modprobe", ["sch_netem"]).ok, "modprobe sch_netem failed");
+  const tc = trySh("tc", ["qdisc", "replace", "dev", "lo", "root", "netem", "rate", "2mbit", "limit", "100000"]);
+  check(tc.ok, `tc netem on lo: ${tc.out}`);
+  let inFlight: { all: number; torn: number };
+  try {
+    const t1 = now();
+    while ((inFlight = serverTemps(d.server, full)).torn === 0 && now() - t1 < 30_000) await sleep(50);
+    A.proc.kill("SIGKILL");
+    await A.exited;
+  } finally {
+    trySh("tc", ["qdisc", "del", "dev", "lo", "root"]);
+  }
   for (const c of A.clients) c.close();
   await Promise.allSettled(lanes);
   const visible = serverBlocks(d.server);
-  const temps = serverUsage(d.server).temps;
-  const full = blockFileSize(2 * shard);
+  const left = serverTemps(d.server, full);
+  const temps = left.all;
   const partial = [...visible.values()].filter((s) => s !== full).length;
   // Every block B finds loads whole and exact.
   const dst = await register(t, cb, 2, total, shard, "zero");
@@ -437,7 +473,9 @@ export async function sigkill(ctx: Ctx, t: T): Promise<void> {
     partial_visible: partial,
     found_by_b: hit.length,
     bad_on_b: bad.length,
+    torn_temp_files_at_kill: inFlight.torn,
     temp_files_left: temps,
+    torn_temp_files_left: left.torn,
     temp_files_after_restart: tempsAfter,
   });
   await A2.stop();
@@ -445,6 +483,7 @@ export async function sigkill(ctx: Ctx, t: T): Promise<void> {
   check(partial === 0, `${partial} committed block file(s) of the wrong size`);
   check(hit.length === visible.size, `node b found ${hit.length} blocks, the server holds ${visible.size}`);
   check(bad.length === 0, `${bad.length} block(s) found on node b did not load exact`);
+  check(left.torn > 0, `the kill left no torn temporary file (${temps} whole ones): no write was in flight`);
   check(tempsAfter === 0, `${tempsAfter} temporary file(s) of the killed engine left 30 s after the restart`);
 }
 

@@ -15,7 +15,13 @@ import pytest
 import yaml
 
 from procs import wait_gone
-from ucm.client import EngineClient, EngineError
+from timeouts import limit_every_test
+from ucm.client import EngineClient, EngineError, EngineUnavailable
+
+
+def pytest_collection_modifyitems(items):
+    # Ordinary tests take seconds; vLLM end to end sets its own, longer limit.
+    limit_every_test(items, 300)
 
 
 def write_config(path, storage, **extra):

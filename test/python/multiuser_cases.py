@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import socket
 import subprocess
 import sys
 import time
@@ -51,6 +52,14 @@ const [endpoint, callsJson, plain] = process.argv.slice(3);
   console.log(JSON.stringify(out));
 })();
 """
+
+
+def free_port() -> int:
+    """A tcp port nobody listens on now, the kernel's pick (inside the world's pid namespace every pid is small,
+    so a port derived from one would be the same for every run on the machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def sh(*argv: str, user: str | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
@@ -162,7 +171,7 @@ def case_tcp(uids: dict[str, int]) -> dict[str, Any]:
     """Alice's engine on tcp: Mallory has no key, cannot read Alice's, and plain ZeroMQ gets nothing."""
     home = user_dir("/tmp/alice", uids[ALICE])
     user_dir(f"{home}/store", uids[ALICE])
-    port = 20000 + os.getpid() % 20000
+    port = free_port()
     e = Engine({"storage_backends": f"{home}/store", "endpoint": f"tcp://127.0.0.1:{port}"}, home, user=ALICE)
     try:
         key = f"/tmp/ucm-{uids[ALICE]}/tcp-127.0.0.1-{port}.curve"
@@ -184,7 +193,7 @@ def case_tcp_key_dir_planted(uids: dict[str, int]) -> dict[str, Any]:
     home = user_dir("/tmp/alice", uids[ALICE])
     user_dir(f"{home}/store", uids[ALICE])
     user_dir(f"/tmp/ucm-{uids[ALICE]}", uids[MALLORY], 0o777)
-    port = 20000 + os.getpid() % 20000
+    port = free_port()
     e = Engine({"storage_backends": f"{home}/store", "endpoint": f"tcp://127.0.0.1:{port}"}, home, user=ALICE)
     e.stop()
     return {"started": bool(e.endpoint), "output": e.output, "planted": os.listdir(f"/tmp/ucm-{uids[ALICE]}")}

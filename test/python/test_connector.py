@@ -7,69 +7,13 @@ preempted while its blocks are still being dumped."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 import pytest
 import torch
 
+from connector_kit import connector, keys, meta, step, transfer, warnings_about
 from ucm.store import NfsStore
-
-
-def connector(model, config_file, role="WORKER", num_blocks=64, **extra):
-    from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, VllmConfig
-    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
-    from vllm.v1.kv_cache_interface import KVCacheConfig
-
-    from ucm.integration.vllm.uc_connector import UnifiedCacheConnectorV1
-
-    vc = VllmConfig(
-        model_config=ModelConfig(model=model, dtype="float32", max_model_len=2048),
-        cache_config=CacheConfig(block_size=32),
-        kv_transfer_config=KVTransferConfig(
-            kv_connector="UnifiedCacheConnectorV1",
-            kv_connector_module_path="ucm.integration.vllm.uc_connector",
-            kv_role="kv_both",
-            kv_connector_extra_config={"UCM_CONFIG_FILE": config_file, **extra},
-        ),
-    )
-    kcc = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[])
-    return UnifiedCacheConnectorV1(vc, KVConnectorRole[role], kcc)
-
-
-def keys(n, salt):
-    return [hashlib.sha256(f"{salt}{i}".encode()).digest() for i in range(n)]
-
-
-def meta(loads=(), saves=(), preempted=()):
-    from ucm.integration.vllm.uc_connector import UCMConnectorMetadata
-
-    return UCMConnectorMetadata(loads=list(loads), saves=list(saves), preempted=list(preempted))
-
-
-def transfer(req, ks, block_ids):
-    from ucm.integration.vllm.uc_connector import _Transfer
-
-    return _Transfer(req, list(ks), list(block_ids))
-
-
-def step(conn, m, finished=()):
-    """One step of the worker as vLLM's model runner runs it."""
-    conn.handle_preemptions(m)
-    conn.bind_connector_metadata(m)
-    conn.start_load_kv(None)
-    for name in ("l0", "l1"):
-        conn.wait_for_layer_load(name)
-        conn.save_kv_layer(name, None, None)
-    conn.wait_for_save()
-    out = conn.get_finished(set(finished))
-    errors = conn.get_block_ids_with_load_errors()
-    conn.clear_connector_metadata()
-    return out, errors
-
-
-def warnings_about(caplog, text):
-    return [r for r in caplog.records if r.levelno >= logging.WARNING and text in r.getMessage()]
 
 
 # ---- KV cache memory the engine cannot open (finding 2) ----------------------------

@@ -54,6 +54,17 @@ def engine_pid(store):
     return store.client.raw("health")["pid"]
 
 
+def settled(client, within_s=30.0):
+    """Returns once the engine, running again, has handled what it was sent
+    while stopped (one connection's requests are handled in order, so the
+    stats reply comes after them) and runs no task any more: what it was
+    going to write late, it would have written by now."""
+    deadline = time.monotonic() + within_s
+    while client.raw("stats")["tasksInFlight"]:
+        assert time.monotonic() < deadline, "the engine still runs a task"
+        time.sleep(0.05)
+
+
 def test_load_sent_to_a_stopped_engine_never_lands(late_config):
     """The load request reaches the engine's socket but no reply comes: wait()
     returns (1 failed) only once the deadline has passed, and when the engine
@@ -73,7 +84,7 @@ def test_load_sent_to_a_stopped_engine_never_lands(late_config):
         assert took >= TIMEOUT_MS / 1000 - 0.02, (
             f"wait() reported the memory free after {took:.2f} s, before the deadline"
         )
-        time.sleep(1.0)  # the engine handles what was queued
+        settled(store.client)
         assert torch.count_nonzero(dst) == 0, "the engine wrote memory after the shim gave up on it"
         assert store.client.raw("stats")["errors"].get("expired", 0) >= 1
 
@@ -98,7 +109,7 @@ def test_load_stopped_midway_writes_nothing_after_wait(late_config):
         with stopped(pid):
             failed = store.wait(task)
             snapshot = dst.clone()
-        time.sleep(1.0)
+        settled(store.client)
         assert torch.equal(dst, snapshot), "the engine wrote memory after wait() returned"
         assert failed == sum(s != "ok" for s in task.status) and failed > 0
         for i, s in enumerate(task.status):
@@ -118,7 +129,7 @@ def test_dump_of_a_stopped_engine_is_never_committed(late_config):
             task = store.dump([b"late-dump"], [0], [src])
             assert store.wait(task) == 1
             src.fill_(-1)  # the caller reuses its memory
-        time.sleep(1.0)
+        settled(store.client)
         assert store.client.raw("stats")["blocksDumped"] == dumped, "the engine copied memory the caller had reused"
         assert store.commit([b"late-dump"]) == [False]
         assert store.lookup([b"late-dump"]) == [False]
@@ -128,7 +139,7 @@ def test_dump_of_a_stopped_engine_is_never_committed(late_config):
 
 
 def _connector(tiny_model, config_file, nb, **extra):
-    from test_connector import connector
+    from connector_kit import connector
 
     conn = connector(tiny_model, config_file, num_blocks=nb, **extra)
     caches = {f"l{i}": torch.randint(1, 1 << 30, (nb, 64 * 1024), dtype=torch.int32) for i in range(2)}
@@ -140,7 +151,7 @@ def test_connector_load_from_a_stopped_engine_never_lands(tiny_model, late_confi
     """A planned load while the engine is frozen: start_load_kv reports the
     blocks failed (vLLM recomputes them) only once their deadline has passed,
     and the engine, running again, writes none of them."""
-    from test_connector import keys, meta, step, transfer
+    from connector_kit import keys, meta, step, transfer
 
     conn, caches = _connector(tiny_model, late_config, 8)
     ks = keys(4, "conn-late-load")
@@ -158,7 +169,7 @@ def test_connector_load_from_a_stopped_engine_never_lands(tiny_model, late_confi
         took = time.monotonic() - t0
     assert errors == {4, 5, 6, 7}
     assert took >= TIMEOUT_MS / 1000 - 0.02, f"blocks reported failed after {took:.2f} s, before the deadline"
-    time.sleep(1.0)
+    settled(conn.client)
     assert all(torch.count_nonzero(v[4:]) == 0 for v in caches.values()), "the engine wrote blocks vLLM recomputes"
     conn.shutdown()
 
@@ -168,7 +179,7 @@ def test_connector_holds_a_finished_requests_blocks_until_its_dump_deadline(tiny
     its blocks until the dump's deadline (vLLM frees them when told the
     request is done); after that the blocks are reused, and the engine,
     running again, stores none of them."""
-    from test_connector import keys, meta, step, transfer
+    from connector_kit import keys, meta, step, transfer
 
     conn, caches = _connector(tiny_model, late_config, 8, ucm_save_timeout_ms=2000)
     ks = keys(4, "conn-late-dump")
@@ -188,7 +199,7 @@ def test_connector_holds_a_finished_requests_blocks_until_its_dump_deadline(tiny
         for v in caches.values():  # vLLM reuses the blocks
             v[:4].fill_(-1)
     assert released >= 2.0 - 0.02 and held, f"released after {released:.2f} s, before the dump's deadline"
-    time.sleep(1.0)
+    settled(conn.client)
     with NfsStore(late_config, namespace=conn.namespace) as store:
         assert store.lookup(ks) == [False] * 4, "a dump the connector gave up on was stored"
     conn.shutdown()

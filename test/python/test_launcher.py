@@ -143,7 +143,7 @@ def test_other_settings_are_refused_while_the_engine_serves(tmp_path, storage, e
 def test_the_connector_serves_misses_rather_than_other_settings(tiny_model, tmp_path, storage, endpoint, caplog):
     """vLLM with a config whose settings differ from a busy engine's: one
     error naming them, then every lookup a miss (the engine is not used)."""
-    from test_connector import connector
+    from connector_kit import connector
 
     cfg_a, cfg_b = two_configs(tmp_path, storage, endpoint)
     with NfsStore(cfg_a) as store:

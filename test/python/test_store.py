@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 
 import pytest
 import torch
 
-from ucm.store import NfsStore
-from conftest import private_sock, stop_engine
+from conftest import engine_pid, private_sock, stop_engine, write_config
+from slow_disk import SlowDisk, needs_slow_disk
 from store_entries import entries
+from ucm.client import EngineClient
+from ucm.store import NfsStore
 
 
 def keys(n, salt="k"):
@@ -138,43 +141,83 @@ def test_unreachable_engine_is_a_miss_not_a_hang(tmp_path, storage):
     from conftest import write_config
 
     cfg = write_config(tmp_path / "dead.yaml", storage, endpoint=f"ipc://{private_sock('none')}", clientTimeoutMs=300)
+    t0 = time.monotonic()
     store = NfsStore(cfg, start_engine=False)
     t = store.dump([b"k"], [0], [kv_like(blocks=1)[0][0]])
     assert t.done and t.failed_keys == [b"k"]
+    assert store.lookup([b"k"]) == [False]
     store.close()
+    # Bounded by clientTimeoutMs (0.3 s) a call, with room for a loaded machine: never the 30 s of a load deadline.
+    assert time.monotonic() - t0 < 5
 
 
-def test_cancelled_load_leaves_the_tensors_alone(config_file):
-    """A load given up on (cancel, or a wait that timed out) writes nothing after the call returns."""
-    with NfsStore(config_file) as store:
-        n = 256
-        src = kv_like(layers=2, blocks=n, block_bytes=64 * 1024)
-        ks = keys(n, "cancel")
-        task = store.dump(*entries(ks, src, range(n)))
-        assert store.wait(task) == 0
-        assert store.commit(ks) == [True] * n
-        dst = kv_like(layers=2, blocks=n, block_bytes=64 * 1024, fill=False)
-        task = store.load(*entries(ks, dst, range(n)))
-        assert store.cancel(task) is True
-        snapshot = [t.clone() for t in dst]
-        failed = store.wait(task)
-        assert all(torch.equal(a, b) for a, b in zip(dst, snapshot))
-        assert set(task.status) <= {"ok", "cancelled"}
-        assert failed == task.status.count("cancelled")
-        for b, s in enumerate(task.status):
-            for layer in range(2):
-                want = src[layer][b] if s == "ok" else torch.zeros_like(src[layer][b])
-                assert torch.equal(dst[layer][b], want)
-        # A wait that times out cancels the task before it reports the blocks failed.
-        dst2 = kv_like(layers=2, blocks=n, block_bytes=64 * 1024, fill=False)
-        task = store.load(*entries(ks, dst2, range(n)))
-        failed = store.wait(task, timeout_ms=0)
-        snapshot = [t.clone() for t in dst2]
-        if failed:  # the engine was not done at once: nothing may land afterwards
-            import time
+def engine_idle(endpoint, within_s=30.0):
+    """Waits until the engine has no task running (its stats say so)."""
+    probe = EngineClient(endpoint, 2000)
+    try:
+        deadline = time.monotonic() + within_s
+        while probe.raw("stats")["tasksInFlight"]:
+            assert time.monotonic() < deadline, "the engine still runs a task"
+            time.sleep(0.05)
+    finally:
+        probe.close()
 
-            time.sleep(0.5)
+
+@needs_slow_disk
+@pytest.mark.parametrize("memory", ["private", "registered"])
+def test_cancelled_load_leaves_the_tensors_alone(tmp_path, memory):
+    """A load given up on (cancel, or a wait that timed out) writes nothing
+    after the call returns: into registered tensors the engine copies
+    directly, so this is the engine's cancel; private ones go through the
+    store's staging. A throttled disk (slow_disk.py) keeps the load running
+    when it is given up on, whatever the machine's speed."""
+
+    def target(n):
+        t = kv_like(layers=2, blocks=n, block_bytes=64 * 1024, fill=False)
+        if memory == "registered":
+            store.register_memory(t)
+        return t
+
+    disk = SlowDisk(128)
+    sock = f"/tmp/ucm-pytest-cancel-{tmp_path.name[-12:]}.sock"
+    cfg = write_config(tmp_path / "slow.yaml", disk.mnt, endpoint=f"ipc://{sock}", clientTimeoutMs=10000, maxQueueMs=0)
+    try:
+        with NfsStore(cfg) as store:
+            disk.admit(engine_pid(f"ipc://{sock}"))
+            n = 256
+            src = kv_like(layers=2, blocks=n, block_bytes=64 * 1024)
+            ks = keys(n, "cancel")
+            task = store.dump(*entries(ks, src, range(n)))
+            assert store.wait(task) == 0
+            assert store.commit(ks) == [True] * n
+            disk.throttle(read_bps=1 << 20)  # 128 KiB a block: about 8 blocks a second
+            dst = target(n)
+            task = store.load(*entries(ks, dst, range(n)))
+            assert store.cancel(task) is True
+            snapshot = [t.clone() for t in dst]
+            failed = store.wait(task)
+            disk.throttle(read_bps=0)
+            engine_idle(f"ipc://{sock}")  # a copy the cancel let through would have landed by now
+            assert all(torch.equal(a, b) for a, b in zip(dst, snapshot))
+            assert set(task.status) <= {"ok", "cancelled"}
+            assert failed == task.status.count("cancelled") > n // 2
+            for b, s in enumerate(task.status):
+                for layer in range(2):
+                    want = src[layer][b] if s == "ok" else torch.zeros_like(src[layer][b])
+                    assert torch.equal(dst[layer][b], want)
+            # A wait that times out cancels the task before it reports the blocks failed.
+            dst2 = target(n)
+            disk.throttle(read_bps=1 << 20)
+            task = store.load(*entries(ks, dst2, range(n)))
+            failed = store.wait(task, timeout_ms=0)
+            assert failed > n // 2
+            snapshot = [t.clone() for t in dst2]
+            disk.throttle(read_bps=0)
+            engine_idle(f"ipc://{sock}")
             assert all(torch.equal(a, b) for a, b in zip(dst2, snapshot))
+    finally:
+        stop_engine(f"ipc://{sock}")
+        disk.close()
 
 
 def test_ucm_flat_connector_config_dict(storage, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 
 def main() -> None:
@@ -27,13 +28,13 @@ def main() -> None:
     extra = {"UCM_CONFIG_FILE": config, **opts.pop("extra", {})}  # kv_connector_extra_config
     llm = connector_llm(model, block_size, extra, **{"tensor_parallel_size": tp, "disable_log_stats": False, **opts})
     prompts = [{"prompt_token_ids": p} for p in json.loads(prompts_json)]
+    t0 = time.monotonic()
     outs = llm.generate(
         prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=ignore_eos), use_tqdm=False
     )
+    generate_s = time.monotonic() - t0  # the requests alone, without vLLM's start
     preemptions = sum(int(getattr(m, "value", 0)) for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
     llm.llm_engine.do_log_stats()  # logs the connector's "KV Transfer metrics"
-    import time
-
     stats = {}
     c = EngineClient(load_config(config).endpoint, 5000)
     tries = 3  # a busy 2-core machine may keep the engine from answering for a while
@@ -53,7 +54,12 @@ def main() -> None:
     print(
         "RESULT "
         + json.dumps(
-            {"tokens": [list(o.outputs[0].token_ids) for o in outs], "stats": stats, "preemptions": preemptions}
+            {
+                "tokens": [list(o.outputs[0].token_ids) for o in outs],
+                "stats": stats,
+                "preemptions": preemptions,
+                "generate_s": generate_s,
+            }
         ),
         flush=True,
     )
