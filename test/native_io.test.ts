@@ -50,9 +50,12 @@ function tracedDump(dir: string, opts: { odirect: boolean; fsync: boolean }, blo
   const lines = fs.readFileSync(trace, "utf8").split("\n");
   return Array.from({ length: blocks }, (_, i) => {
     const file = path.join(dir, `s${i}`);
-    const opens = lines.filter((l) => l.includes(`openat(`) && l.includes(`"${file}"`) && l.includes("O_CREAT"));
+    // By its path, or (how the store opens files below a storage directory) by name relative to its directory.
+    const names = [`"${file}"`, `<${dir}>, "s${i}"`];
+    const at = (l: string) => Math.max(...names.map((n) => l.indexOf(n)));
+    const opens = lines.filter((l) => l.includes(`openat(`) && at(l) >= 0 && l.includes("O_CREAT"));
     return {
-      created: opens.map((l) => /O_[A-Z_|]+/.exec(l.slice(l.indexOf(`"${file}"`)))![0]),
+      created: opens.map((l) => /O_[A-Z_|]+/.exec(l.slice(at(l)))![0]),
       // (a call that two threads interleave is logged "<unfinished ...>", then "resumed": count the starts)
       fdatasyncs: lines.filter((l) => l.includes("fdatasync(") && l.includes(`<${file}>`)).length,
     };

@@ -261,7 +261,7 @@ describe("the store: only the engine's own directories, no symbolic links, priva
       ["tmp-ns", "tmp-ns/.tmp"],
     ]) {
       await expect(dumpOne(e, ns)).rejects.toThrow(
-        new RegExp(`^${path.join(dir, "store", link)} is not a directory \\(a symbolic link\\?\\): refusing to use it$`),
+        new RegExp(`^${path.join(dir, "store", link)} is not a directory \\(a symbolic link\\?\\): refusing to use it: Not a directory$`),
       );
     }
     // A good namespace still works; eviction and the orphan sweep run; the victim is untouched.
