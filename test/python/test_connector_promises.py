@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from conftest import stop_engine, write_config
+from conftest import private_sock, stop_engine, write_config
 from connector_kit import connector, keys, meta, step, transfer
 from ucm.store import NfsStore
 
@@ -74,7 +74,7 @@ def test_a_corrupt_block_fails_with_every_later_one_and_earlier_ones_load_exact(
 def test_a_save_the_engine_sheds_leaves_the_block_unstored_is_counted_and_releases_the_request(
     tiny_model, tmp_path, storage
 ):
-    sock = f"/tmp/ucm-pytest-shed-{tmp_path.name[-12:]}.sock"
+    sock = private_sock(f"shed-{tmp_path.name[-12:]}")
     # Second-sight admission sheds the first dump of every block, deterministically.
     cfg = write_config(tmp_path / "shed.yaml", storage, endpoint=f"ipc://{sock}", admitOnSecondSight=True)
     try:

@@ -179,7 +179,7 @@ def test_cancelled_load_leaves_the_tensors_alone(tmp_path, memory):
         return t
 
     disk = SlowDisk(128)
-    sock = f"/tmp/ucm-pytest-cancel-{tmp_path.name[-12:]}.sock"
+    sock = private_sock(f"cancel-{tmp_path.name[-12:]}")
     cfg = write_config(tmp_path / "slow.yaml", disk.mnt, endpoint=f"ipc://{sock}", clientTimeoutMs=10000, maxQueueMs=0)
     try:
         with NfsStore(cfg) as store:
