@@ -16,7 +16,7 @@ import yaml
 
 from procs import wait_gone
 from timeouts import limit_every_test
-from ucm.client import EngineClient, EngineError, EngineUnavailable
+from ucm.client import EngineClient, EngineError
 
 
 def pytest_collection_modifyitems(items):
