@@ -6,8 +6,8 @@
 # that exited non-zero without a failing test (crashed, killed, timed out,
 # collected nothing), each count as one failure, named in `failures`. A suite
 # that could not run for a reason outside the project (the NFS suite's exit
-# 77) and every skipped test count as skipped and are named in the summary
-# line, so a skip never reads like a pass.
+# 77) and every skipped test count as skipped and are named on the line
+# before the summary line, so a skip never reads like a pass.
 #
 # Needs: node (jest reports) and a Python 3 with the standard library (JUnit
 # reports; COUNT_PYTHON, default .venv/bin/python where present, else python3).
@@ -120,15 +120,16 @@ count_nfs() {
   add_counts "NFS suite" "$rc" "$(echo "$line" | sed -E 's/^([0-9]+) passed, ([0-9]+) failed(, ([0-9]+) skipped)?$/\1 \2 \4/; s/ $/ 0/')"
 }
 
-# summary_line: "N passed, N failed", then ", N skipped (what)" naming every
-# skipped test and suite.
+# summary_line: a line "skipped: <what>; <what>" naming every skipped test
+# and suite (when any), then the last line "N passed, N failed", with
+# ", N skipped" when tests were skipped: a plain count line for CI to read.
 summary_line() {
   local line="${passed} passed, ${failed} failed" names=""
   if [ "$skipped" -gt 0 ]; then
     line+=", ${skipped} skipped"
     if [ ${#skip_names[@]} -gt 0 ]; then
       names=$(printf '%s; ' "${skip_names[@]}")
-      line+=" (${names%; })"
+      echo "skipped: ${names%; }"
     fi
   fi
   echo "$line"

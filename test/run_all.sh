@@ -2,9 +2,9 @@
 # Sets up everything the tests need on a fresh machine (idempotent) and runs
 # every test: the lint script (one check), jest (native core, engine) and, once
 # set up, pytest (Python shim, vLLM end to end). Ends with one line
-# "N passed, N failed", followed by ", N skipped (names)" when tests or a
-# whole suite were skipped (jest's pending tests, pytest's skips, the NFS
-# suite when it cannot run here); CI reads that line. How reports are
+# "N passed, N failed", followed by ", N skipped" when tests or a whole suite
+# were skipped (jest's pending tests, pytest's skips, the NFS suite when it
+# cannot run here; the line before it names them); CI reads that line. How reports are
 # counted (a missing, truncated or inconsistent one is a failure):
 # test/counting.sh.
 set -uo pipefail
