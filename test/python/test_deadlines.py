@@ -113,7 +113,11 @@ def test_load_stopped_midway_writes_nothing_after_wait(late_config):
         assert torch.equal(dst, snapshot), "the engine wrote memory after wait() returned"
         assert failed == sum(s != "ok" for s in task.status) and failed > 0
         for i, s in enumerate(task.status):
-            assert torch.equal(dst[i], src[i] if s == "ok" else torch.zeros_like(src[i])), (i, s)
+            # A block the client could not confirm (the engine froze before it
+            # said) may have landed before wait() returned: its own bytes or
+            # none, never others.
+            ok = torch.equal(dst[i], src[i])
+            assert ok if s == "ok" else ok or torch.equal(dst[i], torch.zeros_like(src[i])), (i, s)
 
 
 def test_dump_of_a_stopped_engine_is_never_committed(late_config):
