@@ -5,6 +5,12 @@
 // never queued, because a dump the scheduler cannot wait for is worth less
 // than the memory and disk it would hold. An admitted block holds its bytes
 // and its capacity reservation until `finish`.
+//
+// A key that another dump is writing at that moment (two requests of one
+// step with the same prefix; every TP rank of an MLA model, which share one
+// namespace) is not written a second time: it is answered `skipped`, as a
+// stored one is, until that write has ended (`release`). If that write fails,
+// the key simply stays unstored, a future miss.
 import { BlockStatus, blockFileSize } from "./native";
 import { CapacityManager } from "./capacity";
 import { EngineConfig } from "./config";
@@ -24,6 +30,8 @@ export interface Admitted {
   backends: number[];
   /** Payload bytes of all written blocks (the in-flight budget they hold). */
   bytes: number;
+  /** "<ns>/<key hex>" of the written blocks, in flight until `release`. */
+  ids: string[];
 }
 
 export type AdmissionSettings = Pick<EngineConfig, "admitOnSecondSight" | "maxInflightBytes">;
@@ -33,6 +41,8 @@ export class WriteAdmission {
   private inflight = 0;
   /** Keys dumped once (admitOnSecondSight), oldest first. */
   private readonly seenOnce = new Map<string, true>();
+  /** "<ns>/<key hex>" of the blocks being written now. */
+  private readonly writing = new Set<string>();
 
   constructor(
     private readonly settings: AdmissionSettings,
@@ -46,14 +56,20 @@ export class WriteAdmission {
   }
 
   /**
-   * Which of the `candidates` (blocks not stored yet) are written. The others are marked Dropped in `status`
-   * (and counted by reason); the written ones Ok, to be decided by the write.
+   * Which of the `candidates` (blocks not stored yet) are written. Those another dump is writing are marked
+   * Skipped; the others not let in Dropped (and counted by reason); the written ones Ok, to be decided by the write.
    */
   admit(ns: string, keys: Buffer[], shardLength: BigUint64Array, candidates: number[], status: BlockStatus[]): Admitted {
-    const out: Admitted = { write: [], files: [], backends: [], bytes: 0 };
+    const out: Admitted = { write: [], files: [], backends: [], bytes: 0, ids: [] };
     for (const b of candidates) {
+      const id = `${ns}/${keys[b].toString("hex")}`;
+      if (this.writing.has(id)) {
+        status[b] = BlockStatus.Skipped;
+        this.counters.blocksSkippedInFlight++;
+        continue;
+      }
       status[b] = BlockStatus.Dropped;
-      if (this.settings.admitOnSecondSight && !this.secondSight(`${ns}/${keys[b].toString("hex")}`)) {
+      if (this.settings.admitOnSecondSight && !this.secondSight(id)) {
         this.counters.deferredFirstSight++;
         continue;
       }
@@ -69,6 +85,8 @@ export class WriteAdmission {
         continue;
       }
       out.bytes += bytes;
+      out.ids.push(id);
+      this.writing.add(id); // a second copy of the key in this very request is skipped too
       status[b] = BlockStatus.Ok; // decided by the write
       out.write.push(b);
       out.files.push(file);
@@ -85,6 +103,11 @@ export class WriteAdmission {
   finish(a: Admitted): void {
     this.inflight -= a.bytes;
     a.write.forEach((_, j) => this.capacity.release(a.backends[j], a.files[j]));
+  }
+
+  /** The dump of `a` is over (written and committed, or failed): its keys may be written again. */
+  release(a: Admitted): void {
+    for (const id of a.ids) this.writing.delete(id);
   }
 
   /** True the second time a key is asked for (then forgotten); remembers the first. */

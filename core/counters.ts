@@ -14,6 +14,8 @@ export interface Counters {
   loadTasks: number;
   blocksDumped: number;
   blocksSkipped: number;
+  /** Of the skipped: being written by another dump at that moment (not yet stored, not written twice). */
+  blocksSkippedInFlight: number;
   blocksLoaded: number;
   bytesDumped: number;
   bytesLoaded: number;
@@ -46,6 +48,7 @@ export function newCounters(): Counters {
     loadTasks: 0,
     blocksDumped: 0,
     blocksSkipped: 0,
+    blocksSkippedInFlight: 0,
     blocksLoaded: 0,
     bytesDumped: 0,
     bytesLoaded: 0,

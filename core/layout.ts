@@ -6,6 +6,11 @@
 //   <backend>/<ns>/.tmp/<key hex>.<engine tag>.<seq>   uncommitted dump
 //   <backend>/<ns>/NAMESPACE                           what the namespace is
 //
+// NAMESPACE holds the description its first user gave (the vLLM connector:
+// model, ranks, the physical layout of every KV tensor). A later client that
+// describes the namespace otherwise is refused (`conflict`): its blocks would
+// not mean what that client expects, whatever their checksums say.
+//
 // The directories and NAMESPACE take space too (257 directories, about 1 MiB a
 // namespace on ext4) and stay when every block is evicted: what this engine
 // creates is reported to `onHolders` (the capacity ledger), and the native
@@ -15,9 +20,15 @@ import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
 import { createFile, makeDirs } from "./native";
+import { ProtocolError } from "./protocol";
+
+/** A NAMESPACE file larger than this is not one the engine wrote: refused. */
+const MAX_DESCRIPTION_FILE_BYTES = 1 << 20;
 
 export class StorageLayout {
   private readonly ready = new Map<string, Promise<void>>();
+  /** Namespaces whose NAMESPACE file this engine wrote or compared: the description, as canonical JSON. */
+  private readonly described = new Map<string, Promise<string>>();
   private seq = 0;
 
   /**
@@ -58,10 +69,10 @@ export class StorageLayout {
   }
 
   /** Creates the namespace's directories in every backend (once, off the event loop). */
-  ensureNamespace(ns: string, description?: unknown): Promise<void> {
+  ensureNamespace(ns: string): Promise<void> {
     let p = this.ready.get(ns);
     if (!p) {
-      p = this.create(ns, description);
+      p = this.create(ns);
       this.ready.set(ns, p);
       p.catch(() => this.ready.delete(ns));
     }
@@ -76,9 +87,64 @@ export class StorageLayout {
   /** Forgets that a namespace's directories exist (someone removed them): the next dump recreates them. */
   forgetNamespace(ns: string): void {
     this.ready.delete(ns);
+    this.described.delete(ns);
   }
 
-  private async create(ns: string, description?: unknown): Promise<void> {
+  /**
+   * Records what the namespace holds, or, when its NAMESPACE file exists (in any backend), checks that it says
+   * the same: a client whose blocks would mean something else is refused with `conflict`, naming both.
+   */
+  async describeNamespace(ns: string, description: unknown): Promise<void> {
+    const mine = canonicalJson(description);
+    await this.ensureNamespace(ns);
+    let p = this.described.get(ns);
+    if (!p) {
+      p = Promise.all(this.backends.map((b, index) => this.describeIn(b, index, ns, mine))).then(
+        (all) => all.find((t) => t !== mine) ?? mine,
+      );
+      this.described.set(ns, p);
+      p.catch(() => this.described.delete(ns));
+    }
+    const theirs = await p;
+    if (theirs !== mine) {
+      throw new ProtocolError(
+        "conflict",
+        `namespace ${ns} holds blocks described as ${theirs}, and this client describes its blocks as ${mine}: ` +
+          "they would not mean the same, so this client may not use it",
+      );
+    }
+  }
+
+  /**
+   * Writes backend `b`'s NAMESPACE file (the addon: exclusive create through the namespace directory's descriptor,
+   * no link followed) or, when one is there, reads it (no link followed either).
+   */
+  private async describeIn(b: string, index: number, ns: string, mine: string): Promise<string> {
+    const text = JSON.stringify({ namespace: ns, description: JSON.parse(mine) }, null, 2) + "\n";
+    const made = await createFile(b, ns, "NAMESPACE", text);
+    if (made > 0) {
+      this.onHolders(index, made);
+      return mine;
+    }
+    const file = path.join(b, ns, "NAMESPACE");
+    let stored: unknown;
+    const fh = await fs.promises.open(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
+    try {
+      const st = await fh.stat();
+      if (!st.isFile() || st.size > MAX_DESCRIPTION_FILE_BYTES) {
+        throw new ProtocolError("conflict", `${file} is not a NAMESPACE file the engine wrote (not a small regular file)`);
+      }
+      stored = (JSON.parse(await fh.readFile("utf8")) as { description?: unknown }).description;
+    } catch (e) {
+      if (e instanceof ProtocolError) throw e;
+      throw new ProtocolError("conflict", `${file} cannot be read as a namespace description: ${(e as Error).message}`);
+    } finally {
+      await fh.close();
+    }
+    return canonicalJson(stored ?? null);
+  }
+
+  private async create(ns: string): Promise<void> {
     await Promise.all(
       this.backends.map(async (b, index) => {
         // Through descriptors (native/src/store_dirs.h): each directory is created, then opened without following
@@ -89,16 +155,28 @@ export class StorageLayout {
         const halves = [[".tmp", ...FAN_OUT.slice(0, 128)], FAN_OUT.slice(128)];
         const sizes = await Promise.all(halves.map((names) => makeDirs(b, ns, names)));
         let made = sizes.flat().reduce((a, x) => a + x, 0);
-        if (description !== undefined) {
-          const text = JSON.stringify({ namespace: ns, description }, null, 2) + "\n";
-          made += await createFile(b, ns, "NAMESPACE", text); // exclusive: one already there is kept
-        }
         // The namespace's own directory, measured once its 258 entries are in (it grows past one block on ext4).
         if (madeRoot) made += await allocated(path.join(b, ns));
         if (made > 0) this.onHolders(index, made);
       }),
     );
   }
+}
+
+/** JSON with every object's keys sorted: two descriptions that say the same are the same text. */
+export function canonicalJson(v: unknown): string {
+  const sorted = (x: unknown): unknown => {
+    if (Array.isArray(x)) return x.map(sorted);
+    if (x !== null && typeof x === "object") {
+      return Object.fromEntries(
+        Object.keys(x as object)
+          .sort()
+          .map((k) => [k, sorted((x as Record<string, unknown>)[k])]),
+      );
+    }
+    return x;
+  };
+  return JSON.stringify(sorted(v === undefined ? null : v));
 }
 
 /** The 256 fan-out directories of a namespace: the first byte of a key, in hex. */

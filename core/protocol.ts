@@ -22,6 +22,7 @@ export type ErrorCode =
   | "shutting_down"
   | "unsupported"
   | "expired"
+  | "conflict"
   | "internal";
 
 /** An error that becomes an `ok: false` reply with this code. */

@@ -86,13 +86,16 @@ export interface TransferRequest {
   ns: string;
   keys: Buffer[];
   shards: ShardArrays;
+  /**
+   * Client event id (GPU memory) the copies wait for: a dump's reads of the client's memory, a load's writes into
+   * it happen only after the work the client queued on its stream before the event.
+   */
+  event?: number;
 }
 
 export type LoadRequest = TransferRequest;
 
 export interface DumpRequest extends TransferRequest {
-  /** Client event id the writes wait for (GPU memory). */
-  event?: number;
   /** Each written block becomes visible at once. */
   commit: boolean;
 }
@@ -228,14 +231,13 @@ export function decodeLoad(msg: Msg, limits: RequestLimits): LoadRequest {
   const deadline = reqDeadline(msg);
   const ns = reqNs(msg);
   const keys = reqKeys(msg, limits.maxKeysPerRequest);
-  return { deadline, ns, keys, shards: reqShards(msg, keys.length) };
+  // nil is not "no event": it is refused like any other value that is not an id.
+  const event = msg.event !== undefined ? toUint(msg.event, "event") : undefined;
+  return { deadline, ns, keys, shards: reqShards(msg, keys.length), event };
 }
 
 export function decodeDump(msg: Msg, limits: RequestLimits): DumpRequest {
-  const req = decodeLoad(msg, limits);
-  // nil is not "no event": it is refused like any other value that is not an id.
-  const event = msg.event !== undefined ? toUint(msg.event, "event") : undefined;
-  return { ...req, event, commit: optBool(msg, "commit", false) };
+  return { ...decodeLoad(msg, limits), commit: optBool(msg, "commit", false) };
 }
 
 export function decodeTask(msg: Msg): TaskRequest {

@@ -126,7 +126,8 @@ export class Store {
 
   async namespace(s: Session, req: NamespaceRequest): Promise<Record<string, never>> {
     this.claimNamespace(s, req.ns);
-    await this.layout.ensureNamespace(req.ns, req.description);
+    if (req.description === null) await this.layout.ensureNamespace(req.ns);
+    else await this.layout.describeNamespace(req.ns, req.description);
     return {};
   }
 
@@ -171,13 +172,8 @@ export class Store {
     const { ns, keys } = req;
     // Regions and bounds of every block, before deciding which to skip.
     checkShards(s, req.shards, keys.length);
-    let waitEvent: number | undefined;
-    if (req.event !== undefined) {
-      // GPU memory: the workers wait on the event the client recorded after the forward pass.
-      waitEvent = s.events.get(req.event);
-      if (waitEvent === undefined)
-        throw new ProtocolError("unknown_region", `event ${describe(req.event)} is not an event registered by this client`);
-    }
+    // GPU memory: the workers wait on the event the client recorded after the forward pass.
+    const waitEvent = clientEvent(s, req);
     this.claimNamespace(s, ns);
     await this.layout.ensureNamespace(ns);
     const stored = await this.lookups.present([ns], keys);
@@ -208,11 +204,19 @@ export class Store {
       started = this.transfers.submit("D2S", spec);
     } catch (e) {
       this.admission.finish(admitted);
+      this.admission.release(admitted);
       throw e;
     }
+    // Each given back once: by the result below, or when the transfer failed as a whole (no result comes).
+    const endBudget = once(() => this.admission.finish(admitted));
+    const endWriting = once(() => this.admission.release(admitted));
+    started.catch(() => {
+      endBudget();
+      endWriting();
+    });
     this.counters.dumpTasks++;
-    return this.tasks.track(s, "D2S", spec.cancelId!, started, async (r, id) => {
-      this.admission.finish(admitted);
+    return this.tasks.track(s, "D2S", keys.length, spec.cancelId!, started, async (r, id) => {
+      endBudget();
       const errno = new Array<number>(keys.length).fill(0);
       const where = new Map<number, number>(); // block -> its index among the written ones
       admitted.write.forEach((b, j) => {
@@ -227,7 +231,10 @@ export class Store {
         const j = where.get(b);
         if (status[b] === BlockStatus.Skipped) {
           this.counters.blocksSkipped++;
-          this.pending.add(s, key, { final: this.layout.blockPath(ns, k), at: now, backend: 0, fileBytes: 0 });
+          // A written copy waiting for its commit (the same key earlier in this very request) stays the one committed.
+          if (!s.pending.get(key)?.temp) {
+            this.pending.add(s, key, { final: this.layout.blockPath(ns, k), at: now, backend: 0, fileBytes: 0 });
+          }
         } else if (status[b] === BlockStatus.Ok) {
           this.counters.blocksDumped++;
           this.pending.add(s, key, {
@@ -250,8 +257,12 @@ export class Store {
       // ENOTDIR): checked again next time, which refuses them with a clear error.
       if (r.errno.some((e) => e === 2 || e === 20 || e === 40)) this.layout.forgetNamespace(ns);
       this.counters.bytesDumped += r.bytes;
-      if (s.closed) this.pending.discardAll(s);
-      else if (req.commit) await this.commitWritten(s, ns, keys, status);
+      try {
+        if (s.closed) this.pending.discardAll(s);
+        else if (req.commit) await this.commitWritten(s, ns, keys, status);
+      } finally {
+        endWriting(); // committed (or not): another dump of these keys now sees what is stored
+      }
       return this.finished(id, "D2S", admitted.write.length, r, status, errno);
     });
   }
@@ -272,6 +283,8 @@ export class Store {
 
   async load(s: Session, req: LoadRequest): Promise<{ task: number }> {
     const { ns, keys } = req;
+    // GPU memory: the bytes land after the work the client queued on its stream before the load.
+    const waitEvent = clientEvent(s, req);
     const spec = this.spec(
       s,
       req,
@@ -282,13 +295,14 @@ export class Store {
     this.pin(names, 1);
     let started: Promise<TransferResult>;
     try {
+      if (waitEvent !== undefined) spec.waitEvent = waitEvent;
       started = this.transfers.submit("S2D", spec);
     } catch (e) {
       this.pin(names, -1);
       throw e;
     }
     this.counters.loadTasks++;
-    return this.tasks.track(s, "S2D", spec.cancelId!, started, (r, id) => {
+    return this.tasks.track(s, "S2D", keys.length, spec.cancelId!, started, (r, id) => {
       this.pin(names, -1);
       const status = Array.from(r.status) as BlockStatus[];
       const bad: string[] = [];
@@ -386,4 +400,23 @@ export class Store {
     // No partial or uncommitted block survives the engine.
     await this.pending.removeAll(sessions);
   }
+}
+
+/** The native event a transfer request names, checked to be one of this client's; undefined when it names none. */
+function clientEvent(s: Session, req: TransferRequest): number | undefined {
+  if (req.event === undefined) return undefined;
+  const native = s.events.get(req.event);
+  if (native === undefined)
+    throw new ProtocolError("unknown_region", `event ${describe(req.event)} is not an event registered by this client`);
+  return native;
+}
+
+/** `f` to be run at most once, whoever calls it first. */
+function once(f: () => void): () => void {
+  let done = false;
+  return () => {
+    if (done) return;
+    done = true;
+    f();
+  };
 }

@@ -75,6 +75,7 @@ export class TaskTracker {
   track(
     s: Session,
     direction: Direction,
+    blocks: number,
     id: number,
     started: Promise<TransferResult>,
     finish: (r: TransferResult, id: number) => Finished | Promise<Finished>,
@@ -97,7 +98,18 @@ export class TaskTracker {
       },
       (e: Error) => {
         this.log.error(`task ${id} failed: ${e.message}`);
-        task.result = { done: true, direction, status: [], errno: [], failed: [], bytes: 0, elapsed_s: 0, line: "" };
+        // Every block failed: a client that reads only `failed` (or counts statuses) never takes one as moved.
+        const all = Array.from({ length: blocks }, (_, i) => i);
+        task.result = {
+          done: true,
+          direction,
+          status: all.map(() => "io_error"),
+          errno: all.map(() => 5),
+          failed: all,
+          bytes: 0,
+          elapsed_s: 0,
+          line: "",
+        };
       },
     );
     task.done = settle; // settles once task.result is set

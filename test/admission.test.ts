@@ -57,6 +57,42 @@ describe("write admission", () => {
     expect((await c.call("stats")).deferredFirstSight).toBe(4);
   }, 30000);
 
+  test("a key another dump is writing is skipped, not written twice (issue 24)", async () => {
+    const dir = shortTmp();
+    const store = path.join(dir, "store");
+    fs.mkdirSync(store);
+    const e = await engine(dir, "a", { storage_backends: store, transferStreamNumber: 2 });
+    const c = e.client();
+    await hello(c);
+    const m = await register(c, 1, 16, 4 * MiB, "random");
+    // The same key twice in one request (two requests of one step with the same prefix, as vLLM sends them).
+    const k = key(0, "twice");
+    const one = await c.call("dump", { ns: NS, keys: [k, k], shards: shards(m, [0, 1]), commit: true });
+    expect((await finish(c, one.task)).status).toEqual(["ok", "skipped"]);
+    let s = await c.call("stats");
+    expect(s.blocksDumped).toBe(1);
+    expect(s.blocksSkippedInFlight).toBe(1);
+    // Two clients dumping the same 8 keys at once (every TP rank of an MLA model shares one namespace): each key
+    // is written once, whether the second request finds it being written or already stored.
+    const other = e.client();
+    await hello(other);
+    const m2 = await register(other, 1, 16, 4 * MiB, "random");
+    const keys = Array.from({ length: 8 }, (_, i) => key(i, "together"));
+    const idx = keys.map((_, i) => i);
+    const [a, b] = await Promise.all([
+      c.call("dump", { ns: NS, keys, shards: shards(m, idx), commit: true }),
+      other.call("dump", { ns: NS, keys, shards: shards(m2, idx), commit: true }),
+    ]);
+    const ra = (await finish(c, a.task)).status;
+    const rb = (await finish(other, b.task)).status;
+    expect(ra.filter((x) => x === "ok").length + rb.filter((x) => x === "ok").length).toBe(8);
+    expect([...ra, ...rb].filter((x) => x === "skipped").length).toBe(8);
+    s = await c.call("stats");
+    expect(s.blocksDumped).toBe(9);
+    const files = fs.readdirSync(path.join(store, NS), { recursive: true }).filter((f) => /[0-9a-f]{64}$/.test(String(f)));
+    expect(files.length).toBe(9);
+  }, 60000);
+
   // A real slow disk (helpers/slow_disk.ts): writes held to 1 MB/s for the engine process.
   slowDiskTest(
     "on a slow disk, dumps are answered at once and the excess is shed, not queued",

@@ -332,6 +332,13 @@ IoResult TransferEngine::RunDeviceBlock(const Item& item) {
   }
   IoResult r = ReadBlockFile(job.path, stager.data(), job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
   if (r.status != BlockStatus::kOk) return r;
+  // A load's bytes land only after the work the client queued on its stream
+  // before the load (vLLM zeroing new blocks, a step still reading them) has
+  // run: that work could otherwise overwrite the loaded KV after the scatter.
+  if (task.wait_event && !AwaitCudaEvent(*task.wait_event, opts_.cuda_event_timeout_ms, stop, &error)) {
+    if (error.empty()) return stopped();
+    return fail(ETIMEDOUT, "waiting for the client's CUDA event");
+  }
   CopyGuard guard(task);
   if (guard.Stopped(&why)) return why;
   if (!stager.Scatter(device, copies, &error)) return fail(EIO, "scatter");
