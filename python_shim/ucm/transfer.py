@@ -76,10 +76,10 @@ class Transfers:
     ) -> tuple[Pending | None, EngineError | None]:
         """Hands a dump or load of `keys` to the engine. `tensors` are located
         (registered in this session where needed) and `shards_of` turns their
-        (region id, offset) into the request's shards. A dump from CUDA
+        (region id, offset) into the request's shards. A dump or load of CUDA
         memory carries an event recorded now on the first CUDA tensor's
-        device: the engine copies only once the work queued so far on that
-        stream has run. Returns (the task, None), or the engine's error with
+        device: the engine copies out of or into that memory only once the
+        work queued so far on that stream has run. Returns (the task, None), or the engine's error with
         None, or with a task without id when the request went out unanswered
         (the engine may still run it, until its deadline). Anything that is
         not an engine answer raises."""
@@ -89,7 +89,10 @@ class Transfers:
                 shards = shards_of(located)
                 extra: dict[str, Any] = {"commit": True} if commit else {}
                 cuda = next((t.device for t in tensors if t.device.type == "cuda"), None)
-                if op == "dump" and cuda is not None:
+                if cuda is not None:
+                    # A dump reads what the work queued so far wrote; a load's
+                    # bytes must land after it (vLLM zeroing new blocks, a
+                    # step still reading them), not be overwritten by it.
                     extra["event"] = self.regions.record_event(cuda)
                 r = self.client.call(
                     op, ns=self.namespace, keys=keys, shards=shards.wire(), deadline_unix_ms=deadline.unix_ms, **extra

@@ -46,7 +46,10 @@ def transfer(req, ks, block_ids):
 
 
 def step(conn, m, finished=()):
-    """One step of the worker as vLLM's model runner runs it."""
+    """One step of the worker as vLLM's model runner runs it. `finished`:
+    requests that finished with their blocks held for the connector (the
+    scheduler half names them in the metadata; vLLM's finished_req_ids)."""
+    m.finished = sorted(set(m.finished) | set(finished))
     conn.handle_preemptions(m)
     conn.bind_connector_metadata(m)
     conn.start_load_kv(None)

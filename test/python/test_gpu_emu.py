@@ -213,7 +213,33 @@ def test_event_not_completed_holds_the_dump_back(emu_node, cuda_emu):
         assert store.wait(task) == 0, (task.status, task.error)
         store.commit(ks)
         dst = gpu_cache(cuda_emu, fill=False)
+        cuda_emu.auto_complete = True
         assert store.wait(store.load(*entries(ks, dst, range(BLOCKS)))) == 0
+        assert same(dst, src)
+
+
+@needs_emu_engine
+def test_load_lands_after_the_work_queued_before_it(emu_node, cuda_emu):
+    """vLLM may queue work on its stream that writes the blocks a load fills
+    (zeroing new blocks) before it calls start_load_kv. The load carries an
+    event recorded then: the engine writes the loaded bytes only once the
+    GPU completed it, so that work cannot wipe the loaded KV (issue 24)."""
+    with NfsStore(emu_node()) as store:
+        src = gpu_cache(cuda_emu)
+        ks = keys(BLOCKS, "zeroing")
+        cuda_emu.auto_complete = True
+        assert store.wait(store.dump(*entries(ks, src, range(BLOCKS)))) == 0
+        store.commit(ks)
+        dst = gpu_cache(cuda_emu, fill=False)
+        cuda_emu.auto_complete = False
+        task = store.load(*entries(ks, dst, range(BLOCKS)))
+        assert cuda_emu.pending_events() == 1
+        time.sleep(0.3)
+        assert not store.check(task)  # waiting for the GPU
+        for t in dst:  # the work queued before the load: zeroing its blocks
+            t.zero_()
+        cuda_emu.complete_events()
+        assert store.wait(task) == 0, (task.status, task.error)
         assert same(dst, src)
 
 
@@ -322,6 +348,7 @@ def test_connector_gpu_path(emu_node, cuda_emu, tiny_model):
         time.sleep(0.05)
     assert sending == {"r1"}
     assert conn.get_kv_connector_stats().data["saved_blocks"] == 4
+    cuda_emu.auto_complete = True  # the load's own event (recorded before it) completes at once
     _, errors = step(conn, meta(loads=[transfer("r2", ks, [8, 9, 10, 11])]))
     assert errors == set()
     for v in caches.values():
@@ -360,6 +387,7 @@ def test_preempted_dump_waiting_for_its_event_never_reads_reused_blocks(emu_node
     if stored:
         dst = {k: cuda_emu.tensor((nb, 2, 16, 128), torch.bfloat16) for k in caches}
         conn.register_kv_caches(dst)
+        cuda_emu.auto_complete = True
         _, errors = step(conn, meta(loads=[transfer("check", [ks[i] for i in stored], stored)]))
         assert errors == set()
         for k in caches:

@@ -43,9 +43,11 @@ def env(engine_log=None):
     return e
 
 
-def drive(model, config, prompts, engine_log, timeout=400, tp=1, opts=None):
+def drive(model, config, prompts, engine_log, timeout=400, tp=1, opts=None, driver="vllm_driver.py"):
     """One vLLM process; returns its result and what it and the engine logged.
-    `opts`: extra LLM arguments, plus max_tokens and ignore_eos for sampling."""
+    `opts`: extra LLM arguments, plus max_tokens and ignore_eos for sampling.
+    `driver`: vllm_steps_driver.py runs a script of steps (`prompts` is then
+    the steps) in one process."""
     start = os.path.getsize(engine_log) if os.path.exists(engine_log) else 0
     e = env(engine_log)
     if opts:
@@ -54,7 +56,7 @@ def drive(model, config, prompts, engine_log, timeout=400, tp=1, opts=None):
         # one core per rank
         e["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % (os.cpu_count() or 1)) for i in range(tp))
     p = subprocess.run(
-        [PY, os.path.join(HERE, "vllm_driver.py"), model, config, str(BLOCK), json.dumps(prompts), str(tp)],
+        [PY, os.path.join(HERE, driver), model, config, str(BLOCK), json.dumps(prompts), str(tp)],
         capture_output=True,
         text=True,
         env=e,
@@ -62,9 +64,11 @@ def drive(model, config, prompts, engine_log, timeout=400, tp=1, opts=None):
     )
     line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
     assert p.returncode == 0 and line, f"driver failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    with open(engine_log) as f:
-        f.seek(start)
-        engine_out = f.read()
+    engine_out = ""
+    if os.path.exists(engine_log):  # (a run without the store starts no engine)
+        with open(engine_log) as f:
+            f.seek(start)
+            engine_out = f.read()
     return json.loads(line[7:]), p.stdout + p.stderr + engine_out
 
 

@@ -29,6 +29,7 @@ class TensorRuns:
     tensor: torch.Tensor
     block_stride: int  # bytes between consecutive blocks
     runs: list[tuple[int, int]]  # (byte offset from the block's first byte, length), ascending, disjoint
+    block_axis: int = 0  # the tensor's axis of blocks
 
 
 def block_runs(name: str, t: torch.Tensor, num_blocks: int) -> TensorRuns:
@@ -54,7 +55,7 @@ def block_runs(name: str, t: torch.Tensor, num_blocks: int) -> TensorRuns:
         sum(i * s for i, (_, s) in zip(idx, outer)) * es for idx in itertools.product(*(range(n) for n, _ in outer))
     )
     runs = merge_runs([(off, run_len) for off in starts], name)
-    return TensorRuns(name, t, stride[d] * es, runs)
+    return TensorRuns(name, t, stride[d] * es, runs, d)
 
 
 def merge_runs(runs: list[tuple[int, int]], name: str = "KV cache") -> list[tuple[int, int]]:
@@ -105,10 +106,19 @@ def block_pieces(layers: list[TensorRuns], located: list[tuple[int, int]]) -> li
 
 
 def layout_signature(tensors: list[TensorRuns]) -> str:
-    """What makes block bytes (in)compatible, for the namespace digest."""
+    """What makes block bytes (in)compatible, for the namespace description:
+    per tensor its dtype, its shape with the block axis as B, the order of
+    its axes in memory (outermost first; size-1 axes hold no bytes of their
+    own and are left out) and its runs. Two layouts with the same shapes
+    and other strides (NHD and HND, LBNHC and LBHNC) differ here, so their
+    blocks never share a namespace description."""
     parts = []
     for tr in tensors:
+        t = tr.tensor
+        shape = ["B" if i == tr.block_axis else str(n) for i, n in enumerate(t.shape)]
+        axes = [i for i in range(t.dim()) if t.shape[i] != 1]
+        order = sorted(axes, key=lambda i: (-t.stride(i), i))
         parts.append(
-            f"{tuple(tr.tensor.shape[1:]) if tr.tensor.dim() > 1 else ()}:{tr.tensor.dtype}:{len(tr.runs)}x{tr.runs[0][1]}"
+            f"{'x'.join(shape)}:{t.dtype}:order{''.join(str(i) for i in order)}:{len(tr.runs)}x{tr.runs[0][1]}"
         )
     return "|".join(parts)

@@ -1,31 +1,52 @@
 """The connector's scheduler half: decides what to load and what to save.
 
 For each new request it asks the engine, in one batched lookup, which of the
-blocks beyond those vLLM already holds are stored in every TP rank's
-namespace (a block only some ranks stored is a miss), and claims the stored
-prefix; it never claims the prompt's last token, which vLLM must compute.
-Saves are planned as the KV of blocks becomes complete: the prompt's blocks
-as the prefill completes them, generated tokens' blocks in batches while the
+blocks beyond those vLLM already holds are stored in every rank's namespace
+(a block only some ranks stored is a miss), and claims the stored prefix; it
+never claims the prompt's last token, which vLLM must compute. Saves are
+planned as the KV of blocks becomes complete: the prompt's blocks as the
+prefill completes them, generated tokens' blocks in batches while the
 request decodes and the rest when it finishes, so that a chat's next turn,
-which sends the answer back as prompt, finds them too. Blocks loaded from
-the store are never saved again. The plan goes to the workers as each
-step's metadata; this half moves no bytes.
+which sends the answer back as prompt, finds them too. Blocks vLLM had in
+its own prefix cache and blocks loaded from the store are not saved again.
+The plan goes to the workers as each step's metadata; this half moves no
+bytes.
+
+A load that fails poisons every block computed on top of it: the forward
+pass attends to whatever the failed blocks held, and with tensor
+parallelism one rank's failure reaches every rank through the all-reduce.
+So while a request's load has not been reported over by every worker
+(`UCMWorkerMetadata`, merged by vLLM across ranks and steps), nothing of
+that request is saved; once it has, the saves resume from where they
+stopped, and after a failure they cover the blocks vLLM recomputes instead
+of the ones it computed on the failed load.
 """
 
 from __future__ import annotations
 
+import logging
+import secrets
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
-from .common import ConnectorOptions, Transfer, UCMConnectorMetadata
+from .common import ConnectorOptions, Transfer, UCMConnectorMetadata, UCMWorkerMetadata
 from .link import EngineLink
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
+
+logger = logging.getLogger("ucm")
+
+#: how long a load's outcome may take to come back from the workers, beyond
+#: loadTimeoutMs, before the request's saves are given up (a lost report
+#: must never let KV computed on an unknown load into the store)
+OUTCOME_GRACE_S = 30.0
 
 
 @dataclass
@@ -34,30 +55,51 @@ class _ReqState:
     block_ids: list[int] = field(default_factory=list)
     load_start: int = 0  # first block index loaded from the store
     load_count: int = 0
-    saved_upto: int = 0  # block indices below this were handed to the worker for saving
+    saved_upto: int = 0  # block indices below this were handed to the worker for saving (or need none)
     load_planned: bool = False
+    load_id: int = 0  # the planned load whose outcome the workers report (0: none)
+    #: a load whose outcome not every worker reported yet: no save until it is known
+    load_pending: bool = False
+    load_since: float = 0.0
+    load_reports: int = 0
+    load_ok: int = 0  # least blocks loaded in order over the reports so far
+    #: nothing of this request is saved any more (a load's outcome never came)
+    saves_off: bool = False
+    #: request_finished came while a load's outcome was pending: blocks held until it comes
+    finished: bool = False
 
 
 class UCMScheduler(EngineLink):
     def __init__(self, opts: ConnectorOptions, name: str):
         super().__init__(opts, name)
-        self.namespaces = sorted({opts.namespace(r) for r in range(opts.tp_size)})
+        #: the cache epoch: 0 until reset_cache, then a random one (see reset_cache)
+        self.epoch = 0
+        self.namespaces = opts.all_namespaces(self.epoch)
         self._reqs: dict[str, _ReqState] = {}
+        self._by_load: dict[int, str] = {}  # load id -> request id, while its outcome is awaited
+        self._next_load_id = 1
         self._pending_loads: list[Transfer] = []
         self._final_saves: list[Transfer] = []  # of requests that finished since the last step
+        self._released: list[str] = []  # finished requests whose blocks the workers may hand back
         self._saving: set[str] = set()
         self._connect()
 
+    # ---- lookups and loads ------------------------------------------------------
+
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
-        state = self._reqs.get(request.request_id) or _ReqState(request)
-        self._reqs[request.request_id] = state
+        state = _ReqState(request)
+        old = self._reqs.get(request.request_id)
+        if old is not None:
+            self._by_load.pop(old.load_id, None)
         # Called for a request with nothing computed: a new one, or one that
         # was preempted and starts over. Either way any earlier plan is void.
-        state.load_start = state.load_count = 0
-        state.load_planned = False
+        self._reqs[request.request_id] = state
         # Never claim the last prompt token: vLLM must compute at least one.
         max_blocks = (request.num_prompt_tokens - 1) // self.opts.block_size
         start = num_computed_tokens // self.opts.block_size
+        # The blocks vLLM holds in its own prefix cache were computed (and
+        # offered to the store) by the request that computed them.
+        state.saved_upto = start
         hashes = list(request.block_hashes[:max_blocks])
         if start >= len(hashes):
             return 0, False
@@ -79,21 +121,84 @@ class UCMScheduler(EngineLink):
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
         state = self._reqs.get(request.request_id)
-        if state is None or num_external_tokens == 0 or state.load_count == 0 or state.load_planned:
+        if state is None or state.load_planned:
+            return
+        if num_external_tokens == 0:
+            # vLLM took none of the hit (skip_reading_prefix_cache): it computes those blocks itself.
+            state.load_count = 0
+            return
+        if state.load_count == 0:
             return
         state.load_planned = True
         block_ids = blocks.get_block_ids()[0]
         s, n = state.load_start, state.load_count
         keys = [bytes(h) for h in request.block_hashes[s : s + n]]
-        self._pending_loads.append(Transfer(request.request_id, keys, list(block_ids[s : s + n])))
+        state.load_id = self._next_load_id
+        self._next_load_id += 1
+        state.load_pending, state.load_since, state.load_reports, state.load_ok = True, time.monotonic(), 0, n
+        self._by_load[state.load_id] = request.request_id
+        self._pending_loads.append(
+            Transfer(request.request_id, keys, list(block_ids[s : s + n]), state.load_id, self.epoch)
+        )
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+        """Each step's worker reports: a load every worker reported is over,
+        and its outcome decides what of the request may be saved."""
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if not isinstance(meta, UCMWorkerMetadata):
+            return
+        for load_id, (reports, ok) in meta.loads.items():
+            req_id = self._by_load.get(load_id)
+            state = self._reqs.get(req_id) if req_id is not None else None
+            if state is None or state.load_id != load_id or not state.load_pending:
+                continue  # a plan made void since (preempted, aborted)
+            state.load_reports += reports
+            state.load_ok = min(state.load_ok, ok)
+            if state.load_reports >= self.opts.world_size:
+                self._load_over(state)
+
+    def _load_over(self, state: _ReqState) -> None:
+        """Every worker reported the request's load. Blocks from the first one
+        that failed on any rank are recomputed by vLLM, and saved as any
+        computed block; only the ones that loaded stay out of the saves."""
+        self._by_load.pop(state.load_id, None)
+        state.load_pending = False
+        state.load_count = state.load_ok
+        if state.finished:
+            self._finish(state)
+
+    def _give_up_stale_loads(self) -> None:
+        """A load whose outcome never came (a worker's report lost): nothing
+        computed on it is saved, and a finished request's blocks go back."""
+        limit = self.config.load_timeout_ms / 1000 + OUTCOME_GRACE_S
+        now = time.monotonic()
+        for load_id, req_id in list(self._by_load.items()):
+            state = self._reqs.get(req_id)
+            if state is None or state.load_id != load_id:
+                del self._by_load[load_id]
+                continue
+            if now - state.load_since > limit:
+                logger.warning(
+                    "UCM: request %s: the workers did not report its load within %.0f s; none of its blocks "
+                    "will be saved",
+                    req_id,
+                    limit,
+                )
+                del self._by_load[load_id]
+                state.load_pending, state.saves_off = False, True
+                if state.finished:
+                    self._finish(state)
+
+    # ---- saves -----------------------------------------------------------------
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
-        meta = UCMConnectorMetadata(loads=self._pending_loads, saves=self._final_saves)
-        self._pending_loads, self._final_saves = [], []
+        self._give_up_stale_loads()
+        meta = UCMConnectorMetadata(loads=self._pending_loads, saves=self._final_saves, finished=self._released)
+        self._pending_loads, self._final_saves, self._released = [], [], []
         for req_id in scheduler_output.preempted_req_ids or ():
             # vLLM freed its blocks (the workers settle its dumps first, in
-            # handle_preemptions) and computes it again from the start: plan
-            # its saves afresh (the engine skips blocks already stored).
+            # handle_preemptions) and computes it again from the start; its
+            # new plan is made when vLLM asks get_num_new_matched_tokens.
             state = self._reqs.get(req_id)
             if state is not None:
                 state.block_ids = []
@@ -128,7 +233,11 @@ class UCMScheduler(EngineLink):
     ) -> None:
         """Blocks whose KV is complete once this step has run go to the store
         (minus those loaded from it): the prompt's at once, generated tokens'
-        once `decode_save_blocks` of them wait (all of them when `finished`)."""
+        once `decode_save_blocks` of them wait (all of them when `finished`).
+        Nothing while the request's load is not known to have succeeded:
+        those blocks are planned once it is (saved_upto stays)."""
+        if state.load_pending or state.saves_off:
+            return
         req = state.request
         full = min((computed + scheduled) // self.opts.block_size, len(req.block_hashes), len(state.block_ids))
         prompt_full = req.num_prompt_tokens // self.opts.block_size
@@ -144,21 +253,65 @@ class UCMScheduler(EngineLink):
         state.saved_upto = max(state.saved_upto, full)
         if idx:
             meta.saves.append(
-                Transfer(req.request_id, [bytes(req.block_hashes[i]) for i in idx], [state.block_ids[i] for i in idx])
+                Transfer(
+                    req.request_id,
+                    [bytes(req.block_hashes[i]) for i in idx],
+                    [state.block_ids[i] for i in idx],
+                    epoch=self.epoch,
+                )
             )
             self._saving.add(req.request_id)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         state = self._reqs.pop(request.request_id, None)
-        if state is not None and state.block_ids:
-            # The generated blocks not saved yet go with the next step's
-            # metadata; the blocks stay allocated until the workers say the
-            # dump is over. (The last token sampled has no KV yet: it never
-            # went through the model, so num_computed_tokens stops before it.)
+        if state is not None and state.load_pending:
+            # Its load's outcome is still to come (it arrives with this
+            # step's worker reports): keep the blocks until it has, then save
+            # or not (_load_over).
+            state.finished = True
+            self._reqs[request.request_id] = state
+            return True, None
+        if state is not None:
+            return self._finish(state), None
+        return self._release(request.request_id), None
+
+    def _finish(self, state: _ReqState) -> bool:
+        """The request finished: its last blocks are saved (with the next
+        step's metadata) and its blocks stay allocated until the workers say
+        the dumps are over. (The last token sampled has no KV yet: it never
+        went through the model, so num_computed_tokens stops before it.)
+        Called from request_finished, or once a pending load's outcome came
+        for a request vLLM was already told to keep."""
+        req_id = state.request.request_id
+        if state.finished:
+            self._reqs.pop(req_id, None)
+        if state.block_ids:
             final = UCMConnectorMetadata()
-            self._plan_save(final, state, request.num_computed_tokens, 0, finished=True)
+            self._plan_save(final, state, state.request.num_computed_tokens, 0, finished=True)
             self._final_saves.extend(final.saves)
-        saving = request.request_id in self._saving
-        self._saving.discard(request.request_id)
-        # True keeps the blocks allocated until the workers report the saves done.
-        return saving, None
+        return self._release(req_id, held=state.finished)
+
+    def _release(self, req_id: str, held: bool = False) -> bool:
+        """True when vLLM must keep the request's blocks until the workers
+        report it (its dumps may still read them, or vLLM was told so
+        already: `held`); the workers are told with the next step's
+        metadata."""
+        held = held or req_id in self._saving
+        self._saving.discard(req_id)
+        if held:
+            self._released.append(req_id)
+        return held
+
+    # ---- invalidation ------------------------------------------------------------
+
+    def reset_cache(self) -> bool:
+        """vLLM's reset_prefix_cache(reset_connector=True) (and
+        pause_generation(clear_cache=True)), as after a weight update: from
+        now on blocks are looked up, loaded and saved in a new cache epoch,
+        a random one, so nothing stored before (by this vLLM or any other
+        sharing the store) is loaded again, and nothing computed now mixes
+        with what was. Dumps already planned keep their own epoch."""
+        self.epoch = secrets.randbits(62) + 1
+        self.namespaces = self.opts.all_namespaces(self.epoch)
+        logger.info("UCM: cache reset: blocks stored before are not used any more (cache epoch %x)", self.epoch)
+        return True

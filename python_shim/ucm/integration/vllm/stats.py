@@ -24,7 +24,8 @@ FIELDS = (
     "lookup_errors",  # lookups answered as misses because the engine did not answer
     "loaded_blocks",
     "load_failed_blocks",  # recomputed instead
-    "saved_blocks",  # written now or already stored
+    "saved_blocks",  # written by this save
+    "save_skipped_blocks",  # already stored, or being written by another dump: not written again
     "save_dropped_blocks",  # shed by the engine's write admission
     "save_failed_blocks",
 )

@@ -42,7 +42,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from . import stats as ucm_stats
-from .common import ConnectorOptions, Transfer, UCMConnectorMetadata, warn_hashseed_once
+from .common import ConnectorOptions, Transfer, UCMConnectorMetadata, UCMWorkerMetadata, warn_hashseed_once
 from .scheduler import UCMScheduler
 from .worker import UCMWorker
 
@@ -57,9 +57,10 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-__all__ = ["UnifiedCacheConnectorV1", "UCMConnectorMetadata"]
+__all__ = ["UnifiedCacheConnectorV1", "UCMConnectorMetadata", "UCMWorkerMetadata"]
 
 _Transfer = Transfer  # the name tests and older code import from here
 
@@ -108,6 +109,14 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         assert self.connector_scheduler is not None
         return self.connector_scheduler.request_finished(request, block_ids)
 
+    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+        assert self.connector_scheduler is not None
+        self.connector_scheduler.update_connector_output(connector_output)
+
+    def reset_cache(self) -> bool | None:
+        assert self.connector_scheduler is not None
+        return self.connector_scheduler.reset_cache()
+
     @property
     def requires_kv_delivery(self) -> bool:
         return False  # a best-effort cache: a dropped save is only a future miss
@@ -143,6 +152,10 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self.connector_worker is not None
         return self.connector_worker.get_block_ids_with_load_errors()
+
+    def build_connector_worker_meta(self) -> Any:
+        assert self.connector_worker is not None
+        return self.connector_worker.build_connector_worker_meta()
 
     # ==== both ========================================================================
 

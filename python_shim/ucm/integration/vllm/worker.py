@@ -12,7 +12,15 @@ reported over only once none of its blocks can be touched any more (the
 engine finished or acknowledged a cancel, its process is gone, or the task's
 deadline has passed). Nothing raises into vLLM: a load that cannot be made
 is reported failed (vLLM recomputes those blocks), a save that cannot be
-made is dropped (a future miss).
+made is dropped (a future miss). A load counts as loaded only block by block,
+in order, each with an `ok` status in a result that has one per key; each
+planned load's outcome goes back to the scheduler (UCMWorkerMetadata), which
+saves nothing computed on a load before every worker reported it good.
+
+Before its first transfer in a namespace the worker describes its blocks
+there (model, ranks, every KV tensor's physical layout); a namespace that
+its first user described otherwise is refused by the engine, and this worker
+then runs without the store rather than read bytes laid out another way.
 """
 
 from __future__ import annotations
@@ -29,9 +37,10 @@ from ...deadline import Deadline
 from ...memory import RegionRegistry
 from ...shards import ShardList
 from ...transfer import Pending, Transfers
-from .common import ConnectorOptions, Transfer, UCMConnectorMetadata
+from .common import ConnectorOptions, Transfer, UCMConnectorMetadata, identity_parts
 from .layout import TensorRuns, block_pieces, block_runs, layout_signature
 from .link import EngineLink
+from .worker_loads import Loads
 
 if TYPE_CHECKING:
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
@@ -39,23 +48,26 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ucm")
 
 
-class UCMWorker(EngineLink):
+class UCMWorker(Loads, EngineLink):
     def __init__(self, opts: ConnectorOptions, name: str):
         super().__init__(opts, name)
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+        from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
 
         self.rank = get_tensor_model_parallel_rank() if self.opts.tp_size > 1 else 0
-        self.namespace = opts.namespace(self.rank)
+        self.stage = get_pp_group().rank_in_group if self.opts.pp_size > 1 else 0
+        self.namespace = opts.namespace(self.rank, self.stage)
         self.regions = RegionRegistry(self.client)
-        self.transfers = Transfers(self.client, self.regions, self.namespace, self._request)
+        self._by_epoch: dict[int, Transfers] = {}  # cache epoch -> the transfers of its namespace
+        self._description: dict[str, Any] | None = None  # what this worker's blocks are (set at registration)
+        self._described: set[str] = set()  # namespaces the engine accepted the description of
+        self._outcomes: dict[int, int] = {}  # load id -> blocks loaded in order, for the scheduler
         self._layers: list[TensorRuns] = []
         self._block_bytes = 0  # one block's bytes over all layers
         #: why this worker runs without the store (KV cache memory the engine cannot reach), or None
         self._disabled: str | None = None
         self._load_errors: set[int] = set()
         self._dumps: dict[str, list[Pending]] = {}  # req -> dump tasks
-        self._saving_w: set[str] = set()
-        self._finishing: set[str] = set()
+        self._finishing: set[str] = set()  # finished requests whose blocks vLLM keeps until reported
         self._async_loads: dict[str, tuple[Pending | None, Transfer]] = {}  # req -> (task, transfer)
         self._connect()
 
@@ -81,17 +93,61 @@ class UCMWorker(EngineLink):
             layers[0].runs[0][1],
             self.namespace,
         )
-        self._call(
-            "namespace",
-            ns=self.namespace,
-            description={
-                "model": str(self.opts.vllm_config.model_config.model),
-                "block_size": self.opts.block_size,
-                "tp_size": self.opts.tp_size,
-                "rank": None if self.opts.use_mla else self.rank,
-                "layout": layout_signature(layers),
-            },
-        )
+        pc = self.opts.vllm_config.parallel_config
+        self._description = {
+            "format": 2,
+            "identity": identity_parts(self.opts.vllm_config, self.opts.kv_cache_config, self.opts.weights_version),
+            "block_size": self.opts.block_size,
+            "tp_size": self.opts.tp_size,
+            "rank": None if self.opts.use_mla else self.rank,
+            "pp_size": pc.pipeline_parallel_size,
+            "stage": self.stage,
+            "layout": layout_signature(layers),
+        }
+        self._describe(self.namespace)
+
+    def _describe(self, ns: str) -> bool:
+        """True once the engine accepted this worker's description of `ns`
+        (asked once per namespace; again after a refusal that was not about
+        the description, such as the engine being down)."""
+        if ns in self._described:
+            return True
+        if self._description is None or not self._usable():
+            return False
+        try:
+            self.client.call("namespace", ns=ns, description=self._description)
+        except EngineError as e:
+            if e.code == "conflict":
+                self._disable(
+                    f"{e}. Blocks of another KV cache layout or configuration are stored under this namespace; "
+                    "use another storage directory for this deployment, or remove that namespace's directory"
+                )
+            else:
+                self._failed("namespace", e)
+            return False
+        except Exception as e:  # noqa: BLE001
+            self._unexpected("namespace", e)
+            return False
+        self._described.add(ns)
+        return True
+
+    def _transfers(self, epoch: int) -> Transfers | None:
+        """The transfers in cache epoch `epoch`'s namespace, once described there."""
+        ns = self.namespace if epoch == 0 else self.opts.namespace(self.rank, self.stage, epoch)
+        if not self._describe(ns):
+            return None
+        t = self._by_epoch.get(epoch)
+        if t is None:
+            t = self._by_epoch[epoch] = Transfers(self.client, self.regions, ns, self._request)
+        return t
+
+    @property
+    def transfers(self) -> Transfers:
+        """The transfers of epoch 0 (what tests and diagnostics look at)."""
+        t = self._by_epoch.get(0)
+        if t is None:
+            t = self._by_epoch[0] = Transfers(self.client, self.regions, self.namespace, self._request)
+        return t
 
     def _disable(self, reason: str) -> None:
         """All misses from now on, on this worker: nothing is loaded (planned
@@ -124,8 +180,11 @@ class UCMWorker(EngineLink):
         if self._disabled is not None or not self._layers or not self._usable():
             return None
         try:
+            transfers = self._transfers(t.epoch)
+            if transfers is None:
+                return None
             dl = Deadline(timeout_ms, self._block_bytes, start)
-            p, err = self.transfers.submit(
+            p, err = transfers.submit(
                 op, t.keys, [tr.tensor for tr in self._layers], self._shards_of(t.block_ids), dl, commit=op == "dump"
             )
         except Exception as e:  # noqa: BLE001 - nothing from the store may reach vLLM's forward pass
@@ -172,87 +231,6 @@ class UCMWorker(EngineLink):
 
         return self.transfers.settle(p, waiting) == "deadline"
 
-    def start_load_kv(self, meta: "KVConnectorMetadata") -> None:
-        """Loads this step's planned blocks; returns once each is in place or
-        reported failed (with asynchronous loading: once each is submitted)."""
-        if not isinstance(meta, UCMConnectorMetadata) or not meta.loads:
-            return
-        unreported = list(meta.loads)
-        running: dict[str, Pending] = {}  # req -> engine task, submitted and not yet finished
-        try:
-            self._load(unreported, running)
-        except Exception as e:  # noqa: BLE001 - a planned load that fails is recomputed, never an error in vLLM
-            self._unexpected("load", e)
-            for t in unreported:
-                p = running.get(t.req_id)
-                if p is not None:
-                    self._memory_free(p, "load")  # vLLM recomputes these blocks: the engine must not write them later
-                self._report_failed(t, list(range(len(t.keys))))
-
-    def _load(self, unreported: list[Transfer], running: dict[str, Pending]) -> None:
-        t_start = time.perf_counter()
-        count = sum(len(t.keys) for t in unreported)
-        start = time.monotonic()
-        tasks = []
-        for t in list(unreported):
-            p = self._submit("load", t, self.config.load_timeout_ms, start)
-            tasks.append((t, p))
-            if p is not None:
-                running[t.req_id] = p
-        if self.opts.load_async:
-            # Finished (or failed) loads are reported by get_finished.
-            for t, p in tasks:
-                self._async_loads[t.req_id] = (p, t)
-                unreported.remove(t)
-            return
-        for t, p in tasks:
-            failed: list[int] = list(range(len(t.keys)))
-            if p is not None:
-                r = self.transfers.wait(p, p.deadline.left_ms())
-                if r is not None:
-                    failed = list(r.get("failed", []))
-                else:
-                    self._load_timed_out(p, t)
-                running.pop(t.req_id, None)
-            self._report_failed(t, failed)
-            unreported.remove(t)
-        logger.debug(
-            "UCM: loaded %d block(s) for %d request(s) in %.4f s", count, len(tasks), time.perf_counter() - t_start
-        )
-
-    def _load_timed_out(self, p: Pending, t: Transfer) -> None:
-        """A load not done by its deadline (or whose engine stopped answering):
-        its blocks are recomputed by vLLM and may be reused, so they are
-        reported failed only once the engine can no longer write them."""
-        if self._memory_free(p, "load"):
-            logger.error(
-                "UCM: request %s: load task %s timed out and the engine did not answer; its deadline has "
-                "passed, vLLM recomputes it",
-                t.req_id,
-                p.task,
-            )
-        else:
-            logger.warning(
-                "UCM: request %s: load did not finish within %d ms; cancelled, vLLM recomputes it",
-                t.req_id,
-                self.config.load_timeout_ms,
-            )
-
-    def _report_failed(self, t: Transfer, failed: list[int]) -> None:
-        # Blocks are used in order: everything after the first failure is recomputed too.
-        first = min(failed) if failed else len(t.keys)
-        self._stats["loaded_blocks"] += first
-        self._stats["load_failed_blocks"] += len(t.keys) - first
-        if failed:
-            self._load_errors.update(t.block_ids[first:])
-            if self._disabled is None:  # the store being off was said once already
-                logger.warning(
-                    "UCM: request %s: %d of %d block(s) could not be loaded; vLLM recomputes them",
-                    t.req_id,
-                    len(t.keys) - first,
-                    len(t.keys),
-                )
-
     def wait_for_save(self, meta: "KVConnectorMetadata") -> None:
         """Hands this step's planned saves to the engine (after the forward pass)."""
         if not isinstance(meta, UCMConnectorMetadata):
@@ -261,12 +239,14 @@ class UCMWorker(EngineLink):
         # recorded on the current stream, which the engine waits on.
         for t in meta.saves:
             try:
-                self._saving_w.add(t.req_id)
                 p = self._submit("dump", t, self.opts.save_timeout_ms)  # None: the save is dropped, a future miss
                 if p is not None:
                     self._dumps.setdefault(t.req_id, []).append(p)
             except Exception as e:  # noqa: BLE001 - a save that cannot be made is dropped
                 self._unexpected("dump", e)
+        # Finished requests whose blocks vLLM keeps for us: reported by
+        # get_finished once their dumps (submitted above at the latest) end.
+        self._finishing.update(meta.finished)
 
     def handle_preemptions(self, kv_connector_metadata: "KVConnectorMetadata") -> None:
         """Called by vLLM's model runner before each step's forward pass, with
@@ -314,8 +294,6 @@ class UCMWorker(EngineLink):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         done: set[str] = set()
-        recved: set[str] = set()
-        self._finishing.update(r for r in finished_req_ids if r in self._saving_w)
         for req_id in list(self._finishing):
             try:
                 if self._saves_pending(req_id):
@@ -327,38 +305,8 @@ class UCMWorker(EngineLink):
                     self._stats["save_failed_blocks"] += len(p.keys)
             self._dumps.pop(req_id, None)
             self._finishing.discard(req_id)
-            self._saving_w.discard(req_id)
             done.add(req_id)
-        for req_id, (p, t) in list(self._async_loads.items()):
-            try:
-                failed = self._async_load_result(p, t)
-                if failed is None:
-                    continue
-            except Exception as e:  # noqa: BLE001 - the load counts as failed: vLLM recomputes it
-                self._unexpected("check", e)
-                if p is not None:
-                    self._memory_free(p, "load")
-                failed = list(range(len(t.keys)))
-            self._report_failed(t, failed)
-            del self._async_loads[req_id]
-            recved.add(req_id)
-        return (done or None), (recved or None)
-
-    def _async_load_result(self, p: Pending | None, t: Transfer) -> list[int] | None:
-        """The failed blocks of an asynchronous load once it is over, None while
-        it runs (or while the engine does not answer and its deadline has not
-        passed: vLLM may reuse the blocks as soon as they are reported)."""
-        if p is None:
-            return list(range(len(t.keys)))
-        r = self.transfers.ask(p, "check")
-        if r is not None and r.get("done"):
-            return list(r.get("failed", []))
-        if r is None and not (p.deadline.passed() or p.engine_gone()):
-            return None
-        if r is not None and not p.deadline.passed():
-            return None
-        self._load_timed_out(p, t)
-        return list(range(len(t.keys)))
+        return (done or None), (self._async_loads_over() or None)
 
     def _saves_pending(self, req_id: str) -> bool:
         """Checks a finishing request's dumps; True while any still runs (or
@@ -387,13 +335,11 @@ class UCMWorker(EngineLink):
             self._stats["save_failed_blocks"] += len(keys)
             return
         for s in status:
-            if s in block_status.STORED:
+            if s == block_status.OK:
                 self._stats["saved_blocks"] += 1
+            elif s == block_status.SKIPPED:
+                self._stats["save_skipped_blocks"] += 1
             elif s == block_status.DROPPED:
                 self._stats["save_dropped_blocks"] += 1
             else:
                 self._stats["save_failed_blocks"] += 1
-
-    def get_block_ids_with_load_errors(self) -> set[int]:
-        errors, self._load_errors = self._load_errors, set()
-        return errors
