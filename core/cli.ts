@@ -185,7 +185,10 @@ export function formatStats(r: Record<string, unknown>): string {
     "lookups",
     `${n("lookups")} requests, ${lk} keys: ${n("hits")} hits, ${n("misses")} misses${lk ? ` (hit rate ${((100 * n("hits")) / lk).toFixed(1)}%)` : ""}`,
   );
-  add("dumped", `${n("blocksDumped")} blocks, ${gib(n("bytesDumped"))} in ${n("dumpTasks")} tasks; ${n("blocksSkipped")} already stored or being written (${n("blocksSkippedInFlight")})`);
+  add(
+    "dumped",
+    `${n("blocksDumped")} blocks, ${gib(n("bytesDumped"))} in ${n("dumpTasks")} tasks; ${n("blocksSkipped")} already stored or being written (${n("blocksSkippedInFlight")})`,
+  );
   add("loaded", `${n("blocksLoaded")} blocks, ${gib(n("bytesLoaded"))} in ${n("loadTasks")} tasks`);
   const lat = (r.latency ?? {}) as Record<string, { count: number; meanS: number; p50S: number; p99S: number }>;
   for (const d of ["dump", "load"]) {
