@@ -8,16 +8,15 @@ import hashlib
 import logging
 
 
-def connector(model, config_file, role="WORKER", num_blocks=64, **extra):
-    from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, VllmConfig
-    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
-    from vllm.v1.kv_cache_interface import KVCacheConfig
+def vllm_config(model, config_file, parallel=None, **extra):
+    """A VllmConfig of the tiny model with the connector as the seed configures it; `extra` goes to
+    kv_connector_extra_config, `parallel` to ParallelConfig."""
+    from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, ParallelConfig, VllmConfig
 
-    from ucm.integration.vllm.uc_connector import UnifiedCacheConnectorV1
-
-    vc = VllmConfig(
+    return VllmConfig(
         model_config=ModelConfig(model=model, dtype="float32", max_model_len=2048),
         cache_config=CacheConfig(block_size=32),
+        parallel_config=ParallelConfig(**(parallel or {})),
         kv_transfer_config=KVTransferConfig(
             kv_connector="UnifiedCacheConnectorV1",
             kv_connector_module_path="ucm.integration.vllm.uc_connector",
@@ -25,8 +24,16 @@ def connector(model, config_file, role="WORKER", num_blocks=64, **extra):
             kv_connector_extra_config={"UCM_CONFIG_FILE": config_file, **extra},
         ),
     )
+
+
+def connector(model, config_file, role="WORKER", num_blocks=64, **extra):
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+    from ucm.integration.vllm.uc_connector import UnifiedCacheConnectorV1
+
     kcc = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[])
-    return UnifiedCacheConnectorV1(vc, KVConnectorRole[role], kcc)
+    return UnifiedCacheConnectorV1(vllm_config(model, config_file, **extra), KVConnectorRole[role], kcc)
 
 
 def keys(n, salt):

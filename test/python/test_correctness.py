@@ -11,28 +11,16 @@ import logging
 import pytest
 import torch
 
-from connector_kit import connector, keys, meta, step, transfer, warnings_about
+from connector_kit import connector, keys, meta, step, transfer, vllm_config, warnings_about
 
 
 def options(model, config_file, parallel=None, kcc=None, **extra):
-    from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, ParallelConfig, VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
     from ucm.integration.vllm.common import ConnectorOptions
 
-    vc = VllmConfig(
-        model_config=ModelConfig(model=model, dtype="float32", max_model_len=2048),
-        cache_config=CacheConfig(block_size=32),
-        parallel_config=ParallelConfig(**(parallel or {})),
-        kv_transfer_config=KVTransferConfig(
-            kv_connector="UnifiedCacheConnectorV1",
-            kv_connector_module_path="ucm.integration.vllm.uc_connector",
-            kv_role="kv_both",
-            kv_connector_extra_config={"UCM_CONFIG_FILE": config_file, **extra},
-        ),
-    )
     kcc = kcc or KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[])
-    return ConnectorOptions.from_vllm(vc, kcc)
+    return ConnectorOptions.from_vllm(vllm_config(model, config_file, parallel, **extra), kcc)
 
 
 # ---- namespaces ---------------------------------------------------------------------
