@@ -26,7 +26,7 @@ namespace {
 // listening itself, with peer credentials.
 bool Inspect(int fd, const std::string& path, Peer* out) {
   struct stat st;
-  if (fstat(fd, &st) != 0 || !S_ISSOCK(st.st_mode)) return false;
+  if (!IsSocketFd(fd) || fstat(fd, &st) != 0 || !S_ISSOCK(st.st_mode)) return false;
   sockaddr_un addr;
   socklen_t len = sizeof addr;
   std::memset(&addr, 0, sizeof addr);
@@ -43,6 +43,16 @@ bool Inspect(int fd, const std::string& path, Peer* out) {
   *out = Peer{fd, static_cast<uint64_t>(st.st_ino), cred.pid, cred.uid};
   return true;
 }
+
+}  // namespace
+
+bool IsSocketFd(int fd) {
+  int type = 0;
+  socklen_t len = sizeof type;
+  return getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) == 0;
+}
+
+namespace {
 
 int OpenDescriptors() {
   DIR* d = opendir("/proc/self/fd");

@@ -22,6 +22,12 @@ struct Peer {
 // Accepted connections to the unix socket bound at `path` (not the listener).
 std::vector<Peer> ConnectedPeers(const std::string& path);
 
+// True when descriptor `fd` is a socket, asked of the socket layer alone:
+// the engine's descriptor scans run on the JavaScript thread, and fstat() of
+// a descriptor of a file or directory on a hung NFS server would block it
+// (the server's getattr never returns), taking every client's requests down.
+bool IsSocketFd(int fd);
+
 // Ends the connection on descriptor `fd` if that descriptor is still the
 // accepted connection with socket inode `inode` (checked right before, so a
 // descriptor number reused since ConnectedPeers is never hit). True when it

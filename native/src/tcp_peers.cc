@@ -1,5 +1,7 @@
 #include "tcp_peers.h"
 
+#include "peers.h"
+
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <fcntl.h>
@@ -56,7 +58,7 @@ using Link = std::pair<Endpoint, Endpoint>;
 // An accepted (not listening) tcp connection on local `port`: its inode, the client's address and ours.
 bool Accepted(int fd, int port, uint64_t* inode, Endpoint* client, Endpoint* local) {
   struct stat st;
-  if (fstat(fd, &st) != 0 || !S_ISSOCK(st.st_mode)) return false;
+  if (!IsSocketFd(fd) || fstat(fd, &st) != 0 || !S_ISSOCK(st.st_mode)) return false;
   sockaddr_storage ss;
   socklen_t len = sizeof ss;
   if (getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len) != 0 || !FromSockaddr(ss, local) || local->port != port)
