@@ -243,6 +243,8 @@ export class EngineServer {
         build: buildId(),
         clients: this.sessions.size,
         settings: this.settings(),
+        // A GPU block larger than this cannot move: the shim refuses such KV caches at registration.
+        maxDeviceBlockBytes: this.store.maxDeviceBlockBytes,
       },
     };
   }

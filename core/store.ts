@@ -6,7 +6,15 @@
 // results, wait, cancel), pending_commits.ts (temporary files until commit),
 // counters.ts. Requests arrive fully validated; nothing changes before the
 // session-dependent checks (regions, events) have passed.
-import { BlockStatus, Engine, TransferResult, TransferSpec, blockFileSize, setShareWithGroup } from "./native";
+import {
+  BlockStatus,
+  Engine,
+  TransferResult,
+  TransferSpec,
+  blockFileSize,
+  constants as nativeConstants,
+  setShareWithGroup,
+} from "./native";
 import { WriteAdmission } from "./admission";
 import { CapacityManager } from "./capacity";
 import { EngineConfig } from "./config";
@@ -90,6 +98,16 @@ export class Store {
   /** Reads the backends' capacity ledgers; before the first request. */
   start(): Promise<void> {
     return this.capacity.start();
+  }
+
+  /**
+   * The largest block (payload bytes) one device transfer can move: it must fit one transfer stream's share of
+   * pinned staging with its header (native transfer.cc sizes the shares the same way).
+   */
+  get maxDeviceBlockBytes(): number {
+    const { headerSize, blockAlign } = nativeConstants;
+    const perStream = Math.max(Math.floor(this.config.pinnedStagingBytes / this.config.transferStreamNumber), blockAlign);
+    return Math.ceil(perStream / blockAlign) * blockAlign - headerSize;
   }
 
   get tasksInFlight(): number {

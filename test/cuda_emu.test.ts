@@ -224,9 +224,8 @@ describe("CUDA failures are block statuses or refused requests, never a crash", 
   for (const [call, method] of [
     ["cudaHostAlloc", "batch"],
     ["cudaStreamCreateWithFlags", "batch"],
-    ["cudaEventSynchronize", "batch"],
+    ["cudaEventQuery", "batch"],
     ["LaunchCopyPieces", "kernel"],
-    ["cudaMemcpyBatchAsync", "batch"],
   ]) {
     test(`${call} fails (${method} copies): blocks end io_error, nothing is stored, the engine keeps serving`, async () => {
       node = await startNode([GPU_A], { cudaCopy: method }, { UCM_CUDA_EMU_FAIL: `${call}=cudaErrorIllegalAddress` });
@@ -241,6 +240,27 @@ describe("CUDA failures are block statuses or refused requests, never a crash", 
       expect((await r.c.call("health")).status).toBe("serving");
     });
   }
+
+  test("a copy that never finishes fails its block after cudaEventTimeoutMs; the engine keeps serving (issue 26)", async () => {
+    node = await startNode([GPU_A], { cudaEventTimeoutMs: 1000 }, { UCM_CUDA_EMU_STALL_COPIES: "1" });
+    const t0 = Date.now();
+    const r = await twoBlocks(node);
+    expect(r.dump).toEqual(["io_error", "io_error"]);
+    expect(Date.now() - t0).toBeLessThan(20000); // bounded, not held for good (the load below waits its own turn too)
+    expect(node.engine.output()).toMatch(/the gather did not finish within cudaEventTimeoutMs \(1000 ms\): a hung copy/);
+    expect((await r.c.call("health")).status).toBe("serving");
+  });
+
+  test("batched copies that fail with another error: one notice naming it, then the copy kernel, byte-exact", async () => {
+    node = await startNode([GPU_A], { cudaCopy: "batch" }, { UCM_CUDA_EMU_FAIL: "cudaMemcpyBatchAsync=cudaErrorInvalidValue" });
+    const r = await twoBlocks(node);
+    expect(r.dump).toEqual(["ok", "ok"]);
+    expect(r.load).toEqual(["ok", "ok"]);
+    expect(sameBlocks(r.dst, r.src, [0, 1])).toBe(true);
+    const notice = /cudaMemcpyBatchAsync failed .*cudaErrorInvalidValue.*copy kernel instead/g;
+    await until("the notice", () => notice.test(node!.engine.output()));
+    expect(node.engine.output().match(notice)?.length).toBe(1);
+  });
 
   test("a driver without batched copies: one notice, then the copy kernel, byte-exact", async () => {
     node = await startNode([GPU_A], { cudaCopy: "batch" }, { UCM_CUDA_EMU_FAIL: "cudaMemcpyBatchAsync=cudaErrorNotSupported" });

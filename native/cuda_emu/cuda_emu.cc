@@ -270,31 +270,50 @@ struct CUstream_st {
     cudaError_t result = cudaSuccess;
     for (const Op& op : ops) {
       if (result != cudaSuccess) break;
-      switch (op.kind) {
-        case Op::kWait:
-          WaitCounter(op.counters, op.target, blocking);
-          break;
-        case Op::kCopy:
-          result = Copy(op.dst, op.src, op.len, false);
-          break;
-        case Op::kPieces: {
-          // The kernel reads its table from mapped pinned memory.
-          {
-            std::lock_guard<std::mutex> rl(R().mu);
-            const Allocation* t = R().Find(op.table, sizeof(ucm::CopyPiece) * op.n);
-            if (!t || t->device >= 0) {
-              result = cudaErrorIllegalAddress;
-              break;
-            }
-          }
-          // Each piece as one thread block would do it.
-          for (int i = 0; i < op.n && result == cudaSuccess; ++i)
-            result = Copy(op.table[i].dst, op.table[i].src, op.table[i].len, true);
-          break;
-        }
-      }
+      if (op.kind == Op::kWait)
+        WaitCounter(op.counters, op.target, blocking);
+      else
+        result = Run(op);
     }
     ops.clear();
+    return result;
+  }
+
+  // The GPU as a poll sees it (cudaEventQuery): the queued operations run in
+  // order up to one that waits for an event not completed yet; NotReady while
+  // any is left. With UCM_CUDA_EMU_STALL_COPIES set, copies never run: a hung
+  // copy engine, for the tests of the engine's bounded waits.
+  cudaError_t Advance() {
+    std::lock_guard<std::mutex> lock(mu);
+    size_t i = 0;
+    cudaError_t result = cudaSuccess;
+    for (; i < ops.size() && result == cudaSuccess; ++i) {
+      const Op& op = ops[i];
+      if (op.kind == Op::kWait) {
+        if (__atomic_load_n(&op.counters[1], __ATOMIC_ACQUIRE) < op.target) break;
+        continue;
+      }
+      if (std::getenv("UCM_CUDA_EMU_STALL_COPIES")) break;
+      result = Run(op);
+    }
+    ops.erase(ops.begin(), ops.begin() + static_cast<std::ptrdiff_t>(i));
+    if (result != cudaSuccess) return result;
+    return ops.empty() ? cudaSuccess : cudaErrorNotReady;
+  }
+
+  // One queued copy (a memcpy, or the kernel's table of pieces).
+  cudaError_t Run(const Op& op) {
+    if (op.kind == Op::kCopy) return Copy(op.dst, op.src, op.len, false);
+    // The kernel reads its table from mapped pinned memory.
+    {
+      std::lock_guard<std::mutex> rl(R().mu);
+      const Allocation* t = R().Find(op.table, sizeof(ucm::CopyPiece) * op.n);
+      if (!t || t->device >= 0) return cudaErrorIllegalAddress;
+    }
+    // Each piece as one thread block would do it.
+    cudaError_t result = cudaSuccess;
+    for (int i = 0; i < op.n && result == cudaSuccess; ++i)
+      result = Copy(op.table[i].dst, op.table[i].src, op.table[i].len, true);
     return result;
   }
 
@@ -524,8 +543,7 @@ cudaError_t cudaEventQuery(cudaEvent_t event) {
     return __atomic_load_n(&event->counters[1], __ATOMIC_ACQUIRE) >= recorded ? cudaSuccess : cudaErrorNotReady;
   }
   if (!event->stream) return cudaSuccess;
-  std::lock_guard<std::mutex> lock(event->stream->mu);
-  return event->stream->ops.empty() ? cudaSuccess : cudaErrorNotReady;
+  return Fail(event->stream->Advance());
 }
 
 cudaError_t cudaEventSynchronize(cudaEvent_t event) {

@@ -134,14 +134,15 @@ class CudaStager {
 
   // Device -> staging, all copies in one batched operation. The caller has
   // waited for the client's event (AwaitCudaEvent). Returns when the bytes are
-  // in staging.
-  bool Gather(int device, const std::vector<DeviceCopy>& copies, std::string* error);
-  // Staging -> device; returns when the bytes are on the device.
-  bool Scatter(int device, const std::vector<DeviceCopy>& copies, std::string* error);
+  // in staging, or fails when the copy has not finished within `timeout_ms`
+  // (the stager is then broken: its copy may still land).
+  bool Gather(int device, const std::vector<DeviceCopy>& copies, uint32_t timeout_ms, std::string* error);
+  // Staging -> device; returns when the bytes are on the device (same bound).
+  bool Scatter(int device, const std::vector<DeviceCopy>& copies, uint32_t timeout_ms, std::string* error);
 
  private:
   CudaStager() = default;
-  bool Run(int device, const std::vector<DeviceCopy>& copies, bool to_host, std::string* error);
+  bool Run(int device, const std::vector<DeviceCopy>& copies, bool to_host, uint32_t timeout_ms, std::string* error);
   bool Streams(int device, std::string* error);
   bool EnqueueBatch(int device, const std::vector<DeviceCopy>& copies, bool to_host, void* stream, std::string* error);
   bool EnqueueKernel(const std::vector<DeviceCopy>& copies, bool to_host, void* stream, std::string* error);

@@ -4,7 +4,10 @@
 // on the copy engines, or the gather/scatter kernel of cuda_copy_kernel.cu).
 // A stager serves one block at a time (lent by StagerPool); nothing here is shared.
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstring>
+#include <thread>
 
 #include "block_file.h"
 #include "cuda_backend.h"
@@ -12,6 +15,27 @@
 #include "cuda_internal.h"
 
 namespace ucm {
+
+namespace {
+// Set once batched copies failed to start in this process (EnqueueBatch):
+// every stager then uses the copy kernel.
+std::atomic<bool> g_batch_failed{false};
+
+// Waits for `done` at most `timeout_ms`: cudaErrorNotReady when it has not
+// completed by then. Polled (a copy of a block takes well under a
+// millisecond to tens of milliseconds, 50 us steps cost little), since
+// cudaEventSynchronize cannot be bounded and a hung copy must not hold a
+// transfer stream and a share of staging for good.
+cudaError_t WaitFor(cudaEvent_t done, uint32_t timeout_ms) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    const cudaError_t e = cudaEventQuery(done);
+    if (e != cudaErrorNotReady) return e;
+    if (std::chrono::steady_clock::now() >= until) return cudaErrorNotReady;
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+}  // namespace
 
 std::unique_ptr<CudaStager> CudaStager::Create(int device, size_t bytes, CudaCopy method, std::string* error) {
   if (!CheckUsable(device, error) || !UseDevice(device, error)) return nullptr;
@@ -78,12 +102,12 @@ bool CudaStager::Streams(int device, std::string* error) {
   return true;
 }
 
-bool CudaStager::Gather(int device, const std::vector<DeviceCopy>& copies, std::string* error) {
-  return Run(device, copies, true, error);
+bool CudaStager::Gather(int device, const std::vector<DeviceCopy>& copies, uint32_t timeout_ms, std::string* error) {
+  return Run(device, copies, true, timeout_ms, error);
 }
 
-bool CudaStager::Scatter(int device, const std::vector<DeviceCopy>& copies, std::string* error) {
-  return Run(device, copies, false, error);
+bool CudaStager::Scatter(int device, const std::vector<DeviceCopy>& copies, uint32_t timeout_ms, std::string* error) {
+  return Run(device, copies, false, timeout_ms, error);
 }
 
 bool CudaStager::EnqueueBatch(int device, const std::vector<DeviceCopy>& copies, bool to_host, void* stream,
@@ -116,18 +140,18 @@ bool CudaStager::EnqueueBatch(int device, const std::vector<DeviceCopy>& copies,
 #endif
   if (e == cudaSuccess) return true;
   cudaGetLastError();
-  // Only a driver that lacks the call sends us to the kernel; any other
-  // error fails this block and is reported with it.
-  if (e != cudaErrorNotSupported && e != cudaErrorCallRequiresNewerDriver) {
-    *error = CudaErr("cudaMemcpyBatchAsync", e);
-    return false;
-  }
+  // Batched copies that fail to start, for a driver that lacks them or for
+  // any other reason, would fail every GPU block from now on: the copy
+  // kernel takes over, for every stager of the process, said once. A block
+  // the kernel cannot copy either fails with the kernel's error.
   method_ = CudaCopy::kKernel;
+  g_batch_failed.store(true);
   static bool notice_given = false;
-  AddCudaNotice(&notice_given, "cudaMemcpyBatchAsync is not available with this driver (CUDA " +
-                                   CudaVersionText(CudaProbe().driver_version) + "; " +
-                                   CudaErr("cudaMemcpyBatchAsync", e) +
-                                   "): GPU blocks move with the copy kernel instead");
+  const bool missing = e == cudaErrorNotSupported || e == cudaErrorCallRequiresNewerDriver;
+  AddCudaNotice(&notice_given,
+                std::string("cudaMemcpyBatchAsync ") + (missing ? "is not available with this driver" : "failed") +
+                    " (CUDA " + CudaVersionText(CudaProbe().driver_version) + "; " +
+                    CudaErr("cudaMemcpyBatchAsync", e) + "): GPU blocks move with the copy kernel instead");
   return EnqueueKernel(copies, to_host, stream, error);
 #else
   (void)device;
@@ -170,7 +194,8 @@ bool CudaStager::EnqueueKernel(const std::vector<DeviceCopy>& copies, bool to_ho
   return true;
 }
 
-bool CudaStager::Run(int device, const std::vector<DeviceCopy>& copies, bool to_host, std::string* error) {
+bool CudaStager::Run(int device, const std::vector<DeviceCopy>& copies, bool to_host, uint32_t timeout_ms,
+                     std::string* error) {
   if (broken_) {
     *error = "this transfer thread's staging was abandoned after a copy that did not finish";
     return false;
@@ -184,17 +209,21 @@ bool CudaStager::Run(int device, const std::vector<DeviceCopy>& copies, bool to_
   }
   if (!Streams(device, error)) return false;
   void* stream = streams_[device];
+  if (method_ == CudaCopy::kBatch && g_batch_failed.load()) method_ = CudaCopy::kKernel;
   const bool queued = method_ == CudaCopy::kBatch ? EnqueueBatch(device, copies, to_host, stream, error)
                                                   : EnqueueKernel(copies, to_host, stream, error);
   if (!queued) return false;
   auto done = static_cast<cudaEvent_t>(done_[device]);
   cudaError_t e = cudaEventRecord(done, static_cast<cudaStream_t>(stream));
-  if (e == cudaSuccess) e = cudaEventSynchronize(done);
+  if (e == cudaSuccess) e = WaitFor(done, timeout_ms);
   if (e != cudaSuccess) {
     cudaGetLastError();
     // The copy's state is unknown: never reuse this staging for another block.
     broken_ = true;
-    *error = CudaErr(to_host ? "waiting for the gather" : "waiting for the scatter", e);
+    *error = e == cudaErrorNotReady
+                 ? std::string(to_host ? "the gather" : "the scatter") + " did not finish within cudaEventTimeoutMs (" +
+                       std::to_string(timeout_ms) + " ms): a hung copy"
+                 : CudaErr(to_host ? "waiting for the gather" : "waiting for the scatter", e);
     return false;
   }
   return true;

@@ -323,7 +323,7 @@ IoResult TransferEngine::RunDeviceBlock(const Item& item) {
     {
       CopyGuard guard(task);
       if (guard.Stopped(&why)) return why;
-      if (!stager.Gather(device, copies, &error)) return fail(EIO, "gather");
+      if (!stager.Gather(device, copies, opts_.cuda_event_timeout_ms, &error)) return fail(EIO, "gather");
       // Gathered after the deadline: maybe bytes the client wrote since.
       why = guard.Ended();
       if (why.status != BlockStatus::kOk) return why;
@@ -341,7 +341,7 @@ IoResult TransferEngine::RunDeviceBlock(const Item& item) {
   }
   CopyGuard guard(task);
   if (guard.Stopped(&why)) return why;
-  if (!stager.Scatter(device, copies, &error)) return fail(EIO, "scatter");
+  if (!stager.Scatter(device, copies, opts_.cuda_event_timeout_ms, &error)) return fail(EIO, "scatter");
   return guard.Ended();
 }
 

@@ -129,7 +129,26 @@ class UCMWorker(Loads, EngineLink):
             self._unexpected("namespace", e)
             return False
         self._described.add(ns)
-        return True
+        self._check_staging()
+        return self._disabled is None
+
+    def _check_staging(self) -> None:
+        """GPU blocks move through one transfer stream's share of the
+        engine's pinned staging: KV caches whose block (all layers) is larger
+        would fail every transfer, so the store is turned off at once, with
+        the sizes, instead."""
+        limit = (self.client.engine_info or {}).get("maxDeviceBlockBytes")
+        cuda = any(tr.tensor.device.type == "cuda" for tr in self._layers)
+        if not cuda or not isinstance(limit, int) or self._block_bytes <= limit:
+            return
+        settings = self.client.engine_info.get("settings") or {}
+        self._disable(
+            f"a KV block of this worker is {self._block_bytes} bytes (all {len(self._layers)} layers), more than "
+            f"the {limit} bytes one transfer stream's share of the engine's pinned staging holds "
+            f"(pinnedStagingBytes {settings.get('pinnedStagingBytes')} / transferStreamNumber "
+            f"{settings.get('transferStreamNumber')}, less a block header); raise pinnedStagingBytes to at least "
+            f"{self._block_bytes + 4096} x transferStreamNumber"
+        )
 
     def _transfers(self, epoch: int) -> Transfers | None:
         """The transfers in cache epoch `epoch`'s namespace, once described there."""
