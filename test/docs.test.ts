@@ -60,13 +60,19 @@ function runBash(script: string, cwd: string, env: NodeJS.ProcessEnv, timeoutMs 
   });
 }
 
-/** A PATH whose `ucm-engine` is the built engine (what the wheel's console script execs). */
+/** A PATH whose `ucm-engine` is the built engine (what the wheel's console script execs); made once, removed at the end. */
+let binDir: string | undefined;
 function enginePath(): NodeJS.ProcessEnv {
-  const bin = shortTmp("ucmdoc-bin-");
-  const exe = path.join(bin, "ucm-engine");
-  fs.writeFileSync(exe, `#!/bin/sh\nexec ${JSON.stringify(process.execPath)} ${JSON.stringify(CLI)} "$@"\n`, { mode: 0o755 });
-  return { ...process.env, PATH: `${bin}:${process.env.PATH ?? ""}` };
+  if (!binDir) {
+    binDir = shortTmp("ucmdoc-bin-");
+    const exe = path.join(binDir, "ucm-engine");
+    fs.writeFileSync(exe, `#!/bin/sh\nexec ${JSON.stringify(process.execPath)} ${JSON.stringify(CLI)} "$@"\n`, { mode: 0o755 });
+  }
+  return { ...process.env, PATH: `${binDir}:${process.env.PATH ?? ""}` };
 }
+afterAll(() => {
+  if (binDir) fs.rmSync(binDir, { recursive: true, force: true });
+});
 
 function cli(args: string[]): string {
   const r = spawnSync(process.execPath, [CLI, ...args], { encoding: "utf8", timeout: 30000 });
