@@ -5,6 +5,10 @@
 //   ucm-engine health --config <yaml> | --endpoint <ep>
 //   ucm-engine stats  --config <yaml> | --endpoint <ep> [--json]
 //   ucm-engine bench  --dir <path> [--config <yaml>] [--block-mib 16] [--shards 128] [--gib 2] [--threads N]
+//
+// `ucm-engine --help` and `ucm-engine serve --help` also list every key of the
+// config file with its default, from the table docs/configuration.md is
+// generated from (core/options.ts).
 import { ParseArgsConfig, parseArgs } from "util";
 import { EngineClient } from "./client";
 import { OPTIONS, parseSize } from "./config";
@@ -12,6 +16,7 @@ import { formatMountBench, runMountBench, table } from "./mount_bench";
 import { ConfigError, EngineConfig, LoadedConfig, defaultEndpoint, loadConfigFile, validateEndpoint } from "./config";
 import { LOG_LEVELS, LogLevel, Logger } from "./log";
 import { widenCpuAffinity } from "./native";
+import { optionRows } from "./options";
 import { EngineServer } from "./server";
 
 /** Each command's options (node:util parseArgs) and its usage line. */
@@ -59,6 +64,17 @@ type Command = keyof typeof COMMANDS;
 const USAGE = `usage:\n${Object.values(COMMANDS)
   .map((c) => `  ${c.usage}`)
   .join("\n")}\n\nEvery command answers --help.`;
+
+/** The config file's keys with their defaults, one a line: the table of core/options.ts. */
+function optionsHelp(): string {
+  const rows = optionRows();
+  const kw = Math.max(...rows.map((r) => r.key.length));
+  const dw = Math.max(...rows.map((r) => r.dflt.length));
+  return [
+    "Keys of ucm_connector_config in the config file, their defaults and what they do (docs/configuration.md says more):",
+    ...rows.map((r) => `  ${r.key.padEnd(kw)}  ${r.dflt.padEnd(dw)}  ${r.doc}`),
+  ].join("\n");
+}
 
 interface Args {
   command: string;
@@ -266,7 +282,8 @@ async function main(argv: string[]): Promise<number> {
   const { command, flags, help } = parseCli(argv);
   if (help) {
     const c = COMMANDS[command as Command];
-    console.log(c ? `usage: ${c.usage}\n\n${c.about}` : USAGE);
+    if (!c) console.log(`${USAGE}\n\n${optionsHelp()}`);
+    else console.log(`usage: ${c.usage}\n\n${c.about}${command === "serve" ? `\n\n${optionsHelp()}` : ""}`);
     return 0;
   }
   switch (command) {

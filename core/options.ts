@@ -1,10 +1,12 @@
 // The engine's settings: every option of ucm_connector_config, its type,
 // range, default and meaning, in one table (OPTIONS), and the settled
 // EngineConfig they become. This table is the one source of the defaults: the
-// native addon takes every option from it explicitly (core/native.ts), the
-// README's table mirrors it, and the Python shim checks its own copy of the
-// client timeouts against it (test/python/test_config.py). config.ts reads
-// and validates a config file against it.
+// native addon takes every option from it explicitly (core/native.ts),
+// `ucm-engine --help` lists it (optionRows), docs/configuration.md is
+// generated from it (scripts/gen_config_doc.js; test/docs.test.ts fails when
+// they differ), and the Python shim checks its own copy of the client
+// timeouts against it (test/python/test_config.py). config.ts reads and
+// validates a config file against it.
 import { LogLevel } from "./log";
 
 export interface EngineConfig {
@@ -93,10 +95,13 @@ interface OptionSpec {
   min?: number;
   max?: number;
   dflt: number | boolean | string;
+  /** One line: what `ucm-engine --help` prints, and the reference's first sentence. */
   doc: string;
+  /** More for docs/configuration.md only: consequences, interactions, what the tests showed. */
+  details?: string;
 }
 
-/** Every optional key of ucm_connector_config, with its default. The README table mirrors this. */
+/** Every optional key of ucm_connector_config, with its default (docs/configuration.md is generated from it). */
 export const OPTIONS: Record<string, OptionSpec> = {
   transferStreamNumber: {
     key: "transferStreamNumber",
@@ -105,25 +110,54 @@ export const OPTIONS: Record<string, OptionSpec> = {
     max: 1024,
     dflt: 32,
     doc: "transfer streams: block reads and writes in flight to storage at once (up to two native threads each)",
+    details:
+      "As fio's numjobs. Each stream has a native thread and, while the engine has CPUs for it, a second one that prepares the next block (gathers, checksums, creates the file; or verifies and scatters the last one) while the first reads or writes; ucm_storage_busy_seconds_total over this number says how busy storage is kept.",
   },
   endpoint: {
     key: "endpoint",
     kind: "string",
     dflt: "",
-    doc: "ZeroMQ endpoint; default ipc:///tmp/ucm-<uid>/<digest of storage_backends>/engine.sock",
+    doc: "ZeroMQ endpoint, ipc://<absolute path> or tcp://127.0.0.1:<port>; empty: ipc://<runtime base>/<12 hex of sha256(storage_backends)>/engine.sock",
+    details:
+      "The runtime base is $XDG_RUNTIME_DIR/ucm when XDG_RUNTIME_DIR is a directory of this user nobody else may enter, else /tmp/ucm-<uid>. An ipc path has at most 102 bytes (the credential socket <path>.cred sits beside it). The socket directory is created 0700; an existing one must be this user's or root's and writable by nobody else (not even sticky like /tmp: anybody could bind the name there first), its parent the same or sticky; modes of existing directories are left alone. The socket is 0600. On tcp the engine speaks CURVE and publishes its public key to /tmp/ucm-<uid>/tcp-127.0.0.1-<port>.curve (0600, removed when it stops): only its own user's clients are served; connections of other users are closed at once, any without the key after 5 s (docs/reliability.md, threat model). The engine cannot learn a tcp client's pid, so it maps no /proc/<pid>/fd/<n> region for it: the shim's CPU tensors, shared by descriptor, are refused there (that client runs without the store, saying why); GPU memory and named shared memory work. Use ipc for vLLM on CPU. An engine run by a supervisor should name its endpoint (docs/operations.md).",
   },
-  odirect: { key: "odirect", kind: "bool", dflt: true, doc: "O_DIRECT block I/O, dropped where the filesystem refuses it" },
-  fsync: { key: "fsync", kind: "bool", dflt: false, doc: "fdatasync each block before it counts as written" },
-  maxBlockBytes: { key: "maxBlockBytes", kind: "int", min: 4096, max: 2 ** 40, dflt: 2 ** 30, doc: "largest block accepted, bytes" },
+  odirect: {
+    key: "odirect",
+    kind: "bool",
+    dflt: true,
+    doc: "O_DIRECT block I/O, dropped where the filesystem refuses it",
+    details:
+      "O_DIRECT works on NFS 4.2 and 3 (the NFS suite checks the client's own counters); tmpfs, overlayfs and some NFS servers refuse it, and the engine then writes through the page cache.",
+  },
+  fsync: { key: "fsync", kind: "bool", dflt: false, doc: "fdatasync every block file before it counts as written" },
+  maxBlockBytes: {
+    key: "maxBlockBytes",
+    kind: "int",
+    min: 4096,
+    max: 2 ** 40,
+    dflt: 2 ** 30,
+    doc: "largest block payload accepted, bytes",
+    details: "Each transfer worker's staging buffer grows to the largest block it has seen, up to this.",
+  },
   logLevel: { key: "logLevel", kind: "level", dflt: "info", doc: "debug, info, warn or error" },
-  maxKeysPerRequest: { key: "maxKeysPerRequest", kind: "int", min: 1, max: 1 << 20, dflt: 65536, doc: "keys one request may name" },
+  maxKeysPerRequest: {
+    key: "maxKeysPerRequest",
+    kind: "int",
+    min: 1,
+    max: 1 << 20,
+    dflt: 65536,
+    doc: "keys one request may name",
+    details: "A request naming more is refused (too_large) before any work.",
+  },
   uncommittedTimeoutS: {
     key: "uncommittedTimeoutS",
     kind: "int",
     min: 1,
     max: 86400,
     dflt: 600,
-    doc: "seconds a dumped block waits for commit before it is discarded",
+    doc: "a dumped block not committed within this many seconds is discarded",
+    details:
+      "Checked every 10 s, logged and counted; a later commit of it answers false. Temporary files of writers on other hosts are removed only when older than twice this.",
   },
   lookupCacheTtlS: {
     key: "lookupCacheTtlS",
@@ -131,16 +165,27 @@ export const OPTIONS: Record<string, OptionSpec> = {
     min: 0,
     max: 86400,
     dflt: 60,
-    doc: "seconds a found block is remembered without a stat",
+    doc: "a block seen committed is trusted this long without a stat (0: always stat)",
+    details:
+      "Blocks another node deleted meanwhile are then a load miss (not_found, recomputed), never an error; an emptied storage directory is answered from this cache for up to this long (docs/reliability.md).",
   },
-  shutdownTimeoutS: { key: "shutdownTimeoutS", kind: "int", min: 0, max: 3600, dflt: 30, doc: "seconds SIGTERM waits for running tasks" },
+  shutdownTimeoutS: {
+    key: "shutdownTimeoutS",
+    kind: "int",
+    min: 0,
+    max: 3600,
+    dflt: 30,
+    doc: "on SIGINT or SIGTERM, how long running tasks may finish before they are cancelled",
+    details: "A supervisor's stop timeout must exceed it (systemd's TimeoutStopSec: docs/operations.md).",
+  },
   clientCheckMs: {
     key: "clientCheckMs",
     kind: "int",
     min: 50,
     max: 600000,
     dflt: 2000,
-    doc: "milliseconds between checks that clients are alive",
+    doc: "how often the engine checks that client processes are alive, ms",
+    details: "A client whose process is gone loses its regions, tasks and uncommitted blocks.",
   },
   clientTimeoutMs: {
     key: "clientTimeoutMs",
@@ -148,7 +193,8 @@ export const OPTIONS: Record<string, OptionSpec> = {
     min: 1,
     max: 600000,
     dflt: 5000,
-    doc: "(shim) deadline of one request to the engine",
+    doc: "(read by the Python shim) deadline of one request to the engine, ms; past it the connector counts a miss",
+    details: "A shim whose config leaves it out takes the running engine's value from its hello reply.",
   },
   loadTimeoutMs: {
     key: "loadTimeoutMs",
@@ -156,22 +202,35 @@ export const OPTIONS: Record<string, OptionSpec> = {
     min: 1,
     max: 3600000,
     dflt: 30000,
-    doc: "(shim) how long a load may take before its blocks are recomputed",
+    doc: "(read by the Python shim) how long a load may take before its blocks are recomputed, ms",
+    details:
+      "Taken from the running engine like clientTimeoutMs when the shim's config leaves it out. A load that outlives it is cancelled first; its blocks are reported failed only once the engine acknowledged the cancel, its process is gone, or the load's deadline passed.",
   },
-  loadAsync: { key: "loadAsync", kind: "bool", dflt: false, doc: "(shim) load KV asynchronously, outside the forward pass" },
+  loadAsync: {
+    key: "loadAsync",
+    kind: "bool",
+    dflt: false,
+    doc: "(read by the Python shim) load asynchronously: a request waits outside the batch while its blocks load, instead of the forward pass waiting for them",
+    details:
+      "kv_connector_extra_config's ucm_load_async overrides it. Unlike the two timeouts it is never taken from the engine: the scheduler and the workers decide with it in different processes, so it stays what the config says.",
+  },
   engineUid: {
     key: "engineUid",
     kind: "int",
     min: 0,
     max: 2 ** 32 - 1,
     dflt: 0,
-    doc: "(shim) a user, besides the client's own and root, whose engine the shim may talk to (its socket and directories may belong to it); 0 = none",
+    doc: "(read by the Python shim) a user, besides the client's own and root, whose engine the shim may use; 0 = none",
+    details:
+      "Its socket, the directories leading to it and the process serving it may then belong to that uid (docs/reliability.md, threat model).",
   },
   capacity: {
     key: "capacity",
     kind: "sizes",
     dflt: 0,
-    doc: "bytes each backend directory may hold, e.g. 500GiB (one value, or a list with one per backend); 0 = unlimited. Shared by every engine writing there",
+    doc: "bytes each backend directory may hold, for every engine writing there together; 0 = unlimited",
+    details:
+      "500GiB, 1.5TB, 64M (binary unless KB/MB/GB/TB) or a plain integer; one value for every backend or a list with one per backend. Minimum 16 MiB. Eviction and what counts: docs/capacity.md.",
   },
   evictionGraceS: {
     key: "evictionGraceS",
@@ -179,7 +238,7 @@ export const OPTIONS: Record<string, OptionSpec> = {
     min: 0,
     max: 86400,
     dflt: 10,
-    doc: "blocks used within this many seconds are never evicted",
+    doc: "blocks used (written or loaded) within this many seconds are never evicted",
   },
   capacitySyncMs: {
     key: "capacitySyncMs",
@@ -187,7 +246,9 @@ export const OPTIONS: Record<string, OptionSpec> = {
     min: 10,
     max: 60000,
     dflt: 500,
-    doc: "milliseconds between updates of the shared usage ledger",
+    doc: "how often an engine sends its changes to the shared usage ledger and reads everybody's total, ms",
+    details:
+      "Sooner after 1/64 of the capacity changed. Without a capacity the ledger is still kept, for the figures: changes are sent at this pace, the total read every 30 s.",
   },
   capacityRescanS: {
     key: "capacityRescanS",
@@ -195,7 +256,7 @@ export const OPTIONS: Record<string, OptionSpec> = {
     min: 0,
     max: 604800,
     dflt: 3600,
-    doc: "seconds between rescans that repair the usage ledger of a directory with a capacity (0 = only when evicting)",
+    doc: "how often a directory with a capacity is rescanned to repair the usage ledger, s (0 = only when evicting)",
   },
   maxInflightBytes: {
     key: "maxInflightBytes",
@@ -203,7 +264,7 @@ export const OPTIONS: Record<string, OptionSpec> = {
     min: 1 << 20,
     max: 2 ** 50,
     dflt: 4 * 2 ** 30,
-    doc: "dump bytes accepted and not yet written; dumps beyond it are dropped",
+    doc: "dump bytes accepted and not yet written; a dump beyond it is dropped (status dropped), never queued",
   },
   maxQueueMs: {
     key: "maxQueueMs",
@@ -211,26 +272,39 @@ export const OPTIONS: Record<string, OptionSpec> = {
     min: 0,
     max: 3600000,
     dflt: 5000,
-    doc: "a dumped block still queued after this many ms is dropped (0 = no limit)",
+    doc: "a dumped block still waiting for a transfer thread after this many ms is dropped (0 = no limit)",
+    details: "Checked when a thread picks the block up, so a slow disk sheds the backlog instead of growing it. Loads are never shed.",
   },
   admitOnSecondSight: {
     key: "admitOnSecondSight",
     kind: "bool",
     dflt: false,
-    doc: "store a block only the second time it is dumped (spares SSD wear)",
+    doc: "store a block only the second time it is dumped (the first dump is dropped and remembered)",
+    details: "Spares SSD wear on prompts that never repeat.",
   },
-  metricsPort: { key: "metricsPort", kind: "int", min: 0, max: 65535, dflt: 0, doc: "Prometheus /metrics port; 0 = off" },
+  metricsPort: {
+    key: "metricsPort",
+    kind: "int",
+    min: 0,
+    max: 65535,
+    dflt: 0,
+    doc: "port of the Prometheus endpoint GET /metrics on metricsHost; 0 = off",
+    details:
+      "Every local user can read a tcp port; metricsSocket keeps the figures to the engine's user. A port already in use is logged and the engine serves on. The metrics: docs/operations.md.",
+  },
   metricsHost: {
     key: "metricsHost",
     kind: "string",
     dflt: "127.0.0.1",
-    doc: "address the metrics endpoint listens on (every local user can read a tcp port: see metricsSocket)",
+    doc: "address the metrics endpoint listens on",
   },
   metricsSocket: {
     key: "metricsSocket",
     kind: "string",
     dflt: "",
-    doc: "absolute path of a unix socket serving GET /metrics, mode 0600 (only the engine's user and root read it), in a directory of that user; empty = none",
+    doc: "absolute path of a unix socket serving the same GET /metrics, mode 0600; empty = none",
+    details:
+      "In a directory of the engine's user (created 0700 if missing): only that user and root read it (a scraper running as that user, or a local proxy). curl --unix-socket <path> http://localhost/metrics reads it.",
   },
   pinnedStagingBytes: {
     key: "pinnedStagingBytes",
@@ -239,18 +313,24 @@ export const OPTIONS: Record<string, OptionSpec> = {
     max: 2 ** 44,
     dflt: 2 * 2 ** 30,
     doc: "pinned host staging for GPU blocks, all transfer streams together (one equal share a stream, allocated once)",
+    details:
+      "A GPU block borrows a stream's share from its gather to its write (or from its read to its scatter) and must fit in one: at 32 streams, 64 MiB. Each share is allocated with the block's GPU current, so no context is made on a GPU the engine does not use.",
   },
   cudaCopy: {
     key: "cudaCopy",
     kind: "string",
     dflt: "batch",
-    doc: "how GPU shards move: batch (cudaMemcpyBatchAsync on the copy engines, leaving the SMs to vLLM; kernel where the driver lacks it) or kernel (one gather/scatter kernel launch per block)",
+    doc: "how a GPU block's shards move: batch or kernel",
+    details:
+      "batch: one cudaMemcpyBatchAsync per block, on the copy engines, so vLLM keeps every SM; where the driver lacks the call the engine switches to the kernel once, with a log line. kernel: one gather/scatter kernel launch per block over mapped pinned memory. Any value but these two stops startup.",
   },
   shareWithGroup: {
     key: "shareWithGroup",
     kind: "bool",
     dflt: false,
-    doc: "engines of several users in one group share the store: block files 0660, directories 02770, and the store directories may be group-writable (never world-writable); default: 0600 and 0700, only the engine's user",
+    doc: "engines of several users in one group share the store: block files 0660, directories 02770 (default 0600 and 0700)",
+    details:
+      "The storage directories may then be group-writable (never world-writable); each must belong to the engine's user, and the engine refuses to start otherwise. Every member of the group is trusted with the data as the engine's user is (docs/reliability.md, threat model).",
   },
   maxConnections: {
     key: "maxConnections",
@@ -258,7 +338,8 @@ export const OPTIONS: Record<string, OptionSpec> = {
     min: 0,
     max: 1 << 20,
     dflt: 0,
-    doc: "client connections at which those of processes without a session are closed at once (0 = a quarter of the open-file limit, at most 4096)",
+    doc: "connections at which those of processes without a session are closed at once; 0 = a quarter of the open-file limit, at most 4096",
+    details: "The engine raises its soft open-file limit to the hard limit at start.",
   },
   maxConnectionsPerProcess: {
     key: "maxConnectionsPerProcess",
@@ -274,7 +355,7 @@ export const OPTIONS: Record<string, OptionSpec> = {
     min: 1,
     max: 1 << 16,
     dflt: 16,
-    doc: "sessions (hello) one client process may hold at once; per-client quotas apply to each",
+    doc: "sessions (hello) one client process may hold at once, so the per-client quotas cannot be multiplied",
   },
   maxNamespacesPerClient: {
     key: "maxNamespacesPerClient",
@@ -282,7 +363,9 @@ export const OPTIONS: Record<string, OptionSpec> = {
     min: 1,
     max: 1 << 20,
     dflt: 64,
-    doc: "namespaces new to the engine one client (session) may bring in, by namespace or dump: each takes about 1 MiB of directories for good",
+    doc: "namespaces new to the engine one client (session) may bring in, by namespace or dump",
+    details:
+      "Each takes about 1 MiB of directories and its description (at most 16 KiB as JSON) for good, which evicting blocks never frees.",
   },
   idleConnectionS: {
     key: "idleConnectionS",
@@ -307,6 +390,8 @@ export const OPTIONS: Record<string, OptionSpec> = {
     max: 600000,
     dflt: 1000,
     doc: "a lookup the filesystem has not answered within this many ms (a hung NFS server) answers its keys as misses",
+    details:
+      "Lookups run on threads of their own, so commits and removals do not queue behind them. Measured on NFS with the server stopped: answered after 1.02 to 1.08 s (docs/nfs.md).",
   },
   maxLookupKeys: {
     key: "maxLookupKeys",
@@ -314,7 +399,7 @@ export const OPTIONS: Record<string, OptionSpec> = {
     min: 1,
     max: 1 << 24,
     dflt: 262144,
-    doc: "keys times namespaces one lookup may check",
+    doc: "keys times namespaces one lookup may check; a costlier lookup is refused (too_large) before any work",
   },
   maxRegionsPerClient: {
     key: "maxRegionsPerClient",
@@ -323,6 +408,7 @@ export const OPTIONS: Record<string, OptionSpec> = {
     max: 1 << 20,
     dflt: 4096,
     doc: "memory regions one client may have registered at once (each is a mapping in the engine)",
+    details: "The engine also keeps all clients' regions below the kernel's map count (vm.max_map_count less 4096).",
   },
   maxRegionBytesPerClient: {
     key: "maxRegionBytesPerClient",
@@ -338,7 +424,8 @@ export const OPTIONS: Record<string, OptionSpec> = {
     min: 1,
     max: 3600000,
     dflt: 30000,
-    doc: "a GPU dump waits this long for the CUDA event of the forward pass that wrote its blocks, then fails the block (the writer died, say)",
+    doc: "how long a GPU dump waits for the CUDA event of the forward pass that wrote its blocks before the block fails (io_error), ms",
+    details: "The wait sleeps between polls (no core spins); a cancel or the request's deadline ends it at once.",
   },
 };
 
@@ -369,4 +456,69 @@ export function parseSize(v: unknown): number | undefined {
   if (unit === undefined) return undefined;
   const n = Math.floor(parseFloat(m[1]) * unit);
   return Number.isSafeInteger(n) ? n : undefined;
+}
+
+/** The one key ucm_connector_config must have (no default, so not in OPTIONS), and what it means. */
+export const REQUIRED_OPTIONS: Record<string, { values: string; doc: string; details: string }> = {
+  storage_backends: {
+    values: "directories, ':'-separated",
+    doc: "a directory (local SSD or NFS mount), or several separated by ':'; blocks are spread over them by key",
+    details:
+      "Each must exist and be writable (checked by creating a probe), belong to the engine's user and be writable by nobody else (by its group with shareWithGroup); the engine refuses to start otherwise. Relative paths are resolved against the engine's working directory.",
+  },
+};
+
+const BINARY_UNITS: Array<[string, number]> = [
+  ["TiB", 2 ** 40],
+  ["GiB", 2 ** 30],
+  ["MiB", 2 ** 20],
+  ["KiB", 2 ** 10],
+];
+
+/** A byte count as the config file may write it: the largest binary unit that divides it ("4GiB"), else bytes. */
+export function formatSize(n: number): string {
+  if (n > 0) for (const [u, f] of BINARY_UNITS) if (n % f === 0) return `${n / f}${u}`;
+  return String(n);
+}
+
+/** An option's default as a config file would write it (parseConfig reads it back as the default). */
+export function defaultText(spec: OptionSpec): string {
+  if (spec.kind === "size" || spec.kind === "sizes") return formatSize(spec.dflt as number);
+  if (spec.kind === "string") return JSON.stringify(spec.dflt);
+  return String(spec.dflt);
+}
+
+/** The values an option accepts, in words. */
+export function valuesText(spec: OptionSpec): string {
+  switch (spec.kind) {
+    case "int":
+      return `integer, ${spec.min} to ${spec.max}`;
+    case "bool":
+      return "true or false";
+    case "level":
+      return "debug, info, warn or error";
+    case "size":
+      return `size, ${formatSize(spec.min ?? 0)} to ${formatSize(spec.max ?? 0)}`;
+    case "sizes":
+      return "size, or a list of one per backend";
+    case "string":
+      return "string";
+  }
+}
+
+export interface OptionRow {
+  key: string;
+  /** "(required)" for storage_backends. */
+  dflt: string;
+  values: string;
+  doc: string;
+  details?: string;
+}
+
+/** Every key of ucm_connector_config, the required one first, then OPTIONS in its order: what --help lists and docs/configuration.md tabulates. */
+export function optionRows(): OptionRow[] {
+  const rows: OptionRow[] = Object.entries(REQUIRED_OPTIONS).map(([key, r]) => ({ key, dflt: "(required)", ...r }));
+  for (const [key, spec] of Object.entries(OPTIONS))
+    rows.push({ key, dflt: defaultText(spec), values: valuesText(spec), doc: spec.doc, details: spec.details });
+  return rows;
 }

@@ -1,4 +1,4 @@
-"""What the README promises of the connector ("What the connector does"),
+"""What docs/vllm.md promises of the connector ("What the connector does"),
 each against a real engine: a block that fails to load and every later block
 of the request are reported through get_block_ids_with_load_errors while the
 earlier ones load exact; a save the engine sheds leaves the block unstored,
