@@ -322,7 +322,7 @@ export const OPTIONS: Record<string, OptionSpec> = {
     dflt: "batch",
     doc: "how a GPU block's shards move: batch or kernel",
     details:
-      "batch: one cudaMemcpyBatchAsync per block, on the copy engines, so vLLM keeps every SM; where the driver lacks the call the engine switches to the kernel once, with a log line. kernel: one gather/scatter kernel launch per block over mapped pinned memory. Any value but these two stops startup.",
+      "batch: one cudaMemcpyBatchAsync per block, on the copy engines, so vLLM keeps every SM; where the driver lacks the call, or the call fails to start a copy, the engine switches to the kernel once, with a log line naming CUDA's error. kernel: one gather/scatter kernel launch per block over mapped pinned memory. Any value but these two stops startup.",
   },
   shareWithGroup: {
     key: "shareWithGroup",
