@@ -356,6 +356,22 @@ def test_connector_gpu_path(emu_node, cuda_emu, tiny_model):
 
 
 @needs_emu_engine
+def test_the_kv_cache_is_opened_by_the_engine_at_registration(emu_node, cuda_emu, tiny_model, tmp_path):
+    """Opening CUDA IPC handles (a GPU context in the engine) happens when
+    vLLM registers the KV cache, not in the first forward pass that loads or
+    saves (issue 26)."""
+    from connector_kit import connector
+
+    conn = connector(tiny_model, emu_node(), num_blocks=4)
+    trace = tmp_path / "cuda-trace.txt"
+    assert not trace.exists() or "context" not in trace.read_text()
+    conn.register_kv_caches({f"l{i}": cuda_emu.tensor((4, 2, 16, 128), torch.bfloat16) for i in range(2)})
+    assert conn._disabled is None
+    assert trace.exists() and trace.read_text().startswith("context 0 "), "no GPU context before the first transfer"
+    conn.shutdown()
+
+
+@needs_emu_engine
 def test_kv_blocks_larger_than_a_staging_share_are_refused_at_registration(emu_node, cuda_emu, tiny_model, caplog):
     """A GPU block moves through one transfer stream's share of the
     engine's pinned staging; a block larger than that share would fail on

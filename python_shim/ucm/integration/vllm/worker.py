@@ -104,7 +104,19 @@ class UCMWorker(Loads, EngineLink):
             "stage": self.stage,
             "layout": layout_signature(layers),
         }
-        self._describe(self.namespace)
+        if self._describe(self.namespace):
+            self._register_now()
+
+    def _register_now(self) -> None:
+        """Registers the KV cache memory with the engine now, at startup:
+        opening CUDA IPC handles (and a GPU context in the engine) takes long
+        enough that it must not happen in the first forward pass that loads
+        or saves. A failure here is only logged: the first transfer tries
+        again."""
+        try:
+            self.regions.locate_many([tr.tensor for tr in self._layers])
+        except Exception as e:  # noqa: BLE001 - the first transfer registers them, or fails as a miss
+            logger.warning("UCM: could not register the KV cache with the engine yet (%s); the first transfer will", e)
 
     def _describe(self, ns: str) -> bool:
         """True once the engine accepted this worker's description of `ns`
