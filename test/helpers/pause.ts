@@ -14,6 +14,8 @@ export interface StopResult {
   stopped: boolean;
   /** Milliseconds the poller waited. */
   waitedMs: number;
+  /** How much the process's resident memory had grown when it was stopped (bytes). */
+  rssGrowth: number;
 }
 
 // Plain JavaScript: the worker is evaluated as is, not through ts-jest.
@@ -23,14 +25,14 @@ const fs = require("fs");
 const { pid, when, timeoutMs } = workerData;
 const t0 = Date.now();
 const rss = () => Number(fs.readFileSync("/proc/" + pid + "/statm", "utf8").split(" ")[1]) * 4096;
+const start = rss();
 let fired;
 if (when.file !== undefined) {
   const fd = fs.openSync(when.file, "r");
   const buf = Buffer.alloc(8);
   fired = () => (fs.readSync(fd, buf, 0, 8, when.offset), buf.readBigUInt64LE(0) !== 0n);
 } else {
-  const base = rss();
-  fired = () => rss() - base >= when.rssGrowth;
+  fired = () => rss() - start >= when.rssGrowth;
 }
 let stopped = false;
 while (Date.now() - t0 < timeoutMs) {
@@ -40,7 +42,7 @@ while (Date.now() - t0 < timeoutMs) {
     break;
   }
 }
-parentPort.postMessage({ stopped, waitedMs: Date.now() - t0 });
+parentPort.postMessage({ stopped, waitedMs: Date.now() - t0, rssGrowth: rss() - start });
 `;
 
 /**
