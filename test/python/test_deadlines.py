@@ -89,11 +89,11 @@ def test_load_sent_to_a_stopped_engine_never_lands(late_config):
         assert store.client.raw("stats")["errors"].get("expired", 0) >= 1
 
 
-def test_load_stopped_midway_writes_nothing_after_wait(late_config):
+def test_load_stopped_midway_writes_at_most_its_chunk_after_wait(late_config):
     """A load the engine accepted and then could not finish (frozen midway,
     one transfer thread): wait() returns after the deadline; blocks it
-    reports ok hold the right bytes, and nothing changes in the destination
-    after it returned, though the engine runs again."""
+    reports ok hold the right bytes, and once the engine runs again at most
+    the chunk it was frozen in lands (its own bytes), nothing more."""
     n, row = 64, 256 * 1024  # 64 blocks of 1 MiB
     with NfsStore(late_config) as store:
         src = torch.randint(1, 1 << 30, (n, row), dtype=torch.int32).share_memory_()
@@ -110,7 +110,15 @@ def test_load_stopped_midway_writes_nothing_after_wait(late_config):
             failed = store.wait(task)
             snapshot = dst.clone()
         settled(store.client)
-        assert torch.equal(dst, snapshot), "the engine wrote memory after wait() returned"
+        # The one transfer thread may have been frozen inside a copy (between
+        # its clock read and the end of the memcpy): running again, it ends
+        # that chunk and stops (docs/reliability.md, 25.2). So at most one
+        # block (1 MiB, within one 4 MiB chunk) changes after wait(), and only
+        # to its own bytes; nothing else is written.
+        changed = [i for i in range(n) if not torch.equal(dst[i], snapshot[i])]
+        assert len(changed) <= 1, f"the engine wrote {len(changed)} blocks after wait() returned: {changed}"
+        for i in changed:
+            assert torch.equal(dst[i], src[i]), f"block {i} written after wait() with bytes not its own"
         assert failed == sum(s != "ok" for s in task.status) and failed > 0
         for i, s in enumerate(task.status):
             # A block the client could not confirm (the engine froze before it
