@@ -9,8 +9,10 @@ delays it once per arrival. Instead, the first ask for a request files an
 waiting, and asks again in the next one. At the end of the step
 (`build_connector_meta`) the pump is woken: a thread of its own that sends
 the filed asks, the keys of many requests concatenated into one `lookup`,
-and posts each request's part of the `found` array on its ask. The next
-ask of the request is answered from that, with no engine in between.
+and posts each request's part of the `found` array on its ask (a prefix
+lookup: each request's keys are a run the engine stops at its first miss,
+docs/PROTOCOL.md). The next ask of the request is answered from that, with
+no engine in between.
 
 Bounds: one lookup is in flight at a time and carries at most
 `LOOKUP_BATCH_KEYS` keys times namespaces (the asks filed meanwhile wait
@@ -146,7 +148,11 @@ class LookupPump:
         if not batch:
             return
         self.sent += 1
-        r = self._call("lookup", ns=list(batch[0][0].ns), keys=keys) if keys else {"found": []}
+        # One run per request: the engine stops each at its first miss (a
+        # request's stored prefix is all the scheduler can use), which spares
+        # it a stat per block of every new prompt's own part.
+        runs = [n for _, n in batch]
+        r = self._call("lookup", ns=list(batch[0][0].ns), keys=keys, runs=runs) if keys else {"found": []}
         found = r.get("found") if isinstance(r, dict) else None
         # Only a reply of one boolean per key says anything (count() runs in C:
         # this thread holds the GIL while it works).
@@ -215,7 +221,9 @@ class AsyncLookups:
         if ask.error and not ask.counted:
             ask.counted = True
             self._count("lookup_errors", 1)
-        # The stored run from `start`, within the range asked about then.
+        # The stored run from `start`, within the range asked about then. (The
+        # engine answers a run's keys after its first miss false: past such a
+        # miss this is 0, a miss, until a refresh asks from `start`.)
         i = start - ask.start
         stop = min(len(found), end - ask.start)
         if i >= stop:
