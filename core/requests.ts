@@ -77,6 +77,8 @@ export interface NamespaceRequest {
 export interface LookupRequest {
   ns: string[];
   keys: Buffer[];
+  /** Lengths of the runs `keys` is made of (a prefix lookup per run: store.ts), or undefined for a plain lookup. */
+  runs?: number[];
 }
 
 /** What a dump and a load share: blocks by key, the client memory of each as shards. */
@@ -224,7 +226,25 @@ export function decodeLookup(msg: Msg, limits: RequestLimits): LookupRequest {
       `lookup of ${keys.length} keys in ${ns.length} namespaces checks ${ns.length * keys.length} blocks, more than maxLookupKeys ${limits.maxLookupKeys}`,
     );
   }
-  return { ns, keys };
+  return { ns, keys, runs: optRuns(msg, keys.length) };
+}
+
+/** `runs`: lengths that add up to the number of keys (each run is one request's blocks, in order). */
+function optRuns(msg: Msg, nkeys: number): number[] | undefined {
+  const v = msg.runs;
+  if (v === undefined || v === null) return undefined;
+  if (!Array.isArray(v)) throw new ProtocolError("bad_message", `runs must be an array of run lengths, got ${describe(v)}`);
+  if (v.length > Math.max(nkeys, 1)) {
+    throw new ProtocolError("bad_message", `runs holds ${v.length} runs, more than one per key (${nkeys} keys)`);
+  }
+  let sum = 0;
+  const runs = v.map((n, i) => {
+    const len = toUint(n, `runs[${i}]`, nkeys);
+    sum += len;
+    return len;
+  });
+  if (sum !== nkeys) throw new ProtocolError("bad_message", `runs add up to ${sum} keys, but keys holds ${nkeys}`);
+  return runs;
 }
 
 export function decodeLoad(msg: Msg, limits: RequestLimits): LoadRequest {

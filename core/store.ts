@@ -167,7 +167,9 @@ export class Store {
   // ---- lookup ------------------------------------------------------------------
 
   async lookup(req: LookupRequest): Promise<{ found: boolean[] }> {
-    const found = await this.lookups.present(req.ns, req.keys);
+    const found = req.runs
+      ? await this.lookups.presentRuns(req.ns, req.keys, req.runs)
+      : await this.lookups.present(req.ns, req.keys);
     const hits = found.filter(Boolean).length;
     this.counters.lookups++;
     this.counters.lookupKeys += req.keys.length;

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 
 
 def vllm_config(model, config_file, parallel=None, **extra):
@@ -72,3 +73,25 @@ def step(conn, m, finished=()):
 
 def warnings_about(caplog, text):
     return [r for r in caplog.records if r.levelno >= logging.WARNING and text in r.getMessage()]
+
+
+def empty_step():
+    """A SchedulerOutput of a step that scheduled nothing."""
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+    return SchedulerOutput.make_empty()
+
+
+def matched(conn, request, computed, within_s=30.0):
+    """get_num_new_matched_tokens asked as vLLM's scheduler asks it: again in
+    the next step (build_connector_meta ends each) while the answer is None,
+    the lookup reply still on its way. Returns (answer, steps it took)."""
+    deadline = time.monotonic() + within_s
+    steps = 0
+    while True:
+        r = conn.get_num_new_matched_tokens(request, computed)
+        if r[0] is not None or time.monotonic() > deadline:
+            return r, steps
+        conn.build_connector_meta(empty_step())
+        steps += 1
+        time.sleep(0.002)

@@ -3,11 +3,17 @@ vLLM's engine core drives it, with the model's side played by the test: the
 test says what each step's forward pass reported (tokens, failed blocks,
 the workers' UCMWorkerMetadata). The connector's scheduler half talks to a
 real engine. Used to check what the connector plans around loads that fail,
-which a real vLLM run can only make happen by chance."""
+which a real vLLM run can only make happen by chance.
+
+The connector answers a new request's lookup a step late (its reply arrives
+while the model runs: lookups.py), so `schedule` steps as vLLM's engine core
+does until that reply is in."""
 
 from __future__ import annotations
 
 import itertools
+import random
+import time
 from typing import Any
 
 import torch
@@ -15,10 +21,20 @@ import torch
 _ids = itertools.count(1)
 
 
-def vllm_config(model: str, config_file: str, block_size: int = 32, tp: int = 1, prefix_caching: bool = True, **extra):
+def vllm_config(
+    model: str,
+    config_file: str,
+    block_size: int = 32,
+    tp: int = 1,
+    prefix_caching: bool = True,
+    max_model_len: int = 4096,
+    max_num_seqs: int = 8,
+    max_num_batched_tokens: int = 4096,
+    **extra,
+):
     from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, ParallelConfig, SchedulerConfig, VllmConfig
 
-    mc = ModelConfig(model=model, dtype="float32", max_model_len=4096, seed=0)
+    mc = ModelConfig(model=model, dtype="float32", max_model_len=max_model_len, seed=0)
     cache = CacheConfig(block_size=block_size, enable_prefix_caching=prefix_caching)
     cache.kv_cache_layout = "LBHNC"  # resolved by the engine core before the connector exists
     return VllmConfig(
@@ -26,9 +42,9 @@ def vllm_config(model: str, config_file: str, block_size: int = 32, tp: int = 1,
         cache_config=cache,
         parallel_config=ParallelConfig(tensor_parallel_size=tp),
         scheduler_config=SchedulerConfig(
-            max_num_seqs=8,
-            max_num_batched_tokens=4096,
-            max_model_len=4096,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len,
             enable_chunked_prefill=True,
             is_encoder_decoder=False,
         ),
@@ -65,6 +81,23 @@ def scheduler(vc: Any, num_blocks: int = 256):
         block_size=bs,
         log_stats=False,
     )
+
+
+def schedule(sched, within_s: float = 30.0):
+    """sched.schedule(), run again (after an empty step, as vLLM's engine
+    core runs one) while a step scheduled nothing and vLLM holds back a
+    waiting request it skipped because the connector did not know yet what
+    the store holds for it. An empty step must plan nothing: a plan there
+    would be lost to the test."""
+    deadline = time.monotonic() + within_s
+    while True:
+        out = sched.schedule()
+        if out.total_num_scheduled_tokens or not sched.deferred_waiting or time.monotonic() > deadline:
+            return out
+        plan = planned(out)
+        assert not (plan["loads"] or plan["saves"] or plan["finished"]), plan
+        sched.update_from_output(out, output(out))
+        time.sleep(0.002)
 
 
 def request(tokens: list[int], block_size: int, max_tokens: int = 8):
@@ -117,3 +150,19 @@ def block_index(req, keys: list[bytes]) -> list[int]:
     """Positions of `keys` among the request's block hashes."""
     hashes = [bytes(h) for h in req.block_hashes]
     return [hashes.index(k) for k in keys]
+
+
+def store_blocks(config_file, namespaces, keys):
+    """Stores a small block under each key in every namespace (what the scheduler's lookup finds)."""
+    from ucm.store import NfsStore
+
+    for ns in namespaces:
+        with NfsStore(config_file, namespace=ns) as store:
+            src = [torch.full((64,), i, dtype=torch.uint8) for i in range(len(keys))]
+            assert store.wait(store.dump(keys, [0] * len(keys), src)) == 0
+            assert all(store.commit(keys))
+
+
+def prompt(n_tokens, seed):
+    rng = random.Random(seed)
+    return [rng.randrange(16, 2500) for _ in range(n_tokens)]

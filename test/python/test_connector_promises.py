@@ -13,7 +13,7 @@ import time
 import torch
 
 from conftest import private_sock, stop_engine, write_config
-from connector_kit import connector, keys, meta, step, transfer
+from connector_kit import connector, keys, matched, meta, step, transfer
 from ucm.store import NfsStore
 
 BLOCK = 32
@@ -128,8 +128,8 @@ def test_the_hit_never_holds_the_last_prompt_token_even_when_the_prompt_fills_it
             assert store.wait(store.dump(stored, [0] * 4, list(src))) == 0
             assert store.commit(stored) == [True] * 4
     # vLLM must compute at least the last prompt token: with 128 tokens, 3 blocks (96) come from the store.
-    assert sched.get_num_new_matched_tokens(exact, 0) == (3 * BLOCK, False)
-    assert sched.get_num_new_matched_tokens(longer, 0) == (4 * BLOCK, False)
+    assert matched(sched, exact, 0)[0] == (3 * BLOCK, False)
+    assert matched(sched, longer, 0)[0] == (4 * BLOCK, False)
     # Part of the prompt already computed: only the rest is claimed.
-    assert sched.get_num_new_matched_tokens(exact, BLOCK) == (2 * BLOCK, False)
+    assert matched(sched, exact, BLOCK)[0] == (2 * BLOCK, False)
     sched.shutdown()

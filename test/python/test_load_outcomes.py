@@ -6,30 +6,12 @@ the blocks vLLM recomputes are saved instead (issue 24, item 1)."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
-import torch
 
 import sched_kit as sk
 from ucm.integration.vllm.common import UCMWorkerMetadata
-from ucm.store import NfsStore
 
 BLOCK = 32
-
-
-def store_blocks(config_file, namespaces, keys):
-    """Stores a small block under each key in every namespace (what the scheduler's lookup finds)."""
-    for ns in namespaces:
-        with NfsStore(config_file, namespace=ns) as store:
-            src = [torch.full((64,), i, dtype=torch.uint8) for i in range(len(keys))]
-            assert store.wait(store.dump(keys, [0] * len(keys), src)) == 0
-            assert all(store.commit(keys))
-
-
-def prompt(n_tokens, seed):
-    rng = random.Random(seed)
-    return [rng.randrange(16, 2500) for _ in range(n_tokens)]
 
 
 def saved_blocks(req, plan):
@@ -43,7 +25,7 @@ def cached_prefix(sched, tokens):
     for _ in range(4):
         if not sched.has_requests():
             return r
-        out = sched.schedule()
+        out = sk.schedule(sched)
         # The workers report a finished request's blocks free once its dumps end (none run here).
         sched.update_from_output(out, sk.output(out, finished_sending=set(sk.planned(out)["finished"]) or None))
     raise AssertionError("the request did not finish")
@@ -56,11 +38,11 @@ def world(tiny_model, config_file):
     def make(tp=1):
         sched = sk.scheduler(sk.vllm_config(tiny_model, config_file, BLOCK, tp=tp))
         conn = sched.connector
-        tokens = prompt(10 * BLOCK + 5, seed=tp)
+        tokens = sk.prompt(10 * BLOCK + 5, seed=tp)
         cached_prefix(sched, tokens[: 4 * BLOCK + 1])
         req = sk.request(tokens, BLOCK)
         keys = [bytes(h) for h in req.block_hashes]
-        store_blocks(config_file, conn.connector_scheduler.namespaces, keys[4:7])
+        sk.store_blocks(config_file, conn.connector_scheduler.namespaces, keys[4:7])
         sched.add_request(req)
         return sched, req
 
@@ -69,7 +51,7 @@ def world(tiny_model, config_file):
 
 def test_nothing_computed_on_a_load_is_saved_in_its_step(world):
     sched, req = world()
-    out = sched.schedule()
+    out = sk.schedule(sched)
     plan = sk.planned(out)
     assert [sk.block_index(req, t.keys) for t in plan["loads"]] == [[4, 5, 6]]
     # The blocks vLLM had (0-3) are not dumped again; 7-9, computed on the
@@ -83,7 +65,7 @@ def test_nothing_computed_on_a_load_is_saved_in_its_step(world):
 
 def test_after_a_failed_load_the_recomputed_blocks_are_saved(world):
     sched, req = world()
-    out = sched.schedule()
+    out = sk.schedule(sched)
     load = sk.planned(out)["loads"][0]
     # Block 5 (the second loaded) failed: vLLM recomputes from it.
     failed_id = load.block_ids[1]
@@ -102,7 +84,7 @@ def test_after_a_failed_load_the_recomputed_blocks_are_saved(world):
 
 def test_with_two_ranks_saves_wait_for_both_reports(world):
     sched, req = world(tp=2)
-    out = sched.schedule()
+    out = sk.schedule(sched)
     load = sk.planned(out)["loads"][0]
     # Rank 0 loaded everything; rank 1 has not reported yet (an asynchronous worker, or a report still on its way).
     sched.update_from_output(out, sk.output(out, worker_meta=UCMWorkerMetadata({load.load_id: (1, 3)})))
@@ -126,7 +108,7 @@ def test_request_finishing_before_its_outcome_keeps_its_blocks_until_then(world)
     its blocks (the workers may still read them for saves), and once the
     outcome comes the workers are told to hand them back."""
     sched, req = world()
-    out = sched.schedule()
+    out = sk.schedule(sched)
     load = sk.planned(out)["loads"][0]
     from vllm.v1.request import RequestStatus
 

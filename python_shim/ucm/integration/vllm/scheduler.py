@@ -1,9 +1,11 @@
 """The connector's scheduler half: decides what to load and what to save.
 
-For each new request it asks the engine, in one batched lookup, which of the
-blocks beyond those vLLM already holds are stored in every rank's namespace
-(a block only some ranks stored is a miss), and claims the stored prefix; it
-never claims the prompt's last token, which vLLM must compute. Saves are
+For each new request it finds out which of the blocks beyond those vLLM
+already holds are stored in every rank's namespace (a block only some ranks
+stored is a miss), and claims the stored prefix; it never claims the
+prompt's last token, which vLLM must compute. The lookup never runs inside
+vLLM's step: the first ask is answered "not known yet" and the answer comes
+from the engine's reply in a later step (lookups.py). Saves are
 planned as the KV of blocks becomes complete: the prompt's blocks as the
 prefill completes them, generated tokens' blocks in batches while the
 request decodes and the rest when it finishes, so that a chat's next turn,
@@ -34,6 +36,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 from .common import ConnectorOptions, Transfer, UCMConnectorMetadata, UCMWorkerMetadata
 from .link import EngineLink
+from .lookups import AsyncLookups, LookupPump
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -82,44 +85,57 @@ class UCMScheduler(EngineLink):
         self._final_saves: list[Transfer] = []  # of requests that finished since the last step
         self._released: list[str] = []  # finished requests whose blocks the workers may hand back
         self._saving: set[str] = set()
+        self._ns = tuple(self.namespaces)
+        self._block_size = opts.block_size
+        self._lookups = AsyncLookups(LookupPump(self._call), self._lookup_timeout_s, self._count)
         self._connect()
+
+    def _lookup_timeout_s(self) -> float:
+        return self.config.timeout_ms / 1000  # read each time: the engine's hello may set it
+
+    def _count(self, field: str, n: int) -> None:
+        self._stats[field] += n
 
     # ---- lookups and loads ------------------------------------------------------
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
-        state = _ReqState(request)
-        old = self._reqs.get(request.request_id)
-        if old is not None:
-            self._by_load.pop(old.load_id, None)
+        """Answered from a lookup reply that already arrived; (None, False)
+        while it is on its way: vLLM skips the request for this step, keeps
+        it waiting and asks again in the next (lookups.py). vLLM may ask
+        about every waiting request in one step: this runs in about a
+        microsecond."""
+        req_id = request.request_id
         # Called for a request with nothing computed: a new one, or one that
         # was preempted and starts over. Either way any earlier plan is void.
-        self._reqs[request.request_id] = state
+        old = self._reqs.pop(req_id, None)
+        if old is not None:
+            self._by_load.pop(old.load_id, None)
+        bs = self._block_size
         # Never claim the last prompt token: vLLM must compute at least one.
-        max_blocks = (request.num_prompt_tokens - 1) // self.opts.block_size
-        start = num_computed_tokens // self.opts.block_size
+        end = min((request.num_prompt_tokens - 1) // bs, len(request.block_hashes))
+        start = num_computed_tokens // bs
+        hits = 0
+        # vLLM takes none of a hit for a request that skips reading caches: nothing to look up.
+        if start < end and not request.skip_reading_prefix_cache:
+            now = time.monotonic()
+            hits = self._lookups.hits(request, start, end, self._ns, self.epoch, now, now >= self._retry_at)
+            if hits is None:
+                return None, False
+            stats = self._stats
+            stats["lookup_blocks"] += end - start
+            stats["hit_blocks"] += hits
         # The blocks vLLM holds in its own prefix cache were computed (and
         # offered to the store) by the request that computed them.
-        state.saved_upto = start
-        hashes = list(request.block_hashes[:max_blocks])
-        if start >= len(hashes):
-            return 0, False
-        r = self._call("lookup", ns=self.namespaces, keys=[bytes(h) for h in hashes[start:]])
-        self._stats["lookup_blocks"] += len(hashes) - start
-        if r is None:
-            self._stats["lookup_errors"] += 1
-            return 0, False
-        hits = 0
-        for f in r["found"]:
-            if not f:
-                break
-            hits += 1
-        self._stats["hit_blocks"] += hits
+        state = _ReqState(request, saved_upto=start)
+        self._reqs[req_id] = state
         if hits == 0:
             return 0, False
         state.load_start, state.load_count = start, hits
-        return (start + hits) * self.opts.block_size - num_computed_tokens, self.opts.load_async
+        return (start + hits) * bs - num_computed_tokens, self.opts.load_async
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+        # Scheduled: its lookup is over (a refresh still on its way is dropped).
+        self._lookups.forget(request.request_id)
         state = self._reqs.get(request.request_id)
         if state is None or state.load_planned:
             return
@@ -192,6 +208,9 @@ class UCMScheduler(EngineLink):
     # ---- saves -----------------------------------------------------------------
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        # The lookups vLLM asked for in this step go out together, while the
+        # model runs (the next step is answered from their replies).
+        self._lookups.pump.kick()
         self._give_up_stale_loads()
         meta = UCMConnectorMetadata(loads=self._pending_loads, saves=self._final_saves, finished=self._released)
         self._pending_loads, self._final_saves, self._released = [], [], []
@@ -263,6 +282,7 @@ class UCMScheduler(EngineLink):
             self._saving.add(req.request_id)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._lookups.forget(request.request_id)  # a reply still on its way is dropped
         state = self._reqs.pop(request.request_id, None)
         if state is not None and state.load_pending:
             # Its load's outcome is still to come (it arrives with this
@@ -313,5 +333,12 @@ class UCMScheduler(EngineLink):
         with what was. Dumps already planned keep their own epoch."""
         self.epoch = secrets.randbits(62) + 1
         self.namespaces = self.opts.all_namespaces(self.epoch)
+        self._ns = tuple(self.namespaces)
+        # What was looked up in the old epoch's namespaces says nothing now.
+        self._lookups.forget_all()
         logger.info("UCM: cache reset: blocks stored before are not used any more (cache epoch %x)", self.epoch)
         return True
+
+    def shutdown(self) -> None:
+        self._lookups.pump.close()
+        super().shutdown()

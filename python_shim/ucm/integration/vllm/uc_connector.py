@@ -7,9 +7,10 @@ Use it exactly as the seed says:
       "kv_role": "kv_both",
       "kv_connector_extra_config": {"UCM_CONFIG_FILE": "/path/ucm_config.yaml"}}'
 
-Scheduler side: turns `request.block_hashes` into keys, asks the engine in
-one batched lookup which of the blocks beyond what vLLM already holds are
-stored (in every TP rank's namespace), plans loads and saves (the prompt's
+Scheduler side: turns `request.block_hashes` into keys, asks the engine
+which of the blocks beyond what vLLM already holds are stored (in every TP
+rank's namespace; off vLLM's step, answered a step later), plans loads and
+saves (the prompt's
 blocks as the prefill completes them; the blocks of generated tokens in
 batches while the request decodes and the rest when it finishes, so that a
 chat's next turn, which sends the answer back as prompt, finds them too).
@@ -79,6 +80,8 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         self.connector_worker: UCMWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
             self.connector_scheduler = UCMScheduler(opts, name)
+            # vLLM may ask about every waiting request in one step: no routing call in between.
+            self.get_num_new_matched_tokens = self.connector_scheduler.get_num_new_matched_tokens  # type: ignore[method-assign]
         else:
             self.connector_worker = UCMWorker(opts, name)
         self._side: UCMScheduler | UCMWorker = self.connector_scheduler or self.connector_worker  # type: ignore[assignment]

@@ -1,0 +1,251 @@
+"""The scheduler half's lookups, kept off vLLM's step (issue 30).
+
+vLLM asks `get_num_new_matched_tokens` for each waiting request inside the
+step that also serves every running request, so a round trip to the engine
+there delays every running request's next token, and a burst of arrivals
+delays it once per arrival. Instead, the first ask for a request files an
+`Ask` (the request and the range of blocks to look up) and is answered
+"not known yet" (None): vLLM skips the request for this step, keeps it
+waiting, and asks again in the next one. At the end of the step
+(`build_connector_meta`) the pump is woken: a thread of its own that sends
+the filed asks, the keys of many requests concatenated into one `lookup`,
+and posts each request's part of the `found` array on its ask (a prefix
+lookup: each request's keys are a run the engine stops at its first miss,
+docs/PROTOCOL.md). The next ask of the request is answered from that, with
+no engine in between.
+
+Bounds: one lookup is in flight at a time and carries at most
+`LOOKUP_BATCH_KEYS` keys times namespaces (the asks filed meanwhile wait
+for the next one); an ask that got no reply within the client timeout is
+answered as a miss and never sent after that; a request has at most one
+ask waiting plus one refresh. Which reply belongs to which request is by
+object, never by id: an ask dropped (the request was scheduled, finished,
+aborted, or the cache epoch changed) still gets its reply written on it,
+and nobody reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("ucm")
+
+#: keys times namespaces one lookup carries (the engine's own bounds are
+#: maxKeysPerRequest 65536 keys and maxLookupKeys 262144 key-namespace pairs
+#: by default). Packing a lookup holds the GIL; 8192 keys take about 0.25 ms,
+#: short enough not to stretch a step the scheduler runs meanwhile.
+LOOKUP_BATCH_KEYS = 8192
+
+#: an answer older than this is still used, and a fresh lookup is filed for
+#: the next ask: the store may have gained or lost blocks since (the engine
+#: caches a miss for 1 s as well)
+REFRESH_S = 1.0
+
+
+class Ask:
+    """One lookup of one request's blocks [start, end) in namespaces `ns`."""
+
+    __slots__ = ("request", "start", "end", "ns", "epoch", "asked_at", "expires", "found", "error", "counted", "next")
+    __slots__ += ("dropped",)
+
+    def __init__(
+        self, request: "Request", start: int, end: int, ns: tuple[str, ...], epoch: int, now: float, wait_s: float
+    ):
+        self.request = request
+        self.start = start
+        self.end = end
+        self.ns = ns
+        self.epoch = epoch
+        self.asked_at = now
+        self.expires = now + wait_s  # no reply by then: a miss
+        #: set once, by the pump (the reply's part for these keys) or on expiry
+        #: (empty: a miss); None while the reply is on its way
+        self.found: list[bool] | None = None
+        self.error = False  # no usable reply: answered as a miss
+        self.counted = False  # its error is in the stats already
+        self.next: Ask | None = None  # a refresh on its way
+        self.dropped = False  # nobody reads the answer any more: not sent
+
+
+class LookupPump:
+    """The thread that sends filed asks to the engine and posts the replies.
+
+    `call(op, **args)` is the link's request that degrades to None (a miss);
+    it blocks this thread only, for at most the client timeout.
+    """
+
+    def __init__(self, call: Callable[..., dict[str, Any] | None]):
+        self._call = call
+        self._queue: deque[Ask] = deque()
+        self._wake = threading.Event()
+        self._closed = False
+        self.sent = 0  # lookups sent to the engine (tests, benchmarks)
+        #: files an ask (the scheduler thread's only touch of the queue; a deque's append is atomic)
+        self.file = self._queue.append
+        # Started now, not in a step: a thread's start waits for it to run.
+        self._thread = self._start()
+
+    def _start(self) -> threading.Thread:
+        t = threading.Thread(target=self._run, name="ucm-lookups", daemon=True)
+        t.start()
+        return t
+
+    def kick(self) -> None:
+        """Sends what was filed (once a step: asks filed together go together)."""
+        if not self._queue or self._closed:
+            return
+        if not self._thread.is_alive():  # a process forked from the one that made it
+            self._thread = self._start()
+        self._wake.set()
+
+    def close(self, wait_s: float = 1.0) -> None:
+        self._closed = True
+        self._wake.set()
+        self._thread.join(wait_s)
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait()
+            self._wake.clear()
+            while self._queue and not self._closed:
+                try:
+                    self._send(*self._take())
+                except Exception as e:  # noqa: BLE001 - the thread must outlive a bug; its asks become misses
+                    logger.error("UCM: lookup pump failed (%s: %s)", type(e).__name__, e, exc_info=True)
+
+    def _take(self) -> tuple[list[tuple[Ask, int]], list[bytes]]:
+        """The next asks to send together: same namespaces, at most
+        LOOKUP_BATCH_KEYS keys times namespaces (one ask alone may be more)."""
+        batch: list[tuple[Ask, int]] = []
+        keys: list[bytes] = []
+        now = time.monotonic()
+        ns = None
+        while self._queue:
+            ask = self._queue[0]
+            if ask.dropped or ask.found is not None or now > ask.expires:
+                self._queue.popleft()  # nobody waits for it, or it is answered as a miss already
+                continue
+            if ns is None:
+                ns = ask.ns
+            elif ask.ns != ns or (len(keys) + ask.end - ask.start) * len(ns) > LOOKUP_BATCH_KEYS:
+                break
+            self._queue.popleft()
+            # The keys are read here, off the step: a request's block hashes
+            # below `end` never change (only appended to).
+            part = ask.request.block_hashes[ask.start : ask.end]
+            keys.extend(part)
+            batch.append((ask, len(part)))
+        return batch, keys
+
+    def _send(self, batch: list[tuple[Ask, int]], keys: list[bytes]) -> None:
+        if not batch:
+            return
+        self.sent += 1
+        # One run per request: the engine stops each at its first miss (a
+        # request's stored prefix is all the scheduler can use), which spares
+        # it a stat per block of every new prompt's own part.
+        runs = [n for _, n in batch]
+        r = self._call("lookup", ns=list(batch[0][0].ns), keys=keys, runs=runs) if keys else {"found": []}
+        found = r.get("found") if isinstance(r, dict) else None
+        # Only a reply of one boolean per key says anything (count() runs in C:
+        # this thread holds the GIL while it works).
+        ok = isinstance(found, list) and len(found) == len(keys) and found.count(True) + found.count(False) == len(keys)
+        i = 0
+        for ask, n in batch:
+            if ok:
+                ask.found = found[i : i + n]  # type: ignore[index]
+                i += n
+            else:
+                ask.error = True
+                ask.found = []
+
+
+class AsyncLookups:
+    """The scheduler thread's side: per waiting request, its ask and the
+    answer it got. Never waits for the engine."""
+
+    def __init__(self, pump: LookupPump, wait_s: Callable[[], float], count: Callable[[str, int], None]):
+        self.pump = pump
+        self._wait_s = wait_s  # how long a reply may take (the client timeout)
+        self._count = count
+        self._asks: dict[str, Ask] = {}
+        self._file = pump.file
+
+    def hits(
+        self, request: "Request", start: int, end: int, ns: tuple[str, ...], epoch: int, now: float, can_ask: bool
+    ) -> int | None:
+        """How many blocks from `start` on (below `end`) the store holds for
+        the request, from a reply that arrived; None while it is on its way
+        (a lookup is filed when there is none). `can_ask` False (the engine
+        is known down): a request without an answer is a miss."""
+        req_id = request.request_id
+        ask = self._asks.get(req_id)
+        if ask is not None and (ask.request is not request or ask.epoch != epoch or start < ask.start):
+            # Another request under the same id, another cache epoch, or blocks
+            # before the range asked about (vLLM's prefix cache lost some
+            # since): that answer says nothing here.
+            ask.dropped = True
+            if ask.next is not None:
+                ask.next.dropped = True
+            del self._asks[req_id]
+            ask = None
+        if ask is None:
+            if not can_ask:
+                return 0
+            self._asks[req_id] = ask = Ask(request, start, end, ns, epoch, now, self._wait_s())
+            self._file(ask)
+            return None
+        fresh = ask.next
+        if fresh is not None and fresh.found is not None:
+            self._asks[req_id] = ask = fresh
+        elif fresh is not None and now > fresh.expires:
+            ask.next = None  # the refresh got no reply: the answer stands, and another may be filed
+        found = ask.found
+        if found is None:
+            if now <= ask.expires:
+                return None
+            # No reply within the client timeout (engine stopped, gone, or
+            # slower than that): a miss, and the request is not held longer.
+            ask.error, ask.found = True, []
+            found = ask.found
+        elif ask.next is None and can_ask and now - ask.asked_at > REFRESH_S:
+            ask.next = Ask(request, start, end, ns, epoch, now, self._wait_s())
+            self._file(ask.next)
+        if ask.error and not ask.counted:
+            ask.counted = True
+            self._count("lookup_errors", 1)
+        # The stored run from `start`, within the range asked about then. (The
+        # engine answers a run's keys after its first miss false: past such a
+        # miss this is 0, a miss, until a refresh asks from `start`.)
+        i = start - ask.start
+        stop = min(len(found), end - ask.start)
+        if i >= stop:
+            return 0
+        try:
+            return found.index(False, i, stop) - i
+        except ValueError:
+            return stop - i
+
+    def forget(self, req_id: str) -> None:
+        """The request was scheduled or finished: a reply still on its way is
+        dropped, and a later ask (after a preemption) looks up anew."""
+        ask = self._asks.pop(req_id, None)
+        if ask is not None:
+            ask.dropped = True
+            if ask.next is not None:
+                ask.next.dropped = True
+
+    def forget_all(self) -> None:
+        for req_id in list(self._asks):
+            self.forget(req_id)
+
+    def pending(self) -> int:
+        """Requests with an ask (tests, diagnostics)."""
+        return len(self._asks)
