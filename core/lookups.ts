@@ -146,22 +146,21 @@ export class BlockLookups {
   }
 
   /** The filesystem's answer for the block (undefined: none in time, a miss), remembered; true when stored. */
-  private learn(ns: string, key: Buffer, exists: boolean | undefined, now: number): boolean {
+  private learn(ns: string, key: Buffer, exists: number | undefined, now: number): boolean {
     if (exists === undefined) return false;
     if (exists) this.stored(ns, key, now);
     else {
       this.known.forget(ns, key);
       this.missing.remember(ns, key, now);
     }
-    return exists;
+    return exists !== 0;
   }
 
-  /** Which of the block files exist; undefined when the filesystem did not say within `ms` (all misses). */
-  private async askFilesystem(paths: string[], ms: number): Promise<boolean[] | undefined> {
+  /** Which of the block files exist (1 for each that does); undefined when the filesystem did not say within `ms` (all misses). */
+  private async askFilesystem(paths: string[], ms: number): Promise<Uint8Array | undefined> {
     // Bounded in time: on a hung NFS server a stat never returns, and the scheduler must not wait on it.
     // The lookup threads are the filesystem's to block; the answer is "miss" for what they did not say.
-    const exists =
-      this.native.stats().queuedLookups > MAX_QUEUED_LOOKUPS ? undefined : await withTimeout(this.native.lookup(paths), ms);
+    const exists = this.native.stats().queuedLookups > MAX_QUEUED_LOOKUPS ? undefined : await withTimeout(this.native.lookup(paths), ms);
     if (exists === undefined) {
       this.timedOut++;
       if (Date.now() - this.timeoutLogged > 10_000) {

@@ -167,9 +167,7 @@ export class Store {
   // ---- lookup ------------------------------------------------------------------
 
   async lookup(req: LookupRequest): Promise<{ found: boolean[] }> {
-    const found = req.runs
-      ? await this.lookups.presentRuns(req.ns, req.keys, req.runs)
-      : await this.lookups.present(req.ns, req.keys);
+    const found = req.runs ? await this.lookups.presentRuns(req.ns, req.keys, req.runs) : await this.lookups.present(req.ns, req.keys);
     const hits = found.filter(Boolean).length;
     this.counters.lookups++;
     this.counters.lookupKeys += req.keys.length;

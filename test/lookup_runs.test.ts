@@ -23,9 +23,7 @@ describe.each([
     dir = shortTmp();
     const store = path.join(dir, "store");
     fs.mkdirSync(store);
-    engine = await startEngine(
-      writeConfig(dir, { storage_backends: store, endpoint: `ipc://${dir}/e.sock`, lookupCacheTtlS: ttl }),
-    );
+    engine = await startEngine(writeConfig(dir, { storage_backends: store, endpoint: `ipc://${dir}/e.sock`, lookupCacheTtlS: ttl }));
     c = engine.client();
     await hello(c);
   });
