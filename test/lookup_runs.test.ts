@@ -92,7 +92,7 @@ describe("lookup with runs: malformed runs are refused, naming the problem", () 
     [{ runs: "2" }, /runs must be an array of run lengths, got string/],
     [{ runs: [1] }, /runs add up to 1 keys, but keys holds 2/],
     [{ runs: [2, 1] }, /runs add up to 3 keys, but keys holds 2/],
-    [{ runs: [1, -1, 2] }, /runs\[1\] must be a non-negative integer, got number -1/],
+    [{ runs: [2, -1] }, /runs\[1\] must be a non-negative integer, got number -1/],
     [{ runs: [3] }, /runs\[0\] must be at most 2, got 3/],
     [{ runs: [0, 0, 2] }, /runs holds 3 runs, more than one per key \(2 keys\)/],
   ])("%j", async (extra, message) => {
