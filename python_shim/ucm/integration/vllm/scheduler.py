@@ -148,7 +148,7 @@ class UCMScheduler(EngineLink):
         state.load_planned = True
         block_ids = blocks.get_block_ids()[0]
         s, n = state.load_start, state.load_count
-        keys = [bytes(h) for h in request.block_hashes[s : s + n]]
+        keys = request.block_hashes[s : s + n]  # a new list (vLLM's BlockHash is bytes)
         state.load_id = self._next_load_id
         self._next_load_id += 1
         state.load_pending, state.load_since, state.load_reports, state.load_ok = True, time.monotonic(), 0, n
@@ -264,21 +264,24 @@ class UCMScheduler(EngineLink):
             waiting = full - max(state.saved_upto, prompt_full)
             if self.opts.decode_save_blocks == 0 or (not finished and waiting < self.opts.decode_save_blocks):
                 full = prompt_full
-        idx = [
-            i
-            for i in range(state.saved_upto, full)
-            if not (state.load_start <= i < state.load_start + state.load_count)
-        ]
+        # [saved_upto, full) less the loaded range: at most two spans, taken
+        # as slices (this runs for every scheduled request in the step; a
+        # loop over its blocks cost about 40 us a request of 128 blocks).
+        lo, hi = state.load_start, state.load_start + state.load_count
+        spans = (
+            ((state.saved_upto, min(full, lo)), (max(state.saved_upto, hi), full))
+            if hi > lo
+            else ((state.saved_upto, full),)
+        )
+        keys: list[bytes] = []
+        ids: list[int] = []
+        for a, b in spans:
+            if a < b:
+                keys += req.block_hashes[a:b]  # vLLM's BlockHash is bytes
+                ids += state.block_ids[a:b]
         state.saved_upto = max(state.saved_upto, full)
-        if idx:
-            meta.saves.append(
-                Transfer(
-                    req.request_id,
-                    [bytes(req.block_hashes[i]) for i in idx],
-                    [state.block_ids[i] for i in idx],
-                    epoch=self.epoch,
-                )
-            )
+        if keys:
+            meta.saves.append(Transfer(req.request_id, keys, ids, epoch=self.epoch))
             self._saving.add(req.request_id)
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
