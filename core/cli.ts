@@ -219,6 +219,11 @@ export function formatStats(r: Record<string, unknown>): string {
     "storage",
     `${n("storageBusySeconds").toFixed(1)} s of reads and writes (summed over streams), blocks waited ${n("storageWaitSeconds").toFixed(1)} s for a stream`,
   );
+  const h = (r.health ?? {}) as Record<string, number>;
+  add(
+    "store health",
+    `${h.open ? "OFF (storage unhealthy)" : "on"}; opened ${h.opens ?? 0} times, ${(h.openSeconds ?? 0).toFixed(1)} s in all; shed ${h.shedLookups ?? 0} lookups, ${h.shedDumpBlocks ?? 0} dump and ${h.shedLoadBlocks ?? 0} load blocks`,
+  );
   add(
     "dropped writes",
     `${n("droppedInflight")} in-flight bytes, ${n("droppedCapacity")} capacity, ${n("droppedQueueAge")} queue age, ${n("deferredFirstSight")} first sight`,

@@ -211,6 +211,14 @@ export function parseConfig(doc: unknown): LoadedConfig {
     throw new ConfigError(`${key("metricsSocket")} must be an absolute path of at most 107 bytes, got ${show(ms)}`);
   if (out.cudaCopy !== "kernel" && out.cudaCopy !== "batch")
     throw new ConfigError(`${key("cudaCopy")} must be "kernel" or "batch", got ${show(out.cudaCopy)}`);
+  if ((out.healthFailureThreshold as number) > (out.healthWindowSize as number))
+    throw new ConfigError(
+      `${key("healthFailureThreshold")} must be at most healthWindowSize (${String(out.healthWindowSize)}), got ${show(out.healthFailureThreshold)}`,
+    );
+  if ((out.healthCheckTimeoutS as number) >= (out.healthCheckIntervalS as number))
+    throw new ConfigError(
+      `${key("healthCheckTimeoutS")} must be less than healthCheckIntervalS (${String(out.healthCheckIntervalS)}), got ${show(out.healthCheckTimeoutS)}`,
+    );
   if (!Array.isArray(out.capacity)) out.capacity = [out.capacity as number];
   const caps = out.capacity as number[];
   if (caps.length === 1) out.capacity = resolved.map(() => caps[0]);

@@ -3,6 +3,7 @@
 // module that decides the event it counts, and read by nobody else but
 // through `Store.stats()`.
 import { BackendUsage } from "./capacity";
+import { HealthStats } from "./health";
 import { BlockStatus } from "./native";
 
 export interface Counters {
@@ -95,4 +96,6 @@ export interface StoreStats {
   storageBusySeconds: number;
   /** Seconds prepared blocks waited for a transfer stream, summed. */
   storageWaitSeconds: number;
+  /** The store-health breaker (core/health.ts). */
+  health: HealthStats;
 }

@@ -50,6 +50,8 @@ export class BlockLookups {
     private readonly layout: StorageLayout,
     private readonly native: NativeEngine,
     private readonly log: Logger,
+    /** Told whether each question to the filesystem was answered in time (the store-health breaker). */
+    private readonly answered: (ok: boolean, what: string) => void = () => {},
   ) {}
 
   /** Which keys are stored in every namespace of `nsList` (the lookup's work, without its counters: dumps ask too). */
@@ -160,7 +162,12 @@ export class BlockLookups {
   private async askFilesystem(paths: string[], ms: number): Promise<Uint8Array | undefined> {
     // Bounded in time: on a hung NFS server a stat never returns, and the scheduler must not wait on it.
     // The lookup threads are the filesystem's to block; the answer is "miss" for what they did not say.
-    const exists = this.native.stats().queuedLookups > MAX_QUEUED_LOOKUPS ? undefined : await withTimeout(this.native.lookup(paths), ms);
+    const backlog = this.native.stats().queuedLookups > MAX_QUEUED_LOOKUPS;
+    const exists = backlog ? undefined : await withTimeout(this.native.lookup(paths), ms);
+    this.answered(
+      exists !== undefined,
+      backlog ? `${MAX_QUEUED_LOOKUPS} lookups queued for the filesystem` : `a lookup unanswered within ${ms} ms`,
+    );
     if (exists === undefined) {
       this.timedOut++;
       if (Date.now() - this.timeoutLogged > 10_000) {

@@ -114,6 +114,18 @@ export class Metrics {
       [],
       (st) => [[{}, st.storageWaitSeconds]],
     );
+    gauge("ucm_store_health_open", "1 while the store-health breaker is open: the store is off (storage unhealthy)", [], (st) => [
+      [{}, st.health.open],
+    ]);
+    mirror("ucm_store_health_opens_total", "Times the store-health breaker opened", [], (st) => [[{}, st.health.opens]]);
+    mirror("ucm_store_health_open_seconds_total", "Seconds the store-health breaker has been open", [], (st) => [
+      [{}, st.health.openSeconds],
+    ]);
+    mirror("ucm_store_health_shed_total", "Operations answered without storage while the breaker was open", ["what"], (st) => [
+      [{ what: "lookup" }, st.health.shedLookups],
+      [{ what: "dump_block" }, st.health.shedDumpBlocks],
+      [{ what: "load_block" }, st.health.shedLoadBlocks],
+    ]);
     mirror("ucm_commits_total", "Blocks made visible", [], (st) => [[{}, st.counters.commits]]);
     mirror(
       "ucm_commits_kept_first_total",

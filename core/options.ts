@@ -81,6 +81,16 @@ export interface EngineConfig {
   maxLookupKeys: number;
   /** Milliseconds a lookup may wait for the filesystem before its unanswered keys count as misses. */
   lookupTimeoutMs: number;
+  /** The circuit breaker in front of the storage directories (core/health.ts). */
+  storeHealth: boolean;
+  /** Seconds between probes of the storage directories while the breaker is open. */
+  healthCheckIntervalS: number;
+  /** Seconds a probe waits for every storage directory to answer. */
+  healthCheckTimeoutS: number;
+  /** Operations whose outcomes the breaker weighs (the last ones). */
+  healthWindowSize: number;
+  /** Failures among those that open the breaker. */
+  healthFailureThreshold: number;
   /** Memory regions one client may have registered. */
   maxRegionsPerClient: number;
   /** Bytes of memory one client may have registered. */
@@ -392,6 +402,46 @@ export const OPTIONS: Record<string, OptionSpec> = {
     doc: "a lookup the filesystem has not answered within this many ms (a hung NFS server) answers its keys as misses",
     details:
       "Lookups run on threads of their own, so commits and removals do not queue behind them. Measured on NFS with the server stopped: answered after 1.02 to 1.08 s (docs/nfs.md).",
+  },
+  storeHealth: {
+    key: "storeHealth",
+    kind: "bool",
+    dflt: true,
+    doc: "a circuit breaker in front of the storage directories: once healthFailureThreshold of the last healthWindowSize operations failed (lookups unanswered within lookupTimeoutMs, blocks that failed with an I/O error or missed their deadline), the store is off (lookups miss, dumps and loads dropped at once) until a probe succeeds",
+    details:
+      "A hung or failing directory otherwise makes every step with a hit wait for its timeout. While the breaker is open, a probe (a small file created with O_EXCL, written and removed in every storage directory) runs every healthCheckIntervalS; the first that ends within healthCheckTimeoutS closes it; a probe still stuck in a hung filesystem fails the next ones until it returns, so at most one thread waits on it. The engine logs when it opens and closes; `ucm-engine stats` and the metrics (ucm_store_health_open, ucm_store_health_opens_total, ucm_store_health_shed_total) show it. UCM's `store_health` keys (enabled, health_check_interval_s, health_check_timeout_s, health_window_size, failure_threshold) set the same. docs/reliability.md has the measurements.",
+  },
+  healthCheckIntervalS: {
+    key: "healthCheckIntervalS",
+    kind: "int",
+    min: 1,
+    max: 3600,
+    dflt: 10,
+    doc: "seconds between probes of the storage directories while the store-health breaker is open",
+  },
+  healthCheckTimeoutS: {
+    key: "healthCheckTimeoutS",
+    kind: "int",
+    min: 1,
+    max: 3600,
+    dflt: 3,
+    doc: "seconds a probe waits for every storage directory to answer (less than healthCheckIntervalS)",
+  },
+  healthWindowSize: {
+    key: "healthWindowSize",
+    kind: "int",
+    min: 1,
+    max: 100000,
+    dflt: 8,
+    doc: "the store-health breaker weighs the outcomes of this many last operations that reached the storage directories",
+  },
+  healthFailureThreshold: {
+    key: "healthFailureThreshold",
+    kind: "int",
+    min: 1,
+    max: 100000,
+    dflt: 2,
+    doc: "failures among the last healthWindowSize operations that open the store-health breaker (at most healthWindowSize)",
   },
   maxLookupKeys: {
     key: "maxLookupKeys",

@@ -287,6 +287,7 @@ export class EngineServer {
       transferThreads: st.transferThreads,
       storageBusySeconds: st.storageBusySeconds,
       storageWaitSeconds: st.storageWaitSeconds,
+      health: st.health,
       errors: { ...this.errors },
       pid: process.pid,
       uptime_s: (Date.now() - this.started) / 1000,

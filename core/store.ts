@@ -6,6 +6,8 @@
 // results, wait, cancel), pending_commits.ts (temporary files until commit),
 // counters.ts. Requests arrive fully validated; nothing changes before the
 // session-dependent checks (regions, events) have passed.
+import * as fs from "fs";
+import * as path from "path";
 import {
   BlockStatus,
   Engine,
@@ -19,7 +21,8 @@ import { WriteAdmission } from "./admission";
 import { CapacityManager } from "./capacity";
 import { EngineConfig } from "./config";
 import { Counters, StoreStats, countFailure, newCounters } from "./counters";
-import { BlockLookups } from "./lookups";
+import { ETIMEDOUT, HEALTH_PROBE_NAME, StoreHealth } from "./health";
+import { BlockLookups, withTimeout } from "./lookups";
 import { sweepOrphans } from "./orphans";
 import { StorageLayout, engineTag } from "./layout";
 import { Logger, taskLine } from "./log";
@@ -52,6 +55,10 @@ export class Store {
   private readonly capacity: CapacityManager;
   private readonly counters: Counters = newCounters();
   private readonly lookups: BlockLookups;
+  /** The circuit breaker in front of the storage directories. */
+  private readonly health: StoreHealth;
+  private probeRunning = false;
+  private probeSeq = 0;
   private readonly admission: WriteAdmission;
   private readonly tasks: TaskTracker;
   private readonly pending: PendingCommits;
@@ -79,7 +86,8 @@ export class Store {
       storeRoots: config.storageBackends,
     });
     this.transfers = new Transfers(native, config.storageBackends, log);
-    this.lookups = new BlockLookups(config, this.layout, native, log);
+    this.health = new StoreHealth(config, (ms) => this.probe(ms), log);
+    this.lookups = new BlockLookups(config, this.layout, native, log, (ok, what) => this.health.record(!ok, what));
     this.capacity = new CapacityManager(
       config,
       log,
@@ -129,7 +137,65 @@ export class Store {
       transferThreads: n.threads,
       storageBusySeconds: n.storageBusyNs / 1e9,
       storageWaitSeconds: n.storageWaitNs / 1e9,
+      health: this.health.snapshot(),
     };
+  }
+
+  /**
+   * The store-health probe: in every storage directory, a small file created (O_EXCL: never through a link someone
+   * planted), written and removed, all within `timeoutMs`. A probe the filesystem has not finished (a hung server
+   * holds its thread) fails every later probe until it returns, so at most one thread waits on a sick directory.
+   */
+  private async probe(timeoutMs: number): Promise<boolean> {
+    if (this.probeRunning) return false;
+    const run = (async () => {
+      for (const d of this.config.storageBackends) {
+        const p = path.join(d, `${HEALTH_PROBE_NAME}.${this.engineId}.${++this.probeSeq}`);
+        await fs.promises.writeFile(p, "ucm health probe\n", { flag: "wx", mode: 0o600 });
+        await fs.promises.unlink(p);
+      }
+      return true;
+    })().catch(() => false);
+    this.probeRunning = true;
+    void run.finally(() => (this.probeRunning = false));
+    return (await withTimeout(run, timeoutMs)) === true;
+  }
+
+  /**
+   * A dump or load answered while the breaker is open: every block `dropped` at once, the directory not touched
+   * (the client recomputes, or keeps its KV unstored).
+   */
+  private shed(s: Session, direction: Direction, n: number): { task: number } {
+    const id = this.tasks.newId();
+    const result: TransferResult = {
+      status: new Int32Array(n).fill(BlockStatus.Dropped),
+      errno: new Int32Array(n),
+      what: new Array<string>(n).fill("the store is off (storage unhealthy)"),
+      bytes: 0,
+      elapsedNs: 0,
+    };
+    if (direction === "D2S") this.health.stats.shedDumpBlocks += n;
+    else this.health.stats.shedLoadBlocks += n;
+    return this.tasks.track(s, direction, n, id, Promise.resolve(result), (r, tid) =>
+      this.finished(tid, direction, n, r, Array.from(r.status) as BlockStatus[], Array.from(r.errno)),
+    );
+  }
+
+  /** What one finished transfer says of the directory's health: I/O errors and missed deadlines count against it. */
+  private weigh(direction: Direction, r: TransferResult): void {
+    let failed = -1;
+    let ok = false;
+    for (let i = 0; i < r.status.length; i++) {
+      const st = r.status[i] as BlockStatus;
+      if (st === BlockStatus.IoError || (st === BlockStatus.Cancelled && r.errno[i] === ETIMEDOUT)) {
+        failed = i;
+        break;
+      }
+      if (st === BlockStatus.Ok) ok = true;
+    }
+    const verb = direction === "D2S" ? "write" : "read";
+    if (failed >= 0) this.health.record(true, `a block ${verb} failed: ${r.what[failed] || "errno " + String(r.errno[failed])}`);
+    else if (ok) this.health.record(false);
   }
 
   // ---- sessions and namespaces ---------------------------------------------------
@@ -167,6 +233,14 @@ export class Store {
   // ---- lookup ------------------------------------------------------------------
 
   async lookup(req: LookupRequest): Promise<{ found: boolean[] }> {
+    if (this.health.open) {
+      // The store is off: a miss at once, the directory not asked.
+      this.health.stats.shedLookups++;
+      this.counters.lookups++;
+      this.counters.lookupKeys += req.keys.length;
+      this.counters.misses += req.keys.length;
+      return { found: new Array<boolean>(req.keys.length).fill(false) };
+    }
     const found = req.runs ? await this.lookups.presentRuns(req.ns, req.keys, req.runs) : await this.lookups.present(req.ns, req.keys);
     const hits = found.filter(Boolean).length;
     this.counters.lookups++;
@@ -193,6 +267,7 @@ export class Store {
     // GPU memory: the workers wait on the event the client recorded after the forward pass.
     const waitEvent = clientEvent(s, req);
     this.claimNamespace(s, ns);
+    if (this.health.open) return this.shed(s, "D2S", keys.length);
     await this.layout.ensureNamespace(ns);
     const stored = await this.lookups.present([ns], keys);
     const status = new Array<BlockStatus>(keys.length).fill(BlockStatus.Skipped);
@@ -235,6 +310,7 @@ export class Store {
     this.counters.dumpTasks++;
     return this.tasks.track(s, "D2S", keys.length, spec.cancelId!, started, async (r, id) => {
       endBudget();
+      this.weigh("D2S", r);
       const errno = new Array<number>(keys.length).fill(0);
       const where = new Map<number, number>(); // block -> its index among the written ones
       admitted.write.forEach((b, j) => {
@@ -303,6 +379,10 @@ export class Store {
     const { ns, keys } = req;
     // GPU memory: the bytes land after the work the client queued on its stream before the load.
     const waitEvent = clientEvent(s, req);
+    if (this.health.open) {
+      checkShards(s, req.shards, keys.length);
+      return this.shed(s, "S2D", keys.length);
+    }
     const spec = this.spec(
       s,
       req,
@@ -322,6 +402,7 @@ export class Store {
     this.counters.loadTasks++;
     return this.tasks.track(s, "S2D", keys.length, spec.cancelId!, started, (r, id) => {
       this.pin(names, -1);
+      this.weigh("S2D", r);
       const status = Array.from(r.status) as BlockStatus[];
       const bad: string[] = [];
       const now = Date.now();
@@ -412,6 +493,7 @@ export class Store {
   /** Waits for running tasks (bounded), deletes uncommitted blocks, stops the native engine. */
   async close(timeoutMs: number, sessions: Session[]): Promise<void> {
     await this.tasks.drain(timeoutMs);
+    this.health.stop();
     this.transfers.close(); // cancels what is still queued; running blocks finish first
     await this.capacity.close();
     await this.tasks.drain();
