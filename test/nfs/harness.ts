@@ -475,7 +475,7 @@ export function report(out: string, elapsedS: number): number {
         if (typeof v !== "object" || v === null) continue;
         const h = v as Record<string, unknown>;
         console.log(
-          `  hung ${label.padEnd(14)} load: ${String(h.load)}; engine's own answer: ${String(h.engine_answered_load)}; recovered ${String(h.recovered_after_s)} s after the server returned`,
+          `  hung ${label.padEnd(14)} load: ${String(h.load)}; engine's own answer: ${String(h.engine_answered_load)}; breaker open: lookup in ${String(h.lookup_breaker_open_ms)} ms; recovered ${String(h.recovered_after_s)} s after the server returned`,
         );
       }
     }

@@ -176,6 +176,21 @@ export async function hungServer(exportDir: string, versions: Vers[], t: T): Pro
           check(now() - t <= 2500, `${nd.hm.label}: lookup of ${what} blocks took ${now() - t} ms (lookupTimeoutMs 1000)`);
         };
         await Promise.all([lk(nd.unseen, "unseen"), lk(nd.seen, "seen")]);
+        // Lookups the filesystem did not answer (this client's and the patient one's) open the store-health
+        // breaker (healthFailureThreshold 2): from then on a lookup is a miss at once, not after lookupTimeoutMs,
+        // and nothing new waits on the server.
+        const tb = now();
+        let open = 0;
+        while (open !== 1 && now() - tb < 5000) {
+          open = ((await nd.probe.call("stats", {}, 2000)).health as { open: number }).open;
+          if (open !== 1) await sleep(100);
+        }
+        f.breaker_opened = open === 1;
+        check(open === 1, `${nd.hm.label}: the store-health breaker did not open during the outage`);
+        const tq = now();
+        const late = await lookup(nd.c, [key(0, `hung-${nd.hm.label}-late`)], clientTimeoutMs);
+        f.lookup_breaker_open_ms = now() - tq;
+        check(!late[0] && now() - tq < 500, `${nd.hm.label}: a lookup with the breaker open took ${now() - tq} ms`);
         const w = (await nd.c.call(
           "wait",
           { task: ld.task, timeout_ms: Math.max(1, loadTimeoutMs - (now() - tl)) },
