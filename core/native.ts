@@ -168,6 +168,11 @@ export interface NativeEngine {
    * "timeout": a block copy outlived `timeoutMs`.
    */
   cancel(cancelId: number, timeoutMs: number): Promise<"stopped" | "finished" | "timeout">;
+  /**
+   * Blocks of the running transfer `cancelId` done with the client's memory (a dump's block copied into staging, or
+   * failed or finished without a copy); -1 when no transfer runs under that id (it has finished: all of them are).
+   */
+  released(cancelId: number): number;
   closeRegion(id: number): boolean;
   dump(spec: TransferSpec): Promise<TransferResult>;
   load(spec: TransferSpec): Promise<TransferResult>;

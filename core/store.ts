@@ -308,57 +308,65 @@ export class Store {
       endWriting();
     });
     this.counters.dumpTasks++;
-    return this.tasks.track(s, "D2S", keys.length, spec.cancelId!, started, async (r, id) => {
-      endBudget();
-      this.weigh("D2S", r);
-      const errno = new Array<number>(keys.length).fill(0);
-      const where = new Map<number, number>(); // block -> its index among the written ones
-      admitted.write.forEach((b, j) => {
-        status[b] = r.status[j];
-        errno[b] = r.errno[j];
-        where.set(b, j);
-      });
-      const now = Date.now();
-      const failedTemps: string[] = [];
-      keys.forEach((k, b) => {
-        const key = `${ns}/${k.toString("hex")}`;
-        const j = where.get(b);
-        if (status[b] === BlockStatus.Skipped) {
-          this.counters.blocksSkipped++;
-          // A written copy waiting for its commit (the same key earlier in this very request) stays the one committed.
-          if (!s.pending.get(key)?.temp) {
-            this.pending.add(s, key, { final: this.layout.blockPath(ns, k), at: now, backend: 0, fileBytes: 0 });
+    return this.tasks.track(
+      s,
+      "D2S",
+      keys.length,
+      spec.cancelId!,
+      started,
+      async (r, id) => {
+        endBudget();
+        this.weigh("D2S", r);
+        const errno = new Array<number>(keys.length).fill(0);
+        const where = new Map<number, number>(); // block -> its index among the written ones
+        admitted.write.forEach((b, j) => {
+          status[b] = r.status[j];
+          errno[b] = r.errno[j];
+          where.set(b, j);
+        });
+        const now = Date.now();
+        const failedTemps: string[] = [];
+        keys.forEach((k, b) => {
+          const key = `${ns}/${k.toString("hex")}`;
+          const j = where.get(b);
+          if (status[b] === BlockStatus.Skipped) {
+            this.counters.blocksSkipped++;
+            // A written copy waiting for its commit (the same key earlier in this very request) stays the one committed.
+            if (!s.pending.get(key)?.temp) {
+              this.pending.add(s, key, { final: this.layout.blockPath(ns, k), at: now, backend: 0, fileBytes: 0 });
+            }
+          } else if (status[b] === BlockStatus.Ok) {
+            this.counters.blocksDumped++;
+            this.pending.add(s, key, {
+              temp: temps.get(b),
+              final: this.layout.blockPath(ns, k),
+              at: now,
+              backend: admitted.backends[j!],
+              fileBytes: admitted.files[j!],
+            });
+          } else if (status[b] === BlockStatus.Dropped) {
+            if (j !== undefined) this.counters.droppedQueueAge++; // the others were counted at admission
+          } else {
+            countFailure(this.counters, status[b]);
+            failedTemps.push(temps.get(b)!);
           }
-        } else if (status[b] === BlockStatus.Ok) {
-          this.counters.blocksDumped++;
-          this.pending.add(s, key, {
-            temp: temps.get(b),
-            final: this.layout.blockPath(ns, k),
-            at: now,
-            backend: admitted.backends[j!],
-            fileBytes: admitted.files[j!],
-          });
-        } else if (status[b] === BlockStatus.Dropped) {
-          if (j !== undefined) this.counters.droppedQueueAge++; // the others were counted at admission
-        } else {
-          countFailure(this.counters, status[b]);
-          failedTemps.push(temps.get(b)!);
+        });
+        this.transfers.removeFiles(failedTemps);
+        this.transfers.logFailures(id, "D2S", r);
+        // Directories removed underneath (ENOENT): recreated next time; replaced by a link or a file (ELOOP,
+        // ENOTDIR): checked again next time, which refuses them with a clear error.
+        if (r.errno.some((e) => e === 2 || e === 20 || e === 40)) this.layout.forgetNamespace(ns);
+        this.counters.bytesDumped += r.bytes;
+        try {
+          if (s.closed) this.pending.discardAll(s);
+          else if (req.commit) await this.commitWritten(s, ns, keys, status);
+        } finally {
+          endWriting(); // committed (or not): another dump of these keys now sees what is stored
         }
-      });
-      this.transfers.removeFiles(failedTemps);
-      this.transfers.logFailures(id, "D2S", r);
-      // Directories removed underneath (ENOENT): recreated next time; replaced by a link or a file (ELOOP,
-      // ENOTDIR): checked again next time, which refuses them with a clear error.
-      if (r.errno.some((e) => e === 2 || e === 20 || e === 40)) this.layout.forgetNamespace(ns);
-      this.counters.bytesDumped += r.bytes;
-      try {
-        if (s.closed) this.pending.discardAll(s);
-        else if (req.commit) await this.commitWritten(s, ns, keys, status);
-      } finally {
-        endWriting(); // committed (or not): another dump of these keys now sees what is stored
-      }
-      return this.finished(id, "D2S", admitted.write.length, r, status, errno);
-    });
+        return this.finished(id, "D2S", admitted.write.length, r, status, errno);
+      },
+      admitted.write.length,
+    );
   }
 
   /** `commit: true` on a dump: each written block becomes visible at once; one that cannot is an I/O error. */

@@ -44,9 +44,18 @@ export interface Finished {
 export interface Task {
   id: number;
   direction: Direction;
+  /** Blocks of its native transfer (a dump's written ones: skipped and shed blocks are not in it). */
+  nativeBlocks: number;
   done: Promise<unknown>;
   result?: TaskResult;
   seenAt?: number;
+}
+
+/** The reply about a task still running. */
+export interface Running {
+  done: false;
+  /** Dumps: no block reads the client's memory any more. */
+  released?: boolean;
 }
 
 /** Called once per finished task (metrics). */
@@ -79,6 +88,7 @@ export class TaskTracker {
     id: number,
     started: Promise<TransferResult>,
     finish: (r: TransferResult, id: number) => Finished | Promise<Finished>,
+    nativeBlocks = blocks,
   ): { task: number } {
     const done = started.then(async (r) => {
       const f = await finish(r, id);
@@ -90,7 +100,7 @@ export class TaskTracker {
       });
       return { done: true as const, direction, status, errno: f.errno, failed, bytes: f.bytes, elapsed_s: f.elapsed, line: f.line };
     });
-    const task: Task = { id, direction, done: undefined as unknown as Promise<unknown> };
+    const task: Task = { id, direction, nativeBlocks, done: undefined as unknown as Promise<unknown> };
     const settle = done.then(
       (r) => {
         task.result = r;
@@ -138,19 +148,29 @@ export class TaskTracker {
     return t;
   }
 
-  check(s: Session, req: TaskRequest): TaskResult | { done: false } {
+  check(s: Session, req: TaskRequest): TaskResult | Running {
     const t = this.find(s, req);
-    if (!t.result) return { done: false };
+    if (!t.result) return this.running(t);
     t.seenAt ??= Date.now();
     return t.result;
   }
 
-  async wait(s: Session, req: WaitRequest): Promise<TaskResult | { done: false }> {
+  async wait(s: Session, req: WaitRequest): Promise<TaskResult | Running> {
     const t = this.find(s, req);
     if (!t.result) await settledWithin([t.done], req.timeoutMs);
-    if (!t.result) return { done: false };
+    if (!t.result) return this.running(t);
     t.seenAt ??= Date.now();
     return t.result;
+  }
+
+  /**
+   * A task not done yet; a dump says whether every block is done with the client's memory (copied into staging,
+   * failed or dropped): the client may then reuse that memory though the writes go on.
+   */
+  private running(t: Task): Running {
+    if (t.direction !== "D2S") return { done: false };
+    const n = this.native.released(t.id);
+    return { done: false, released: n < 0 || n >= t.nativeBlocks };
   }
 
   /**

@@ -20,10 +20,11 @@ Napi::Function EngineWrap::Define(Napi::Env env) {
        InstanceMethod<&EngineWrap::OpenCudaRegion>("openCudaRegion"),
        InstanceMethod<&EngineWrap::OpenCudaEvent>("openCudaEvent"),
        InstanceMethod<&EngineWrap::CloseEvent>("closeEvent"), InstanceMethod<&EngineWrap::Cancel>("cancel"),
-       InstanceMethod<&EngineWrap::CloseRegion>("closeRegion"), InstanceMethod<&EngineWrap::Dump>("dump"),
-       InstanceMethod<&EngineWrap::Load>("load"), InstanceMethod<&EngineWrap::Lookup>("lookup"),
-       InstanceMethod<&EngineWrap::Commit>("commit"), InstanceMethod<&EngineWrap::Remove>("remove"),
-       InstanceMethod<&EngineWrap::Stats>("stats"), InstanceMethod<&EngineWrap::Close>("close")});
+       InstanceMethod<&EngineWrap::Released>("released"), InstanceMethod<&EngineWrap::CloseRegion>("closeRegion"),
+       InstanceMethod<&EngineWrap::Dump>("dump"), InstanceMethod<&EngineWrap::Load>("load"),
+       InstanceMethod<&EngineWrap::Lookup>("lookup"), InstanceMethod<&EngineWrap::Commit>("commit"),
+       InstanceMethod<&EngineWrap::Remove>("remove"), InstanceMethod<&EngineWrap::Stats>("stats"),
+       InstanceMethod<&EngineWrap::Close>("close")});
 }
 
 EngineWrap::EngineWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<EngineWrap>(info) {
@@ -156,6 +157,18 @@ Napi::Value EngineWrap::Cancel(const Napi::CallbackInfo& info) {
     channel->Complete(raw);
   });
   return promise;
+}
+
+// released(cancelId) -> blocks of the running task done with the client's
+// memory (TransferTask::released), or -1 when no task runs under that id
+// (finished: all of them are).
+Napi::Value EngineWrap::Released(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  CheckOpen(env);
+  if (info.Length() < 1 || !info[0].IsNumber()) throw ArgTypeError(env, "released(cancelId: number)");
+  auto it = cancellable_.find(info[0].As<Napi::Number>().Uint32Value());
+  if (it == cancellable_.end()) return Napi::Number::New(env, -1);
+  return Napi::Number::New(env, it->second->released.load(std::memory_order_acquire));
 }
 
 // ---- metadata ----------------------------------------------------------------

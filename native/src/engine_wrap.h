@@ -38,6 +38,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
   Napi::Value Load(const Napi::CallbackInfo& info) { return Transfer(info, Op::kLoad); }
   Napi::Value Transfer(const Napi::CallbackInfo& info, Op op);
   Napi::Value Cancel(const Napi::CallbackInfo& info);
+  Napi::Value Released(const Napi::CallbackInfo& info);
   Napi::Value Lookup(const Napi::CallbackInfo& info);
   Napi::Value Commit(const Napi::CallbackInfo& info);
   Napi::Value Remove(const Napi::CallbackInfo& info);

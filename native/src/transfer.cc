@@ -91,6 +91,8 @@ void TransferEngine::Submit(const std::shared_ptr<TransferTask>& task, TaskDone 
   auto shared_done = std::make_shared<TaskDone>(std::move(done));
   const uint32_t n = static_cast<uint32_t>(task->blocks.size());
   task->results.assign(n, IoResult{});
+  task->released_block.assign(n, 0);
+  task->released.store(0);
   task->remaining.store(n == 0 ? 1 : n);
   task->submit_ns = NowNs();
   if (n == 0) {
@@ -251,6 +253,7 @@ void TransferEngine::RunBlock(const Item& item, Worker& w) {
         return;
       }
     }
+    Release(item);  // in staging now: the client's memory is not read again
     r = WriteBlockFile(job.path, staging.data(), job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
   } else {
     r = ReadBlockFile(job.path, staging.data(), job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
@@ -328,6 +331,7 @@ IoResult TransferEngine::RunDeviceBlock(const Item& item) {
       why = guard.Ended();
       if (why.status != BlockStatus::kOk) return why;
     }
+    Release(item);  // in pinned staging now: the GPU memory is not read again
     return WriteBlockFile(job.path, stager.data(), job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
   }
   IoResult r = ReadBlockFile(job.path, stager.data(), job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
@@ -345,7 +349,15 @@ IoResult TransferEngine::RunDeviceBlock(const Item& item) {
   return guard.Ended();
 }
 
+void TransferEngine::Release(const Item& item) {
+  TransferTask& task = *item.task;
+  if (task.released_block[item.block] != 0) return;
+  task.released_block[item.block] = 1;
+  task.released.fetch_add(1, std::memory_order_release);
+}
+
 void TransferEngine::Finish(const Item& item, const IoResult& r) {
+  Release(item);
   TransferTask& task = *item.task;
   task.results[item.block] = r;
   if (r.status == BlockStatus::kOk) task.bytes_ok.fetch_add(task.blocks[item.block].bytes);

@@ -75,6 +75,13 @@ struct TransferTask {
   // that memory; a late read would store wrong bytes under a good key, a
   // late write would overwrite what it recomputed.
   uint64_t deadline_ns = 0;
+  // Dumps: blocks whose use of the client's memory is over (copied out, or
+  // failed or finished without a copy). Once every block is, the client may
+  // reuse that memory though writes go on: the vLLM connector hands a
+  // finished request's KV blocks back to vLLM then, not after the writes.
+  // Each block is counted once, by the one worker that runs it.
+  std::atomic<uint32_t> released{0};
+  std::vector<uint8_t> released_block;
 };
 
 // Owns page-aligned memory; move-only.
@@ -180,6 +187,8 @@ class TransferEngine {
   void RunBlock(const Item& item, Worker& w);
   IoResult RunDeviceBlock(const Item& item);
   void Finish(const Item& item, const IoResult& r);
+  // Counts the item's block as done with the client's memory (once).
+  static void Release(const Item& item);
 
   EngineOptions opts_;
   mutable std::mutex mu_;

@@ -50,6 +50,8 @@ logger = logging.getLogger("ucm")
 #: loadTimeoutMs, before the request's saves are given up (a lost report
 #: must never let KV computed on an unknown load into the store)
 OUTCOME_GRACE_S = 30.0
+#: how long past a dump's deadline a hold still makes vLLM wait instead of preempting
+HOLD_GRACE_S = 5.0
 
 
 @dataclass
@@ -85,6 +87,9 @@ class UCMScheduler(EngineLink):
         self._final_saves: list[Transfer] = []  # of requests that finished since the last step
         self._released: list[str] = []  # finished requests whose blocks the workers may hand back
         self._saving: set[str] = set()
+        #: finished requests whose blocks vLLM keeps for us, and since when
+        #: (has_pending_block_frees)
+        self._held: dict[str, float] = {}
         self._ns = tuple(self.namespaces)
         self._block_size = opts.block_size
         self._lookups = AsyncLookups(LookupPump(self._call), self._lookup_timeout_s, self._count)
@@ -160,6 +165,8 @@ class UCMScheduler(EngineLink):
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
         """Each step's worker reports: a load every worker reported is over,
         and its outcome decides what of the request may be saved."""
+        for req_id in getattr(connector_output, "finished_sending", None) or ():
+            self._held.pop(req_id, None)
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
         if not isinstance(meta, UCMWorkerMetadata):
             return
@@ -293,6 +300,7 @@ class UCMScheduler(EngineLink):
             # or not (_load_over).
             state.finished = True
             self._reqs[request.request_id] = state
+            self._held.setdefault(request.request_id, time.monotonic())
             return True, None
         if state is not None:
             return self._finish(state), None
@@ -323,7 +331,24 @@ class UCMScheduler(EngineLink):
         self._saving.discard(req_id)
         if held:
             self._released.append(req_id)
+            self._held.setdefault(req_id, time.monotonic())
         return held
+
+    def has_pending_block_frees(self) -> bool:
+        """True while finished requests' blocks are held for their dumps: they
+        come back within a step or two (a dump's blocks are released once
+        copied into the engine's staging, not once written), so vLLM waits
+        for them instead of preempting a running request. A hold older than a
+        dump's deadline (with grace) is not counted: never a reason to wait
+        for good."""
+        if not self._held:
+            return False
+        limit = self.opts.save_timeout_ms / 1000 + HOLD_GRACE_S
+        now = time.monotonic()
+        for req_id, since in list(self._held.items()):
+            if now - since > limit:
+                del self._held[req_id]
+        return bool(self._held)
 
     # ---- invalidation ------------------------------------------------------------
 

@@ -104,6 +104,9 @@ class UnifiedCacheConnectorV1(KVConnectorBase_V1):
         assert self.connector_scheduler is not None
         self.connector_scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
+    def has_pending_block_frees(self) -> bool:
+        return self.connector_scheduler.has_pending_block_frees() if self.connector_scheduler is not None else False
+
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         assert self.connector_scheduler is not None
         return self.connector_scheduler.build_connector_meta(scheduler_output)

@@ -25,6 +25,8 @@ then runs without the store rather than read bytes laid out another way.
 
 from __future__ import annotations
 
+from collections import deque
+
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -48,6 +50,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ucm")
 
 
+#: dumps past their request (their blocks back with vLLM, writes going on)
+#: asked about per step, for their outcome only
+TRAILING_CHECKS_PER_STEP = 8
+
+
 class UCMWorker(Loads, EngineLink):
     def __init__(self, opts: ConnectorOptions, name: str):
         super().__init__(opts, name)
@@ -68,6 +75,9 @@ class UCMWorker(Loads, EngineLink):
         self._load_errors: set[int] = set()
         self._dumps: dict[str, list[Pending]] = {}  # req -> dump tasks
         self._finishing: set[str] = set()  # finished requests whose blocks vLLM keeps until reported
+        #: dumps whose blocks are all in the engine's staging (the request's KV blocks went back to vLLM) and
+        #: whose writes go on: checked a few a step, only to count their outcome
+        self._trailing: deque[Pending] = deque()
         self._async_loads: dict[str, tuple[Pending | None, Transfer]] = {}  # req -> (task, transfer)
         self._connect()
 
@@ -337,7 +347,22 @@ class UCMWorker(Loads, EngineLink):
             self._dumps.pop(req_id, None)
             self._finishing.discard(req_id)
             done.add(req_id)
+        self._count_trailing()
         return (done or None), (self._async_loads_over() or None)
+
+    def _count_trailing(self, most: int = TRAILING_CHECKS_PER_STEP) -> None:
+        """Outcomes of dumps whose request's blocks went back to vLLM before
+        their writes ended (saved_blocks and friends count them once known);
+        a few a step, oldest first."""
+        for _ in range(min(most, len(self._trailing))):
+            p = self._trailing.popleft()
+            r = self.transfers.ask(p, "check")
+            if r is not None and r.get("done"):
+                self._count_saves(p.keys, r)
+            elif p.deadline.passed() or (r is None and p.engine_gone()):
+                self._count_saves(p.keys, None)
+            else:
+                self._trailing.append(p)
 
     def _saves_pending(self, req_id: str) -> bool:
         """Checks a finishing request's dumps; True while any still runs (or
@@ -348,6 +373,12 @@ class UCMWorker(Loads, EngineLink):
             r = self.transfers.ask(p, "check")
             if r is not None and r.get("done"):
                 self._count_saves(p.keys, r)
+                continue
+            if r is not None and r.get("released") is True:
+                # Every block is in the engine's staging (or failed): nothing
+                # reads the KV blocks any more, vLLM may have them back while
+                # the writes go on.
+                self._trailing.append(p)
                 continue
             if not (p.deadline.passed() or (r is None and p.engine_gone())):
                 still.append(p)
