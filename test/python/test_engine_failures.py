@@ -12,12 +12,17 @@ the kill, not at the task's deadline. Real engines, sockets and files."""
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
+import time
 
 import pytest
+import torch
 
-from conftest import private_sock, stop_engine, write_config
+import sched_kit as sk
+from conftest import engine_pid, private_sock, stop_engine, write_config
+from connector_kit import connector, empty_step, keys, meta, step, transfer
 from ucm.launcher import EngineStartError
 from ucm.store import NfsStore
 
@@ -93,3 +98,82 @@ def test_an_engine_that_crashes_at_startup_gives_its_exception(tmp_path, storage
     with pytest.raises(EngineStartError) as raised:
         NfsStore(config(tmp_path, storage, endpoint))
     assert "engine exited at startup: TypeError: the addon is missing a symbol (" in str(raised.value)
+
+
+# ---- the connector with an engine that cannot start (item 2, issue 26) ----------------------
+
+
+def reason_records(caplog, text):
+    return [r for r in caplog.records if r.levelno >= logging.WARNING and text in r.getMessage()]
+
+
+def test_the_connector_says_why_once_and_no_step_waits_for_the_retries(tiny_model, tmp_path, endpoint, caplog):
+    """The scheduler and a worker whose engine cannot start: the engine's
+    reason logged once by each, at error level; steps over several retries
+    answer every new request a miss at once and never wait for the engine
+    (the client timeout is 2 s: a step that sent a hello would take it)."""
+    caplog.set_level(logging.DEBUG, logger="ucm")
+    absent = tmp_path / "not-mounted" / "kv"
+    cfg = config(tmp_path, absent, endpoint)
+    why = f'directory "{absent}" does not exist'
+    sched = connector(tiny_model, cfg, role="SCHEDULER")
+    nb = 8
+    worker = connector(tiny_model, cfg, num_blocks=nb)
+    try:
+        worker.register_kv_caches({f"l{i}": torch.randn(nb, 2, 32, 64) for i in range(2)})
+        said = reason_records(caplog, why)
+        assert len(said) == 2 and all(r.levelno == logging.ERROR for r in said), [r.getMessage() for r in said]
+        assert all("serving without the store" in r.getMessage() for r in said)
+        ks = keys(2, "nostart")
+        slowest, steps, t0 = 0.0, 0, time.monotonic()
+        # The first retries come 2 s and 6 s after the start.
+        while time.monotonic() - t0 < 7.5:
+            req = sk.request(sk.prompt(4 * BLOCK + 1, seed=steps), BLOCK)
+            s0 = time.monotonic()
+            assert sched.get_num_new_matched_tokens(req, 0) == (0, False)  # a miss, never "ask again"
+            sched.build_connector_meta(empty_step())
+            (sending, _), errors = step(
+                worker, meta(loads=[transfer("l", ks, [0, 1])], saves=[transfer("s", ks, [2, 3])]), finished={"s"}
+            )
+            slowest = max(slowest, time.monotonic() - s0)
+            assert errors == {0, 1} and sending == {"s"}
+            steps += 1
+            time.sleep(0.02)
+        retries = [r for r in caplog.records if "still no engine" in r.getMessage()]
+        assert len(retries) >= 3, (
+            "the two halves retry about four times in 7.5 s"
+        )  # so 'once' is not for want of retries
+        assert len(reason_records(caplog, why)) == 2
+        assert slowest < 0.5, f"a step took {slowest:.2f} s"
+        print(f"{steps} steps, slowest {slowest * 1000:.1f} ms, {len(retries)} retries")
+    finally:
+        sched.shutdown()
+        worker.shutdown()
+
+
+def test_a_storage_directory_that_appears_later_is_used_without_a_restart(tiny_model, tmp_path, endpoint, caplog):
+    """The directory (an NFS mount coming up) appears after the connector
+    was built: the retry off the step starts the engine, steps stay fast
+    meanwhile, and lookups go to it from then on."""
+    caplog.set_level(logging.INFO, logger="ucm")
+    later = tmp_path / "mounted-later"
+    cfg = config(tmp_path, later, endpoint)
+    sched = connector(tiny_model, cfg, role="SCHEDULER")
+    try:
+        assert len(reason_records(caplog, "does not exist")) == 1
+        later.mkdir()
+        t0, slowest, answer = time.monotonic(), 0.0, (0, False)
+        while answer == (0, False):
+            assert time.monotonic() - t0 < 30, "the engine was not started once the directory appeared"
+            req = sk.request(sk.prompt(4 * BLOCK + 1, seed=100), BLOCK)
+            s0 = time.monotonic()
+            answer = sched.get_num_new_matched_tokens(req, 0)  # None once the engine is up: asked, off the step
+            sched.build_connector_meta(empty_step())
+            slowest = max(slowest, time.monotonic() - s0)
+            time.sleep(0.02)
+        assert answer == (None, False)
+        assert slowest < 0.5, f"a step took {slowest:.2f} s"
+        assert engine_pid(endpoint) is not None
+        assert len([r for r in caplog.records if "answers again" in r.getMessage()]) == 1
+    finally:
+        sched.shutdown()
