@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
+import threading
 import time
 
 import pytest
@@ -23,6 +25,7 @@ import torch
 import sched_kit as sk
 from conftest import engine_pid, private_sock, stop_engine, write_config
 from connector_kit import connector, empty_step, keys, meta, step, transfer
+from procs import wait_gone
 from ucm.launcher import EngineStartError
 from ucm.store import NfsStore
 
@@ -177,3 +180,53 @@ def test_a_storage_directory_that_appears_later_is_used_without_a_restart(tiny_m
         assert len([r for r in caplog.records if "answers again" in r.getMessage()]) == 1
     finally:
         sched.shutdown()
+
+
+# ---- a wait on a task of a dead engine (item 3) ---------------------------------------------
+
+
+@pytest.mark.parametrize("memory,when", [("shared", "during"), ("private", "during"), ("shared", "before")])
+def test_a_wait_on_a_load_returns_within_a_second_of_the_engine_being_killed(tmp_path, storage, endpoint, memory, when):
+    """SIGKILL while a 512 MiB load runs (loadTimeoutMs 40 s), while wait()
+    waits for it or before wait() is called: wait() reports it failed within
+    a second of the kill (or of its call), not at the deadline. The memory is
+    free then (the engine's process is gone); nothing but blocks' own bytes
+    landed in it. The next call starts an engine again."""
+    n, row = 128, 1 << 20  # 128 blocks of 4 MiB
+    cfg = config(tmp_path, storage, endpoint, loadTimeoutMs=40000, transferStreamNumber=1)
+    with NfsStore(cfg) as store:
+        src = torch.randint(1, 1 << 30, (n, row), dtype=torch.int32)
+        dst = torch.zeros_like(src)
+        if memory == "shared":
+            src.share_memory_()
+            dst.share_memory_()
+        ks = [f"kill-{memory}-{i}".encode() for i in range(n)]
+        assert store.wait(store.dump(ks, [0] * n, list(src))) == 0
+        assert store.commit(ks) == [True] * n
+        pid = engine_pid(endpoint)
+        task = store.load(ks, [0] * n, list(dst))
+        killed: list[float] = []
+
+        def kill():
+            time.sleep(0.15)
+            os.kill(pid, signal.SIGKILL)
+            killed.append(time.monotonic())
+
+        killer = threading.Thread(target=kill)
+        killer.start()
+        if when == "before":
+            killer.join()
+            assert wait_gone(pid)
+            time.sleep(0.2)
+            killed[0] = time.monotonic()  # measured from the call
+        failed = store.wait(task)
+        returned = time.monotonic()
+        killer.join()
+        assert wait_gone(pid)
+        assert failed > 0, "the load finished before the kill: make it larger"
+        took = returned - killed[0]
+        print(f"{memory}, {when}: wait() returned in {took * 1000:.0f} ms, {failed} of {n} blocks failed")
+        assert took < 1.0, f"wait() returned {took:.1f} s after the engine was killed"
+        # A block the engine was copying when it died holds part of its bytes; none holds any other.
+        assert bool(((dst == src) | (dst == 0)).all()), "bytes that are no block's own landed"
+        assert store.lookup(ks[:1]) == [True]  # a new engine, started by this call
