@@ -29,6 +29,14 @@ __all__ = ["EngineClient", "EngineError", "EngineUnavailable", "UntrustedEngine"
 
 PROTOCOL_VERSION = 1
 
+#: while a session request waits for its reply, how often the engine's
+#: process is looked at (/proc): a reply that can no longer come (the engine
+#: died) ends the wait within this, not at the request's deadline
+WATCH_MS = 100
+#: how long a verdict "the engine still runs" (EngineClient.gone) is taken
+#: as it is before /proc is read again; "gone" is final
+GONE_CHECK_S = 0.05
+
 
 def process_identity(pid: int) -> tuple[int, int] | None:
     """(pid, start time in clock ticks since boot) of a live process of this
@@ -103,6 +111,7 @@ class EngineClient:
         self._sock: zmq.Socket | None = None
         self._session = False
         self._peer_checked = False  # the current socket's peer passed engine_trust.check_connected
+        self._gone: dict[tuple[int, int], tuple[float, bool]] = {}  # engine -> (when looked at, gone)
 
     # ---- transport ---------------------------------------------------------
 
@@ -165,7 +174,11 @@ class EngineClient:
             raise EngineUnavailable(f"the connection to {path} closed before the engine's identity could be checked")
         self._peer_checked = True
 
-    def _roundtrip(self, req: dict[str, Any], timeout_ms: int) -> dict[str, Any]:
+    def _roundtrip(self, req: dict[str, Any], timeout_ms: int, engine: tuple[int, int] | None = None) -> dict[str, Any]:
+        """Sends `req` and returns its reply. `engine`: the (pid, start time)
+        of the process that must answer; once it is gone the wait ends (no
+        reply can come), with an error that says so and, unlike a timeout,
+        does not say the request may still be acted on."""
         sock = self._socket()
         rid = next(self._ids)
         req["id"] = rid
@@ -177,11 +190,19 @@ class EngineClient:
             raise EngineUnavailable(f"cannot send {req.get('op')} to {self.endpoint}: queue full") from None
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
+            if left <= 0:
                 self._reset()  # a late reply must never be taken for a later request's
                 raise EngineUnavailable(
                     f"no reply to {req.get('op')} from {self.endpoint} within {timeout_ms} ms", sent=req.get("op")
                 )
+            left_ms = max(1, int(left * 1000))
+            if not sock.poll(left_ms if engine is None else min(left_ms, WATCH_MS), zmq.POLLIN):
+                if engine is not None and process_gone(engine):
+                    self._reset()
+                    raise EngineUnavailable(
+                        f"the engine (pid {engine[0]}) on {self.endpoint} exited before it answered {req.get('op')}"
+                    )
+                continue
             reply = msgpack.unpackb(sock.recv(), raw=False)
             if isinstance(reply, dict) and reply.get("id") == rid:
                 self._check_peer()
@@ -234,10 +255,15 @@ class EngineClient:
         """A session request; says hello first when needed. Errors raise EngineError.
         `deadline_ms` bounds the round trip (default: the client's timeout)."""
         with self._lock:
+            if self._session and self.gone(self.engine_identity):
+                # The session's engine died since (another may serve the
+                # endpoint now): a new session, on a new connection.
+                self._reset()
             for attempt in (0, 1):
                 if not self._session:
                     self.hello()
-                r = self._roundtrip({"op": op, **args}, deadline_ms or self.timeout_ms)
+                # Asked of this session's engine: its death ends the wait at once.
+                r = self._roundtrip({"op": op, **args}, deadline_ms or self.timeout_ms, self.engine_identity)
                 if r.get("ok"):
                     return r
                 err = r.get("error") or {}
@@ -246,6 +272,23 @@ class EngineClient:
                     continue
                 raise EngineError(err.get("code", "unknown"), err.get("message", str(r)))
             raise AssertionError("unreachable")
+
+    def gone(self, engine: tuple[int, int] | None) -> bool:
+        """process_gone(engine), reading /proc at most every GONE_CHECK_S per
+        engine (a process found gone stays gone): cheap enough to ask before
+        every request. A death it has not seen yet is seen by the request's
+        own wait for its reply (WATCH_MS)."""
+        if engine is None:
+            return False
+        now = time.monotonic()
+        seen = self._gone.get(engine)
+        if seen is not None and (seen[1] or now - seen[0] < GONE_CHECK_S):
+            return seen[1]
+        verdict = process_gone(engine)
+        if seen is None and len(self._gone) >= 16:
+            self._gone.clear()
+        self._gone[engine] = (now, verdict)
+        return verdict
 
     def close(self) -> None:
         with self._lock:

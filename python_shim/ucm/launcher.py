@@ -35,11 +35,21 @@ from . import settings as engine_settings
 from .client import EngineClient, EngineUnavailable, process_gone, process_identity
 from .config import ConfigError, StoreConfig, runtime_dir
 from .engine_cmd import build_id, engine_command, engine_env, engine_main, node_binary, repo_root
-from .runtime_dir import RECORD, RuntimeDirError, open_in, open_log, read_record, secure_runtime_dir, write_in
+from .runtime_dir import (
+    RECORD,
+    RuntimeDirError,
+    open_in,
+    open_log,
+    read_record,
+    secure_runtime_dir,
+    startup_reason,
+    write_in,
+)
 
 # Their home before they had modules of their own (tests, tools and the
 # ucm-engine console script name them here).
 __all__ = [
+    "EngineStartError",
     "RuntimeDirError",
     "SettingsMismatch",
     "alive",
@@ -65,6 +75,23 @@ _IDLE_EXIT_S = 600
 
 class SettingsMismatch(ConfigError):
     """A running engine holds other settings than this config asks for."""
+
+
+class EngineStartError(RuntimeError):
+    """The engine this launcher started exited before it served. The message
+    is one line that begins with the engine's own reason (`reason`, read
+    from its log, None when it wrote none) and names the log and the
+    command. `config_error`: the engine refused its config (a storage
+    directory that does not exist or that every user may write, a bad
+    value), which no retry mends until the config or the directory
+    changes."""
+
+    def __init__(self, reason: str | None, log_path: str, cmd: list[str]):
+        self.reason = reason
+        self.log_path = log_path
+        self.config_error = reason is not None and reason.startswith("config error:")
+        why = reason if reason is not None else "it wrote no reason to its log"
+        super().__init__(f"engine exited at startup: {why} (its log: {log_path}; command: {' '.join(cmd)})")
 
 
 def health(endpoint: str, timeout_ms: int = 300, engine_uid: int | None = None) -> dict[str, Any] | None:
@@ -269,23 +296,37 @@ def _start(cfg: StoreConfig, rdir: str, dir_fd: int, start_timeout_s: float) -> 
         cmd += ["--exit-when-idle", str(idle)]
     log_fd, log_path = open_log(rdir, dir_fd)
     try:
-        # A shell starts the engine in the background and exits at once: the
-        # engine is reparented to init (never a zombie of whichever vLLM
-        # process started it), and its stdout and stderr are the log file
-        # (the shell's stderr), its stdin /dev/null. Only the shell's `echo`
-        # goes to our pipe, so the engine holds none of our stdio.
-        starter = subprocess.Popen(
-            ["sh", "-c", '"$@" </dev/null >&2 & echo $!', "ucm-engine-starter", *cmd],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=log_fd,
-            start_new_session=True,
-            close_fds=True,
-            env=engine_env(),
-        )
-        out, _ = starter.communicate(timeout=30)
+        _spawn_and_wait(cfg, rdir, dir_fd, start_timeout_s, cmd, config_file, log_fd, log_path)
     finally:
         os.close(log_fd)
+
+
+def _spawn_and_wait(
+    cfg: StoreConfig,
+    rdir: str,
+    dir_fd: int,
+    start_timeout_s: float,
+    cmd: list[str],
+    config_file: str,
+    log_fd: int,
+    log_path: str,
+) -> None:
+    log_start = os.fstat(log_fd).st_size  # UCM_ENGINE_LOG is appended to: this engine's lines come after
+    # A shell starts the engine in the background and exits at once: the
+    # engine is reparented to init (never a zombie of whichever vLLM
+    # process started it), and its stdout and stderr are the log file
+    # (the shell's stderr), its stdin /dev/null. Only the shell's `echo`
+    # goes to our pipe, so the engine holds none of our stdio.
+    starter = subprocess.Popen(
+        ["sh", "-c", '"$@" </dev/null >&2 & echo $!', "ucm-engine-starter", *cmd],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=log_fd,
+        start_new_session=True,
+        close_fds=True,
+        env=engine_env(),
+    )
+    out, _ = starter.communicate(timeout=30)
     try:
         pid = int(out.strip() or 0)
     except ValueError:
@@ -312,7 +353,7 @@ def _start(cfg: StoreConfig, rdir: str, dir_fd: int, start_timeout_s: float) -> 
             _say_where(cfg, pid, log_path)
             return
         if ident is None or process_gone(ident):
-            raise RuntimeError(f"engine exited at startup: {' '.join(cmd)}; see its log {log_path}")
+            raise EngineStartError(startup_reason(log_fd, log_start), log_path, cmd)
         time.sleep(0.05)
     raise RuntimeError(f"engine did not answer on {cfg.endpoint} within {start_timeout_s:.0f}s; see its log {log_path}")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import stat
 from typing import Any
@@ -124,12 +125,47 @@ def read_record(dir_fd: int, rdir: str) -> dict[str, Any] | None:
 
 def open_log(rdir: str, dir_fd: int) -> tuple[int, str]:
     """The engine's log: UCM_ENGINE_LOG (appended to), or engine.log in the
-    runtime directory (the previous engine's kept as engine.log.1)."""
+    runtime directory (the previous engine's kept as engine.log.1). Opened
+    for reading too: the launcher reads an engine's reason for exiting at
+    startup from it (startup_reason)."""
     path = os.environ.get("UCM_ENGINE_LOG")
     if path:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600), path
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600), path
     try:
         os.replace(LOG, LOG + ".1", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # moves a link, never follows it
     except FileNotFoundError:
         pass
-    return open_in(dir_fd, rdir, LOG, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND), os.path.join(rdir, LOG)
+    return open_in(dir_fd, rdir, LOG, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND), os.path.join(rdir, LOG)
+
+
+#: how the engine writes an error line (core/log.ts; core/cli.ts writes the
+#: reason it exits for so, as its last line)
+_ERROR_LINE = "[UCMNFSSTORE] [E] "
+_NODE_ERROR = re.compile(r"\b[A-Za-z]*Error\b:")
+
+
+def startup_reason(log_fd: int, offset: int, limit: int = 1 << 16) -> str | None:
+    """Why an engine that exited at startup did, in one line, from what it
+    wrote to its log after byte `offset`: its last error line (the reason
+    core/cli.ts prints before exiting: a config error names the key and the
+    value), else the first line of a Node.js exception, else its last line.
+    None when it wrote nothing."""
+    try:
+        size = os.fstat(log_fd).st_size
+        start = max(offset, size - limit)
+        data = os.pread(log_fd, size - start, start) if size > start else b""
+    except OSError:
+        return None
+    lines = data.decode("utf-8", "replace").splitlines()
+    if start > offset and lines:
+        lines = lines[1:]  # began mid-line
+    lines = [ln.strip() for ln in lines if ln.strip()]
+    if not lines:
+        return None
+    errors = [ln for ln in lines if ln.startswith(_ERROR_LINE)]
+    if errors:
+        reason = errors[-1][len(_ERROR_LINE) :]
+    else:
+        reason = next((ln for ln in lines if _NODE_ERROR.search(ln)), lines[-1])
+    reason = "".join(c if c.isprintable() else "?" for c in reason)
+    return reason if len(reason) <= 1000 else reason[:1000] + "..."

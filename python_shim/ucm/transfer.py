@@ -114,9 +114,10 @@ class Transfers:
     def ask(self, p: Pending, op: str, **args: Any) -> dict[str, Any] | None:
         """A request about task `p`; None when it cannot be answered (the
         engine is down, the id never came, or the session it ran in is
-        gone). A reply that says the task is done prints its task line."""
-        if p.task is None or p.epoch != self.client.epoch:
-            return None
+        gone, its process ended). A reply that says the task is done prints
+        its task line."""
+        if p.task is None or p.epoch != self.client.epoch or self.client.gone(p.engine):
+            return None  # (an engine gone is not asked: a new session's hello would wait for nobody)
         r = self._request(op, task=p.task, **args)
         if r is None or p.epoch != self.client.epoch:
             return None
@@ -137,12 +138,15 @@ class Transfers:
 
     def settle(self, p: Pending, waiting: Callable[[Pending], None] | None = None) -> str:
         """Returns once no block of `p` can touch the caller's memory any more,
-        and says why: "cancelled" (the engine acknowledged a cancel), "gone"
-        (its process ended) or "deadline" (the engine cannot be asked: its
-        deadline has passed, waited for here after calling `waiting`)."""
+        and says why: "gone" (its process ended: nothing of it can run, and
+        nobody is asked), "cancelled" (the engine acknowledged a cancel) or
+        "deadline" (the engine cannot be asked: its deadline has passed,
+        waited for here after calling `waiting`)."""
+        if p.engine_gone():
+            return "gone"
         if self.cancel(p):
             return "cancelled"
-        if p.engine_gone():
+        if p.engine_gone():  # died while the cancel was asked
             return "gone"
         if not p.deadline.passed():
             if waiting is not None:

@@ -123,7 +123,10 @@ class UCMScheduler(EngineLink):
         # vLLM takes none of a hit for a request that skips reading caches: nothing to look up.
         if start < end and not request.skip_reading_prefix_cache:
             now = time.monotonic()
-            hits = self._lookups.hits(request, start, end, self._ns, self.epoch, now, now >= self._retry_at)
+            # With no engine known to answer, nothing is asked: a miss at once.
+            hits = self._lookups.hits(
+                request, start, end, self._ns, self.epoch, now, self._up and now >= self._retry_at
+            )
             if hits is None:
                 return None, False
             stats = self._stats
@@ -218,6 +221,8 @@ class UCMScheduler(EngineLink):
         # The lookups vLLM asked for in this step go out together, while the
         # model runs (the next step is answered from their replies).
         self._lookups.pump.kick()
+        if not self._up:
+            self._reconnect_soon()  # a no-op while the reconnecting thread runs
         self._give_up_stale_loads()
         meta = UCMConnectorMetadata(loads=self._pending_loads, saves=self._final_saves, finished=self._released)
         self._pending_loads, self._final_saves, self._released = [], [], []

@@ -82,7 +82,7 @@ class Loads:
         )
 
     def _load_timed_out(self, p: Pending, t: Transfer) -> None:
-        """A load not done by its deadline (or whose engine stopped answering):
+        """A load not done by its deadline (or whose engine stopped answering or exited):
         its blocks are recomputed by vLLM and may be reused, so they are
         reported failed only once the engine can no longer write them."""
         if self._memory_free(p, "load"):
@@ -92,6 +92,8 @@ class Loads:
                 t.req_id,
                 p.task,
             )
+        elif p.engine_gone():
+            logger.warning("UCM: request %s: the engine exited during its load; vLLM recomputes it", t.req_id)
         else:
             logger.warning(
                 "UCM: request %s: load did not finish within %d ms; cancelled, vLLM recomputes it",
