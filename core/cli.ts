@@ -122,9 +122,10 @@ async function serve(flags: Map<string, string>): Promise<number> {
   if (idleS !== undefined && (!Number.isInteger(idleS) || idleS < 1)) {
     throw new ConfigError(`--exit-when-idle must be a whole number of seconds >= 1, got ${JSON.stringify(idle)}`);
   }
-  const { config, warnings } = configFrom(flags);
+  const { config, warnings, notes } = configFrom(flags);
   const log = new Logger(config.logLevel);
   for (const w of warnings) log.warn(`config: ${w}`);
+  for (const n of notes) log.info(`config: ${n}`);
   if (process.env.UCM_ENGINE_ALL_CPUS === "1") {
     // Started by the shim from whichever vLLM process came first, maybe a worker bound to one core: the engine
     // serves them all, so it runs on every CPU (before its transfer threads and libzmq's exist; they inherit it).

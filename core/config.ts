@@ -1,34 +1,23 @@
 // The engine's configuration: the seed's YAML (single connector or list
-// form), read and validated in one place against the table of options
-// (options.ts). Every error names the key path and the value it got.
+// form) or UCM's current one (UcmPipelineStore, store_pipeline, UCM's key
+// names: ucm_keys.ts), read and validated in one place against the table of
+// options (options.ts). Every error names the key path and the value it got;
+// a key nobody documents is an error too.
 import * as crypto from "crypto";
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
 import { parse as parseYaml } from "yaml";
+import { ConfigError, show } from "./config_error";
 import { LOG_LEVELS, LogLevel } from "./log";
 import { EngineConfig, OPTIONS, parseSize } from "./options";
+import { CONNECTOR_NAMES, topLevelNotes, translateConnectorConfig, unknownKey } from "./ucm_keys";
 
+/** The seed's connector name (UCM's current one, UcmPipelineStore, is taken too: ucm_keys.ts CONNECTOR_NAMES). */
 export const CONNECTOR_NAME = "UcmNfsStore";
 
-export { OPTIONS, parseSize };
+export { ConfigError, OPTIONS, parseSize };
 export type { EngineConfig };
-
-export class ConfigError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = "ConfigError";
-  }
-}
-
-function show(v: unknown): string {
-  if (typeof v === "string") return JSON.stringify(v);
-  try {
-    return JSON.stringify(v) ?? String(v);
-  } catch {
-    return String(v);
-  }
-}
 
 /**
  * The runtime directory for a storage_backends string: only this user may enter it. Named after the backends as
@@ -71,7 +60,10 @@ export function defaultEndpoint(storageBackendsRaw: string): string {
 
 export interface LoadedConfig {
   config: EngineConfig;
+  /** Said with [W] at start (none today: a key nobody documents is an error, not a warning). */
   warnings: string[];
+  /** UCM keys accepted with no effect here, one line each, for the engine to say once at start. */
+  notes: string[];
 }
 
 export function loadConfigFile(file: string): LoadedConfig {
@@ -90,47 +82,61 @@ export function loadConfigFile(file: string): LoadedConfig {
   return parseConfig(doc);
 }
 
-/** Validates a parsed config document (the seed's format or the list form). */
+const isMapping = (v: unknown): v is Record<string, unknown> => v !== null && typeof v === "object" && !Array.isArray(v);
+const names = CONNECTOR_NAMES.map(show).join(" or ");
+
+/** Validates a parsed config document (the seed's format, the list form, UCM's current form). */
 export function parseConfig(doc: unknown): LoadedConfig {
   const warnings: string[] = [];
-  if (doc === null || typeof doc !== "object" || Array.isArray(doc)) {
+  if (!isMapping(doc)) {
     throw new ConfigError(`config must be a mapping with ucm_connector_name and ucm_connector_config, got ${show(doc)}`);
   }
-  const top = doc as Record<string, unknown>;
+  const top = doc;
   let connector: Record<string, unknown>;
   let where: string;
+  const notes: string[] = [];
   if ("ucm_connectors" in top) {
     const list = top.ucm_connectors;
     if (!Array.isArray(list) || list.length === 0) throw new ConfigError(`ucm_connectors must be a non-empty list, got ${show(list)}`);
-    const idx = list.findIndex((c) => c && typeof c === "object" && (c as Record<string, unknown>).ucm_connector_name === CONNECTOR_NAME);
+    const idx = list.findIndex((c) => isMapping(c) && CONNECTOR_NAMES.includes(c.ucm_connector_name as string));
     if (idx < 0) {
-      const names = list.map((c) => (c && typeof c === "object" ? (c as Record<string, unknown>).ucm_connector_name : c));
-      throw new ConfigError(`ucm_connectors has no entry with ucm_connector_name ${show(CONNECTOR_NAME)}; names found: ${show(names)}`);
+      const found = list.map((c) => (isMapping(c) ? c.ucm_connector_name : c));
+      throw new ConfigError(`ucm_connectors has no entry with ucm_connector_name ${names}; names found: ${show(found)}`);
     }
     connector = list[idx] as Record<string, unknown>;
     where = `ucm_connectors[${idx}]`;
-    for (const k of Object.keys(top)) if (k !== "ucm_connectors") warnings.push(`unknown key ${k} ignored`);
+    notes.push(...topLevelNotes(top, ["ucm_connectors"], (k) => k));
   } else {
     connector = top;
     where = "";
   }
   const at = (k: string) => (where ? `${where}.${k}` : k);
-  for (const k of Object.keys(connector)) {
-    if (k !== "ucm_connector_name" && k !== "ucm_connector_config" && !(where === "" && k === "ucm_connectors"))
-      warnings.push(`unknown key ${at(k)} ignored`);
-  }
+  // The connector's entry holds its name and config; in the seed's form it is the top level, where UCM's own top-level keys sit too.
+  if (where) {
+    for (const [k, v] of Object.entries(connector))
+      if (k !== "ucm_connector_name" && k !== "ucm_connector_config") throw unknownKey(at(k), v);
+  } else notes.push(...topLevelNotes(connector, ["ucm_connector_name", "ucm_connector_config"], (k) => k));
   const name = connector.ucm_connector_name;
-  if (name !== CONNECTOR_NAME) throw new ConfigError(`${at("ucm_connector_name")} must be ${show(CONNECTOR_NAME)}, got ${show(name)}`);
+  if (!CONNECTOR_NAMES.includes(name as string)) throw new ConfigError(`${at("ucm_connector_name")} must be ${names}, got ${show(name)}`);
   const cc = connector.ucm_connector_config;
-  if (cc === null || typeof cc !== "object" || Array.isArray(cc)) {
-    throw new ConfigError(`${at("ucm_connector_config")} must be a mapping, got ${show(cc)}`);
-  }
-  const raw = cc as Record<string, unknown>;
+  if (!isMapping(cc)) throw new ConfigError(`${at("ucm_connector_config")} must be a mapping, got ${show(cc)}`);
   const key = (k: string) => `${at("ucm_connector_config")}.${k}`;
+  const ours = translateConnectorConfig(
+    cc,
+    name as string,
+    at("ucm_connector_config"),
+    new Set(["storage_backends", ...Object.keys(OPTIONS)]),
+  );
+  notes.push(...ours.notes);
+  const raw = ours.raw;
+  /** An option's path as the file names it: a UCM key that set it is named, with ours. */
+  const named = (k: string) => (ours.origin[k] ? `${key(ours.origin[k])} (${k} here)` : key(k));
 
-  const sb = raw.storage_backends;
+  // UCM's own code hands the store a list of directories; the file writes them ':'-separated.
+  const sbGiven = raw.storage_backends;
+  const sb = Array.isArray(sbGiven) && sbGiven.length > 0 && sbGiven.every((d) => typeof d === "string") ? sbGiven.join(":") : sbGiven;
   if (typeof sb !== "string" || sb.trim() === "") {
-    throw new ConfigError(`${key("storage_backends")} is required: a directory, or several separated by ':', got ${show(sb)}`);
+    throw new ConfigError(`${key("storage_backends")} is required: a directory, or several separated by ':', got ${show(sbGiven)}`);
   }
   const dirs = sb.split(":").map((d) => d.trim());
   dirs.forEach((d, i) => {
@@ -164,22 +170,22 @@ export function parseConfig(doc: unknown): LoadedConfig {
     }
     switch (spec.kind) {
       case "int":
-        if (typeof v !== "number" || !Number.isInteger(v)) throw new ConfigError(`${key(k)} must be an integer, got ${show(v)}`);
+        if (typeof v !== "number" || !Number.isInteger(v)) throw new ConfigError(`${named(k)} must be an integer, got ${show(v)}`);
         if (v < (spec.min ?? -Infinity) || v > (spec.max ?? Infinity)) {
-          throw new ConfigError(`${key(k)} must be between ${spec.min} and ${spec.max}, got ${show(v)}`);
+          throw new ConfigError(`${named(k)} must be between ${spec.min} and ${spec.max}, got ${show(v)}`);
         }
         break;
       case "bool":
-        if (typeof v !== "boolean") throw new ConfigError(`${key(k)} must be true or false, got ${show(v)}`);
+        if (typeof v !== "boolean") throw new ConfigError(`${named(k)} must be true or false, got ${show(v)}`);
         break;
       case "string":
-        if (typeof v !== "string") throw new ConfigError(`${key(k)} must be a string, got ${show(v)}`);
+        if (typeof v !== "string") throw new ConfigError(`${named(k)} must be a string, got ${show(v)}`);
         break;
       case "size": {
         const n = parseSize(v);
-        if (n === undefined) throw new ConfigError(`${key(k)} must be a size in bytes such as 4GiB or 500MB, got ${show(v)}`);
+        if (n === undefined) throw new ConfigError(`${named(k)} must be a size in bytes such as 4GiB or 500MB, got ${show(v)}`);
         if (n < (spec.min ?? 0) || n > (spec.max ?? Infinity)) {
-          throw new ConfigError(`${key(k)} must be between ${spec.min} and ${spec.max} bytes, got ${show(v)} (${n})`);
+          throw new ConfigError(`${named(k)} must be between ${spec.min} and ${spec.max} bytes, got ${show(v)} (${n})`);
         }
         out[spec.key] = n;
         continue;
@@ -188,7 +194,7 @@ export function parseConfig(doc: unknown): LoadedConfig {
         const list = Array.isArray(v) ? v : [v];
         const sizes = list.map((x, i) => {
           const n = parseSize(x);
-          const at = Array.isArray(v) ? `${key(k)}[${i}]` : key(k);
+          const at = Array.isArray(v) ? `${named(k)}[${i}]` : key(k);
           if (n === undefined) throw new ConfigError(`${at} must be a size in bytes such as 500GiB, or 0 for unlimited, got ${show(x)}`);
           return n;
         });
@@ -197,14 +203,11 @@ export function parseConfig(doc: unknown): LoadedConfig {
       }
       case "level":
         if (typeof v !== "string" || !LOG_LEVELS.includes(v as LogLevel)) {
-          throw new ConfigError(`${key(k)} must be one of ${LOG_LEVELS.join(", ")}, got ${show(v)}`);
+          throw new ConfigError(`${named(k)} must be one of ${LOG_LEVELS.join(", ")}, got ${show(v)}`);
         }
         break;
     }
     out[spec.key] = v;
-  }
-  for (const k of Object.keys(raw)) {
-    if (k !== "storage_backends" && !(k in OPTIONS)) warnings.push(`unknown key ${key(k)} ignored`);
   }
   const ms = out.metricsSocket as string;
   if (ms !== "" && (!path.isAbsolute(ms) || Buffer.byteLength(ms) > 107))
@@ -224,12 +227,12 @@ export function parseConfig(doc: unknown): LoadedConfig {
   if (caps.length === 1) out.capacity = resolved.map(() => caps[0]);
   else if (caps.length !== resolved.length) {
     throw new ConfigError(
-      `${key("capacity")} lists ${caps.length} sizes for ${resolved.length} storage backends; give one value for all or one per backend`,
+      `${named("capacity")} lists ${caps.length} sizes for ${resolved.length} storage backends; give one value for all or one per backend`,
     );
   }
   for (const [i, c] of (out.capacity as number[]).entries()) {
     if (c !== 0 && c < 16 * 2 ** 20)
-      throw new ConfigError(`${key("capacity")}: ${c} bytes for ${show(resolved[i])} is below the 16 MiB minimum (0 = unlimited)`);
+      throw new ConfigError(`${named("capacity")}: ${c} bytes for ${show(resolved[i])} is below the 16 MiB minimum (0 = unlimited)`);
   }
   // A store another user can write to lets that user plant symbolic links where the engine writes, reads
   // and deletes (and read every block): it must be this user's, and writable by no one else (by the group
@@ -252,9 +255,11 @@ export function parseConfig(doc: unknown): LoadedConfig {
     }
   }
   const config = { ...out, storageBackends: resolved, storageBackendsRaw: sb } as EngineConfig;
+  if (ours.storePipeline !== undefined) config.storePipeline = ours.storePipeline;
+  if (ours.cacheBufferBytes !== undefined) config.cacheBufferBytes = ours.cacheBufferBytes;
   if (config.endpoint === "") config.endpoint = defaultEndpoint(sb);
   validateEndpoint(config.endpoint, key("endpoint"));
-  return { config, warnings };
+  return { config, warnings, notes };
 }
 
 export function validateEndpoint(endpoint: string, what: string): void {

@@ -97,6 +97,13 @@ export interface EngineConfig {
   maxRegionBytesPerClient: number;
   /** Files 0660 and directories 02770 (a group's engines share the store) instead of 0600 and 0700. */
   shareWithGroup: boolean;
+  /** UCM's store_pipeline when the config names one ("Cache|Posix" or "Posix"; ucm_keys.ts). */
+  storePipeline?: string;
+  /**
+   * UCM's cache_buffer_capacity_gb in bytes, when given (0: UCM's default): the host memory of the Cache stage,
+   * which is not built yet; kept so that the stage can take it.
+   */
+  cacheBufferBytes?: number;
 }
 
 interface OptionSpec {

@@ -65,7 +65,9 @@ describe("config errors stop startup with the key path and the value", () => {
   test("wrong connector name and the list form", async () => {
     const f1 = path.join(dir, "n1.yaml");
     fs.writeFileSync(f1, 'ucm_connector_name: "Other"\nucm_connector_config:\n  storage_backends: /tmp\n');
-    expect((await runCli(["serve", "--config", f1])).out).toMatch(/ucm_connector_name must be "UcmNfsStore", got "Other"/);
+    expect((await runCli(["serve", "--config", f1])).out).toMatch(
+      /ucm_connector_name must be "UcmNfsStore" or "UcmPipelineStore", got "Other"/,
+    );
     const f2 = path.join(dir, "n2.yaml");
     fs.writeFileSync(
       f2,
@@ -76,15 +78,28 @@ describe("config errors stop startup with the key path and the value", () => {
     );
   });
 
-  test("the seed's YAML works as written (colon list, list form, unknown keys warned)", async () => {
+  test("a key nobody documents stops startup, named with its value", async () => {
+    const f = path.join(dir, "mystery.yaml");
+    fs.writeFileSync(
+      f,
+      `ucm_connectors:\n  - ucm_connector_name: "UcmNfsStore"\n    ucm_connector_config:\n      storage_backends: "${dir}/s1"\n      mystery: 1\n`,
+    );
+    const r = await runCli(["serve", "--config", f]);
+    expect(r.code).toBe(2);
+    expect(r.out).toMatch(
+      /unknown key ucm_connectors\[0\].ucm_connector_config.mystery \(value 1\): neither this store nor UCM documents it/,
+    );
+  });
+
+  test("the seed's YAML works as written (colon list, list form)", async () => {
     const f = path.join(dir, "seed.yaml");
     fs.writeFileSync(
       f,
-      `# UCM Configuration File Example\nucm_connectors:\n  - ucm_connector_name: "UcmNfsStore"\n    ucm_connector_config:\n      storage_backends: "${dir}/s1:${dir}/s2"\n      transferStreamNumber: 32\n      mystery: 1\n      endpoint: "ipc://${dir}/seed.sock"\n`,
+      `# UCM Configuration File Example\nucm_connectors:\n  - ucm_connector_name: "UcmNfsStore"\n    ucm_connector_config:\n      storage_backends: "${dir}/s1:${dir}/s2"\n      transferStreamNumber: 32\n      endpoint: "ipc://${dir}/seed.sock"\n`,
     );
     const e = await startEngine(f);
     try {
-      expect(e.output()).toMatch(/\[W\] config: unknown key ucm_connectors\[0\].ucm_connector_config.mystery ignored/);
+      expect(e.output()).not.toMatch(/\[W\]/);
       const c = e.client();
       await hello(c);
       // Keys spread over both backends.

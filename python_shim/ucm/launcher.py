@@ -33,7 +33,7 @@ import yaml
 
 from . import settings as engine_settings
 from .client import EngineClient, EngineUnavailable, process_gone, process_identity
-from .config import ConfigError, StoreConfig, runtime_dir
+from .config import CONNECTOR_NAMES, ConfigError, StoreConfig, runtime_dir
 from .engine_cmd import build_id, engine_command, engine_env, engine_main, node_binary, repo_root
 from .runtime_dir import (
     RECORD,
@@ -280,7 +280,7 @@ def _config_file(cfg: StoreConfig, rdir: str, dir_fd: int) -> str:
     section = doc
     if "ucm_connectors" in doc:
         section = next(
-            c for c in doc["ucm_connectors"] if isinstance(c, dict) and c.get("ucm_connector_name") == "UcmNfsStore"
+            c for c in doc["ucm_connectors"] if isinstance(c, dict) and c.get("ucm_connector_name") in CONNECTOR_NAMES
         )
     section["ucm_connector_config"]["storage_backends"] = cfg.storage_backends_absolute
     return write_in(dir_fd, rdir, "config.yaml", yaml.safe_dump(doc).encode())

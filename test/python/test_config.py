@@ -1,11 +1,14 @@
 """The shim names the same runtime directory as the engine (the table of
-cases is shared with test/config.test.ts) and takes its client options'
-defaults from the engine's config module."""
+cases is shared with test/config.test.ts), takes its client options'
+defaults from the engine's config module, and reads UCM's config forms and
+key names as the engine does (the cases shared with test/ucm_config.test.ts,
+the tables of core/ucm_keys.ts)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import tempfile
@@ -148,3 +151,163 @@ def test_block_status_names_are_the_engines():
         check=True,
     )
     assert tuple(json.loads(out.stdout)) == status.ALL
+
+
+# ---- UCM's current configuration and key names (issue 27) -------------------------------
+
+UCM_CASES = json.load(open(os.path.join(os.path.dirname(__file__), "..", "fixtures", "ucm_config_cases.json")))
+
+
+def _with_dir(v, d):
+    if isinstance(v, str):
+        return v.replace("$DIR", d)
+    if isinstance(v, list):
+        return [_with_dir(x, d) for x in v]
+    if isinstance(v, dict):
+        return {k: _with_dir(x, d) for k, x in v.items()}
+    return v
+
+
+@pytest.fixture
+def ucm_dir(tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("case", UCM_CASES["cases"], ids=[c["name"] for c in UCM_CASES["cases"]])
+def test_ucm_config_reads_as_the_engine_reads_it(case, ucm_dir, monkeypatch):
+    """The cases test/ucm_config.test.ts runs through the engine's parser: the
+    same options from UCM's keys, the same "no effect" lines, the same errors
+    word for word."""
+    from ucm import ucm_keys
+    from ucm.config import ConfigError, load_config
+
+    monkeypatch.setattr(ucm_keys, "_said", set())
+    doc = _with_dir(case["doc"], ucm_dir)
+    if "error" in case:
+        with pytest.raises(ConfigError) as e:
+            load_config(doc)
+        assert str(e.value) == "config: " + case["error"]
+        return
+    cfg = load_config(doc)
+    assert cfg.connector_config == _with_dir(case["ours"], ucm_dir)
+    assert [n[: n.index(": ")] for n in cfg.notes] == case["notes"]
+    assert cfg.store_pipeline == case.get("storePipeline")
+    assert cfg.cache_buffer_bytes == case.get("cacheBufferBytes")
+    assert cfg.storage_backends == case["ours"]["storage_backends"].replace("$DIR", ucm_dir)
+
+
+def _engine_module(expr, *args):
+    out = subprocess.run(
+        ["node", "-e", f"const m=require(process.argv[1]); console.log(JSON.stringify({expr}))", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def test_ucm_key_tables_are_the_engines():
+    """ucm/ucm_keys.py holds the engine's tables (core/ucm_keys.ts), key for key and word for word."""
+    from ucm import ucm_keys
+
+    engine = _engine_module(
+        "{top: m.UCM_TOP_KEYS, connector: m.UCM_CONNECTOR_KEYS, v010: m.UCM_V010_KEYS, "
+        "names: m.CONNECTOR_NAMES, pipelines: m.STORE_PIPELINES, cache: m.CACHE_NOT_BUILT}",
+        os.path.join(ROOT, "dist", "core", "ucm_keys.js"),
+    )
+    assert engine["top"] == ucm_keys.UCM_TOP_KEYS
+    assert engine["connector"] == ucm_keys.UCM_CONNECTOR_KEYS
+    assert engine["v010"] == ucm_keys.UCM_V010_KEYS
+    assert tuple(engine["names"]) == ucm_keys.CONNECTOR_NAMES
+    assert tuple(engine["pipelines"]) == ucm_keys.STORE_PIPELINES
+    assert engine["cache"] == ucm_keys.CACHE_NOT_BUILT
+
+
+def test_option_keys_are_the_engines():
+    """ucm.config.OPTION_KEYS, the keys that are ours (passed as they are), is the engine's table."""
+    from ucm.config import OPTION_KEYS
+
+    engine = _engine_module("Object.keys(m.OPTIONS)", os.path.join(ROOT, "dist", "core", "options.js"))
+    assert OPTION_KEYS == frozenset(engine) | {"storage_backends"}
+
+
+UCM_YAML = """\
+ucm_connectors:
+  - ucm_connector_name: "UcmPipelineStore"
+    ucm_connector_config:
+      store_pipeline: "Cache|Posix"
+      storage_backends: "{a}:{b}"   # several mount points, separated by ':'
+      io_direct: true
+      cache_buffer_capacity_gb: 32
+      posix_capacity_gb: 1024
+      timeout_ms: 30000
+enable_event_sync: true
+use_layerwise: true
+"""
+
+
+def test_ucm_current_yaml_loads_and_says_each_key_without_effect_once(ucm_dir, tmp_path, caplog, monkeypatch):
+    """UCM's YAML as its docs write it today loads from a file; the lines
+    about keys with no effect here are said once per process, however many
+    store objects and connector halves read the config."""
+    from ucm import ucm_keys
+    from ucm.config import config_from_extra, load_config
+
+    monkeypatch.setattr(ucm_keys, "_said", set())
+    caplog.set_level(logging.INFO, logger="ucm")
+    path = tmp_path / "ucm_config.yaml"
+    path.write_text(UCM_YAML.format(a=f"{ucm_dir}/a", b=f"{ucm_dir}/b"))
+    for _ in range(3):
+        cfg = load_config(str(path))
+    extra = config_from_extra({"UCM_CONFIG_FILE": str(path), "use_layerwise": True, "ucm_load_async": True})
+    assert extra.connector_config == cfg.connector_config
+    assert cfg.connector_config == {
+        "storage_backends": f"{ucm_dir}/a:{ucm_dir}/b",
+        "odirect": True,
+        "capacity": 1024 << 30,
+        "loadTimeoutMs": 30000,
+    }
+    assert (cfg.load_timeout_ms, cfg.store_pipeline, cfg.cache_buffer_bytes) == (30000, "Cache|Posix", 32 << 30)
+    said = [r.getMessage() for r in caplog.records if "accepted" in r.getMessage()]
+    assert said == [
+        "UCM: config: " + n
+        for n in cfg.notes
+        + [
+            "kv_connector_extra_config.use_layerwise: true accepted, no effect here: "
+            + ucm_keys.UCM_TOP_KEYS["use_layerwise"]["why"]
+        ]
+    ]
+    assert len(said) == 5 and len(set(said)) == 5
+
+
+def test_ucm_keys_in_kv_connector_extra_config(ucm_dir, monkeypatch):
+    """Inline, UCM's top-level keys sit beside the config in
+    kv_connector_extra_config: checked and said as in a file; a misspelt one
+    stops vLLM with its name."""
+    from ucm import ucm_keys
+    from ucm.config import ConfigError, config_from_extra
+
+    monkeypatch.setattr(ucm_keys, "_said", set())
+    inline = {
+        "ucm_connectors": [
+            {
+                "ucm_connector_name": "UcmPipelineStore",
+                "ucm_connector_config": {
+                    "store_pipeline": "Posix",
+                    "storage_backends": f"{ucm_dir}/a",
+                    "io_direct": False,
+                },
+            }
+        ],
+        "use_layerwise": True,
+        "enable_event_sync": False,
+        "ucm_weights_version": "2",  # the connector's own key: not the config's
+    }
+    cfg = config_from_extra(inline)
+    assert cfg.connector_config == {"storage_backends": f"{ucm_dir}/a", "odirect": False}
+    assert [n.split(":")[0] for n in cfg.notes] == ["use_layerwise", "enable_event_sync"]
+    assert cfg.raw["use_layerwise"] is True  # the engine reads it too, from the file the launcher writes
+    with pytest.raises(ConfigError, match=r"kv_connector_extra_config.use_layerwise must be true or false, got \"on\""):
+        config_from_extra({"UCM_CONFIG_FILE": "/nonexistent.yaml", "use_layerwise": "on"})

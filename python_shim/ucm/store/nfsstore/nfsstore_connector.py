@@ -7,8 +7,9 @@ built from UCM's flat connector config, over this package's engine.
 
 UCM's keys are mapped to the engine's (`use_direct` -> `odirect`,
 `stream_number` -> `transferStreamNumber`, `storage_capacity` -> `capacity`,
-...) or warned about once with the reason; keys of this package's own config
-pass through. docs/ucm_store.md has the table and every deliberate difference.
+`io_direct` -> `odirect`, ...) or warned about once with the reason
+(ucm.ucm_keys: the engine's table); keys of this package's own config pass
+through, any other key is an error. docs/ucm_store.md has the differences.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
+from ...config import OPTION_KEYS
+from ...ucm_keys import say_once, translate
 from ..nfs_store import DEFAULT_NS, NfsStore, Task
 from ..ucmstore import UcmKVStoreBase
 
@@ -30,63 +33,33 @@ ERROR = -1
 
 NfsTask = Task  # UCM's name for the task type of this store
 
-#: UCM key -> this package's key (several UCM spellings of one setting)
-_MAPPED = {
-    "stream_number": "transferStreamNumber",
-    "use_direct": "odirect",
-    "useDirect": "odirect",
-    "transferIoDirect": "odirect",
-    "storage_capacity": "capacity",
-    "storageCapacity": "capacity",
-    "transferTimeoutMs": "loadTimeoutMs",
-}
-#: UCM keys that describe the caller, not the store: accepted silently
-_ACCEPTED = {"role", "device", "transferDeviceId", "kv_block_size", "kvcacheBlockSize", "transferEnable"}
-#: UCM keys with no counterpart here, and why
-_IGNORED = {
-    "io_size": "the engine reads and writes each block file in one I/O of the whole block, whatever the shard size",
-    "transferIoSize": "the engine reads and writes each block file in one I/O of the whole block, whatever the shard size",
-    "buffer_number": "each engine transfer thread has its own staging buffer (pinnedStagingBytes bounds GPU staging)",
-    "transferBufferNumber": "each engine transfer thread has its own staging buffer (pinnedStagingBytes bounds GPU staging)",
-    "recycle_enable": "eviction is always on when `capacity` (storage_capacity) is set, and off without it",
-    "recycleEnable": "eviction is always on when `capacity` (storage_capacity) is set, and off without it",
-    "recycle_threshold_ratio": "eviction runs from 95 % of the capacity down to 85 % (70 % after writes were refused for room)",
-    "recycleThresholdRatio": "eviction runs from 95 % of the capacity down to 85 % (70 % after writes were refused for room)",
-    "hotnessEnable": "eviction always picks the least recently used blocks (file mtime, refreshed by every load)",
-    "hotnessInterval": "eviction always picks the least recently used blocks (file mtime, refreshed by every load)",
-    "tempDumpDirEnable": "blocks are always written to a temporary file and renamed into place on commit",
-}
-_warned: set[str] = set()
+#: UCM keys that describe the caller, not the store (its role, device, block
+#: size): arguments of UCM's store object, taken silently here
+CALLER_KEYS = frozenset({"role", "device", "transferDeviceId", "kv_block_size", "kvcacheBlockSize", "transferEnable"})
 
 
-def engine_config(flat: Dict[str, Any]) -> Dict[str, Any]:
+def engine_config(
+    flat: Dict[str, Any], connector_name: str = "UcmNfsStore", caller_keys: frozenset[str] = CALLER_KEYS
+) -> Dict[str, Any]:
     """This package's config (the seed's YAML as a dict) from UCM's flat
-    connector config. Raises ValueError naming the keys when two spellings of
-    one setting disagree."""
+    connector config: UCM's keys (v0.1.0's and today's, ucm.ucm_keys) turned
+    into ours, those with no effect here warned about once per process (the
+    engine never sees them), `caller_keys` left out. Raises ValueError
+    (ConfigError) naming the key for a key nobody documents, and naming both
+    when two spellings of one setting disagree."""
     if not isinstance(flat, dict):
-        raise TypeError(f"UcmNfsStore config must be a dict, got {type(flat).__name__}")
-    cc: Dict[str, Any] = {}
-    origin: Dict[str, str] = {}
-    for k, v in flat.items():
-        if k in _ACCEPTED:
-            continue
-        if k in _IGNORED:
-            if k not in _warned:
-                _warned.add(k)
-                logger.warning("UCM: UcmNfsStore config key %s=%r is ignored: %s", k, v, _IGNORED[k])
-            continue
-        ours = _MAPPED.get(k, k)
-        if k == "storage_backends" and isinstance(v, (list, tuple)):
-            v = ":".join(str(p) for p in v if p)
-        if ours == "odirect" and isinstance(v, int) and not isinstance(v, bool) and v in (0, 1):
-            v = bool(v)
-        if ours in cc and cc[ours] != v:
-            raise ValueError(f"UcmNfsStore config sets {ours} twice: {origin[ours]}={cc[ours]!r} and {k}={v!r}")
-        cc[ours] = v
-        origin[ours] = k
+        raise TypeError(f"{connector_name} config must be a dict, got {type(flat).__name__}")
+    given = {k: v for k, v in flat.items() if k not in caller_keys}
+    sb = given.get("storage_backends")
+    if isinstance(sb, (list, tuple)):
+        given["storage_backends"] = ":".join(str(p) for p in sb if p)
+    tr = translate(given, connector_name, "config", OPTION_KEYS)
+    say_once(tr.notes, logging.WARNING)
+    cc = tr.raw
     if "storage_backends" not in cc:
         raise ValueError(
-            f"UcmNfsStore config needs storage_backends (a directory, or several separated by ':'); got keys {sorted(flat)}"
+            f"{connector_name} config needs storage_backends (a directory, or several separated by ':'); "
+            f"got keys {sorted(flat)}"
         )
     if cc.get("capacity") == 0:
         del cc["capacity"]  # UCM's 0: no limit, as ours
