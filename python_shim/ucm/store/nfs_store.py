@@ -189,19 +189,47 @@ class NfsStore:
             found[i] or (bool(layouts) and all(found[n * (1 + j) + i] for j in range(len(layouts)))) for i in range(n)
         ]
 
-    def dump(self, keys: Sequence[BlockId], offsets: Sequence[int], tensors: Sequence[torch.Tensor]) -> Task:
-        return self._transfer("dump", "D2S", keys, offsets, list(tensors), "tensors")
+    def lookup_prefix(self, keys: Sequence[BlockId]) -> int:
+        """How many of `keys`, from the first, are stored and committed: the
+        engine checks them in order and stops at the first miss (a prefix
+        lookup), so a long run of misses costs one check. 0 when the engine
+        cannot answer."""
+        ks = [block_key(k, f"keys[{i}]") for i, k in enumerate(keys)]
+        if not ks:
+            return 0
+        if self._layouts:  # pieces: the whole answer of lookup(), up to its first miss
+            found = self.lookup(ks)
+        else:
+            try:
+                found = list(self._call("lookup", ns=self.namespace, keys=ks, runs=[len(ks)])["found"])
+            except (EngineError, SettingsMismatch, RuntimeDirError) as e:
+                self._warn("lookup", e)
+                return 0
+        return next((i for i, f in enumerate(found) if not f), len(ks))
+
+    def dump(
+        self, keys: Sequence[BlockId], offsets: Sequence[int], tensors: Sequence[torch.Tensor], *, commit: bool = False
+    ) -> Task:
+        """Device -> storage. With `commit`, the engine makes each block
+        visible as soon as it is written (no commit() call)."""
+        return self._transfer("dump", "D2S", keys, offsets, list(tensors), "tensors", commit)
 
     def load(self, keys: Sequence[BlockId], offsets: Sequence[int], tensors: Sequence[torch.Tensor]) -> Task:
         return self._transfer("load", "S2D", keys, offsets, list(tensors), "tensors")
 
     def dump_data(
-        self, keys: Sequence[BlockId], offsets: Sequence[int], addrs: Sequence[int], sizes: Sequence[int]
+        self,
+        keys: Sequence[BlockId],
+        offsets: Sequence[int],
+        addrs: Sequence[int],
+        sizes: Sequence[int],
+        *,
+        commit: bool = False,
     ) -> Task:
         """dump() from raw addresses: inside a storage this store has seen
         (a tensor passed before, or register_memory), or host memory of this
         process (copied through staging)."""
-        return self._transfer("dump", "D2S", keys, offsets, raws(addrs, sizes), "src_addr")
+        return self._transfer("dump", "D2S", keys, offsets, raws(addrs, sizes), "src_addr", commit)
 
     def fetch_data(
         self, keys: Sequence[BlockId], offsets: Sequence[int], addrs: Sequence[int], sizes: Sequence[int]
@@ -321,7 +349,14 @@ class NfsStore:
     # ---- transfers --------------------------------------------------------------------
 
     def _transfer(
-        self, op: str, direction: str, keys: Sequence[BlockId], offsets: Sequence[int], sources: list[Any], what: str
+        self,
+        op: str,
+        direction: str,
+        keys: Sequence[BlockId],
+        offsets: Sequence[int],
+        sources: list[Any],
+        what: str,
+        commit: bool = False,
     ) -> Task:
         blocks = plan(keys, offsets, sources, what, self.block_size, self._layouts)
         order, ekeys, block_entries = blocks.keys, blocks.ekeys, blocks.entries
@@ -367,7 +402,7 @@ class NfsStore:
                             views[i].copy_(mems[i].reshape(-1).view(torch.uint8))
             mem_list = [views.get(i, mems[i]) for b in bidx for i in block_entries[b]]
             p, err = self.transfers.submit(
-                op, [ekeys[b] for b in bidx], mem_list, shards_of(count, mem_list), task._deadline
+                op, [ekeys[b] for b in bidx], mem_list, shards_of(count, mem_list), task._deadline, commit=commit
             )
             if err is not None:
                 errors.append(str(err))
@@ -381,7 +416,7 @@ class NfsStore:
                 continue
             if not task.task_id:
                 task.task_id = p.task
-            if op == "dump":
+            if op == "dump" and not commit:
                 self._uncommitted.dumped((order[b], ekeys[b]) for b in bidx)
         if errors:
             task.error = "; ".join(errors)

@@ -1,0 +1,1 @@
+"""UCM's UcmPipelineStore (`ucm.store.pipeline.connector`), over this package's engine."""
