@@ -73,6 +73,9 @@ function optionsHelp(): string {
   return [
     "Keys of ucm_connector_config in the config file, their defaults and what they do (docs/configuration.md says more):",
     ...rows.map((r) => `  ${r.key.padEnd(kw)}  ${r.dflt.padEnd(dw)}  ${r.doc}`),
+    "",
+    "UCM's own key names (io_direct, posix_capacity_gb, timeout_ms, ...) and its UcmPipelineStore form are taken too: each sets",
+    'one of these keys or is accepted with no effect here (said at start); a key nobody documents stops startup (docs/configuration.md, "UCM\'s key names").',
   ].join("\n");
 }
 
