@@ -216,11 +216,11 @@ export function parseConfig(doc: unknown): LoadedConfig {
     throw new ConfigError(`${key("cudaCopy")} must be "kernel" or "batch", got ${show(out.cudaCopy)}`);
   if ((out.healthFailureThreshold as number) > (out.healthWindowSize as number))
     throw new ConfigError(
-      `${key("healthFailureThreshold")} must be at most healthWindowSize (${String(out.healthWindowSize)}), got ${show(out.healthFailureThreshold)}`,
+      `${named("healthFailureThreshold")} must be at most healthWindowSize (${String(out.healthWindowSize)}), got ${show(out.healthFailureThreshold)}`,
     );
   if ((out.healthCheckTimeoutS as number) >= (out.healthCheckIntervalS as number))
     throw new ConfigError(
-      `${key("healthCheckTimeoutS")} must be less than healthCheckIntervalS (${String(out.healthCheckIntervalS)}), got ${show(out.healthCheckTimeoutS)}`,
+      `${named("healthCheckTimeoutS")} must be less than healthCheckIntervalS (${String(out.healthCheckIntervalS)}), got ${show(out.healthCheckTimeoutS)}`,
     );
   if (!Array.isArray(out.capacity)) out.capacity = [out.capacity as number];
   const caps = out.capacity as number[];

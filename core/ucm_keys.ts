@@ -138,19 +138,16 @@ export const UCM_CONNECTOR_KEYS: Record<string, UcmKey> = {
   posix_gc_concurrency: noEffect(count, GC),
   posix_gc_task_timeout_ms: noEffect({ kind: "int", min: 0 }, GC),
   posix_gc_precise_mode: noEffect(flag, GC),
-  store_health: noEffect(
-    {
-      kind: "mapping",
-      keys: {
-        enabled: flag,
-        health_check_interval_s: count,
-        health_check_timeout_s: count,
-        health_window_size: count,
-        failure_threshold: count,
-      },
+  store_health: {
+    kind: "mapping",
+    keys: {
+      enabled: { kind: "bool", ours: "storeHealth" },
+      health_check_interval_s: { kind: "int", min: 1, ours: "healthCheckIntervalS" },
+      health_check_timeout_s: { kind: "int", min: 1, ours: "healthCheckTimeoutS" },
+      health_window_size: { kind: "int", min: 1, ours: "healthWindowSize" },
+      failure_threshold: { kind: "int", min: 1, ours: "healthFailureThreshold" },
     },
-    "there is no circuit breaker: a hung or failing directory already costs only misses (lookups answered within lookupTimeoutMs, loads cancelled after loadTimeoutMs, dumps shed after maxQueueMs)",
-  ),
+  },
   use_gdr: noEffect(flag, "GPU blocks move through pinned host staging (pinnedStagingBytes); GPUDirect RDMA is not used"),
   waiting_queue_depth: noEffect(count, QUEUE),
   running_queue_depth: noEffect(count, QUEUE),
@@ -359,6 +356,12 @@ export function translateConnectorConfig(
     }
     const converted = checkUcmValue(name(k), spec, v);
     if (spec.ours) set(spec.ours, k, v, converted);
+    // store_health: each of its keys sets one of ours (checked above).
+    for (const [sub, x] of spec.kind === "mapping" ? Object.entries(v as Record<string, unknown>) : []) {
+      const subSpec = spec.keys![sub];
+      if (subSpec.ours && x !== null && x !== undefined)
+        set(subSpec.ours, `${k}.${sub}`, x, checkUcmValue(name(`${k}.${sub}`), subSpec, x));
+    }
     if (spec.field === "cacheBufferBytes") out.cacheBufferBytes = converted as number;
     if (spec.why) out.notes.push(noEffectNote(name(k), v, spec.why));
   }
@@ -389,13 +392,14 @@ export function ucmKeyRows(): UcmKeyRow[] {
     if (spec.field === "cacheBufferBytes")
       return `checked (GiB, 0 or more) and kept for the Cache stage; accepted, no effect here: ${spec.why}`;
     if (spec.ours) return `sets \`${spec.ours}\`${spec.note ? `: ${spec.note}` : ""}`;
+    if (spec.kind === "mapping") return "a mapping: each of its keys (below) sets one of ours";
     return `accepted, no effect here: ${spec.why}`;
   };
   for (const [k, spec] of Object.entries(UCM_TOP_KEYS)) add("top", k, effect(k, spec));
   add("connector", "storage_backends", "the same key here (directories, ':'-separated; a list of directories is taken too)");
   for (const [k, spec] of Object.entries(UCM_CONNECTOR_KEYS)) {
     add("connector", k, effect(k, spec));
-    if (spec.keys) for (const sub of Object.keys(spec.keys)) add("store_health", sub, `part of store_health: ${effect(k, spec)}`);
+    if (spec.keys) for (const [sub, subSpec] of Object.entries(spec.keys)) add("store_health", sub, effect(sub, subSpec));
   }
   for (const [k, spec] of Object.entries(UCM_V010_KEYS)) add("v0.1.0", k, effect(k, spec));
   return rows;

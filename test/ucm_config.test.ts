@@ -78,6 +78,19 @@ describe("UCM's config forms and key names", () => {
     expect(config.cacheBufferBytes).toBe(c.cacheBufferBytes);
   });
 
+  test("a UCM key that sets one of ours is named in the errors about that option", () => {
+    const cc = (extra: Record<string, unknown>) => ({
+      ucm_connector_name: "UcmNfsStore",
+      ucm_connector_config: { storage_backends: path.join(dir, "a"), ...extra },
+    });
+    expect(() => parseConfig(cc({ store_health: { health_window_size: 2, failure_threshold: 3 } }))).toThrow(
+      "ucm_connector_config.store_health.failure_threshold (healthFailureThreshold here) must be at most healthWindowSize (2), got 3",
+    );
+    expect(() => parseConfig(cc({ posix_data_trans_concurrency: 2000 }))).toThrow(
+      "ucm_connector_config.posix_data_trans_concurrency (transferStreamNumber here) must be between 1 and 1024, got 2000",
+    );
+  });
+
   test("the engine starts from UCM's current YAML, says each key with no effect once at start, and serves", async () => {
     const doc = withDir(table.cases[0].doc, dir) as Record<string, unknown>;
     (section(doc).cc as Record<string, unknown>).endpoint = `ipc://${dir}/u.sock`;

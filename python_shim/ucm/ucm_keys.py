@@ -151,20 +151,16 @@ UCM_CONNECTOR_KEYS: dict[str, dict[str, Any]] = {
     "posix_gc_concurrency": _no_effect(COUNT, _GC),
     "posix_gc_task_timeout_ms": _no_effect({"kind": "int", "min": 0}, _GC),
     "posix_gc_precise_mode": _no_effect(FLAG, _GC),
-    "store_health": _no_effect(
-        {
-            "kind": "mapping",
-            "keys": {
-                "enabled": FLAG,
-                "health_check_interval_s": COUNT,
-                "health_check_timeout_s": COUNT,
-                "health_window_size": COUNT,
-                "failure_threshold": COUNT,
-            },
+    "store_health": {
+        "kind": "mapping",
+        "keys": {
+            "enabled": {"kind": "bool", "ours": "storeHealth"},
+            "health_check_interval_s": {"kind": "int", "min": 1, "ours": "healthCheckIntervalS"},
+            "health_check_timeout_s": {"kind": "int", "min": 1, "ours": "healthCheckTimeoutS"},
+            "health_window_size": {"kind": "int", "min": 1, "ours": "healthWindowSize"},
+            "failure_threshold": {"kind": "int", "min": 1, "ours": "healthFailureThreshold"},
         },
-        "there is no circuit breaker: a hung or failing directory already costs only misses (lookups answered "
-        "within lookupTimeoutMs, loads cancelled after loadTimeoutMs, dumps shed after maxQueueMs)",
-    ),
+    },
     "use_gdr": _no_effect(
         FLAG, "GPU blocks move through pinned host staging (pinnedStagingBytes); GPUDirect RDMA is not used"
     ),
@@ -405,6 +401,11 @@ def translate(cc: dict[str, Any], connector_name: str, section: str, our_keys: I
         converted = check_value(name(k), spec, v)
         if "ours" in spec:
             put(spec["ours"], k, v, converted)
+        if spec["kind"] == "mapping":  # store_health: each of its keys sets one of ours (checked above)
+            for sub, x in v.items():
+                sub_spec = spec["keys"][sub]
+                if "ours" in sub_spec and x is not None:
+                    put(sub_spec["ours"], f"{k}.{sub}", x, check_value(name(f"{k}.{sub}"), sub_spec, x))
         if spec.get("field") == "cacheBufferBytes":
             out.cache_buffer_bytes = converted
         if "why" in spec:
