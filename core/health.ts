@@ -3,7 +3,7 @@
 // that touches it wait for its timeout; the scheduler asks about every new
 // request, so each would pay it. Instead, the outcomes of the operations that
 // reached the filesystem (lookups answered in time or not, blocks read or
-// written or failed with an I/O error or past their deadline) go into a window
+// written or failed with an error of sick storage or past their deadline) go into a window
 // of the last `healthWindowSize`; once `healthFailureThreshold` of them failed
 // the breaker opens: lookups answer miss at once, dumps and loads are answered
 // `dropped` at once, nothing waits on the directory. While open, a probe (a
@@ -19,6 +19,13 @@ export const HEALTH_PROBE_NAME = ".ucm-health-probe";
 
 /** errno of a block cancelled because its client's deadline passed. */
 export const ETIMEDOUT = 110;
+
+/**
+ * Block errors that say the storage itself is sick (the device, the server, the mount, the space): EIO, ENOSPC,
+ * EROFS, ENOTCONN, ETIMEDOUT, EHOSTDOWN, EHOSTUNREACH, ESTALE, EREMOTEIO, EDQUOT. Others (a link or a file where a
+ * directory should be, a file gone) are about one path, which the engine reports and refuses by itself.
+ */
+export const SICK_STORAGE_ERRNOS: ReadonlySet<number> = new Set([5, 28, 30, 107, 110, 112, 113, 116, 121, 122]);
 
 export type HealthSettings = Pick<
   EngineConfig,

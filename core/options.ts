@@ -414,7 +414,7 @@ export const OPTIONS: Record<string, OptionSpec> = {
     key: "storeHealth",
     kind: "bool",
     dflt: true,
-    doc: "a circuit breaker in front of the storage directories: once healthFailureThreshold of the last healthWindowSize operations failed (lookups unanswered within lookupTimeoutMs, blocks that failed with an I/O error or missed their deadline), the store is off (lookups miss, dumps and loads dropped at once) until a probe succeeds",
+    doc: "a circuit breaker in front of the storage directories: once healthFailureThreshold of the last healthWindowSize operations failed (lookups unanswered within lookupTimeoutMs, blocks that failed with an error of sick storage (EIO, ENOSPC, EROFS, ETIMEDOUT, ESTALE, ...) or missed their deadline), the store is off (lookups miss, dumps and loads dropped at once) until a probe succeeds",
     details:
       "A hung or failing directory otherwise makes every step with a hit wait for its timeout. While the breaker is open, a probe (a small file created with O_EXCL, written and removed in every storage directory) runs every healthCheckIntervalS; the first that ends within healthCheckTimeoutS closes it; a probe still stuck in a hung filesystem fails the next ones until it returns, so at most one thread waits on it. The engine logs when it opens and closes; `ucm-engine stats` and the metrics (ucm_store_health_open, ucm_store_health_opens_total, ucm_store_health_shed_total) show it. UCM's `store_health` keys (enabled, health_check_interval_s, health_check_timeout_s, health_window_size, failure_threshold) set the same. docs/reliability.md has the measurements.",
   },

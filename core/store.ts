@@ -21,7 +21,7 @@ import { WriteAdmission } from "./admission";
 import { CapacityManager } from "./capacity";
 import { EngineConfig } from "./config";
 import { Counters, StoreStats, countFailure, newCounters } from "./counters";
-import { ETIMEDOUT, HEALTH_PROBE_NAME, StoreHealth } from "./health";
+import { ETIMEDOUT, HEALTH_PROBE_NAME, SICK_STORAGE_ERRNOS, StoreHealth } from "./health";
 import { BlockLookups, withTimeout } from "./lookups";
 import { sweepOrphans } from "./orphans";
 import { StorageLayout, engineTag } from "./layout";
@@ -181,13 +181,18 @@ export class Store {
     );
   }
 
-  /** What one finished transfer says of the directory's health: I/O errors and missed deadlines count against it. */
+  /**
+   * What one finished transfer says of the directory's health: errors of sick storage (SICK_STORAGE_ERRNOS) and
+   * missed deadlines count against it, a block moved for it.
+   */
   private weigh(direction: Direction, r: TransferResult): void {
     let failed = -1;
     let ok = false;
     for (let i = 0; i < r.status.length; i++) {
       const st = r.status[i] as BlockStatus;
-      if (st === BlockStatus.IoError || (st === BlockStatus.Cancelled && r.errno[i] === ETIMEDOUT)) {
+      const sick =
+        st === BlockStatus.IoError ? SICK_STORAGE_ERRNOS.has(r.errno[i]) : st === BlockStatus.Cancelled && r.errno[i] === ETIMEDOUT;
+      if (sick) {
         failed = i;
         break;
       }
