@@ -259,8 +259,15 @@ def case_tcp_flood_of_another_user(uids: dict[str, int]) -> dict[str, Any]:
     try:
         time.sleep(3)  # the flood at full strength
         t0 = time.monotonic()
-        hello = client(e.endpoint, [HELLO, ("health", {})], user=ALICE)
-        took = time.monotonic() - t0
+        # Alice's client asks as the shim does: a request that gets no reply within its 2 s is asked again on a
+        # new connection (under the flood the first connection can wait behind the flood's in the accept queue).
+        attempts = 0
+        while True:
+            attempts += 1
+            hello = client(e.endpoint, [HELLO, ("health", {})], user=ALICE)
+            took = time.monotonic() - t0
+            if all(isinstance(h, dict) and h.get("ok") for h in hello) or took > 10:
+                break
     finally:
         flood.kill()
         out = flood.communicate()[0]
@@ -271,6 +278,7 @@ def case_tcp_flood_of_another_user(uids: dict[str, int]) -> dict[str, Any]:
         "started": True,
         "output": e.output + rest,
         "hello": hello,
+        "hello_attempts": attempts,
         "took_s": took,
         "flood": lines[-1] if lines else None,
     }
