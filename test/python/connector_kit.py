@@ -95,3 +95,14 @@ def matched(conn, request, computed, within_s=30.0):
         conn.build_connector_meta(empty_step())
         steps += 1
         time.sleep(0.002)
+
+
+def outcomes_counted(conn, within_s=30.0):
+    """Steps the worker until every dump whose request's blocks already went
+    back to vLLM (released once copied into the engine's staging, their writes
+    going on) has its outcome counted in the connector's stats."""
+    deadline = time.monotonic() + within_s
+    while conn._trailing:
+        assert time.monotonic() < deadline, "dump outcomes not counted in time"
+        step(conn, meta())
+        time.sleep(0.02)

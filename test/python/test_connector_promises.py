@@ -13,7 +13,7 @@ import time
 import torch
 
 from conftest import private_sock, stop_engine, write_config
-from connector_kit import connector, keys, matched, meta, step, transfer
+from connector_kit import connector, keys, matched, meta, outcomes_counted, step, transfer
 from ucm.store import NfsStore
 
 BLOCK = 32
@@ -32,6 +32,7 @@ def saved(conn, req, within_s=60.0):
         (sending, _), _ = step(conn, meta(), finished=finished)
         finished = set()
         if sending and req in sending:
+            outcomes_counted(conn)  # the writes may end after the blocks went back
             return
         time.sleep(0.05)
     raise AssertionError(f"request {req} was not released within {within_s} s")

@@ -320,7 +320,7 @@ def test_region_lands_on_its_gpu_by_bus_id(emu_node, cuda_emu, monkeypatch, tmp_
 def test_connector_gpu_path(emu_node, cuda_emu, tiny_model):
     """The vLLM connector's worker side on emulated GPU KV caches laid out as
     vLLM 0.32 does (LBNHC): saves with an event, loads, byte-exact."""
-    from connector_kit import connector, meta, step, transfer
+    from connector_kit import connector, meta, outcomes_counted, step, transfer
 
     cfg = emu_node()
     nb = 12
@@ -346,6 +346,7 @@ def test_connector_gpu_path(emu_node, cuda_emu, tiny_model):
             break
         time.sleep(0.05)
     assert sending == {"r1"}
+    outcomes_counted(conn)  # the writes may end after the blocks went back
     assert conn.get_kv_connector_stats().data["saved_blocks"] == 4
     cuda_emu.auto_complete = True  # the load's own event (recorded before it) completes at once
     _, errors = step(conn, meta(loads=[transfer("r2", ks, [8, 9, 10, 11])]))

@@ -54,6 +54,10 @@ logger = logging.getLogger("ucm")
 #: asked about per step, for their outcome only
 TRAILING_CHECKS_PER_STEP = 8
 
+#: a dump whose blocks are all copied into the engine's staging releases its
+#: request's KV blocks to vLLM only if its writes still run this long after
+EARLY_RELEASE_AFTER_S = 0.2
+
 
 class UCMWorker(Loads, EngineLink):
     def __init__(self, opts: ConnectorOptions, name: str):
@@ -78,6 +82,7 @@ class UCMWorker(Loads, EngineLink):
         #: dumps whose blocks are all in the engine's staging (the request's KV blocks went back to vLLM) and
         #: whose writes go on: checked a few a step, only to count their outcome
         self._trailing: deque[Pending] = deque()
+        self._released_at: dict[int, float] = {}  # id(dump) -> when the engine first said it was released
         self._async_loads: dict[str, tuple[Pending | None, Transfer]] = {}  # req -> (task, transfer)
         self._connect()
 
@@ -372,13 +377,22 @@ class UCMWorker(Loads, EngineLink):
         for p in self._dumps.get(req_id, []):
             r = self.transfers.ask(p, "check")
             if r is not None and r.get("done"):
+                self._released_at.pop(id(p), None)
                 self._count_saves(p.keys, r)
                 continue
             if r is not None and r.get("released") is True:
                 # Every block is in the engine's staging (or failed): nothing
                 # reads the KV blocks any more, vLLM may have them back while
-                # the writes go on.
-                self._trailing.append(p)
+                # the writes go on. Only for writes still running a while
+                # after that (slow storage): a quick one is simply waited for,
+                # so the blocks are stored (found by a lookup) when vLLM
+                # hears the request is over.
+                since = self._released_at.setdefault(id(p), time.monotonic())
+                if time.monotonic() - since >= EARLY_RELEASE_AFTER_S:
+                    self._released_at.pop(id(p), None)
+                    self._trailing.append(p)
+                    continue
+                still.append(p)
                 continue
             if not (p.deadline.passed() or (r is None and p.engine_gone())):
                 still.append(p)
