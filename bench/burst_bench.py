@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -39,7 +38,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "python_shim"))
 
-from serve_bench import bench, engine_loaded, free_port, serve, stop, words  # noqa: E402
+from serve_bench import bench, engine_loaded, free_port, serve, stop, stop_engine, ucm_config, words  # noqa: E402
 
 METRICS = (
     ("median_ttft_ms", "TTFT median ms"),
@@ -48,39 +47,6 @@ METRICS = (
     ("p99_tpot_ms", "TPOT p99 ms"),
     ("request_throughput", "req/s"),
 )
-
-
-def ucm_config(work: str, tag: str) -> str:
-    store = os.path.join(work, f"store-{tag}")
-    os.makedirs(store, mode=0o700)
-    cfg = os.path.join(work, f"ucm-{tag}.yaml")
-    with open(cfg, "w") as f:
-        json.dump(
-            {
-                "ucm_connectors": [
-                    {
-                        "ucm_connector_name": "UcmNfsStore",
-                        "ucm_connector_config": {
-                            "storage_backends": store,
-                            "transferStreamNumber": 8,
-                            "endpoint": f"ipc://{work}/e-{tag}.sock",
-                        },
-                    }
-                ]
-            },
-            f,
-        )
-    return cfg
-
-
-def stop_engine(cfg: str) -> None:
-    from ucm.client import EngineClient
-    from ucm.config import load_config
-
-    try:
-        os.kill(int(EngineClient(load_config(cfg).endpoint, 3000).raw("health")["pid"]), signal.SIGTERM)
-    except Exception:  # noqa: BLE001 - it exits by itself once idle anyway
-        pass
 
 
 def main() -> int:

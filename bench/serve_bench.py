@@ -217,6 +217,39 @@ def row(mode: str, conc: int, turn: int, r: dict, loaded: int | None, r1: dict |
     }
 
 
+def ucm_config(work: str, tag: str) -> str:
+    store = os.path.join(work, f"store-{tag}")
+    os.makedirs(store, mode=0o700)
+    cfg = os.path.join(work, f"ucm-{tag}.yaml")
+    with open(cfg, "w") as f:
+        json.dump(
+            {
+                "ucm_connectors": [
+                    {
+                        "ucm_connector_name": "UcmNfsStore",
+                        "ucm_connector_config": {
+                            "storage_backends": store,
+                            "transferStreamNumber": 8,
+                            "endpoint": f"ipc://{work}/e-{tag}.sock",
+                        },
+                    }
+                ]
+            },
+            f,
+        )
+    return cfg
+
+
+def stop_engine(cfg: str) -> None:
+    from ucm.client import EngineClient
+    from ucm.config import load_config
+
+    try:
+        os.kill(int(EngineClient(load_config(cfg).endpoint, 3000).raw("health")["pid"]), signal.SIGTERM)
+    except Exception:  # noqa: BLE001 - it exits by itself once idle anyway
+        pass
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--conversations", type=int, default=8)
@@ -238,27 +271,7 @@ def main() -> int:
     try:
         for mode in a.modes.split(","):
             pc, use = mode.startswith("on"), mode.endswith("+ucm")
-            cfg = None
-            if use:
-                store = os.path.join(work, f"store-{mode}")
-                os.makedirs(store, mode=0o700)
-                cfg = os.path.join(work, f"ucm-{mode}.yaml")
-                with open(cfg, "w") as f:
-                    json.dump(
-                        {
-                            "ucm_connectors": [
-                                {
-                                    "ucm_connector_name": "UcmNfsStore",
-                                    "ucm_connector_config": {
-                                        "storage_backends": store,
-                                        "transferStreamNumber": 8,
-                                        "endpoint": f"ipc://{work}/e-{mode.replace('+', '-')}.sock",
-                                    },
-                                }
-                            ]
-                        },
-                        f,
-                    )
+            cfg = ucm_config(work, mode.replace("+", "-")) if use else None
             port = free_port()
             srv = serve(a.model, port, pc, cfg, os.path.join(work, f"serve-{mode}.log"))
             try:
@@ -289,13 +302,7 @@ def main() -> int:
             finally:
                 stop(srv)
                 if cfg:
-                    from ucm.client import EngineClient
-                    from ucm.config import load_config
-
-                    try:
-                        os.kill(int(EngineClient(load_config(cfg).endpoint, 3000).raw("health")["pid"]), signal.SIGTERM)
-                    except Exception:  # noqa: BLE001 - it exits by itself once idle anyway
-                        pass
+                    stop_engine(cfg)
         ok = True
     finally:
         if ok:
