@@ -21,6 +21,13 @@ PASS/FAIL line each:
   waits on a slow kernel stays small (no spinning);
 - layouts: an HND-shaped cache and odd shard sizes round-trip byte-exact with
   the shard count the connector's layout code gives;
+- event-timeout: a dump whose CUDA event does not complete within
+  cudaEventTimeoutMs (a kernel still running) fails its blocks after that
+  time, stores nothing, and the engine goes on serving GPU dumps;
+- early-release: on the real disk, a dump says `released` (its bytes are in
+  pinned host staging, the GPU blocks may be reused) before its writes are
+  done; the GPU blocks are overwritten right then, and what is loaded back is
+  what was there at the dump;
 - byte-exact D2S/S2D of a vLLM-shaped bf16 cache (one tensor per layer,
   (2, blocks, tokens, kv_heads, head_size)) on every GPU;
 
@@ -146,7 +153,15 @@ class Engine:
     """One engine process with its own config, started and stopped here."""
 
     def __init__(
-        self, a: argparse.Namespace, work: str, name: str, storage: str, threads: int, method: str, pinned: int
+        self,
+        a: argparse.Namespace,
+        work: str,
+        name: str,
+        storage: str,
+        threads: int,
+        method: str,
+        pinned: int,
+        extra: str = "",
     ):
         cfg = os.path.join(work, f"ucm-{name}.yaml")
         sock = os.path.join(work, f"e-{name}.sock")
@@ -156,7 +171,7 @@ class Engine:
                 "ucm_connector_name: UcmNfsStore\nucm_connector_config:\n"
                 f"  storage_backends: {storage}\n  transferStreamNumber: {threads}\n  endpoint: ipc://{sock}\n"
                 f"  cudaCopy: {method}\n  pinnedStagingBytes: {pinned}\n  maxInflightBytes: 1TiB\n  maxQueueMs: 0\n"
-                "  lookupCacheTtlS: 0\n  logLevel: warn\n"
+                "  lookupCacheTtlS: 0\n  logLevel: warn\n" + extra
             )
         self.log_path = os.path.join(work, f"engine-{name}.log")
         self.log = open(self.log_path, "w+")
@@ -222,7 +237,8 @@ BUS_CHILD = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])
 from ucm.client import EngineClient
-from ucm.memory import RegionRegistry, ShardList
+from ucm.memory import RegionRegistry
+from ucm.shards import ShardList
 endpoint, storage_ns = sys.argv[2], sys.argv[3]
 c = EngineClient(endpoint, 60000, name="gpu-validate-child")
 regs = RegionRegistry(c)
@@ -247,7 +263,8 @@ def main() -> int:
         return 2
     from ucm.client import EngineClient
     from ucm.integration.vllm.layout import block_runs
-    from ucm.memory import RegionRegistry, ShardList, cuda_ipc_handle
+    from ucm.memory import RegionRegistry, cuda_ipc_handle
+    from ucm.shards import ShardList
 
     checks = Checks()
     ngpu = torch.cuda.device_count() if a.gpus == "all" else min(int(a.gpus), torch.cuda.device_count())
@@ -361,6 +378,62 @@ def main() -> int:
             r = c.call("wait", task=t, timeout_ms=120000, deadline_ms=130000)
             failed += len(r.get("failed", [])) if r.get("done") else a.blocks
         return time.perf_counter() - t0, failed
+
+    def early_release(c: EngineClient, regs: RegionRegistry, ns: dict, threads: int) -> None:
+        """A dump of as many blocks as staging shares: `check` says released once every block's bytes left the
+        GPU, before the disk writes end. The blocks are overwritten on the GPU at that moment (vLLM reusing them
+        for another request); the load must give back the bytes of the dump's time."""
+        d0 = devices[0]
+        n = min(threads, a.blocks)
+        ek = keys("early", d0)[:n]
+        before = [t[:, :n].clone() for t in src[d0]]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        r = c.call("dump", ns=ns[d0], keys=ek, shards=shards_for(regs, src[d0], range(n)), commit=True)
+        t_rel = None
+        while True:
+            st = c.call("check", task=r["task"])
+            if st.get("done"):
+                break
+            if st.get("released"):
+                t_rel = time.perf_counter() - t0
+                for t in src[d0]:
+                    t[:, :n].fill_(0)
+                torch.cuda.synchronize()
+                break
+            time.sleep(0.0005)
+        w = c.call("wait", task=r["task"], timeout_ms=120000)
+        t_done = time.perf_counter() - t0
+        for t in dst[d0]:
+            t[:, :n].zero_()
+        torch.cuda.synchronize()
+        r = c.call("load", ns=ns[d0], keys=ek, shards=shards_for(regs, dst[d0], range(n)))
+        w2 = c.call("wait", task=r["task"], timeout_ms=120000)
+        torch.cuda.synchronize()
+        exact = (
+            not w.get("failed")
+            and not w2.get("failed")
+            and all(torch.equal(x[:, :n], y) for x, y in zip(dst[d0], before))
+        )
+        for t, b in zip(src[d0], before):
+            t[:, :n].copy_(b)
+        torch.cuda.synchronize()
+        if t_rel is None:
+            checks.add(
+                "early-release",
+                None if exact else False,
+                f"{n} blocks: the dump was done ({1000 * t_done:.0f} ms) before a check saw it released "
+                f"(inconclusive); loaded byte-exact {exact}",
+            )
+        else:
+            checks.add(
+                "early-release",
+                exact and t_rel < t_done,
+                f"{n} blocks of {per_block >> 20} MiB to disk: released after {1000 * t_rel:.1f} ms, writes done after "
+                f"{1000 * t_done:.1f} ms; the GPU blocks were zeroed at release and the load gave back the dump's "
+                f"bytes: {exact}",
+            )
+        results["early_release"] = {"blocks": n, "released_s": t_rel, "done_s": t_done, "exact": exact}
 
     try:
         # Limit 2: the store's host path: same engine code, same block shape, host shared memory.
@@ -604,6 +677,63 @@ def main() -> int:
                 "banner": eng.banner,
             }
 
+        # event-timeout: every CUDA wait is bounded. A kernel that runs for seconds stands in for a forward pass
+        # that never ends; the dump queued behind it fails after cudaEventTimeoutMs and stores nothing.
+        try:
+            storage = os.path.join(a.dir, "timeout")
+            shutil.rmtree(storage, ignore_errors=True)
+            os.makedirs(storage)
+            eng = Engine(
+                a, work, "timeout", storage, 4, "batch", (per_block + 8192) * 4, extra="  cudaEventTimeoutMs: 500\n"
+            )
+            try:
+                c = EngineClient(eng.endpoint, 60000, name="gpu-validate-timeout")
+                regs = RegionRegistry(c)
+                d0 = devices[0]
+                ns0 = "gpu-validate-timeout"
+                tk = keys("timeout", d0)[:2]
+                torch.cuda.synchronize()
+                with torch.cuda.device(d0):
+                    torch.cuda._sleep(int(1.2e10))  # seconds at the H100/H200 clock
+                t0 = time.perf_counter()
+                r = c.call(
+                    "dump",
+                    ns=ns0,
+                    keys=tk,
+                    shards=shards_for(regs, src[d0], range(2)),
+                    commit=True,
+                    event=regs.record_event(d0),
+                )
+                w = c.call("wait", task=r["task"], timeout_ms=60000)
+                took = time.perf_counter() - t0
+                kernel_running = not torch.cuda.current_stream(d0).query()
+                torch.cuda.synchronize()
+                found = c.call("lookup", ns=ns0, keys=tk)["found"]
+                r = c.call("dump", ns=ns0, keys=tk, shards=shards_for(regs, src[d0], range(2)), commit=True)
+                after = c.call("wait", task=r["task"], timeout_ms=60000)
+                said = "did not complete within 500 ms" in eng.text()
+                c.close()
+            finally:
+                eng.stop()
+            shutil.rmtree(storage, ignore_errors=True)
+            checks.add(
+                "event-timeout",
+                w.get("status") == ["io_error", "io_error"]
+                and took < 2.5
+                and found == [False, False]
+                and said
+                and after.get("status") == ["ok", "ok"],
+                f"a dump behind a kernel of seconds ended {w.get('status')} after {1000 * took:.0f} ms "
+                f"(cudaEventTimeoutMs 500; kernel still running then: {kernel_running}); stored {found}; "
+                f"log line {'present' if said else 'MISSING'}; the next dump {after.get('status')}",
+            )
+            results["event_timeout_s"] = took
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            checks.add("event-timeout", False, f"{type(e).__name__}: {e}")
+
         # The public API, as a user calls it: ucm.store.NfsStore with CUDA tensors, 16 MiB blocks, tmpfs.
         try:
             from ucm.store import NfsStore
@@ -703,6 +833,8 @@ def main() -> int:
                                 and f2 == 0
                                 and all(torch.equal(x, y) for d in devices for x, y in zip(src[d], dst[d]))
                             )
+                        if dthreads == int(a.disk_threads.split(",")[0]):
+                            early_release(c, regs, ns, dthreads)
                         c.close()
                     finally:
                         eng.stop()
