@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 import weakref
 from typing import Any
 
@@ -276,8 +277,17 @@ class StagingPool:
     NfsStore copies such tensors through these buffers instead: a dump copies
     in before the request is sent, a load copies out once the engine says a
     block arrived. A buffer is registered with the engine once (it is a
-    shared storage like any other) and reused; idle buffers beyond
-    `max_idle_bytes` are dropped, which releases their regions."""
+    shared storage like any other) and reused.
+
+    The pool is bounded (`budget`, UCM_STAGING_BYTES, 512 MiB by default):
+    fresh shared memory is slow the first time (the kernel zeroes each page
+    at its first touch; on the 2-core development VM a store's first 2 GiB
+    of private dumps ran at 13-62 % of the disk's speed, issue 29), so a call
+    larger than the budget reuses chunks as the engine finishes with them
+    (NfsStore drives that) instead of touching new memory for every byte.
+    `prefault` makes the budget's chunks and touches their pages on a
+    background thread, before the first call needs them. Idle buffers beyond
+    the budget are dropped, which releases their regions."""
 
     GRANULE = 2 << 20
     #: Buffers are handed out in chunks of this size (an entry larger than it
@@ -286,28 +296,65 @@ class StagingPool:
     #: call to the next, instead of one fresh buffer of the call's size.
     CHUNK = 64 << 20
 
-    def __init__(self, max_idle_bytes: int = 2 << 30):
-        self.max_idle_bytes = max_idle_bytes
-        self._idle: list[torch.Tensor] = []
+    DEFAULT_BUDGET = 512 << 20
 
-    def place(self, sizes: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
-        """Room for entries of these byte sizes: (the chunks taken, one uint8
-        view per entry, and the index of the chunk each view is in), in
-        order; each view inside one chunk."""
-        chunks: list[torch.Tensor] = []
-        views: list[torch.Tensor] = []
+    def __init__(self, budget: int | None = None):
+        self.budget = staging_budget() if budget is None else budget
+        self.max_idle_bytes = self.budget
+        self._idle: list[torch.Tensor] = []
+        #: bytes of buffers handed out and not given back yet
+        self.lent = 0
+        self._lock = threading.Lock()
+        self._prefaulting: threading.Thread | None = None
+
+    @classmethod
+    def plan(cls, sizes: list[int]) -> tuple[list[int], list[int], list[int]]:
+        """Where entries of these byte sizes go, in order: (the byte size of
+        each chunk, each entry's offset in its chunk, the index of its
+        chunk); entries start on page boundaries, an entry larger than a
+        chunk gets a chunk of its own."""
+        chunk_sizes: list[int] = []
+        offsets: list[int] = []
         where: list[int] = []
         free = 0
         for n in sizes:
             padded = -(-n // 4096) * 4096
-            if not chunks or padded > free:
-                chunks.append(self.take(max(self.CHUNK, padded)))
-                free = chunks[-1].numel()
-            start = chunks[-1].numel() - free
-            views.append(chunks[-1][start : start + n])
-            where.append(len(chunks) - 1)
+            if not chunk_sizes or padded > free:
+                chunk_sizes.append(max(cls.CHUNK, padded))
+                free = chunk_sizes[-1]
+            offsets.append(chunk_sizes[-1] - free)
+            where.append(len(chunk_sizes) - 1)
             free -= padded
-        return chunks, views, where
+        return chunk_sizes, offsets, where
+
+    def over_budget(self, nbytes: int) -> bool:
+        """True when lending nbytes more would pass the budget while
+        something is lent (one call larger than the budget still goes
+        through once nothing else holds staging)."""
+        with self._lock:
+            return self.lent > 0 and self.lent + nbytes > self.budget
+
+    def prefault(self) -> None:
+        """Makes the budget's worth of chunks on a background thread and
+        touches every page of them, so that the first calls copy into memory
+        that is already there. Once per pool; UCM_STAGING_PREFAULT=0 turns
+        it off."""
+        if self._prefaulting is not None or os.environ.get("UCM_STAGING_PREFAULT", "1") == "0":
+            return
+
+        def run() -> None:
+            for _ in range(self.budget // self.CHUNK):
+                with self._lock:
+                    if self.lent + sum(b.numel() for b in self._idle) + self.CHUNK > self.budget:
+                        return
+                buf = self._new(self.CHUNK)
+                populate(buf)
+                with self._lock:
+                    self._idle.append(buf)
+                    self._idle.sort(key=lambda b: b.numel())
+
+        self._prefaulting = threading.Thread(target=run, name="ucm-staging-prefault", daemon=True)
+        self._prefaulting.start()
 
     @staticmethod
     def _new(nbytes: int) -> torch.Tensor:
@@ -320,22 +367,52 @@ class StagingPool:
     def take(self, nbytes: int) -> torch.Tensor:
         """A shared uint8 buffer of at least nbytes (at most about twice that)."""
         size = max(self.GRANULE, -(-nbytes // self.GRANULE) * self.GRANULE)
-        best = None
-        for i, b in enumerate(self._idle):
-            if size <= b.numel() <= 2 * size and (best is None or b.numel() < self._idle[best].numel()):
-                best = i
-        if best is not None:
-            return self._idle.pop(best)
-        return self._new(size)
+        with self._lock:
+            best = None
+            for i, b in enumerate(self._idle):
+                if size <= b.numel() <= 2 * size and (best is None or b.numel() < self._idle[best].numel()):
+                    best = i
+            buf = self._idle.pop(best) if best is not None else None
+            self.lent += buf.numel() if buf is not None else size
+        return buf if buf is not None else self._new(size)
 
     def give(self, buf: torch.Tensor) -> None:
-        self._idle.append(buf)
-        self._idle.sort(key=lambda b: b.numel())
-        while sum(b.numel() for b in self._idle) > self.max_idle_bytes:
-            self._idle.pop()  # the largest; its region goes with it
+        with self._lock:
+            self.lent -= buf.numel()
+            self._idle.append(buf)
+            self._idle.sort(key=lambda b: b.numel())
+            while sum(b.numel() for b in self._idle) > self.max_idle_bytes:
+                self._idle.pop()  # the largest; its region goes with it
 
     def clear(self) -> None:
-        self._idle.clear()
+        with self._lock:
+            self._idle.clear()
+
+
+def staging_budget() -> int:
+    """UCM_STAGING_BYTES ("256MiB", "1GiB" or bytes), else StagingPool.DEFAULT_BUDGET."""
+    from .settings import parse_size
+
+    v = os.environ.get("UCM_STAGING_BYTES", "").strip()
+    if not v:
+        return StagingPool.DEFAULT_BUDGET
+    n = parse_size(v)
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"UCM_STAGING_BYTES must be a size such as 256MiB or 1GiB, got {v!r}")
+    return n
+
+
+def populate(buf: torch.Tensor) -> None:
+    """Every page of a fresh buffer made present now (madvise
+    MADV_POPULATE_WRITE, Linux 5.14; else one write a page), so that nobody
+    pays its first-touch faults in a copy later."""
+    import ctypes
+
+    n = buf.numel()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if libc.madvise(buf.data_ptr(), n, 23) != 0:  # 23: MADV_POPULATE_WRITE
+        buf[::4096].zero_()
 
 
 def host_range_ok(addr: int, size: int, write: bool) -> bool:

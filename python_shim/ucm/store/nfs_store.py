@@ -41,7 +41,6 @@ import logging
 import os
 import time
 import weakref
-from collections import OrderedDict
 from typing import Any, Sequence, Union
 
 import torch
@@ -53,7 +52,8 @@ from ..launcher import RuntimeDirError, SettingsMismatch, ensure_engine
 from ..memory import RegionRegistry, StagingPool, UnsupportedMemory
 from ..transfer import Transfers
 from . import task as tasks
-from .pieces import Layouts, Uncommitted, block_key, entry_memory, piece_key, plan, raws, shards_of
+from .pieces import Layouts, Uncommitted, block_key, entry_memory, piece_key, plan, raws
+from .staged import Pump, make_plan
 from .task import Part, Task
 
 __all__ = ["DEFAULT_NS", "NfsStore", "Task", "block_key", "piece_key"]
@@ -113,6 +113,12 @@ class NfsStore:
         self.regions = RegionRegistry(self.client)
         self.transfers = Transfers(self.client, self.regions, namespace, self._request)
         self.staging = StagingPool()
+        # Private CPU tensors are copied through this pool: its memory is
+        # made and touched now, on a background thread, so that the first
+        # dumps do not pay the kernel's first-touch faults (UCM_STAGING_BYTES,
+        # UCM_STAGING_PREFAULT=0: ucm.memory.StagingPool).
+        self.staging.prefault()
+        self._pump = Pump(self)
         self._layouts = Layouts()
         self._uncommitted = Uncommitted()
         self._warned_at: dict[str, float] = {}
@@ -260,15 +266,22 @@ class NfsStore:
         assert dl is not None
         end = dl.give_up if timeout_ms is None else time.monotonic() + timeout_ms / 1000
         end = min(end, dl.give_up + self.config.timeout_ms / 1000)
-        for part in task._parts:
-            if part.done:
-                continue
+        while True:
+            part = next((p for p in task._parts if not p.done), None)
+            if part is None:
+                if task._plan is not None and task._plan.queue and time.monotonic() < end:
+                    self._pump.run(task, block=True)  # a load's units left for staging to come back
+                    continue
+                break
             r = self.transfers.wait(part.pending, max(0, int((end - time.monotonic()) * 1000)))
             if r is not None:
                 tasks.record(task, part, r)
             else:
                 self._settle(task, part)
-        tasks.finish(task, self.staging)
+            self._pump.part_over(task, part)
+            if time.monotonic() < end:
+                self._pump.run(task, block=False)
+        self._finish(task)
         return len(task.failed_keys)
 
     def check(self, task: Task) -> bool:
@@ -285,8 +298,13 @@ class NfsStore:
                 tasks.record(task, part, r)
             elif dl.passed() or part.pending.cancel_acked or (r is None and part.pending.engine_gone()):
                 self._settle(task, part)  # no longer waits: past the deadline, acked or gone
-        if all(p.done for p in task._parts):
-            tasks.finish(task, self.staging)
+            if part.done:
+                self._pump.part_over(task, part)
+        if dl.passed():
+            self._pump.drop_queue(task)
+        self._pump.run(task, block=False)
+        if all(p.done for p in task._parts) and not (task._plan is not None and task._plan.queue):
+            self._finish(task)
         return task.done
 
     def cancel(self, task: Task) -> bool:
@@ -298,6 +316,7 @@ class NfsStore:
         running; wait() settles it)."""
         if task.done:
             return True
+        self._pump.drop_queue(task)  # units not sent yet are never sent
         ok = True
         for part in task._parts:
             if part.done or part.pending.cancel_acked:
@@ -310,8 +329,12 @@ class NfsStore:
             for part in task._parts:
                 if not part.done:
                     self._settle(task, part)
-            tasks.finish(task, self.staging)
+            self._finish(task)
         return ok
+
+    def _finish(self, task: Task) -> None:
+        tasks.finish(task)
+        self._pump.finish(task)
 
     def commit(self, keys: Sequence[BlockId], success: bool = True, *, is_success: bool | None = None) -> list[bool]:
         """Makes dumped blocks visible (or, with success False, discards them).
@@ -367,63 +390,24 @@ class NfsStore:
         if not order:
             task.done = True
             return task
-        # Private CPU memory goes through pooled staging chunks. Each chunk's
-        # blocks form their own engine task, so the copies overlap the I/O: a
-        # dump copies chunk k+1 in while the engine writes chunk k, a load
-        # copies a chunk out as soon as its task is done (see task.record).
-        chunks, placed, chunk_of = (
-            self.staging.place([mems[i].numel() * mems[i].element_size() for i in staged]) if staged else ([], [], [])
-        )
-        block_of = {i: b for b, ents in enumerate(block_entries) for i in ents}
-        views: dict[int, torch.Tensor] = dict(zip(staged, placed))
-        chunk_of_block: dict[int, int] = {}
-        for i, c in zip(staged, chunk_of):
-            chunk_of_block.setdefault(block_of[i], c)
-        if op == "load":
-            task._copy_out = [(block_of[i], views[i], mems[i]) for i in staged]
-        task._staging = chunks or None
-        # -- requests: one per shard count (the engine wants the same count per block) and staging chunk ---
-        groups: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
-        for b, ents in enumerate(block_entries):
-            groups.setdefault((len(ents), chunk_of_block.get(b, -1)), []).append(b)
+        # Private CPU memory goes through the bounded staging pool, a unit
+        # (one engine task) per chunk so that copies overlap the I/O; a dump
+        # returns once every private byte is copied (ucm.store.staged).
+        task._plan = make_plan(op, commit, order, ekeys, block_entries, mems, staged)
+        if staged:
+            self.staging.prefault()
         task._deadline = Deadline(self.config.load_timeout_ms, max(task._block_bytes))
         task.status = ["failed"] * len(order)
-        errors = []
         try:
             self._ready()
         except (EngineError, SettingsMismatch, RuntimeDirError) as e:
-            errors.append(str(e))
-            groups.clear()
-        for (count, _chunk), bidx in groups.items():
-            if op == "dump":
-                for b in bidx:  # taken now: the caller may reuse its tensors as soon as dump() returns
-                    for i in block_entries[b]:
-                        if i in views:
-                            views[i].copy_(mems[i].reshape(-1).view(torch.uint8))
-            mem_list = [views.get(i, mems[i]) for b in bidx for i in block_entries[b]]
-            p, err = self.transfers.submit(
-                op, [ekeys[b] for b in bidx], mem_list, shards_of(count, mem_list), task._deadline, commit=commit
-            )
-            if err is not None:
-                errors.append(str(err))
-                self._down = self._down or isinstance(err, EngineUnavailable)
-            if p is None:
-                continue
-            # Sent and never answered (no id), the engine may still run it
-            # until its deadline: a part nobody can ask about.
-            task._parts.append(Part(p, bidx))
-            if p.task is None:
-                continue
-            if not task.task_id:
-                task.task_id = p.task
-            if op == "dump" and not commit:
-                self._uncommitted.dumped((order[b], ekeys[b]) for b in bidx)
-        if errors:
-            task.error = "; ".join(errors)
-        if not task._parts:
+            task.error = str(e)
+            self._pump.drop_queue(task)
+        self._pump.run(task, block=op == "dump")
+        if not task._parts and not task._plan.queue:
             # Engine down or request refused: every block failed (a miss to
             # recompute), never an exception in the caller's path.
-            tasks.finish(task, self.staging)
+            self._finish(task)
         return task
 
     def _settle(self, task: Task, part: Part) -> None:

@@ -2,10 +2,11 @@
 
 A call may become several engine tasks (parts): the engine wants the same
 number of shards for every block of a request, and each staging chunk is its
-own request so that copies overlap the I/O. A task is done once every part
-is; only then are its staging chunks given back and its tensors let go, so
-the engine never touches memory the caller or the pool has reused. A staged
-load's bytes reach the caller's tensors only for blocks that arrived whole.
+own request so that copies overlap the I/O (ucm.store.staged). A part's
+staging goes back to the pool once that part is over, the task's tensors are
+let go once every part is, so the engine never touches memory the caller or
+the pool has reused. A staged load's bytes reach the caller's tensors only
+for blocks that arrived whole.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any
 import torch
 
 from ..deadline import Deadline
-from ..memory import StagingPool
 from .. import status as block_status
 from ..transfer import Pending
 from .ucmstore import Task as _UcmTask
@@ -29,6 +29,7 @@ class Part:
     pending: Pending
     blocks: list[int]  # indices into Task.keys
     done: bool = False
+    chunks: list[int] = field(default_factory=list)  # staging chunks it holds until it is over
 
 
 @dataclass(eq=False)
@@ -47,7 +48,7 @@ class Task(_UcmTask):
     error: str | None = None
     _parts: list[Part] = field(default_factory=list, repr=False)
     _deadline: Deadline | None = field(default=None, repr=False)
-    _staging: list[torch.Tensor] | None = field(default=None, repr=False)
+    _plan: Any = field(default=None, repr=False)  # ucm.store.staged.Plan: units not sent, staging held
     _copy_out: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
     _keep: list[Any] = field(default_factory=list, repr=False)
     _block_bytes: list[int] = field(default_factory=list, repr=False)
@@ -83,12 +84,10 @@ def copy_out(task: Task, blocks: set[int] | None = None) -> None:
     task._copy_out = left
 
 
-def finish(task: Task, staging: StagingPool) -> None:
-    """Every part is over: results final, staging given back, memory let go."""
+def finish(task: Task) -> None:
+    """Every part is over: results final, memory let go (the caller gives
+    the staging back: ucm.store.staged.Pump.finish)."""
     copy_out(task)
-    for chunk in task._staging or []:
-        staging.give(chunk)
-    task._staging = None
     task._copy_out = []
     task._keep = []
     task.failed_keys = [task.keys[b] for b, s in enumerate(task.status) if s not in block_status.STORED]
