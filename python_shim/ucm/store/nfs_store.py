@@ -93,6 +93,7 @@ class NfsStore:
         start_engine: bool = True,
         name: str = "ucm.store",
         block_size: int | None = None,
+        prefault_staging: bool = True,
     ):
         self.config: StoreConfig = load_config(config)
         self.namespace = namespace
@@ -116,8 +117,11 @@ class NfsStore:
         # Private CPU tensors are copied through this pool: its memory is
         # made and touched now, on a background thread, so that the first
         # dumps do not pay the kernel's first-touch faults (UCM_STAGING_BYTES,
-        # UCM_STAGING_PREFAULT=0: ucm.memory.StagingPool).
-        self.staging.prefault()
+        # UCM_STAGING_PREFAULT=0: ucm.memory.StagingPool). UCM's store
+        # classes, whose callers mostly pass GPU memory, start it at the first
+        # call that needs staging instead (`prefault_staging=False`).
+        if prefault_staging:
+            self.staging.prefault()
         self._pump = Pump(self)
         self._layouts = Layouts()
         self._uncommitted = Uncommitted()

@@ -76,7 +76,11 @@ class UcmNfsStore(UcmKVStoreBase):
             raise ValueError(f"UcmNfsStore config kv_block_size must be a positive int, got {block_size!r}")
         role = config.get("role", "worker")
         self.store = NfsStore(
-            engine_config(config), namespace=DEFAULT_NS, block_size=block_size, name=f"ucm.UcmNfsStore.{role}"
+            engine_config(config),
+            namespace=DEFAULT_NS,
+            block_size=block_size,
+            name=f"ucm.UcmNfsStore.{role}",
+            prefault_staging=False,  # UCM's callers mostly pass device memory; staging is made at its first use
         )
 
     def cc_store(self) -> int:

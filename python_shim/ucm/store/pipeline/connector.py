@@ -121,7 +121,10 @@ class UcmPipelineStore(UcmKVStoreBaseV1):
         role = "worker" if isinstance(device, int) and device >= 0 else "scheduler"
         flat = {k: v for k, v in config.items() if k not in RUNTIME_KEYS}
         self.store = NfsStore(
-            engine_config(flat, self.CONNECTOR_NAME), namespace=DEFAULT_NS, name=f"ucm.{self.CONNECTOR_NAME}.{role}"
+            engine_config(flat, self.CONNECTOR_NAME),
+            namespace=DEFAULT_NS,
+            name=f"ucm.{self.CONNECTOR_NAME}.{role}",
+            prefault_staging=False,  # UCM's callers pass device memory; staging is made at its first use
         )
 
     # ---- where a shard lives --------------------------------------------------------
