@@ -9,6 +9,13 @@
 // committed (then it counts as a block file too). A commit never replaces a
 // block already stored under its key (another client or node was first): the
 // first copy stays, the new one is deleted, and the ledger counts one file.
+//
+// A commit names blocks by key, and any client of the engine may commit a
+// block another client dumped (UCM's connector has its workers dump and its
+// scheduler commit): the committing client's own pending block of that key
+// first, else the oldest other client's. Every client of an engine is one
+// the engine trusts (its own user, root or engineUid: core/identity.ts), the
+// same clients that could dump that key themselves.
 import { CapacityManager } from "./capacity";
 import { EngineConfig } from "./config";
 import { Counters } from "./counters";
@@ -20,6 +27,7 @@ import { Transfers } from "./transfers";
 
 export interface PendingCommit {
   temp?: string; // absent when the block was already stored (skipped)
+  block?: string; // "<ns>/<key hex>" of the block this piece is committed with (a dump's commit_keys)
   final: string;
   at: number;
   backend: number;
@@ -66,59 +74,73 @@ export class PendingCommits {
     return all;
   }
 
-  /** Commits (or discards, `success` false) the listed blocks of `s`; per key whether it is now visible. */
-  async commit(s: Session, ns: string, keys: Buffer[], success: boolean): Promise<boolean[]> {
-    const committed = new Array<boolean>(keys.length).fill(false);
-    const written: Array<[number, PendingCommit]> = [];
+  /**
+   * Commits (or discards, `success` false) the listed blocks; per key whether it is now visible (every piece of it,
+   * when it was dumped in pieces). A key is looked for among the pending blocks of `s`, then of `others` (every
+   * client's; the oldest dump of the key wins), then among pieces dumped with it as their commit key.
+   */
+  async commit(s: Session, ns: string, keys: Buffer[], success: boolean, others: Iterable<Session> = []): Promise<boolean[]> {
+    const found = new Array<number>(keys.length).fill(0); // pending blocks taken per key
+    const done = new Array<number>(keys.length).fill(0); // of those, visible now
+    const written: Array<{ i: number; key: Buffer; p: PendingCommit }> = [];
     const drop: PendingCommit[] = [];
+    const sessions = [s, ...[...others].filter((o) => o !== s && o.pending.size > 0)];
+    let pieces: Map<string, Array<[Session, string]>> | undefined;
+    const take = (i: number, owner: Session, id: string): void => {
+      const p = owner.pending.get(id)!;
+      owner.pending.delete(id);
+      found[i]++;
+      if (!success) drop.push(p);
+      else if (!p.temp) done[i]++;
+      else written.push({ i, key: Buffer.from(id.slice(ns.length + 1), "hex"), p });
+    };
     keys.forEach((k, i) => {
       const id = `${ns}/${k.toString("hex")}`;
-      const p = s.pending.get(id);
-      if (!p) return;
-      s.pending.delete(id);
-      if (!success) drop.push(p);
-      else if (!p.temp) committed[i] = true;
-      else written.push([i, p]);
+      const owner = ownerOf(id, sessions);
+      if (owner) return take(i, owner, id);
+      pieces ??= piecesOf(ns, sessions);
+      for (const [o, pid] of pieces.get(id) ?? []) if (o.pending.has(pid)) take(i, o, pid);
     });
+    const result = () => found.map((n, i) => success && n > 0 && done[i] === n);
     if (drop.length) {
       // Gone before the reply: a client that discarded blocks sees no trace of them.
       const d = this.drop(drop, true);
       await d.done;
       this.counters.discards += d.temps.length;
     }
-    if (!written.length) return committed;
+    if (!written.length) return result();
     // Stored meanwhile by another client or engine: that copy stays (a rename would replace it, and the ledger
     // would count the key twice). When the filesystem does not say in time, the rename goes ahead.
-    const there = await withTimeout(this.native.lookup(written.map(([, p]) => p.final)), this.config.lookupTimeoutMs);
+    const there = await withTimeout(this.native.lookup(written.map((w) => w.p.final)), this.config.lookupTimeoutMs);
     const rename = written.filter((_, j) => !there?.[j]);
     const first = written.filter((_, j) => there?.[j]);
     if (first.length) {
-      this.drop(first.map(([, p]) => p));
+      this.drop(first.map((w) => w.p));
       this.counters.commitsKeptFirst += first.length;
-      for (const [i] of first) committed[i] = true;
+      for (const w of first) done[w.i]++;
       this.log.debug(`commit: ${first.length} block(s) of ${ns} were stored already; the first copy kept, the new one deleted`);
     }
-    if (!rename.length) return committed;
+    if (!rename.length) return result();
     const errs = await this.native.commit(
-      rename.map(([, p]) => p.temp!),
-      rename.map(([, p]) => p.final),
+      rename.map((w) => w.p.temp!),
+      rename.map((w) => w.p.final),
     );
     const now = Date.now();
     const failed: PendingCommit[] = [];
     errs.forEach((e, j) => {
-      const [i, p] = rename[j];
+      const w = rename[j];
       if (e === 0) {
-        committed[i] = true;
+        done[w.i]++;
         this.counters.commits++;
-        this.capacity.committed(p.backend);
-        this.lookups.stored(ns, keys[i], now);
+        this.capacity.committed(w.p.backend);
+        this.lookups.stored(ns, w.key, now);
       } else {
-        failed.push(p);
-        this.log.warn(`commit of block ${ns}/${keys[i].toString("hex")} failed: errno ${e}`);
+        failed.push(w.p);
+        this.log.warn(`commit of block ${ns}/${w.key.toString("hex")} failed: errno ${e}`);
       }
     });
     this.drop(failed);
-    return committed;
+    return result();
   }
 
   /** Drops every uncommitted block of a session (temporary files deleted). */
@@ -151,4 +173,30 @@ export class PendingCommits {
     for (const p of all) this.capacity.unwritten(p.backend, p.fileBytes);
     await this.transfers.removeAfterClose(all.map((p) => p.temp!));
   }
+}
+
+/** The session holding a pending block `id`: `sessions[0]` (the committing client) first, else the oldest dump. */
+function ownerOf(id: string, sessions: Session[]): Session | undefined {
+  if (sessions[0].pending.has(id)) return sessions[0];
+  let owner: Session | undefined;
+  let at = Infinity;
+  for (const o of sessions) {
+    const p = o.pending.get(id);
+    if (p && p.at < at) [owner, at] = [o, p.at];
+  }
+  return owner;
+}
+
+/** Pending pieces of namespace `ns` by the block they are committed with. */
+function piecesOf(ns: string, sessions: Session[]): Map<string, Array<[Session, string]>> {
+  const out = new Map<string, Array<[Session, string]>>();
+  for (const o of sessions) {
+    for (const [id, p] of o.pending) {
+      if (!p.block || !id.startsWith(`${ns}/`)) continue;
+      const list = out.get(p.block);
+      if (list) list.push([o, id]);
+      else out.set(p.block, [[o, id]]);
+    }
+  }
+  return out;
 }

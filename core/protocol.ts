@@ -139,14 +139,15 @@ export function reqNsList(msg: Record<string, unknown>): string[] {
   return [toNs(v, "ns")];
 }
 
-export function reqKeys(msg: Record<string, unknown>, maxKeys: number): Buffer[] {
-  const v = field(msg, "keys");
-  if (!Array.isArray(v)) throw new ProtocolError("bad_message", `keys must be an array of bin, got ${describe(v)}`);
-  if (v.length > maxKeys) throw new ProtocolError("too_large", `keys holds ${v.length} keys, more than the ${maxKeys} allowed per request`);
+export function reqKeys(msg: Record<string, unknown>, maxKeys: number, name = "keys"): Buffer[] {
+  const v = field(msg, name);
+  if (!Array.isArray(v)) throw new ProtocolError("bad_message", `${name} must be an array of bin, got ${describe(v)}`);
+  if (v.length > maxKeys)
+    throw new ProtocolError("too_large", `${name} holds ${v.length} keys, more than the ${maxKeys} allowed per request`);
   return v.map((k, i) => {
-    if (!(k instanceof Uint8Array)) throw new ProtocolError("bad_message", `keys[${i}] must be bin, got ${describe(k)}`);
+    if (!(k instanceof Uint8Array)) throw new ProtocolError("bad_message", `${name}[${i}] must be bin, got ${describe(k)}`);
     if (k.length < 1 || k.length > MAX_KEY_BYTES) {
-      throw new ProtocolError("bad_message", `keys[${i}] must be 1 to ${MAX_KEY_BYTES} bytes, got ${k.length}`);
+      throw new ProtocolError("bad_message", `${name}[${i}] must be 1 to ${MAX_KEY_BYTES} bytes, got ${k.length}`);
     }
     return Buffer.isBuffer(k) ? k : Buffer.from(k.buffer, k.byteOffset, k.length);
   });

@@ -100,6 +100,11 @@ export type LoadRequest = TransferRequest;
 export interface DumpRequest extends TransferRequest {
   /** Each written block becomes visible at once. */
   commit: boolean;
+  /**
+   * Per block, the key a later commit names it by, when that is another (a piece of a block, dumped under a key of
+   * its own: a commit of the block's key commits every piece of it, from any client).
+   */
+  commitKeys?: Buffer[];
 }
 
 export interface TaskRequest {
@@ -257,7 +262,17 @@ export function decodeLoad(msg: Msg, limits: RequestLimits): LoadRequest {
 }
 
 export function decodeDump(msg: Msg, limits: RequestLimits): DumpRequest {
-  return { ...decodeLoad(msg, limits), commit: optBool(msg, "commit", false) };
+  const req: DumpRequest = { ...decodeLoad(msg, limits), commit: optBool(msg, "commit", false) };
+  if (msg.commit_keys !== undefined) {
+    req.commitKeys = reqKeys(msg, limits.maxKeysPerRequest, "commit_keys");
+    if (req.commitKeys.length !== req.keys.length) {
+      throw new ProtocolError(
+        "bad_message",
+        `commit_keys holds ${req.commitKeys.length} keys, but keys holds ${req.keys.length}: one commit key per block`,
+      );
+    }
+  }
+  return req;
 }
 
 export function decodeTask(msg: Msg): TaskRequest {

@@ -205,7 +205,7 @@ export class EngineServer {
       case "check":
         return this.store.check(s, decodeTask(msg));
       case "commit":
-        return this.store.commit(s, decodeCommit(msg, this.config));
+        return this.store.commit(s, decodeCommit(msg, this.config), this.sessions.values());
       case "cancel":
         return this.store.cancel(s, decodeTask(msg));
       default:

@@ -334,17 +334,20 @@ export class Store {
         keys.forEach((k, b) => {
           const key = `${ns}/${k.toString("hex")}`;
           const j = where.get(b);
+          const ck = req.commitKeys?.[b];
+          const block = ck && !ck.equals(k) ? `${ns}/${ck.toString("hex")}` : undefined;
           if (status[b] === BlockStatus.Skipped) {
             this.counters.blocksSkipped++;
             // A written copy waiting for its commit (the same key earlier in this very request) stays the one committed.
             if (!s.pending.get(key)?.temp) {
-              this.pending.add(s, key, { final: this.layout.blockPath(ns, k), at: now, backend: 0, fileBytes: 0 });
+              this.pending.add(s, key, { final: this.layout.blockPath(ns, k), block, at: now, backend: 0, fileBytes: 0 });
             }
           } else if (status[b] === BlockStatus.Ok) {
             this.counters.blocksDumped++;
             this.pending.add(s, key, {
               temp: temps.get(b),
               final: this.layout.blockPath(ns, k),
+              block,
               at: now,
               backend: admitted.backends[j!],
               fileBytes: admitted.files[j!],
@@ -470,8 +473,9 @@ export class Store {
     return this.tasks.cancel(s, req);
   }
 
-  async commit(s: Session, req: CommitRequest): Promise<{ committed: boolean[] }> {
-    return { committed: await this.pending.commit(s, req.ns, req.keys, req.success) };
+  /** Commits by key: a block dumped by any client of this engine (`others`: every session) may be committed by any. */
+  async commit(s: Session, req: CommitRequest, others: Iterable<Session> = []): Promise<{ committed: boolean[] }> {
+    return { committed: await this.pending.commit(s, req.ns, req.keys, req.success, others) };
   }
 
   // ---- lifecycle ---------------------------------------------------------------

@@ -14,6 +14,7 @@ an interprocess CUDA event recorded on the producing stream.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import os
 import threading
@@ -344,6 +345,8 @@ class StagingPool:
 
         def run() -> None:
             for _ in range(self.budget // self.CHUNK):
+                if _exiting.is_set():
+                    return
                 with self._lock:
                     if self.lent + sum(b.numel() for b in self._idle) + self.CHUNK > self.budget:
                         return
@@ -354,6 +357,7 @@ class StagingPool:
                     self._idle.sort(key=lambda b: b.numel())
 
         self._prefaulting = threading.Thread(target=run, name="ucm-staging-prefault", daemon=True)
+        _prefaulting.add(self._prefaulting)
         self._prefaulting.start()
 
     @staticmethod
@@ -387,6 +391,20 @@ class StagingPool:
     def clear(self) -> None:
         with self._lock:
             self._idle.clear()
+
+
+_exiting = threading.Event()
+_prefaulting: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_prefaulting() -> None:
+    # A thread still making shared memory while the interpreter finalizes
+    # aborts the process (torch's allocator is torn down under it): each
+    # stops after the chunk it is on.
+    _exiting.set()
+    for t in list(_prefaulting):
+        t.join(timeout=10)
 
 
 def staging_budget() -> int:

@@ -73,6 +73,7 @@ class Transfers:
         shards_of: Callable[[list[tuple[int, int]]], ShardList],
         deadline: Deadline,
         commit: bool = False,
+        commit_keys: list[bytes] | None = None,
     ) -> tuple[Pending | None, EngineError | None]:
         """Hands a dump or load of `keys` to the engine. `tensors` are located
         (registered in this session where needed) and `shards_of` turns their
@@ -82,12 +83,15 @@ class Transfers:
         work queued so far on that stream has run. Returns (the task, None), or the engine's error with
         None, or with a task without id when the request went out unanswered
         (the engine may still run it, until its deadline). Anything that is
-        not an engine answer raises."""
+        not an engine answer raises. `commit_keys` (a dump of pieces): per
+        block, the key whose commit commits it, from any client."""
         for attempt in (0, 1):
             try:
                 located = self.regions.locate_many(tensors)
                 shards = shards_of(located)
                 extra: dict[str, Any] = {"commit": True} if commit else {}
+                if commit_keys is not None:
+                    extra["commit_keys"] = commit_keys
                 cuda = next((t.device for t in tensors if t.device.type == "cuda"), None)
                 if cuda is not None:
                     # A dump reads what the work queued so far wrote; a load's

@@ -378,3 +378,96 @@ def test_kv_connector_extra_config_inline(tiny_model, storage):
             build({"ucm_load_async": True})
     finally:
         stop_engine(default_endpoint(str(storage)))
+
+
+# ---- commit by key from any client, a second dump fails (issue 27) ---------------------------------------
+
+
+def test_blocks_dumped_by_workers_are_committed_by_the_scheduler(flat, storage):
+    """UCM's v0.1.0 connector has its workers dump and its scheduler commit,
+    through store objects of their own (one engine client each): a commit
+    names blocks by key, whoever dumped them. Whole blocks (one worker) and
+    blocks dumped in pieces by two tensor-parallel ranks both become visible,
+    and load back byte-exact; nothing is visible before the commit."""
+    tp, layers, io = 2, 2, 2048
+    layer_size = 2 * io * tp
+    bs = layer_size * layers
+    ranks = [UcmNfsStore({**flat, "kv_block_size": bs, "device": r}) for r in range(tp)]
+    single = UcmNfsStore({**flat, "kv_block_size": bs, "device": 0})
+    scheduler = UcmNfsStore({**flat, "kv_block_size": bs, "role": "scheduler", "device": -1})
+    try:
+        whole_ids = [secrets.token_hex(16) for _ in range(3)]
+        whole = [[torch.rand(bs // 2, dtype=torch.bfloat16)] for _ in whole_ids]
+        assert single.wait(single.dump(*entries(whole_ids, whole, lambda j, t: 0))) == 0
+        piece_ids = [secrets.token_hex(16) for _ in range(3)]
+        shares = {}
+        for r, store in enumerate(ranks):
+            kv = [[torch.rand(io // 2, dtype=torch.bfloat16) for _ in range(2 * layers)] for _ in piece_ids]
+            off = lambda j, t, r=r: layer_size * (j // 2) + layer_size // tp * r + io * (j % 2)  # noqa: E731
+            assert store.wait(store.dump(*entries(piece_ids, kv, off))) == 0
+            shares[r] = (kv, off)
+        assert single.lookup(whole_ids) == [False] * 3
+        assert ranks[0].lookup(piece_ids) == [False] * 3
+        scheduler.commit(whole_ids + piece_ids + [secrets.token_hex(16)], True)  # and one nobody dumped
+        assert single.lookup(whole_ids) == [True] * 3
+        back = [[torch.zeros_like(t) for t in b] for b in whole]
+        assert single.wait(single.load(*entries(whole_ids, back, lambda j, t: 0))) == 0
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(whole, back))
+        for r, store in enumerate(ranks):
+            assert store.lookup(piece_ids) == [True] * 3
+            kv, off = shares[r]
+            back = [[torch.zeros_like(t) for t in row] for row in kv]
+            assert store.wait(store.load(*entries(piece_ids, back, off))) == 0
+            assert all(torch.equal(a, b) for x, y in zip(kv, back) for a, b in zip(x, y))
+        # A commit with is_success False from the scheduler discards what the workers dumped.
+        gone = [secrets.token_hex(16)]
+        assert single.wait(single.dump(*entries(gone, whole[:1], lambda j, t: 0))) == 0
+        scheduler.commit(gone, False)
+        single.commit(gone, True)  # nothing left to commit
+        assert single.lookup(gone) == [False]
+    finally:
+        for s in [*ranks, single, scheduler]:
+            s.close()
+
+
+def test_a_second_dump_of_a_stored_block_fails_as_in_ucm(flat):
+    """UCM reports a dump of a block already stored as failed (`create` said
+    EDUPLICATE for it); the stored bytes stay the first ones."""
+    store = UcmNfsStore({**flat, "kv_block_size": 8192})
+    try:
+        ids = [secrets.token_hex(16) for _ in range(3)]
+        first = [[torch.rand(4096, dtype=torch.bfloat16)] for _ in ids]
+        assert store.wait(store.dump(*entries(ids, first, lambda j, t: 0))) == 0
+        store.commit(ids, True)
+        other = [[torch.rand(4096, dtype=torch.bfloat16)] for _ in ids]
+        task = store.dump(*entries(ids[:2], other[:2], lambda j, t: 0))
+        assert store.wait(task) == 2
+        assert store.check(task) == (2, True)
+        back = [[torch.zeros(4096, dtype=torch.bfloat16)] for _ in ids]
+        assert store.wait(store.load(*entries(ids, back, lambda j, t: 0))) == 0
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(first, back))
+    finally:
+        store.close()
+
+
+def test_commit_keys_must_name_one_key_per_block(flat):
+    """The protocol's `commit_keys` is checked like `keys`: a bad one is
+    refused naming the field, and the engine keeps serving."""
+    from ucm.client import EngineClient, EngineError
+
+    store = UcmNfsStore({**flat, "kv_block_size": 8192})
+    try:
+        c = EngineClient(default_endpoint(flat["storage_backends"]), 3000, name="commit-keys-check")
+        shards = {"count": 1, "region": [1, 1], "offset": [0, 0], "length": [1, 1]}  # checked later than commit_keys
+        for bad, said in (
+            ([b"a"], "commit_keys holds 1 keys, but keys holds 2"),
+            ([b"a", b""], "commit_keys[1] must be 1 to 64 bytes"),
+            ("ab", "commit_keys must be an array of bin"),
+        ):
+            with pytest.raises(EngineError, match=said.replace("[", r"\[").replace("]", r"\]")) as e:
+                c.call("dump", ns="ck", keys=[b"k1", b"k2"], shards=shards, commit_keys=bad)
+            assert e.value.code == "bad_message"
+        assert c.call("lookup", ns="ck", keys=[b"k1"])["found"] == [False]
+        c.close()
+    finally:
+        store.close()

@@ -140,13 +140,18 @@ class Pump:
                     task._copy_out.append((b, view, plan.mems[i]))
                 mem_list.append(view)
         store = self.store
+        ekeys = [plan.ekeys[b] for b in u.blocks]
+        okeys = [plan.okeys[b] for b in u.blocks]
+        # Pieces of blocks: a commit of the block's key, from this store or any other client, commits them.
+        pieces = plan.op == "dump" and not plan.commit and okeys != ekeys
         p, err = store.transfers.submit(
             plan.op,
-            [plan.ekeys[b] for b in u.blocks],
+            ekeys,
             mem_list,
             shards_of(u.count, mem_list),
             task._deadline,
             commit=plan.commit,
+            commit_keys=okeys if pieces else None,
         )
         if err is not None:
             task.error = f"{task.error}; {err}" if task.error else str(err)

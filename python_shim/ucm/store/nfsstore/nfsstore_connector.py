@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
+from ... import status as block_status
 from ...config import OPTION_KEYS
 from ...ucm_keys import say_once, translate
 from ..nfs_store import DEFAULT_NS, NfsStore, Task
@@ -112,8 +113,13 @@ class UcmNfsStore(UcmKVStoreBase):
         return self.store.dump_data(block_ids, offset, src_addr, size)
 
     def wait(self, task: Task) -> int:
-        """0 when every block succeeded, else the number of failed blocks."""
-        return self.store.wait(task)
+        """0 when every block succeeded, else the number of failed blocks. As in
+        UCM, a dump of a block already stored (or being written by another
+        dump) fails: `create` said EDUPLICATE for it, and the bytes given may
+        not be the ones stored (NfsStore itself reports such blocks
+        `skipped`, a success)."""
+        self.store.wait(task)
+        return _ucm_failures(task)
 
     def commit(self, block_ids: List[str], is_success: bool = True) -> None:
         self.store.commit(block_ids, is_success=is_success)
@@ -121,7 +127,7 @@ class UcmNfsStore(UcmKVStoreBase):
     def check(self, task: Task) -> Tuple[int, bool]:
         if not self.store.check(task):
             return 0, False
-        return len(task.failed_keys), True
+        return _ucm_failures(task), True
 
     def register_memory(self, tensors: List[torch.Tensor]) -> None:
         """Not in UCM: moves long-lived CPU buffers into shared memory once, so
@@ -131,3 +137,11 @@ class UcmNfsStore(UcmKVStoreBase):
     def close(self) -> None:
         """Not in UCM (its store lives as long as the object): says goodbye to the engine now."""
         self.store.close()
+
+
+def _ucm_failures(task: Task) -> int:
+    """Failed blocks as UCM counts them: a dump's `skipped` blocks too."""
+    n = len(task.failed_keys)
+    if task.direction == "D2S":
+        n += task.status.count(block_status.SKIPPED)
+    return n
