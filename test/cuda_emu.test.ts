@@ -5,6 +5,7 @@
 // driver; it never replaces a run on real hardware (bench/gpu_validate.py).
 import * as crypto from "crypto";
 import * as fs from "fs";
+import * as path from "path";
 import { EmuDeviceMemory, EmuEvent, buildEmuAddon, cpuSeconds } from "./helpers/cuda_emu";
 import {
   BLOCKS,
@@ -25,6 +26,7 @@ import {
 } from "./helpers/cuda_emu_node";
 import { hello, until } from "./helpers/engine";
 import { shardColumns } from "./helpers/fixtures";
+import { SlowDisk, slowDiskTest } from "./helpers/slow_disk";
 
 // Each test's engine and emulated GPU memory, cleaned up after it.
 let node: Node | undefined;
@@ -117,6 +119,41 @@ describe("GPU path over the emulated CUDA runtime", () => {
     ev.complete();
     expect((await waitDone(c, d.task as number)).status).toEqual(["ok"]);
   });
+
+  slowDiskTest(
+    "loads get pinned staging before dumps into a slow directory (issue 26)",
+    async () => {
+      // One stream: one share of pinned staging and two workers. Five dump blocks queue behind a throttled disk;
+      // a load submitted after them goes right after the block being written, not after the dump.
+      const disk = new SlowDisk(64);
+      try {
+        const store = path.join(disk.mnt, "store");
+        fs.mkdirSync(store);
+        node = await startNode([GPU_A], { transferStreamNumber: 1, storage_backends: store });
+        disk.admit(node.engine.proc.pid!);
+        const { c, src, dst, sids, dids } = await withEvent(node);
+        const ks = keys("prio");
+        const d0 = await c.call("dump", { ns: NS, keys: ks.slice(0, 2), shards: shardColumns(sids, SHARD, [0, 1]), commit: true });
+        expect((await waitDone(c, d0.task as number)).status).toEqual(["ok", "ok"]);
+        disk.throttle({ writeBps: 24 * 1024 }); // a block file (about 37 KiB) takes some 1.5 s
+        const slow = ks.slice(2, 7);
+        const d = await c.call("dump", { ns: NS, keys: slow, shards: shardColumns(sids, SHARD, [2, 3, 4, 5, 6]), commit: true });
+        await new Promise((r) => setTimeout(r, 300)); // the first of them is being written, the others wait
+        const l = await c.call("load", { ns: NS, keys: ks.slice(0, 2), shards: shardColumns(dids, SHARD, [0, 1]) });
+        expect((await waitDone(c, l.task as number, 60000)).status).toEqual(["ok", "ok"]);
+        const written = ((await c.call("lookup", { ns: NS, keys: slow })).found as boolean[]).filter(Boolean).length;
+        expect(sameBlocks(dst, src, [0, 1])).toBe(true);
+        expect(written).toBeLessThanOrEqual(1); // before: the load waited for two or three dump blocks
+        disk.throttle({ writeBps: 0 });
+        expect((await waitDone(c, d.task as number, 60000)).status).toEqual(new Array(5).fill("ok"));
+      } finally {
+        await stopNode(node);
+        node = undefined;
+        disk.close();
+      }
+    },
+    120000,
+  );
 
   test("an event that never completes fails its blocks after cudaEventTimeoutMs; the engine keeps serving", async () => {
     node = await startNode([GPU_A], { cudaEventTimeoutMs: 300 });

@@ -46,7 +46,11 @@ TransferEngine::TransferEngine(const EngineOptions& opts)
     : opts_(opts),
       gate_(opts.threads),
       stagers_(opts.threads, AlignUp(std::max<uint64_t>(opts.pinned_staging_bytes / opts.threads, kBlockAlign)),
-               opts.cuda_copy) {
+               opts.cuda_copy, [this] {
+                 // A device dump left queued for want of a share may go now.
+                 std::lock_guard<std::mutex> lock(mu_);
+                 cv_.notify_all();
+               }) {
   const uint32_t n = WorkerCount(opts_.threads);
   workers_.reserve(n);
   for (uint32_t i = 0; i < n; ++i) workers_.emplace_back([this, i] { WorkerLoop(i); });
@@ -147,13 +151,24 @@ uint32_t TransferEngine::queued_blocks() const {
   return static_cast<uint32_t>(loads_.size() + dumps_.size());
 }
 
+bool TransferEngine::IsDeviceBlock(const Item& item) {
+  const TransferTask& task = *item.task;
+  return task.shards[task.blocks[item.block].shard_begin].region->medium() == Medium::kCuda;
+}
+
 void TransferEngine::WorkerLoop(uint32_t /*index*/) {
   Worker w;  // this worker's only staging buffers, reused for every block
   for (;;) {
     Item item;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [this] { return stopping_ || !loads_.empty() || !dumps_.empty(); });
+      // Loads first. A dump of GPU blocks is picked only when a pinned share
+      // is free for it: waiting in StagerPool::Take it would hold a worker
+      // that a load arriving meanwhile needs (stager_pool.h).
+      cv_.wait(lock, [this] {
+        return stopping_ || !loads_.empty() ||
+               (!dumps_.empty() && (!IsDeviceBlock(dumps_.front()) || stagers_.Ready()));
+      });
       if (stopping_ && loads_.empty() && dumps_.empty()) break;
       auto& q = !loads_.empty() ? loads_ : dumps_;
       item = std::move(q.front());
@@ -318,7 +333,7 @@ IoResult TransferEngine::RunDeviceBlock(const Item& item) {
     StagerPool& pool;
     std::unique_ptr<CudaStager> s;
     ~Lease() { pool.Give(std::move(s)); }
-  } lease{stagers_, stagers_.Take(device, stop, &error)};
+  } lease{stagers_, stagers_.Take(device, task.op == Op::kLoad, stop, &error)};
   if (!lease.s) return error.empty() ? stopped() : fail(ENODEV, "pinned staging");
   CudaStager& stager = *lease.s;
   IoResult why;

@@ -171,6 +171,8 @@ class TransferEngine {
     std::shared_ptr<TaskDone> done;
     uint32_t block;
   };
+  // Whether a queued block lives in GPU memory (it moves through a pinned share).
+  static bool IsDeviceBlock(const Item& item);
   // What a worker owns: its host staging (device blocks borrow pinned
   // staging from stagers_).
   struct Worker {
