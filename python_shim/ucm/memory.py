@@ -307,6 +307,7 @@ class StagingPool:
         self.lent = 0
         self._lock = threading.Lock()
         self._prefaulting: threading.Thread | None = None
+        self._cleared = False  # the store closed: nothing more is prefaulted
 
     @classmethod
     def plan(cls, sizes: list[int]) -> tuple[list[int], list[int], list[int]]:
@@ -345,7 +346,7 @@ class StagingPool:
 
         def run() -> None:
             for _ in range(self.budget // self.CHUNK):
-                if _exiting.is_set():
+                if _exiting.is_set() or self._cleared:
                     return
                 with self._lock:
                     if self.lent + sum(b.numel() for b in self._idle) + self.CHUNK > self.budget:
@@ -353,6 +354,8 @@ class StagingPool:
                 buf = self._new(self.CHUNK)
                 populate(buf)
                 with self._lock:
+                    if self._cleared:
+                        return
                     self._idle.append(buf)
                     self._idle.sort(key=lambda b: b.numel())
 
@@ -389,7 +392,9 @@ class StagingPool:
                 self._idle.pop()  # the largest; its region goes with it
 
     def clear(self) -> None:
+        """Drops the idle buffers (the store closes); a prefault still running stops."""
         with self._lock:
+            self._cleared = True
             self._idle.clear()
 
 
