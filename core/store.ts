@@ -514,8 +514,10 @@ export class Store {
     this.transfers.close(); // cancels what is still queued; running blocks finish first
     await this.capacity.close();
     await this.tasks.drain();
-    // No partial or uncommitted block survives the engine.
+    // No partial or uncommitted block survives the engine: neither those still pending nor those discarded on
+    // the way (a client whose connection ended while the engine stopped).
     await this.pending.removeAll(sessions);
+    await this.transfers.removalsDone();
   }
 }
 

@@ -76,6 +76,8 @@ export function blockBytes(shardLength: BigUint64Array, b: number, blocks: numbe
 /** The native engine's data path, as the store uses it. */
 export class Transfers {
   private closed = false;
+  /** Removals started by `removeFiles` and not yet ended. */
+  private readonly removing = new Set<Promise<void>>();
 
   constructor(
     readonly native: NativeEngine,
@@ -112,11 +114,24 @@ export class Transfers {
     );
   }
 
-  /** Best-effort delete off the event loop (after close, on the addon's store threads). */
+  /**
+   * Best-effort delete off the event loop (after close, on the addon's store threads); `removalsDone` waits for
+   * it. A session dropped while the engine shuts down (its connection's end read after the native engine
+   * closed) discards its temporary files here, and the process must not exit before they are gone.
+   */
   removeFiles(paths: string[]): void {
     if (paths.length === 0) return;
-    const done = this.closed ? removeFiles(this.roots, paths) : this.native.remove(paths);
-    done.catch((e: Error) => this.log.warn(`remove failed: ${e.message}`));
+    const done = (this.closed ? removeFiles(this.roots, paths) : this.native.remove(paths)).then(
+      () => undefined,
+      (e: Error) => this.log.warn(`remove failed: ${e.message}`),
+    );
+    this.removing.add(done);
+    void done.finally(() => this.removing.delete(done));
+  }
+
+  /** Resolves once every removal started by `removeFiles`, including those started meanwhile, has ended. */
+  async removalsDone(): Promise<void> {
+    while (this.removing.size > 0) await Promise.allSettled([...this.removing]);
   }
 
   /** Deletes `paths` once the native engine is closed; resolves when done. */

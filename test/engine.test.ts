@@ -341,6 +341,33 @@ describe("engine process", () => {
     expect(engine.output()).toMatch(/shutting down/);
   });
 
+  test("a client gone during a dump, then SIGTERM: the engine waits for its discarded files to be removed", async () => {
+    // The session of a client whose connection ended is dropped and its dumped blocks discarded: the dump still
+    // running when the engine stops finishes after the transfer threads stopped, and its files are removed then.
+    // The engine used to exit before that removal ran (seen in CI, where the connection's end was read during
+    // the shutdown: 244 temporary files left). shutdownTimeoutS 0 makes the order certain.
+    await engine.stop("SIGKILL");
+    for (const round of [1, 2]) {
+      const d = shortTmp();
+      const s = path.join(d, "store");
+      fs.mkdirSync(s);
+      const e = await startEngine(
+        writeConfig(d, { storage_backends: s, transferStreamNumber: 32, endpoint: `ipc://${d}/e.sock`, shutdownTimeoutS: 0 }),
+      );
+      const c = e.client();
+      const watcher = e.client();
+      await hello(c);
+      await dumpAll(c, 4, 2048, `gone${round}`, shm);
+      c.close();
+      await until("the client's session dropped", async () => (await watcher.call("health")).clients === 0);
+      watcher.close();
+      e.proc.kill("SIGTERM");
+      expect(await e.exited).toBe(0);
+      expect(fs.readdirSync(path.join(s, NS, ".tmp"))).toEqual([]);
+      fs.rmSync(d, { recursive: true, force: true });
+    }
+  });
+
   test("a second engine refuses to take over a live engine's endpoint", async () => {
     const r = await runCli(["serve", "--config", path.join(dir, "config.yaml")]);
     expect(r.code).not.toBe(0);
