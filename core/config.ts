@@ -257,9 +257,21 @@ export function parseConfig(doc: unknown): LoadedConfig {
   const config = { ...out, storageBackends: resolved, storageBackendsRaw: sb } as EngineConfig;
   if (ours.storePipeline !== undefined) config.storePipeline = ours.storePipeline;
   if (ours.cacheBufferBytes !== undefined) config.cacheBufferBytes = ours.cacheBufferBytes;
+  if (ours.storePipeline === "Cache|Posix") {
+    // UCM's cache_buffer_capacity_gb sizes the Cache stage; absent or 0, a size that fits any node.
+    const given = ours.cacheBufferBytes ?? 0;
+    config.hostCacheBytes = given > 0 ? given : defaultCacheBytes();
+  } else if (ours.storePipeline === "Posix") {
+    config.hostCacheBytes = 0;
+  }
   if (config.endpoint === "") config.endpoint = defaultEndpoint(sb);
   validateEndpoint(config.endpoint, key("endpoint"));
   return { config, warnings, notes };
+}
+
+/** The Cache stage's size when UCM's config asks for the stage without one: 4 GiB, at most a quarter of the host's memory. */
+export function defaultCacheBytes(): number {
+  return Math.min(4 * 2 ** 30, Math.floor(os.totalmem() / 4 / 4096) * 4096);
 }
 
 export function validateEndpoint(endpoint: string, what: string): void {

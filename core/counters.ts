@@ -4,7 +4,7 @@
 // through `Store.stats()`.
 import { BackendUsage } from "./capacity";
 import { HealthStats } from "./health";
-import { BlockStatus } from "./native";
+import { BlockStatus, TierStats } from "./native";
 
 export interface Counters {
   lookups: number;
@@ -98,4 +98,6 @@ export interface StoreStats {
   storageWaitSeconds: number;
   /** The store-health breaker (core/health.ts). */
   health: HealthStats;
+  /** The Cache stage, the host-memory tier (native/src/host_tier.h). */
+  tier: TierStats;
 }

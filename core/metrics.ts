@@ -126,6 +126,22 @@ export class Metrics {
       [{ what: "dump_block" }, st.health.shedDumpBlocks],
       [{ what: "load_block" }, st.health.shedLoadBlocks],
     ]);
+    mirror("ucm_tier_lookups_total", "Loads of blocks asked of the Cache stage (host-memory tier), by result", ["result"], (st) => [
+      [{ result: "hit" }, st.tier.hits],
+      [{ result: "miss" }, st.tier.misses],
+    ]);
+    mirror("ucm_tier_hit_bytes_total", "Payload bytes loaded from the Cache stage", [], (st) => [[{}, st.tier.hitBytes]]);
+    mirror("ucm_tier_blocks_total", "Blocks entering and leaving the Cache stage", ["event"], (st) => [
+      [{ event: "inserted" }, st.tier.inserted],
+      [{ event: "evicted" }, st.tier.evicted],
+      [{ event: "refused" }, st.tier.refused],
+    ]);
+    gauge("ucm_tier_blocks", "Committed blocks the Cache stage holds", [], (st) => [[{}, st.tier.blocks]]);
+    gauge("ucm_tier_pending_blocks", "Dumped blocks held by the Cache stage until their commit", [], (st) => [[{}, st.tier.pending]]);
+    gauge("ucm_tier_bytes", "Host memory of the Cache stage: used (every buffer it made) and capacity", ["what"], (st) => [
+      [{ what: "used" }, st.tier.usedBytes],
+      [{ what: "capacity" }, st.tier.capacityBytes],
+    ]);
     mirror("ucm_commits_total", "Blocks made visible", [], (st) => [[{}, st.counters.commits]]);
     mirror(
       "ucm_commits_kept_first_total",

@@ -43,6 +43,8 @@ export interface NativeEngineOptions {
   cudaCopy: "kernel" | "batch";
   /** How long a device dump waits for the client's CUDA event before the block fails. */
   cudaEventTimeoutMs: number;
+  /** Host memory of the Cache stage (native/src/host_tier.h), bytes; 0: no tier. */
+  hostTierBytes: number;
   /**
    * The storage directories: every path below one is reached through descriptors, following no symbolic link
    * (native/src/store_dirs.h). [] (the core's own tests): paths are used as named.
@@ -67,6 +69,7 @@ export function nativeEngineOptions(given: Partial<NativeEngineOptions> = {}): N
     pinnedStagingBytes: given.pinnedStagingBytes ?? (OPTIONS.pinnedStagingBytes.dflt as number),
     cudaCopy: given.cudaCopy ?? (OPTIONS.cudaCopy.dflt as "kernel" | "batch"),
     cudaEventTimeoutMs: given.cudaEventTimeoutMs ?? (OPTIONS.cudaEventTimeoutMs.dflt as number),
+    hostTierBytes: given.hostTierBytes ?? 0,
     storeRoots: given.storeRoots ?? [],
   };
 }
@@ -146,6 +149,27 @@ export interface NativeStats {
   inflight: number;
   regions: number;
   crc32cHardware: boolean;
+  /** The Cache stage (native/src/host_tier.h); absent once the engine is closed. */
+  tier?: TierStats;
+}
+
+/** The host-memory tier's figures, since the engine started (counts) or now (sizes). */
+export interface TierStats {
+  capacityBytes: number;
+  /** Every buffer the tier made, held by blocks, lent to a transfer or kept free for the next block. */
+  usedBytes: number;
+  /** Committed blocks held, and their payload bytes. */
+  blocks: number;
+  blockBytes: number;
+  /** Dumped blocks waiting for their commit. */
+  pending: number;
+  hits: number;
+  hitBytes: number;
+  misses: number;
+  inserted: number;
+  evicted: number;
+  /** Blocks that went without the tier: no room (everything held was pending or lent). */
+  refused: number;
 }
 
 export interface NativeEngine {

@@ -99,11 +99,10 @@ export interface EngineConfig {
   shareWithGroup: boolean;
   /** UCM's store_pipeline when the config names one ("Cache|Posix" or "Posix"; ucm_keys.ts). */
   storePipeline?: string;
-  /**
-   * UCM's cache_buffer_capacity_gb in bytes, when given (0: UCM's default): the host memory of the Cache stage,
-   * which is not built yet; kept so that the stage can take it.
-   */
+  /** UCM's cache_buffer_capacity_gb in bytes, when given: with store_pipeline "Cache|Posix", hostCacheBytes (config.ts). */
   cacheBufferBytes?: number;
+  /** Host memory of the Cache stage, a tier in front of the directories shared by every client (0: none). */
+  hostCacheBytes: number;
 }
 
 interface OptionSpec {
@@ -322,6 +321,16 @@ export const OPTIONS: Record<string, OptionSpec> = {
     doc: "absolute path of a unix socket serving the same GET /metrics, mode 0600; empty = none",
     details:
       "In a directory of the engine's user (created 0700 if missing): only that user and root read it (a scraper running as that user, or a local proxy). curl --unix-socket <path> http://localhost/metrics reads it.",
+  },
+  hostCacheBytes: {
+    key: "hostCacheBytes",
+    kind: "size",
+    min: 0,
+    max: 2 ** 50,
+    dflt: 0,
+    doc: "host memory of the Cache stage: a tier in front of the directories, shared by every client of the engine (0 = none)",
+    details:
+      'Dumped blocks stay there once committed and loaded blocks once verified; a load of a block it holds is one copy from it (no read, no checksum pass), the least recently used go first. UCM\'s store_pipeline "Cache|Posix" turns it on with cache_buffer_capacity_gb (docs/configuration.md). Writes still go to the directory before a dump is answered.',
   },
   pinnedStagingBytes: {
     key: "pinnedStagingBytes",

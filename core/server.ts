@@ -138,6 +138,17 @@ export class EngineServer {
             `${(this.config.pinnedStagingBytes / 2 ** 20).toFixed(0)} MiB pinned staging at most${cuda.emulated ? " [emulated CUDA runtime, for tests]" : ""}`
         : `CUDA backend: ${cuda.built ? "built, not usable here" : "not built"} (${cuda.why}); host memory only`,
     );
+    const tier = this.config.hostCacheBytes;
+    this.log.info(
+      tier > 0
+        ? `Cache stage: ${(tier / 2 ** 30).toFixed(2)} GiB of host memory in front of the storage directories` +
+            (this.config.storePipeline === "Cache|Posix"
+              ? this.config.cacheBufferBytes
+                ? " (cache_buffer_capacity_gb)"
+                : " (cache_buffer_capacity_gb not given: 4 GiB, or a quarter of this host's memory if less)"
+              : " (hostCacheBytes)")
+        : "Cache stage: off (hostCacheBytes 0): every load reads the storage directories",
+    );
     this.log.info(
       `listening on ${ep} (backends ${this.config.storageBackends.join(":")}, transferStreamNumber ${this.config.transferStreamNumber}, pid ${process.pid})`,
     );
@@ -288,6 +299,7 @@ export class EngineServer {
       storageBusySeconds: st.storageBusySeconds,
       storageWaitSeconds: st.storageWaitSeconds,
       health: st.health,
+      tier: st.tier,
       errors: { ...this.errors },
       pid: process.pid,
       uptime_s: (Date.now() - this.started) / 1000,

@@ -11,6 +11,7 @@ import * as path from "path";
 import {
   BlockStatus,
   Engine,
+  TierStats,
   TransferResult,
   TransferSpec,
   blockFileSize,
@@ -83,6 +84,7 @@ export class Store {
       pinnedStagingBytes: config.pinnedStagingBytes,
       cudaCopy: config.cudaCopy as "kernel" | "batch",
       cudaEventTimeoutMs: config.cudaEventTimeoutMs,
+      hostTierBytes: config.hostCacheBytes,
       storeRoots: config.storageBackends,
     });
     this.transfers = new Transfers(native, config.storageBackends, log);
@@ -138,6 +140,7 @@ export class Store {
       storageBusySeconds: n.storageBusyNs / 1e9,
       storageWaitSeconds: n.storageWaitNs / 1e9,
       health: this.health.snapshot(),
+      tier: n.tier ?? NO_TIER,
     };
   }
 
@@ -520,6 +523,21 @@ export class Store {
     await this.transfers.removalsDone();
   }
 }
+
+/** The tier's figures once the native engine is closed (it has none left). */
+const NO_TIER: TierStats = {
+  capacityBytes: 0,
+  usedBytes: 0,
+  blocks: 0,
+  blockBytes: 0,
+  pending: 0,
+  hits: 0,
+  hitBytes: 0,
+  misses: 0,
+  inserted: 0,
+  evicted: 0,
+  refused: 0,
+};
 
 /** The native event a transfer request names, checked to be one of this client's; undefined when it names none. */
 function clientEvent(s: Session, req: TransferRequest): number | undefined {

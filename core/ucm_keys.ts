@@ -16,7 +16,8 @@ import { parseSize } from "./options";
 export const CONNECTOR_NAMES = ["UcmNfsStore", "UcmPipelineStore"];
 /** The values of store_pipeline this store provides; UCM's others (Cache|Empty, Fake, Mooncake, ...) are refused. */
 export const STORE_PIPELINES = ["Cache|Posix", "Posix"];
-export const CACHE_NOT_BUILT = "the Cache stage (host memory tier) is not built yet: blocks go to the directory";
+export const CACHE_STAGE =
+  "the Cache stage is the engine's host-memory tier (hostCacheBytes), one for every client of the engine: committed dumps and verified loads stay there, and a load of a block it holds is served from it";
 
 export type UcmKind = "bool" | "bool01" | "int" | "number" | "string" | "size" | "mapping" | "any";
 
@@ -30,7 +31,7 @@ export interface UcmKey {
   /** The option of OPTIONS this key sets (its value times `scale`). */
   ours?: string;
   scale?: number;
-  /** An engine setting that is not an option of ours (kept for a stage not built yet). */
+  /** An engine setting that is not an option of ours as it is (config.ts turns it into one). */
   field?: "cacheBufferBytes" | "storePipeline";
   /** Accepted, no effect here, because of this (logged once at start). */
   why?: string;
@@ -97,10 +98,10 @@ export const UCM_CONNECTOR_KEYS: Record<string, UcmKey> = {
     ours: "loadTimeoutMs",
     note: "in UCM it bounds loads and dumps; here it bounds loads, and the connector's ucm_save_timeout_ms bounds dumps",
   },
-  cache_buffer_capacity_gb: { kind: "number", min: 0, scale: GIB, field: "cacheBufferBytes", why: CACHE_NOT_BUILT },
+  cache_buffer_capacity_gb: { kind: "number", min: 0, scale: GIB, field: "cacheBufferBytes" },
   cache_io_aggregation: noEffect(flag, "it applies to Ascend A2 devices only; a GPU block here moves in one batched copy (cudaCopy)"),
   cache_sdma_direct: noEffect(flag, "it applies to Ascend A3 devices only"),
-  cache_load_backend_only: noEffect(flag, "there is no Cache stage yet: every load reads the directory"),
+  cache_load_backend_only: noEffect(flag, "a load is served from the Cache stage when it holds the block, else read from the directory"),
   share_buffer_enable: noEffect(
     flag,
     "one engine per node serves every vLLM process there, with one pool of pinned staging for all of them (pinnedStagingBytes)",
@@ -351,7 +352,7 @@ export function translateConnectorConfig(
           `${name(k)} is ${show(v)}, which this store does not provide; accepted: ${STORE_PIPELINES.map(show).join(", ")}`,
         );
       out.storePipeline = v;
-      if (v.startsWith("Cache|")) out.notes.push(`${name(k)}: ${show(v)} accepted; ${CACHE_NOT_BUILT}`);
+      if (v.startsWith("Cache|")) out.notes.push(`${name(k)}: ${show(v)}: ${CACHE_STAGE}`);
       continue;
     }
     const converted = checkUcmValue(name(k), spec, v);
@@ -388,9 +389,9 @@ export function ucmKeyRows(): UcmKeyRow[] {
   };
   const effect = (k: string, spec: UcmKey): string => {
     if (k === "store_pipeline")
-      return `required with UcmPipelineStore: ${STORE_PIPELINES.map((p) => `\`${p}\``).join(" or ")} (any other of UCM's pipelines stops startup, naming the value); with \`Cache|Posix\`, ${CACHE_NOT_BUILT}`;
+      return `required with UcmPipelineStore: ${STORE_PIPELINES.map((p) => `\`${p}\``).join(" or ")} (any other of UCM's pipelines stops startup, naming the value); with \`Cache|Posix\`, ${CACHE_STAGE} (with \`Posix\`, none)`;
     if (spec.field === "cacheBufferBytes")
-      return `checked (GiB, 0 or more) and kept for the Cache stage; accepted, no effect here: ${spec.why}`;
+      return "with `Cache|Posix`, sets `hostCacheBytes` (GiB, 0 or more; 0 or absent: 4 GiB or a quarter of the host's memory, the smaller); with `Posix`, no effect";
     if (spec.ours) return `sets \`${spec.ours}\`${spec.note ? `: ${spec.note}` : ""}`;
     if (spec.kind === "mapping") return "a mapping: each of its keys (below) sets one of ours";
     return `accepted, no effect here: ${spec.why}`;

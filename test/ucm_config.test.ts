@@ -10,7 +10,7 @@ import * as path from "path";
 import { stringify } from "yaml";
 import { parseConfig } from "../core/config";
 import { OPTIONS } from "../core/options";
-import { translateConnectorConfig } from "../core/ucm_keys";
+import { CACHE_STAGE, translateConnectorConfig } from "../core/ucm_keys";
 import { hello, runCli, shortTmp, startEngine } from "./helpers/engine";
 
 // eslint-disable-next-line @typescript-eslint/no-require-imports
@@ -110,11 +110,11 @@ describe("UCM's config forms and key names", () => {
       for (const what of [
         "[I] config: enable_event_sync: true accepted, no effect here: ",
         "[I] config: use_layerwise: true accepted, no effect here: ",
-        '[I] config: ucm_connectors[0].ucm_connector_config.store_pipeline: "Cache|Posix" accepted; the Cache stage (host memory tier) is not built yet: blocks go to the directory',
-        "[I] config: ucm_connectors[0].ucm_connector_config.cache_buffer_capacity_gb: 32 accepted, no effect here: the Cache stage (host memory tier) is not built yet: blocks go to the directory",
+        `[I] config: ucm_connectors[0].ucm_connector_config.store_pipeline: "Cache|Posix": ${CACHE_STAGE}`,
+        "[I] Cache stage: 32.00 GiB of host memory in front of the storage directories (cache_buffer_capacity_gb)",
       ])
         expect({ what, times: said(what).length }).toEqual({ what, times: 1 });
-      expect(said("accepted").length).toBe(4);
+      expect(said("accepted").length).toBe(2);
       expect(said("[W]")).toEqual([]);
     } finally {
       await e.stop();

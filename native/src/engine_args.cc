@@ -110,6 +110,7 @@ EngineOptions ParseEngineOptions(const Napi::Value& options) {
   opts.max_block_bytes = RequiredUint(o, "maxBlockBytes", 4096, 1ull << 40);
   opts.pinned_staging_bytes = RequiredUint(o, "pinnedStagingBytes", 1ull << 20, 1ull << 44);
   opts.cuda_event_timeout_ms = static_cast<uint32_t>(RequiredUint(o, "cudaEventTimeoutMs", 1, 3600000));
+  opts.host_tier_bytes = RequiredUint(o, "hostTierBytes", 0, 1ull << 50);
   Napi::Value copy = o.Get("cudaCopy");
   if (copy.IsUndefined()) throw ArgTypeError(env, "options.cudaCopy is missing (\"kernel\" or \"batch\")");
   const std::string m = copy.IsString() ? copy.As<Napi::String>().Utf8Value() : "";

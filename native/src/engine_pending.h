@@ -46,7 +46,8 @@ struct PendingMeta final : Pending {
   std::vector<std::string> first;
   std::vector<std::string> second;
   std::vector<int32_t> codes;
-  StoreRoots roots;  // the engine's storage directories (store_dirs.h)
+  StoreRoots roots;          // the engine's storage directories (store_dirs.h)
+  HostTier* tier = nullptr;  // the engine's Cache stage: lookups, commits and removals keep it in step
   std::atomic<uint32_t> chunks_left{0};
   bool bytes_result = false;  // lookup answers a Uint8Array, others an Int32Array
   Napi::Value Result(Napi::Env env) override;

@@ -179,7 +179,12 @@ Napi::Value EngineWrap::Lookup(const Napi::CallbackInfo& info) {
   auto p = std::make_unique<PendingMeta>(env, StringArray(info[0], "paths"), std::vector<std::string>{});
   p->bytes_result = true;
   return RunMeta(
-      env, std::move(p), [](PendingMeta& m, size_t i) { m.codes[i] = BlockExists(m.roots, m.first[i]); }, true);
+      env, std::move(p),
+      [](PendingMeta& m, size_t i) {
+        // A block the tier holds is found without a stat: a load of it is served from there.
+        m.codes[i] = m.tier->Contains(m.first[i]) ? 1 : BlockExists(m.roots, m.first[i]);
+      },
+      true);
 }
 
 Napi::Value EngineWrap::Commit(const Napi::CallbackInfo& info) {
@@ -190,7 +195,11 @@ Napi::Value EngineWrap::Commit(const Napi::CallbackInfo& info) {
   if (from.size() != to.size()) throw ArgRangeError(env, "from and to must have the same length");
   auto p = std::make_unique<PendingMeta>(env, std::move(from), std::move(to));
   return RunMeta(
-      env, std::move(p), [](PendingMeta& m, size_t i) { m.codes[i] = CommitFile(m.roots, m.first[i], m.second[i]); },
+      env, std::move(p),
+      [](PendingMeta& m, size_t i) {
+        m.codes[i] = CommitFile(m.roots, m.first[i], m.second[i]);
+        if (m.codes[i] == 0) m.tier->Commit(m.first[i], m.second[i]);  // visible in the directory, so in the tier
+      },
       false);
 }
 
@@ -199,12 +208,18 @@ Napi::Value EngineWrap::Remove(const Napi::CallbackInfo& info) {
   CheckOpen(env);
   auto p = std::make_unique<PendingMeta>(env, StringArray(info[0], "paths"), std::vector<std::string>{});
   return RunMeta(
-      env, std::move(p), [](PendingMeta& m, size_t i) { m.codes[i] = RemoveFile(m.roots, m.first[i]); }, false);
+      env, std::move(p),
+      [](PendingMeta& m, size_t i) {
+        m.tier->Forget(m.first[i]);  // first: a load must not be served a block its file no longer backs
+        m.codes[i] = RemoveFile(m.roots, m.first[i]);
+      },
+      false);
 }
 
 Napi::Value EngineWrap::RunMeta(Napi::Env env, std::unique_ptr<PendingMeta> p, void (*fn)(PendingMeta&, size_t),
                                 bool lookup) {
   p->roots = core_->options().io.roots;
+  p->tier = &core_->tier();
   Napi::Promise promise = p->deferred.Promise();
   PendingMeta* m = p.get();
   Pending* raw = channel_->Track(env, std::move(p));
@@ -239,6 +254,23 @@ Napi::Value EngineWrap::Stats(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto out = Napi::Object::New(env);
   out.Set("threads", core_ ? core_->options().threads : 0);
+  if (core_) {
+    const TierStats t = core_->tier().stats();
+    auto tier = Napi::Object::New(env);
+    auto num = [&](const char* k, uint64_t v) { tier.Set(k, Napi::Number::New(env, static_cast<double>(v))); };
+    num("capacityBytes", t.capacity_bytes);
+    num("usedBytes", t.used_bytes);
+    num("blocks", t.blocks);
+    num("blockBytes", t.block_bytes);
+    num("pending", t.pending);
+    num("hits", t.hits);
+    num("hitBytes", t.hit_bytes);
+    num("misses", t.misses);
+    num("inserted", t.inserted);
+    num("evicted", t.evicted);
+    num("refused", t.refused);
+    out.Set("tier", tier);
+  }
   out.Set("workers", core_ ? core_->workers() : 0);
   out.Set("queuedBlocks", core_ ? core_->queued_blocks() : 0);
   out.Set("queuedLookups", core_ ? core_->queued_lookups() : 0);

@@ -46,11 +46,13 @@ TransferEngine::TransferEngine(const EngineOptions& opts)
     : opts_(opts),
       gate_(opts.threads),
       stagers_(opts.threads, AlignUp(std::max<uint64_t>(opts.pinned_staging_bytes / opts.threads, kBlockAlign)),
-               opts.cuda_copy, [this] {
+               opts.cuda_copy,
+               [this] {
                  // A device dump left queued for want of a share may go now.
                  std::lock_guard<std::mutex> lock(mu_);
                  cv_.notify_all();
-               }) {
+               }),
+      tier_(opts.host_tier_bytes) {
   const uint32_t n = WorkerCount(opts_.threads);
   workers_.reserve(n);
   for (uint32_t i = 0; i < n; ++i) workers_.emplace_back([this, i] { WorkerLoop(i); });
@@ -235,16 +237,26 @@ void TransferEngine::RunBlock(const Item& item, Worker& w) {
     Finish(item, RunDeviceBlock(item));
     return;
   }
-  AlignedBuffer& staging = w.staging;
+  if (task.op == Op::kLoad && LoadFromTier(item)) return;
   const size_t need = FileSizeFor(job.bytes);
-  const size_t before = staging.capacity();
-  if (!staging.Reserve(need)) {
-    Finish(item, IoResult{BlockStatus::kIoError, ENOMEM, "staging allocation"});
-    return;
-  }
-  staging_bytes_.fetch_add(staging.capacity() - before);
   const uint32_t shard_count = job.shard_end - job.shard_begin;
-  uint8_t* payload = staging.data() + kHeaderSize;
+  // The block's file image: in a tier buffer when the tier has room (the
+  // block then stays there without another copy), else in this worker's staging.
+  std::shared_ptr<TierBlock> slot = tier_.Reserve(need);
+  uint8_t* image = nullptr;
+  if (slot) {
+    image = slot->data;
+  } else {
+    AlignedBuffer& staging = w.staging;
+    const size_t before = staging.capacity();
+    if (!staging.Reserve(need)) {
+      Finish(item, IoResult{BlockStatus::kIoError, ENOMEM, "staging allocation"});
+      return;
+    }
+    staging_bytes_.fetch_add(staging.capacity() - before);
+    image = staging.data();
+  }
+  uint8_t* payload = image + kHeaderSize;
 
   // The block's shards, as copies between the client's memory and staging.
   std::vector<CopyRange>& copies = w.copies;
@@ -264,21 +276,72 @@ void TransferEngine::RunBlock(const Item& item, Worker& w) {
       CopyGuard guard(task);
       if (!guard.Stopped(&r)) r = CopyChunked(guard, copies);
       if (r.status != BlockStatus::kOk) {
+        tier_.Return(std::move(slot));
         Finish(item, r);
         return;
       }
     }
     Release(item);  // in staging now: the client's memory is not read again
-    r = WriteBlockFile(job.path, staging.data(), job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
+    r = WriteBlockFile(job.path, image, job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
+    // Written under its temporary name: served from the tier once committed;
+    // a failed write gives the buffer back.
+    if (slot && r.status == BlockStatus::kOk)
+      KeepInTier(std::move(slot), task, job, /*pending=*/true);
+    else
+      tier_.Return(std::move(slot));
   } else {
-    r = ReadBlockFile(job.path, staging.data(), job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
+    r = ReadBlockFile(job.path, image, job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
     if (r.status == BlockStatus::kOk) {
+      // Verified: the tier may serve it. This worker's reference keeps the
+      // buffer from being reused by an eviction while it is copied below.
+      if (slot) KeepInTier(slot, task, job, /*pending=*/false);
       // Only verified bytes ever reach the destination memory.
       CopyGuard guard(task);
       if (!guard.Stopped(&r)) r = CopyChunked(guard, copies);
+    } else {
+      tier_.Return(std::move(slot));  // a block that did not verify stays out
     }
   }
   Finish(item, r);
+}
+
+bool TransferEngine::LoadFromTier(const Item& item) {
+  TransferTask& task = *item.task;
+  const BlockJob& job = task.blocks[item.block];
+  std::shared_ptr<const TierBlock> hit =
+      tier_.Find(job.path, job.bytes, task.layout_digest, job.shard_end - job.shard_begin);
+  if (!hit) return false;
+  std::vector<CopyRange> copies;
+  copies.reserve(job.shard_end - job.shard_begin);
+  uint64_t pos = kHeaderSize;
+  for (uint32_t s = job.shard_begin; s < job.shard_end; ++s) {
+    const Shard& sh = task.shards[s];
+    copies.push_back(CopyRange{sh.region->host_base() + sh.offset, hit->data + pos, sh.length});
+    pos += sh.length;
+  }
+  IoResult r;
+  CopyGuard guard(task);
+  if (!guard.Stopped(&r)) r = CopyChunked(guard, copies);
+  Finish(item, r);
+  return true;
+}
+
+void TransferEngine::CopyToTier(const uint8_t* image, const TransferTask& task, const BlockJob& job, bool pending) {
+  std::shared_ptr<TierBlock> slot = tier_.Reserve(FileSizeFor(job.bytes));
+  if (!slot) return;
+  std::memcpy(slot->data + kHeaderSize, image + kHeaderSize, job.bytes);
+  KeepInTier(std::move(slot), task, job, pending);
+}
+
+void TransferEngine::KeepInTier(std::shared_ptr<TierBlock> slot, const TransferTask& task, const BlockJob& job,
+                                bool pending) {
+  slot->payload_bytes = job.bytes;
+  slot->layout_digest = task.layout_digest;
+  slot->shard_count = job.shard_end - job.shard_begin;
+  if (pending)
+    tier_.AddPending(job.path, std::move(slot));
+  else
+    tier_.Insert(job.path, std::move(slot));
 }
 
 // Device blocks: gather from GPU memory into pinned staging and write; or
@@ -347,10 +410,20 @@ IoResult TransferEngine::RunDeviceBlock(const Item& item) {
       if (why.status != BlockStatus::kOk) return why;
     }
     Release(item);  // in pinned staging now: the GPU memory is not read again
-    return WriteBlockFile(job.path, stager.data(), job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
+    IoResult w = WriteBlockFile(job.path, stager.data(), job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
+    if (w.status == BlockStatus::kOk) CopyToTier(stager.data(), task, job, /*pending=*/true);
+    return w;
   }
-  IoResult r = ReadBlockFile(job.path, stager.data(), job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
-  if (r.status != BlockStatus::kOk) return r;
+  // From the tier when it holds the block (a copy into the pinned share, no
+  // read, no checksum pass: it verified when it entered), else from the file.
+  IoResult r;
+  if (std::shared_ptr<const TierBlock> hit = tier_.Find(job.path, job.bytes, task.layout_digest, shard_count)) {
+    std::memcpy(stager.data() + kHeaderSize, hit->data + kHeaderSize, job.bytes);
+  } else {
+    r = ReadBlockFile(job.path, stager.data(), job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
+    if (r.status != BlockStatus::kOk) return r;
+    CopyToTier(stager.data(), task, job, /*pending=*/false);
+  }
   // A load's bytes land only after the work the client queued on its stream
   // before the load (vLLM zeroing new blocks, a step still reading them) has
   // run: that work could otherwise overwrite the loaded KV after the scatter.

@@ -25,6 +25,7 @@
 #include "block_file.h"
 #include "cuda_backend.h"
 #include "guarded_copy.h"
+#include "host_tier.h"
 #include "io_gate.h"
 #include "region.h"
 #include "stager_pool.h"
@@ -116,6 +117,8 @@ struct EngineOptions {
   // How long a device dump waits for the client's CUDA event before the
   // block fails (a client that recorded it and died, say).
   uint32_t cuda_event_timeout_ms = 0;
+  // Host memory of the Cache stage (host_tier.h); 0: no tier.
+  uint64_t host_tier_bytes = 0;
   IoOptions io;
 };
 
@@ -155,6 +158,7 @@ class TransferEngine {
   uint64_t pinned_bytes() const { return stagers_.pinned_bytes(); }
   uint64_t storage_busy_ns() const { return gate_.busy_ns(); }
   uint64_t storage_wait_ns() const { return gate_.wait_ns(); }
+  HostTier& tier() { return tier_; }
   // Worker threads for `streams` transfer streams: one a stream, and a
   // second one a stream (see the top of this file) as long as there are CPUs
   // for them: on a host with fewer CPUs than streams, more threads preparing
@@ -188,6 +192,14 @@ class TransferEngine {
   void Post(JobQueue& q, std::function<void()> fn);
   void RunBlock(const Item& item, Worker& w);
   IoResult RunDeviceBlock(const Item& item);
+  // A host block's load served from the tier when it holds the block (true: finished).
+  bool LoadFromTier(const Item& item);
+  // Hands a block's image to the tier: under its temporary path (a dump,
+  // served once committed) or its final one (a verified load).
+  void KeepInTier(std::shared_ptr<TierBlock> slot, const TransferTask& task, const BlockJob& job, bool pending);
+  // The same for a device block's image in pinned staging: copied into a
+  // tier buffer (the share goes back to the pool), when the tier has room.
+  void CopyToTier(const uint8_t* image, const TransferTask& task, const BlockJob& job, bool pending);
   void Finish(const Item& item, const IoResult& r);
   // Counts the item's block as done with the client's memory (once).
   static void Release(const Item& item);
@@ -203,6 +215,7 @@ class TransferEngine {
   std::atomic<uint64_t> staging_bytes_{0};
   IoGate gate_;
   StagerPool stagers_;
+  HostTier tier_;
   std::vector<std::thread> workers_;       // declared last: joined before the queues die
   std::vector<std::thread> meta_workers_;  // the metadata and lookup pools' threads
 };

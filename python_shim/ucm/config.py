@@ -59,6 +59,7 @@ OPTION_KEYS = frozenset(
         "metricsPort",
         "metricsHost",
         "metricsSocket",
+        "hostCacheBytes",
         "pinnedStagingBytes",
         "cudaCopy",
         "shareWithGroup",
@@ -112,7 +113,7 @@ class StoreConfig:
     engine_uid: int | None = None
     #: UCM's store_pipeline, when named ("Cache|Posix" or "Posix")
     store_pipeline: str | None = None
-    #: UCM's cache_buffer_capacity_gb in bytes, when given: kept for the Cache stage, not built yet
+    #: UCM's cache_buffer_capacity_gb in bytes, when given: the engine's Cache stage (hostCacheBytes) with Cache|Posix
     cache_buffer_bytes: int | None = None
     #: the "accepted, no effect here" lines of the UCM keys this config holds
     notes: list[str] = field(default_factory=list)

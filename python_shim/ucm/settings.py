@@ -46,12 +46,13 @@ DEFAULTS: dict[str, Any] = {
     "admitOnSecondSight": False,
     "metricsPort": 0,
     "metricsHost": "127.0.0.1",
+    "hostCacheBytes": 0,
     "pinnedStagingBytes": 2 << 30,
     "cudaCopy": "batch",
     "cudaEventTimeoutMs": 30000,
 }
 
-_SIZE_KEYS = frozenset({"maxInflightBytes", "pinnedStagingBytes", "maxRegionBytesPerClient"})
+_SIZE_KEYS = frozenset({"maxInflightBytes", "hostCacheBytes", "pinnedStagingBytes", "maxRegionBytesPerClient"})
 _UNITS = {
     "": 1,
     "b": 1,

@@ -26,7 +26,10 @@ logger = logging.getLogger("ucm")
 CONNECTOR_NAMES = ("UcmNfsStore", "UcmPipelineStore")
 #: the store_pipeline values this store provides; UCM's others are refused
 STORE_PIPELINES = ("Cache|Posix", "Posix")
-CACHE_NOT_BUILT = "the Cache stage (host memory tier) is not built yet: blocks go to the directory"
+CACHE_STAGE = (
+    "the Cache stage is the engine's host-memory tier (hostCacheBytes), one for every client of the engine: "
+    "committed dumps and verified loads stay there, and a load of a block it holds is served from it"
+)
 
 GIB = 1 << 30
 FLAG = {"kind": "bool"}
@@ -103,13 +106,14 @@ UCM_CONNECTOR_KEYS: dict[str, dict[str, Any]] = {
         "min": 0,
         "scale": GIB,
         "field": "cacheBufferBytes",
-        "why": CACHE_NOT_BUILT,
     },
     "cache_io_aggregation": _no_effect(
         FLAG, "it applies to Ascend A2 devices only; a GPU block here moves in one batched copy (cudaCopy)"
     ),
     "cache_sdma_direct": _no_effect(FLAG, "it applies to Ascend A3 devices only"),
-    "cache_load_backend_only": _no_effect(FLAG, "there is no Cache stage yet: every load reads the directory"),
+    "cache_load_backend_only": _no_effect(
+        FLAG, "a load is served from the Cache stage when it holds the block, else read from the directory"
+    ),
     "share_buffer_enable": _no_effect(
         FLAG,
         "one engine per node serves every vLLM process there, "
@@ -396,7 +400,7 @@ def translate(cc: dict[str, Any], connector_name: str, section: str, our_keys: I
                 )
             out.store_pipeline = v
             if v.startswith("Cache|"):
-                out.notes.append(f"{name(k)}: {show(v)} accepted; {CACHE_NOT_BUILT}")
+                out.notes.append(f"{name(k)}: {show(v)}: {CACHE_STAGE}")
             continue
         converted = check_value(name(k), spec, v)
         if "ours" in spec:

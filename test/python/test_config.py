@@ -214,7 +214,7 @@ def test_ucm_key_tables_are_the_engines():
 
     engine = _engine_module(
         "{top: m.UCM_TOP_KEYS, connector: m.UCM_CONNECTOR_KEYS, v010: m.UCM_V010_KEYS, "
-        "names: m.CONNECTOR_NAMES, pipelines: m.STORE_PIPELINES, cache: m.CACHE_NOT_BUILT}",
+        "names: m.CONNECTOR_NAMES, pipelines: m.STORE_PIPELINES, cache: m.CACHE_STAGE}",
         os.path.join(ROOT, "dist", "core", "ucm_keys.js"),
     )
     assert engine["top"] == ucm_keys.UCM_TOP_KEYS
@@ -222,7 +222,7 @@ def test_ucm_key_tables_are_the_engines():
     assert engine["v010"] == ucm_keys.UCM_V010_KEYS
     assert tuple(engine["names"]) == ucm_keys.CONNECTOR_NAMES
     assert tuple(engine["pipelines"]) == ucm_keys.STORE_PIPELINES
-    assert engine["cache"] == ucm_keys.CACHE_NOT_BUILT
+    assert engine["cache"] == ucm_keys.CACHE_STAGE
 
 
 def test_option_keys_are_the_engines():
@@ -270,7 +270,7 @@ def test_ucm_current_yaml_loads_and_says_each_key_without_effect_once(ucm_dir, t
         "loadTimeoutMs": 30000,
     }
     assert (cfg.load_timeout_ms, cfg.store_pipeline, cfg.cache_buffer_bytes) == (30000, "Cache|Posix", 32 << 30)
-    said = [r.getMessage() for r in caplog.records if "accepted" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "UCM: config: " in r.getMessage()]
     assert said == [
         "UCM: config: " + n
         for n in cfg.notes
@@ -279,7 +279,8 @@ def test_ucm_current_yaml_loads_and_says_each_key_without_effect_once(ucm_dir, t
             + ucm_keys.UCM_TOP_KEYS["use_layerwise"]["why"]
         ]
     ]
-    assert len(said) == 5 and len(set(said)) == 5
+    # enable_event_sync, use_layerwise (in the file and inline), the Cache stage
+    assert len(said) == 4 and len(set(said)) == 4
 
 
 def test_ucm_keys_in_kv_connector_extra_config(ucm_dir, monkeypatch):

@@ -137,3 +137,37 @@ def test_blocks_described_as_another_layout_are_never_loaded(tiny_model, tmp_pat
     assert "store is off on this worker" in log and "conflict" in log
     ref, _ = steps_run(tiny_model, "none", [{"generate": [p]}], elog)
     assert second[0] == first[0] == ref[0]
+
+
+def test_the_cache_stage_serves_only_what_verified(tiny_model, tmp_path, storage):
+    """Issue 27's Cache stage (hostCacheBytes: the engine's host-memory tier).
+    In one vLLM process: generate(P) stores P, committed into the tier;
+    generate(P+Q) loads P from the tier; every block file is then damaged on
+    disk, and generate(P+Q) loads P and Q from the tier, which holds the bytes
+    that were committed (never a damaged file's). The tokens equal vLLM's
+    without the store at every step, and no load failed."""
+    sock = private_sock("tier")
+    cfg = write_config(tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}", hostCacheBytes="256MiB")
+    elog = tmp_path / "engine.log"
+    p, pq = p_and_q(11)
+    steps = [
+        {"generate": [p]},
+        {"stats": True},
+        {"generate": [pq]},
+        {"stats": True},
+        {"flip": {"dir": str(storage), "match": ""}},
+        {"generate": [pq]},
+        {"stats": True},
+    ]
+    try:
+        got, _ = steps_run(tiny_model, cfg, steps, elog)
+    finally:
+        stop_engine(f"ipc://{sock}")
+    ref, _ = steps_run(tiny_model, "none", [{"generate": [p]}, {"generate": [pq]}, {"generate": [pq]}], elog)
+    assert [got[0], got[2], got[5]] == ref
+    s1, s2, s3 = got[1], got[3], got[6]
+    assert s1["tier"]["blocks"] >= 6 and s1["blocksLoaded"] == 0, s1["tier"]
+    assert s2["blocksLoaded"] >= 6 and s2["tier"]["hits"] >= 6, s2["tier"]
+    assert got[4] >= 9  # P's and Q's block files, all damaged
+    assert s3["tier"]["hits"] - s2["tier"]["hits"] >= 9, s3["tier"]
+    assert s3["blocksCorrupt"] == 0 and s3["blocksLoaded"] - s2["blocksLoaded"] >= 9
