@@ -70,6 +70,14 @@ def same(a, b, blocks_a=None, blocks_b=None):
     return all(torch.equal(x.host()[blocks_a], y.host()[blocks_b]) for x, y in zip(a, b))
 
 
+def stats(endpoint):
+    c = EngineClient(endpoint, 2000)
+    try:
+        return c.raw("stats")
+    finally:
+        c.close()
+
+
 def health(endpoint):
     c = EngineClient(endpoint, 2000)
     try:
@@ -192,6 +200,48 @@ def test_dump_and_load_byte_exact(emu_node, cuda_emu, method):
         assert store.wait(task) == 0, (task.status, task.error)
         assert same(dst, src, [0, 1, 2], order)
         assert all(torch.count_nonzero(d.host()[3:]) == 0 for d in dst)  # nothing else written
+
+
+@needs_emu_engine
+def test_cache_stage_gpu_path(emu_node, cuda_emu, storage):
+    """With the Cache stage on, a GPU dump is kept in the tier once
+    committed and a GPU load of it is served from there, byte-exact, with the
+    block files gone from the disk; a block read from the directory enters
+    the tier and serves the next load."""
+    cuda_emu.auto_complete = True
+    with NfsStore(emu_node(hostCacheBytes="64MiB")) as store:
+        tier = lambda: stats(store.config.endpoint)["tier"]  # noqa: E731
+        src = gpu_cache(cuda_emu)
+        ks = keys(BLOCKS, "tier-gpu")
+        assert store.wait(store.dump(*entries(ks, src, range(BLOCKS)))) == 0
+        assert store.commit(ks) == [True] * BLOCKS
+        assert tier()["blocks"] == BLOCKS
+        for root, _, files in os.walk(storage):  # another node evicted them all
+            for f in files:
+                if len(f) == 64:
+                    os.unlink(os.path.join(root, f))
+        dst = gpu_cache(cuda_emu, fill=False)
+        order = [5, 0, 7]
+        task = store.load(*entries([ks[i] for i in order], dst, [0, 1, 2]))
+        assert store.wait(task) == 0, (task.status, task.error)
+        assert same(dst, src, [0, 1, 2], order)
+        assert tier()["hits"] == 3
+    # One engine a storage directory: each phase stops its own before the next.
+    stop_engine(store.config.endpoint)
+    # A new engine (an empty tier) over blocks stored on disk: the first load
+    # reads the files, the second is served from the tier.
+    with NfsStore(emu_node()) as plain:
+        ks2 = keys(2, "tier-gpu-disk")
+        src = gpu_cache(cuda_emu)
+        assert plain.wait(plain.dump(*entries(ks2, src, [1, 2]))) == 0
+        assert plain.commit(ks2) == [True, True]
+    stop_engine(plain.config.endpoint)
+    with NfsStore(emu_node(hostCacheBytes="64MiB")) as store:
+        for want_hits in (0, 2):
+            dst = gpu_cache(cuda_emu, fill=False)
+            assert store.wait(store.load(*entries(ks2, dst, [3, 4]))) == 0
+            assert same(dst, src, [3, 4], [1, 2])
+            assert stats(store.config.endpoint)["tier"]["hits"] == want_hits
 
 
 @needs_emu_engine
