@@ -734,6 +734,65 @@ def main() -> int:
             traceback.print_exc()
             checks.add("event-timeout", False, f"{type(e).__name__}: {e}")
 
+        # tier: the Cache stage (hostCacheBytes). GPU dumps committed into it, then loads served from it, against
+        # torch's own pinned host-to-device copy of one GPU (goal 90 %); every load a tier hit by the engine's count.
+        try:
+            storage = os.path.join(a.dir, "tier")
+            shutil.rmtree(storage, ignore_errors=True)
+            os.makedirs(storage)
+            d0 = devices[0]
+            tier_bytes = 2 * a.blocks * (per_block + 8192)
+            eng = Engine(
+                a,
+                work,
+                "tier",
+                storage,
+                threads0,
+                "batch",
+                (per_block + 8192) * threads0,
+                extra=f"  hostCacheBytes: {tier_bytes}\n",
+            )
+            try:
+                c = EngineClient(eng.endpoint, 60000, name="gpu-validate-tier")
+                regs = RegionRegistry(c)
+                ns0 = {d0: "gpu-validate-tier"}
+                one = [d0]
+                saved_devices = devices
+                devices = one  # transfer() walks `devices`
+                try:
+                    t, f = transfer(c, "dump", ns0, src, "tier", regs, True)
+                    hits0 = c.call("stats")["tier"]["hits"]
+                    loads, exact = [], f == 0
+                    for _ in range(a.repeat):
+                        for layer in dst[d0]:
+                            layer.zero_()
+                        torch.cuda.synchronize()
+                        t, f = transfer(c, "load", ns0, dst, "tier", regs, False)
+                        torch.cuda.synchronize()
+                        loads.append(a.blocks * per_block / t / 1e9)
+                        exact = exact and f == 0 and all(torch.equal(x, y) for x, y in zip(src[d0], dst[d0]))
+                    hits = c.call("stats")["tier"]["hits"] - hits0
+                finally:
+                    devices = saved_devices
+                c.close()
+            finally:
+                eng.stop()
+            shutil.rmtree(storage, ignore_errors=True)
+            h2d_one = limit["H2D"][0]
+            checks.add(
+                "tier",
+                exact and hits == a.repeat * a.blocks,
+                f"{a.blocks} blocks of {per_block >> 20} MiB loaded from the Cache stage {a.repeat} times: best "
+                f"{max(loads):.2f} GB/s = {100 * max(loads) / h2d_one:.0f} % of torch's pinned H2D copy on one GPU "
+                f"({h2d_one:.2f} GB/s; goal 90 %); tier hits {hits} of {a.repeat * a.blocks}; byte-exact {exact}",
+            )
+            results["tier"] = {"s2d_GBps": loads, "torch_h2d_one_GBps": h2d_one, "hits": hits, "exact": exact}
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            checks.add("tier", False, f"{type(e).__name__}: {e}")
+
         # The public API, as a user calls it: ucm.store.NfsStore with CUDA tensors, 16 MiB blocks, tmpfs.
         try:
             from ucm.store import NfsStore
