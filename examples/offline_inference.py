@@ -147,6 +147,7 @@ def main() -> int:
     results = []
     for run in ("first run", "second run"):
         before = engine_stats(args.config).get("blocksLoaded", 0)
+        hits_before = engine_stats(args.config).get("tier", {}).get("hits", 0)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - t0
@@ -155,13 +156,17 @@ def main() -> int:
         ]
         wait_idle(args.config)
         loaded = engine_stats(args.config).get("blocksLoaded", 0) - before
-        results.append((run, outs, wall, sum(ttft) / len(ttft) if ttft else None, loaded))
+        from_tier = engine_stats(args.config).get("tier", {}).get("hits", 0) - hits_before
+        results.append((run, outs, wall, sum(ttft) / len(ttft) if ttft else None, loaded, from_tier))
 
     print()
     print(f"model {model}, {args.prompts} prompt(s) of {args.prompt_tokens} tokens, block size {args.block_size}")
-    for run, _, wall, ttft, loaded in results:
+    for run, _, wall, ttft, loaded, from_tier in results:
         t = f"{ttft:.4f}s" if ttft is not None else "n/a"
-        print(f"{run:30s} time to first token {t}  (whole generate {wall:.3f}s)  blocks loaded from storage: {loaded}")
+        tier = f" ({from_tier} from the Cache stage)" if cfg.store_pipeline == "Cache|Posix" else ""
+        print(
+            f"{run:30s} time to first token {t}  (whole generate {wall:.3f}s)  blocks loaded from storage: {loaded}{tier}"
+        )
     same = all(a.outputs[0].token_ids == b.outputs[0].token_ids for a, b in zip(results[0][1], results[1][1]))
     if results[0][4]:
         # Blocks persist across restarts: an earlier run of this demo left them.

@@ -293,6 +293,24 @@ def load_config(source: str | os.PathLike[str] | dict[str, Any]) -> StoreConfig:
     )
 
 
+def default_cache_bytes() -> int:
+    """The Cache stage's size when UCM's config asks for the stage without
+    one (core/config.ts defaultCacheBytes): 4 GiB, at most a quarter of the
+    host's memory (MemTotal, as Node's os.totalmem() reads it)."""
+    total = 0
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if not total:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(4 << 30, total // 4 // 4096 * 4096)
+
+
 #: Keys of kv_connector_extra_config that form a UCM config given inline.
 INLINE_KEYS = ("ucm_connector_name", "ucm_connector_config", "ucm_connectors")
 

@@ -33,7 +33,7 @@ import yaml
 
 from . import settings as engine_settings
 from .client import EngineClient, EngineUnavailable, process_gone, process_identity
-from .config import CONNECTOR_NAMES, ConfigError, StoreConfig, runtime_dir
+from .config import CONNECTOR_NAMES, ConfigError, StoreConfig, default_cache_bytes, runtime_dir
 from .engine_cmd import build_id, engine_command, engine_env, engine_main, node_binary, repo_root
 from .runtime_dir import (
     RECORD,
@@ -140,12 +140,24 @@ def _backends(cfg: StoreConfig) -> int:
     return len(cfg.storage_backends.split(":"))
 
 
+def wanted_settings(cfg: StoreConfig) -> dict[str, Any]:
+    """The engine settings cfg states, with the Cache stage's size that UCM's
+    store_pipeline implies, as the engine derives it (core/config.ts): an
+    engine started from cfg runs with exactly these."""
+    out = engine_settings.explicit(cfg.connector_config)
+    if cfg.store_pipeline == "Cache|Posix":
+        out["hostCacheBytes"] = cfg.cache_buffer_bytes or default_cache_bytes()
+    elif cfg.store_pipeline == "Posix":
+        out["hostCacheBytes"] = 0
+    return out
+
+
 def check_settings(cfg: StoreConfig, h: dict[str, Any]) -> tuple[dict[str, tuple[Any, Any]], dict[str, Any] | None]:
     """(differences, record) between the engine that answered `h` and cfg.
     The engine's own report of its settings is used when it gives one
     (`settings` in health); else the record this launcher wrote when it
     started it; else only transferStreamNumber can be checked (stats)."""
-    wanted = engine_settings.explicit(cfg.connector_config)
+    wanted = wanted_settings(cfg)
     pid = h.get("pid")
     rec = _record_of(cfg, pid)
     # An engine left running from another build (an upgrade since) counts as
@@ -345,7 +357,7 @@ def _spawn_and_wait(
                         "identity": list(ident) if ident else None,
                         "config_file": config_file,
                         "log": log_path,
-                        "settings": engine_settings.explicit(cfg.connector_config),
+                        "settings": wanted_settings(cfg),
                         "started_unix": time.time(),
                     }
                 ).encode(),

@@ -19,12 +19,13 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from conftest import engine_pid, private_sock, stop_engine, write_config
 from procs import wait_gone
 from ucm import settings as engine_settings
 from ucm.client import EngineClient
-from ucm.config import load_config, runtime_dir
+from ucm.config import default_cache_bytes, load_config, runtime_dir
 from ucm.launcher import RuntimeDirError, SettingsMismatch, ensure_engine, repo_root
 from ucm.store import NfsStore
 
@@ -97,6 +98,35 @@ def test_other_settings_replace_an_idle_engine_this_launcher_started(tmp_path, s
         "replacing the idle engine" in r.getMessage() and "transferStreamNumber 2" in r.getMessage()
         for r in caplog.records
     )
+
+
+@pytest.mark.skipif(not os.path.exists(CLI), reason=f"the engine is not built ({CLI}; npm install)")
+@pytest.mark.parametrize("capacity_gb", [None, 1])
+def test_a_cache_posix_engine_is_kept_for_the_same_config(tmp_path, storage, endpoint, caplog, capacity_gb):
+    """UCM's store_pipeline "Cache|Posix" sizes the engine's Cache stage
+    (cache_buffer_capacity_gb, or the default the engine derives): the shim
+    derives the same size, so a second store of the same config keeps the
+    engine (the demo's second vLLM process used to replace it, taking the
+    size for 0)."""
+    cc = {
+        "store_pipeline": "Cache|Posix",
+        "storage_backends": str(storage),
+        "endpoint": endpoint,
+        "clientTimeoutMs": 3000,
+        **({"cache_buffer_capacity_gb": capacity_gb} if capacity_gb else {}),
+    }
+    path = tmp_path / "pipeline.yaml"
+    doc = {"ucm_connectors": [{"ucm_connector_name": "UcmPipelineStore", "ucm_connector_config": cc}]}
+    path.write_text(yaml.safe_dump(doc))
+    pids = []
+    for _ in range(2):
+        with NfsStore(str(path)) as store:
+            assert store.lookup([b"x"]) == [False]
+            pids.append(engine_pid(endpoint))
+    assert pids[0] == pids[1]
+    want = capacity_gb << 30 if capacity_gb else default_cache_bytes()
+    assert stats(endpoint)["tier"]["capacityBytes"] == want
+    assert not any("replacing the idle engine" in r.getMessage() for r in caplog.records)
 
 
 def test_an_engine_of_another_build_is_replaced_when_idle(tmp_path, storage, endpoint, caplog, monkeypatch):
