@@ -83,6 +83,12 @@ def main() -> int:
         "--memory", default="shared", help="shared (register_memory: used in place) and/or private (staged by the shim)"
     )
     ap.add_argument("--fio", default="fio", help="the fio binary (default: fio on PATH)")
+    ap.add_argument(
+        "--host-cache",
+        default="0",
+        help="hostCacheBytes of the engine (the Cache stage; default 0: none). With it, dumps gather into the "
+        "tier and the loads that follow are tier hits, not cold reads",
+    )
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument(
         "--repeat", type=int, default=1, help="rounds per case (fio, then the store, each round); medians reported"
@@ -120,6 +126,7 @@ def main() -> int:
                     "maxQueueMs": 0,
                     "loadTimeoutMs": 600000,
                     "clientTimeoutMs": 60000,
+                    "hostCacheBytes": a.host_cache,
                 }
                 store = NfsStore(flat, namespace="bench")
                 cells: dict[str, list[tuple[float, float, float, float, bool, bool]]] = {}
