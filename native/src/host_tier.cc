@@ -1,5 +1,7 @@
 #include "host_tier.h"
 
+#include <sys/mman.h>
+
 #include <cstdlib>
 #include <utility>
 
@@ -9,13 +11,78 @@ namespace ucm {
 
 TierBlock::~TierBlock() { std::free(data); }
 
-HostTier::HostTier(uint64_t capacity_bytes) : capacity_(capacity_bytes) { counts_.capacity_bytes = capacity_bytes; }
+namespace {
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux 5.14
+#endif
+
+// Every page of `p` made present now, so that no transfer pays for it.
+void FaultIn(uint8_t* p, uint64_t n) {
+  if (madvise(p, n, MADV_POPULATE_WRITE) == 0) return;
+  for (uint64_t i = 0; i < n; i += 4096) p[i] = 0;  // an older kernel: one write a page
+}
+
+}  // namespace
+
+HostTier::HostTier(uint64_t capacity_bytes, uint32_t ahead) : capacity_(capacity_bytes), ahead_(ahead) {
+  counts_.capacity_bytes = capacity_bytes;
+  if (enabled() && ahead_ > 0) filler_ = std::thread([this] { FillLoop(); });
+}
+
+HostTier::~HostTier() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  fill_cv_.notify_all();
+  if (filler_.joinable()) filler_.join();
+}
+
+uint32_t HostTier::FreeFitting(uint64_t need) const {
+  uint32_t n = 0;
+  for (const auto& b : free_)
+    if (b->capacity >= need && b->capacity <= 2 * need) ++n;
+  return n;
+}
+
+void HostTier::FillLoop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    // Work while the tier has room for another buffer of the size in use
+    // and fewer than `ahead_` of them wait.
+    fill_cv_.wait(lock, [this] {
+      return stopping_ ||
+             (last_need_ != 0 && used_ + last_need_ <= capacity_ && FreeFitting(last_need_) < ahead_);
+    });
+    if (stopping_) return;
+    const uint64_t need = last_need_;
+    used_ += need;  // claimed before the allocation, which runs unlocked
+    lock.unlock();
+    auto b = std::make_shared<TierBlock>();
+    void* p = nullptr;
+    const bool made = posix_memalign(&p, kBlockAlign, need) == 0;
+    if (made) {
+      b->data = static_cast<uint8_t*>(p);
+      b->capacity = need;
+      FaultIn(b->data, need);
+    }
+    lock.lock();
+    if (!made) {
+      used_ -= need;
+      return;  // no memory: the transfers allocate as they need, or go without the tier
+    }
+    free_.push_back(std::move(b));
+  }
+}
 
 std::shared_ptr<TierBlock> HostTier::Reserve(uint64_t file_bytes) {
   if (!enabled()) return nullptr;
   const uint64_t need = AlignUp(file_bytes);
   {
     std::lock_guard<std::mutex> lock(mu_);
+    if (need != last_need_) last_need_ = need;
+    fill_cv_.notify_one();  // one buffer fewer ahead (or a new size): the filling thread makes another
     for (;;) {
       // A kept buffer of about this size: blocks of one model all have one.
       for (size_t i = 0; i < free_.size(); ++i) {

@@ -52,7 +52,8 @@ TransferEngine::TransferEngine(const EngineOptions& opts)
                  std::lock_guard<std::mutex> lock(mu_);
                  cv_.notify_all();
                }),
-      tier_(opts.host_tier_bytes) {
+      // Buffers ready ahead: two a stream, as many as can be reading at once.
+      tier_(opts.host_tier_bytes, 2 * opts.threads) {
   const uint32_t n = WorkerCount(opts_.threads);
   workers_.reserve(n);
   for (uint32_t i = 0; i < n; ++i) workers_.emplace_back([this, i] { WorkerLoop(i); });
