@@ -94,7 +94,9 @@ def main() -> int:
     print()
     print(f"{a.block_mib:g} MiB blocks, {a.threads} threads, 1 GiB, {a.rounds} rounds each, alternating")
     for host_cache, v in runs.items():
-        print(f"hostCacheBytes {host_cache}: median {statistics.median(v):.2f} GB/s ({', '.join(f'{x:.2f}' for x in v)})")
+        print(
+            f"hostCacheBytes {host_cache}: median {statistics.median(v):.2f} GB/s ({', '.join(f'{x:.2f}' for x in v)})"
+        )
     return 0 if exact else 1
 
 

@@ -52,8 +52,7 @@ void HostTier::FillLoop() {
     // Work while the tier has room for another buffer of the size in use
     // and fewer than `ahead_` of them wait.
     fill_cv_.wait(lock, [this] {
-      return stopping_ ||
-             (last_need_ != 0 && used_ + last_need_ <= capacity_ && FreeFitting(last_need_) < ahead_);
+      return stopping_ || (last_need_ != 0 && used_ + last_need_ <= capacity_ && FreeFitting(last_need_) < ahead_);
     });
     if (stopping_) return;
     const uint64_t need = last_need_;
