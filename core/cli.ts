@@ -228,6 +228,16 @@ export function formatStats(r: Record<string, unknown>): string {
     "store health",
     `${h.open ? "OFF (storage unhealthy)" : "on"}; opened ${h.opens ?? 0} times, ${(h.openSeconds ?? 0).toFixed(1)} s in all; shed ${h.shedLookups ?? 0} lookups, ${h.shedDumpBlocks ?? 0} dump and ${h.shedLoadBlocks ?? 0} load blocks`,
   );
+  const t = (r.tier ?? {}) as Record<string, number>;
+  if (t.capacityBytes) {
+    const asked = (t.hits ?? 0) + (t.misses ?? 0);
+    add(
+      "cache stage",
+      `${t.blocks ?? 0} blocks (${gib(t.blockBytes ?? 0)}), ${gib(t.usedBytes ?? 0)} of ${gib(t.capacityBytes)} in use, ${t.pending ?? 0} waiting for their commit; ` +
+        `loads: ${t.hits ?? 0} hits (${gib(t.hitBytes ?? 0)}), ${t.misses ?? 0} misses${asked ? ` (hit rate ${((100 * (t.hits ?? 0)) / asked).toFixed(1)}%)` : ""}; ` +
+        `${t.evicted ?? 0} evicted, ${t.refused ?? 0} refused`,
+    );
+  } else add("cache stage", "off (hostCacheBytes 0)");
   add(
     "dropped writes",
     `${n("droppedInflight")} in-flight bytes, ${n("droppedCapacity")} capacity, ${n("droppedQueueAge")} queue age, ${n("deferredFirstSight")} first sight`,

@@ -7,7 +7,7 @@ import * as path from "path";
 import { EngineClient } from "../core/client";
 import { ShmRegion } from "./helpers/fixtures";
 import { NS, SHARD, key, regions, shards, waitDone } from "./helpers/blocks";
-import { RunningEngine, hello, shortTmp, startEngine, until, writeConfig } from "./helpers/engine";
+import { RunningEngine, hello, runCli, shortTmp, startEngine, until, writeConfig } from "./helpers/engine";
 
 let dir: string;
 let store: string;
@@ -67,6 +67,9 @@ test("a committed dump is served from the tier byte-exact, even once its file is
   expect(await load(c, dst.ids, committed, [0, 1])).toEqual(["ok", "ok"]);
   expect(await tier(c)).toMatchObject({ hits: 2 });
   for (const s of [0, 1]) expect(blockOf(dst.regs[0], s).equals(blockOf(src.regs[0], s))).toBe(true);
+  // What an operator reads: `ucm-engine stats`.
+  const table = await runCli(["stats", "--endpoint", engine!.endpoint]);
+  expect(table.out).toMatch(/cache stage\s+2 blocks \(9.00 KiB\), .* 1 waiting for their commit; loads: 2 hits \(9.00 KiB\), 0 misses/);
 
   // Dumped but not committed: neither found nor loaded, from the tier or anywhere.
   expect((await c.call("lookup", { ns: NS, keys: uncommitted })).found).toEqual([false]);

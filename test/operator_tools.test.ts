@@ -124,6 +124,7 @@ describe("metrics and operator tools", () => {
     for (const row of ["lookups", "dumped", "loaded", "storage", "dropped writes", "in flight", `capacity ${store}`, "errors"])
       expect(table.out).toContain(row);
     expect(table.out).toContain("0 B in 0 blocks of 1.00 GiB (0.0%)");
+    expect(table.out).toMatch(/cache stage\s+off \(hostCacheBytes 0\)/);
     const json = await runCli(["stats", "--endpoint", e.endpoint, "--json"]);
     expect(JSON.parse(json.out).capacity[0].capacity).toBe(2 ** 30);
   }, 30000);
