@@ -149,8 +149,6 @@ export interface NativeStats {
   inflight: number;
   regions: number;
   crc32cHardware: boolean;
-  /** The Cache stage (native/src/host_tier.h); absent once the engine is closed. */
-  tier?: TierStats;
 }
 
 /** The host-memory tier's figures, since the engine started (counts) or now (sizes). */
@@ -207,6 +205,8 @@ export interface NativeEngine {
   /** unlink; 0 (also when already gone) or errno per path. */
   remove(paths: string[]): Promise<Int32Array>;
   stats(): NativeStats;
+  /** The Cache stage's figures (native/src/host_tier.h; they take its lock); undefined once closed. */
+  tierStats(): TierStats | undefined;
   close(): void;
 }
 

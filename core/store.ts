@@ -140,7 +140,7 @@ export class Store {
       storageBusySeconds: n.storageBusyNs / 1e9,
       storageWaitSeconds: n.storageWaitNs / 1e9,
       health: this.health.snapshot(),
-      tier: n.tier ?? NO_TIER,
+      tier: this.native.tierStats() ?? NO_TIER,
     };
   }
 

@@ -24,7 +24,7 @@ Napi::Function EngineWrap::Define(Napi::Env env) {
        InstanceMethod<&EngineWrap::Dump>("dump"), InstanceMethod<&EngineWrap::Load>("load"),
        InstanceMethod<&EngineWrap::Lookup>("lookup"), InstanceMethod<&EngineWrap::Commit>("commit"),
        InstanceMethod<&EngineWrap::Remove>("remove"), InstanceMethod<&EngineWrap::Stats>("stats"),
-       InstanceMethod<&EngineWrap::Close>("close")});
+       InstanceMethod<&EngineWrap::TierStatsOf>("tierStats"), InstanceMethod<&EngineWrap::Close>("close")});
 }
 
 EngineWrap::EngineWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<EngineWrap>(info) {
@@ -250,27 +250,33 @@ Napi::Value EngineWrap::RunMeta(Napi::Env env, std::unique_ptr<PendingMeta> p, v
 
 // ---- misc --------------------------------------------------------------------
 
+// tierStats() -> the Cache stage's figures (host_tier.h), or undefined once
+// closed. Apart from stats(), which the lookup path reads for one field: the
+// tier's figures take its lock.
+Napi::Value EngineWrap::TierStatsOf(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!core_) return env.Undefined();
+  const TierStats t = core_->tier().stats();
+  auto tier = Napi::Object::New(env);
+  auto num = [&](const char* k, uint64_t v) { tier.Set(k, Napi::Number::New(env, static_cast<double>(v))); };
+  num("capacityBytes", t.capacity_bytes);
+  num("usedBytes", t.used_bytes);
+  num("blocks", t.blocks);
+  num("blockBytes", t.block_bytes);
+  num("pending", t.pending);
+  num("hits", t.hits);
+  num("hitBytes", t.hit_bytes);
+  num("misses", t.misses);
+  num("inserted", t.inserted);
+  num("evicted", t.evicted);
+  num("refused", t.refused);
+  return tier;
+}
+
 Napi::Value EngineWrap::Stats(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto out = Napi::Object::New(env);
   out.Set("threads", core_ ? core_->options().threads : 0);
-  if (core_) {
-    const TierStats t = core_->tier().stats();
-    auto tier = Napi::Object::New(env);
-    auto num = [&](const char* k, uint64_t v) { tier.Set(k, Napi::Number::New(env, static_cast<double>(v))); };
-    num("capacityBytes", t.capacity_bytes);
-    num("usedBytes", t.used_bytes);
-    num("blocks", t.blocks);
-    num("blockBytes", t.block_bytes);
-    num("pending", t.pending);
-    num("hits", t.hits);
-    num("hitBytes", t.hit_bytes);
-    num("misses", t.misses);
-    num("inserted", t.inserted);
-    num("evicted", t.evicted);
-    num("refused", t.refused);
-    out.Set("tier", tier);
-  }
   out.Set("workers", core_ ? core_->workers() : 0);
   out.Set("queuedBlocks", core_ ? core_->queued_blocks() : 0);
   out.Set("queuedLookups", core_ ? core_->queued_lookups() : 0);

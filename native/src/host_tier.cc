@@ -80,7 +80,7 @@ std::shared_ptr<TierBlock> HostTier::Reserve(uint64_t file_bytes) {
   const uint64_t need = AlignUp(file_bytes);
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (need != last_need_) last_need_ = need;
+    last_need_ = need;
     fill_cv_.notify_one();  // one buffer fewer ahead (or a new size): the filling thread makes another
     for (;;) {
       // A kept buffer of about this size: blocks of one model all have one.
