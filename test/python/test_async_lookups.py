@@ -133,7 +133,7 @@ def test_a_reply_after_the_request_was_aborted_is_dropped(tiny_model, config_fil
         sched.finish_requests(req.request_id, RequestStatus.FINISHED_ABORTED)
         assert ask_of(conn, req.request_id) is None
     until(lambda: ask.found is not None, what="the late reply")
-    assert ask.found == [True] * 4 and not ask.error  # the reply came, with the hits...
+    assert ask.found == bytes([1] * 4) and not ask.error  # the reply came, with the hits...
     assert req.request_id not in sched.requests  # ...and changed nothing
     assert req.request_id not in conn.connector_scheduler._reqs
     # A new request under the same id, whose blocks are not stored, gets its own answer.

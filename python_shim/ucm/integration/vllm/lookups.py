@@ -49,25 +49,34 @@ LOOKUP_BATCH_KEYS = 8192
 REFRESH_S = 1.0
 
 
+def prompt_end(request: "Request", block_size: int) -> int:
+    """The block index past the last one of the request's prompt the store
+    may serve: never the block of the last prompt token (vLLM must compute
+    at least one), never past the hashes vLLM made."""
+    return min((request.num_prompt_tokens - 1) // block_size, len(request.block_hashes))
+
+
 class Ask:
-    """One lookup of one request's blocks [start, end) in namespaces `ns`."""
+    """One lookup of one request's blocks [start, end) in namespaces `ns`;
+    `end` (prompt_end) is reckoned by the pump, off vLLM's step (-1 until then)."""
 
     __slots__ = ("request", "start", "end", "ns", "epoch", "asked_at", "expires", "found", "error", "counted", "next")
     __slots__ += ("dropped", "lead")
 
-    def __init__(
-        self, request: "Request", start: int, end: int, ns: tuple[str, ...], epoch: int, now: float, wait_s: float
-    ):
+    def __init__(self, request: "Request", start: int, ns: tuple[str, ...], epoch: int, now: float, expires: float):
         self.request = request
         self.start = start
-        self.end = end
+        self.end = -1
         self.ns = ns
         self.epoch = epoch
         self.asked_at = now
-        self.expires = now + wait_s  # no reply by then: a miss
-        #: set once, by the pump (the reply's part for these keys) or on expiry
-        #: (empty: a miss); None while the reply is on its way
-        self.found: list[bool] | None = None
+        self.expires = expires  # no reply by then: a miss
+        #: set once, by the pump (the reply's part for these keys, a byte a
+        #: key, 1 stored: bytes are not tracked by Python's garbage collector,
+        #: whose young-generation passes in vLLM's step would otherwise visit
+        #: every key of every waiting request) or on expiry (empty: a miss);
+        #: None while the reply is on its way
+        self.found: bytes | None = None
         self.error = False  # no usable reply: answered as a miss
         self.counted = False  # its error is in the stats already
         self.next: Ask | None = None  # a refresh on its way
@@ -84,8 +93,9 @@ class LookupPump:
     it blocks this thread only, for at most the client timeout.
     """
 
-    def __init__(self, call: Callable[..., dict[str, Any] | None]):
+    def __init__(self, call: Callable[..., dict[str, Any] | None], block_size: int):
         self._call = call
+        self._block_size = block_size
         self._queue: deque[Ask] = deque()
         self._wake = threading.Event()
         self._closed = False
@@ -135,13 +145,19 @@ class LookupPump:
             if ask.dropped or ask.found is not None or now > ask.expires:
                 self._queue.popleft()  # nobody waits for it, or it is answered as a miss already
                 continue
+            if ask.end < 0:
+                # Reckoned here, off the step: a waiting request's prompt and
+                # its block hashes below `end` never change.
+                ask.end = prompt_end(ask.request, self._block_size)
+                if ask.end <= ask.start:  # nothing of the prompt to look up: no hit
+                    self._queue.popleft()
+                    ask.found = b""
+                    continue
             if ns is None:
                 ns = ask.ns
             elif ask.ns != ns or (len(keys) + ask.end - ask.start) * len(ns) > LOOKUP_BATCH_KEYS:
                 break
             self._queue.popleft()
-            # The keys are read here, off the step: a request's block hashes
-            # below `end` never change (only appended to).
             part = ask.request.block_hashes[ask.start : ask.end]
             keys.extend(part)
             batch.append((ask, len(part)))
@@ -160,42 +176,53 @@ class LookupPump:
         # Only a reply of one boolean per key says anything (count() runs in C:
         # this thread holds the GIL while it works).
         ok = isinstance(found, list) and len(found) == len(keys) and found.count(True) + found.count(False) == len(keys)
+        bits = bytes(found) if ok else b""  # type: ignore[arg-type]
         i = 0
         for ask, n in batch:
             if ok:
-                part = found[i : i + n]  # type: ignore[index]
+                part = bits[i : i + n]
                 # The stored run, counted here (off the step): answering a
                 # request's ask is then arithmetic (a scan in the scheduler's
                 # step cost 5 us a request, an exception per full hit).
-                ask.lead = part.index(False) if False in part else n
+                lead = part.find(0)
+                ask.lead = n if lead < 0 else lead
                 ask.found = part
                 i += n
             else:
                 ask.error = True
-                ask.found = []
+                ask.found = b""
 
 
 class AsyncLookups:
     """The scheduler thread's side: per waiting request, its ask and the
     answer it got. Never waits for the engine."""
 
-    def __init__(self, pump: LookupPump, wait_s: Callable[[], float], count: Callable[[str, int], None]):
+    def __init__(self, pump: LookupPump, config: Any, count: Callable[[str, int], None], ns: tuple[str, ...]):
         self.pump = pump
-        self._wait_s = wait_s  # how long a reply may take (the client timeout)
+        #: its timeout_ms is how long a reply may take (the client timeout; read
+        #: at each new ask: the engine's hello may change it)
+        self._config = config
         self._count = count
         self._asks: dict[str, Ask] = {}
         self._file = pump.file
+        self._ns = ns  # the namespaces a lookup asks in (the cache epoch's)
+        self._epoch = 0
 
-    def hits(
-        self, request: "Request", start: int, end: int, ns: tuple[str, ...], epoch: int, now: float, can_ask: bool
-    ) -> int | None:
-        """How many blocks from `start` on (below `end`) the store holds for
-        the request, from a reply that arrived; None while it is on its way
+    def reset(self, epoch: int, ns: tuple[str, ...]) -> None:
+        """A new cache epoch: what was asked in the old one says nothing now."""
+        self._epoch, self._ns = epoch, ns
+        self.forget_all()
+
+    def hits(self, request: "Request", start: int, now: float, can_ask: bool) -> int | None:
+        """How many blocks from `start` on (up to its prompt's end) the store
+        holds for the request, from a reply that arrived; None while it is on its way
         (a lookup is filed when there is none). `can_ask` False (the engine
-        is known down): a request without an answer is a miss."""
+        is known down): a request without an answer is a miss. vLLM may ask
+        about every waiting request in one step: the path of a new request
+        is kept short (a dict lookup, one object, a deque append)."""
         req_id = request.request_id
         ask = self._asks.get(req_id)
-        if ask is not None and (ask.request is not request or ask.epoch != epoch or start < ask.start):
+        if ask is not None and (ask.request is not request or ask.epoch != self._epoch or start < ask.start):
             # Another request under the same id, another cache epoch, or blocks
             # before the range asked about (vLLM's prefix cache lost some
             # since): that answer says nothing here.
@@ -207,7 +234,8 @@ class AsyncLookups:
         if ask is None:
             if not can_ask:
                 return 0
-            self._asks[req_id] = ask = Ask(request, start, end, ns, epoch, now, self._wait_s())
+            expires = now + self._config.timeout_ms / 1000
+            self._asks[req_id] = ask = Ask(request, start, self._ns, self._epoch, now, expires)
             self._file(ask)
             return None
         fresh = ask.next
@@ -221,10 +249,10 @@ class AsyncLookups:
                 return None
             # No reply within the client timeout (engine stopped, gone, or
             # slower than that): a miss, and the request is not held longer.
-            ask.error, ask.found = True, []
+            ask.error, ask.found = True, b""
             found = ask.found
         elif ask.next is None and can_ask and now - ask.asked_at > REFRESH_S:
-            ask.next = Ask(request, start, end, ns, epoch, now, self._wait_s())
+            ask.next = Ask(request, start, self._ns, self._epoch, now, now + self._config.timeout_ms / 1000)
             self._file(ask.next)
         if ask.error and not ask.counted:
             ask.counted = True
@@ -233,15 +261,13 @@ class AsyncLookups:
         # engine answers a run's keys after its first miss false: past such a
         # miss this is 0, a miss, until a refresh asks from `start`.)
         i = start - ask.start
-        stop = min(len(found), end - ask.start)
+        stop = len(found)  # the range asked about: [ask.start, ask.end)
         if i >= stop:
             return 0
         if i == 0:  # the common case: nothing computed since the ask
             return min(ask.lead, stop)
-        try:
-            return found.index(False, i, stop) - i
-        except ValueError:
-            return stop - i
+        miss = found.find(0, i, stop)
+        return stop - i if miss < 0 else miss - i
 
     def forget(self, req_id: str) -> None:
         """The request was scheduled or finished: a reply still on its way is

@@ -36,7 +36,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 from .common import ConnectorOptions, Transfer, UCMConnectorMetadata, UCMWorkerMetadata
 from .link import EngineLink
-from .lookups import AsyncLookups, LookupPump
+from .lookups import AsyncLookups, LookupPump, prompt_end
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -92,11 +92,8 @@ class UCMScheduler(EngineLink):
         self._held: dict[str, float] = {}
         self._ns = tuple(self.namespaces)
         self._block_size = opts.block_size
-        self._lookups = AsyncLookups(LookupPump(self._call), self._lookup_timeout_s, self._count)
+        self._lookups = AsyncLookups(LookupPump(self._call, self._block_size), self.config, self._count, self._ns)
         self._connect()
-
-    def _lookup_timeout_s(self) -> float:
-        return self.config.timeout_ms / 1000  # read each time: the engine's hello may set it
 
     def _count(self, field: str, n: int) -> None:
         self._stats[field] += n
@@ -107,8 +104,11 @@ class UCMScheduler(EngineLink):
         """Answered from a lookup reply that already arrived; (None, False)
         while it is on its way: vLLM skips the request for this step, keeps
         it waiting and asks again in the next (lookups.py). vLLM may ask
-        about every waiting request in one step: this runs in about a
-        microsecond."""
+        about every waiting request in one step, and for a burst of new
+        ones this is the first code to touch each request's fields (each
+        touch of a cold object costs about as much as the rest of the call):
+        a new request's ask reads only its id and the length of its block
+        hashes; the prompt's exact end is reckoned off the step."""
         req_id = request.request_id
         # Called for a request with nothing computed: a new one, or one that
         # was preempted and starts over. Either way any earlier plan is void.
@@ -116,21 +116,24 @@ class UCMScheduler(EngineLink):
         if old is not None:
             self._by_load.pop(old.load_id, None)
         bs = self._block_size
-        # Never claim the last prompt token: vLLM must compute at least one.
-        end = min((request.num_prompt_tokens - 1) // bs, len(request.block_hashes))
         start = num_computed_tokens // bs
         hits = 0
+        if start == 0:
+            # Is anything stored worth asking about? Any full block: the
+            # lookup then stops at the prompt's end (prompt_end; a prompt of
+            # exactly one block is asked about for nothing, a step late).
+            wanted = len(request.block_hashes) > 0
+        else:  # vLLM holds a prefix: is there any prompt block past it?
+            wanted = start < prompt_end(request, bs)
         # vLLM takes none of a hit for a request that skips reading caches: nothing to look up.
-        if start < end and not request.skip_reading_prefix_cache:
+        if wanted and not request.skip_reading_prefix_cache:
             now = time.monotonic()
             # With no engine known to answer, nothing is asked: a miss at once.
-            hits = self._lookups.hits(
-                request, start, end, self._ns, self.epoch, now, self._up and now >= self._retry_at
-            )
+            hits = self._lookups.hits(request, start, now, self._up and now >= self._retry_at)
             if hits is None:
                 return None, False
             stats = self._stats
-            stats["lookup_blocks"] += end - start
+            stats["lookup_blocks"] += max(0, prompt_end(request, bs) - start)
             stats["hit_blocks"] += hits
         # The blocks vLLM holds in its own prefix cache were computed (and
         # offered to the store) by the request that computed them.
@@ -368,7 +371,7 @@ class UCMScheduler(EngineLink):
         self.namespaces = self.opts.all_namespaces(self.epoch)
         self._ns = tuple(self.namespaces)
         # What was looked up in the old epoch's namespaces says nothing now.
-        self._lookups.forget_all()
+        self._lookups.reset(self.epoch, self._ns)
         logger.info("UCM: cache reset: blocks stored before are not used any more (cache epoch %x)", self.epoch)
         return True
 
