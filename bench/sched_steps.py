@@ -13,10 +13,12 @@ miss). A round adds `--waiting` requests at once and runs `--steps` steps:
 schedule(), a sleep of `--step-ms` for the forward pass, update_from_output
 with every planned load reported good and every finished request's blocks
 handed back; then the requests left are aborted (untimed). Every call vLLM
-makes into the connector is timed; a step's figure is their sum. Printed
-per waiting count: the burst step (the first of a round, where vLLM asks
-the connector about every waiting request), all steps, and vLLM's own
-schedule() for scale; then the same with the engine stopped (SIGSTOP) for
+makes into the connector is timed; a step's figure is their sum, less the
+time a step that runs nothing (the burst step of a round: nothing runs yet)
+waits for lookup replies instead of letting vLLM spin (no request is held
+back by it: printed in a column of its own). Printed per waiting count: the
+burst step (the first of a round, where vLLM asks the connector about every
+waiting request), all steps, and vLLM's own schedule() for scale; then the same with the engine stopped (SIGSTOP) for
 `--pause-ms` from just before each burst step.
 """
 
@@ -58,13 +60,30 @@ def pct(xs: list[float], q: float) -> float:
 
 
 class Clock:
-    """Sums the time spent in the connector's methods (wrapped on the instance)."""
+    """Sums the time spent in the connector's methods (wrapped on the instance),
+    less the time a step that runs nothing waits for lookup replies (the
+    pump's await_reply, summed apart in `idle_ns`): no request runs in such a
+    step, so that wait holds nobody back."""
 
     def __init__(self, conn) -> None:
         self.ns = 0
         self.asks = 0
+        self.idle_ns = 0
         for name in TIMED:
             setattr(conn, name, self._timed(getattr(conn, name), name == "get_num_new_matched_tokens"))
+        pump = conn.connector_scheduler._lookups.pump
+        wait = pump.await_reply
+
+        def waited(*a, **k):
+            t0 = time.perf_counter_ns()
+            try:
+                return wait(*a, **k)
+            finally:
+                d = time.perf_counter_ns() - t0
+                self.idle_ns += d
+                self.ns -= d
+
+        pump.await_reply = waited
 
     def _timed(self, fn, is_ask: bool):
         def call(*a, **k):
@@ -80,6 +99,10 @@ class Clock:
     def take(self) -> tuple[float, int]:
         out = (self.ns / 1000, self.asks)
         self.ns, self.asks = 0, 0
+        return out
+
+    def take_idle(self) -> float:
+        out, self.idle_ns = self.idle_ns / 1000, 0
         return out
 
 
@@ -126,7 +149,7 @@ def run(model: str, cfg: str, waiting: int, a: argparse.Namespace, pause_ms: int
     pid = engine_pid(conn)
     clock = Clock(conn)
     freeze_gc_heap()  # as vLLM's engine core does once it is set up: collections then skip what was there
-    burst, steps, own = [], [], []
+    burst, steps, own, idle = [], [], [], []
     burst_asks = 0
     for rnd in range(a.rounds):
         reqs = [
@@ -146,6 +169,7 @@ def run(model: str, cfg: str, waiting: int, a: argparse.Namespace, pause_ms: int
             out = sched.schedule()
             own_us = (time.perf_counter_ns() - s0) / 1000
             in_schedule, asks = clock.take()
+            waited = clock.take_idle()
             time.sleep(a.step_ms / 1000)  # the forward pass: the GIL is free, as while vLLM waits for its workers
             plan = sk.planned(out)
             meta = UCMWorkerMetadata({t.load_id: (1, len(t.keys)) for t in plan["loads"]}) if plan["loads"] else None
@@ -154,9 +178,10 @@ def run(model: str, cfg: str, waiting: int, a: argparse.Namespace, pause_ms: int
             )
             us = in_schedule + clock.take()[0]
             steps.append(us)
-            own.append(own_us - in_schedule)
+            own.append(own_us - in_schedule - waited)
             if i == 0:
                 burst.append(us)
+                idle.append(waited)
                 burst_asks = max(burst_asks, asks)
         if cont is not None:
             cont.join()
@@ -166,8 +191,9 @@ def run(model: str, cfg: str, waiting: int, a: argparse.Namespace, pause_ms: int
             plan = sk.planned(out)
             sched.update_from_output(out, sk.output(out, finished_sending=set(plan["finished"]) or None))
         clock.take()
+        clock.take_idle()
     conn.shutdown()
-    return dict(burst=burst, steps=steps, own=own, asks=burst_asks)
+    return dict(burst=burst, steps=steps, own=own, asks=burst_asks, idle=idle)
 
 
 def main() -> None:
@@ -199,9 +225,9 @@ def main() -> None:
     try:
         print(
             "| engine | waiting | asks in the burst step | burst step p50 / p99 / max us | every step p50 / p99 / max us "
-            "| steps | vLLM's own schedule() p50 us |"
+            "| steps | vLLM's own schedule() p50 us | burst step's wait for replies (runs nothing) p50 / max us |"
         )
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for pause in [0, a.pause_ms] if a.pause_ms else [0]:
             for w in [int(x) for x in a.waiting.split(",")]:
                 r = run(model, cfg, w, a, pause)
@@ -209,7 +235,8 @@ def main() -> None:
                 what = f"stopped {pause} ms at each burst" if pause else "answering"
                 print(
                     f"| {what} | {w} | {r['asks']} | {pct(b, 0.5):.0f} / {pct(b, 0.99):.0f} / {max(b):.0f} "
-                    f"| {pct(s, 0.5):.0f} / {pct(s, 0.99):.0f} / {max(s):.0f} | {len(s)} | {pct(r['own'], 0.5):.0f} |",
+                    f"| {pct(s, 0.5):.0f} / {pct(s, 0.99):.0f} / {max(s):.0f} | {len(s)} | {pct(r['own'], 0.5):.0f} "
+                    f"| {pct(r['idle'], 0.5):.0f} / {max(r['idle']):.0f} |",
                     flush=True,
                 )
     finally:

@@ -95,6 +95,31 @@ def test_a_new_request_is_answered_a_step_later_without_holding_the_running_one(
     assert ask_of(conn, req.request_id) is None  # scheduled: its lookup is over
 
 
+def test_a_step_that_runs_nothing_waits_for_the_reply_instead_of_spinning(tiny_model, config_file):
+    # vLLM's engine core steps again at once when a step ran nothing; that
+    # loop held the GIL, and the lookup thread got it only at Python's
+    # switch interval (5 ms) to send and again to post: dozens of empty
+    # steps and about 6 ms of TTFT for a request arriving at an idle server.
+    sched, _ = world(tiny_model, config_file, running=False)
+    conn = sched.connector
+    for seed in range(3, 8):
+        req = sk.request(sk.prompt(6 * BLOCK + 5, seed=seed), BLOCK, max_tokens=1)
+        sk.store_blocks(config_file, conn.connector_scheduler.namespaces, [bytes(h) for h in req.block_hashes[:4]])
+        sched.add_request(req)
+        steps = 0
+        while True:  # as the engine core: no pause between steps
+            out = sched.schedule()
+            steps += 1
+            if req.request_id in out.num_scheduled_tokens or steps > 1000:
+                break
+            sched.update_from_output(out, sk.output(out))
+        # The empty step waited for the reply (up to 5 ms a step): the next one plans the load.
+        assert steps <= 3, f"{steps} steps before the request was scheduled"
+        assert [sk.block_index(req, t.keys) for t in sk.planned(out)["loads"]] == [[0, 1, 2, 3]]
+        sched.update_from_output(out, sk.output(out))
+        sk.schedule(sched)  # it finishes
+
+
 def test_asks_of_one_step_go_as_one_lookup_and_each_request_gets_its_own_part(tiny_model, config_file):
     sched, _ = world(tiny_model, config_file, running=False)
     conn = sched.connector

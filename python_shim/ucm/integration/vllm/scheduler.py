@@ -260,6 +260,10 @@ class UCMScheduler(EngineLink):
             self._plan_save(
                 meta, state, cached.num_computed_tokens[i], scheduler_output.num_scheduled_tokens.get(req_id, 0)
             )
+        if not scheduler_output.total_num_scheduled_tokens:
+            # Nothing runs in this step, and vLLM steps again at once: wait a
+            # little for the lookups just sent instead of spinning (lookups.py).
+            self._lookups.pump.await_reply()
         return meta
 
     def _plan_save(
