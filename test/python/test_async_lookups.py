@@ -16,6 +16,7 @@ import time
 import pytest
 
 import sched_kit as sk
+from ucm.integration.vllm.common import UCMWorkerMetadata
 from conftest import engine_pid, private_sock, stop_engine, write_config
 from connector_kit import connector, empty_step, matched
 
@@ -115,9 +116,13 @@ def test_a_step_that_runs_nothing_waits_for_the_reply_instead_of_spinning(tiny_m
             sched.update_from_output(out, sk.output(out))
         # The empty step waited for the reply (up to 5 ms a step): the next one plans the load.
         assert steps <= 3, f"{steps} steps before the request was scheduled"
-        assert [sk.block_index(req, t.keys) for t in sk.planned(out)["loads"]] == [[0, 1, 2, 3]]
-        sched.update_from_output(out, sk.output(out))
-        sk.schedule(sched)  # it finishes
+        loads = sk.planned(out)["loads"]
+        assert [sk.block_index(req, t.keys) for t in loads] == [[0, 1, 2, 3]]
+        # The worker reports the load done; the request finishes.
+        sched.update_from_output(out, sk.output(out, worker_meta=UCMWorkerMetadata({loads[0].load_id: (1, 4)})))
+        out = sk.schedule(sched)
+        sched.update_from_output(out, sk.output(out, finished_sending=set(sk.planned(out)["finished"]) or None))
+        assert not conn.connector_scheduler._reqs  # nothing unfinished: the next empty step may wait
 
 
 def test_asks_of_one_step_go_as_one_lookup_and_each_request_gets_its_own_part(tiny_model, config_file):

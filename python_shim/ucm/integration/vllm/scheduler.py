@@ -260,9 +260,12 @@ class UCMScheduler(EngineLink):
             self._plan_save(
                 meta, state, cached.num_computed_tokens[i], scheduler_output.num_scheduled_tokens.get(req_id, 0)
             )
-        if not scheduler_output.total_num_scheduled_tokens:
-            # Nothing runs in this step, and vLLM steps again at once: wait a
-            # little for the lookups just sent instead of spinning (lookups.py).
+        if not scheduler_output.total_num_scheduled_tokens and not self._reqs:
+            # Nothing runs, in this step or any other (no request this half
+            # answered is unfinished: with vLLM's batch queue an empty step
+            # may be scheduled while an earlier batch still runs, whose output
+            # must not wait), and vLLM steps again at once: wait a little for
+            # the lookups just sent instead of spinning (lookups.py).
             self._lookups.pump.await_reply()
         return meta
 
