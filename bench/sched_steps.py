@@ -14,9 +14,10 @@ schedule(), a sleep of `--step-ms` for the forward pass, update_from_output
 with every planned load reported good and every finished request's blocks
 handed back; then the requests left are aborted (untimed). Every call vLLM
 makes into the connector is timed; a step's figure is their sum, less the
-time a step that runs nothing (the burst step of a round: nothing runs yet)
-waits for lookup replies instead of letting vLLM spin (no request is held
-back by it: printed in a column of its own). Printed per waiting count: the
+time the connector, while no request runs (the burst step of a round),
+waits for lookup replies (the first new request's, and an empty step's
+instead of letting vLLM spin): no request is held back by it, and it is
+printed in a column of its own. Printed per waiting count: the
 burst step (the first of a round, where vLLM asks the connector about every
 waiting request), all steps, and vLLM's own schedule() for scale; then the same with the engine stopped (SIGSTOP) for
 `--pause-ms` from just before each burst step.
@@ -61,9 +62,9 @@ def pct(xs: list[float], q: float) -> float:
 
 class Clock:
     """Sums the time spent in the connector's methods (wrapped on the instance),
-    less the time a step that runs nothing waits for lookup replies (the
-    pump's await_reply, summed apart in `idle_ns`): no request runs in such a
-    step, so that wait holds nobody back."""
+    less the time the connector waits for lookup replies while no request
+    runs (the pump's await_reply and await_answer, summed apart in
+    `idle_ns`): that wait holds nobody back."""
 
     def __init__(self, conn) -> None:
         self.ns = 0
@@ -72,8 +73,10 @@ class Clock:
         for name in TIMED:
             setattr(conn, name, self._timed(getattr(conn, name), name == "get_num_new_matched_tokens"))
         pump = conn.connector_scheduler._lookups.pump
-        wait = pump.await_reply
+        pump.await_reply = self._idle(pump.await_reply)
+        pump.await_answer = self._idle(pump.await_answer)
 
+    def _idle(self, wait):
         def waited(*a, **k):
             t0 = time.perf_counter_ns()
             try:
@@ -83,7 +86,7 @@ class Clock:
                 self.idle_ns += d
                 self.ns -= d
 
-        pump.await_reply = waited
+        return waited
 
     def _timed(self, fn, is_ask: bool):
         def call(*a, **k):

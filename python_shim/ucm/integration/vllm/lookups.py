@@ -48,7 +48,8 @@ LOOKUP_BATCH_KEYS = 8192
 #: caches a miss for 1 s as well)
 REFRESH_S = 1.0
 
-#: the longest a step that runs nothing waits for lookup replies (await_reply)
+#: the longest the scheduler, while nothing runs, waits for lookup replies
+#: (await_answer, await_reply)
 IDLE_WAIT_S = 0.005
 
 
@@ -128,17 +129,32 @@ class LookupPump:
         posts a reply (or has nothing left to send), at most timeout_s.
 
         With nothing to run, vLLM's engine core steps again at once, over
-        and over, while a request waits for its lookup; that loop holds the
-        GIL and this thread then gets it only at Python's switch interval
-        (5 ms) to send and again to post: about 6 ms of TTFT at concurrency
-        1 (issue 26). Waiting here frees the GIL; a step that runs a request
-        never waits."""
+        and over, while a request waits for its lookup; in a driver that
+        steps vLLM's scheduler in one thread that loop held the GIL, and
+        this thread got it only at Python's switch interval (5 ms) to send
+        and again to post (hundreds of empty steps). Waiting here frees the
+        GIL; a step that runs a request never waits."""
         if not self._queue and not self._busy:
             return
         self._posted.clear()
         if not self._queue and not self._busy:  # done in between
             return
         self._posted.wait(timeout_s)
+
+    def await_answer(self, ask: Ask, timeout_s: float = IDLE_WAIT_S) -> None:
+        """Sends `ask` now and waits until its reply is posted, at most
+        timeout_s (or until this thread has nothing left to send). For the
+        first ask while no request runs: answered in the same step, the
+        request is scheduled without the empty step an answer of None costs
+        (vLLM's engine core then runs one more loop, model call included)."""
+        end = time.monotonic() + timeout_s
+        self.kick()
+        while ask.found is None:
+            self._posted.clear()
+            left = end - time.monotonic()
+            if ask.found is not None or left <= 0 or (not self._queue and not self._busy):
+                return
+            self._posted.wait(left)
 
     def close(self, wait_s: float = 1.0) -> None:
         self._closed = True
@@ -239,11 +255,13 @@ class AsyncLookups:
         self._epoch, self._ns = epoch, ns
         self.forget_all()
 
-    def hits(self, request: "Request", start: int, now: float, can_ask: bool) -> int | None:
+    def hits(self, request: "Request", start: int, now: float, can_ask: bool, idle: bool = False) -> int | None:
         """How many blocks from `start` on (up to its prompt's end) the store
         holds for the request, from a reply that arrived; None while it is on its way
         (a lookup is filed when there is none). `can_ask` False (the engine
-        is known down): a request without an answer is a miss. vLLM may ask
+        is known down): a request without an answer is a miss. `idle`: no
+        request runs, so a new ask is sent at once and its reply awaited
+        for a moment (await_answer) instead of answered None. vLLM may ask
         about every waiting request in one step: the path of a new request
         is kept short (a dict lookup, one object, a deque append)."""
         req_id = request.request_id
@@ -263,7 +281,11 @@ class AsyncLookups:
             expires = now + self._config.timeout_ms / 1000
             self._asks[req_id] = ask = Ask(request, start, self._ns, self._epoch, now, expires)
             self._file(ask)
-            return None
+            if not idle:
+                return None
+            self.pump.await_answer(ask)
+            if ask.found is None:
+                return None
         fresh = ask.next
         if fresh is not None and fresh.found is not None:
             self._asks[req_id] = ask = fresh

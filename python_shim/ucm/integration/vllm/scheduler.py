@@ -110,6 +110,10 @@ class UCMScheduler(EngineLink):
         a new request's ask reads only its id and the length of its block
         hashes; the prompt's exact end is reckoned off the step."""
         req_id = request.request_id
+        # No request this half answered is unfinished (this one included: a
+        # preempted request is asked again while others run): nothing runs,
+        # and a new request's reply is awaited for a moment in this step.
+        idle = not self._reqs
         # Called for a request with nothing computed: a new one, or one that
         # was preempted and starts over. Either way any earlier plan is void.
         old = self._reqs.pop(req_id, None)
@@ -129,7 +133,7 @@ class UCMScheduler(EngineLink):
         if wanted and not request.skip_reading_prefix_cache:
             now = time.monotonic()
             # With no engine known to answer, nothing is asked: a miss at once.
-            hits = self._lookups.hits(request, start, now, self._up and now >= self._retry_at)
+            hits = self._lookups.hits(request, start, now, self._up and now >= self._retry_at, idle)
             if hits is None:
                 return None, False
             stats = self._stats
