@@ -12,7 +12,9 @@ the filed asks, the keys of many requests concatenated into one `lookup`,
 and posts each request's part of the `found` array on its ask (a prefix
 lookup: each request's keys are a run the engine stops at its first miss,
 docs/PROTOCOL.md). The next ask of the request is answered from that, with
-no engine in between.
+no engine in between. While no request runs nobody is held back by a wait,
+so a new request's first ask is sent at once and its reply awaited for a
+moment (IDLE_WAIT_S), and so is an empty step's (await_answer, await_reply).
 
 Bounds: one lookup is in flight at a time and carries at most
 `LOOKUP_BATCH_KEYS` keys times namespaces (the asks filed meanwhile wait
@@ -237,7 +239,8 @@ class LookupPump:
 
 class AsyncLookups:
     """The scheduler thread's side: per waiting request, its ask and the
-    answer it got. Never waits for the engine."""
+    answer it got. Never waits for the engine while a request runs (while
+    none does, a new request's reply is awaited for up to IDLE_WAIT_S)."""
 
     def __init__(self, pump: LookupPump, config: Any, count: Callable[[str, int], None], ns: tuple[str, ...]):
         self.pump = pump
