@@ -36,6 +36,8 @@ WATCH_MS = 100
 #: how long a verdict "the engine still runs" (EngineClient.gone) is taken
 #: as it is before /proc is read again; "gone" is final
 GONE_CHECK_S = 0.05
+#: replies of requests sent without waiting (`send`) that may wait to be taken
+MAX_DEFERRED = 4096
 
 
 def process_identity(pid: int) -> tuple[int, int] | None:
@@ -112,6 +114,9 @@ class EngineClient:
         self._session = False
         self._peer_checked = False  # the current socket's peer passed engine_trust.check_connected
         self._gone: dict[tuple[int, int], tuple[float, bool]] = {}  # engine -> (when looked at, gone)
+        #: requests sent by `send` whose reply nobody has taken yet: id -> (when
+        #: it is due, the reply once read off the socket, else None)
+        self._deferred: dict[int, tuple[float, dict[str, Any] | None]] = {}
 
     # ---- transport ---------------------------------------------------------
 
@@ -153,6 +158,7 @@ class EngineClient:
         if self._sock is not None:
             self._sock.close(linger=0)
         self._sock = None
+        self._deferred.clear()  # their replies can no longer come: `take` says so
         self._session = False
         self._peer_checked = False
 
@@ -207,6 +213,15 @@ class EngineClient:
             if isinstance(reply, dict) and reply.get("id") == rid:
                 self._check_peer()
                 return reply
+            self._keep(reply)
+
+    def _keep(self, reply: Any) -> None:
+        """A reply read while waiting for another: kept when it answers a
+        request sent by `send` (anything else is a late reply nobody waits for)."""
+        if isinstance(reply, dict):
+            due = self._deferred.get(reply.get("id"))  # type: ignore[arg-type]
+            if due is not None and due[1] is None:
+                self._deferred[reply["id"]] = (due[0], reply)
 
     # ---- requests ----------------------------------------------------------
 
@@ -272,6 +287,64 @@ class EngineClient:
                     continue
                 raise EngineError(err.get("code", "unknown"), err.get("message", str(r)))
             raise AssertionError("unreachable")
+
+    def send(self, op: str, **args: Any) -> int:
+        """A session request sent without waiting for its reply (a dump in the
+        middle of vLLM's step): returns its id, whose reply `take` gives.
+        The reply is due within the client's timeout, like a `call`'s; it is
+        read off the socket by whatever request waits next, or by `take`.
+        Raises EngineUnavailable when it cannot be sent."""
+        with self._lock:
+            if self._session and self.gone(self.engine_identity):
+                self._reset()
+            if not self._session:
+                self.hello()
+            if len(self._deferred) >= MAX_DEFERRED:
+                raise EngineUnavailable(f"{MAX_DEFERRED} replies of {self.endpoint} not taken yet: {op} not sent")
+            sock = self._socket()
+            rid = next(self._ids)
+            try:
+                sock.send(msgpack.packb({"op": op, **args, "id": rid}, use_bin_type=True), flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self._reset()
+                raise EngineUnavailable(f"cannot send {op} to {self.endpoint}: queue full") from None
+            self._deferred[rid] = (time.monotonic() + self.timeout_ms / 1000, None)
+            return rid
+
+    def take(self, rid: int, op: str = "request") -> dict[str, Any]:
+        """The reply to request `rid` (sent by `send`), waited for until it is
+        due. Raises EngineUnavailable with `sent` set when it did not come in
+        time or can no longer come (the engine died, or the socket was replaced
+        since: the engine may still act on the request), EngineError when the
+        engine refused it."""
+        with self._lock:
+            if rid not in self._deferred:
+                raise EngineUnavailable(
+                    f"the reply to {op} from {self.endpoint} was lost (a new connection since)", sent=op
+                )
+            due, reply = self._deferred[rid]
+            engine = self.engine_identity
+            while reply is None:
+                left = due - time.monotonic()
+                if left <= 0:
+                    self._reset()  # as a `call` that timed out: a hung engine gets a new connection
+                    raise EngineUnavailable(f"no reply to {op} from {self.endpoint} in time", sent=op)
+                sock = self._socket()
+                if not sock.poll(min(max(1, int(left * 1000)), WATCH_MS), zmq.POLLIN):
+                    if engine is not None and process_gone(engine):
+                        self._reset()
+                        raise EngineUnavailable(f"the engine (pid {engine[0]}) exited before it answered {op}", sent=op)
+                    continue
+                self._keep(msgpack.unpackb(sock.recv(), raw=False))
+                reply = self._deferred[rid][1]
+            del self._deferred[rid]
+            self._check_peer()
+            if reply.get("ok"):
+                return reply
+            err = reply.get("error") or {}
+            if err.get("code") == "no_session":
+                self._session = False  # the engine restarted: the next request says hello
+            raise EngineError(err.get("code", "unknown"), err.get("message", str(reply)))
 
     def gone(self, engine: tuple[int, int] | None) -> bool:
         """process_gone(engine), reading /proc at most every GONE_CHECK_S per

@@ -43,12 +43,15 @@ Request = Callable[..., "dict[str, Any] | None"]
 class Pending:
     """A dump or load the engine accepted, or may have."""
 
-    task: int | None  # the engine's id; None: sent, but the reply (the id) never came
+    task: int | None  # the engine's id; None: sent, but the reply (the id) never came (or has not been taken yet)
     keys: list[bytes]  # the engine keys it was submitted with
     deadline: Deadline
     engine: tuple[int, int] | None  # (pid, start time) of the engine that has it
     epoch: int  # the client session it was submitted in
     cancel_acked: bool = False  # the engine said nothing of it runs any more
+    reply: int | None = None  # sent without waiting: the id of the request whose reply (the task id) is not taken yet
+    op: str = "submit"  # what was sent ("dump", "load"), for the log when that reply is a refusal
+    refused: bool = False  # that reply was the engine's refusal: nothing of it ever ran
 
     def engine_gone(self) -> bool:
         return process_gone(self.engine)
@@ -57,11 +60,20 @@ class Pending:
 class Transfers:
     """The transfers of one client in one namespace."""
 
-    def __init__(self, client: EngineClient, regions: RegionRegistry, namespace: str, request: Request):
+    def __init__(
+        self,
+        client: EngineClient,
+        regions: RegionRegistry,
+        namespace: str,
+        request: Request,
+        failed: Callable[[str, EngineError], None] | None = None,
+    ):
         self.client = client
         self.regions = regions
         self.namespace = namespace
         self._request = request
+        #: told of an engine error in the reply to a request sent without waiting (the user's policy, as in `request`)
+        self._failed = failed
 
     # ---- submitting --------------------------------------------------------------
 
@@ -74,6 +86,7 @@ class Transfers:
         deadline: Deadline,
         commit: bool = False,
         commit_keys: list[bytes] | None = None,
+        defer: bool = False,
     ) -> tuple[Pending | None, EngineError | None]:
         """Hands a dump or load of `keys` to the engine. `tensors` are located
         (registered in this session where needed) and `shards_of` turns their
@@ -84,7 +97,10 @@ class Transfers:
         None, or with a task without id when the request went out unanswered
         (the engine may still run it, until its deadline). Anything that is
         not an engine answer raises. `commit_keys` (a dump of pieces): per
-        block, the key whose commit commits it, from any client."""
+        block, the key whose commit commits it, from any client. `defer`:
+        the request is sent without waiting for the engine's answer, which
+        the first question about the task takes (a refusal then makes the
+        task one that ran nothing, as if it failed at once)."""
         for attempt in (0, 1):
             try:
                 located = self.regions.locate_many(tensors)
@@ -98,9 +114,14 @@ class Transfers:
                     # bytes must land after it (vLLM zeroing new blocks, a
                     # step still reading them), not be overwritten by it.
                     extra["event"] = self.regions.record_event(cuda)
-                r = self.client.call(
-                    op, ns=self.namespace, keys=keys, shards=shards.wire(), deadline_unix_ms=deadline.unix_ms, **extra
+                args = dict(
+                    ns=self.namespace, keys=keys, shards=shards.wire(), deadline_unix_ms=deadline.unix_ms, **extra
                 )
+                if defer:
+                    rid = self.client.send(op, **args)
+                    identity = self.client.engine_identity
+                    return Pending(None, keys, deadline, identity, self.client.epoch, reply=rid, op=op), None
+                r = self.client.call(op, **args)
                 return Pending(int(r["task"]), keys, deadline, self.client.engine_identity, self.client.epoch), None
             except EngineUnavailable as e:
                 if e.sent == op:
@@ -119,7 +140,12 @@ class Transfers:
         """A request about task `p`; None when it cannot be answered (the
         engine is down, the id never came, or the session it ran in is
         gone, its process ended). A reply that says the task is done prints
-        its task line."""
+        its task line. A task the engine refused when it was sent (`defer`)
+        is answered done, with no status: every block failed."""
+        if p.reply is not None:
+            self._take(p)
+        if p.refused:
+            return {"done": True, "released": True, "status": []}
         if p.task is None or p.epoch != self.client.epoch or self.client.gone(p.engine):
             return None  # (an engine gone is not asked: a new session's hello would wait for nobody)
         r = self._request(op, task=p.task, **args)
@@ -128,6 +154,26 @@ class Transfers:
         if r.get("done"):
             say_task_line(r)
         return r
+
+    def _take(self, p: Pending) -> None:
+        """The engine's answer to `p`'s request, sent without waiting: its
+        task id, or its refusal (nothing of it runs), or none (the engine may
+        run it until its deadline, as a request whose reply never came)."""
+        rid, p.reply = p.reply, None
+        assert rid is not None
+        if p.epoch != self.client.epoch or self.client.gone(p.engine):
+            return  # (a new session: the old connection and the reply are gone; an engine gone runs nothing)
+        try:
+            p.task = int(self.client.take(rid, p.op)["task"])
+        except EngineUnavailable as e:
+            if self._failed is not None:
+                self._failed(p.op, e)
+        except EngineError as e:
+            p.refused = True
+            if e.code == "unknown_region":
+                self.regions.forget()  # the next submission registers its memory again
+            if self._failed is not None:
+                self._failed(p.op, e)
 
     def wait(self, p: Pending, left_ms: int) -> dict[str, Any] | None:
         """The result of `p` once it is done within `left_ms`, else None."""

@@ -71,7 +71,7 @@ def test_unexpected_errors_never_reach_vllm(tiny_model, config_file, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("socket exploded")
 
-    conn.client.call = broken
+    conn.client.call = conn.client.send = broken
     # "a" finishes (its dump is checked), "d" is preempted (its dump settled),
     # a load and a save are planned: all with a client that raises.
     (sending, recving), errors = step(
@@ -107,8 +107,10 @@ def test_preempted_request_dumps_end_before_its_blocks_are_reused(tiny_model, co
     ks = keys(nb, f"preempt{wait_ms}")
     step(conn, meta(saves=[transfer("victim", ks, range(nb))]))
     assert conn._dumps.get("victim")  # submitted, running in the engine
-    task = conn._dumps["victim"][0].task
+    pending = conn._dumps["victim"][0]
     conn.handle_preemptions(meta(preempted=["victim"]))
+    task = pending.task  # the engine's answer to the dump, taken while the preemption settled it
+    assert task is not None
     for v in caches.values():  # another request's forward pass writes the freed blocks
         v.fill_(-1)
     assert "victim" not in conn._dumps

@@ -464,9 +464,11 @@ def test_preempted_dump_waiting_for_its_event_never_reads_reused_blocks(emu_node
     conn.register_kv_caches(caches)
     ks = keys(nb, "preempt-gpu")
     step(conn, meta(saves=[transfer("victim", ks, range(nb))]))
-    task = conn._dumps["victim"][0].task
+    pending = conn._dumps["victim"][0]
     time.sleep(0.2)  # the engine's threads are waiting for the event now
     conn.handle_preemptions(meta(preempted=["victim"]))
+    task = pending.task  # (the dump's answer, taken while the preemption settled it)
+    assert task is not None
     for v in caches.values():  # the next forward pass reuses the blocks...
         v.fill_(7.0)
     cuda_emu.complete_events()  # ...and then the GPU gets to the event

@@ -184,7 +184,7 @@ class UCMWorker(Loads, EngineLink):
             return None
         t = self._by_epoch.get(epoch)
         if t is None:
-            t = self._by_epoch[epoch] = Transfers(self.client, self.regions, ns, self._request)
+            t = self._by_epoch[epoch] = Transfers(self.client, self.regions, ns, self._request, self._failed)
         return t
 
     @property
@@ -192,7 +192,7 @@ class UCMWorker(Loads, EngineLink):
         """The transfers of epoch 0 (what tests and diagnostics look at)."""
         t = self._by_epoch.get(0)
         if t is None:
-            t = self._by_epoch[0] = Transfers(self.client, self.regions, self.namespace, self._request)
+            t = self._by_epoch[0] = Transfers(self.client, self.regions, self.namespace, self._request, self._failed)
         return t
 
     def _disable(self, reason: str) -> None:
@@ -222,7 +222,11 @@ class UCMWorker(Loads, EngineLink):
         `start`, less one block's copy); None when it cannot (engine down or
         refusing, store off, or anything unexpected): a miss. A dump is
         committed by the engine as soon as it is stored; on a GPU it waits
-        for an event recorded now, after the forward pass on vLLM's stream."""
+        for an event recorded now, after the forward pass on vLLM's stream.
+        A dump is sent without waiting for the engine's answer (its task id,
+        or a refusal: the save dropped), which the first question about it
+        takes: vLLM's step does not wait for the engine's process to be
+        scheduled and to check which of the blocks are stored already."""
         if self._disabled is not None or not self._layers or not self._usable():
             return None
         try:
@@ -231,7 +235,13 @@ class UCMWorker(Loads, EngineLink):
                 return None
             dl = Deadline(timeout_ms, self._block_bytes, start)
             p, err = transfers.submit(
-                op, t.keys, [tr.tensor for tr in self._layers], self._shards_of(t.block_ids), dl, commit=op == "dump"
+                op,
+                t.keys,
+                [tr.tensor for tr in self._layers],
+                self._shards_of(t.block_ids),
+                dl,
+                commit=op == "dump",
+                defer=op == "dump",
             )
         except Exception as e:  # noqa: BLE001 - nothing from the store may reach vLLM's forward pass
             self._unexpected(op, e)
