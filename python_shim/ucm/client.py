@@ -218,10 +218,11 @@ class EngineClient:
     def _keep(self, reply: Any) -> None:
         """A reply read while waiting for another: kept when it answers a
         request sent by `send` (anything else is a late reply nobody waits for)."""
-        if isinstance(reply, dict):
-            due = self._deferred.get(reply.get("id"))  # type: ignore[arg-type]
+        rid = reply.get("id") if isinstance(reply, dict) else None
+        if isinstance(rid, int):
+            due = self._deferred.get(rid)
             if due is not None and due[1] is None:
-                self._deferred[reply["id"]] = (due[0], reply)
+                self._deferred[rid] = (due[0], reply)
 
     # ---- requests ----------------------------------------------------------
 
@@ -293,14 +294,16 @@ class EngineClient:
         middle of vLLM's step): returns its id, whose reply `take` gives.
         The reply is due within the client's timeout, like a `call`'s; it is
         read off the socket by whatever request waits next, or by `take`.
-        Raises EngineUnavailable when it cannot be sent."""
+        Raises EngineUnavailable when it cannot be sent, EngineError
+        ("busy") while MAX_DEFERRED replies wait to be taken."""
         with self._lock:
             if self._session and self.gone(self.engine_identity):
                 self._reset()
             if not self._session:
                 self.hello()
             if len(self._deferred) >= MAX_DEFERRED:
-                raise EngineUnavailable(f"{MAX_DEFERRED} replies of {self.endpoint} not taken yet: {op} not sent")
+                # Not the engine's fault (nobody asked about that many tasks): this request is refused, the engine kept.
+                raise EngineError("busy", f"{MAX_DEFERRED} replies of {self.endpoint} not taken yet: {op} not sent")
             sock = self._socket()
             rid = next(self._ids)
             try:
