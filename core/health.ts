@@ -84,12 +84,21 @@ export class StoreHealth {
   }
 
   /**
+   * Changes each time the breaker opens. An operation records its outcome with the generation it started in: one
+   * that started before the breaker opened and ends after it closed (a read stuck in a hung filesystem until it came
+   * back) says nothing of the directory as it is now.
+   */
+  get generation(): number {
+    return this.stats.opens;
+  }
+
+  /**
    * One operation's outcome against the directory. `what` says what failed (for the log line when the breaker
    * opens). Outcomes while open are ignored: operations that started before it opened end late, and only a probe
-   * decides when the directory is back.
+   * decides when the directory is back. `generation`: the one the operation started in (see `generation`).
    */
-  record(failed: boolean, what = ""): void {
-    if (!this.settings.storeHealth || this.open) return;
+  record(failed: boolean, what = "", generation = this.generation): void {
+    if (!this.settings.storeHealth || this.open || generation !== this.generation) return;
     this.window.push(failed);
     if (failed) {
       this.failures++;

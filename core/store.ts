@@ -49,6 +49,12 @@ export { Session } from "./sessions";
 export type { TaskObserver, TaskResult } from "./tasks";
 export type { StoreStats } from "./counters";
 
+/**
+ * A transfer still running this long after its deadline counts against the store's health at once (Store.watch):
+ * by then the client has given up on it, and only a filesystem that does not answer keeps a block's thread.
+ */
+const OVERDUE_GRACE_MS = 250;
+
 export class Store {
   readonly engineId: string;
   private readonly layout: StorageLayout;
@@ -154,7 +160,14 @@ export class Store {
     const run = (async () => {
       for (const d of this.config.storageBackends) {
         const p = path.join(d, `${HEALTH_PROBE_NAME}.${this.engineId}.${++this.probeSeq}`);
-        await fs.promises.writeFile(p, "ucm health probe\n", { flag: "wx", mode: 0o600 });
+        // Synced: on a local disk whose device hangs, a write into the page cache alone would still succeed.
+        const f = await fs.promises.open(p, "wx", 0o600);
+        try {
+          await f.writeFile("ucm health probe\n");
+          await f.datasync();
+        } finally {
+          await f.close();
+        }
         await fs.promises.unlink(p);
       }
       return true;
@@ -188,7 +201,7 @@ export class Store {
    * What one finished transfer says of the directory's health: errors of sick storage (SICK_STORAGE_ERRNOS) and
    * missed deadlines count against it, a block moved for it.
    */
-  private weigh(direction: Direction, r: TransferResult): void {
+  private weigh(direction: Direction, r: TransferResult, generation: number): void {
     let failed = -1;
     let ok = false;
     for (let i = 0; i < r.status.length; i++) {
@@ -202,8 +215,35 @@ export class Store {
       if (st === BlockStatus.Ok) ok = true;
     }
     const verb = direction === "D2S" ? "write" : "read";
-    if (failed >= 0) this.health.record(true, `a block ${verb} failed: ${r.what[failed] || "errno " + String(r.errno[failed])}`);
-    else if (ok) this.health.record(false);
+    if (failed >= 0) {
+      this.health.record(true, `a block ${verb} failed: ${r.what[failed] || "errno " + String(r.errno[failed])}`, generation);
+    } else if (ok) this.health.record(false, "", generation);
+  }
+
+  /**
+   * Weighs a transfer's outcome for the store-health breaker once: when it ends, or, if it is still running when its
+   * deadline passes, then, as a failure. A read or write stuck in a hung filesystem (its thread in the kernel until
+   * the server or the device answers again) never ends in time to be weighed otherwise, and every later transfer
+   * waits behind it: the client gives up on each after its timeout and the breaker would never open.
+   */
+  private watch(direction: Direction, started: Promise<TransferResult>, deadlineMs: number | undefined): (r: TransferResult) => void {
+    const generation = this.health.generation;
+    let weighed = false;
+    const overdue =
+      deadlineMs === undefined
+        ? undefined
+        : setTimeout(() => {
+            weighed = true;
+            const verb = direction === "D2S" ? "write" : "read";
+            this.health.record(true, `a block ${verb} still running at its deadline (${deadlineMs} ms)`, generation);
+          }, deadlineMs + OVERDUE_GRACE_MS);
+    overdue?.unref();
+    const stop = () => clearTimeout(overdue);
+    started.then(stop, stop);
+    return (r) => {
+      if (!weighed) this.weigh(direction, r, generation);
+      weighed = true;
+    };
   }
 
   // ---- sessions and namespaces ---------------------------------------------------
@@ -316,6 +356,7 @@ export class Store {
       endWriting();
     });
     this.counters.dumpTasks++;
+    const weigh = this.watch("D2S", started, spec.deadlineMs);
     return this.tasks.track(
       s,
       "D2S",
@@ -324,7 +365,7 @@ export class Store {
       started,
       async (r, id) => {
         endBudget();
-        this.weigh("D2S", r);
+        weigh(r);
         const errno = new Array<number>(keys.length).fill(0);
         const where = new Map<number, number>(); // block -> its index among the written ones
         admitted.write.forEach((b, j) => {
@@ -419,9 +460,10 @@ export class Store {
       throw e;
     }
     this.counters.loadTasks++;
+    const weigh = this.watch("S2D", started, spec.deadlineMs);
     return this.tasks.track(s, "S2D", keys.length, spec.cancelId!, started, (r, id) => {
       this.pin(names, -1);
-      this.weigh("S2D", r);
+      weigh(r);
       const status = Array.from(r.status) as BlockStatus[];
       const bad: string[] = [];
       const now = Date.now();

@@ -4,7 +4,12 @@
 // healthFailureThreshold of the last healthWindowSize operations failed, the
 // store is off: lookups miss and dumps and loads are dropped, at once; once a
 // probe can write to the directory again, it is back and serves the same
-// bytes. (A hung NFS server is the NFS suite's "hung server" case.)
+// bytes. A second case hangs the disk instead (its reads and writes
+// throttled to 1 byte/s for the engine): a transfer stuck in the kernel never
+// ends, so it counts against the directory once its deadline passes, and the
+// probe syncs what it writes, so a page cache that still takes writes does
+// not pass for a healthy disk. (A hung NFS server is the NFS suite's "hung
+// server" case; through `vllm serve`: bench/hang_bench.py.)
 import { execFileSync } from "child_process";
 import * as fs from "fs";
 import * as path from "path";
@@ -131,6 +136,72 @@ describe("store health: a directory that fails turns the store off at once, and 
       for (let r = 0; r < 2; r++) expect(dst.regs[r].read().equals(src.regs[r].read())).toBe(true);
       // The probe leaves nothing behind.
       expect(fs.readdirSync(store).filter((f) => f.startsWith(".ucm-health-probe"))).toEqual([]);
+    },
+    60_000,
+  );
+
+  slowDiskTest(
+    "a hung disk: loads stuck past their deadline open the breaker; probes fail while it hangs; lifted, it serves again",
+    async () => {
+      const hung = new SlowDisk(64);
+      const hdir = shortTmp();
+      const store = path.join(hung.mnt, "store");
+      fs.mkdirSync(store, { mode: 0o700 });
+      const e = await startEngine(
+        writeConfig(hdir, {
+          storage_backends: store,
+          endpoint: `ipc://${hdir}/e.sock`,
+          transferStreamNumber: 2,
+          healthCheckIntervalS: 2,
+          healthCheckTimeoutS: 1,
+          healthWindowSize: 8,
+          healthFailureThreshold: 2,
+        }),
+      );
+      try {
+        hung.admit(e.proc.pid!);
+        const c = e.client();
+        await hello(c);
+        const src = await regions(c, 2, N, "random", shm);
+        const dst = await regions(c, 2, N, "zero", shm);
+        const kept = slots.map((i) => key(i, "health-hung"));
+        expect((await dump(c, src.ids, kept)).status).toEqual(new Array(N).fill("ok"));
+
+        hung.throttle({ readBps: 1, writeBps: 1 });
+        // Each load's reads hang in the kernel; its client gives up at the deadline (here: does not wait at all).
+        const t0 = Date.now();
+        for (let i = 0; i < 2; i++) {
+          await c.call("load", { ns: NS, keys: kept, shards: shards(dst.ids, slots), deadline_unix_ms: Date.now() + 500 });
+        }
+        await until("the breaker opens", async () => (await health(c)).open === 1, 5000, 50);
+        expect(Date.now() - t0).toBeLessThan(2500);
+        expect(e.output()).toMatch(
+          /storage unhealthy: 2 of the last \d operations failed \(last: a block read still running at its deadline/,
+        );
+        // Off: a lookup of stored blocks misses at once; nothing reached the destination.
+        const t1 = Date.now();
+        expect((await c.call("lookup", { ns: NS, keys: kept })).found).toEqual(new Array(N).fill(false));
+        expect(Date.now() - t1).toBeLessThan(500);
+        // Still hung: the probe's synced write does not return, so the breaker stays open.
+        await new Promise((r) => setTimeout(r, 3000));
+        expect((await health(c)).open).toBe(1);
+
+        hung.throttle({ readBps: 0, writeBps: 0 });
+        await until("the breaker closes", async () => (await health(c)).open === 0, 10_000, 100);
+        expect((await c.call("lookup", { ns: NS, keys: kept })).found).toEqual(new Array(N).fill(true));
+        const back = await c.call("load", { ns: NS, keys: kept, shards: shards(dst.ids, slots) });
+        expect((await waitDone(c, back.task as number)).status).toEqual(new Array(N).fill("ok"));
+        for (let r = 0; r < 2; r++) expect(dst.regs[r].read().equals(src.regs[r].read())).toBe(true);
+        // The stuck loads ended when the disk came back; they do not count against it now.
+        await new Promise((r) => setTimeout(r, 500));
+        expect((await health(c)).opens).toBe(1);
+        expect((await health(c)).open).toBe(0);
+      } finally {
+        hung.throttle({ readBps: 0, writeBps: 0 });
+        await e.stop("SIGKILL");
+        hung.close();
+        fs.rmSync(hdir, { recursive: true, force: true });
+      }
     },
     60_000,
   );
