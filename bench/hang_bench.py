@@ -108,6 +108,7 @@ def main() -> int:
     os.chmod(work, 0o700)
     disk = SlowDisk(mib=1024)
     server = None
+    engine = 0
     rows: list[dict] = []
     try:
         store = os.path.join(disk.mnt, "kv")
@@ -137,7 +138,8 @@ def main() -> int:
         from ucm.client import EngineClient
         from ucm.config import load_config
 
-        disk.admit(int(EngineClient(load_config(cfg).endpoint, 2000).raw("health")["pid"]))  # the connector's engine
+        engine = int(EngineClient(load_config(cfg).endpoint, 2000).raw("health")["pid"])  # the connector's
+        disk.admit(engine)
         prompts = [words(100 + i, a.prompt_words) for i in range(a.prompts)]
         t_start = time.monotonic()
 
@@ -173,8 +175,15 @@ def main() -> int:
         if server is not None:
             stop(server)
         disk.throttle(0, 0)
+        if engine:
+            try:
+                os.kill(engine, 15)  # it would wait 600 s for clients otherwise, its directory gone
+            except ProcessLookupError:
+                pass
         time.sleep(1)
         disk.close()
+        # vLLM's log (the connector's lines among them) stays beside the results.
+        subprocess.run(["cp", os.path.join(work, "vllm.log"), os.path.join(a.out, "hang_bench_vllm.log")], check=False)
         subprocess.run(["rm", "-rf", work], check=False)
 
     def ttfts(phase: str) -> list[float]:

@@ -32,6 +32,10 @@ import {
 } from "./requests";
 import { Session, Store } from "./store";
 
+/** How often the event loop's punctuality is checked, and how late it must be to be said (watchEventLoop). */
+const EVENT_LOOP_TICK_MS = 100;
+const EVENT_LOOP_LATE_MS = 1000;
+
 type Msg = Record<string, unknown>;
 
 export class EngineServer {
@@ -128,6 +132,7 @@ export class EngineServer {
     this.loop = this.receive();
     this.timers.push(setInterval(() => this.checkClients(), this.config.clientCheckMs));
     this.timers.push(setInterval(() => this.store.sweep(this.sessions.values()), 10_000));
+    this.timers.push(this.watchEventLoop());
     void this.store.sweepOrphans();
     this.timers.push(setInterval(() => void this.store.sweepOrphans(), 300_000));
     const cuda = cudaStatus();
@@ -318,6 +323,23 @@ export class EngineServer {
    * A client whose process is gone loses its session, regions and tasks. An unverified pid (tcp) proves nothing
    * either way: such a session ends with its connection.
    */
+  /**
+   * Says when the event loop was held up: every request waits while it is, and a client gives up after its
+   * clientTimeoutMs (a scheduler's lookup then counts a miss, and its request waits that long). Found this way:
+   * Node's own threads bound to the core of the vLLM worker that started the engine (widenCpuAffinity).
+   */
+  private watchEventLoop(): NodeJS.Timeout {
+    let last = Date.now();
+    const t = setInterval(() => {
+      const now = Date.now();
+      const late = now - last - EVENT_LOOP_TICK_MS;
+      last = now;
+      if (late >= EVENT_LOOP_LATE_MS) this.log.warn(`the event loop was held up for ${late} ms: every request waited that long`);
+    }, EVENT_LOOP_TICK_MS);
+    t.unref();
+    return t;
+  }
+
   private checkClients(): void {
     for (const [key, s] of this.sessions) {
       if (s.verified && !processAlive(s.pid)) this.drop(key, "process is gone");

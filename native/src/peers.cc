@@ -184,6 +184,17 @@ std::pair<int, int> WidenCpuAffinity() {
   // The kernel keeps of this set what the cpuset allows (EINVAL only if nothing).
   cpu_set_t after = before;
   if (sched_setaffinity(0, sizeof all, &all) == 0) sched_getaffinity(0, sizeof after, &after);
+  // The threads that exist already: each keeps the affinity it was started with otherwise.
+  if (DIR* d = opendir("/proc/self/task")) {
+    while (dirent* e = readdir(d)) {
+      char* end = nullptr;
+      const long tid = std::strtol(e->d_name, &end, 10);
+      if (end == e->d_name || *end != '\0') continue;
+      // A thread that ended meanwhile fails with ESRCH: nothing to do.
+      sched_setaffinity(static_cast<pid_t>(tid), sizeof all, &all);
+    }
+    closedir(d);
+  }
   return {CPU_COUNT(&before), CPU_COUNT(&after)};
 }
 

@@ -57,10 +57,13 @@ void StartListenerPause(const std::string& path, int pause_at, int resume_at);
 void StopListenerPause();
 ListenerPauseState GetListenerPause();
 
-// Lets the calling thread (and every thread it starts after) run on every
-// CPU the system allows this process (its cgroup's cpuset): an engine started
+// Lets every thread of this process (and every thread they start after) run
+// on every CPU the system allows it (its cgroup's cpuset): an engine started
 // by a vLLM worker would otherwise inherit that worker's binding to one core,
-// where the worker's own threads spin. Returns {CPUs allowed before, after}.
+// where the worker's own threads spin. Every thread, not only the caller:
+// Node's platform workers (V8's garbage collection helpers) and libuv's pool
+// exist before the engine's code runs, and the main thread waits for them.
+// Returns {CPUs the caller was allowed before, after}.
 std::pair<int, int> WidenCpuAffinity();
 
 // Raises this process's soft limit on open files to the hard limit; returns

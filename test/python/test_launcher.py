@@ -232,7 +232,10 @@ def cpus_allowed(pid: int) -> set[int]:
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: no binding to widen")
 def test_an_engine_started_by_a_process_bound_to_one_core_runs_on_all(tmp_path, storage, endpoint):
     """vLLM binds each CPU worker to its cores; the worker that starts the engine must not pass that on (its
-    threads would share one core with the worker's spinning ones: dumps then waited seconds in the queue)."""
+    threads would share one core with the worker's spinning ones: dumps then waited seconds in the queue). Every
+    thread: Node's own (V8's garbage collection helpers, libuv's pool) exist before the engine's code runs, and
+    while they stayed on the worker's core the engine's event loop stopped for 5.2-5.3 s, twice a minute, through
+    `vllm serve` (a lookup unanswered, a request 5 s late: bench/hang_bench.py)."""
     every = os.sched_getaffinity(0)
     cfg = write_config(tmp_path / "ucm.yaml", storage, endpoint=endpoint)
     code = (
@@ -244,9 +247,9 @@ def test_an_engine_started_by_a_process_bound_to_one_core_runs_on_all(tmp_path, 
         pid = engine_pid(endpoint)
         assert pid
         threads = os.listdir(f"/proc/{pid}/task")
-        # Every thread the engine made itself (transfer, lookup, libzmq, the connection guard) runs anywhere.
-        wide = [t for t in threads if cpus_allowed(int(t)) == every]
-        assert len(wide) >= len(threads) // 2, (len(wide), len(threads))
+        # Every thread runs anywhere: the engine's own (transfer, lookup, libzmq, the connection guard) and Node's.
+        narrow = [t for t in threads if os.path.exists(f"/proc/{pid}/task/{t}") and cpus_allowed(int(t)) != every]
+        assert narrow == [], f"{len(narrow)} of {len(threads)} engine threads still bound to the starter's core"
         assert cpus_allowed(pid) == every
     finally:
         stop_engine(endpoint)
