@@ -52,6 +52,14 @@ describe("store health: a directory that fails turns the store off at once, and 
     }
   }
 
+  /**
+   * Waits (up to 2 s) for the engine's log to say `line`. Its log comes through a pipe and its replies through the
+   * socket: a reply read may overtake the line the engine wrote before sending it.
+   */
+  async function said(e: RunningEngine, line: RegExp): Promise<void> {
+    await until(`the engine's log says ${line}`, async () => line.test(e.output()), 2000, 20);
+  }
+
   async function health(c: EngineClient): Promise<Health> {
     return (await c.call("stats", {})).health as unknown as Health;
   }
@@ -102,7 +110,7 @@ describe("store health: a directory that fails turns the store off at once, and 
       const opened = await health(c);
       expect(opened.open).toBe(1);
       expect(opened.opens).toBe(1);
-      expect(engine.output()).toMatch(/storage unhealthy: 2 of the last \d operations failed \(last: a block write failed/);
+      await said(engine, /storage unhealthy: 2 of the last \d operations failed \(last: a block write failed/);
 
       // Off: nothing waits on the directory, nothing is served from it.
       let t = Date.now();
@@ -129,7 +137,7 @@ describe("store health: a directory that fails turns the store off at once, and 
       t = Date.now();
       await until("the breaker closes", async () => (await health(c)).open === 0, 10_000, 100);
       expect(Date.now() - t).toBeLessThan(2000 + 1000 + 1500);
-      expect(engine.output()).toMatch(/storage healthy again after \d+\.\d s: the store is used again/);
+      await said(engine, /storage healthy again after \d+\.\d s: the store is used again/);
       expect((await c.call("lookup", { ns: NS, keys: kept })).found).toEqual(new Array(N).fill(true));
       const back = await c.call("load", { ns: NS, keys: kept, shards: shards(dst.ids, slots) });
       expect((await waitDone(c, back.task as number)).status).toEqual(new Array(N).fill("ok"));
@@ -175,9 +183,7 @@ describe("store health: a directory that fails turns the store off at once, and 
         }
         await until("the breaker opens", async () => (await health(c)).open === 1, 5000, 50);
         expect(Date.now() - t0).toBeLessThan(2500);
-        expect(e.output()).toMatch(
-          /storage unhealthy: 2 of the last \d operations failed \(last: a block read still running at its deadline/,
-        );
+        await said(e, /storage unhealthy: 2 of the last \d operations failed \(last: a block read still running at its deadline/);
         // Off: a lookup of stored blocks misses at once; nothing reached the destination.
         const t1 = Date.now();
         expect((await c.call("lookup", { ns: NS, keys: kept })).found).toEqual(new Array(N).fill(false));
