@@ -237,6 +237,12 @@ export function formatStats(r: Record<string, unknown>): string {
         `loads: ${t.hits ?? 0} hits (${gib(t.hitBytes ?? 0)}), ${t.misses ?? 0} misses${asked ? ` (hit rate ${((100 * (t.hits ?? 0)) / asked).toFixed(1)}%)` : ""}; ` +
         `${t.evicted ?? 0} evicted, ${t.refused ?? 0} refused`,
     );
+    if ((t.written ?? 0) + (t.unwritten ?? 0) + (t.shed ?? 0) + (t.writeFailed ?? 0) > 0)
+      add(
+        "write-behind",
+        `${t.unwritten ?? 0} blocks (${gib(t.unwrittenBytes ?? 0)}) not written yet, oldest ${t.lagMs ?? 0} ms; ` +
+          `${t.written ?? 0} written, ${t.shed ?? 0} shed (evicted before written), ${t.writeFailed ?? 0} failed`,
+      );
   } else add("cache stage", "off (hostCacheBytes 0)");
   add(
     "dropped writes",

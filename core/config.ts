@@ -261,6 +261,8 @@ export function parseConfig(doc: unknown): LoadedConfig {
     // UCM's cache_buffer_capacity_gb sizes the Cache stage; absent or 0, a size that fits any node.
     const given = ours.cacheBufferBytes ?? 0;
     config.hostCacheBytes = given > 0 ? given : defaultCacheBytes();
+    // UCM's Cache stage answers a dump once its bytes are in host memory; ours too, unless the file says otherwise.
+    if (raw.writeBehind === undefined || raw.writeBehind === null) config.writeBehind = true;
   } else if (ours.storePipeline === "Posix") {
     config.hostCacheBytes = 0;
   }

@@ -136,6 +136,15 @@ export class Metrics {
       [{ event: "evicted" }, st.tier.evicted],
       [{ event: "refused" }, st.tier.refused],
     ]);
+    mirror("ucm_tier_write_behind_total", "Blocks written behind from the Cache stage, by outcome", ["event"], (st) => [
+      [{ event: "written" }, st.tier.written],
+      [{ event: "shed" }, st.tier.shed],
+      [{ event: "failed" }, st.tier.writeFailed],
+    ]);
+    gauge("ucm_tier_unwritten_blocks", "Blocks answered from the Cache stage whose files are not written yet", [], (st) => [
+      [{}, st.tier.unwritten],
+    ]);
+    gauge("ucm_tier_write_lag_seconds", "Age of the oldest block waiting for its write behind", [], (st) => [[{}, st.tier.lagMs / 1000]]);
     gauge("ucm_tier_blocks", "Committed blocks the Cache stage holds", [], (st) => [[{}, st.tier.blocks]]);
     gauge("ucm_tier_pending_blocks", "Dumped blocks held by the Cache stage until their commit", [], (st) => [[{}, st.tier.pending]]);
     gauge("ucm_tier_bytes", "Host memory of the Cache stage: used (every buffer it made) and capacity", ["what"], (st) => [

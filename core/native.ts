@@ -45,6 +45,8 @@ export interface NativeEngineOptions {
   cudaEventTimeoutMs: number;
   /** Host memory of the Cache stage (native/src/host_tier.h), bytes; 0: no tier. */
   hostTierBytes: number;
+  /** Answer a dump once its bytes are in the tier and write its file after (write-behind); needs hostTierBytes. */
+  writeBehind: boolean;
   /**
    * The storage directories: every path below one is reached through descriptors, following no symbolic link
    * (native/src/store_dirs.h). [] (the core's own tests): paths are used as named.
@@ -70,6 +72,7 @@ export function nativeEngineOptions(given: Partial<NativeEngineOptions> = {}): N
     cudaCopy: given.cudaCopy ?? (OPTIONS.cudaCopy.dflt as "kernel" | "batch"),
     cudaEventTimeoutMs: given.cudaEventTimeoutMs ?? (OPTIONS.cudaEventTimeoutMs.dflt as number),
     hostTierBytes: given.hostTierBytes ?? 0,
+    writeBehind: given.writeBehind ?? false,
     storeRoots: given.storeRoots ?? [],
   };
 }
@@ -168,6 +171,16 @@ export interface TierStats {
   evicted: number;
   /** Blocks that went without the tier: no room (everything held was pending or lent). */
   refused: number;
+  /** Write-behind: blocks answered whose files are not written yet, and their payload bytes. */
+  unwritten: number;
+  unwrittenBytes: number;
+  /** Files written behind; writes or renames that failed (the block stays in memory only). */
+  written: number;
+  writeFailed: number;
+  /** Blocks evicted before their write began: never written. */
+  shed: number;
+  /** Age of the oldest block waiting for its write, ms. */
+  lagMs: number;
 }
 
 export interface NativeEngine {
@@ -207,6 +220,8 @@ export interface NativeEngine {
   stats(): NativeStats;
   /** The Cache stage's figures (native/src/host_tier.h; they take its lock); undefined once closed. */
   tierStats(): TierStats | undefined;
+  /** Waits up to timeoutMs for every block written behind to be written; resolves with how many are not. */
+  drainWrites(timeoutMs: number): Promise<number>;
   close(): void;
 }
 

@@ -103,6 +103,8 @@ export interface EngineConfig {
   cacheBufferBytes?: number;
   /** Host memory of the Cache stage, a tier in front of the directories shared by every client (0: none). */
   hostCacheBytes: number;
+  /** A dump is answered once its bytes are in the Cache stage; its file is written after (needs hostCacheBytes). */
+  writeBehind: boolean;
 }
 
 interface OptionSpec {
@@ -330,7 +332,15 @@ export const OPTIONS: Record<string, OptionSpec> = {
     dflt: 0,
     doc: "host memory of the Cache stage: a tier in front of the directories, shared by every client of the engine (0 = none)",
     details:
-      'Dumped blocks stay there once committed and loaded blocks once verified; a load of a block it holds is one copy from it (no read, no checksum pass), the least recently used go first. UCM\'s store_pipeline "Cache|Posix" turns it on with cache_buffer_capacity_gb (docs/configuration.md). Writes still go to the directory before a dump is answered.',
+      'Dumped blocks stay there once committed and loaded blocks once verified; a load of a block it holds is one copy from it (no read, no checksum pass), the least recently used go first. UCM\'s store_pipeline "Cache|Posix" turns it on with cache_buffer_capacity_gb (docs/configuration.md). Without writeBehind a dump is answered once its file is written.',
+  },
+  writeBehind: {
+    key: "writeBehind",
+    kind: "bool",
+    dflt: false,
+    doc: 'answer a dump once its bytes are in the Cache stage and write its file after (on by default with store_pipeline "Cache|Posix")',
+    details:
+      'Needs hostCacheBytes. A committed block is served and found from host memory at once; other engines see it once its file is written and renamed. The transfer streams write when no load or dump waits; a block the tier evicts before its write began is shed (never written, counted in `ucm-engine stats` and ucm_tier_write_behind_total{event="shed"}). SIGTERM writes what it can within shutdownTimeoutS; a crash loses the blocks not written yet and never leaves a partial file under a block\'s name. A dump larger than the tier can hold is written before it is answered, as without this option (docs/cache_stage.md).',
   },
   pinnedStagingBytes: {
     key: "pinnedStagingBytes",

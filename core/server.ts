@@ -151,7 +151,10 @@ export class EngineServer {
               ? this.config.cacheBufferBytes
                 ? " (cache_buffer_capacity_gb)"
                 : " (cache_buffer_capacity_gb not given: 4 GiB, or a quarter of this host's memory if less)"
-              : " (hostCacheBytes)")
+              : " (hostCacheBytes)") +
+            (this.config.writeBehind
+              ? "; dumps answered once in host memory, their files written behind (writeBehind)"
+              : "; dumps answered once their files are written (writeBehind off)")
         : "Cache stage: off (hostCacheBytes 0): every load reads the storage directories",
     );
     this.log.info(

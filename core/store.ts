@@ -91,6 +91,7 @@ export class Store {
       cudaCopy: config.cudaCopy as "kernel" | "batch",
       cudaEventTimeoutMs: config.cudaEventTimeoutMs,
       hostTierBytes: config.hostCacheBytes,
+      writeBehind: config.writeBehind && config.hostCacheBytes > 0,
       storeRoots: config.storageBackends,
     });
     this.transfers = new Transfers(native, config.storageBackends, log);
@@ -554,7 +555,19 @@ export class Store {
 
   /** Waits for running tasks (bounded), deletes uncommitted blocks, stops the native engine. */
   async close(timeoutMs: number, sessions: Session[]): Promise<void> {
+    const until = Date.now() + timeoutMs;
     await this.tasks.drain(timeoutMs);
+    // Write-behind: blocks held in memory only are written now, within what is left of the time.
+    const tier = this.native.tierStats();
+    if (tier && tier.unwritten > 0) {
+      const n = tier.unwritten;
+      const left = await this.transfers.drainWrites(Math.max(0, until - Date.now()));
+      if (left > 0)
+        this.log.warn(
+          `stopping with ${left} of ${n} block(s) written behind not in the directory yet (shutdownTimeoutS ${timeoutMs / 1000}): they are lost`,
+        );
+      else this.log.info(`wrote the ${n} block(s) held in memory only to the directory before stopping`);
+    }
     this.health.stop();
     this.transfers.close(); // cancels what is still queued; running blocks finish first
     await this.capacity.close();
@@ -579,6 +592,12 @@ const NO_TIER: TierStats = {
   inserted: 0,
   evicted: 0,
   refused: 0,
+  unwritten: 0,
+  unwrittenBytes: 0,
+  written: 0,
+  writeFailed: 0,
+  shed: 0,
+  lagMs: 0,
 };
 
 /** The native event a transfer request names, checked to be one of this client's; undefined when it names none. */

@@ -139,6 +139,11 @@ export class Transfers {
     if (paths.length) await removeFiles(this.roots, paths);
   }
 
+  /** Write-behind: waits up to timeoutMs for every block to be written; how many are not. */
+  async drainWrites(timeoutMs: number): Promise<number> {
+    return this.closed ? 0 : this.native.drainWrites(timeoutMs);
+  }
+
   /** Stops the native engine: what is still queued is cancelled, running blocks finish first. */
   close(): void {
     this.closed = true;

@@ -100,10 +100,16 @@ describe("UCM's config forms and key names", () => {
     try {
       const c = e.client();
       const settings = ((await hello(c)).engine as Record<string, unknown>).settings as Record<string, unknown>;
-      expect({ odirect: settings.odirect, capacity: settings.capacity, loadTimeoutMs: settings.loadTimeoutMs }).toEqual({
+      expect({
+        odirect: settings.odirect,
+        capacity: settings.capacity,
+        loadTimeoutMs: settings.loadTimeoutMs,
+        writeBehind: settings.writeBehind,
+      }).toEqual({
         odirect: true,
         capacity: [2 ** 40, 2 ** 40],
         loadTimeoutMs: 30000,
+        writeBehind: true, // UCM's Cache stage answers a dump once its bytes are in host memory
       });
       const lines = e.output().split("\n");
       const said = (what: string) => lines.filter((l) => l.includes(what));

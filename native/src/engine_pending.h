@@ -39,6 +39,13 @@ struct PendingCancel final : Pending {
   Napi::Value Result(Napi::Env env) override { return Napi::String::New(env, outcome); }
 };
 
+// drainWrites(): blocks still not written behind when the wait ended.
+struct PendingDrain final : Pending {
+  using Pending::Pending;
+  uint64_t left = 0;
+  Napi::Value Result(Napi::Env env) override { return Napi::Number::New(env, static_cast<double>(left)); }
+};
+
 // A metadata batch split over the metadata pool; each chunk fills its slice.
 struct PendingMeta final : Pending {
   PendingMeta(Napi::Env env, std::vector<std::string> a, std::vector<std::string> b)

@@ -24,7 +24,8 @@ Napi::Function EngineWrap::Define(Napi::Env env) {
        InstanceMethod<&EngineWrap::Dump>("dump"), InstanceMethod<&EngineWrap::Load>("load"),
        InstanceMethod<&EngineWrap::Lookup>("lookup"), InstanceMethod<&EngineWrap::Commit>("commit"),
        InstanceMethod<&EngineWrap::Remove>("remove"), InstanceMethod<&EngineWrap::Stats>("stats"),
-       InstanceMethod<&EngineWrap::TierStatsOf>("tierStats"), InstanceMethod<&EngineWrap::Close>("close")});
+       InstanceMethod<&EngineWrap::TierStatsOf>("tierStats"), InstanceMethod<&EngineWrap::DrainWrites>("drainWrites"),
+       InstanceMethod<&EngineWrap::Close>("close")});
 }
 
 EngineWrap::EngineWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<EngineWrap>(info) {
@@ -197,6 +198,11 @@ Napi::Value EngineWrap::Commit(const Napi::CallbackInfo& info) {
   return RunMeta(
       env, std::move(p),
       [](PendingMeta& m, size_t i) {
+        // Not written yet (write-behind): committed in the tier now, renamed once written.
+        if (m.tier->CommitUnwritten(m.first[i], m.second[i])) {
+          m.codes[i] = 0;
+          return;
+        }
         m.codes[i] = CommitFile(m.roots, m.first[i], m.second[i]);
         if (m.codes[i] == 0) m.tier->Commit(m.first[i], m.second[i]);  // visible in the directory, so in the tier
       },
@@ -270,7 +276,34 @@ Napi::Value EngineWrap::TierStatsOf(const Napi::CallbackInfo& info) {
   num("inserted", t.inserted);
   num("evicted", t.evicted);
   num("refused", t.refused);
+  num("unwritten", t.unwritten);
+  num("unwrittenBytes", t.unwritten_bytes);
+  num("written", t.written);
+  num("writeFailed", t.write_failed);
+  num("shed", t.shed);
+  num("lagMs", t.lag_ms);
   return tier;
+}
+
+// drainWrites(timeoutMs) -> Promise<number>: waits (on a metadata thread)
+// until every block written behind is written, or the time is up; resolves
+// with how many are not.
+Napi::Value EngineWrap::DrainWrites(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  CheckOpen(env);
+  if (info.Length() < 1 || !info[0].IsNumber()) throw ArgTypeError(env, "drainWrites(timeoutMs: number)");
+  const uint32_t timeout = static_cast<uint32_t>(SafeUint(env, info[0].As<Napi::Number>().DoubleValue(), "timeoutMs"));
+  auto p = std::make_unique<PendingDrain>(env);
+  Napi::Promise promise = p->deferred.Promise();
+  PendingDrain* d = p.get();
+  Pending* raw = channel_->Track(env, std::move(p));
+  CompletionChannel* channel = channel_.get();
+  TransferEngine* core = core_.get();
+  core_->PostMeta([channel, d, raw, core, timeout] {
+    d->left = core->DrainWrites(timeout);
+    channel->Complete(raw);
+  });
+  return promise;
 }
 
 Napi::Value EngineWrap::Stats(const Napi::CallbackInfo& info) {

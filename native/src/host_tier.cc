@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <utility>
 
@@ -16,6 +17,12 @@ namespace {
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23  // Linux 5.14
 #endif
+
+uint64_t SteadyNs() {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+          .count());
+}
 
 // Every page of `p` made present now, so that no transfer pays for it.
 void FaultIn(uint8_t* p, uint64_t n) {
@@ -178,6 +185,21 @@ void HostTier::Commit(const std::string& temp, const std::string& final) {
 
 void HostTier::Forget(const std::string& path) {
   std::lock_guard<std::mutex> lock(mu_);
+  // Its write first, so that the entry's removal below does not count it as shed.
+  std::shared_ptr<TierWrite> w;
+  auto u = unwritten_.find(path);
+  if (u != unwritten_.end()) {
+    w = u->second;
+  } else {
+    auto f = unwritten_final_.find(path);
+    if (f != unwritten_final_.end()) w = f->second;
+  }
+  if (w) {
+    if (w->writing)
+      w->discarded = true;  // the worker removes the file once written
+    else
+      Unqueue(w, false);
+  }
   auto p = pending_.find(path);
   if (p != pending_.end()) {
     Recycle(std::move(p->second));
@@ -193,7 +215,110 @@ TierStats HostTier::stats() {
   s.used_bytes = used_;
   s.blocks = committed_.size();
   s.pending = pending_.size();
+  s.unwritten = unwritten_.size();
+  s.unwritten_bytes = unwritten_bytes_;
+  while (!writes_.empty() && writes_.front()->dropped) writes_.pop_front();
+  if (!writes_.empty()) s.lag_ms = (SteadyNs() - writes_.front()->queued_ns) / 1000000;
   return s;
+}
+
+// ---- write-behind ----
+
+void HostTier::AddUnwritten(const std::string& temp, std::shared_ptr<TierBlock> b) {
+  auto w = std::make_shared<TierWrite>();
+  w->temp = temp;
+  w->block = b;
+  w->queued_ns = SteadyNs();
+  std::lock_guard<std::mutex> lock(mu_);
+  auto [it, added] = pending_.try_emplace(temp, b);
+  if (!added) {  // a temporary name is never dumped twice; kept whole if it were
+    Recycle(std::move(it->second));
+    it->second = b;
+  }
+  auto old = unwritten_.find(temp);
+  if (old != unwritten_.end()) Unqueue(old->second, false);
+  b->unwritten = w.get();
+  unwritten_bytes_ += b->payload_bytes;
+  unwritten_.emplace(temp, w);
+  writes_.push_back(std::move(w));
+}
+
+bool HostTier::CommitUnwritten(const std::string& temp, const std::string& final) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto u = unwritten_.find(temp);
+  if (u == unwritten_.end() || u->second->discarded) return false;
+  std::shared_ptr<TierWrite> w = u->second;
+  w->final = final;
+  unwritten_final_[final] = w;
+  auto p = pending_.find(temp);
+  if (p != pending_.end()) {
+    std::shared_ptr<TierBlock> b = std::move(p->second);
+    pending_.erase(p);
+    Put(final, std::move(b));
+  }
+  return true;
+}
+
+bool HostTier::HasWrite() {
+  std::lock_guard<std::mutex> lock(mu_);
+  while (!writes_.empty() && writes_.front()->dropped) writes_.pop_front();
+  return !writes_.empty();
+}
+
+std::shared_ptr<TierWrite> HostTier::TakeWrite(std::shared_ptr<TierBlock>* block) {
+  std::lock_guard<std::mutex> lock(mu_);
+  while (!writes_.empty()) {
+    std::shared_ptr<TierWrite> w = std::move(writes_.front());
+    writes_.pop_front();
+    if (w->dropped) continue;
+    w->writing = true;
+    *block = w->block;
+    return w;
+  }
+  return nullptr;
+}
+
+AfterWrite HostTier::WriteDone(const std::shared_ptr<TierWrite>& w, bool ok) {
+  std::lock_guard<std::mutex> lock(mu_);
+  w->writing = false;
+  AfterWrite next = AfterWrite::kKeep;
+  if (w->discarded)
+    next = AfterWrite::kRemove;
+  else if (!ok)
+    ++counts_.write_failed;  // the block stays in memory only (if committed), its file never comes
+  else if (!w->final.empty())
+    next = AfterWrite::kRename;
+  if (ok) ++counts_.written;
+  Unqueue(w, false);
+  return next;
+}
+
+void HostTier::RenameFailed() {
+  std::lock_guard<std::mutex> lock(mu_);
+  ++counts_.write_failed;
+}
+
+uint64_t HostTier::WaitWritten(uint32_t timeout_ms) {
+  std::unique_lock<std::mutex> lock(mu_);
+  written_cv_.wait_for(lock, std::chrono::milliseconds(timeout_ms), [this] { return unwritten_.empty(); });
+  return unwritten_.size();
+}
+
+void HostTier::Unqueue(const std::shared_ptr<TierWrite>& w, bool shed) {
+  if (!w->writing) w->dropped = true;  // skipped if still in writes_
+  auto u = unwritten_.find(w->temp);
+  if (u != unwritten_.end() && u->second == w) unwritten_.erase(u);
+  if (!w->final.empty()) {
+    auto f = unwritten_final_.find(w->final);
+    if (f != unwritten_final_.end() && f->second == w) unwritten_final_.erase(f);
+  }
+  if (w->block) {
+    unwritten_bytes_ -= w->block->payload_bytes;
+    w->block->unwritten = nullptr;
+    w->block.reset();
+  }
+  if (shed) ++counts_.shed;
+  written_cv_.notify_all();
 }
 
 void HostTier::Put(const std::string& path, std::shared_ptr<TierBlock> b) {
@@ -208,6 +333,11 @@ void HostTier::Put(const std::string& path, std::shared_ptr<TierBlock> b) {
 void HostTier::Drop(std::unordered_map<std::string, Entry>::iterator it) {
   lru_.erase(it->second.lru);
   std::shared_ptr<TierBlock> b = std::move(it->second.block);
+  // Evicted before a worker took its write: shed (a write under way goes on).
+  if (b->unwritten != nullptr && !b->unwritten->writing) {
+    auto u = unwritten_.find(b->unwritten->temp);
+    if (u != unwritten_.end()) Unqueue(std::shared_ptr<TierWrite>(u->second), true);
+  }
   counts_.block_bytes -= b->payload_bytes;
   committed_.erase(it);
   Recycle(std::move(b));

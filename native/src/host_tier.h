@@ -27,9 +27,20 @@
 // doing that for every block it reads ran cold loads 10-15 % slower than
 // with a reused staging buffer (bench/tier_cold_bench.py). Once the tier is
 // full, evicted buffers are reused and the thread has nothing to do.
+//
+// Write-behind (when the engine runs with it): a dumped block is answered
+// once its bytes are in a tier buffer; its file is written later, by the
+// transfer workers when no load or dump waits (TakeWrite, WriteDone). Until
+// then it is "unwritten": a commit that comes first marks it committed here
+// at once (served, found by lookups) and the worker renames the file once
+// written; a removal drops its write. An unwritten committed block that the
+// LRU evicts before a worker took it is shed: never written, counted. The
+// file is always written whole under its temporary name and renamed after,
+// so a crash leaves no partial file under a block's name.
 #pragma once
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -39,6 +50,8 @@
 #include <vector>
 
 namespace ucm {
+
+struct TierWrite;
 
 // A page-aligned buffer holding one block's file image.
 struct TierBlock {
@@ -52,6 +65,8 @@ struct TierBlock {
   uint64_t payload_bytes = 0;
   uint64_t layout_digest = 0;
   uint32_t shard_count = 0;
+  // Its write while its file is not written yet (write-behind); the tier's lock guards it.
+  TierWrite* unwritten = nullptr;
 };
 
 struct TierStats {
@@ -66,7 +81,28 @@ struct TierStats {
   uint64_t inserted = 0;  // entries added (committed dumps and verified loads)
   uint64_t evicted = 0;
   uint64_t refused = 0;  // Reserve found no room: the block went without the tier
+  // Write-behind (all zero without it).
+  uint64_t unwritten = 0;  // blocks answered, their files not written yet
+  uint64_t unwritten_bytes = 0;
+  uint64_t written = 0;       // files written behind
+  uint64_t write_failed = 0;  // writes (or renames) that failed: the block stays in memory only
+  uint64_t shed = 0;          // evicted before they were written: never written
+  uint64_t lag_ms = 0;        // age of the oldest block waiting for its write
 };
+
+// A dumped block whose file is still to be written (write-behind).
+struct TierWrite {
+  std::string temp;   // the file the block is written to
+  std::string final;  // set by a commit that came first: renamed there once written
+  std::shared_ptr<TierBlock> block;
+  uint64_t queued_ns = 0;
+  bool writing = false;    // a worker took it
+  bool dropped = false;    // removed or shed while queued: skipped
+  bool discarded = false;  // removed while being written: the file goes once written
+};
+
+// What a worker does with a file it wrote behind (WriteDone).
+enum class AfterWrite { kKeep, kRename, kRemove };
 
 class HostTier {
  public:
@@ -101,7 +137,30 @@ class HostTier {
   // The file `temp` was renamed to `final`: its block, if held, is served from now on.
   void Commit(const std::string& temp, const std::string& final);
   // The file at `path` (temporary or final) was removed: so is its entry.
+  // A block at `path` not written yet is not written any more.
   void Forget(const std::string& path);
+
+  // ---- write-behind ----
+  // A dumped block whose file is still to be written to `temp`: held as a
+  // pending entry (served once committed) and queued for its write.
+  void AddUnwritten(const std::string& temp, std::shared_ptr<TierBlock> b);
+  // A commit of `temp` to `final` while its file is not written yet: the
+  // block is served under `final` from now on and renamed there once
+  // written (true). False: not an unwritten block (rename it as usual).
+  bool CommitUnwritten(const std::string& temp, const std::string& final);
+  // Whether a write waits for a worker.
+  bool HasWrite();
+  // The oldest write waiting, marked as taken, and its block (the worker's
+  // own reference); null when none.
+  std::shared_ptr<TierWrite> TakeWrite(std::shared_ptr<TierBlock>* block);
+  // The worker's write of `w` ended (`ok`): what it does with the file now.
+  // kRename: to w->final (committed meanwhile); kRemove: discarded meanwhile.
+  AfterWrite WriteDone(const std::shared_ptr<TierWrite>& w, bool ok);
+  // A rename after a write failed: the block is only in memory.
+  void RenameFailed();
+  // Waits until no block is unwritten, or `timeout_ms` passed; returns how
+  // many still are.
+  uint64_t WaitWritten(uint32_t timeout_ms);
 
   TierStats stats();
 
@@ -118,6 +177,8 @@ class HostTier {
   // Kept buffers that fit `need` (about that size). Caller holds mu_.
   uint32_t FreeFitting(uint64_t need) const;
   void FillLoop();
+  // Takes `w` off the write-behind books; `shed` counts it as shed. Caller holds mu_.
+  void Unqueue(const std::shared_ptr<TierWrite>& w, bool shed);
 
   const uint64_t capacity_;
   std::mutex mu_;
@@ -130,6 +191,13 @@ class HostTier {
   const uint32_t ahead_;
   uint64_t last_need_ = 0;  // the size Reserve was last asked for (0: none yet)
   bool stopping_ = false;
+  // Write-behind: queued writes (oldest first; dropped ones skipped), and
+  // every unwritten block by its temporary path and, once committed, its final one.
+  std::deque<std::shared_ptr<TierWrite>> writes_;
+  std::unordered_map<std::string, std::shared_ptr<TierWrite>> unwritten_;
+  std::unordered_map<std::string, std::shared_ptr<TierWrite>> unwritten_final_;
+  uint64_t unwritten_bytes_ = 0;
+  std::condition_variable written_cv_;  // notified as unwritten blocks leave the books
   std::condition_variable fill_cv_;
   std::thread filler_;  // last: started once everything above exists
 };

@@ -168,11 +168,24 @@ void TransferEngine::WorkerLoop(uint32_t /*index*/) {
       // Loads first. A dump of GPU blocks is picked only when a pinned share
       // is free for it: waiting in StagerPool::Take it would hold a worker
       // that a load arriving meanwhile needs (stager_pool.h).
-      cv_.wait(lock, [this] {
-        return stopping_ || !loads_.empty() ||
-               (!dumps_.empty() && (!IsDeviceBlock(dumps_.front()) || stagers_.Ready()));
-      });
+      auto dump_ready = [this] { return !dumps_.empty() && (!IsDeviceBlock(dumps_.front()) || stagers_.Ready()); };
+      cv_.wait(lock, [&] { return stopping_ || !loads_.empty() || dump_ready() || WriteReady(); });
       if (stopping_ && loads_.empty() && dumps_.empty()) break;
+      if (loads_.empty() && !dump_ready()) {
+        // Nothing else waits: a block written behind (after a stop, none is
+        // taken any more; what is left stays unwritten).
+        if (stopping_) continue;
+        std::shared_ptr<TierBlock> block;
+        std::shared_ptr<TierWrite> write = tier_.TakeWrite(&block);
+        if (!write) continue;
+        ++writers_;
+        lock.unlock();
+        RunWrite(write, block);
+        block.reset();
+        lock.lock();
+        --writers_;
+        continue;
+      }
       auto& q = !loads_.empty() ? loads_ : dumps_;
       item = std::move(q.front());
       q.pop_front();
@@ -188,6 +201,39 @@ void TransferEngine::WorkerLoop(uint32_t /*index*/) {
     }
   }
   staging_bytes_.fetch_sub(w.staging.capacity());
+}
+
+bool TransferEngine::WriteReady() { return opts_.write_behind && writers_ < opts_.threads && tier_.HasWrite(); }
+
+void TransferEngine::QueueWrite(std::shared_ptr<TierBlock> slot, const TransferTask& task, const BlockJob& job) {
+  slot->payload_bytes = job.bytes;
+  slot->layout_digest = task.layout_digest;
+  slot->shard_count = job.shard_end - job.shard_begin;
+  tier_.AddUnwritten(job.path, std::move(slot));
+  // Taken and dropped so that a worker deciding to sleep has done so before
+  // the notice (it checked for writes under mu_).
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+  }
+  cv_.notify_one();
+}
+
+void TransferEngine::RunWrite(const std::shared_ptr<TierWrite>& w, const std::shared_ptr<TierBlock>& block) {
+  IoResult r = WriteBlockFile(w->temp, block->data, block->payload_bytes, block->layout_digest, block->shard_count,
+                              opts_.io, &gate_);
+  switch (tier_.WriteDone(w, r.status == BlockStatus::kOk)) {
+    case AfterWrite::kRename:
+      if (CommitFile(opts_.io.roots, w->temp, w->final) != 0) {
+        tier_.RenameFailed();
+        RemoveFile(opts_.io.roots, w->temp);
+      }
+      break;
+    case AfterWrite::kRemove:
+      RemoveFile(opts_.io.roots, w->temp);
+      break;
+    case AfterWrite::kKeep:
+      break;
+  }
 }
 
 void TransferEngine::MetaLoop(JobQueue& q) {
@@ -283,6 +329,11 @@ void TransferEngine::RunBlock(const Item& item, Worker& w) {
       }
     }
     Release(item);  // in staging now: the client's memory is not read again
+    if (slot && opts_.write_behind) {
+      QueueWrite(std::move(slot), task, job);
+      Finish(item, IoResult{});
+      return;
+    }
     r = WriteBlockFile(job.path, image, job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
     // Written under its temporary name: served from the tier once committed;
     // a failed write gives the buffer back.
@@ -411,6 +462,14 @@ IoResult TransferEngine::RunDeviceBlock(const Item& item) {
       if (why.status != BlockStatus::kOk) return why;
     }
     Release(item);  // in pinned staging now: the GPU memory is not read again
+    if (opts_.write_behind) {
+      // Into a tier buffer, and the share goes back at once; the file comes later.
+      if (std::shared_ptr<TierBlock> slot = tier_.Reserve(FileSizeFor(job.bytes))) {
+        std::memcpy(slot->data + kHeaderSize, stager.data() + kHeaderSize, job.bytes);
+        QueueWrite(std::move(slot), task, job);
+        return IoResult{};
+      }
+    }
     IoResult w = WriteBlockFile(job.path, stager.data(), job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
     if (w.status == BlockStatus::kOk) CopyToTier(stager.data(), task, job, /*pending=*/true);
     return w;

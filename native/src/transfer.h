@@ -119,6 +119,10 @@ struct EngineOptions {
   uint32_t cuda_event_timeout_ms = 0;
   // Host memory of the Cache stage (host_tier.h); 0: no tier.
   uint64_t host_tier_bytes = 0;
+  // Write-behind (host_tier.h): a dump that has a tier buffer is answered
+  // once its bytes are there; its file is written by a worker after. At most
+  // `threads` workers write behind at once, so loads always find one.
+  bool write_behind = false;
   IoOptions io;
 };
 
@@ -159,6 +163,9 @@ class TransferEngine {
   uint64_t storage_busy_ns() const { return gate_.busy_ns(); }
   uint64_t storage_wait_ns() const { return gate_.wait_ns(); }
   HostTier& tier() { return tier_; }
+  // Waits up to `timeout_ms` for every block written behind to be written;
+  // returns how many are not. Blocks the caller: run it off the JS thread.
+  uint64_t DrainWrites(uint32_t timeout_ms) { return tier_.WaitWritten(timeout_ms); }
   // Worker threads for `streams` transfer streams: one a stream, and a
   // second one a stream (see the top of this file) as long as there are CPUs
   // for them: on a host with fewer CPUs than streams, more threads preparing
@@ -201,6 +208,13 @@ class TransferEngine {
   // tier buffer (the share goes back to the pool), when the tier has room.
   void CopyToTier(const uint8_t* image, const TransferTask& task, const BlockJob& job, bool pending);
   void Finish(const Item& item, const IoResult& r);
+  // Write-behind: `slot` (the block's image, gathered) queued for its write;
+  // the dump is answered without waiting for it.
+  void QueueWrite(std::shared_ptr<TierBlock> slot, const TransferTask& task, const BlockJob& job);
+  // Whether a worker may take a write now. Caller holds mu_.
+  bool WriteReady();
+  // Writes a block behind and renames or removes its file as the tier says.
+  void RunWrite(const std::shared_ptr<TierWrite>& w, const std::shared_ptr<TierBlock>& block);
   // Counts the item's block as done with the client's memory (once).
   static void Release(const Item& item);
 
@@ -212,6 +226,7 @@ class TransferEngine {
   JobQueue meta_;
   JobQueue lookups_;
   bool stopping_ = false;
+  uint32_t writers_ = 0;  // workers writing behind now; guarded by mu_
   std::atomic<uint64_t> staging_bytes_{0};
   IoGate gate_;
   StagerPool stagers_;

@@ -60,6 +60,7 @@ OPTION_KEYS = frozenset(
         "metricsHost",
         "metricsSocket",
         "hostCacheBytes",
+        "writeBehind",
         "pinnedStagingBytes",
         "cudaCopy",
         "shareWithGroup",

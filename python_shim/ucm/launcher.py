@@ -147,6 +147,7 @@ def wanted_settings(cfg: StoreConfig) -> dict[str, Any]:
     out = engine_settings.explicit(cfg.connector_config)
     if cfg.store_pipeline == "Cache|Posix":
         out["hostCacheBytes"] = cfg.cache_buffer_bytes or default_cache_bytes()
+        out.setdefault("writeBehind", True)
     elif cfg.store_pipeline == "Posix":
         out["hostCacheBytes"] = 0
     return out

@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "metricsPort": 0,
     "metricsHost": "127.0.0.1",
     "hostCacheBytes": 0,
+    "writeBehind": False,
     "pinnedStagingBytes": 2 << 30,
     "cudaCopy": "batch",
     "cudaEventTimeoutMs": 30000,

@@ -245,6 +245,40 @@ def test_cache_stage_gpu_path(emu_node, cuda_emu, storage):
 
 
 @needs_emu_engine
+def test_write_behind_gpu_path(emu_node, cuda_emu, storage):
+    """With write-behind, a GPU dump is answered once its blocks are in the
+    tier (gathered through a pinned share, copied into a tier buffer), served
+    from there, and written to the directory after: its files appear, and a
+    new engine without a tier loads them byte-exact."""
+    cuda_emu.auto_complete = True
+
+    def block_files():
+        return sorted(f for _, _, files in os.walk(storage) for f in files if len(f) == 64)
+
+    ks = keys(BLOCKS, "behind-gpu")
+    with NfsStore(emu_node(hostCacheBytes="64MiB", writeBehind=True)) as store:
+        tier = lambda: stats(store.config.endpoint)["tier"]  # noqa: E731
+        src = gpu_cache(cuda_emu)
+        assert store.wait(store.dump(*entries(ks, src, range(BLOCKS)))) == 0
+        assert store.commit(ks) == [True] * BLOCKS
+        dst = gpu_cache(cuda_emu, fill=False)
+        task = store.load(*entries(ks, dst, range(BLOCKS)))
+        assert store.wait(task) == 0, (task.status, task.error)
+        assert same(dst, src)
+        assert tier()["hits"] == BLOCKS
+        deadline = time.monotonic() + 10
+        while tier()["unwritten"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (tier()["written"], tier()["shed"], tier()["writeFailed"]) == (BLOCKS, 0, 0)
+        assert block_files() == sorted(k.hex() for k in ks)
+    stop_engine(store.config.endpoint)
+    with NfsStore(emu_node()) as plain:
+        dst = gpu_cache(cuda_emu, fill=False)
+        assert plain.wait(plain.load(*entries(ks, dst, range(BLOCKS)))) == 0
+        assert same(dst, src)
+
+
+@needs_emu_engine
 def test_event_not_completed_holds_the_dump_back(emu_node, cuda_emu):
     """The dump names an event recorded after the forward pass; until the GPU
     completes it, the engine must not read. Bytes the "forward pass" writes

@@ -139,15 +139,19 @@ def test_blocks_described_as_another_layout_are_never_loaded(tiny_model, tmp_pat
     assert second[0] == first[0] == ref[0]
 
 
-def test_the_cache_stage_serves_only_what_verified(tiny_model, tmp_path, storage):
+@pytest.mark.parametrize("write_behind", [False, True], ids=["written-first", "written-behind"])
+def test_the_cache_stage_serves_only_what_verified(tiny_model, tmp_path, storage, write_behind):
     """Issue 27's Cache stage (hostCacheBytes: the engine's host-memory tier).
     In one vLLM process: generate(P) stores P, committed into the tier;
     generate(P+Q) loads P from the tier; every block file is then damaged on
     disk, and generate(P+Q) loads P and Q from the tier, which holds the bytes
     that were committed (never a damaged file's). The tokens equal vLLM's
-    without the store at every step, and no load failed."""
+    without the store at every step, and no load failed. With write-behind
+    (dumps answered once in the tier, their files written after), the same."""
     sock = private_sock("tier")
-    cfg = write_config(tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}", hostCacheBytes="256MiB")
+    cfg = write_config(
+        tmp_path / "ucm.yaml", storage, endpoint=f"ipc://{sock}", hostCacheBytes="256MiB", writeBehind=write_behind
+    )
     elog = tmp_path / "engine.log"
     p, pq = p_and_q(11)
     steps = [
@@ -171,3 +175,5 @@ def test_the_cache_stage_serves_only_what_verified(tiny_model, tmp_path, storage
     assert got[4] >= 9  # P's and Q's block files, all damaged
     assert s3["tier"]["hits"] - s2["tier"]["hits"] >= 9, s3["tier"]
     assert s3["blocksCorrupt"] == 0 and s3["blocksLoaded"] - s2["blocksLoaded"] >= 9
+    # Written behind (by the transfer streams, after the dump was answered) or before the answer.
+    assert (s3["tier"]["written"] >= 9) if write_behind else (s3["tier"]["written"] == 0), s3["tier"]
