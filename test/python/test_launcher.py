@@ -101,13 +101,15 @@ def test_other_settings_replace_an_idle_engine_this_launcher_started(tmp_path, s
 
 
 @pytest.mark.skipif(not os.path.exists(CLI), reason=f"the engine is not built ({CLI}; npm install)")
+@pytest.mark.parametrize("form", ["file", "flat"])
 @pytest.mark.parametrize("capacity_gb", [None, 1])
-def test_a_cache_posix_engine_is_kept_for_the_same_config(tmp_path, storage, endpoint, caplog, capacity_gb):
+def test_a_cache_posix_engine_is_kept_for_the_same_config(tmp_path, storage, endpoint, caplog, capacity_gb, form):
     """UCM's store_pipeline "Cache|Posix" sizes the engine's Cache stage
-    (cache_buffer_capacity_gb, or the default the engine derives): the shim
-    derives the same size, so a second store of the same config keeps the
-    engine (the demo's second vLLM process used to replace it, taking the
-    size for 0)."""
+    (cache_buffer_capacity_gb, or the default the engine derives) and turns
+    write-behind on: the shim derives the same, so a second store of the same
+    config keeps the engine (the demo's second vLLM process used to replace
+    it, taking the size for 0). In a config file and in UCM's flat dict
+    (which used to lose store_pipeline on the way: no Cache stage at all)."""
     cc = {
         "store_pipeline": "Cache|Posix",
         "storage_backends": str(storage),
@@ -120,12 +122,13 @@ def test_a_cache_posix_engine_is_kept_for_the_same_config(tmp_path, storage, end
     path.write_text(yaml.safe_dump(doc))
     pids = []
     for _ in range(2):
-        with NfsStore(str(path)) as store:
+        with NfsStore(str(path) if form == "file" else dict(cc)) as store:
             assert store.lookup([b"x"]) == [False]
             pids.append(engine_pid(endpoint))
     assert pids[0] == pids[1]
     want = capacity_gb << 30 if capacity_gb else default_cache_bytes()
     assert stats(endpoint)["tier"]["capacityBytes"] == want
+    assert EngineClient(endpoint, 3000).raw("health")["settings"]["writeBehind"] is True
     assert not any("replacing the idle engine" in r.getMessage() for r in caplog.records)
 
 

@@ -64,6 +64,12 @@ def engine_config(
         )
     if cc.get("capacity") == 0:
         del cc["capacity"]  # UCM's 0: no limit, as ours
+    # UCM's pipeline keys set no one option of ours: they go on as given, so
+    # that the Cache stage (its size, write-behind) is derived from them as
+    # from a config file, by the engine and by the launcher alike.
+    for k in ("store_pipeline", "cache_buffer_capacity_gb"):
+        if given.get(k) is not None:
+            cc[k] = given[k]
     return {"ucm_connector_name": "UcmNfsStore", "ucm_connector_config": cc}
 
 
