@@ -159,7 +159,11 @@ bool TransferEngine::IsDeviceBlock(const Item& item) {
   return task.shards[task.blocks[item.block].shard_begin].region->medium() == Medium::kCuda;
 }
 
-void TransferEngine::WorkerLoop(uint32_t /*index*/) {
+void TransferEngine::WorkerLoop(uint32_t index) {
+  // The first `threads` workers are the streams' own: with writes behind
+  // waiting, they take those before dumps, so the directory is written while
+  // a burst of dumps is still being copied into the tier by the others.
+  const bool stream_worker = index < opts_.threads;
   Worker w;  // this worker's only staging buffers, reused for every block
   for (;;) {
     Item item;
@@ -171,7 +175,7 @@ void TransferEngine::WorkerLoop(uint32_t /*index*/) {
       auto dump_ready = [this] { return !dumps_.empty() && (!IsDeviceBlock(dumps_.front()) || stagers_.Ready()); };
       cv_.wait(lock, [&] { return stopping_ || !loads_.empty() || dump_ready() || WriteReady(); });
       if (stopping_ && loads_.empty() && dumps_.empty()) break;
-      if (loads_.empty() && !dump_ready()) {
+      if (loads_.empty() && (!dump_ready() || (stream_worker && WriteReady()))) {
         // Nothing else waits: a block written behind (after a stop, none is
         // taken any more; what is left stays unwritten).
         if (stopping_) continue;

@@ -1,0 +1,263 @@
+"""Dumps into the Cache stage with write-behind while the directory is far
+slower than memory (issue 27), through the public API.
+
+    python bench/write_behind_bench.py [--gib 1] [--block-mib 4,16] [--threads 8,32]
+                                       [--write-mbps 200] [--json FILE]
+
+Needs root: the directory is an ext4 on a loop device (test/python/slow_disk.py)
+whose writes by the engine the blkio cgroup throttles to --write-mbps: that
+rate is the directory's physical limit in this run, far below the memory's.
+For each block size and thread count:
+
+- the limit for a dump: torch's copy of the same bytes between two host
+  tensors with torch.set_num_threads(threads);
+- Cache|Posix: ucm.store.NfsStore from UCM's flat dict (store_pipeline
+  "Cache|Posix", cache_buffer_capacity_gb sized for every block, so
+  write-behind is on by default) dumps every block from CPU tensors in shared
+  memory and commits them, timed from the call to the end of the commit;
+- the write-behind that follows: from the dump's start until the engine's
+  own figures (`stats`, tier.unwritten) say every file is written; how busy
+  it kept the directory is the bytes the cgroup counted written to the
+  device divided by what the throttle allows in that time (goal: 90 %);
+- another engine (the first one stopped: the launcher runs one engine a
+  directory), without a Cache stage, loads every block from its file, page
+  cache dropped, byte-exact: what a second node would find;
+- Posix alone (no Cache stage, a dump answered once its file is written)
+  under the same throttle, for contrast.
+
+Prints one table; the ratios are dump / copy (goal: 0.8, as for loads from
+the tier) and the directory's busy share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "python_shim"))
+sys.path.insert(0, os.path.join(ROOT, "test", "python"))
+
+from page_cache import drop_caches  # noqa: E402
+
+
+def written_bytes(cgroup: str, dev: str) -> int:
+    """Bytes the cgroup's processes wrote to `dev` (blkio's throttle counters)."""
+    with open(f"{cgroup}/blkio.throttle.io_service_bytes") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == dev and parts[1] == "Write":
+                return int(parts[2])
+    return 0
+
+
+def engine_pid(sock: str) -> int:
+    from ucm.client import EngineClient
+
+    c = EngineClient(f"ipc://{sock}", 3000)
+    try:
+        return int(c.raw("health")["pid"])
+    finally:
+        c.close()
+
+
+def stop_engine(pid: int) -> None:
+    os.kill(pid, 15)
+    for _ in range(600):
+        try:
+            os.kill(pid, 0)
+            time.sleep(0.05)
+        except ProcessLookupError:
+            return
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gib", type=float, default=1.0)
+    ap.add_argument("--block-mib", default="4,16")
+    ap.add_argument("--threads", default="8,32")
+    ap.add_argument("--write-mbps", type=float, default=200.0, help="the directory's write limit, MB/s (1e6 bytes)")
+    ap.add_argument("--no-posix", action="store_true", help="leave out the Posix-alone contrast")
+    ap.add_argument("--json", help="also write the rows to this JSON file")
+    a = ap.parse_args()
+    os.environ.setdefault("UCM_TASK_LINES", "0")
+    import torch
+
+    from slow_disk import MISSING, SlowDisk
+    from ucm.client import EngineClient
+    from ucm.store import NfsStore
+
+    if MISSING is not None:
+        print(f"write_behind_bench: needs a throttled disk: {MISSING}", file=sys.stderr)
+        return 2
+    rate = int(a.write_mbps * 1e6)
+    work = tempfile.mkdtemp(prefix="ucm-wb-bench-")
+    os.chmod(work, 0o700)
+    disk = SlowDisk(mib=int(a.gib * 1024 * 2.5) + 512)
+    rows = []
+    try:
+        for mib in [float(x) for x in a.block_mib.split(",")]:
+            block = int(mib * 2**20)
+            n = max(8, int(a.gib * 2**30) // block)
+            src = torch.randint(0, 256, (n, block), dtype=torch.uint8).share_memory_()
+            dst = torch.zeros((n, block), dtype=torch.uint8).share_memory_()
+            for threads in [int(x) for x in a.threads.split(",")]:
+                store_dir = os.path.join(disk.mnt, "kv")
+                os.makedirs(store_dir, mode=0o700)
+                sock = os.path.join(work, "e.sock")
+                common = {
+                    "storage_backends": store_dir,
+                    "transferStreamNumber": threads,
+                    "endpoint": f"ipc://{sock}",
+                    "maxInflightBytes": "64GiB",
+                    "maxQueueMs": 0,
+                    "loadTimeoutMs": 600000,
+                    "clientTimeoutMs": 60000,
+                    "shutdownTimeoutS": 600,
+                }
+                rounds = [[f"wb-{mib}-{threads}-{r}-{i}".encode() for i in range(n)] for r in range(2)]
+                keys = rounds[-1]
+                row: dict = {"block_mib": mib, "threads": threads, "blocks": n, "write_limit_MBps": rate / 1e6}
+
+                # The loop device's backing file goes through the host's page cache: what the case before
+                # wrote is flushed now, not while this one runs.
+                drop_caches()
+                torch.set_num_threads(threads)
+                dst.zero_()
+                t0 = time.perf_counter()
+                dst.copy_(src)
+                row["copy_GBps"] = n * block / (time.perf_counter() - t0) / 1e9
+
+                # Room for one round and a little: the second round's blocks take the buffers of the
+                # first's (written by then, so evicted, not shed), as on a server whose tier is full.
+                cache_gb = n * (block + 4096) * 1.1 / 2**30
+                store = NfsStore(
+                    {**common, "store_pipeline": "Cache|Posix", "cache_buffer_capacity_gb": round(cache_gb, 3)},
+                    namespace="wb",
+                )
+                pid = engine_pid(sock)
+                disk.admit(pid)
+                disk.throttle(write_bps=rate)
+                stats = EngineClient(f"ipc://{sock}", 10000)
+                try:
+                    store.register_memory([src, dst])
+                    for r, rkeys in enumerate(rounds):
+                        os.sync()  # the loop device's backing file: the round before flushed now, not during this one
+                        before = written_bytes(disk.cgroup, disk.dev)
+                        t0 = time.perf_counter()
+                        failed = store.wait(store.dump(rkeys, [0] * n, [src[i] for i in range(n)]))
+                        committed = store.commit(rkeys)
+                        dump_s = time.perf_counter() - t0
+                        unwritten = stats.raw("stats")["tier"]["unwritten"]
+                        while True:
+                            tier = stats.raw("stats")["tier"]
+                            if tier["unwritten"] == 0:
+                                break
+                            time.sleep(0.01)
+                        drain_s = time.perf_counter() - t0
+                        wrote = written_bytes(disk.cgroup, disk.dev) - before
+                        tag = "cold" if r == 0 else "warm"
+                        row.update(
+                            {
+                                f"dump_GBps_{tag}": n * block / dump_s / 1e9,
+                                f"dump_failed_{tag}": failed,
+                                f"committed_{tag}": sum(1 for c in committed if c),
+                                f"unwritten_at_answer_{tag}": unwritten,
+                                f"drain_s_{tag}": drain_s,
+                                f"device_written_bytes_{tag}": wrote,
+                                f"busy_{tag}": wrote / (rate * drain_s),
+                            }
+                        )
+                    row.update(written_behind=tier["written"], shed=tier["shed"], write_failed=tier["writeFailed"])
+                finally:
+                    stats.close()
+                    store.close()
+                    stop_engine(pid)
+                    disk.throttle(write_bps=0)
+
+                # Another engine, no Cache stage, over the files alone.
+                drop_caches()
+                plain = NfsStore({**common, "store_pipeline": "Posix"}, namespace="wb")
+                pid = engine_pid(sock)
+                try:
+                    dst.zero_()
+                    plain.register_memory([src, dst])
+                    found = 0
+                    exact = True
+                    for rkeys in rounds:
+                        dst.zero_()
+                        found += sum(1 for f in plain.lookup(rkeys) if f)
+                        t0 = time.perf_counter()
+                        failed = plain.wait(plain.load(rkeys, [0] * n, [dst[i] for i in range(n)]))
+                        row["second_engine_load_GBps"] = n * block / (time.perf_counter() - t0) / 1e9
+                        exact = exact and failed == 0 and torch.equal(src, dst)
+                    row["second_engine_found"] = found
+                    row["second_engine_byte_exact"] = exact
+                finally:
+                    plain.close()
+                    stop_engine(pid)
+                shutil.rmtree(store_dir, ignore_errors=True)
+
+                if not a.no_posix:
+                    os.makedirs(store_dir, mode=0o700)
+                    posix = NfsStore({**common, "store_pipeline": "Posix"}, namespace="wb")
+                    pid = engine_pid(sock)
+                    disk.admit(pid)
+                    disk.throttle(write_bps=rate)
+                    try:
+                        posix.register_memory([src, dst])
+                        pkeys = [k + b"-p" for k in keys]
+                        t0 = time.perf_counter()
+                        failed = posix.wait(posix.dump(pkeys, [0] * n, [src[i] for i in range(n)]))
+                        posix.commit(pkeys)
+                        row["posix_dump_GBps"] = n * block / (time.perf_counter() - t0) / 1e9
+                        row["posix_dump_failed"] = failed
+                    finally:
+                        posix.close()
+                        stop_engine(pid)
+                        disk.throttle(write_bps=0)
+                    shutil.rmtree(store_dir, ignore_errors=True)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del src, dst
+    finally:
+        disk.close()
+        shutil.rmtree(work, ignore_errors=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"gib": a.gib, "cpus": os.cpu_count(), "rows": rows}, f, indent=1)
+    print()
+    print(
+        "| block | threads | host copy GB/s | dump GB/s, tier cold | dump GB/s, tier warm | warm dump / copy | "
+        "directory limit MB/s | written behind in s (cold, warm) | directory busy (cold, warm) | shed | "
+        "another engine: found, byte-exact | Posix alone dump GB/s |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
+    for r in rows:
+        posix = f"{r['posix_dump_GBps']:.3f}" if "posix_dump_GBps" in r else "-"
+        print(
+            f"| {r['block_mib']:g} MiB | {r['threads']} | {r['copy_GBps']:.2f} | {r['dump_GBps_cold']:.2f} | "
+            f"{r['dump_GBps_warm']:.2f} | {100 * r['dump_GBps_warm'] / r['copy_GBps']:.0f} % | "
+            f"{r['write_limit_MBps']:.0f} | {r['drain_s_cold']:.2f}, {r['drain_s_warm']:.2f} | "
+            f"{100 * r['busy_cold']:.0f} %, {100 * r['busy_warm']:.0f} % | {r['shed']} | "
+            f"{r['second_engine_found']} of {2 * r['blocks']}, {'yes' if r['second_engine_byte_exact'] else 'NO'} | {posix} |"
+        )
+    ok = all(
+        r["dump_failed_cold"] == 0
+        and r["dump_failed_warm"] == 0
+        and r["second_engine_byte_exact"]
+        and r["second_engine_found"] == 2 * r["blocks"]
+        for r in rows
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
