@@ -217,27 +217,36 @@ def row(mode: str, conc: int, turn: int, r: dict, loaded: int | None, r1: dict |
     }
 
 
-def ucm_config(work: str, tag: str) -> str:
-    store = os.path.join(work, f"store-{tag}")
+def ucm_config(work: str, tag: str, cache: bool = False, base: str | None = None) -> str:
+    """The connector's config: the seed's UcmNfsStore (no Cache stage), or with `cache` UCM's
+    UcmPipelineStore "Cache|Posix" (a 2 GiB Cache stage, write-behind); its store under `base` (else `work`)."""
+    store = os.path.join(base or work, f"store-{tag}")
     os.makedirs(store, mode=0o700)
     cfg = os.path.join(work, f"ucm-{tag}.yaml")
+    cc = {"storage_backends": store, "transferStreamNumber": 8, "endpoint": f"ipc://{work}/e-{tag}.sock"}
+    if cache:
+        cc.update(store_pipeline="Cache|Posix", cache_buffer_capacity_gb=2)
     with open(cfg, "w") as f:
         json.dump(
             {
                 "ucm_connectors": [
-                    {
-                        "ucm_connector_name": "UcmNfsStore",
-                        "ucm_connector_config": {
-                            "storage_backends": store,
-                            "transferStreamNumber": 8,
-                            "endpoint": f"ipc://{work}/e-{tag}.sock",
-                        },
-                    }
+                    {"ucm_connector_name": "UcmPipelineStore" if cache else "UcmNfsStore", "ucm_connector_config": cc}
                 ]
             },
             f,
         )
     return cfg
+
+
+def engine_pid(cfg: str) -> int:
+    from ucm.client import EngineClient
+    from ucm.config import load_config
+
+    c = EngineClient(load_config(cfg).endpoint, 3000)
+    try:
+        return int(c.raw("health")["pid"])
+    finally:
+        c.close()
 
 
 def stop_engine(cfg: str) -> None:
@@ -256,7 +265,19 @@ def main() -> int:
     ap.add_argument("--prompt-words", type=int, default=600, help="words in a first prompt (about 2 tokens each)")
     ap.add_argument("--answer-tokens", type=int, default=128)
     ap.add_argument("--concurrency", default="1,4")
-    ap.add_argument("--modes", default="off,off+ucm,on,on+ucm", help="prefix caching off/on, +ucm: with the connector")
+    ap.add_argument(
+        "--modes",
+        default="off,off+ucm,on,on+ucm",
+        help="prefix caching off/on; +ucm: with the connector (no Cache stage); +cache: with the connector, "
+        'UCM\'s "Cache|Posix" (a Cache stage, write-behind)',
+    )
+    ap.add_argument(
+        "--slow-mbps",
+        type=float,
+        default=0,
+        help="put each store on a slow directory: an ext4 on a loop device whose reads and writes by the engine "
+        "are throttled to this many MB/s (needs root; test/python/slow_disk.py); 0: the work directory",
+    )
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "tiny-qwen2-bench"))
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     a = ap.parse_args()
@@ -270,10 +291,24 @@ def main() -> int:
     ok = False
     try:
         for mode in a.modes.split(","):
-            pc, use = mode.startswith("on"), mode.endswith("+ucm")
-            cfg = ucm_config(work, mode.replace("+", "-")) if use else None
+            pc, use, cache = mode.startswith("on"), "+" in mode, mode.endswith("+cache")
+            disk = None
+            if use and a.slow_mbps > 0:
+                sys.path.insert(0, os.path.join(ROOT, "test", "python"))
+                sys.path.insert(0, os.path.join(ROOT, "python_shim"))
+                from slow_disk import MISSING, SlowDisk
+
+                if MISSING is not None:
+                    print(f"serve_bench: --slow-mbps needs a throttled disk: {MISSING}", file=sys.stderr)
+                    return 2
+                disk = SlowDisk(mib=2048)
+            cfg = ucm_config(work, mode.replace("+", "-"), cache, disk.mnt if disk else None) if use else None
             port = free_port()
             srv = serve(a.model, port, pc, cfg, os.path.join(work, f"serve-{mode}.log"))
+            if disk and cfg:
+                disk.admit(engine_pid(cfg))
+                rate = int(a.slow_mbps * 1e6)
+                disk.throttle(read_bps=rate, write_bps=rate)
             try:
                 for conc in [int(x) for x in a.concurrency.split(",")]:
                     seed = 1000 * conc
@@ -303,6 +338,9 @@ def main() -> int:
                 stop(srv)
                 if cfg:
                     stop_engine(cfg)
+                if disk:
+                    time.sleep(1)  # the engine's exit
+                    disk.close()
         ok = True
     finally:
         if ok:
@@ -317,6 +355,8 @@ def main() -> int:
         "off+ucm": "prefix caching off + UCM",
         "on": "prefix caching on",
         "on+ucm": "prefix caching on + UCM",
+        "off+cache": "prefix caching off + UCM Cache|Posix",
+        "on+cache": "prefix caching on + UCM Cache|Posix",
     }
     lines = [
         "| server | concurrency | turn | TTFT mean ms | TTFT median ms | TTFT p99 ms | req/s | output tok/s | failed | "
@@ -334,7 +374,8 @@ def main() -> int:
     with open(os.path.join(a.out, "serve_bench.md"), "w") as f:
         f.write(
             f"{a.conversations} conversations per cell, first prompt {a.prompt_words} words, answers "
-            f"{a.answer_tokens} tokens (ignore_eos), block size {BLOCK}.\n\n{table}\n"
+            f"{a.answer_tokens} tokens (ignore_eos), block size {BLOCK}"
+            f"{f'; stores on a directory throttled to {a.slow_mbps:g} MB/s' if a.slow_mbps else ''}.\n\n{table}\n"
         )
     print(table)
     return 0 if all(r["failed"] == 0 and r["completed"] == a.conversations for r in rows) else 1
