@@ -266,6 +266,10 @@ export function parseConfig(doc: unknown): LoadedConfig {
   } else if (ours.storePipeline === "Posix") {
     config.hostCacheBytes = 0;
   }
+  if (config.writeBehind && config.hostCacheBytes === 0)
+    warnings.push(
+      `${named("writeBehind")}: true needs a Cache stage (hostCacheBytes, or store_pipeline "Cache|Posix"); without one every dump is written before it is answered`,
+    );
   if (config.endpoint === "") config.endpoint = defaultEndpoint(sb);
   validateEndpoint(config.endpoint, key("endpoint"));
   return { config, warnings, notes };

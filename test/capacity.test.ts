@@ -261,6 +261,43 @@ describe("what the ledger counts", () => {
     expect(ledger(store)).toEqual({ bytes: onDisk.bytes, files: 1 });
   }, 60000);
 
+  test("written behind (a Cache stage with writeBehind): once the files are written the ledger equals the directory", async () => {
+    const dir = shortTmp();
+    const store = path.join(dir, "store");
+    fs.mkdirSync(store);
+    const e = await engine(dir, "a", {
+      storage_backends: store,
+      capacity: "64MiB",
+      capacitySyncMs: 50,
+      capacityRescanS: 2,
+      hostCacheBytes: "16MiB",
+      writeBehind: true,
+      transferStreamNumber: 2,
+    });
+    const c = e.client();
+    await hello(c);
+    const shard = 128 * 1024;
+    const m = await register(c, 2, 16, shard, "random");
+    const keys = Array.from({ length: 16 }, (_, j) => key(j, "behind"));
+    const d = await c.call("dump", { ns: NS, keys, shards: shards(m, [...keys.keys()]) });
+    expect((await finish(c, d.task)).status).toEqual(keys.map(() => "ok"));
+    expect((await c.call("commit", { ns: NS, keys })).committed).toEqual(keys.map(() => true));
+    const tier = async () => (await c.call("stats")).tier as { unwritten: number; written: number; shed: number };
+    const until = Date.now() + 20000;
+    while ((await tier()).unwritten > 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
+    expect(await tier()).toMatchObject({ unwritten: 0, written: 16, shed: 0 });
+    await new Promise((r) => setTimeout(r, 300)); // the ledger's next sync
+    const onDisk = storeUsage(store);
+    expect(onDisk).toMatchObject({ blocks: 16, temps: 0 });
+    expect(ledger(store)).toEqual({ bytes: onDisk.bytes, files: 16 });
+    // A rescan of the directory finds what the ledger says.
+    const rescans = () => (e.output().match(/periodic rescan: scanned 16 block file\(s\)/g) ?? []).length;
+    const end = Date.now() + 10000;
+    while (rescans() < 1 && Date.now() < end) await new Promise((r) => setTimeout(r, 100));
+    expect(rescans()).toBeGreaterThanOrEqual(1);
+    expect(ledger(store)).toEqual({ bytes: onDisk.bytes, files: 16 });
+  }, 60000);
+
   test("dumps never committed count against the capacity until they are discarded (uncommittedTimeoutS)", async () => {
     const dir = shortTmp();
     const store = path.join(dir, "store");

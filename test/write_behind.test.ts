@@ -8,6 +8,7 @@
 import * as fs from "fs";
 import * as path from "path";
 import { EngineClient } from "../core/client";
+import { parseConfig } from "../core/config";
 import { ShmRegion } from "./helpers/fixtures";
 import { NS, SHARD, key, regions, shards, waitDone } from "./helpers/blocks";
 import { RunningEngine, hello, runCli, shortTmp, startEngine, until, writeConfig } from "./helpers/engine";
@@ -288,3 +289,26 @@ slowDiskTest(
   },
   60_000,
 );
+
+test("writeBehind: on by default with UCM's Cache|Posix, off when the file says so; without a Cache stage a warning", () => {
+  const sdir = path.join(dir, "s");
+  fs.mkdirSync(sdir, { mode: 0o700 });
+  const pipeline = (extra: Record<string, unknown>) =>
+    parseConfig({
+      ucm_connectors: [
+        {
+          ucm_connector_name: "UcmPipelineStore",
+          ucm_connector_config: { storage_backends: sdir, store_pipeline: "Cache|Posix", cache_buffer_capacity_gb: 1, ...extra },
+        },
+      ],
+    });
+  expect(pipeline({}).config.writeBehind).toBe(true);
+  expect(pipeline({ writeBehind: false }).config.writeBehind).toBe(false);
+  const seed = (cc: Record<string, unknown>) =>
+    parseConfig({ ucm_connector_name: "UcmNfsStore", ucm_connector_config: { storage_backends: sdir, ...cc } });
+  expect(seed({}).config.writeBehind).toBe(false);
+  expect(seed({ writeBehind: true, hostCacheBytes: "1GiB" }).warnings).toEqual([]);
+  expect(seed({ writeBehind: true }).warnings).toEqual([
+    'ucm_connector_config.writeBehind: true needs a Cache stage (hostCacheBytes, or store_pipeline "Cache|Posix"); without one every dump is written before it is answered',
+  ]);
+});
