@@ -119,8 +119,7 @@ EngineOptions ParseEngineOptions(const Napi::Value& options) {
   opts.io.roots = StoreRootsOf(o);
   opts.io.odirect = RequiredFlag(o, "odirect");
   opts.io.fsync = RequiredFlag(o, "fsync");
-  // Optional (an engine made without it writes every dump before answering it).
-  if (!o.Get("writeBehind").IsUndefined()) opts.write_behind = RequiredFlag(o, "writeBehind");
+  opts.write_behind = RequiredFlag(o, "writeBehind");
   return opts;
 }
 
