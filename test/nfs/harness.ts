@@ -194,8 +194,15 @@ export async function finish(c: EngineClient, task: unknown, timeoutMs = 120_000
   return r;
 }
 
-export async function dump(c: EngineClient, m: Mem, keys: Buffer[], slots: number[], commit = true): Promise<TaskResult> {
-  const d = await c.call("dump", { ns: NS, keys, shards: shards(m, slots), commit });
+export async function dump(
+  c: EngineClient,
+  m: Mem,
+  keys: Buffer[],
+  slots: number[],
+  commit = true,
+  timeoutMs?: number,
+): Promise<TaskResult> {
+  const d = await c.call("dump", { ns: NS, keys, shards: shards(m, slots), commit }, timeoutMs);
   return finish(c, d.task);
 }
 
