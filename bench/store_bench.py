@@ -4,6 +4,7 @@ same directory, in the same run.
     python bench/store_bench.py --dir <dir on the disk to measure> [--gib 2]
                                 [--block-mib 4,16] [--threads 8,32] [--shapes big,small]
                                 [--memory shared,private] [--repeat 3]
+                                [--host-cache 3GiB [--cold-tier]]
 
 For each block size and thread count: fio writes and then reads (page cache
 dropped, O_DIRECT, psync) files with one I/O per block file's size from that
@@ -14,6 +15,10 @@ commits, drops the page cache and loads them back, byte-exact. "big" is one
 task of every block; "small" is tasks of 8 blocks, all submitted, then waited
 for. With --repeat, fio and the store take turns that many times and the
 medians are reported. Prints one table with the ratios to fio (goal: 90 %).
+With --host-cache the engine has a Cache stage of that size; --cold-tier then
+starts a new engine (an empty stage) before each load, so the loads read the
+directory into the stage's buffers and verify them there: the cold path
+through the Cache stage (the table says "warm!" if the stage served any).
 Needs fio and root (to drop the page cache).
 """
 
@@ -72,6 +77,22 @@ def fio(directory: str, rw: str, file_bytes: int, nblocks: int, threads: int) ->
     return (job["write"] if rw == "write" else job["read"])["bw_bytes"] / 1e9
 
 
+def stop_engine(store, sock: str) -> None:
+    """Closes `store` and ends its engine (SIGTERM), waiting up to 5 s for it to go."""
+    from ucm.client import EngineClient
+
+    pid = EngineClient(f"ipc://{sock}", 3000).raw("health").get("pid")
+    store.close()
+    if pid:
+        os.kill(pid, 15)
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+                time.sleep(0.05)
+            except ProcessLookupError:
+                break
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", required=True)
@@ -89,6 +110,12 @@ def main() -> int:
         help="hostCacheBytes of the engine (the Cache stage; default 0: none). With it, dumps gather into the "
         "tier and the loads that follow are tier hits, not cold reads",
     )
+    ap.add_argument(
+        "--cold-tier",
+        action="store_true",
+        help="with --host-cache: a new engine (an empty Cache stage) for each load, so every load reads the "
+        "directory into the stage's buffers: cold loads through the Cache stage",
+    )
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument(
         "--repeat", type=int, default=1, help="rounds per case (fio, then the store, each round); medians reported"
@@ -97,6 +124,9 @@ def main() -> int:
     global FIO
     FIO = a.fio
     os.environ.setdefault("UCM_TASK_LINES", "0")  # the per-task log lines would flood the table
+    if a.cold_tier and a.host_cache in ("", "0"):
+        print("store_bench: --cold-tier needs --host-cache (the Cache stage's size)", file=sys.stderr)
+        return 2
     import torch
 
     from ucm.client import EngineClient
@@ -160,6 +190,11 @@ def main() -> int:
                                 failed = sum(store.wait(t) for t in tasks)
                                 store.commit(ks)
                                 dump = n * block / (time.perf_counter() - t0) / 1e9
+                                if a.cold_tier:
+                                    stop_engine(store, sock)  # its files are written: the dump was answered
+                                    store = NfsStore(flat, namespace="bench")
+                                    if "shared" in a.memory.split(","):
+                                        store.register_memory([src, dst])
                                 cold = drop_caches()
                                 d_t.zero_()
                                 t0 = time.perf_counter()
@@ -169,6 +204,10 @@ def main() -> int:
                                 failed += sum(store.wait(t) for t in tasks)
                                 load = n * block / (time.perf_counter() - t0) / 1e9
                                 exact = failed == 0 and torch.equal(s_t, d_t)
+                                if a.cold_tier:
+                                    # Not cold if the new engine's stage served any of it.
+                                    tier = EngineClient(f"ipc://{sock}", 3000).raw("stats")["tier"]
+                                    cold = cold and tier["hits"] == 0
                                 cells.setdefault(f"{shape}/{memory}", []).append((dump, fw, load, fr, exact, cold))
                                 print(
                                     f"{mib:g} MiB x {n}, {threads} threads, {shape}, {memory}, round {rep + 1}: dump {dump:.2f} GB/s "
@@ -177,16 +216,7 @@ def main() -> int:
                                 )
                                 remove_blocks(store_dir)  # the disk holds one case at a time
                 finally:
-                    pid = EngineClient(f"ipc://{sock}", 3000).raw("health").get("pid")
-                    store.close()
-                    if pid:
-                        os.kill(pid, 15)
-                        for _ in range(100):
-                            try:
-                                os.kill(pid, 0)
-                                time.sleep(0.05)
-                            except ProcessLookupError:
-                                break
+                    stop_engine(store, sock)
                     shutil.rmtree(store_dir, ignore_errors=True)
                 for shape_mem, runs in cells.items():
                     med = [statistics.median(r[k] for r in runs) for k in range(4)]

@@ -2,6 +2,10 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
+#include <fstream>
+#include <string>
+
 #include <chrono>
 #include <cstdlib>
 #include <utility>
@@ -30,11 +34,28 @@ void FaultIn(uint8_t* p, uint64_t n) {
   for (uint64_t i = 0; i < n; i += 4096) p[i] = 0;  // an older kernel: one write a page
 }
 
+// Whether `bytes` more can be taken and the host still have an eighth of its
+// memory (at least 1 GiB) available. Unknown (no /proc/meminfo): yes.
+bool HostHasRoomFor(uint64_t bytes) {
+  std::ifstream in("/proc/meminfo");
+  uint64_t total_kb = 0, available_kb = 0;
+  std::string key;
+  uint64_t value = 0;
+  std::string unit;
+  while (in >> key >> value >> unit) {
+    if (key == "MemTotal:") total_kb = value;
+    if (key == "MemAvailable:") available_kb = value;
+  }
+  if (total_kb == 0 || available_kb == 0) return true;
+  const uint64_t floor = std::max<uint64_t>(total_kb * 1024 / 8, 1ull << 30);
+  return available_kb * 1024 >= floor + bytes;
+}
+
 }  // namespace
 
-HostTier::HostTier(uint64_t capacity_bytes, uint32_t ahead) : capacity_(capacity_bytes), ahead_(ahead) {
+HostTier::HostTier(uint64_t capacity_bytes) : capacity_(capacity_bytes) {
   counts_.capacity_bytes = capacity_bytes;
-  if (enabled() && ahead_ > 0) filler_ = std::thread([this] { FillLoop(); });
+  if (enabled()) filler_ = std::thread([this] { FillLoop(); });
 }
 
 HostTier::~HostTier() {
@@ -46,25 +67,22 @@ HostTier::~HostTier() {
   if (filler_.joinable()) filler_.join();
 }
 
-uint32_t HostTier::FreeFitting(uint64_t need) const {
-  uint32_t n = 0;
-  for (const auto& b : free_)
-    if (b->capacity >= need && b->capacity <= 2 * need) ++n;
-  return n;
-}
-
 void HostTier::FillLoop() {
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
-    // Work while the tier has room for another buffer of the size in use
-    // and fewer than `ahead_` of them wait.
-    fill_cv_.wait(lock, [this] {
-      return stopping_ || (last_need_ != 0 && used_ + last_need_ <= capacity_ && FreeFitting(last_need_) < ahead_);
-    });
+    // Work while the tier has room for another buffer of the size in use.
+    fill_cv_.wait(
+        lock, [this] { return stopping_ || (!fill_paused_ && last_need_ != 0 && used_ + last_need_ <= capacity_); });
     if (stopping_) return;
     const uint64_t need = last_need_;
     used_ += need;  // claimed before the allocation, which runs unlocked
     lock.unlock();
+    if (!HostHasRoomFor(need)) {
+      lock.lock();
+      used_ -= need;
+      fill_paused_ = true;  // the transfers make buffers as they need; the next Reserve looks again
+      continue;
+    }
     auto b = std::make_shared<TierBlock>();
     void* p = nullptr;
     const bool made = posix_memalign(&p, kBlockAlign, need) == 0;
@@ -88,6 +106,7 @@ std::shared_ptr<TierBlock> HostTier::Reserve(uint64_t file_bytes) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     last_need_ = need;
+    fill_paused_ = false;
     fill_cv_.notify_one();  // one buffer fewer ahead (or a new size): the filling thread makes another
     for (;;) {
       // A kept buffer of about this size: blocks of one model all have one.

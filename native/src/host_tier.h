@@ -21,12 +21,16 @@
 // evicted; pending ones never are. When nothing can be evicted, Reserve
 // says no and the transfer goes on without the tier.
 //
-// While the tier is filling, a thread of its own keeps a few buffers of the
-// size last asked for made and faulted in ahead of the transfers: a fresh
-// page is zeroed by the kernel at its first touch, and a transfer thread
-// doing that for every block it reads ran cold loads 10-15 % slower than
-// with a reused staging buffer (bench/tier_cold_bench.py). Once the tier is
-// full, evicted buffers are reused and the thread has nothing to do.
+// Once the tier knows a block size (the first Reserve), a thread of its own
+// prepares the rest of its capacity in buffers of that size, made and
+// faulted in ahead of the transfers, as UCM, LMCache and vLLM allocate their
+// host tiers at start: a fresh page is zeroed by the kernel at its first
+// touch, and a transfer doing that for every block ran dumps at 12-18 % of a
+// copy into memory already there (bench/write_behind_bench.py) and cold loads
+// 10-15 % slower (bench/tier_cold_bench.py). It stops short of taking the
+// host's available memory below an eighth of the total (or 1 GiB): past that,
+// buffers are made as blocks arrive. Once the tier is full, evicted buffers
+// are reused and the thread has nothing to do.
 //
 // Write-behind (when the engine runs with it): a dumped block is answered
 // once its bytes are in a tier buffer; its file is written later, by the
@@ -106,8 +110,8 @@ enum class AfterWrite { kKeep, kRename, kRemove };
 
 class HostTier {
  public:
-  // `ahead`: buffers the filling thread keeps ready (0: none, no thread).
-  HostTier(uint64_t capacity_bytes, uint32_t ahead);
+  // `capacity_bytes` 0: no tier (and no filling thread).
+  explicit HostTier(uint64_t capacity_bytes);
   ~HostTier();  // stops the filling thread
   HostTier(const HostTier&) = delete;
   HostTier& operator=(const HostTier&) = delete;
@@ -174,8 +178,6 @@ class HostTier {
   void Recycle(std::shared_ptr<TierBlock> b);
   void Drop(std::unordered_map<std::string, Entry>::iterator it);   // a committed entry; caller holds mu_
   void Put(const std::string& path, std::shared_ptr<TierBlock> b);  // caller holds mu_
-  // Kept buffers that fit `need` (about that size). Caller holds mu_.
-  uint32_t FreeFitting(uint64_t need) const;
   void FillLoop();
   // Takes `w` off the write-behind books; `shed` counts it as shed. Caller holds mu_.
   void Unqueue(const std::shared_ptr<TierWrite>& w, bool shed);
@@ -188,8 +190,8 @@ class HostTier {
   std::unordered_map<std::string, std::shared_ptr<TierBlock>> pending_;
   std::vector<std::shared_ptr<TierBlock>> free_;
   TierStats counts_;
-  const uint32_t ahead_;
-  uint64_t last_need_ = 0;  // the size Reserve was last asked for (0: none yet)
+  uint64_t last_need_ = 0;    // the size Reserve was last asked for (0: none yet)
+  bool fill_paused_ = false;  // the host's memory ran low: filling waits for the next Reserve
   bool stopping_ = false;
   // Write-behind: queued writes (oldest first; dropped ones skipped), and
   // every unwritten block by its temporary path and, once committed, its final one.

@@ -52,8 +52,7 @@ TransferEngine::TransferEngine(const EngineOptions& opts)
                  std::lock_guard<std::mutex> lock(mu_);
                  cv_.notify_all();
                }),
-      // Buffers ready ahead: two a stream, as many as can be reading at once.
-      tier_(opts.host_tier_bytes, 2 * opts.threads) {
+      tier_(opts.host_tier_bytes) {
   const uint32_t n = WorkerCount(opts_.threads);
   workers_.reserve(n);
   for (uint32_t i = 0; i < n; ++i) workers_.emplace_back([this, i] { WorkerLoop(i); });
