@@ -222,6 +222,8 @@ export interface NativeEngine {
   tierStats(): TierStats | undefined;
   /** Waits up to timeoutMs for every block written behind to be written; resolves with how many are not. */
   drainWrites(timeoutMs: number): Promise<number>;
+  /** Blocks of payloadBytes are coming: the Cache stage prepares its memory for them (returns at once). */
+  prepareTier(payloadBytes: number): void;
   close(): void;
 }
 

@@ -62,6 +62,8 @@ export interface EventSpec {
 export interface RegisterRequest {
   regions: RegionSpec[];
   events: EventSpec[];
+  /** The payload of one block this client will dump (block_bytes): the Cache stage prepares for it. */
+  blockBytes?: number;
 }
 
 export interface ReleaseRequest {
@@ -179,7 +181,10 @@ export function decodeRegister(msg: Msg): RegisterRequest {
       handle: cudaHandle(m.handle, `events[${i}].handle`),
     };
   });
-  return { regions, events };
+  if (msg.block_bytes === undefined || msg.block_bytes === null) return { regions, events };
+  const blockBytes = toUint(msg.block_bytes, "block_bytes");
+  if (blockBytes < 1) throw new ProtocolError("bad_message", `block_bytes must be positive, got ${blockBytes}`);
+  return { regions, events, blockBytes };
 }
 
 export function decodeRelease(msg: Msg): ReleaseRequest {

@@ -250,7 +250,16 @@ export class Store {
   // ---- sessions and namespaces ---------------------------------------------------
 
   register(s: Session, req: RegisterRequest): { regions: number[]; events?: number[] } {
-    return registerRegions(this.native, this.config, s, req);
+    if (req.blockBytes !== undefined && req.blockBytes > this.config.maxBlockBytes) {
+      throw new ProtocolError(
+        "too_large",
+        `block_bytes ${req.blockBytes} is above this engine's maxBlockBytes ${this.config.maxBlockBytes}`,
+      );
+    }
+    const out = registerRegions(this.native, this.config, s, req);
+    // The Cache stage prepares its memory for this size now, not at the first dump (host_tier.h).
+    if (req.blockBytes !== undefined && this.config.hostCacheBytes > 0) this.native.prepareTier(req.blockBytes);
+    return out;
   }
 
   release(s: Session, req: ReleaseRequest): Record<string, never> {

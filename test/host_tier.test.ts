@@ -151,3 +151,31 @@ test("the least recently used block leaves first; the tier never holds more than
   expect(t.hits).toBe(hits + 1);
   expect(t.usedBytes).toBeLessThanOrEqual(3 * FILE);
 });
+
+test("a client's block_bytes at registration prepares the stage before any dump; a size no block may have is refused by name", async () => {
+  const c = await start({ hostCacheBytes: 64 * FILE });
+  const reg = new ShmRegion(4 * SHARD, "random");
+  shm.push(reg);
+  const spec = { medium: "host", source: reg.name, size: reg.size };
+  expect(await tier(c)).toMatchObject({ usedBytes: 0 });
+  await c.call("register", { regions: [spec], block_bytes: SHARD });
+  // The filling thread makes every buffer the capacity holds, of this block's file size, with no block yet.
+  await until("the stage prepared", async () => (await tier(c)).usedBytes === 64 * FILE, 5000);
+  expect(await tier(c)).toMatchObject({ blocks: 0, pending: 0, usedBytes: 64 * FILE });
+
+  await expect(c.call("register", { regions: [spec], block_bytes: 2 ** 41 })).rejects.toThrow(
+    /block_bytes 2199023255552 is above this engine's maxBlockBytes/,
+  );
+  await expect(c.call("register", { regions: [spec], block_bytes: "big" })).rejects.toThrow(/block_bytes/);
+  await expect(c.call("register", { regions: [spec], block_bytes: 0 })).rejects.toThrow(/block_bytes must be positive, got 0/);
+});
+
+test("without block_bytes nothing is prepared until the first dump, then the rest of the capacity is", async () => {
+  const c = await start({ hostCacheBytes: 64 * FILE });
+  const src = await regions(c, 1, 4, "random", shm);
+  await new Promise((r) => setTimeout(r, 300));
+  expect(await tier(c)).toMatchObject({ usedBytes: 0 });
+  await dump(c, src.ids, [key(0, "p")], [0], true);
+  await until("the rest prepared", async () => (await tier(c)).usedBytes === 64 * FILE, 5000);
+  expect(await tier(c)).toMatchObject({ blocks: 1 });
+});

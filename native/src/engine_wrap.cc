@@ -25,7 +25,7 @@ Napi::Function EngineWrap::Define(Napi::Env env) {
        InstanceMethod<&EngineWrap::Lookup>("lookup"), InstanceMethod<&EngineWrap::Commit>("commit"),
        InstanceMethod<&EngineWrap::Remove>("remove"), InstanceMethod<&EngineWrap::Stats>("stats"),
        InstanceMethod<&EngineWrap::TierStatsOf>("tierStats"), InstanceMethod<&EngineWrap::DrainWrites>("drainWrites"),
-       InstanceMethod<&EngineWrap::Close>("close")});
+       InstanceMethod<&EngineWrap::PrepareTier>("prepareTier"), InstanceMethod<&EngineWrap::Close>("close")});
 }
 
 EngineWrap::EngineWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<EngineWrap>(info) {
@@ -304,6 +304,19 @@ Napi::Value EngineWrap::DrainWrites(const Napi::CallbackInfo& info) {
     channel->Complete(raw);
   });
   return promise;
+}
+
+// prepareTier(payloadBytes): the Cache stage prepares its memory for blocks
+// of that payload (the filling thread does the work; this returns at once).
+void EngineWrap::PrepareTier(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  CheckOpen(env);
+  if (info.Length() < 1 || !info[0].IsNumber()) throw ArgTypeError(env, "prepareTier(payloadBytes: number)");
+  const uint64_t bytes = SafeUint(env, info[0].As<Napi::Number>().DoubleValue(), "payloadBytes");
+  if (bytes > core_->options().max_block_bytes)
+    throw ArgRangeError(env, "payloadBytes " + std::to_string(bytes) + " is above maxBlockBytes " +
+                                 std::to_string(core_->options().max_block_bytes));
+  core_->PrepareTier(bytes);
 }
 
 Napi::Value EngineWrap::Stats(const Napi::CallbackInfo& info) {

@@ -100,6 +100,14 @@ void HostTier::FillLoop() {
   }
 }
 
+void HostTier::Prepare(uint64_t file_bytes) {
+  if (!enabled() || file_bytes == 0) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (last_need_ != 0) return;
+  last_need_ = AlignUp(file_bytes);
+  fill_cv_.notify_one();
+}
+
 std::shared_ptr<TierBlock> HostTier::Reserve(uint64_t file_bytes) {
   if (!enabled()) return nullptr;
   const uint64_t need = AlignUp(file_bytes);

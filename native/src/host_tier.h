@@ -21,8 +21,8 @@
 // evicted; pending ones never are. When nothing can be evicted, Reserve
 // says no and the transfer goes on without the tier.
 //
-// Once the tier knows a block size (the first Reserve), a thread of its own
-// prepares the rest of its capacity in buffers of that size, made and
+// Once the tier knows a block size (a client's word, Prepare, or the first
+// Reserve), a thread of its own prepares the rest of its capacity in buffers of that size, made and
 // faulted in ahead of the transfers, as UCM, LMCache and vLLM allocate their
 // host tiers at start: a fresh page is zeroed by the kernel at its first
 // touch, and a transfer doing that for every block ran dumps at 12-18 % of a
@@ -165,6 +165,10 @@ class HostTier {
   // Waits until no block is unwritten, or `timeout_ms` passed; returns how
   // many still are.
   uint64_t WaitWritten(uint32_t timeout_ms);
+  // Blocks of `file_bytes` are coming: when no block size is known yet, the
+  // filling thread prepares the capacity for that size now (a size already
+  // seen in a Reserve is kept: it is what the transfers ask for).
+  void Prepare(uint64_t file_bytes);
 
   TierStats stats();
 

@@ -166,6 +166,9 @@ class TransferEngine {
   // Waits up to `timeout_ms` for every block written behind to be written;
   // returns how many are not. Blocks the caller: run it off the JS thread.
   uint64_t DrainWrites(uint32_t timeout_ms) { return tier_.WaitWritten(timeout_ms); }
+  // A client's word that its blocks hold `payload` bytes: the Cache stage
+  // prepares its memory for them before the first one arrives.
+  void PrepareTier(uint64_t payload) { tier_.Prepare(FileSizeFor(payload)); }
   // Worker threads for `streams` transfer streams: one a stream, and a
   // second one a stream (see the top of this file) as long as there are CPUs
   // for them: on a host with fewer CPUs than streams, more threads preparing

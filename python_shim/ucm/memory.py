@@ -205,10 +205,12 @@ class RegionRegistry:
             except EngineError:
                 pass  # a new session (or none): the engine has already let them go
 
-    def locate_many(self, tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+    def locate_many(self, tensors: list[torch.Tensor], block_bytes: int = 0) -> list[tuple[int, int]]:
         """(region id, byte offset of the tensor's first element in the region)
         per tensor; storages not registered in this session are registered in
-        one request."""
+        one request. `block_bytes`, when known: the payload of one block the
+        caller will dump, told with the registration so that the engine's
+        Cache stage prepares its memory before the first block comes."""
         assert self.client is not None
         self.flush()
         entries = [self._entry(t) for t in tensors]
@@ -220,7 +222,8 @@ class RegionRegistry:
                 seen.add(id(e))
                 need.append(e)
         if need:
-            rids = self.client.call("register", regions=[e.spec for e in need])["regions"]
+            extra = {"block_bytes": block_bytes} if block_bytes > 0 else {}
+            rids = self.client.call("register", regions=[e.spec for e in need], **extra)["regions"]
             for e, rid in zip(need, rids):
                 e.rid, e.epoch = int(rid), self.client.epoch
         return [(e.rid, t.data_ptr() - e.start) for e, t in zip(entries, tensors)]  # type: ignore[misc]

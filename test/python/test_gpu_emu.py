@@ -457,6 +457,29 @@ def test_the_kv_cache_is_opened_by_the_engine_at_registration(emu_node, cuda_emu
 
 
 @needs_emu_engine
+def test_registration_prepares_the_cache_stage_for_the_block_size(emu_node, cuda_emu, tiny_model):
+    """With a Cache stage, vLLM's registration of the KV cache tells the
+    engine the size of a block, and the stage prepares its memory for blocks
+    of that size before the first request (host_tier.h), not during the first
+    dumps."""
+    from connector_kit import connector
+
+    conn = connector(tiny_model, emu_node(hostCacheBytes="8MiB"), num_blocks=4)
+    conn.register_kv_caches({f"l{i}": cuda_emu.tensor((4, 2, 16, 128), torch.bfloat16) for i in range(2)})
+    assert conn._disabled is None
+    file_bytes = 4096 + 2 * (2 * 16 * 128 * 2)  # header + 2 layers of one block
+    deadline = time.monotonic() + 10
+    while True:
+        tier = conn.client.raw("stats")["tier"]
+        if tier["usedBytes"] == (8 << 20) // file_bytes * file_bytes or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert tier["usedBytes"] == (8 << 20) // file_bytes * file_bytes
+    assert tier["blocks"] == 0 and tier["pending"] == 0
+    conn.shutdown()
+
+
+@needs_emu_engine
 def test_kv_blocks_larger_than_a_staging_share_are_refused_at_registration(emu_node, cuda_emu, tiny_model, caplog):
     """A GPU block moves through one transfer stream's share of the
     engine's pinned staging; a block larger than that share would fail on

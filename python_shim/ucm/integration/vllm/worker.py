@@ -126,10 +126,11 @@ class UCMWorker(Loads, EngineLink):
         """Registers the KV cache memory with the engine now, at startup:
         opening CUDA IPC handles (and a GPU context in the engine) takes long
         enough that it must not happen in the first forward pass that loads
-        or saves. A failure here is only logged: the first transfer tries
-        again."""
+        or saves. The block's size goes with it, so that a Cache stage prepares
+        its memory now too. A failure here is only logged: the first transfer
+        tries again."""
         try:
-            self.regions.locate_many([tr.tensor for tr in self._layers])
+            self.regions.locate_many([tr.tensor for tr in self._layers], block_bytes=self._block_bytes)
         except Exception as e:  # noqa: BLE001 - the first transfer registers them, or fails as a miss
             logger.warning("UCM: could not register the KV cache with the engine yet (%s); the first transfer will", e)
 
