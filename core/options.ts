@@ -332,7 +332,7 @@ export const OPTIONS: Record<string, OptionSpec> = {
     dflt: 0,
     doc: "host memory of the Cache stage: a tier in front of the directories, shared by every client of the engine (0 = none)",
     details:
-      'Dumped blocks stay there once committed and loaded blocks once verified; a load of a block it holds is one copy from it (no read, no checksum pass), the least recently used go first. The memory is prepared in the background once the block size is known (vLLM\'s registration, or the first block), leaving at least an eighth of the host\'s memory available (docs/cache_stage.md). UCM\'s store_pipeline "Cache|Posix" turns it on with cache_buffer_capacity_gb (docs/configuration.md). Without writeBehind a dump is answered once its file is written.',
+      "Dumped blocks stay there once committed and loaded blocks once verified; a load of a block it holds is one copy from it (no read, no checksum pass), the least recently used go first. The memory is prepared in the background once the block size is known (vLLM's registration, or the first block), leaving at least an eighth of the host's memory available (docs/cache_stage.md). UCM's store_pipeline \"Cache|Posix\" turns it on with cache_buffer_capacity_gb (docs/configuration.md). Without writeBehind a dump is answered once its file is written.",
   },
   writeBehind: {
     key: "writeBehind",
