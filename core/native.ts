@@ -222,8 +222,11 @@ export interface NativeEngine {
   tierStats(): TierStats | undefined;
   /** Waits up to timeoutMs for every block written behind to be written; resolves with how many are not. */
   drainWrites(timeoutMs: number): Promise<number>;
-  /** Blocks of payloadBytes are coming: the Cache stage prepares its memory for them (returns at once). */
-  prepareTier(payloadBytes: number): void;
+  /**
+   * Blocks of payloadBytes are coming: the Cache stage prepares its memory for them (returns at once). False when
+   * there is no stage or it knows a block size already (it prepares for that one).
+   */
+  prepareTier(payloadBytes: number): boolean;
   close(): void;
 }
 

@@ -61,6 +61,8 @@ export class Store {
   private readonly transfers: Transfers;
   private readonly capacity: CapacityManager;
   private readonly counters: Counters = newCounters();
+  /** The block size a client's registration told the Cache stage to prepare for (register's block_bytes). */
+  private preparedFor?: number;
   private readonly lookups: BlockLookups;
   /** The circuit breaker in front of the storage directories. */
   private readonly health: StoreHealth;
@@ -257,8 +259,16 @@ export class Store {
       );
     }
     const out = registerRegions(this.native, this.config, s, req);
-    // The Cache stage prepares its memory for this size now, not at the first dump (host_tier.h).
-    if (req.blockBytes !== undefined && this.config.hostCacheBytes > 0) this.native.prepareTier(req.blockBytes);
+    // The Cache stage prepares its memory for this size now, not at the first dump (host_tier.h); the first
+    // size it is told is the one it prepares (said once).
+    if (req.blockBytes !== undefined && this.config.hostCacheBytes > 0 && this.preparedFor === undefined) {
+      this.preparedFor = req.blockBytes;
+      if (this.native.prepareTier(req.blockBytes))
+        this.log.info(
+          `Cache stage: preparing ${(this.config.hostCacheBytes / 2 ** 30).toFixed(2)} GiB in the background for blocks of ` +
+            `${req.blockBytes} bytes (a client's registration); it leaves an eighth of the host's memory available`,
+        );
+    }
     return out;
   }
 

@@ -162,6 +162,13 @@ test("a client's block_bytes at registration prepares the stage before any dump;
   // The filling thread makes every buffer the capacity holds, of this block's file size, with no block yet.
   await until("the stage prepared", async () => (await tier(c)).usedBytes === 64 * FILE, 5000);
   expect(await tier(c)).toMatchObject({ blocks: 0, pending: 0, usedBytes: 64 * FILE });
+  // Said once, however many clients tell it.
+  await c.call("register", { regions: [spec], block_bytes: SHARD });
+  const said = engine!
+    .output()
+    .split("\n")
+    .filter((l) => l.includes("Cache stage: preparing"));
+  expect(said).toEqual([expect.stringContaining(`for blocks of ${SHARD} bytes (a client's registration)`)]);
 
   await expect(c.call("register", { regions: [spec], block_bytes: 2 ** 41 })).rejects.toThrow(
     /block_bytes 2199023255552 is above this engine's maxBlockBytes/,

@@ -308,7 +308,8 @@ Napi::Value EngineWrap::DrainWrites(const Napi::CallbackInfo& info) {
 
 // prepareTier(payloadBytes): the Cache stage prepares its memory for blocks
 // of that payload (the filling thread does the work; this returns at once).
-void EngineWrap::PrepareTier(const Napi::CallbackInfo& info) {
+// False when there is no stage or it knows a block size already.
+Napi::Value EngineWrap::PrepareTier(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   CheckOpen(env);
   if (info.Length() < 1 || !info[0].IsNumber()) throw ArgTypeError(env, "prepareTier(payloadBytes: number)");
@@ -316,7 +317,7 @@ void EngineWrap::PrepareTier(const Napi::CallbackInfo& info) {
   if (bytes > core_->options().max_block_bytes)
     throw ArgRangeError(env, "payloadBytes " + std::to_string(bytes) + " is above maxBlockBytes " +
                                  std::to_string(core_->options().max_block_bytes));
-  core_->PrepareTier(bytes);
+  return Napi::Boolean::New(env, core_->PrepareTier(bytes));
 }
 
 Napi::Value EngineWrap::Stats(const Napi::CallbackInfo& info) {

@@ -45,7 +45,7 @@ class EngineWrap : public Napi::ObjectWrap<EngineWrap> {
   Napi::Value Stats(const Napi::CallbackInfo& info);
   Napi::Value TierStatsOf(const Napi::CallbackInfo& info);
   Napi::Value DrainWrites(const Napi::CallbackInfo& info);
-  void PrepareTier(const Napi::CallbackInfo& info);
+  Napi::Value PrepareTier(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
 
   // Splits a metadata batch over the metadata (or lookup) threads; `fn`

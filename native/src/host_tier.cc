@@ -100,12 +100,13 @@ void HostTier::FillLoop() {
   }
 }
 
-void HostTier::Prepare(uint64_t file_bytes) {
-  if (!enabled() || file_bytes == 0) return;
+bool HostTier::Prepare(uint64_t file_bytes) {
+  if (!enabled() || file_bytes == 0) return false;
   std::lock_guard<std::mutex> lock(mu_);
-  if (last_need_ != 0) return;
+  if (last_need_ != 0) return false;
   last_need_ = AlignUp(file_bytes);
   fill_cv_.notify_one();
+  return true;
 }
 
 std::shared_ptr<TierBlock> HostTier::Reserve(uint64_t file_bytes) {

@@ -167,8 +167,9 @@ class HostTier {
   uint64_t WaitWritten(uint32_t timeout_ms);
   // Blocks of `file_bytes` are coming: when no block size is known yet, the
   // filling thread prepares the capacity for that size now (a size already
-  // seen in a Reserve is kept: it is what the transfers ask for).
-  void Prepare(uint64_t file_bytes);
+  // seen in a Reserve is kept: it is what the transfers ask for). False when
+  // it does nothing (no tier, or a size known already).
+  bool Prepare(uint64_t file_bytes);
 
   TierStats stats();
 

@@ -168,7 +168,7 @@ class TransferEngine {
   uint64_t DrainWrites(uint32_t timeout_ms) { return tier_.WaitWritten(timeout_ms); }
   // A client's word that its blocks hold `payload` bytes: the Cache stage
   // prepares its memory for them before the first one arrives.
-  void PrepareTier(uint64_t payload) { tier_.Prepare(FileSizeFor(payload)); }
+  bool PrepareTier(uint64_t payload) { return tier_.Prepare(FileSizeFor(payload)); }
   // Worker threads for `streams` transfer streams: one a stream, and a
   // second one a stream (see the top of this file) as long as there are CPUs
   // for them: on a host with fewer CPUs than streams, more threads preparing
