@@ -10,7 +10,7 @@ import * as path from "path";
 import { EngineClient } from "../core/client";
 import { ShmRegion, shardColumns } from "./helpers/fixtures";
 import { RunningEngine, hello, startEngine, writeConfig } from "./helpers/engine";
-import { enginePid, residentSettled, stopWhen, writtenExtent } from "./helpers/pause";
+import { enginePid, stopWhen, writtenExtent } from "./helpers/pause";
 
 const NS = "jest-copy-deadline";
 const BIG = 256 << 20;
@@ -118,7 +118,6 @@ test("a dump paused mid-copy and resumed after its deadline is never committed",
     const c = engine.client(120000);
     await hello(c);
     const src = await region(c, BIG, "random");
-    await residentSettled(pid); // the engine's page tables for the region made: only the copy grows it from here
     const k = [key(0, "paused-dump")];
     // Stops the engine once its copy out of the client's memory has begun: the fresh staging it copies into
     // (and the client's pages it reads) grow its resident memory, by twice the block once the copy is over.

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <utility>
 
+#include "background.h"
 #include "block_file.h"
 
 namespace ucm {
@@ -17,10 +18,6 @@ namespace ucm {
 TierBlock::~TierBlock() { std::free(data); }
 
 namespace {
-
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23  // Linux 5.14
-#endif
 
 uint64_t SteadyNs() {
   return static_cast<uint64_t>(
@@ -30,7 +27,7 @@ uint64_t SteadyNs() {
 
 // Every page of `p` made present now, so that no transfer pays for it.
 void FaultIn(uint8_t* p, uint64_t n) {
-  if (madvise(p, n, MADV_POPULATE_WRITE) == 0) return;
+  if (PopulateWrite(p, n)) return;
   for (uint64_t i = 0; i < n; i += 4096) p[i] = 0;  // an older kernel: one write a page
 }
 

@@ -8,39 +8,10 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <thread>
-#include <vector>
-
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23  // Linux 5.14
-#endif
 
 namespace ucm {
 
 namespace {
-
-// Makes this process's page table entries for the pages of [base, base+size)
-// that the client's memory already has; a page it never touched is left
-// alone (populating it would allocate it: shared memory has no zero page).
-// No byte changes; a kernel before 5.14 refuses MADV_POPULATE_WRITE and the
-// transfers fault as before.
-void MapPresentPages(uint8_t* base, uint64_t size) {
-  const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
-  const uint64_t pages = (size + page - 1) / page;
-  std::vector<unsigned char> present(pages);
-  if (mincore(base, size, present.data()) != 0) return;
-  for (uint64_t i = 0; i < pages;) {
-    if ((present[i] & 1) == 0) {
-      ++i;
-      continue;
-    }
-    uint64_t j = i;
-    while (j < pages && (present[j] & 1) != 0) ++j;
-    if (madvise(base + i * page, (j - i) * page, MADV_POPULATE_WRITE) != 0) return;
-    i = j;
-  }
-}
-
 constexpr long kTmpfsMagic = 0x01021994;
 constexpr long kHugetlbfsMagic = 0x958458f6;
 
@@ -133,12 +104,6 @@ std::shared_ptr<HostRegion> HostRegion::Open(const std::string& source, uint64_t
   std::shared_ptr<HostRegion> region(new HostRegion(source));
   region->host_base_ = static_cast<uint8_t*>(base);
   region->size_ = size;
-  // The engine's page tables for the client's memory, made now in the
-  // background: otherwise the first copy into or out of each page faults it
-  // into this mapping (bench/write_behind_bench.py: a first dump of 1 GiB
-  // into a prepared Cache stage at 7-9 GB/s, 10-11 with this). The thread's
-  // reference keeps the mapping until it is done.
-  std::thread([region] { MapPresentPages(region->host_base(), region->size()); }).detach();
   return region;
 }
 

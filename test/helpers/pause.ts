@@ -75,26 +75,3 @@ export function enginePid(output: string): number {
   if (!m) throw new Error(`no pid in the engine's output:\n${output}`);
   return Number(m[1]);
 }
-
-/** The resident memory of `pid`, bytes. */
-export function residentBytes(pid: number): number {
-  return Number(fs.readFileSync(`/proc/${pid}/statm`, "utf8").split(" ")[1]) * 4096;
-}
-
-/**
- * Waits (at most `timeoutMs`) until the resident memory of `pid` has not changed for `quietMs`: the engine
- * maps a registered region's pages in the background (region.cc), which grows it as a dump's copy would.
- */
-export async function residentSettled(pid: number, quietMs = 300, timeoutMs = 5000): Promise<void> {
-  const end = Date.now() + timeoutMs;
-  let last = residentBytes(pid);
-  let since = Date.now();
-  while (Date.now() < end && Date.now() - since < quietMs) {
-    await new Promise((r) => setTimeout(r, 20));
-    const now = residentBytes(pid);
-    if (now !== last) {
-      last = now;
-      since = Date.now();
-    }
-  }
-}
