@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(ROOT, "python_shim"))
 sys.path.insert(0, os.path.join(ROOT, "test", "python"))
 
 from page_cache import drop_caches  # noqa: E402
-from write_behind_bench import engine_pid, stop_engine  # noqa: E402
+from engine_proc import engine_pid, stop_engine  # noqa: E402
 
 HEADER = 4096
 

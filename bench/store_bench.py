@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 
+from engine_proc import engine_pid, stop_engine
 from page_cache import drop_caches
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,22 +76,6 @@ def fio(directory: str, rw: str, file_bytes: int, nblocks: int, threads: int) ->
     ).stdout
     job = json.loads(out[out.index("{") :])["jobs"][0]
     return (job["write"] if rw == "write" else job["read"])["bw_bytes"] / 1e9
-
-
-def stop_engine(store, sock: str) -> None:
-    """Closes `store` and ends its engine (SIGTERM), waiting up to 5 s for it to go."""
-    from ucm.client import EngineClient
-
-    pid = EngineClient(f"ipc://{sock}", 3000).raw("health").get("pid")
-    store.close()
-    if pid:
-        os.kill(pid, 15)
-        for _ in range(100):
-            try:
-                os.kill(pid, 0)
-                time.sleep(0.05)
-            except ProcessLookupError:
-                break
 
 
 def main() -> int:
@@ -191,7 +176,9 @@ def main() -> int:
                                 store.commit(ks)
                                 dump = n * block / (time.perf_counter() - t0) / 1e9
                                 if a.cold_tier:
-                                    stop_engine(store, sock)  # its files are written: the dump was answered
+                                    pid = engine_pid(sock)
+                                    store.close()
+                                    stop_engine(pid, 5)  # its files are written: the dump was answered
                                     store = NfsStore(flat, namespace="bench")
                                     if "shared" in a.memory.split(","):
                                         store.register_memory([src, dst])
@@ -216,7 +203,9 @@ def main() -> int:
                                 )
                                 remove_blocks(store_dir)  # the disk holds one case at a time
                 finally:
-                    stop_engine(store, sock)
+                    pid = engine_pid(sock)
+                    store.close()
+                    stop_engine(pid, 5)
                     shutil.rmtree(store_dir, ignore_errors=True)
                 for shape_mem, runs in cells.items():
                     med = [statistics.median(r[k] for r in runs) for k in range(4)]

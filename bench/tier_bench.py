@@ -35,20 +35,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python_shim"))
 
-
-def stop_engine(sock: str) -> None:
-    from ucm.client import EngineClient
-
-    pid = EngineClient(f"ipc://{sock}", 3000).raw("health").get("pid")
-    if not pid:
-        return
-    os.kill(pid, 15)
-    for _ in range(200):
-        try:
-            os.kill(pid, 0)
-            time.sleep(0.05)
-        except ProcessLookupError:
-            return
+from engine_proc import engine_pid, stop_engine  # noqa: E402
 
 
 def main() -> int:
@@ -123,7 +110,7 @@ def main() -> int:
                         )
                 finally:
                     store.close()
-                    stop_engine(sock)
+                    stop_engine(engine_pid(sock), 10)
                     shutil.rmtree(store_dir, ignore_errors=True)
                 c, ld = statistics.median(copies), statistics.median(loads)
                 rows.append(

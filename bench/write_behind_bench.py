@@ -50,6 +50,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "python_shim"))
 sys.path.insert(0, os.path.join(ROOT, "test", "python"))
 
+from engine_proc import engine_pid, stop_engine  # noqa: E402
 from page_cache import drop_caches  # noqa: E402
 
 
@@ -61,26 +62,6 @@ def written_bytes(cgroup: str, dev: str) -> int:
             if len(parts) == 3 and parts[0] == dev and parts[1] == "Write":
                 return int(parts[2])
     return 0
-
-
-def engine_pid(sock: str) -> int:
-    from ucm.client import EngineClient
-
-    c = EngineClient(f"ipc://{sock}", 3000)
-    try:
-        return int(c.raw("health")["pid"])
-    finally:
-        c.close()
-
-
-def stop_engine(pid: int) -> None:
-    os.kill(pid, 15)
-    for _ in range(600):
-        try:
-            os.kill(pid, 0)
-            time.sleep(0.05)
-        except ProcessLookupError:
-            return
 
 
 def main() -> int:
