@@ -2,10 +2,12 @@
 // by two engines on one directory, eviction racing loads, the ledger across
 // restarts. Write admission: admission.test.ts; metrics and operator tools:
 // operator_tools.test.ts.
+import * as crypto from "crypto";
 import * as fs from "fs";
 import * as path from "path";
 import { EngineClient } from "../core/client";
 import { parseConfig, parseSize } from "../core/config";
+import { evict } from "../core/native";
 import { storeUsage } from "./helpers/fixtures";
 import { RunningEngine, hello, shortTmp } from "./helpers/engine";
 import { Mem, MiB, NS, engine, engines, finish, key, ledger, register, shards, stopEnginesAfterEach } from "./helpers/capacity_kit";
@@ -107,8 +109,17 @@ describe("capacity", () => {
     // Both engines stop; the ledger then matches the directory.
     await Promise.all(engines.splice(0).map((e) => e.stop()));
     const l = ledger(store);
-    expect(Math.abs(l.bytes - final.bytes)).toBeLessThanOrEqual(capacity * 0.05);
-    expect(final.blocks * perBlock).toBe(final.bytes - final.holders);
+    const after = storeUsage(store);
+    const ahead = l.bytes - after.bytes;
+    console.log(`capacity: ledger ${(ahead / MiB).toFixed(2)} MiB ahead of the directory after the stop`);
+    // What the last eviction pass could not tell apart: blocks written (its
+    // scan saw them) whose ledger update came after the pass began. Each
+    // engine reports a dump's blocks when the whole dump is done, and has one
+    // dump of 8 blocks in flight here. Directories that grew since the last
+    // scan are the only way to fall behind.
+    expect(ahead).toBeLessThanOrEqual(2 * 8 * perBlock);
+    expect(ahead).toBeGreaterThanOrEqual(-64 * 1024);
+    expect(after.blocks * perBlock).toBe(after.bytes - after.holders);
   }, 120000);
 
   test("the used-space figure (blocks and the namespace's directories) survives a restart, and a lost ledger is rebuilt by a scan", async () => {
@@ -259,6 +270,55 @@ describe("what the ledger counts", () => {
     while (rescans() < 1 && Date.now() < until) await new Promise((r) => setTimeout(r, 100));
     expect(rescans()).toBeGreaterThanOrEqual(1);
     expect(ledger(store)).toEqual({ bytes: onDisk.bytes, files: 1 });
+  }, 60000);
+
+  test("commits renamed while a rescan lists the directory are counted once", async () => {
+    // Another engine's commits land while this engine's scan runs: each one a
+    // rename from .tmp into the block's fan-out directory. The scan lists .tmp
+    // first; a block renamed afterwards into a directory not listed yet was
+    // counted twice (CI, 2026-12-05: the ledger 4.1 MiB ahead of a 64 MiB
+    // directory after two engines stopped). Renames here come from this
+    // process while the addon's scan runs on its own thread, over thousands of
+    // block files so the scan lasts long enough to be caught in the middle.
+    const store = path.join(shortTmp(), "store");
+    const ns = path.join(store, NS);
+    const hex = (i: number, salt: string) => crypto.createHash("sha256").update(`${salt}${i}`).digest("hex");
+    fs.mkdirSync(path.join(ns, ".tmp"), { recursive: true });
+    for (let f = 0; f < 256; f++) fs.mkdirSync(path.join(ns, f.toString(16).padStart(2, "0")));
+    const payload = Buffer.alloc(3000, 7);
+    for (let i = 0; i < 6000; i++) {
+      const k = hex(i, "stored");
+      fs.writeFileSync(path.join(ns, k.slice(0, 2), k), payload);
+    }
+    const temps = Array.from({ length: 600 }, (_, i) => hex(i, "landing"));
+    const tempPayload = Buffer.alloc(5000, 9);
+    for (const k of temps) fs.writeFileSync(path.join(ns, ".tmp", `${k}.t.1`), tempPayload);
+    let done = false;
+    const t0 = Date.now();
+    const pass = evict({ dir: store, graceMs: 0, timeoutMs: 5000 }).finally(() => {
+      done = true;
+    });
+    let renamed = 0;
+    while (!done && renamed < temps.length) {
+      for (const k of temps.slice(renamed, renamed + 2)) fs.renameSync(path.join(ns, ".tmp", `${k}.t.1`), path.join(ns, k.slice(0, 2), k));
+      renamed += 2;
+      await new Promise((r) => setTimeout(r, 0));
+    }
+    const r = await pass;
+    const onDisk = storeUsage(store);
+    console.log(
+      `rescan during commits: ${renamed} of ${temps.length} temporary files renamed before the pass ended (${Date.now() - t0} ms)`,
+    );
+    expect(renamed).toBeGreaterThan(0);
+    expect(renamed).toBeLessThan(temps.length); // the pass ended while commits were still landing
+    expect(r.error).toBeNull();
+    // A temporary file and its block file are the same bytes, so the bytes
+    // are exact whenever the pass ended; the block count may miss the commits
+    // that came after the scan (their engine's ledger update adds them).
+    expect(r.usedBytes).toBe(onDisk.bytes);
+    expect(ledger(store).bytes).toBe(onDisk.bytes);
+    expect(r.usedFiles).toBeLessThanOrEqual(onDisk.blocks);
+    expect(r.usedFiles).toBeGreaterThanOrEqual(6000);
   }, 60000);
 
   test("written behind (a Cache stage with writeBehind): once the files are written the ledger equals the directory", async () => {

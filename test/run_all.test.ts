@@ -74,6 +74,7 @@ describe("JUnit reports (pytest)", () => {
     expect([r.passed, r.failed, r.skipped]).toEqual([1, 1, 1]);
     expect(r.line).toBe("1 passed, 1 failed, 1 skipped");
     expect(r.named).toBe("test_x::test_skip");
+    expect(r.out.split("\n")).toContain("failed: pytest: test_x::test_bad");
   });
 
   test.each([0.25, 0.5, 0.9, 0.99])("a report cut at %p of its length is a failure, whatever the exit code", (fraction) => {
@@ -125,6 +126,7 @@ describe("jest reports", () => {
     expect([r.passed, r.failed, r.skipped]).toEqual([1, 1, 2]);
     expect(r.line).toBe("1 passed, 1 failed, 2 skipped");
     expect(r.named).toBe("a.test.js not here; a.test.js later");
+    expect(r.out.split("\n")).toContain("failed: jest: a.test.js bad");
   });
 
   test.each([0.1, 0.5, 0.95])("a report cut at %p of its length is a failure", (fraction) => {
@@ -140,7 +142,9 @@ describe("jest reports", () => {
     const rep = JSON.parse(fs.readFileSync(jestReport, "utf8"));
     rep.testResults.push({ ...rep.testResults[0], name: "/x/broken.test.ts", status: "failed", assertionResults: [] });
     fs.writeFileSync(path.join(dir, "broken.json"), JSON.stringify(rep));
-    expect(count('count_jest jest "$D/broken.json" 1').failed).toBe(2);
+    const r = count('count_jest jest "$D/broken.json" 1');
+    expect(r.failed).toBe(2);
+    expect(r.out).toMatch(/^failed: jest: a\.test\.js bad; jest: broken\.test\.ts \(did not run: .*\)$/m);
   });
 
   test("no report (jest killed by the time limit) is a failure", () => {
@@ -163,8 +167,10 @@ describe("the NFS suite", () => {
   });
 
   test("its own count line is added; without one (crashed, timed out) it is a failure", () => {
-    log("nfs.log", "ok xnode\n16 passed, 1 failed\n");
-    expect(count('count_nfs "$D/nfs.log" 1').line).toBe("16 passed, 1 failed");
+    log("nfs.log", "ok xnode\n  failed: v3 capacity: ledger says 1 bytes\n16 passed, 1 failed\n");
+    const failed = count('count_nfs "$D/nfs.log" 1');
+    expect(failed.line).toBe("16 passed, 1 failed");
+    expect(failed.out.split("\n")).toContain("failed: NFS suite: v3 capacity: ledger says 1 bytes");
     log("nfs-ok.log", "17 passed, 0 failed, 2 skipped\n");
     expect(count('count_nfs "$D/nfs-ok.log" 0').line).toBe("17 passed, 0 failed, 2 skipped");
     log("nfs-cut.log", "== booting the guest\n");
@@ -185,4 +191,5 @@ test("the whole run: one broken report among good ones never reads 0 failed", ()
   expect([r.passed, r.failed, r.skipped]).toEqual([1 + 1 + 2, 1 + 1, 2 + 1 + 1]);
   expect(r.line).toBe("4 passed, 2 failed, 4 skipped");
   expect(r.named).toBe("a.test.js not here; a.test.js later; NFS suite: not root; test_x::test_skip");
+  expect(r.out.split("\n")).toContain("failed: jest: a.test.js bad; pytest: report does not parse");
 });

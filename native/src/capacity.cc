@@ -140,6 +140,14 @@ uint64_t Allocated(const struct stat& st) { return static_cast<uint64_t>(st.st_b
 // it creates a namespace. So do the temporary files in .tmp (dumps not yet
 // committed, by size, as core/pending_commits.ts counts them): they are not
 // blocks, nor evictable, but they take room until committed or deleted.
+//
+// A commit renames a temporary file into its fan-out directory while a scan
+// may be running: listed once in .tmp and again under its key, it would count
+// twice (a whole batch of commits during a long scan: megabytes of ledger
+// running ahead), and listed in neither if the rename fell between the two.
+// So after a namespace's fan-out directories, every temporary file seen is
+// looked at again: still there, it counts as seen; gone, its size is taken
+// back, and its block file, if there now and not yet listed, is listed.
 void Scan(const std::string& dir, std::vector<Entry>* out, uint64_t* holders) {
   auto subdirs = [](const std::string& d, const std::function<void(const std::string&, const char*)>& fn) {
     DIR* dp = opendir(d.c_str());
@@ -163,26 +171,47 @@ void Scan(const std::string& dir, std::vector<Entry>* out, uint64_t* holders) {
     *holders += Allocated(st);
     return true;
   };
+  auto block_entry = [&](const std::string& file, const char* name) {
+    struct stat st;
+    if (lstat(file.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return;
+    out->push_back(Entry{MtimeNs(st), static_cast<uint64_t>(st.st_size), file, file.size() - std::strlen(name)});
+  };
   subdirs(dir, [&](const std::string& ns, const char*) {
     if (!count(ns, true)) return;
+    struct Temp {
+      std::string path;
+      std::string key;  // the name up to its first '.': <key hex>.<engine tag>.<seq>
+      uint64_t size;
+    };
+    std::vector<Temp> temps;
     if (count(ns + "/.tmp", true)) {
-      subdirs(ns + "/.tmp", [&](const std::string& file, const char*) {
+      subdirs(ns + "/.tmp", [&](const std::string& file, const char* name) {
         struct stat st;
-        if (lstat(file.c_str(), &st) == 0 && S_ISREG(st.st_mode)) *holders += static_cast<uint64_t>(st.st_size);
+        if (lstat(file.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return;
+        *holders += static_cast<uint64_t>(st.st_size);
+        temps.push_back(Temp{file, std::string(name, std::strcspn(name, ".")), static_cast<uint64_t>(st.st_size)});
       });
     }
+    const size_t first_block = out->size();
     subdirs(ns, [&](const std::string& fan, const char*) {
       if (!real_dir(fan)) {
         count(fan, false);  // NAMESPACE
         return;
       }
       count(fan, true);
-      subdirs(fan, [&](const std::string& file, const char* name) {
-        struct stat st;
-        if (lstat(file.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return;
-        out->push_back(Entry{MtimeNs(st), static_cast<uint64_t>(st.st_size), file, file.size() - std::strlen(name)});
-      });
+      subdirs(fan, block_entry);
     });
+    std::unordered_set<std::string> listed;
+    for (const Temp& t : temps) {
+      struct stat st;
+      if (lstat(t.path.c_str(), &st) == 0) continue;
+      *holders -= std::min(*holders, t.size);
+      if (t.key.size() < 2) continue;
+      if (listed.empty())
+        for (size_t i = first_block; i < out->size(); ++i) listed.insert((*out)[i].path.substr((*out)[i].name_at));
+      if (!listed.insert(t.key).second) continue;
+      block_entry(ns + "/" + t.key.substr(0, 2) + "/" + t.key, t.key.c_str());
+    }
   });
 }
 

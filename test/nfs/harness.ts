@@ -489,6 +489,9 @@ export function report(out: string, elapsedS: number): number {
   }
   const passed = rs.filter((r) => r.ok).length;
   const failed = rs.length - passed + problems.length;
+  // The failures once more, last: a CI log cut to its tail still names them.
+  for (const r of rs.filter((x) => !x.ok)) console.log(`  failed: ${r.name}: ${r.error?.split("\n")[0]}`);
+  for (const p of problems) console.log(`  failed: ${p}`);
   console.log(`NFS suite took ${elapsedS} s in all`);
   console.log(`${passed} passed, ${failed} failed`);
   return failed === 0 ? 0 : 1;
