@@ -148,8 +148,11 @@ export function decodeRegister(msg: Msg): RegisterRequest {
   }
   if (!Array.isArray(evList) || evList.length > 1024)
     throw new ProtocolError("bad_message", `events must be an array (at most 1024), got ${describe(evList)}`);
-  if (list.length === 0 && evList.length === 0)
-    throw new ProtocolError("bad_message", `regions must be a non-empty array, got ${describe(msg.regions)}`);
+  // Nothing but block_bytes is allowed: a client that knows its block size before it has memory to register
+  // (ucm.store.NfsStore given block_size) tells the Cache stage early.
+  const sizeOnly = msg.block_bytes !== undefined && msg.block_bytes !== null;
+  if (list.length === 0 && evList.length === 0 && !sizeOnly)
+    throw new ProtocolError("bad_message", `regions must be a non-empty array (or block_bytes given), got ${describe(msg.regions)}`);
   const regions = list.map((r, i): RegionSpec => {
     const m = mapAt(r, `regions[${i}]`);
     const medium = m.medium;

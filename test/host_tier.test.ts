@@ -177,6 +177,14 @@ test("a client's block_bytes at registration prepares the stage before any dump;
   await expect(c.call("register", { regions: [spec], block_bytes: 0 })).rejects.toThrow(/block_bytes must be positive, got 0/);
 });
 
+test("block_bytes alone (no memory to register yet) prepares the stage; a registration of nothing at all is refused", async () => {
+  const c = await start({ hostCacheBytes: 16 * FILE });
+  expect(await c.call("register", { block_bytes: SHARD })).toMatchObject({ regions: [] });
+  await until("the stage prepared", async () => (await tier(c)).usedBytes === 16 * FILE, 5000);
+  await expect(c.call("register", {})).rejects.toThrow(/regions must be a non-empty array \(or block_bytes given\), got nothing/);
+  await expect(c.call("register", { regions: [], events: [] })).rejects.toThrow(/regions must be a non-empty array/);
+});
+
 test("without block_bytes nothing is prepared until the first dump, then the rest of the capacity is", async () => {
   const c = await start({ hostCacheBytes: 64 * FILE });
   const src = await regions(c, 1, 4, "random", shm);

@@ -365,22 +365,22 @@ export async function sharedCapacity(ctx: Ctx, t: T): Promise<void> {
   // pass started, is counted twice until the next pass (more likely over NFS,
   // where a scan takes longer). That errs on the safe side (evicting a little
   // early); a ledger behind the directory lets it overflow until the next
-  // pass. (Commits renamed during the scan were counted twice as well, in .tmp
-  // and under their key: no longer, native/src/capacity.cc's Scan; 1.0 and
-  // 1.6 MiB ahead after that, against 2.6 to 6.8 before.) Over NFS it does fall behind now and then (a known fault, not fixed
-  // yet): a pass's scan reads the directories through its node's directory
-  // cache, which may not list yet files the other node committed just before
-  // (their ledger update already in the pass's `before`), and the scan's
-  // count replaces the ledger's. 2026-12-05: 0.39 and 3.0 MiB behind in two
-  // of nine runs, 2.6 to 6.8 MiB ahead in the others. The peak and final
-  // checks above bound what that costs; this one bounds the drift itself.
+  // pass. Two faults made it worse, both fixed in native/src/capacity.cc's
+  // Scan on 2026-12-05: commits renamed during a scan were counted twice (in
+  // .tmp and under their key), and a scan listed directories from its node's
+  // cache of them, missing files the other node had committed (their ledger
+  // updates already in the pass's `before`), so the ledger fell behind (0.39,
+  // 3.0 and 7.35 MiB in three of ten runs; 2.6 to 6.8 MiB ahead in the
+  // others). After both: 0 to 3.35 MiB ahead in ten runs, never behind. The
+  // peak and final checks above bound what the drift costs; these bound it.
+  // Behind: only by directories grown since the last scan (kilobytes).
   check(
-    Number(lb) >= after.bytes - capacity * 0.1,
-    `ledger says ${lb} bytes, behind the directory's ${after.bytes} by more than 10 % of the capacity`,
+    Number(lb) >= after.bytes - capacity * 0.02,
+    `ledger says ${lb} bytes, behind the directory's ${after.bytes} by more than 2 % of the capacity`,
   );
   // Lost updates (no working lock) would scatter it either way; the double
-  // counting above stays within what the other engine commits during a pass.
-  check(Number(lb) - after.bytes <= capacity * 0.3, `ledger says ${lb} bytes, the directory holds ${after.bytes}`);
+  // counting above stays within what the engines have in flight during a pass.
+  check(Number(lb) - after.bytes <= capacity * 0.15, `ledger says ${lb} bytes, the directory holds ${after.bytes}`);
 }
 
 /** Temporary files under `store` (the server's view), and how many are shorter than a whole block file of `full` bytes. */
@@ -495,7 +495,9 @@ export async function sigkill(ctx: Ctx, t: T): Promise<void> {
   check(partial === 0, `${partial} committed block file(s) of the wrong size`);
   check(hit.length === visible.size, `node b found ${hit.length} blocks, the server holds ${visible.size}`);
   check(bad.length === 0, `${bad.length} block(s) found on node b did not load exact`);
-  check(left.torn > 0, `the kill left no torn temporary file (${temps} whole ones): no write was in flight`);
+  // The kill came while a write was on its way (a temporary file shorter than a block on the server). It may
+  // still end whole: write RPCs the client had sent complete on the server after the process is gone.
+  check(inFlight.torn > 0, `no torn temporary file on the server in 30 s of slowed writes: no write was in flight at the kill`);
   check(tempsAfter === 0, `${tempsAfter} temporary file(s) of the killed engine left 30 s after the restart`);
 }
 

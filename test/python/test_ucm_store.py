@@ -95,6 +95,28 @@ def test_ucm_modules_names_and_return_values(flat):
         store.close()
 
 
+def test_kv_block_size_prepares_the_cache_stage_when_the_store_opens(flat, caplog):
+    """UcmNfsStore with kv_block_size and a Cache stage: the engine hears the
+    block's size when the store opens and makes the stage's memory for it
+    in the background, before the first dump. A size the engine refuses is
+    said at once, naming it."""
+    import time
+
+    cfg = {**flat, "store_pipeline": "Cache|Posix", "cache_buffer_capacity_gb": 1 / 64, "kv_block_size": 1 << 20}
+    store = UcmNfsStore(cfg)
+    try:
+        want = (16 << 20) // (4096 + (1 << 20)) * (4096 + (1 << 20))
+        deadline = time.monotonic() + 10
+        while (tier := store.store.client.call("stats")["tier"])["usedBytes"] < want and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tier["usedBytes"] == want and tier["blocks"] == 0, tier
+        caplog.set_level(logging.WARNING, logger="ucm")
+        store.store.expect_block_bytes(1 << 41)
+        assert "blocks of 2199023255552 bytes: " in caplog.text and "maxBlockBytes" in caplog.text
+    finally:
+        store.close()
+
+
 def test_flat_config_keys_are_mapped_or_warned_about(storage, caplog, monkeypatch):
     from ucm import ucm_keys
 

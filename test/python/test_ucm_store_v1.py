@@ -173,6 +173,38 @@ def test_v1_layerwise_shards_and_the_last_one_makes_the_block_visible(connector_
         sched.close()
 
 
+def test_a_worker_store_prepares_the_cache_stage_for_its_shard_before_any_dump(connector_config):
+    """A worker's store tells the engine its shard's size when it opens
+    (NfsStore.expect_block_bytes): the Cache stage makes its memory for
+    block files of that size in the background, before the first dump, as
+    vLLM's registration does for our own connector. A scheduler's store,
+    which dumps nothing, tells it nothing."""
+    import time
+
+    cc = dict(connector_config, cache_buffer_capacity_gb=1 / 64)  # a 16 MiB stage
+    caches = kv_caches()
+    sched = UcmConnectorFactoryV1.create_connector("UcmPipelineStore", store_config(cc, "scheduler"))
+    try:
+        time.sleep(0.5)
+        assert sched.store.client.call("stats")["tier"]["usedBytes"] == 0
+        worker = UcmConnectorFactoryV1.create_connector(
+            "UcmPipelineStore", store_config(cc, "worker", layerwise=True, caches=caches)
+        )
+    except BaseException:
+        sched.close()
+        raise
+    try:
+        file_bytes = 4096 + worker.shard_size  # a block file: its header, then one shard
+        want = (16 << 20) // file_bytes * file_bytes
+        deadline = time.monotonic() + 10
+        while (tier := worker.store.client.call("stats")["tier"])["usedBytes"] < want and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tier["usedBytes"] == want and tier["blocks"] == 0, tier
+    finally:
+        worker.close()
+        sched.close()
+
+
 def test_v1_config_is_checked_as_the_yaml_is(connector_config, storage):
     """The store's flat config goes through the same key table as the YAML:
     UCM's other pipelines and keys nobody documents are refused; the V1

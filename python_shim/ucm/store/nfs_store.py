@@ -129,6 +129,24 @@ class NfsStore:
         self._closed = False
         self._finalizer = weakref.finalize(self, _close_client, self.client)
         _live_stores.add(self)
+        self._expected_block_bytes = 0
+        if block_size and start_engine:
+            self.expect_block_bytes(block_size)
+
+    def expect_block_bytes(self, nbytes: int) -> None:
+        """Tells the engine the payload of the blocks this store will dump
+        (a registration of nothing but the size; NfsStore does it itself when
+        given `block_size`): a Cache stage then makes its memory for blocks
+        of that size in the background now, rather than during the first
+        dumps (docs/cache_stage.md). Said again to an engine started anew.
+        Best effort: without it the stage prepares at the first block."""
+        self._expected_block_bytes = nbytes
+        try:
+            self.client.call("register", block_bytes=nbytes)
+        except EngineUnavailable as e:
+            logger.debug("UCM: could not tell the engine the block size (%s)", e)
+        except EngineError as e:  # a size the engine refuses (too_large): every dump of it would fail
+            logger.warning("UCM: blocks of %d bytes: %s", nbytes, e)
 
     # ---- the engine, started again when it died ------------------------------------
 
@@ -154,6 +172,8 @@ class NfsStore:
             self._retry_at = time.monotonic() + 5.0
             raise EngineUnavailable(f"cannot start the engine: {e}") from e
         self._down = False
+        if self._expected_block_bytes:
+            self.expect_block_bytes(self._expected_block_bytes)
 
     def _call(self, op: str, **args: Any) -> dict[str, Any]:
         self._ready()

@@ -27,8 +27,11 @@ written without the others is a block whose load finds the missing ones
 absent: a failed load, never wrong bytes. Dumps are committed by the engine
 as each shard lands (there is no commit call in this interface).
 
-Differences from UCM (docs/ucm_store.md): there is no Cache stage yet
-(prefetch does nothing, blocks go to the directory); `cc_store` raises;
+Differences from UCM (docs/ucm_store.md): the Cache stage is the engine's,
+shared by every process on the node (docs/cache_stage.md), and `prefetch`
+does nothing (blocks enter the stage when they are dumped or loaded); a
+worker tells the engine its shard's size when it opens, so that the stage
+makes its memory before the first dump; `cc_store` raises;
 `wait` raises only once the engine can no longer touch the task's memory,
 and `check` never raises (a failure is what `wait` says, or the task's
 `failed_block_ids`); raw addresses of GPU memory must be inside a tensor the
@@ -126,6 +129,9 @@ class UcmPipelineStore(UcmKVStoreBaseV1):
             name=f"ucm.{self.CONNECTOR_NAME}.{role}",
             prefault_staging=False,  # UCM's callers pass device memory; staging is made at its first use
         )
+        # A worker's block files each hold one shard: the size the engine's Cache stage prepares for.
+        if role == "worker" and (self.shard_size or self.block_size):
+            self.store.expect_block_bytes(self.shard_size or self.block_size)
 
     # ---- where a shard lives --------------------------------------------------------
 
@@ -241,7 +247,7 @@ class UcmPipelineStore(UcmKVStoreBaseV1):
         return self.store.lookup_prefix([self._key(b, self.shards - 1, i) for i, b in enumerate(block_ids)]) - 1
 
     def prefetch(self, block_ids: List[bytes]) -> None:
-        return None  # no Cache stage yet: a load reads the directory
+        return None  # blocks enter the engine's Cache stage when dumped or loaded, not ahead
 
     def load(self, block_ids: List[bytes], shard_index: List[int], dst_tensor: List[List[torch.Tensor]]) -> Task:
         return self._tensors("load", block_ids, shard_index, dst_tensor)
