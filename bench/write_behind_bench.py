@@ -2,7 +2,7 @@
 slower than memory (issue 27), through the public API.
 
     python bench/write_behind_bench.py [--gib 1] [--block-mib 4,16] [--threads 8,32]
-                                       [--write-mbps 200] [--prepare] [--json FILE]
+                                       [--write-mbps 200] [--prepare | --block-size] [--json FILE]
 
 Needs root: the directory is an ext4 on a loop device (test/python/slow_disk.py)
 whose writes by the engine the blkio cgroup throttles to --write-mbps: that
@@ -19,7 +19,10 @@ For each block size and thread count:
   warm one (the first round's buffers reused). With --prepare, one block is
   dumped first and the bench waits until the engine has prepared the Cache
   stage's memory for that block size (its filling thread: host_tier.h), as
-  a server's first requests leave it prepared for the ones after;
+  a server's first requests leave it prepared for the ones after. With
+  --block-size, the store is opened with block_size (as UcmNfsStore with
+  kv_block_size is): the engine prepares the stage from the store's opening,
+  and the first dump follows at once, racing the preparation;
 - the write-behind that follows: from the dump's start until the engine's
   own figures (`stats`, tier.unwritten) say every file is written; how busy
   it kept the directory is the bytes the cgroup counted written to the
@@ -74,8 +77,13 @@ def main() -> int:
     ap.add_argument(
         "--prepare", action="store_true", help="one block dumped first, then wait until the Cache stage is prepared"
     )
+    ap.add_argument(
+        "--block-size", action="store_true", help="open the store with block_size, then dump at once (no wait)"
+    )
     ap.add_argument("--json", help="also write the rows to this JSON file")
     a = ap.parse_args()
+    if a.prepare and a.block_size:
+        ap.error("--prepare and --block-size measure different starts: give one")
     os.environ.setdefault("UCM_TASK_LINES", "0")
     import torch
 
@@ -130,6 +138,7 @@ def main() -> int:
                 store = NfsStore(
                     {**common, "store_pipeline": "Cache|Posix", "cache_buffer_capacity_gb": round(cache_gb, 3)},
                     namespace="wb",
+                    block_size=block if a.block_size else None,
                 )
                 pid = engine_pid(sock)
                 disk.admit(pid)
@@ -235,7 +244,7 @@ def main() -> int:
             json.dump({"gib": a.gib, "cpus": os.cpu_count(), "rows": rows}, f, indent=1)
     print()
     print(
-        f"| block | threads | host copy GB/s | dump GB/s, tier {'prepared (in s)' if a.prepare else 'cold'} | dump GB/s, tier warm | warm dump / copy | "
+        f"| block | threads | host copy GB/s | dump GB/s, tier {'prepared (in s)' if a.prepare else 'opened with block_size' if a.block_size else 'cold'} | dump GB/s, tier warm | warm dump / copy | "
         "directory limit MB/s | written behind in s (cold, warm) | directory busy (cold, warm) | shed | "
         "another engine: found, byte-exact | Posix alone dump GB/s |"
     )
