@@ -61,6 +61,7 @@ HostTier::~HostTier() {
     stopping_ = true;
   }
   fill_cv_.notify_all();
+  filled_cv_.notify_all();
   if (filler_.joinable()) filler_.join();
 }
 
@@ -73,10 +74,13 @@ void HostTier::FillLoop() {
     if (stopping_) return;
     const uint64_t need = last_need_;
     used_ += need;  // claimed before the allocation, which runs unlocked
+    filling_ = need;
     lock.unlock();
     if (!HostHasRoomFor(need)) {
       lock.lock();
       used_ -= need;
+      filling_ = 0;
+      filled_cv_.notify_all();
       fill_paused_ = true;  // the transfers make buffers as they need; the next Reserve looks again
       continue;
     }
@@ -89,6 +93,8 @@ void HostTier::FillLoop() {
       FaultIn(b->data, need);
     }
     lock.lock();
+    filling_ = 0;
+    filled_cv_.notify_all();
     if (!made) {
       used_ -= need;
       return;  // no memory: the transfers allocate as they need, or go without the tier
@@ -110,7 +116,7 @@ std::shared_ptr<TierBlock> HostTier::Reserve(uint64_t file_bytes) {
   if (!enabled()) return nullptr;
   const uint64_t need = AlignUp(file_bytes);
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_lock<std::mutex> lock(mu_);
     last_need_ = need;
     fill_paused_ = false;
     fill_cv_.notify_one();  // one buffer fewer ahead (or a new size): the filling thread makes another
@@ -132,6 +138,11 @@ std::shared_ptr<TierBlock> HostTier::Reserve(uint64_t file_bytes) {
       } else if (!lru_.empty()) {
         Drop(committed_.find(lru_.back()));
         ++counts_.evicted;
+      } else if (filling_ != 0 && !stopping_) {
+        // The room is the buffer the filling thread is making: it is one
+        // allocation and fault-in away (milliseconds), so wait for it rather
+        // than send this block around the tier.
+        filled_cv_.wait(lock);
       } else {
         ++counts_.refused;  // everything held is pending or lent
         return nullptr;

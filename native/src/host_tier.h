@@ -19,7 +19,10 @@
 // evicted block's buffer takes the next one without new page faults). When
 // a new buffer does not fit, the least recently used committed entries are
 // evicted; pending ones never are. When nothing can be evicted, Reserve
-// says no and the transfer goes on without the tier.
+// says no and the transfer goes on without the tier, unless the room is the
+// buffer the filling thread (below) is making at that moment: then Reserve
+// waits for it (one allocation and fault-in). It once said no there, and a
+// block the tier had room for went around it (CI, host_tier.test.ts).
 //
 // Once the tier knows a block size (a client's word, Prepare, or the first
 // Reserve), a thread of its own prepares the rest of its capacity in buffers of that size, made and
@@ -197,6 +200,10 @@ class HostTier {
   TierStats counts_;
   uint64_t last_need_ = 0;    // the size Reserve was last asked for (0: none yet)
   bool fill_paused_ = false;  // the host's memory ran low: filling waits for the next Reserve
+  // The buffer the filling thread is making now (counted in used_, not yet in
+  // free_): a Reserve that finds no room waits for it instead of refusing.
+  uint64_t filling_ = 0;
+  std::condition_variable filled_cv_;  // notified when that buffer is in free_ (or given up)
   bool stopping_ = false;
   // Write-behind: queued writes (oldest first; dropped ones skipped), and
   // every unwritten block by its temporary path and, once committed, its final one.
