@@ -37,12 +37,13 @@ source test/counting.sh
 echo "== lint: scripts/lint.sh (format and lint of TypeScript, Python, C++), counted as one check"
 if bash scripts/lint.sh; then passed=$((passed + 1)); else fail_suite "lint"; fi
 
-# Each suite runs under a wall-clock limit, several times its usual time
-# (jest and pytest about 6 minutes each, the NFS suite 7, the wheel 3; CI 24
-# in all) and all four together inside CI's 90 minutes, so that a hang still
-# ends in the summary line: timeout kills the suite, which then has no report
-# or exits non-zero and counts as a failure. pytest also stops a single hung
-# test on its own (pytest-timeout: test/python/timeouts.py).
+# Each suite runs under a wall-clock limit, above its usual time (on the
+# 2-core VM, 2026-12-05: jest about 7 minutes, pytest 16 to 18, the NFS suite
+# 9, the wheel 2; CI 35 in all) and all four together inside CI's 90 minutes,
+# so that a hang still ends in the summary line: timeout kills the suite,
+# which then has no report or exits non-zero and counts as a failure. pytest
+# also stops a single hung test on its own (pytest-timeout:
+# test/python/timeouts.py).
 #
 # timeout runs the suite in a process group of its own, which it kills
 # whole (engines a test started included); that group does not get the
