@@ -112,14 +112,25 @@ describe("capacity", () => {
     const after = storeUsage(store);
     const ahead = l.bytes - after.bytes;
     console.log(`capacity: ledger ${(ahead / MiB).toFixed(2)} MiB ahead of the directory after the stop`);
-    // What the last eviction pass could not tell apart: blocks written (its
-    // scan saw them) whose ledger update came after the pass began. Each
-    // engine reports a dump's blocks when the whole dump is done, and has one
-    // dump of 8 blocks in flight here. Directories that grew since the last
-    // scan are the only way to fall behind.
-    expect(ahead).toBeLessThanOrEqual(2 * 8 * perBlock);
+    // What the last eviction pass could not tell apart: blocks on disk when
+    // its scan listed them whose ledger update came after the pass began
+    // (counted by both). Per engine: the dump it has in flight (8 blocks, its
+    // bytes reported when the whole dump is done), what it reported but not
+    // yet sent (sent at capacity / 64 or every capacitySyncMs), and one more
+    // dump finishing while that send waits for the ledger's lock. Seen here:
+    // 0 to 1.9 MiB on a quiet machine, 2.8 MiB in a CI run; the bound is 6 MiB.
+    // Directories that grew since the last scan are the only way to fall behind.
+    const inFlight = 2 * (2 * 8 * perBlock + capacity / 64);
+    expect(ahead).toBeLessThanOrEqual(inFlight);
     expect(ahead).toBeGreaterThanOrEqual(-64 * 1024);
     expect(after.blocks * perBlock).toBe(after.bytes - after.holders);
+    // With nothing in flight, a pass puts the ledger exactly on the directory.
+    const rescan = await evict({ dir: store, graceMs: 0, timeoutMs: 5000 });
+    expect(rescan.error).toBeNull();
+    expect({ bytes: rescan.usedBytes, ledger: ledger(store) }).toEqual({
+      bytes: after.bytes,
+      ledger: { bytes: after.bytes, files: after.blocks },
+    });
   }, 120000);
 
   test("the used-space figure (blocks and the namespace's directories) survives a restart, and a lost ledger is rebuilt by a scan", async () => {
