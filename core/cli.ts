@@ -243,6 +243,12 @@ export function formatStats(r: Record<string, unknown>): string {
         `${t.unwritten ?? 0} blocks (${gib(t.unwrittenBytes ?? 0)}) not written yet, oldest ${t.lagMs ?? 0} ms; ` +
           `${t.written ?? 0} written, ${t.shed ?? 0} shed (evicted before written), ${t.writeFailed ?? 0} failed`,
       );
+    if ((t.pinned ?? 0) + (t.abandoned ?? 0) > 0)
+      add(
+        "cache stage, GPU",
+        `${t.pinned ?? 0} buffers page-locked (${gib(t.pinnedBytes ?? 0)}): GPU blocks move to and from them in one DMA; ` +
+          `${t.abandoned ?? 0} given up after a copy that did not finish`,
+      );
   } else add("cache stage", "off (hostCacheBytes 0)");
   add(
     "dropped writes",

@@ -141,6 +141,9 @@ export class Metrics {
       [{ event: "shed" }, st.tier.shed],
       [{ event: "failed" }, st.tier.writeFailed],
     ]);
+    mirror("ucm_tier_pinned_bytes_total", "Cache stage buffers page-locked for GPU transfers, bytes", [], (st) => [
+      [{}, st.tier.pinnedBytes],
+    ]);
     gauge("ucm_tier_unwritten_blocks", "Blocks answered from the Cache stage whose files are not written yet", [], (st) => [
       [{}, st.tier.unwritten],
     ]);

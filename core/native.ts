@@ -181,6 +181,11 @@ export interface TierStats {
   shed: number;
   /** Age of the oldest block waiting for its write, ms. */
   lagMs: number;
+  /** GPU clients: buffers page-locked since the engine started (blocks then move to and from them in one DMA), their bytes. */
+  pinned: number;
+  pinnedBytes: number;
+  /** Buffers given up after a GPU copy that did not finish (never reused). */
+  abandoned: number;
 }
 
 export interface NativeEngine {

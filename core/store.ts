@@ -617,6 +617,9 @@ const NO_TIER: TierStats = {
   writeFailed: 0,
   shed: 0,
   lagMs: 0,
+  pinned: 0,
+  pinnedBytes: 0,
+  abandoned: 0,
 };
 
 /** The native event a transfer request names, checked to be one of this client's; undefined when it names none. */

@@ -18,7 +18,9 @@
 // Stricter than CUDA, so mistakes show: opening a memory handle while
 // another GPU is current fails with cudaErrorInvalidDevice (CUDA would map
 // it over peer access, slowly, or fail), and every copy must lie inside
-// memory the process opened or allocated (cudaErrorIllegalAddress).
+// memory the process opened or allocated (cudaErrorIllegalAddress); the copy
+// kernel reaches host memory only when it is pinned (cudaHostAlloc, or
+// cudaHostRegister of the process's own memory).
 #include "cuda_runtime.h"
 
 #include <fcntl.h>
@@ -64,6 +66,10 @@ const ErrorName kErrors[] = {
     {cudaErrorNotReady, "cudaErrorNotReady", "device not ready"},
     {cudaErrorIllegalAddress, "cudaErrorIllegalAddress", "an illegal memory access was encountered"},
     {cudaErrorSetOnActiveProcess, "cudaErrorSetOnActiveProcess", "cannot set while device is active in this process"},
+    {cudaErrorHostMemoryAlreadyRegistered, "cudaErrorHostMemoryAlreadyRegistered",
+     "part or all of the requested memory range is already mapped"},
+    {cudaErrorHostMemoryNotRegistered, "cudaErrorHostMemoryNotRegistered",
+     "pointer does not correspond to a registered memory region"},
     {cudaErrorLaunchFailure, "cudaErrorLaunchFailure", "unspecified launch failure"},
     {cudaErrorNotSupported, "cudaErrorNotSupported", "operation not supported"},
     {cudaErrorUnknown, "cudaErrorUnknown", "unknown error"},
@@ -77,8 +83,9 @@ struct Device {
 
 struct Allocation {
   size_t size;
-  int device;        // -1: pinned host memory
-  std::string name;  // shared memory object (device allocations)
+  int device;               // -1: pinned host memory
+  std::string name;         // shared memory object (device allocations)
+  bool registered = false;  // host memory of the process's own, page-locked by cudaHostRegister
 };
 
 // Reads one hex field of a bus id that ends at `sep` ('\0': the end of the
@@ -588,9 +595,38 @@ cudaError_t cudaFreeHost(void* ptr) {
   auto& r = R();
   std::lock_guard<std::mutex> lock(r.mu);
   auto it = r.allocations.find(reinterpret_cast<uintptr_t>(ptr));
-  if (it == r.allocations.end() || it->second.device >= 0) return Fail(cudaErrorInvalidValue);
+  if (it == r.allocations.end() || it->second.device >= 0 || it->second.registered) return Fail(cudaErrorInvalidValue);
   r.allocations.erase(it);
   std::free(ptr);
+  return cudaSuccess;
+}
+
+// Page-locks memory the process allocated itself: from then on it counts as
+// pinned (mapped) host memory, which the copy kernel may reach. A range that
+// overlaps one already pinned is refused, as CUDA does.
+cudaError_t cudaHostRegister(void* ptr, size_t size, unsigned int) {
+  UCM_EMU_FAULT("cudaHostRegister");
+  const int d = Current();
+  if (cudaError_t e = Usable(d)) return Fail(e);
+  if (!ptr || size == 0) return Fail(cudaErrorInvalidValue);
+  auto& r = R();
+  std::lock_guard<std::mutex> lock(r.mu);
+  const auto a = reinterpret_cast<uintptr_t>(ptr);
+  auto next = r.allocations.lower_bound(a);
+  if (next != r.allocations.end() && next->first < a + size) return Fail(cudaErrorHostMemoryAlreadyRegistered);
+  if (next != r.allocations.begin() && std::prev(next)->first + std::prev(next)->second.size > a)
+    return Fail(cudaErrorHostMemoryAlreadyRegistered);
+  r.Touch(d);
+  r.allocations[a] = Allocation{size, -1, "", true};
+  return cudaSuccess;
+}
+
+cudaError_t cudaHostUnregister(void* ptr) {
+  auto& r = R();
+  std::lock_guard<std::mutex> lock(r.mu);
+  auto it = r.allocations.find(reinterpret_cast<uintptr_t>(ptr));
+  if (it == r.allocations.end() || !it->second.registered) return Fail(cudaErrorHostMemoryNotRegistered);
+  r.allocations.erase(it);
   return cudaSuccess;
 }
 

@@ -114,6 +114,24 @@ struct DeviceCopy {
   uint64_t len;
 };
 
+// Host memory of the engine's own that a copy reads or writes instead of the
+// staging buffer (a Cache stage buffer page-locked by PinHostMemory);
+// DeviceCopy::host_off is then an offset into it.
+struct HostSpan {
+  uint8_t* data = nullptr;
+  size_t bytes = 0;
+};
+
+// Page-locks `bytes` at `p` (cudaHostRegister, portable and mapped: every
+// device's copies and the copy kernel reach it, the host pointer being valid
+// on the device with unified addressing) so that blocks move between it and
+// the GPU in one DMA. Creates the current device's context if none exists.
+// False with CUDA's error (also said once as a notice: blocks then go
+// through the staging buffers as before).
+bool PinHostMemory(void* p, size_t bytes, std::string* error);
+// Undoes PinHostMemory (before the memory is freed).
+void UnpinHostMemory(void* p);
+
 // A transfer thread's device side: one pinned staging buffer (allocated
 // once, page aligned, mapped for the GPU), and per device it used: a
 // non-blocking stream and a blocking-sync event marking the end of a copy;
@@ -136,16 +154,23 @@ class CudaStager {
   // waited for the client's event (AwaitCudaEvent). Returns when the bytes are
   // in staging, or fails when the copy has not finished within `timeout_ms`
   // (the stager is then broken: its copy may still land).
-  bool Gather(int device, const std::vector<DeviceCopy>& copies, uint32_t timeout_ms, std::string* error);
-  // Staging -> device; returns when the bytes are on the device (same bound).
-  bool Scatter(int device, const std::vector<DeviceCopy>& copies, uint32_t timeout_ms, std::string* error);
+  // With `host`, the bytes land there instead (pinned memory; a broken
+  // stager's copy may still write it: the caller must not reuse it either).
+  bool Gather(int device, const std::vector<DeviceCopy>& copies, uint32_t timeout_ms, std::string* error,
+              HostSpan host = {});
+  // Staging (or `host`) -> device; returns when the bytes are on the device (same bound).
+  bool Scatter(int device, const std::vector<DeviceCopy>& copies, uint32_t timeout_ms, std::string* error,
+               HostSpan host = {});
 
  private:
   CudaStager() = default;
-  bool Run(int device, const std::vector<DeviceCopy>& copies, bool to_host, uint32_t timeout_ms, std::string* error);
+  bool Run(int device, const std::vector<DeviceCopy>& copies, bool to_host, uint32_t timeout_ms, std::string* error,
+           HostSpan host);
   bool Streams(int device, std::string* error);
-  bool EnqueueBatch(int device, const std::vector<DeviceCopy>& copies, bool to_host, void* stream, std::string* error);
-  bool EnqueueKernel(const std::vector<DeviceCopy>& copies, bool to_host, void* stream, std::string* error);
+  bool EnqueueBatch(int device, const std::vector<DeviceCopy>& copies, bool to_host, uint8_t* host, void* stream,
+                    std::string* error);
+  bool EnqueueKernel(const std::vector<DeviceCopy>& copies, bool to_host, uint8_t* host, void* stream,
+                     std::string* error);
 
   CudaCopy method_ = CudaCopy::kKernel;
   bool broken_ = false;

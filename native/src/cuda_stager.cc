@@ -102,22 +102,38 @@ bool CudaStager::Streams(int device, std::string* error) {
   return true;
 }
 
-bool CudaStager::Gather(int device, const std::vector<DeviceCopy>& copies, uint32_t timeout_ms, std::string* error) {
-  return Run(device, copies, true, timeout_ms, error);
+bool CudaStager::Gather(int device, const std::vector<DeviceCopy>& copies, uint32_t timeout_ms, std::string* error,
+                        HostSpan host) {
+  return Run(device, copies, true, timeout_ms, error, host);
 }
 
-bool CudaStager::Scatter(int device, const std::vector<DeviceCopy>& copies, uint32_t timeout_ms, std::string* error) {
-  return Run(device, copies, false, timeout_ms, error);
+bool CudaStager::Scatter(int device, const std::vector<DeviceCopy>& copies, uint32_t timeout_ms, std::string* error,
+                         HostSpan host) {
+  return Run(device, copies, false, timeout_ms, error, host);
 }
 
-bool CudaStager::EnqueueBatch(int device, const std::vector<DeviceCopy>& copies, bool to_host, void* stream,
-                              std::string* error) {
+bool PinHostMemory(void* p, size_t bytes, std::string* error) {
+  cudaError_t e = cudaHostRegister(p, bytes, cudaHostRegisterPortable | cudaHostRegisterMapped);
+  if (e == cudaSuccess) return true;
+  cudaGetLastError();
+  *error = CudaErr("cudaHostRegister(" + std::to_string(bytes) + " bytes of the Cache stage)", e);
+  static bool notice_given = false;
+  AddCudaNotice(&notice_given, *error + ": GPU blocks go through pinned staging, not straight from the Cache stage");
+  return false;
+}
+
+void UnpinHostMemory(void* p) {
+  if (cudaHostUnregister(p) != cudaSuccess) cudaGetLastError();
+}
+
+bool CudaStager::EnqueueBatch(int device, const std::vector<DeviceCopy>& copies, bool to_host, uint8_t* base,
+                              void* stream, std::string* error) {
 #if UCM_BATCH_COPY
   srcs_.clear();
   dsts_.clear();
   sizes_.clear();
   for (const DeviceCopy& c : copies) {
-    void* host = data_ + c.host_off;
+    void* host = base + c.host_off;
     srcs_.push_back(to_host ? static_cast<void*>(c.dev) : host);
     dsts_.push_back(to_host ? host : static_cast<void*>(c.dev));
     sizes_.push_back(c.len);
@@ -152,14 +168,15 @@ bool CudaStager::EnqueueBatch(int device, const std::vector<DeviceCopy>& copies,
                 std::string("cudaMemcpyBatchAsync ") + (missing ? "is not available with this driver" : "failed") +
                     " (CUDA " + CudaVersionText(CudaProbe().driver_version) + "; " +
                     CudaErr("cudaMemcpyBatchAsync", e) + "): GPU blocks move with the copy kernel instead");
-  return EnqueueKernel(copies, to_host, stream, error);
+  return EnqueueKernel(copies, to_host, base, stream, error);
 #else
   (void)device;
-  return EnqueueKernel(copies, to_host, stream, error);
+  return EnqueueKernel(copies, to_host, base, stream, error);
 #endif
 }
 
-bool CudaStager::EnqueueKernel(const std::vector<DeviceCopy>& copies, bool to_host, void* stream, std::string* error) {
+bool CudaStager::EnqueueKernel(const std::vector<DeviceCopy>& copies, bool to_host, uint8_t* base, void* stream,
+                               std::string* error) {
   size_t pieces = 0;
   for (const DeviceCopy& c : copies) pieces += (c.len + kCopyPiece - 1) / kCopyPiece;
   if (pieces > table_entries_) {
@@ -180,7 +197,7 @@ bool CudaStager::EnqueueKernel(const std::vector<DeviceCopy>& copies, bool to_ho
   for (const DeviceCopy& c : copies) {
     for (uint64_t off = 0; off < c.len; off += kCopyPiece) {
       uint8_t* dev = c.dev + off;
-      uint8_t* host = data_ + c.host_off + off;
+      uint8_t* host = base + c.host_off + off;
       const uint64_t len = std::min<uint64_t>(kCopyPiece, c.len - off);
       t[n++] = to_host ? CopyPiece{dev, host, len} : CopyPiece{host, dev, len};
     }
@@ -195,23 +212,25 @@ bool CudaStager::EnqueueKernel(const std::vector<DeviceCopy>& copies, bool to_ho
 }
 
 bool CudaStager::Run(int device, const std::vector<DeviceCopy>& copies, bool to_host, uint32_t timeout_ms,
-                     std::string* error) {
+                     std::string* error, HostSpan host) {
   if (broken_) {
     *error = "this transfer thread's staging was abandoned after a copy that did not finish";
     return false;
   }
   if (!CheckUsable(device, error) || !UseDevice(device, error)) return false;
+  uint8_t* base = host.data ? host.data : data_;
+  const size_t cap = host.data ? host.bytes : capacity_;
   for (const DeviceCopy& c : copies) {
-    if (c.host_off > capacity_ || c.len > capacity_ - c.host_off) {
-      *error = "copy outside the pinned staging buffer";
+    if (c.host_off > cap || c.len > cap - c.host_off) {
+      *error = host.data ? "copy outside the Cache stage buffer" : "copy outside the pinned staging buffer";
       return false;
     }
   }
   if (!Streams(device, error)) return false;
   void* stream = streams_[device];
   if (method_ == CudaCopy::kBatch && g_batch_failed.load()) method_ = CudaCopy::kKernel;
-  const bool queued = method_ == CudaCopy::kBatch ? EnqueueBatch(device, copies, to_host, stream, error)
-                                                  : EnqueueKernel(copies, to_host, stream, error);
+  const bool queued = method_ == CudaCopy::kBatch ? EnqueueBatch(device, copies, to_host, base, stream, error)
+                                                  : EnqueueKernel(copies, to_host, base, stream, error);
   if (!queued) return false;
   auto done = static_cast<cudaEvent_t>(done_[device]);
   cudaError_t e = cudaEventRecord(done, static_cast<cudaStream_t>(stream));

@@ -52,14 +52,21 @@ std::unique_ptr<CudaStager> CudaStager::Create(int, size_t, CudaCopy, std::strin
 
 CudaStager::~CudaStager() = default;
 
-bool CudaStager::Gather(int, const std::vector<DeviceCopy>&, uint32_t, std::string* error) {
+bool CudaStager::Gather(int, const std::vector<DeviceCopy>&, uint32_t, std::string* error, HostSpan) {
   *error = kNotBuilt;
   return false;
 }
 
-bool CudaStager::Scatter(int, const std::vector<DeviceCopy>&, uint32_t, std::string* error) {
+bool CudaStager::Scatter(int, const std::vector<DeviceCopy>&, uint32_t, std::string* error, HostSpan) {
   *error = kNotBuilt;
   return false;
 }
+
+bool PinHostMemory(void*, size_t, std::string* error) {
+  *error = kNotBuilt;
+  return false;
+}
+
+void UnpinHostMemory(void*) {}
 
 }  // namespace ucm

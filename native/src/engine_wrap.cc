@@ -282,6 +282,9 @@ Napi::Value EngineWrap::TierStatsOf(const Napi::CallbackInfo& info) {
   num("writeFailed", t.write_failed);
   num("shed", t.shed);
   num("lagMs", t.lag_ms);
+  num("pinned", t.pinned);
+  num("pinnedBytes", t.pinned_bytes);
+  num("abandoned", t.abandoned);
   return tier;
 }
 

@@ -12,10 +12,14 @@
 
 #include "background.h"
 #include "block_file.h"
+#include "cuda_backend.h"
 
 namespace ucm {
 
-TierBlock::~TierBlock() { std::free(data); }
+TierBlock::~TierBlock() {
+  if (pinned) UnpinHostMemory(data);
+  std::free(data);
+}
 
 namespace {
 
@@ -194,6 +198,36 @@ bool HostTier::Contains(const std::string& path) {
   if (!enabled()) return false;
   std::lock_guard<std::mutex> lock(mu_);
   return committed_.count(path) != 0;
+}
+
+bool HostTier::Pin(const TierBlock& b) {
+  bool fresh = false;
+  std::call_once(b.pin_once, [&] {
+    std::string error;  // said once as a CUDA notice (PinHostMemory)
+    b.pinned = PinHostMemory(b.data, b.capacity, &error);
+    fresh = b.pinned;
+  });
+  if (fresh) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++counts_.pinned;
+    counts_.pinned_bytes += b.capacity;
+  }
+  return b.pinned;
+}
+
+void HostTier::Abandon(const std::string& path, std::shared_ptr<const TierBlock> b) {
+  if (!b) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  ++counts_.abandoned;
+  if (path.empty()) {
+    used_ -= std::min(used_, b->capacity);  // reserved: counted until now
+  } else {
+    // Still held there: dropped (Recycle takes it off the count, as `b`
+    // holds it too). Evicted already: it went off the count then.
+    auto it = committed_.find(path);
+    if (it != committed_.end() && it->second.block.get() == b.get()) Drop(it);
+  }
+  abandoned_.push_back(std::move(b));
 }
 
 void HostTier::Insert(const std::string& path, std::shared_ptr<TierBlock> b) {

@@ -74,6 +74,11 @@ struct TierBlock {
   uint32_t shard_count = 0;
   // Its write while its file is not written yet (write-behind); the tier's lock guards it.
   TierWrite* unwritten = nullptr;
+  // Page-locked for the GPU (HostTier::Pin, once: the first GPU transfer
+  // that uses the buffer), so blocks move between it and GPU memory in one
+  // DMA; it stays locked while the tier reuses it and is unlocked when freed.
+  mutable std::once_flag pin_once;
+  mutable bool pinned = false;
 };
 
 struct TierStats {
@@ -95,6 +100,10 @@ struct TierStats {
   uint64_t write_failed = 0;  // writes (or renames) that failed: the block stays in memory only
   uint64_t shed = 0;          // evicted before they were written: never written
   uint64_t lag_ms = 0;        // age of the oldest block waiting for its write
+  // GPU transfers (all zero without a GPU client).
+  uint64_t pinned = 0;        // buffers page-locked since the engine started
+  uint64_t pinned_bytes = 0;  // their bytes
+  uint64_t abandoned = 0;     // buffers given up after a GPU copy that did not finish
 };
 
 // A dumped block whose file is still to be written (write-behind).
@@ -136,6 +145,17 @@ class HostTier {
                                         uint32_t shard_count);
   // Whether a committed block is held at `path` (lookups; counts nothing).
   bool Contains(const std::string& path);
+
+  // ---- GPU transfers ----
+  // Page-locks `b` for the GPU unless it is already (PinHostMemory; the
+  // calling thread's device must be current). False when that failed: the
+  // block goes through pinned staging instead, as without the tier.
+  bool Pin(const TierBlock& b);
+  // A GPU copy to or from `b` did not finish and may still touch it: the
+  // buffer leaves the tier for good, never served, reused or freed. `path`:
+  // where the tier holds it (a load's block), or empty for a buffer still
+  // reserved (a dump's).
+  void Abandon(const std::string& path, std::shared_ptr<const TierBlock> b);
 
   // A block whose file verified at `path`.
   void Insert(const std::string& path, std::shared_ptr<TierBlock> b);
@@ -197,6 +217,7 @@ class HostTier {
   std::list<std::string> lru_;  // front: most recently used
   std::unordered_map<std::string, std::shared_ptr<TierBlock>> pending_;
   std::vector<std::shared_ptr<TierBlock>> free_;
+  std::vector<std::shared_ptr<const TierBlock>> abandoned_;  // kept until the process ends (Abandon)
   TierStats counts_;
   uint64_t last_need_ = 0;    // the size Reserve was last asked for (0: none yet)
   bool fill_paused_ = false;  // the host's memory ran low: filling waits for the next Reserve

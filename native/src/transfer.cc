@@ -455,34 +455,70 @@ IoResult TransferEngine::RunDeviceBlock(const Item& item) {
   if (!lease.s) return error.empty() ? stopped() : fail(ENODEV, "pinned staging");
   CudaStager& stager = *lease.s;
   IoResult why;
+  // Cache stage buffers, page-locked at their first GPU use (HostTier::Pin),
+  // take the place of the staging share: a block moves between the GPU and
+  // the tier in one DMA, without a copy through staging. The share's stream
+  // and event still run the copy. A buffer that cannot be locked goes the
+  // staging way.
+  auto span = [](const TierBlock& b) { return HostSpan{b.data, b.capacity}; };
   if (task.op == Op::kDump) {
+    // With write-behind the block is answered from the tier: gathered there directly when it has room.
+    std::shared_ptr<TierBlock> slot = opts_.write_behind ? tier_.Reserve(FileSizeFor(job.bytes)) : nullptr;
+    const bool direct = slot && tier_.Pin(*slot);
     {
       CopyGuard guard(task);
-      if (guard.Stopped(&why)) return why;
-      if (!stager.Gather(device, copies, opts_.cuda_event_timeout_ms, &error)) return fail(EIO, "gather");
+      if (guard.Stopped(&why)) {
+        tier_.Return(std::move(slot));
+        return why;
+      }
+      if (!stager.Gather(device, copies, opts_.cuda_event_timeout_ms, &error, direct ? span(*slot) : HostSpan{})) {
+        // A copy that did not finish may still land in the buffer: never reused.
+        if (direct && stager.broken())
+          tier_.Abandon("", std::move(slot));
+        else
+          tier_.Return(std::move(slot));
+        return fail(EIO, "gather");
+      }
       // Gathered after the deadline: maybe bytes the client wrote since.
       why = guard.Ended();
-      if (why.status != BlockStatus::kOk) return why;
-    }
-    Release(item);  // in pinned staging now: the GPU memory is not read again
-    if (opts_.write_behind) {
-      // Into a tier buffer, and the share goes back at once; the file comes later.
-      if (std::shared_ptr<TierBlock> slot = tier_.Reserve(FileSizeFor(job.bytes))) {
-        std::memcpy(slot->data + kHeaderSize, stager.data() + kHeaderSize, job.bytes);
-        QueueWrite(std::move(slot), task, job);
-        return IoResult{};
+      if (why.status != BlockStatus::kOk) {
+        tier_.Return(std::move(slot));
+        return why;
       }
+    }
+    Release(item);  // in host memory now: the GPU memory is not read again
+    if (slot) {
+      // In a tier buffer (the share goes back at once); the file comes later.
+      if (!direct) std::memcpy(slot->data + kHeaderSize, stager.data() + kHeaderSize, job.bytes);
+      QueueWrite(std::move(slot), task, job);
+      return IoResult{};
     }
     IoResult w = WriteBlockFile(job.path, stager.data(), job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
     if (w.status == BlockStatus::kOk) CopyToTier(stager.data(), task, job, /*pending=*/true);
     return w;
   }
-  // From the tier when it holds the block (a copy into the pinned share, no
-  // read, no checksum pass: it verified when it entered), else from the file.
+  // From the tier when it holds the block (no read, no checksum pass: it
+  // verified when it entered), else from the file; the scatter reads the
+  // tier buffer itself when it is page-locked, else the pinned share.
   IoResult r;
+  std::shared_ptr<const TierBlock> from;  // the tier buffer the scatter reads, if any
   if (std::shared_ptr<const TierBlock> hit = tier_.Find(job.path, job.bytes, task.layout_digest, shard_count)) {
-    std::memcpy(stager.data() + kHeaderSize, hit->data + kHeaderSize, job.bytes);
+    if (tier_.Pin(*hit))
+      from = std::move(hit);
+    else
+      std::memcpy(stager.data() + kHeaderSize, hit->data + kHeaderSize, job.bytes);
+  } else if (std::shared_ptr<TierBlock> slot = tier_.Reserve(FileSizeFor(job.bytes)); slot && tier_.Pin(*slot)) {
+    // Read into a tier buffer, verified there, and kept (this reference
+    // holds it while the scatter reads it, evicted or not).
+    r = ReadBlockFile(job.path, slot->data, job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
+    if (r.status != BlockStatus::kOk) {
+      tier_.Return(std::move(slot));
+      return r;
+    }
+    KeepInTier(slot, task, job, /*pending=*/false);
+    from = std::move(slot);
   } else {
+    tier_.Return(std::move(slot));
     r = ReadBlockFile(job.path, stager.data(), job.bytes, task.layout_digest, shard_count, opts_.io, &gate_);
     if (r.status != BlockStatus::kOk) return r;
     CopyToTier(stager.data(), task, job, /*pending=*/false);
@@ -496,7 +532,11 @@ IoResult TransferEngine::RunDeviceBlock(const Item& item) {
   }
   CopyGuard guard(task);
   if (guard.Stopped(&why)) return why;
-  if (!stager.Scatter(device, copies, opts_.cuda_event_timeout_ms, &error)) return fail(EIO, "scatter");
+  if (!stager.Scatter(device, copies, opts_.cuda_event_timeout_ms, &error, from ? span(*from) : HostSpan{})) {
+    // A copy that did not finish may still read the buffer: it must never hold another block.
+    if (from && stager.broken()) tier_.Abandon(job.path, std::move(from));
+    return fail(EIO, "scatter");
+  }
   return guard.Ended();
 }
 
