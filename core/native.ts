@@ -218,7 +218,10 @@ export interface NativeEngine {
   load(spec: TransferSpec): Promise<TransferResult>;
   /** 1 per path that is a block file, else 0. */
   lookup(paths: string[]): Promise<Uint8Array>;
-  /** rename(from[i], to[i]); 0 or errno per pair. */
+  /**
+   * rename(from[i], to[i]) unless a block is stored at to[i] already (EEXIST: that first copy stays); 0 or errno per
+   * pair.
+   */
   commit(from: string[], to: string[]): Promise<Int32Array>;
   /** unlink; 0 (also when already gone) or errno per path. */
   remove(paths: string[]): Promise<Int32Array>;

@@ -16,11 +16,12 @@
 // first, else the oldest other client's. Every client of an engine is one
 // the engine trusts (its own user, root or engineUid: core/identity.ts), the
 // same clients that could dump that key themselves.
+import { constants } from "os";
 import { CapacityManager } from "./capacity";
 import { EngineConfig } from "./config";
 import { Counters } from "./counters";
 import { Logger } from "./log";
-import { BlockLookups, withTimeout } from "./lookups";
+import { BlockLookups } from "./lookups";
 import { NativeEngine } from "./native";
 import { Session } from "./sessions";
 import { Transfers } from "./transfers";
@@ -34,9 +35,12 @@ export interface PendingCommit {
   fileBytes: number;
 }
 
+/** The native commit's answer for a block stored already (its first copy stays). */
+const EEXIST = constants.errno.EEXIST;
+
 export class PendingCommits {
   constructor(
-    private readonly config: Pick<EngineConfig, "uncommittedTimeoutS" | "lookupTimeoutMs">,
+    private readonly config: Pick<EngineConfig, "uncommittedTimeoutS">,
     private readonly native: NativeEngine,
     private readonly transfers: Transfers,
     private readonly capacity: CapacityManager,
@@ -109,27 +113,21 @@ export class PendingCommits {
       this.counters.discards += d.temps.length;
     }
     if (!written.length) return result();
-    // Stored meanwhile by another client or engine: that copy stays (a rename would replace it, and the ledger
-    // would count the key twice). When the filesystem does not say in time, the rename goes ahead.
-    const there = await withTimeout(this.native.lookup(written.map((w) => w.p.final)), this.config.lookupTimeoutMs);
-    const rename = written.filter((_, j) => !there?.[j]);
-    const first = written.filter((_, j) => there?.[j]);
-    if (first.length) {
-      this.drop(first.map((w) => w.p));
-      this.counters.commitsKeptFirst += first.length;
-      for (const w of first) done[w.i]++;
-      this.log.debug(`commit: ${first.length} block(s) of ${ns} were stored already; the first copy kept, the new one deleted`);
-    }
-    if (!rename.length) return result();
+    // A block stored meanwhile by another client or engine keeps that copy (the native commit checks, on the
+    // thread that renames, and answers EEXIST): the new one is deleted.
     const errs = await this.native.commit(
-      rename.map((w) => w.p.temp!),
-      rename.map((w) => w.p.final),
+      written.map((w) => w.p.temp!),
+      written.map((w) => w.p.final),
     );
     const now = Date.now();
     const failed: PendingCommit[] = [];
+    const first: PendingCommit[] = [];
     errs.forEach((e, j) => {
-      const w = rename[j];
-      if (e === 0) {
+      const w = written[j];
+      if (e === EEXIST) {
+        first.push(w.p);
+        done[w.i]++;
+      } else if (e === 0) {
         done[w.i]++;
         this.counters.commits++;
         this.capacity.committed(w.p.backend);
@@ -140,6 +138,11 @@ export class PendingCommits {
       }
     });
     this.drop(failed);
+    if (first.length) {
+      this.drop(first);
+      this.counters.commitsKeptFirst += first.length;
+      this.log.debug(`commit: ${first.length} block(s) of ${ns} were stored already; the first copy kept, the new one deleted`);
+    }
     return result();
   }
 

@@ -198,6 +198,14 @@ Napi::Value EngineWrap::Commit(const Napi::CallbackInfo& info) {
   return RunMeta(
       env, std::move(p),
       [](PendingMeta& m, size_t i) {
+        // Stored meanwhile by another client or engine (or held by the tier):
+        // that copy stays, as a rename would replace it and the ledger would
+        // count the key twice; EEXIST tells the caller to delete this one.
+        // Checked here, on the thread that renames, not by a lookup first.
+        if (m.tier->Contains(m.second[i]) || BlockExists(m.roots, m.second[i]) != 0) {
+          m.codes[i] = EEXIST;
+          return;
+        }
         // Not written yet (write-behind): committed in the tier now, renamed once written.
         if (m.tier->CommitUnwritten(m.first[i], m.second[i])) {
           m.codes[i] = 0;
