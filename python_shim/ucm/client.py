@@ -327,6 +327,13 @@ class EngineClient:
                 )
             due, reply = self._deferred[rid]
             engine = self.engine_identity
+            if reply is None and self._sock is not None:
+                # Whatever the engine answered meanwhile is read first: an
+                # answer that came in time but was never read (nothing asked
+                # the engine since) is not late, however long ago it came.
+                while reply is None and self._sock.poll(0, zmq.POLLIN):
+                    self._keep(msgpack.unpackb(self._sock.recv(), raw=False))
+                    reply = self._deferred[rid][1]
             while reply is None:
                 left = due - time.monotonic()
                 if left <= 0:

@@ -147,3 +147,27 @@ def test_a_dump_whose_engine_died_before_answering_releases_its_request(tiny_mod
     assert took < 1.0, f"the request was held {took:.2f} s after its engine died"
     assert conn._stats["save_failed_blocks"] >= 4
     conn.shutdown()
+
+
+def test_a_dump_answered_long_before_it_is_asked_about_keeps_its_answer(tiny_model, config_file):
+    """A request that decodes for longer than clientTimeoutMs (3 s here) has
+    its dump's answer taken only when it finishes: the engine answered long
+    before, and nothing read the socket since. That answer is the dump's (it
+    once was declared lost unread: the connection was replaced, every other
+    outstanding answer lost with it, and the dumps counted failed). The
+    session is kept and the blocks are stored byte-exact."""
+    conn, caches = worker(tiny_model, config_file)
+    step(conn, meta(saves=[transfer("warm", keys(1, "warm4"), [7])]))
+    finish(conn, "warm")
+    epoch = conn.client.epoch
+    ks = keys(4, "answered-long-ago")
+    step(conn, meta(saves=[transfer("r", ks, [0, 1, 2, 3])]))
+    pending = conn._dumps["r"][0]
+    assert pending.task is None and pending.reply is not None  # answer not taken yet
+    time.sleep(3.5)  # a long decode: the answer waits on the socket past its due time
+    finish(conn, "r")
+    assert pending.task is not None and not pending.refused
+    assert conn.client.epoch == epoch, "the connection was replaced"
+    assert conn._stats["save_failed_blocks"] == 0
+    assert stored_bytes(config_file, conn.namespace, ks, [0, 1, 2, 3], caches)
+    conn.shutdown()
