@@ -138,4 +138,27 @@ describe("GPU blocks through the Cache stage", () => {
     expect({ abandoned: t.abandoned, blocks: t.blocks, unwritten: t.unwritten }).toEqual({ abandoned: 2, blocks: 0, unwritten: 0 });
     expect((await c.call("health")).status).toBe("serving");
   });
+
+  test("a copy out of a tier buffer that never finishes: that block leaves the tier, its buffer is never reused", async () => {
+    // The dump's 4 copies (2 blocks x 2 layers) run; every copy after them never does.
+    const a = await startNode([GPU_A], { ...withTier("batch"), cudaEventTimeoutMs: 1000 }, { UCM_CUDA_EMU_STALL_COPIES: "after:4" });
+    nodes.push(a);
+    const c = await client(a);
+    const src = gpuCache(GPU_A, "random");
+    const dst = gpuCache(GPU_A);
+    mem.push(...src, ...dst);
+    const sids = await registerCache(c, src, 0, GPU_A);
+    const dids = await registerCache(c, dst, 0, GPU_A);
+    const ks = keys("stall-load").slice(0, 2);
+    const d = await c.call("dump", { ns: NS, keys: ks, shards: shardColumns(sids, SHARD, [0, 1]), commit: true });
+    expect((await waitDone(c, d.task as number)).status).toEqual(["ok", "ok"]);
+    expect((await tier(c)).blocks).toBe(2);
+    const l = await c.call("load", { ns: NS, keys: [ks[0]], shards: shardColumns(dids, SHARD, [0]) });
+    expect((await waitDone(c, l.task as number)).status).toEqual(["io_error"]);
+    expect(a.engine.output()).toMatch(/the scatter did not finish within cudaEventTimeoutMs \(1000 ms\): a hung copy/);
+    const t = await tier(c);
+    // The block whose copy hung is no longer served from the tier (its buffer may still be read); the other is.
+    expect({ abandoned: t.abandoned, blocks: t.blocks, hits: t.hits }).toEqual({ abandoned: 1, blocks: 1, hits: 1 });
+    expect((await c.call("health")).status).toBe("serving");
+  });
 });

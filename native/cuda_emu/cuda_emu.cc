@@ -256,6 +256,17 @@ struct CUevent_st {
   CUstream_st* stream = nullptr;  // local: the stream of the last record
 };
 
+// UCM_CUDA_EMU_STALL_COPIES: whether the next copy is held back for good
+// (every copy, or every one after the first N: "after:N"). Counts the copies
+// it lets run.
+bool Stalled() {
+  const char* v = std::getenv("UCM_CUDA_EMU_STALL_COPIES");
+  if (!v) return false;
+  if (std::strncmp(v, "after:", 6) != 0) return true;
+  static std::atomic<long> ran{0};
+  return ran.fetch_add(1) >= std::atol(v + 6);
+}
+
 struct CUstream_st {
   struct Op {
     enum Kind { kWait, kCopy, kPieces } kind;
@@ -289,7 +300,8 @@ struct CUstream_st {
   // The GPU as a poll sees it (cudaEventQuery): the queued operations run in
   // order up to one that waits for an event not completed yet; NotReady while
   // any is left. With UCM_CUDA_EMU_STALL_COPIES set, copies never run: a hung
-  // copy engine, for the tests of the engine's bounded waits.
+  // copy engine, for the tests of the engine's bounded waits; set to "after:N",
+  // the first N copies of the process run and none after them.
   cudaError_t Advance() {
     std::lock_guard<std::mutex> lock(mu);
     size_t i = 0;
@@ -300,7 +312,7 @@ struct CUstream_st {
         if (__atomic_load_n(&op.counters[1], __ATOMIC_ACQUIRE) < op.target) break;
         continue;
       }
-      if (std::getenv("UCM_CUDA_EMU_STALL_COPIES")) break;
+      if (Stalled()) break;
       result = Run(op);
     }
     ops.erase(ops.begin(), ops.begin() + static_cast<std::ptrdiff_t>(i));
