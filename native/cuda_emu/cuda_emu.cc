@@ -264,7 +264,10 @@ bool Stalled() {
   if (!v) return false;
   if (std::strncmp(v, "after:", 6) != 0) return true;
   static std::atomic<long> ran{0};
-  return ran.fetch_add(1) >= std::atol(v + 6);
+  char* end = nullptr;
+  const long first = std::strtol(v + 6, &end, 10);
+  if (end == v + 6 || *end != '\0') return true;  // not a count: every copy, as for any other value
+  return ran.fetch_add(1) >= first;
 }
 
 struct CUstream_st {
