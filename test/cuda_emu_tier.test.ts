@@ -50,17 +50,23 @@ async function client(n: Node) {
 
 const withTier = (method: string) => ({ cudaCopy: method, hostCacheBytes: "16MiB", writeBehind: true });
 
+/** An engine of `opts` (and its emulator's `env`), a client, a random source cache and an empty destination, registered. */
+async function setup(opts: Record<string, unknown>, env: Record<string, string> = {}) {
+  const a = await startNode([GPU_A], opts, env);
+  nodes.push(a);
+  const c = await client(a);
+  const src = gpuCache(GPU_A, "random");
+  const dst = gpuCache(GPU_A);
+  mem.push(...src, ...dst);
+  const sids = await registerCache(c, src, 0, GPU_A);
+  const dids = await registerCache(c, dst, 0, GPU_A);
+  return { a, c, src, dst, sids, dids };
+}
+
 describe("GPU blocks through the Cache stage", () => {
   for (const method of ["batch", "kernel"]) {
     test(`dumps gather into page-locked tier buffers and loads scatter from them, byte-exact (${method} copies)`, async () => {
-      const a = await startNode([GPU_A], withTier(method));
-      nodes.push(a);
-      const c = await client(a);
-      const src = gpuCache(GPU_A, "random");
-      const dst = gpuCache(GPU_A);
-      mem.push(...src, ...dst);
-      const sids = await registerCache(c, src, 0, GPU_A);
-      const dids = await registerCache(c, dst, 0, GPU_A);
+      const { a, c, src, dst, sids, dids } = await setup(withTier(method));
       const ks = keys(`tier-${method}`);
       const d = await c.call("dump", { ns: NS, keys: ks, shards: shardColumns(sids, SHARD, all), commit: true });
       expect((await waitDone(c, d.task as number)).status).toEqual(new Array(BLOCKS).fill("ok"));
@@ -103,14 +109,9 @@ describe("GPU blocks through the Cache stage", () => {
   }
 
   test("a tier buffer that cannot be page-locked: blocks go through pinned staging, one notice, byte-exact", async () => {
-    const a = await startNode([GPU_A], withTier("kernel"), { UCM_CUDA_EMU_FAIL: "cudaHostRegister=cudaErrorMemoryAllocation" });
-    nodes.push(a);
-    const c = await client(a);
-    const src = gpuCache(GPU_A, "random");
-    const dst = gpuCache(GPU_A);
-    mem.push(...src, ...dst);
-    const sids = await registerCache(c, src, 0, GPU_A);
-    const dids = await registerCache(c, dst, 0, GPU_A);
+    const { a, c, src, dst, sids, dids } = await setup(withTier("kernel"), {
+      UCM_CUDA_EMU_FAIL: "cudaHostRegister=cudaErrorMemoryAllocation",
+    });
     const ks = keys("unlocked");
     const d = await c.call("dump", { ns: NS, keys: ks, shards: shardColumns(sids, SHARD, all), commit: true });
     expect((await waitDone(c, d.task as number)).status).toEqual(new Array(BLOCKS).fill("ok"));
@@ -125,12 +126,7 @@ describe("GPU blocks through the Cache stage", () => {
   });
 
   test("a copy into a tier buffer that never finishes: the buffer is given up, never reused; the engine keeps serving", async () => {
-    const a = await startNode([GPU_A], { ...withTier("batch"), cudaEventTimeoutMs: 1000 }, { UCM_CUDA_EMU_STALL_COPIES: "1" });
-    nodes.push(a);
-    const c = await client(a);
-    const src = gpuCache(GPU_A, "random");
-    mem.push(...src);
-    const sids = await registerCache(c, src, 0, GPU_A);
+    const { a, c, sids } = await setup({ ...withTier("batch"), cudaEventTimeoutMs: 1000 }, { UCM_CUDA_EMU_STALL_COPIES: "1" });
     const d = await c.call("dump", { ns: NS, keys: keys("stall").slice(0, 2), shards: shardColumns(sids, SHARD, [0, 1]), commit: true });
     expect((await waitDone(c, d.task as number)).status).toEqual(["io_error", "io_error"]);
     expect(a.engine.output()).toMatch(/the gather did not finish within cudaEventTimeoutMs \(1000 ms\): a hung copy/);
@@ -141,14 +137,7 @@ describe("GPU blocks through the Cache stage", () => {
 
   test("a copy out of a tier buffer that never finishes: that block leaves the tier, its buffer is never reused", async () => {
     // The dump's 4 copies (2 blocks x 2 layers) run; every copy after them never does.
-    const a = await startNode([GPU_A], { ...withTier("batch"), cudaEventTimeoutMs: 1000 }, { UCM_CUDA_EMU_STALL_COPIES: "after:4" });
-    nodes.push(a);
-    const c = await client(a);
-    const src = gpuCache(GPU_A, "random");
-    const dst = gpuCache(GPU_A);
-    mem.push(...src, ...dst);
-    const sids = await registerCache(c, src, 0, GPU_A);
-    const dids = await registerCache(c, dst, 0, GPU_A);
+    const { a, c, sids, dids } = await setup({ ...withTier("batch"), cudaEventTimeoutMs: 1000 }, { UCM_CUDA_EMU_STALL_COPIES: "after:4" });
     const ks = keys("stall-load").slice(0, 2);
     const d = await c.call("dump", { ns: NS, keys: ks, shards: shardColumns(sids, SHARD, [0, 1]), commit: true });
     expect((await waitDone(c, d.task as number)).status).toEqual(["ok", "ok"]);
