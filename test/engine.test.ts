@@ -120,6 +120,43 @@ describe("engine process", () => {
     expect(fs.statSync(path.join(store, NS, keys[0].toString("hex").slice(0, 2), keys[0].toString("hex"))).mtimeMs).toBe(mtime);
   });
 
+  test("a block another node stored, which this engine has never seen, is skipped by the transfer thread: its file untouched", async () => {
+    const c = engine.client();
+    await hello(c);
+    const src = await regions(c, 2, 4, "random", shm);
+    const file = (k: Buffer) => path.join(store, NS, k.toString("hex").slice(0, 2), k.toString("hex"));
+    const [k1, k2, k3] = [key(1, "other"), key(2, "other"), key(3, "other")];
+    const d1 = await c.call("dump", { ns: NS, keys: [k1], shards: shards(src.ids, [0]), commit: true });
+    expect((await waitDone(c, d1.task as number)).status).toEqual(["ok"]);
+    // k2 appears as another engine would commit it: a finished file at its name, nothing this engine was told.
+    fs.mkdirSync(path.dirname(file(k2)), { recursive: true });
+    fs.copyFileSync(file(k1), file(k2));
+    const before = fs.statSync(file(k2));
+    const skipped = (await c.call("stats")).blocksSkipped as number;
+    const d2 = await c.call("dump", { ns: NS, keys: [k2, k3], shards: shards(src.ids, [1, 2]) });
+    const r2 = await waitDone(c, d2.task as number);
+    expect(r2.status).toEqual(["skipped", "ok"]);
+    expect((await c.call("stats")).blocksSkipped).toBe(skipped + 1);
+    expect((await c.call("commit", { ns: NS, keys: [k2, k3] })).committed).toEqual([true, true]);
+    const after = fs.statSync(file(k2));
+    expect([after.ino, after.mtimeMs]).toEqual([before.ino, before.mtimeMs]);
+    expect(fs.readdirSync(path.join(store, NS, ".tmp"))).toEqual([]);
+    expect((await c.call("lookup", { ns: NS, keys: [k2, k3] })).found).toEqual([true, true]);
+  });
+
+  test("transfer workers run as bulk threads (SCHED_BATCH); the event loop does not", () => {
+    // Field 41 of /proc/<pid>/task/<tid>/stat, counted after the command's closing parenthesis.
+    const policy = (tid: string) => {
+      const stat = fs.readFileSync(`/proc/${engine.proc.pid}/task/${tid}/stat`, "utf8");
+      return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[41 - 3]);
+    };
+    const tids = fs.readdirSync(`/proc/${engine.proc.pid}/task`);
+    const SCHED_BATCH = 3;
+    // transferStreamNumber 4: at least one worker a stream.
+    expect(tids.filter((t) => policy(t) === SCHED_BATCH).length).toBeGreaterThanOrEqual(4);
+    expect(policy(String(engine.proc.pid))).toBe(0);
+  });
+
   test("dump with commit: true makes blocks visible when the task is done", async () => {
     const c = engine.client();
     await hello(c);

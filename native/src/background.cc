@@ -1,5 +1,6 @@
 #include "background.h"
 
+#include <sched.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -13,6 +14,11 @@ namespace ucm {
 namespace {
 constexpr uint64_t kPiece = 4ull << 20;
 }  // namespace
+
+void MarkBulkThread() {
+  sched_param none{};
+  (void)sched_setscheduler(0, SCHED_BATCH, &none);  // 0: this thread (Linux schedules threads)
+}
 
 bool PopulateWrite(uint8_t* p, uint64_t n) {
   for (uint64_t off = 0; off < n; off += kPiece) {

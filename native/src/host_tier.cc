@@ -70,6 +70,7 @@ HostTier::~HostTier() {
 }
 
 void HostTier::FillLoop() {
+  MarkBulkThread();
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
     // Work while the tier has room for another buffer of the size in use.

@@ -1,5 +1,6 @@
 #include "transfer.h"
 
+#include "background.h"
 #include "client_copy.h"
 
 #include <sched.h>
@@ -159,6 +160,7 @@ bool TransferEngine::IsDeviceBlock(const Item& item) {
 }
 
 void TransferEngine::WorkerLoop(uint32_t index) {
+  MarkBulkThread();
   // The first `threads` workers are the streams' own: with writes behind
   // waiting, they take those before dumps, so the directory is written while
   // a burst of dumps is still being copied into the tier by the others.
@@ -271,6 +273,16 @@ void TransferEngine::RunBlock(const Item& item, Worker& w) {
   }
   if (task.op == Op::kDump && task.max_queue_ns > 0 && NowNs() - task.submit_ns > task.max_queue_ns) {
     Finish(item, IoResult{BlockStatus::kDropped, 0, "queued too long"});
+    return;
+  }
+  // Stored meanwhile (by another client or node, or held by the tier): the
+  // copy is not made. Looked at here rather than before the task was queued,
+  // so a dump's first copies start at once and the look overlaps other
+  // blocks' copies. A block stored after this look is still caught by the
+  // commit, which keeps the first copy (EngineWrap::Commit).
+  if (task.op == Op::kDump && !job.check_path.empty() &&
+      (tier_.Contains(job.check_path) || BlockExists(opts_.io.roots, job.check_path) != 0)) {
+    Finish(item, IoResult{BlockStatus::kSkipped, 0, "stored"});
     return;
   }
   // A block lives in one kind of memory: all host, or all on one GPU.
