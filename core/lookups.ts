@@ -79,16 +79,6 @@ export class BlockLookups {
   }
 
   /**
-   * What the caches say of each key in namespace `ns`, without asking the filesystem: true (seen stored), false
-   * (seen missing within MISS_TTL_MS), undefined (not known). A dump skips the first, writes the second, and has its
-   * transfer thread look for the third just before the copy (TransferSpec.checkPaths).
-   */
-  cached(ns: string, keys: Buffer[]): Array<boolean | undefined> {
-    const now = Date.now();
-    return keys.map((k) => this.probe(ns, k, now));
-  }
-
-  /**
    * A prefix lookup of several requests at once: `keys` is `runs.length` runs one after the other, and a key is found
    * when it is stored in every namespace and so is every earlier key of its run. A run stops at its first miss: the
    * keys after it are answered false without a stat, so a burst of new prompts costs about one stat per prompt beyond

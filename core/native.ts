@@ -114,12 +114,6 @@ export interface TransferSpec {
   shardRegion: Uint32Array;
   shardOffset: BigUint64Array;
   shardLength: BigUint64Array;
-  /**
-   * Dumps: per block, the path of its committed file when it is not known whether the block is stored ("" when
-   * known not to be); the transfer thread looks there, and in the Cache stage, just before the copy and skips a
-   * block found (status Skipped).
-   */
-  checkPaths?: string[];
   /** Dumps: blocks still queued this long after submit are dropped (status Dropped). */
   maxQueueMs?: number;
   /** Dumps of device memory: event (openCudaEvent) the workers wait on before reading. */

@@ -337,18 +337,13 @@ export class Store {
     this.claimNamespace(s, ns);
     if (this.health.open) return this.shed(s, "D2S", keys.length);
     await this.layout.ensureNamespace(ns);
-    // What the lookup caches know stored is skipped here. The rest is written, except that a key not known either
-    // way is looked for by the transfer thread just before its copy (checkPaths): the copies start without waiting
-    // for a stat of every key first. Admission on second sight needs the answer before it counts a sight.
-    const known: Array<boolean | undefined> = this.config.admitOnSecondSight
-      ? await this.lookups.present([ns], keys)
-      : this.lookups.cached(ns, keys);
+    const stored = await this.lookups.present([ns], keys);
     const status = new Array<BlockStatus>(keys.length).fill(BlockStatus.Skipped);
     const admitted = this.admission.admit(
       ns,
       keys,
       req.shards.length,
-      keys.flatMap((_, b) => (known[b] ? [] : [b])),
+      keys.flatMap((_, b) => (stored[b] ? [] : [b])),
       status,
     );
     const temps = new Map<number, string>();
@@ -365,9 +360,6 @@ export class Store {
         },
         admitted.write,
       );
-      if (admitted.write.some((b) => known[b] === undefined)) {
-        spec.checkPaths = admitted.write.map((b) => (known[b] === undefined ? this.layout.blockPath(ns, keys[b]) : ""));
-      }
       if (this.config.maxQueueMs > 0) spec.maxQueueMs = this.config.maxQueueMs;
       if (waitEvent !== undefined) spec.waitEvent = waitEvent;
       started = this.transfers.submit("D2S", spec);
@@ -410,7 +402,6 @@ export class Store {
           const block = ck && !ck.equals(k) ? `${ns}/${ck.toString("hex")}` : undefined;
           if (status[b] === BlockStatus.Skipped) {
             this.counters.blocksSkipped++;
-            if (j !== undefined) this.lookups.stored(ns, k, now); // found by the transfer thread
             // A written copy waiting for its commit (the same key earlier in this very request) stays the one committed.
             if (!s.pending.get(key)?.temp) {
               this.pending.add(s, key, { final: this.layout.blockPath(ns, k), block, at: now, backend: 0, fileBytes: 0 });

@@ -120,7 +120,7 @@ describe("engine process", () => {
     expect(fs.statSync(path.join(store, NS, keys[0].toString("hex").slice(0, 2), keys[0].toString("hex"))).mtimeMs).toBe(mtime);
   });
 
-  test("a block another node stored, which this engine has never seen, is skipped by the transfer thread: its file untouched", async () => {
+  test("a block another node stored, which this engine has never seen, is skipped: its file untouched", async () => {
     const c = engine.client();
     await hello(c);
     const src = await regions(c, 2, 4, "random", shm);

@@ -76,8 +76,7 @@ void ParseShards(Napi::Env env, TransferTask& task, const Napi::Uint32Array& sha
 }
 
 void ParseBlocks(Napi::Env env, TransferTask& task, std::vector<std::string> paths,
-                 std::vector<std::string> check_paths, const Napi::Uint32Array& block_shards,
-                 uint64_t max_block_bytes) {
+                 const Napi::Uint32Array& block_shards, uint64_t max_block_bytes) {
   const size_t nblocks = paths.size(), nshards = task.shards.size();
   task.blocks.resize(nblocks);
   uint64_t next = 0;
@@ -87,7 +86,6 @@ void ParseBlocks(Napi::Env env, TransferTask& task, std::vector<std::string> pat
     if (count == 0) throw ArgRangeError(env, "block " + std::to_string(b) + " has no shards");
     if (next + count > nshards) throw ArgRangeError(env, "blockShards counts more shards than shardRegion holds");
     job.path = std::move(paths[b]);
-    if (!check_paths.empty()) job.check_path = std::move(check_paths[b]);
     job.shard_begin = static_cast<uint32_t>(next);
     job.shard_end = static_cast<uint32_t>(next + count);
     for (uint32_t s = job.shard_begin; s < job.shard_end; ++s) job.bytes += task.shards[s].length;
@@ -149,16 +147,7 @@ std::shared_ptr<TransferTask> ParseTransferSpec(const Napi::Object& spec, Op op,
   if (shard_offset.ElementLength() != nshards || shard_length.ElementLength() != nshards)
     throw ArgRangeError(env, "shardRegion, shardOffset and shardLength must have the same length");
   ParseShards(env, *task, shard_region, shard_offset, shard_length, regions);
-  // Dumps: where each block would be stored, "" for one known not to be (optional).
-  std::vector<std::string> check_paths;
-  if (!spec.Get("checkPaths").IsUndefined()) {
-    if (op != Op::kDump) throw ArgTypeError(env, "checkPaths is for dumps only");
-    check_paths = StringArray(spec.Get("checkPaths"), "checkPaths");
-    if (check_paths.size() != paths.size())
-      throw ArgRangeError(env, "checkPaths has " + std::to_string(check_paths.size()) + " entries for " +
-                                   std::to_string(paths.size()) + " paths");
-  }
-  ParseBlocks(env, *task, std::move(paths), std::move(check_paths), block_shards, max_block_bytes);
+  ParseBlocks(env, *task, std::move(paths), block_shards, max_block_bytes);
 
   Napi::Value wait_event = spec.Get("waitEvent");
   if (!wait_event.IsUndefined()) {

@@ -275,16 +275,6 @@ void TransferEngine::RunBlock(const Item& item, Worker& w) {
     Finish(item, IoResult{BlockStatus::kDropped, 0, "queued too long"});
     return;
   }
-  // Stored meanwhile (by another client or node, or held by the tier): the
-  // copy is not made. Looked at here rather than before the task was queued,
-  // so a dump's first copies start at once and the look overlaps other
-  // blocks' copies. A block stored after this look is still caught by the
-  // commit, which keeps the first copy (EngineWrap::Commit).
-  if (task.op == Op::kDump && !job.check_path.empty() &&
-      (tier_.Contains(job.check_path) || BlockExists(opts_.io.roots, job.check_path) != 0)) {
-    Finish(item, IoResult{BlockStatus::kSkipped, 0, "stored"});
-    return;
-  }
   // A block lives in one kind of memory: all host, or all on one GPU.
   const Region& first = *task.shards[job.shard_begin].region;
   for (uint32_t s = job.shard_begin + 1; s < job.shard_end; ++s) {

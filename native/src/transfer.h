@@ -39,11 +39,7 @@ struct Shard {
 };
 
 struct BlockJob {
-  std::string path;  // dump: temporary file to create; load: file to read
-  // Dump: the block's committed file, when the engine does not know whether
-  // it is stored; a worker looks there (and in the tier) just before it
-  // would copy, and skips a block found (BlockStatus::kSkipped).
-  std::string check_path;
+  std::string path;          // dump: temporary file to create; load: file to read
   uint32_t shard_begin = 0;  // [shard_begin, shard_end) in TransferTask::shards
   uint32_t shard_end = 0;
   uint64_t bytes = 0;  // sum of the shard lengths
