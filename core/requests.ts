@@ -81,6 +81,8 @@ export interface LookupRequest {
   keys: Buffer[];
   /** Lengths of the runs `keys` is made of (a prefix lookup per run: store.ts), or undefined for a plain lookup. */
   runs?: number[];
+  /** Answer `found` as bytes, one a key (1 stored, 0 not), instead of an array of booleans. */
+  bits: boolean;
 }
 
 /** What a dump and a load share: blocks by key, the client memory of each as shards. */
@@ -239,7 +241,7 @@ export function decodeLookup(msg: Msg, limits: RequestLimits): LookupRequest {
       `lookup of ${keys.length} keys in ${ns.length} namespaces checks ${ns.length * keys.length} blocks, more than maxLookupKeys ${limits.maxLookupKeys}`,
     );
   }
-  return { ns, keys, runs: optRuns(msg, keys.length) };
+  return { ns, keys, runs: optRuns(msg, keys.length), bits: optBool(msg, "bits", false) };
 }
 
 /** `runs`: lengths that add up to the number of keys (each run is one request's blocks, in order). */

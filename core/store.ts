@@ -300,14 +300,14 @@ export class Store {
 
   // ---- lookup ------------------------------------------------------------------
 
-  async lookup(req: LookupRequest): Promise<{ found: boolean[] }> {
+  async lookup(req: LookupRequest): Promise<{ found: boolean[] | Buffer }> {
     if (this.health.open) {
       // The store is off: a miss at once, the directory not asked.
       this.health.stats.shedLookups++;
       this.counters.lookups++;
       this.counters.lookupKeys += req.keys.length;
       this.counters.misses += req.keys.length;
-      return { found: new Array<boolean>(req.keys.length).fill(false) };
+      return { found: req.bits ? Buffer.alloc(req.keys.length) : new Array<boolean>(req.keys.length).fill(false) };
     }
     const found = req.runs ? await this.lookups.presentRuns(req.ns, req.keys, req.runs) : await this.lookups.present(req.ns, req.keys);
     const hits = found.filter(Boolean).length;
@@ -315,7 +315,10 @@ export class Store {
     this.counters.lookupKeys += req.keys.length;
     this.counters.hits += hits;
     this.counters.misses += req.keys.length - hits;
-    return { found };
+    // As bytes the answer is one copy to encode and to decode; a scheduler's lookup of many waiting requests (8,192
+    // keys) as booleans was a value per key for msgpack on both sides, and on the scheduler's side that work holds
+    // Python's GIL while vLLM's step waits for it.
+    return { found: req.bits ? bitsOf(found) : found };
   }
 
   // ---- dump / load -----------------------------------------------------------
@@ -629,6 +632,13 @@ function clientEvent(s: Session, req: TransferRequest): number | undefined {
   if (native === undefined)
     throw new ProtocolError("unknown_region", `event ${describe(req.event)} is not an event registered by this client`);
   return native;
+}
+
+/** A lookup's answer as bytes, one a key: 1 stored, 0 not. */
+function bitsOf(found: boolean[]): Buffer {
+  const out = Buffer.alloc(found.length);
+  for (let i = 0; i < found.length; i++) if (found[i]) out[i] = 1;
+  return out;
 }
 
 /** `f` to be run at most once, whoever calls it first. */

@@ -68,6 +68,20 @@ describe.each([
     const r = await c.call("lookup", { ns: ["runs-r0", "runs-r1"], keys: [...k, ...k.slice(0, 2)], runs: [12, 0, 2] });
     expect(r.found).toEqual([...new Array(9).fill(true), false, false, false, true, true]);
   });
+
+  test("with bits the answer is bytes, one a key, the same answer as the booleans", async () => {
+    const a = Array.from({ length: 12 }, (_, i) => key(i, `bits${ttl}`));
+    await store(NS, [...a.slice(0, 5), ...a.slice(6)]); // block 5 missing
+    const ks = [...a, key(99, `bits${ttl}`), ...a.slice(0, 3)];
+    const runs = [12, 1, 3];
+    const asBools = await c.call("lookup", { ns: NS, keys: ks, runs });
+    const asBits = await c.call("lookup", { ns: NS, keys: ks, runs, bits: true });
+    expect(Buffer.isBuffer(asBits.found)).toBe(true);
+    expect(Array.from(asBits.found as Buffer)).toEqual((asBools.found as boolean[]).map(Number));
+    expect(Array.from(asBits.found as Buffer)).toEqual([1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1]);
+    const plain = await c.call("lookup", { ns: NS, keys: a.slice(4, 7), bits: true });
+    expect(Array.from(plain.found as Buffer)).toEqual([1, 0, 1]);
+  });
 });
 
 describe("lookup with runs: malformed runs are refused, naming the problem", () => {
@@ -95,6 +109,7 @@ describe("lookup with runs: malformed runs are refused, naming the problem", () 
     [{ runs: [2, -1] }, /runs\[1\] must be a non-negative integer, got number -1/],
     [{ runs: [3] }, /runs\[0\] must be at most 2, got 3/],
     [{ runs: [0, 0, 2] }, /runs holds 3 runs, more than one per key \(2 keys\)/],
+    [{ runs: [2], bits: 1 }, /bits must be a boolean, got number 1/],
   ])("%j", async (extra, message) => {
     const r = await c.raw({ op: "lookup", ns: NS, keys: two, ...extra });
     expect(r.ok).toBe(false);

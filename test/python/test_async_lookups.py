@@ -259,3 +259,16 @@ class _Blocks:
 
     def get_block_ids(self):
         return (self.ids,)
+
+
+def test_a_reply_as_bytes_or_as_booleans_is_taken_and_anything_else_is_a_miss():
+    """The pump asks for `bits` (a byte a key); an engine from before that
+    answers booleans, taken the same way. A reply of the wrong length, or
+    with any other value, says nothing: its asks become misses."""
+    from ucm.integration.vllm.lookups import _found_bits
+
+    assert _found_bits(b"\x01\x01\x00", 3) == b"\x01\x01\x00"
+    assert _found_bits([True, True, False], 3) == b"\x01\x01\x00"
+    assert _found_bits(b"", 0) == b""
+    for bad in (b"\x01\x00", b"\x01\x02\x00", [True, False], [True, None, False], "110", None, {"found": 1}):
+        assert _found_bits(bad, 3) is None, bad

@@ -215,12 +215,14 @@ class LookupPump:
         # request's stored prefix is all the scheduler can use), which spares
         # it a stat per block of every new prompt's own part.
         runs = [n for _, n in batch]
-        r = self._call("lookup", ns=list(batch[0][0].ns), keys=keys, runs=runs) if keys else {"found": []}
-        found = r.get("found") if isinstance(r, dict) else None
-        # Only a reply of one boolean per key says anything (count() runs in C:
-        # this thread holds the GIL while it works).
-        ok = isinstance(found, list) and len(found) == len(keys) and found.count(True) + found.count(False) == len(keys)
-        bits = bytes(found) if ok else b""  # type: ignore[arg-type]
+        # `bits`: the answer comes as bytes, a byte a key (an engine older
+        # than that answers booleans, taken as well). As a list of 8,192
+        # booleans its decoding, checking and conversion held the GIL for
+        # whole C calls while vLLM's step waited for it.
+        r = self._call("lookup", ns=list(batch[0][0].ns), keys=keys, runs=runs, bits=True) if keys else {"found": b""}
+        bits = _found_bits(r.get("found") if isinstance(r, dict) else None, len(keys))
+        ok = bits is not None
+        bits = bits or b""
         i = 0
         for ask, n in batch:
             if ok:
@@ -235,6 +237,17 @@ class LookupPump:
             else:
                 ask.error = True
                 ask.found = b""
+
+
+def _found_bits(found: Any, n: int) -> bytes | None:
+    """A lookup reply's `found` for `n` keys as bytes (1 stored, 0 not); None
+    unless it says exactly that: one 0/1 byte, or one boolean, per key (the
+    counts run in C)."""
+    if isinstance(found, bytes):
+        return found if len(found) == n and found.count(0) + found.count(1) == n else None
+    if isinstance(found, list) and len(found) == n and found.count(True) + found.count(False) == n:
+        return bytes(found)
+    return None
 
 
 class AsyncLookups:
