@@ -157,6 +157,31 @@ describe("engine process", () => {
     expect(policy(String(engine.proc.pid))).toBe(0);
   });
 
+  test("an idle engine's helper threads sleep: none wakes more often than the connection guard needs", async () => {
+    // Each wake-up of an idle thread takes a core for a moment; on a vLLM CPU node that core runs the model. The guard
+    // that hides the socket near the open-file limit looked every 10 ms whatever the distance (100 wake-ups a second);
+    // it looks as often as a hundred new descriptors a millisecond could bring the mark, at most every 100 ms.
+    const limit = Number(/open files: limit (\d+)/.exec(engine.output())?.[1]);
+    expect(limit).toBeGreaterThan(0);
+    const everyMs = Math.min(100, Math.max(10, (Math.floor(limit * 0.6) - 200) / 100));
+    const most = (1000 / everyMs) * 1.5 + 5; // per second, with room for the few timers of other threads
+    const switches = () =>
+      new Map(
+        fs.readdirSync(`/proc/${engine.proc.pid}/task`).map((t) => {
+          const s = fs.readFileSync(`/proc/${engine.proc.pid}/task/${t}/schedstat`, "utf8").split(" ");
+          return [t, Number(s[2])] as const;
+        }),
+      );
+    const before = switches();
+    await new Promise((r) => setTimeout(r, 2000));
+    const after = switches();
+    const busy = [...after]
+      .filter(([t]) => t !== String(engine.proc.pid) && before.has(t))
+      .map(([t, n]) => [t, (n - before.get(t)!) / 2] as const)
+      .filter(([, perS]) => perS > most);
+    expect(busy).toEqual([]);
+  });
+
   test("dump with commit: true makes blocks visible when the task is done", async () => {
     const c = engine.client();
     await hello(c);

@@ -9,6 +9,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -81,6 +82,12 @@ struct Pauser {
     return fd;
   }
 
+  // Near the mark (half the way or more) it is looked at every millisecond: libzmq accepts about a hundred
+  // connections in one. Farther, as often as descriptors taken at a hundred a millisecond could reach it from here, but
+  // at least every 100 ms: with the usual raised limit (hundreds of thousands) that is ten looks a second instead of a
+  // hundred, each of which woke a thread that, on a vLLM CPU node, took a core from the model's threads.
+  int FarLook(int low) const { return std::clamp((pause_at - low) / 100, 10, 100); }
+
   void Rename(const std::string& from, const std::string& to, bool pausing) {
     if (rename(from.c_str(), to.c_str()) == 0) {
       state.paused = pausing;
@@ -96,8 +103,7 @@ struct Pauser {
       if (!state.paused) {
         const int low = LowestFree();
         if (low >= pause_at) Rename(path, state.hidden_path, true);
-        // Near the mark: look every millisecond (libzmq accepts about a hundred connections in one); far: every 10.
-        cv.wait_for(lk, std::chrono::milliseconds(state.paused || low * 2 >= pause_at ? 1 : 10));
+        cv.wait_for(lk, std::chrono::milliseconds(state.paused || low * 2 >= pause_at ? 1 : FarLook(low)));
       } else {
         const int open = OpenDescriptors();
         if (open >= 0 && open < resume_at) Rename(state.hidden_path, path, false);
