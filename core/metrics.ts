@@ -36,7 +36,11 @@ export class Metrics {
     private readonly extra: () => { clients: number; protocolErrors: Record<string, number> },
   ) {
     const r = this.registry;
-    client.collectDefaultMetrics({ register: r, prefix: "ucm_" });
+    // The event-loop lag histogram (perf_hooks' monitorEventLoopDelay) samples with a timer of its own: prom-client's
+    // default of 10 ms woke the engine's thread a hundred times a second, idle or not, each time taking a core from
+    // vLLM's model threads on a CPU node. Sampled every 100 ms it still sees the stalls that matter (the engine warns
+    // of any over a second itself).
+    client.collectDefaultMetrics({ register: r, prefix: "ucm_", eventLoopMonitoringPrecision: 100 });
     // A metric whose value lives in the store, read from one snapshot at scrape
     // time: counters (monotonic figures) are re-added from zero, gauges set.
     type Read<L extends string> = (st: StoreStats) => Array<[Partial<Record<L, string>>, number]>;

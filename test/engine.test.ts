@@ -157,7 +157,7 @@ describe("engine process", () => {
     expect(policy(String(engine.proc.pid))).toBe(0);
   });
 
-  test("an idle engine's helper threads sleep: none wakes more often than the connection guard needs", async () => {
+  test("an idle engine's threads sleep: the event loop wakes for its few timers, no helper more often than the connection guard needs", async () => {
     // Each wake-up of an idle thread takes a core for a moment; on a vLLM CPU node that core runs the model. The guard
     // that hides the socket near the open-file limit looked every 10 ms whatever the distance (100 wake-ups a second);
     // it looks as often as a hundred new descriptors a millisecond could bring the mark, at most every 100 ms.
@@ -176,9 +176,12 @@ describe("engine process", () => {
     await new Promise((r) => setTimeout(r, 2000));
     const after = switches();
     const busy = [...after]
-      .filter(([t]) => t !== String(engine.proc.pid) && before.has(t))
+      .filter(([t]) => before.has(t))
       .map(([t, n]) => [t, (n - before.get(t)!) / 2] as const)
-      .filter(([, perS]) => perS > most);
+      // The event loop has timers of its own, about 40 wake-ups a second here (the lag histogram's and its punctuality
+      // check's every 100 ms, this test's clientCheckMs of 100, sweeps); prom-client's default lag sampling every 10 ms
+      // added a hundred.
+      .filter(([t, perS]) => perS > (t === String(engine.proc.pid) ? 70 : most));
     expect(busy).toEqual([]);
   });
 
