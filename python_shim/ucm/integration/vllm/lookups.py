@@ -221,11 +221,9 @@ class LookupPump:
         # whole C calls while vLLM's step waited for it.
         r = self._call("lookup", ns=list(batch[0][0].ns), keys=keys, runs=runs, bits=True) if keys else {"found": b""}
         bits = _found_bits(r.get("found") if isinstance(r, dict) else None, len(keys))
-        ok = bits is not None
-        bits = bits or b""
         i = 0
         for ask, n in batch:
-            if ok:
+            if bits is not None:
                 part = bits[i : i + n]
                 # The stored run, counted here (off the step): answering a
                 # request's ask is then arithmetic (a scan in the scheduler's
