@@ -15,7 +15,7 @@ conversations of its own (nothing carried over between cells):
 Needs pandas (vLLM's custom dataset reader: `.venv/bin/pip install pandas`).
 Reports TTFT mean/median/p99, request and output-token throughput and failed
 requests of each turn, and, with the connector, the blocks the engine loaded
-during turn 2. Writes <out>/serve_bench.md and <out>/serve_bench.json.
+during turn 2 (and in the JSON the requests it received then, by op). Writes <out>/serve_bench.md and <out>/serve_bench.json.
 
 The model is the repository's tiny local one (random weights, a byte-level
 BPE tokenizer trained on the spot): its answers are arbitrary tokens, and
@@ -177,21 +177,33 @@ def shuffled(items: list, seed: int = 0) -> list:
     return out
 
 
-def engine_loaded(ucm_config: str | None) -> int:
+def engine_stats(ucm_config: str | None) -> dict:
+    """The engine's blocks loaded and requests by op so far ({} without the connector)."""
     if not ucm_config:
-        return 0
+        return {}
     sys.path.insert(0, os.path.join(ROOT, "python_shim"))
     from ucm.client import EngineClient
     from ucm.config import load_config
 
     c = EngineClient(load_config(ucm_config).endpoint, 3000)
     try:
-        return int(c.raw("stats").get("blocksLoaded", 0))
+        st = c.raw("stats")
+        return {"loaded": int(st.get("blocksLoaded", 0)), "requests": dict(st.get("requests") or {})}
     finally:
         c.close()
 
 
-def row(mode: str, conc: int, turn: int, r: dict, loaded: int | None, r1: dict | None = None) -> dict:
+def since(after: dict, before: dict) -> tuple[int | None, dict | None]:
+    """Blocks loaded and requests by op (nonzero) between two engine_stats."""
+    if not after:
+        return None, None
+    ops = {op: n - before["requests"].get(op, 0) for op, n in after["requests"].items()}
+    return after["loaded"] - before["loaded"], {op: n for op, n in ops.items() if n}
+
+
+def row(
+    mode: str, conc: int, turn: int, r: dict, loaded: int | None, r1: dict | None = None, requests: dict | None = None
+) -> dict:
     extra = {}
     if r1 is not None:  # what turn 2 could load at most: turn 1's prompt blocks, and with its answer
         extra = {
@@ -214,6 +226,8 @@ def row(mode: str, conc: int, turn: int, r: dict, loaded: int | None, r1: dict |
         "out_tok_per_s": r["output_throughput"],
         "input_tokens": r["total_input_tokens"],
         "blocks_loaded": loaded,
+        # what the connector asked of the engine in the turn (vLLM's processes together)
+        "engine_requests": requests,
     }
 
 
@@ -328,11 +342,12 @@ def main() -> int:
                                 json.dumps({"prompt": p + answers.get(i, "") + " " + words(seed + 500 + i, 40) + "?"})
                                 + "\n"
                             )
-                    before = engine_loaded(cfg)
+                    before = engine_stats(cfg)
                     r2 = bench(
                         a.model, port, d2, a.conversations, conc, a.answer_tokens, work, f"r2-{mode}-{conc}.json"
                     )
-                    rows.append(row(mode, conc, 2, r2, engine_loaded(cfg) - before if cfg else None, r1))
+                    loaded, requests = since(engine_stats(cfg), before)
+                    rows.append(row(mode, conc, 2, r2, loaded, r1, requests))
                     print(json.dumps(rows[-2]), json.dumps(rows[-1]), sep="\n", flush=True)
             finally:
                 stop(srv)

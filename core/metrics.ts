@@ -33,7 +33,7 @@ export class Metrics {
 
   constructor(
     store: MetricsSource,
-    private readonly extra: () => { clients: number; protocolErrors: Record<string, number> },
+    private readonly extra: () => { clients: number; protocolErrors: Record<string, number>; requests: Record<string, number> },
   ) {
     const r = this.registry;
     // The event-loop lag histogram (perf_hooks' monitorEventLoopDelay) samples with a timer of its own: prom-client's
@@ -83,6 +83,9 @@ export class Metrics {
       [{ direction: "dump" }, st.counters.dumpTasks],
       [{ direction: "load" }, st.counters.loadTasks],
     ]);
+    mirror("ucm_requests_total", "Requests received from clients, by op", ["op"], () =>
+      Object.entries(this.extra().requests).map(([op, n]) => [{ op }, n]),
+    );
     mirror("ucm_lookups_total", "Lookup requests", [], (st) => [[{}, st.counters.lookups]]);
     mirror("ucm_lookup_keys_total", "Keys looked up, by result", ["result"], (st) => [
       [{ result: "hit" }, st.counters.hits],

@@ -34,6 +34,23 @@ import { Session, Store } from "./store";
 
 /** How often the event loop's punctuality is checked, and how late it must be to be said (watchEventLoop). */
 const EVENT_LOOP_TICK_MS = 100;
+/** The ops a client may send (docs/PROTOCOL.md). */
+const KNOWN_OPS = [
+  "hello",
+  "goodbye",
+  "register",
+  "release",
+  "namespace",
+  "lookup",
+  "dump",
+  "load",
+  "wait",
+  "check",
+  "cancel",
+  "commit",
+  "stats",
+  "health",
+];
 const EVENT_LOOP_LATE_MS = 1000;
 
 type Msg = Record<string, unknown>;
@@ -53,6 +70,8 @@ export class EngineServer {
   private timers: NodeJS.Timeout[] = [];
   private readonly started = Date.now();
   private readonly errors: Record<string, number> = {};
+  /** Requests received, by op (only ops the engine knows: a client's made-up op cannot add a key). */
+  private readonly requests: Record<string, number> = Object.fromEntries(KNOWN_OPS.map((op) => [op, 0]));
   private loop?: Promise<void>;
 
   readonly metrics: Metrics;
@@ -88,7 +107,11 @@ export class EngineServer {
     (this.sock as unknown as { setInt32Option(option: number, value: number): void }).setInt32Option(97, 2);
     this.identity = new ClientIdentity(config.endpoint, log);
     this.store = new Store(config, log);
-    this.metrics = new Metrics(this.store, () => ({ clients: this.sessions.size, protocolErrors: this.errors }));
+    this.metrics = new Metrics(this.store, () => ({
+      clients: this.sessions.size,
+      protocolErrors: this.errors,
+      requests: this.requests,
+    }));
   }
 
   get endpoint(): string {
@@ -194,6 +217,7 @@ export class EngineServer {
 
   private async dispatch(peer: Buffer, msg: Msg): Promise<object> {
     const op = reqOp(msg);
+    if (Object.hasOwn(this.requests, op)) this.requests[op]++;
     const key = peer.toString("hex");
     // Answered without a session: operators' probes.
     if (op === "health") return this.health();
@@ -228,10 +252,7 @@ export class EngineServer {
       case "cancel":
         return this.store.cancel(s, decodeTask(msg));
       default:
-        throw new ProtocolError(
-          "unknown_op",
-          `unknown op ${describe(op)}; known: hello, goodbye, register, release, namespace, lookup, dump, load, wait, check, cancel, commit, stats, health`,
-        );
+        throw new ProtocolError("unknown_op", `unknown op ${describe(op)}; known: ${KNOWN_OPS.join(", ")}`);
     }
   }
 
@@ -309,6 +330,7 @@ export class EngineServer {
       health: st.health,
       tier: st.tier,
       errors: { ...this.errors },
+      requests: { ...this.requests },
       pid: process.pid,
       uptime_s: (Date.now() - this.started) / 1000,
     };

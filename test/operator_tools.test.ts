@@ -47,6 +47,8 @@ describe("metrics and operator tools", () => {
     await finish(c, (await c.call("dump", { ns: NS, keys, shards: shards(m, [0, 1, 2, 3]), commit: true })).task);
     await c.call("lookup", { ns: NS, keys: [...keys, key(99, "metrics")] });
     await finish(c, (await c.call("load", { ns: NS, keys, shards: shards(m, [0, 1, 2, 3]) })).task);
+    await expect(c.call("frobnicate", {})).rejects.toThrow(/unknown op/);
+    await expect(c.call("toString", {})).rejects.toThrow(/unknown op/);
     const r = await get(`http://127.0.0.1:${port}/metrics`);
     expect(r.status).toBe(200);
     const value = (line: string) => {
@@ -60,6 +62,14 @@ describe("metrics and operator tools", () => {
     expect(value('ucm_task_duration_seconds_count{direction="load"}')).toBe(1);
     expect(value(`ucm_capacity_bytes{backend="0"}`)).toBe(2 ** 30);
     expect(value(`ucm_capacity_used_blocks{backend="0"}`)).toBe(4);
+    // Requests by op: what a client asked of the engine (a made-up op is refused and adds no key or label).
+    const requests = (await c.call("stats", {})).requests as Record<string, number>;
+    expect(requests).toMatchObject({ hello: 1, register: 1, dump: 1, lookup: 1, load: 1, stats: 1 });
+    expect(Object.keys(requests)).not.toContain("frobnicate");
+    expect(Object.keys(requests)).not.toContain("toString");
+    expect(value('ucm_requests_total{op="lookup"}')).toBe(1);
+    expect(value('ucm_requests_total{op="dump"}')).toBe(1);
+    expect(value('ucm_requests_total{op="frobnicate"}')).toBeUndefined();
     // Every local user can read a tcp port: the figures name no path (the store's would lead to the runtime
     // directory's name, a digest of it).
     expect(r.body).not.toContain(dir);
