@@ -2,7 +2,8 @@
 waiting requests arrives (issue 30).
 
     .venv/bin/python bench/sched_steps.py [--waiting 1,64,512] [--rounds 30] [--steps 8]
-                                          [--keys 256] [--step-ms 20] [--pause-ms 100] [--model DIR]
+                                          [--keys 256] [--step-ms 20] [--pause-ms 100] [--slow-us 1000]
+                                          [--model DIR]
 
 vLLM's real scheduler (test/python/sched_kit.py) with the connector and a
 real engine, which the connector starts in a temporary storage directory
@@ -20,12 +21,16 @@ instead of letting vLLM spin): no request is held back by it, and it is
 printed in a column of its own. Printed per waiting count: the
 burst step (the first of a round, where vLLM asks the connector about every
 waiting request), all steps, and vLLM's own schedule() for scale; then the same with the engine stopped (SIGSTOP) for
-`--pause-ms` from just before each burst step.
+`--pause-ms` from just before each burst step. Last, the steps over
+`--slow-us`, slowest first, each split by the connector's method (inclusive
+of any wait for replies, given apart) and the garbage collections that ran
+inside those methods (gc0-gc2 by generation).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import signal
@@ -70,8 +75,11 @@ class Clock:
         self.ns = 0
         self.asks = 0
         self.idle_ns = 0
+        self.split: dict[str, int] = {}  # this step's ns by method, and "gc" for collections inside them
+        self._gc_t0 = 0
+        gc.callbacks.append(self._gc)
         for name in TIMED:
-            setattr(conn, name, self._timed(getattr(conn, name), name == "get_num_new_matched_tokens"))
+            setattr(conn, name, self._timed(getattr(conn, name), name))
         pump = conn.connector_scheduler._lookups.pump
         pump.await_reply = self._idle(pump.await_reply)
         pump.await_answer = self._idle(pump.await_answer)
@@ -88,14 +96,26 @@ class Clock:
 
         return waited
 
-    def _timed(self, fn, is_ask: bool):
+    def _gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_t0 = time.perf_counter_ns()
+        elif self._gc_t0:
+            key = f"gc{info.get('generation', '?')}"
+            self.split[key] = self.split.get(key, 0) + time.perf_counter_ns() - self._gc_t0
+            self._gc_t0 = 0
+
+    def _timed(self, fn, name: str):
+        is_ask = name == "get_num_new_matched_tokens"
+
         def call(*a, **k):
             t0 = time.perf_counter_ns()
             try:
                 return fn(*a, **k)
             finally:
-                self.ns += time.perf_counter_ns() - t0
+                d = time.perf_counter_ns() - t0
+                self.ns += d
                 self.asks += is_ask
+                self.split[name] = self.split.get(name, 0) + d
 
         return call
 
@@ -106,6 +126,11 @@ class Clock:
 
     def take_idle(self) -> float:
         out, self.idle_ns = self.idle_ns / 1000, 0
+        return out
+
+    def take_split(self) -> dict[str, float]:
+        out = {k: v / 1000 for k, v in self.split.items()}
+        self.split = {}
         return out
 
 
@@ -152,7 +177,7 @@ def run(model: str, cfg: str, waiting: int, a: argparse.Namespace, pause_ms: int
     pid = engine_pid(conn)
     clock = Clock(conn)
     freeze_gc_heap()  # as vLLM's engine core does once it is set up: collections then skip what was there
-    burst, steps, own, idle = [], [], [], []
+    burst, steps, own, idle, slow = [], [], [], [], []
     burst_asks = 0
     for rnd in range(a.rounds):
         reqs = [
@@ -180,6 +205,9 @@ def run(model: str, cfg: str, waiting: int, a: argparse.Namespace, pause_ms: int
                 out, sk.output(out, worker_meta=meta, finished_sending=set(plan["finished"]) or None)
             )
             us = in_schedule + clock.take()[0]
+            split = clock.take_split()
+            if us > a.slow_us:
+                slow.append((us, rnd, i, asks, waited, split))
             steps.append(us)
             own.append(own_us - in_schedule - waited)
             if i == 0:
@@ -195,8 +223,10 @@ def run(model: str, cfg: str, waiting: int, a: argparse.Namespace, pause_ms: int
             sched.update_from_output(out, sk.output(out, finished_sending=set(plan["finished"]) or None))
         clock.take()
         clock.take_idle()
+        clock.take_split()
     conn.shutdown()
-    return dict(burst=burst, steps=steps, own=own, asks=burst_asks, idle=idle)
+    gc.callbacks.remove(clock._gc)
+    return dict(burst=burst, steps=steps, own=own, asks=burst_asks, idle=idle, slow=slow)
 
 
 def main() -> None:
@@ -207,6 +237,12 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=256, help="blocks per request (half of them stored)")
     ap.add_argument("--step-ms", type=float, default=20.0, help="the forward pass between two schedule() calls")
     ap.add_argument("--pause-ms", type=int, default=100, help="engine stopped this long from each burst (0: skip)")
+    ap.add_argument(
+        "--slow-us",
+        type=float,
+        default=1000.0,
+        help="steps over this many us are listed after the table, split by method",
+    )
     ap.add_argument("--model", help="a model directory (default: the tiny local one, built in a temporary folder)")
     a = ap.parse_args()
     os.environ.setdefault("PYTHONHASHSEED", "0")
@@ -231,6 +267,7 @@ def main() -> None:
             "| steps | vLLM's own schedule() p50 us | burst step's wait for replies (runs nothing) p50 / max us |"
         )
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        slow = []
         for pause in [0, a.pause_ms] if a.pause_ms else [0]:
             for w in [int(x) for x in a.waiting.split(",")]:
                 r = run(model, cfg, w, a, pause)
@@ -242,6 +279,13 @@ def main() -> None:
                     f"| {pct(r['idle'], 0.5):.0f} / {max(r['idle']):.0f} |",
                     flush=True,
                 )
+                slow += [(what, w) + s for s in r["slow"]]
+        print(f"\nSteps over {a.slow_us:.0f} us: {len(slow)}")
+        for what, w, us, rnd, i, asks, waited, split in sorted(slow, key=lambda s: -s[2])[:40]:
+            parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(split.items(), key=lambda kv: -kv[1]))
+            print(
+                f"- {what}, {w} waiting, round {rnd} step {i}: {us:.0f} us, {asks} asks, waited {waited:.0f} us; {parts}"
+            )
     finally:
         from ucm.client import EngineClient, EngineError
 
